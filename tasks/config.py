@@ -1,0 +1,185 @@
+"""Typed, validated configuration: params.yaml is read once here and passed down.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the offending key, e.g.
+``params.yaml: split.train: Input should be greater than or equal to 0``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+# Named patient/group rules. Each regex is searched in the file name (not the path); group 1 is the id.
+GROUP_RULES: dict[str, str] = {
+    # person1_bacteria_1.jpeg -> person1; IM-0115-0001.jpeg -> IM-0115;
+    # NORMAL2-IM-0373-0001.jpeg -> NORMAL2-IM-0373
+    "kermany": r"^(person\d+|(?:[A-Z]+\d*-)?IM-\d+)",
+    # C100P61ThinF_IMG_20150918_144104_cell_162.png -> P61
+    "nih_malaria": r"^C\d+(P\d+)",
+    # ISIC_0000000.jpg -> ISIC_0000000 (one image per lesion; no patient ids are published)
+    "isic": r"^(ISIC_\d+)",
+    # every file its own group
+    "filename": r"^(.+?)(?:\.[^.]*)?$",
+}
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown or invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """One input: an http(s)/file URL or local path to an archive, or a local folder."""
+
+    url: str
+    filename: str | None = None  # name to save a download under (default: last URL path segment)
+    sha256: str | None = None  # pinned digest of the archive; None = record and warn
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex64(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hexadecimal characters")
+        return v.lower() if v else v
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url.startswith(("http://", "https://", "file://"))
+
+
+class DatasetConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    sources: Annotated[list[Source], Field(min_length=1)]
+    labels: dict[str, Literal[0, 1]]
+    group_rule: str = "filename"
+    channels: Literal[1, 3] = 1
+    allow_flips: bool = False
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _strings_are_urls(cls, v: object) -> object:
+        if isinstance(v, str | dict):
+            v = [v]
+        if isinstance(v, list):
+            return [{"url": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _both_labels(cls, v: dict[str, int]) -> dict[str, int]:
+        if set(v.values()) != {0, 1}:
+            raise ValueError("needs at least one class mapped to 0 and one mapped to 1")
+        return v
+
+    @field_validator("group_rule")
+    @classmethod
+    def _valid_rule(cls, v: str) -> str:
+        pattern = GROUP_RULES.get(v, v)
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"not a rule name ({', '.join(GROUP_RULES)}) nor a valid regex: {e}") from e
+        if compiled.groups < 1:
+            raise ValueError("a custom regex needs one capturing group: the patient/group id")
+        return v
+
+    @property
+    def group_pattern(self) -> re.Pattern[str]:
+        return re.compile(GROUP_RULES.get(self.group_rule, self.group_rule))
+
+
+class DownloadConfig(_Strict):
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    retries: Annotated[int, Field(ge=0)] = 5
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+
+
+class ExtractConfig(_Strict):
+    max_total_bytes: Annotated[int, Field(gt=0)] = 50_000_000_000
+    max_ratio: Annotated[float, Field(gt=1)] = 200.0
+    max_members: Annotated[int, Field(gt=0)] = 1_000_000
+
+
+class FilterConfig(_Strict):
+    min_side: Annotated[int, Field(ge=1)] = 32
+    max_pixels: Annotated[int, Field(gt=0)] = 178_956_970
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 4
+    workers: Annotated[int, Field(ge=0)] = 0
+
+
+class ResizeConfig(_Strict):
+    size: Annotated[int, Field(ge=8, le=4096)] = 224
+    workers: Annotated[int, Field(ge=0)] = 0
+
+
+class SplitConfig(_Strict):
+    seed: int = 42
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.70
+    val: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    test: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    keep_source_test: bool = False
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class ValidateConfig(_Strict):
+    split_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
+    class_ratio_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.10
+
+
+class Config(_Strict):
+    dataset: DatasetConfig
+    download: DownloadConfig = DownloadConfig()
+    extract: ExtractConfig = ExtractConfig()
+    filter: FilterConfig = FilterConfig()
+    resize: ResizeConfig = ResizeConfig()
+    split: SplitConfig = SplitConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "params") -> Config:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
+    """Read and validate params.yaml (or another params file)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,113 @@
+"""File I/O at the edges: atomic writes, CSV/JSON helpers, hashing, worker counts.
+
+Every output is written to a temporary file in the destination folder and renamed into place, so a
+crash never leaves a half-written file behind under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(dest: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``dest`` for writing; it replaces ``dest`` when the block ends cleanly."""
+    with atomic_path(dest) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; it replaces ``dest`` (whole) when the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def read_json(path: Path | str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_csv(path: Path | str, df: pd.DataFrame) -> None:
+    with atomic_open(path, newline="") as f:
+        df.to_csv(f, index=False)
+
+
+def read_csv(path: Path | str) -> pd.DataFrame:
+    """Read a CSV written by medflow; string columns stay strings (ids like '0001' keep their zeros)."""
+    return pd.read_csv(path, dtype={"path": str, "relpath": str, "group": str, "class_name": str,
+                                    "source_split": str, "sha256": str}, keep_default_na=False,
+                       na_values=[""])
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def n_workers(requested: int) -> int:
+    """0 means all cores available to this process."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

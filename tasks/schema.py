@@ -1,0 +1,43 @@
+"""Column contracts between steps: the one place each table's columns are named."""
+
+from __future__ import annotations
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+
+# OS junk never indexed or extracted.
+JUNK_DIRS = frozenset({"__MACOSX", ".Trash", ".Trashes", ".Spotlight-V100", ".fseventsd", "@eaDir"})
+JUNK_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
+
+SPLITS = ("train", "val", "test")
+# Folder names that carry a source's own split -> medflow split name.
+SOURCE_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                      "validation": "val", "test": "test", "testing": "test"}
+
+# manifest.csv: one row per image file found under the roots.
+#   path          readable path (relative to the project when inside it, else absolute)
+#   relpath       path relative to its root (stable across machines)
+#   root          the root folder it was found under
+#   class_name    nearest ancestor folder that is a key of dataset.labels
+#   label         dataset.labels[class_name]
+#   group         patient/group id from dataset.group_rule applied to the file name
+#   source_split  train/val/test when an ancestor folder says so, else empty
+#   sha256, bytes, width, height, mode, format: from the file and its header (no full decode);
+#   width/height/mode/format are empty when the header cannot be read (filter rejects those).
+MANIFEST_COLUMNS = ["path", "relpath", "root", "class_name", "label", "group", "source_split",
+                    "sha256", "bytes", "width", "height", "mode", "format"]
+
+# clean.csv = manifest rows that decoded fine, one per distinct sha256, plus:
+#   phash       64-bit perceptual hash, 16 hex digits
+#   dup_group   near-duplicate group id (the sha256 of the group's first member; singletons: own sha256)
+CLEAN_COLUMNS = [*MANIFEST_COLUMNS, "phash", "dup_group"]
+
+# rejects.csv: one row per quarantined file (never deleted).
+#   reason: zero_bytes | not_an_image | truncated | decode_error | too_many_pixels | too_small |
+#           unsupported_mode | duplicate
+REJECT_COLUMNS = ["path", "reason", "detail", "sha256", "bytes"]
+
+# split.csv = clean rows plus:
+#   row          row of this image in images.npy (= its position in clean.csv)
+#   split_group  the unit the split keeps together (patients joined through near-duplicate groups)
+#   split        train | val | test
+SPLIT_COLUMNS = [*CLEAN_COLUMNS, "row", "split_group", "split"]
