@@ -58,7 +58,8 @@ class Source(_Strict):
 
 class DatasetConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    sources: Annotated[list[Source], Field(min_length=1)]
+    # Remote or local inputs; archives and folders dropped into data/inbox/<name>/ are added to these.
+    sources: list[Source] = []
     labels: dict[str, Literal[0, 1]]
     group_rule: str = "filename"
     channels: Literal[1, 3] = 1
@@ -67,6 +68,8 @@ class DatasetConfig(_Strict):
     @field_validator("sources", mode="before")
     @classmethod
     def _strings_are_urls(cls, v: object) -> object:
+        if v is None:
+            return []
         if isinstance(v, str | dict):
             v = [v]
         if isinstance(v, list):
