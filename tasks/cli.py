@@ -24,8 +24,9 @@ log = logging.getLogger("medflow")
 STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "download": (
         "tasks.download",
-        "fetch remote sources (resumable, verified), resolve local ones; write sources.json",
-        [("--out-dir", "folder for downloaded archives"), ("--sources-json", "resolved sources (output)")],
+        "fetch remote sources (resumable, verified), resolve local and inbox ones; write sources.json",
+        [("--out-dir", "folder for downloaded archives"), ("--sources-json", "resolved sources (output)"),
+         ("--inbox", "folder whose archives and folders are added to the sources")],
     ),
     "extract": (
         "tasks.extract",

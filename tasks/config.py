@@ -24,6 +24,9 @@ GROUP_RULES: dict[str, str] = {
     "nih_malaria": r"^C\d+(P\d+)",
     # ISIC_0000000.jpg -> ISIC_0000000 (one image per lesion; no patient ids are published)
     "isic": r"^(ISIC_\d+)",
+    # COVID-CT: slices of one case share a stem before '%N' (1%0.jpg, 1%1.jpg -> 1); COVID images taken
+    # from papers are grouped by paper (2020.03.12.20034686-p17-91-1.png -> 2020.03.12.20034686)
+    "covid_ct": r"^(.+?)(?:-p\d+.*|%\d+)?\.\w+$",
     # every file its own group
     "filename": r"^(.+?)(?:\.[^.]*)?$",
 }

@@ -69,3 +69,18 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("dataset: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_parse(preset: Path) -> None:
+    import yaml
+
+    cfg = parse_config(yaml.safe_load(preset.read_text()), str(preset))
+    assert cfg.dataset.name == preset.stem
+
+
+def test_pneumonia_preset_matches_params() -> None:
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "datasets" / "pneumonia.yaml").read_text())["dataset"]
+    assert preset == yaml.safe_load((ROOT / "params.yaml").read_text())["dataset"]

@@ -106,3 +106,10 @@ def test_manifest_on_shared_chest_xray(tmp_path: Path) -> None:
     assert df.groupby("class_name").size().to_dict() == {"NORMAL": 403, "PNEUMONIA": 1163}
     assert df["group"].nunique() < len(df)  # several images per patient
     assert df["width"].notna().all()
+
+
+@pytest.mark.parametrize(("name", "group"), [("1%0.jpg", "1"), ("1%12.jpg", "1"), ("1046.png", "1046"),
+                                             ("2020.03.12.20034686-p17-91-1.png", "2020.03.12.20034686"),
+                                             ("kjr-21-e25-p1-1.png", "kjr-21-e25")])
+def test_covid_ct_rule(name: str, group: str) -> None:
+    assert group_of(name, re.compile(GROUP_RULES["covid_ct"])) == group

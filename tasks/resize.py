@@ -1,0 +1,426 @@
+"""Resize step: every clean image -> one uint8 array ``(N, size, size, channels)`` saved as ``.npy``.
+
+Output format. Row ``i`` of the array is row ``i`` of clean.csv. The file is a plain ``.npy`` (a header,
+then the raw C-ordered bytes), so training opens it with ``np.load(path, mmap_mode="r")`` and slices
+batches straight from the page cache: zero decode cost per epoch, and no need to hold the dataset in RAM.
+It is written sequentially, one image after the other behind the header, so the step's peak memory does
+not grow with the dataset (no array of all images, no memory map whose dirty pages pile up), and
+atomically (a temporary file renamed into place): a crash leaves no half-written array under its name.
+
+Preprocessing (the single source of truth: training, evaluation and prediction all go through
+:func:`load_resized` / :func:`decode_resized`):
+
+- JPEG in mode L or RGB is decoded by OpenCV (libjpeg-turbo) in the DCT domain at 1/2, 1/4 or 1/8 scale:
+  the largest factor that still leaves the short side at least ``size`` (:func:`reduction_factor`), so
+  nothing is upsampled afterwards. The entropy decoding still runs in full, the inverse DCT and colour
+  conversion on up to 64 times fewer pixels. OpenCV applies the EXIF orientation (in reduced modes too).
+  DCT scaling is a slightly different low-pass than a box average: on the Kermany X-rays the result is
+  on average 1.2 grey levels (at worst 3.0) from a full decode + INTER_AREA.
+- Everything else (PNG, BMP, TIFF, GIF, WebP, CMYK or 12-bit JPEG, ...) is decoded by Pillow and
+  normalised: EXIF orientation applied; 16-bit and 32-bit modes (``I;16``, ``I``, ``F``) scaled to 8 bits
+  by the image's own range (min -> 0, max -> 255; a constant image -> 0), because 12-bit data stored in
+  16-bit PNGs would come out nearly black with a fixed ``>> 8``; palette -> RGB (RGBA if it has a
+  transparent colour); any alpha composited over black; CMYK, YCbCr, LAB, HSV -> RGB.
+- Channels: 1 -> ITU-R 601 luma (what JPEG's Y, Pillow's ``L`` and ``cv2.COLOR_BGR2GRAY`` compute);
+  3 -> RGB order (never OpenCV's BGR); grayscale sources are replicated into three channels when asked.
+- Geometry: stretched to ``size x size`` (aspect ratio not kept, the common practice for these datasets;
+  the anatomy fills the frame) with ``cv2.INTER_AREA`` when shrinking both sides and ``cv2.INTER_LINEAR``
+  otherwise (INTER_AREA enlarges like nearest neighbour, and small sources such as malaria cell crops
+  are enlarged).
+- Any file that cannot be decoded (a JPEG truncated after its last scan included) raises
+  :class:`StepError` naming it: the filter step should have quarantined it.
+
+Cache. Each resized image is also stored under ``cache/<key[:2]>/<key>.bin`` (its raw bytes, written
+atomically), with ``key = sha256(image sha256, size, channels, RESIZE_VERSION)``. An image whose key is
+cached is never decoded again, so when new data lands only the new files are decoded; the output is
+assembled from the cache. Bump :data:`RESIZE_VERSION` whenever the preprocessing changes.
+
+Parallelism. Uncached images are decoded by a pool of processes (``resize.workers``, 0 = all cores), each
+single-threaded in OpenCV; workers write cache entries and return only ``(key, reduction factor)``, and
+the parent streams entries into the output in row order while the workers run ahead. A handful of
+images is decoded in-process: starting a pool would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from functools import partial
+from multiprocessing.context import BaseContext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+
+import cv2
+import numpy as np
+from numpy.lib import format as npy_format
+from PIL import Image, ImageOps
+
+from tasks.errors import StepError
+from tasks.io import atomic_path, n_workers, read_csv, write_json
+
+if TYPE_CHECKING:
+    from tasks.config import Config
+
+log = logging.getLogger(__name__)
+
+# Part of every cache key: bump it when anything in the preprocessing below changes.
+RESIZE_VERSION = "1"
+
+# DCT scale factors libjpeg can decode at, largest first.
+JPEG_FACTORS = (8, 4, 2, 1)
+_JPEG_FLAGS = {  # (channels, factor) -> cv2.imdecode flag
+    (1, 1): cv2.IMREAD_GRAYSCALE, (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    (3, 1): cv2.IMREAD_COLOR, (3, 2): cv2.IMREAD_REDUCED_COLOR_2,
+    (3, 4): cv2.IMREAD_REDUCED_COLOR_4, (3, 8): cv2.IMREAD_REDUCED_COLOR_8,
+}
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2 decodes the first)
+_JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
+_HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+# Fewer uncached images than this are decoded in-process: a pool's start costs more than it saves.
+POOL_MIN_IMAGES = 8
+_REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "format", "mode")
+
+
+class ImageInfo(NamedTuple):
+    """Header facts about one image (from clean.csv or a header probe)."""
+
+    width: int
+    height: int
+    fmt: str
+    mode: str
+
+
+class _Job(NamedTuple):
+    key: str  # cache key
+    path: str
+    info: ImageInfo | None  # None: probe the header when decoding
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure preprocessing: bytes -> (size, size, channels) uint8
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reduction_factor(width: int, height: int, size: int) -> int:
+    """Largest JPEG DCT scale factor (8, 4, 2 or 1) that keeps ``min(width, height) / factor >= size``.
+
+    So the reduced decode never has to be upsampled back to ``size`` (no resolution is lost).
+    """
+    short = min(width, height)
+    return next(f for f in JPEG_FACTORS if f == 1 or short / f >= size)
+
+
+def cache_key(sha256: str, size: int, channels: int) -> str:
+    """Content address of one resized image: changes with the file, the output geometry and the code."""
+    return hashlib.sha256(f"{sha256}:{size}:{channels}:{RESIZE_VERSION}".encode()).hexdigest()
+
+
+def cache_entry(cache: Path, key: str) -> Path:
+    """Where the resized bytes of ``key`` live in the cache folder."""
+    return cache / key[:2] / f"{key}.bin"
+
+
+def probe_header(data: bytes, name: str = "<bytes>") -> ImageInfo:
+    """Width, height, format and mode from the image header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageInfo(im.width, im.height, im.format or "", im.mode)
+    except Exception as e:  # Pillow raises many types on bad data; all mean "not an image"
+        raise StepError(f"{name}: not a readable image: {e}") from e
+
+
+def load_resized(path: Path | str, *, size: int, channels: int, width: int | None = None,
+                 height: int | None = None, fmt: str | None = None, mode: str | None = None) -> np.ndarray:
+    """Read one image file and return it preprocessed: uint8 ``(size, size, channels)``, RGB order.
+
+    ``width``/``height``/``fmt``/``mode`` are the header facts from the manifest; any missing one makes the
+    header be probed. Raises StepError naming the file when it cannot be read or decoded.
+    """
+    return _decode(_read_bytes(path), size=size, channels=channels,
+                   info=_info_or_none(width, height, fmt, mode), name=str(path))[0]
+
+
+def decode_resized(data: bytes, *, size: int, channels: int, name: str = "<bytes>") -> np.ndarray:
+    """Preprocess encoded image bytes (an upload, say) exactly as :func:`load_resized` preprocesses a file."""
+    return _decode(data, size=size, channels=channels, info=None, name=name)[0]
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise StepError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def _info_or_none(width: int | None, height: int | None, fmt: str | None,
+                  mode: str | None) -> ImageInfo | None:
+    if width is None or height is None or not fmt or not mode:
+        return None
+    return ImageInfo(int(width), int(height), fmt, mode)
+
+
+def _decode(data: bytes, *, size: int, channels: int, info: ImageInfo | None,
+            name: str) -> tuple[np.ndarray, int]:
+    """Decode and preprocess; also return the JPEG reduction factor used (1 = full decode)."""
+    info = info or probe_header(data, name)
+    if info.fmt in _JPEG_FORMATS and info.mode in _JPEG_DIRECT_MODES:
+        factor = reduction_factor(info.width, info.height, size)
+        img = _decode_jpeg(data, channels, factor, name)
+    else:
+        factor = 1
+        img = _decode_pillow(data, channels, name)
+    return _resize_square(img, size), factor
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """True if an end-of-image marker follows the last start-of-scan (a truncated JPEG has none).
+
+    libjpeg fills a truncated image with grey and only warns; the filter quarantines such files, this is the
+    last line of defence. Markers cannot occur inside entropy-coded data (0xFF is stuffed), and an EXIF
+    thumbnail's scan comes before the main image's, so the last SOS is the main image's (or a later
+    appended picture's, which then must be complete too).
+    """
+    last_sos = data.rfind(b"\xff\xda")
+    return last_sos >= 0 and data.find(b"\xff\xd9", last_sos) >= 0
+
+
+def _decode_jpeg(data: bytes, channels: int, factor: int, name: str) -> np.ndarray:
+    """libjpeg-turbo decode at 1/factor scale, EXIF orientation applied; gray (H, W) or RGB (H, W, 3)."""
+    if not _jpeg_complete(data):
+        raise StepError(f"{name}: truncated JPEG (no end-of-image marker after the last scan)")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[channels, factor])
+    except cv2.error as e:
+        raise StepError(f"{name}: cannot decode JPEG: {e}") from e
+    if img is None:
+        raise StepError(f"{name}: cannot decode JPEG")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if channels == 3 else img
+
+
+def _decode_pillow(data: bytes, channels: int, name: str) -> np.ndarray:
+    """Pillow decode + normalisation (orientation, bit depth, palette, alpha, colour space)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            upright = ImageOps.exif_transpose(im)
+            img = _to_8bit_l_or_rgb(upright).convert("L" if channels == 1 else "RGB")
+            return np.asarray(img)
+    except Exception as e:  # Pillow raises many types on bad data; all mean "cannot decode"
+        raise StepError(f"{name}: cannot decode image: {e}") from e
+
+
+def _to_8bit_l_or_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit ``L`` or ``RGB`` (see the module docstring for the rules)."""
+    if im.mode in _HIGH_BIT_MODES:
+        return _stretch_to_8bit(im)
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if "A" in im.getbands() or im.mode in ("RGBa", "La"):
+        return _over_black(im)
+    return im if im.mode in ("L", "RGB") else im.convert("RGB")
+
+
+def _stretch_to_8bit(im: Image.Image) -> Image.Image:
+    """Map the image's own value range linearly onto 0..255 (constant images -> 0)."""
+    a = np.asarray(im, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+
+
+def _over_black(im: Image.Image) -> Image.Image:
+    """Composite an image with alpha over a black background (transparent -> 0)."""
+    gray = im.mode in ("LA", "La")
+    rgba = im.convert("LA" if gray else "RGBA")
+    color = rgba.convert("L" if gray else "RGB")
+    black = Image.new(color.mode, color.size, 0)
+    return Image.composite(color, black, rgba.getchannel("A"))
+
+
+def _resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Stretch to ``size x size`` (INTER_AREA shrinking, INTER_LINEAR enlarging); always (size, size, c)."""
+    h, w = img.shape[:2]
+    if (h, w) != (size, size):
+        interp = cv2.INTER_AREA if min(h, w) >= size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache entries and workers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_entry(cache: Path, key: str, img: np.ndarray) -> None:
+    with atomic_path(cache_entry(cache, key), suffix=".bin") as tmp:
+        tmp.write_bytes(img.tobytes())
+
+
+def _read_entry(cache: Path, key: str, nbytes: int) -> bytes | None:
+    """The cached bytes of ``key``, or None when absent or not exactly ``nbytes`` long (damaged)."""
+    try:
+        data = cache_entry(cache, key).read_bytes()
+    except OSError:
+        return None
+    return data if len(data) == nbytes else None
+
+
+def _decode_job(job: _Job, *, size: int, channels: int, cache: Path) -> tuple[str, int]:
+    """Worker body: decode one image into its cache entry; return (key, reduction factor)."""
+    img, factor = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info, name=job.path)
+    _write_entry(cache, job.key, img)
+    return job.key, factor
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+
+
+def _mp_context() -> BaseContext:
+    """``fork`` while this process runs one thread (CLI, DVC): the cheapest start; workers are its children.
+
+    Otherwise (Prefect runs tasks in threads) ``forkserver``: forking a multi-threaded process can copy a lock
+    another thread holds and deadlock the child. Its server preloads this module once per process.
+    """
+    if threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _chunksize(jobs: int, workers: int) -> int:
+    """About 8 chunks per worker for load balance, at most 16 images per chunk (results are tiny)."""
+    return max(1, min(16, jobs // (workers * 8)))
+
+
+@contextlib.contextmanager
+def _decoded(todo: list[_Job], *, size: int, channels: int, cache: Path,
+             workers: int) -> Iterator[Iterator[tuple[str, int]]]:
+    """Decode ``todo`` into the cache; yield the (key, factor) results in ``todo`` order as they finish."""
+    job = partial(_decode_job, size=size, channels=channels, cache=cache)
+    if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
+        yield map(job, todo)
+        return
+    with _mp_context().Pool(workers, initializer=_worker_init) as pool:
+        yield pool.imap(job, todo, chunksize=_chunksize(len(todo), workers))
+        pool.close()
+        pool.join()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Assembly and the step entry
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Counts(NamedTuple):
+    decoded: int
+    reduced: int
+
+
+def _read_jobs(clean: Path, size: int, channels: int) -> list[_Job]:
+    """One job per clean.csv row, in row order; StepError on a missing column or an empty table."""
+    try:
+        df = read_csv(clean)
+    except (OSError, ValueError) as e:
+        raise StepError(f"{clean}: cannot read clean manifest: {e}") from e
+    missing = [c for c in _REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise StepError(f"{clean}: missing column(s) {', '.join(missing)}")
+    if df.empty:
+        raise StepError(f"{clean}: no images to resize (every file was rejected or none were found)")
+    bad = df["sha256"].isna() | df["path"].isna()
+    if bad.any():
+        raise StepError(f"{clean}: row {int(bad.idxmax()) + 2} has no path or sha256")
+    return [_Job(cache_key(r.sha256, size, channels), r.path, _row_info(r.width, r.height, r.format, r.mode))
+            for r in df[list(_REQUIRED_COLUMNS)].itertuples(index=False)]
+
+
+def _row_info(width: Any, height: Any, fmt: Any, mode: Any) -> ImageInfo | None:
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in (width, height, fmt, mode)):
+        return None
+    return _info_or_none(int(width), int(height), str(fmt), str(mode))
+
+
+def _uncached(jobs: Iterable[_Job], cache: Path) -> list[_Job]:
+    """The jobs whose key has no cache entry yet, each key once, in first-row order."""
+    seen: set[str] = set()
+    todo = []
+    for job in jobs:
+        if job.key not in seen and not cache_entry(cache, job.key).is_file():
+            todo.append(job)
+        seen.add(job.key)
+    return todo
+
+
+def _write_npy_header(f: BinaryIO, shape: tuple[int, ...]) -> None:
+    header = {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    npy_format.write_array_header_1_0(f, header)
+
+
+def _stream(f: BinaryIO, jobs: list[_Job], todo: list[_Job], results: Iterator[tuple[str, int]], *,
+            size: int, channels: int, cache: Path) -> _Counts:
+    """Write each row's cached bytes in row order, waiting for the workers where a row is not decoded yet.
+
+    A damaged or vanished entry is decoded again here (and counted as decoded).
+    """
+    nbytes = size * size * channels
+    pending = {job.key for job in todo}
+    decoded = reduced = 0
+    for job in jobs:
+        if job.key in pending:
+            key, factor = next(results)  # results come in todo order = first-row order
+            assert key == job.key, (key, job.key)
+            pending.discard(key)
+            decoded, reduced = decoded + 1, reduced + (factor > 1)
+        data = _read_entry(cache, job.key, nbytes)
+        if data is None:
+            log.warning("cache entry for %s missing or damaged: decoding it again", job.path)
+            _, factor = _decode_job(job, size=size, channels=channels, cache=cache)
+            decoded, reduced = decoded + 1, reduced + (factor > 1)
+            data = _read_entry(cache, job.key, nbytes)
+            if data is None:
+                raise StepError(f"{cache}: cannot write or read back the cache entry for {job.path}")
+        f.write(data)
+    return _Counts(decoded, reduced)
+
+
+def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dict[str, Any]:
+    """Resize every clean.csv image into ``out`` (uint8 ``(N, size, size, channels)`` .npy); write ``stats``.
+
+    Only images missing from the content-addressed ``cache`` are decoded (in parallel processes).
+    Returns the statistics also written to ``stats``.
+    """
+    start = time.perf_counter()
+    size, channels = cfg.resize.size, cfg.dataset.channels
+    jobs = _read_jobs(Path(clean), size, channels)
+    todo = _uncached(jobs, Path(cache))
+    workers = min(n_workers(cfg.resize.workers), len(todo)) if len(todo) >= POOL_MIN_IMAGES else 1
+    shape = (len(jobs), size, size, channels)
+    with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, \
+            _decoded(todo, size=size, channels=channels, cache=Path(cache), workers=workers) as results:
+        _write_npy_header(f, shape)
+        counts = _stream(f, jobs, todo, results, size=size, channels=channels, cache=Path(cache))
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    summary = {"images": len(jobs), "decoded": counts.decoded, "cached": len(jobs) - counts.decoded,
+               "shape": list(shape), "seconds": round(seconds, 3),
+               "images_per_s": round(len(jobs) / seconds, 1), "workers": workers,
+               "reduced_decodes": counts.reduced}
+    write_json(stats, summary)
+    log.info("resize: %d images -> %s %s: %d decoded (%d reduced), %d cached, %.2f s, %.0f images/s, "
+             "%d worker(s)", len(jobs), out, shape, counts.decoded, counts.reduced, summary["cached"],
+             seconds, summary["images_per_s"], workers)
+    return summary

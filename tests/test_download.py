@@ -1,0 +1,391 @@
+"""Download step against a real loopback HTTP server (Range, cuts, 503s) and real local files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import download
+from tasks.config import Config, parse_config
+from tasks.errors import StepError
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+def _zip_bytes(n_files: int = 40) -> bytes:
+    """A real zip of incompressible bytes, big enough (~200 KB) to be cut mid-stream."""
+    buf = io.BytesIO()
+    rng = __import__("random").Random(0)
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k in range(n_files):
+            zf.writestr(f"data/NORMAL/im{k}.png", rng.randbytes(5000))
+    return buf.getvalue()
+
+
+PAYLOAD = _zip_bytes()
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@dataclass
+class ServerState:
+    """What the loopback server serves and how it misbehaves; it records every request's headers."""
+
+    payload: bytes = PAYLOAD
+    cut_first: bool = False  # first body stops halfway (Content-Length promises the whole)
+    fail_first: int = 0  # answer this many requests with 503
+    honor_range: bool = True  # False: answer 200 with the whole body even to a Range request
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Server:
+    base: str
+    state: ServerState
+
+    def url(self, name: str = "ChestXRay2017.zip") -> str:
+        return f"{self.base}/files/{name}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        st: ServerState = self.server.state
+        with st.lock:
+            st.requests.append({"path": self.path, "range": self.headers.get("Range")})
+            n = len(st.requests)
+            fail = st.fail_first >= n
+        if fail:
+            self.send_error(503, "busy")
+            return
+        if not self.path.startswith("/files/"):
+            self.send_error(404)
+            return
+        body, start = st.payload, 0
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and st.honor_range:
+            start = int(m.group(1))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        chunk = body[start:]
+        self.send_header("Content-Length", str(len(chunk)))
+        self.end_headers()
+        if st.cut_first and n == 1:
+            chunk = chunk[: len(chunk) // 2]
+        self.wfile.write(chunk)
+
+
+@pytest.fixture
+def dl_server() -> Iterator[Server]:
+    """A ThreadingHTTPServer on 127.0.0.1 (ephemeral port) in a daemon thread."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.state = ServerState()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state)  # type: ignore[attr-defined]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def dl_refused_url() -> str:
+    """A loopback URL nothing listens on (port freshly released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/ChestXRay2017.zip"
+
+
+def _cfg(*sources: Any, retries: int = 2, timeout_s: float = 5.0) -> Config:
+    return parse_config({
+        "dataset": {"name": "t", "sources": list(sources), "labels": {"NORMAL": 0, "PNEUMONIA": 1}},
+        "download": {"retries": retries, "backoff_s": 0.01, "timeout_s": timeout_s},
+    })
+
+
+def _run(tmp_path: Path, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    summary = download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "sources.json",
+                           inbox=tmp_path / "no-inbox")
+    return summary, json.loads((tmp_path / "sources.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------- remote
+
+
+def test_pinned_download_writes_verified_file_and_record(tmp_path: Path, dl_server: Server) -> None:
+    summary, records = _run(tmp_path, _cfg({"url": dl_server.url(), "sha256": DIGEST}))
+    final = tmp_path / "raw" / "ChestXRay2017.zip"
+    assert final.read_bytes() == PAYLOAD
+    assert not (tmp_path / "raw" / "ChestXRay2017.zip.part").exists()
+    assert records == [{"index": 0, "url": dl_server.url(), "path": str(final), "kind": "archive",
+                        "sha256": DIGEST, "bytes": len(PAYLOAD)}]
+    assert summary == {"sources": 1, "archives": 1, "folders": 0, "downloaded": 1, "unpinned": []}
+
+
+def test_cut_stream_resumes_with_range(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.cut_first = True
+    dest = tmp_path / "a.zip"
+    digest = download.fetch(dl_server.url(), dest, sha256=DIGEST, timeout_s=5, retries=2, backoff_s=0)
+    assert digest == DIGEST and dest.read_bytes() == PAYLOAD
+    first, second = dl_server.state.requests
+    assert first["range"] is None
+    assert second["range"] == f"bytes={len(PAYLOAD) // 2}-"
+
+
+def test_partial_from_earlier_run_is_resumed(tmp_path: Path, dl_server: Server) -> None:
+    (tmp_path / "a.zip.part").write_bytes(PAYLOAD[:1000])
+    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert [r["range"] for r in dl_server.state.requests] == ["bytes=1000-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.honor_range = False
+    (tmp_path / "a.zip.part").write_bytes(b"garbage that must not stay in front")
+    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+    assert dl_server.state.requests[0]["range"] is not None
+
+
+def test_complete_part_answered_416_is_accepted(tmp_path: Path, dl_server: Server) -> None:
+    (tmp_path / "a.zip.part").write_bytes(PAYLOAD)
+    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+
+
+def test_oversized_part_answered_416_restarts(tmp_path: Path, dl_server: Server) -> None:
+    (tmp_path / "a.zip.part").write_bytes(PAYLOAD + b"extra")
+    digest = download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=1, backoff_s=0)
+    assert digest == DIGEST
+    assert [r["range"] for r in dl_server.state.requests] == [f"bytes={len(PAYLOAD) + 5}-", None]
+
+
+def test_checksum_mismatch_never_writes_final_name(tmp_path: Path, dl_server: Server) -> None:
+    wrong = "0" * 64
+    with pytest.raises(StepError) as e:
+        _run(tmp_path, _cfg({"url": dl_server.url(), "sha256": wrong}))
+    msg = str(e.value)
+    assert dl_server.url() in msg and wrong in msg and DIGEST in msg
+    raw = tmp_path / "raw"
+    assert not (raw / "ChestXRay2017.zip").exists()
+    assert not (raw / "ChestXRay2017.zip.part").exists()
+    assert (raw / "ChestXRay2017.zip.mismatch").read_bytes() == PAYLOAD
+    assert not (tmp_path / "sources.json").exists()
+
+
+def test_unpinned_warns_records_digest_and_skips_next_time(tmp_path: Path, dl_server: Server,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _cfg({"url": dl_server.url()})
+    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+        summary, records = _run(tmp_path, cfg)
+    assert any(DIGEST in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert records[0]["sha256"] == DIGEST and summary["unpinned"] == [0]
+    sidecar = json.loads((tmp_path / "raw" / "ChestXRay2017.zip.sha256").read_text())
+    assert sidecar["sha256"] == DIGEST and sidecar["bytes"] == len(PAYLOAD)
+
+    summary, records = _run(tmp_path, cfg)
+    assert summary["downloaded"] == 0 and records[0]["sha256"] == DIGEST
+    assert len(dl_server.state.requests) == 1
+
+
+def test_unpinned_file_changed_since_sidecar_is_fetched_again(tmp_path: Path, dl_server: Server) -> None:
+    cfg = _cfg({"url": dl_server.url()})
+    _run(tmp_path, cfg)
+    (tmp_path / "raw" / "ChestXRay2017.zip").write_bytes(b"tampered")
+    summary, records = _run(tmp_path, cfg)
+    assert summary["downloaded"] == 1 and records[0]["sha256"] == DIGEST
+    assert len(dl_server.state.requests) == 2
+
+
+def test_pinned_existing_file_is_skipped_and_wrong_one_replaced(tmp_path: Path, dl_server: Server) -> None:
+    cfg = _cfg({"url": dl_server.url(), "sha256": DIGEST})
+    _run(tmp_path, cfg)
+    assert _run(tmp_path, cfg)[0]["downloaded"] == 0
+    (tmp_path / "raw" / "ChestXRay2017.zip").write_bytes(b"stale")
+    assert _run(tmp_path, cfg)[0]["downloaded"] == 1
+    assert (tmp_path / "raw" / "ChestXRay2017.zip").read_bytes() == PAYLOAD
+    assert len(dl_server.state.requests) == 2
+
+
+def test_503_twice_then_success_is_retried(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.fail_first = 2
+    summary, records = _run(tmp_path, _cfg({"url": dl_server.url(), "sha256": DIGEST}, retries=2))
+    assert records[0]["sha256"] == DIGEST
+    assert len(dl_server.state.requests) == 3
+
+
+def test_503_beyond_retries_fails_with_reason(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.fail_first = 5
+    with pytest.raises(StepError, match=r"2 attempts\): HTTP 503"):
+        _run(tmp_path, _cfg({"url": dl_server.url()}, retries=1))
+    assert len(dl_server.state.requests) == 2
+    assert not (tmp_path / "raw" / "ChestXRay2017.zip").exists()
+
+
+def test_404_is_not_retried(tmp_path: Path, dl_server: Server) -> None:
+    url = f"{dl_server.base}/missing/ChestXRay2017.zip"
+    with pytest.raises(StepError, match="HTTP 404"):
+        _run(tmp_path, _cfg({"url": url}, retries=3))
+    assert len(dl_server.state.requests) == 1
+
+
+def test_connection_refused_gives_one_clear_error(tmp_path: Path, dl_refused_url: str) -> None:
+    with pytest.raises(StepError) as e:
+        _run(tmp_path, _cfg({"url": dl_refused_url}, retries=1))
+    msg = str(e.value)
+    assert dl_refused_url in msg and "connection refused" in msg and "2 attempts" in msg
+    assert "set dataset.sources[0].url in params.yaml to a local path of the archive or folder" in msg
+    assert "data/inbox/ChestXRay2017.zip" in msg
+    assert not (tmp_path / "sources.json").exists()
+
+
+def test_timeout_is_transient(tmp_path: Path) -> None:
+    with socket.socket() as srv:  # accepts connections (kernel backlog) but never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/a.zip"
+        with pytest.raises(download.FetchError, match="timed out") as e:
+            download.fetch(url, tmp_path / "a.zip", timeout_s=0.2, retries=1, backoff_s=0)
+    assert e.value.attempts == 2
+
+
+def test_default_filename_is_decoded_last_segment(tmp_path: Path, dl_server: Server) -> None:
+    url = dl_server.url("Chest%20X%2Bray.tar.gz") + "?token=1"
+    assert download.default_filename(url) == "Chest X+ray.tar.gz"
+    _, records = _run(tmp_path, _cfg({"url": url}))
+    assert records[0]["path"] == str(tmp_path / "raw" / "Chest X+ray.tar.gz")
+
+
+def test_remote_name_that_is_not_an_archive_is_refused_before_fetching(tmp_path: Path,
+                                                                      dl_server: Server) -> None:
+    with pytest.raises(StepError, match=r"dataset.sources\[0\].url: 'file_downloaded' is not an archive"):
+        _run(tmp_path, _cfg(dl_server.url("file_downloaded")))
+    with pytest.raises(StepError, match=r"dataset.sources\[0\].filename: cannot derive"):
+        _run(tmp_path, _cfg({"url": dl_server.url(), "filename": "../x.zip"}))
+    assert dl_server.state.requests == []
+
+
+def test_duplicate_filenames_are_refused(tmp_path: Path, dl_server: Server) -> None:
+    with pytest.raises(StepError, match=r"also used by dataset.sources\[0\]"):
+        _run(tmp_path, _cfg(dl_server.url(), dl_server.url()))
+
+
+def test_file_url_is_read_and_verified(tmp_path: Path) -> None:
+    src = tmp_path / "inbox" / "ChestXRay2017.zip"
+    src.parent.mkdir()
+    src.write_bytes(PAYLOAD)
+    summary, records = _run(tmp_path, _cfg({"url": src.as_uri(), "sha256": DIGEST}))
+    assert (tmp_path / "raw" / "ChestXRay2017.zip").read_bytes() == PAYLOAD
+    assert records[0]["sha256"] == DIGEST and summary["downloaded"] == 1
+
+
+def test_missing_file_url_fails_without_retrying(tmp_path: Path) -> None:
+    url = (tmp_path / "nope.zip").as_uri()
+    with pytest.raises(StepError, match=r"could not fetch .*nope\.zip \(1 attempt\)"):
+        _run(tmp_path, _cfg(url, retries=3))
+
+
+# --------------------------------------------------------------------------------------------- local
+
+
+def test_local_archive_and_folder_are_used_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    inbox = Path("inbox")
+    (inbox / "xrays" / "NORMAL").mkdir(parents=True)
+    (inbox / "A.ZIP").write_bytes(PAYLOAD)
+    before = os.stat(inbox / "A.ZIP")
+    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+        summary, records = _run(tmp_path, _cfg("inbox/A.ZIP", {"url": str(tmp_path / "inbox" / "xrays")}))
+    assert records == [
+        {"index": 0, "url": "inbox/A.ZIP", "path": "inbox/A.ZIP", "kind": "archive", "sha256": DIGEST,
+         "bytes": len(PAYLOAD)},
+        {"index": 1, "url": str(tmp_path / "inbox" / "xrays"), "path": str(tmp_path / "inbox" / "xrays"),
+         "kind": "folder", "sha256": None, "bytes": None},
+    ]
+    assert summary == {"sources": 2, "archives": 1, "folders": 1, "downloaded": 0, "unpinned": [0]}
+    assert not any((tmp_path / "raw").iterdir())  # nothing copied
+    assert os.stat(inbox / "A.ZIP").st_mtime_ns == before.st_mtime_ns
+    assert any(DIGEST in r.getMessage() for r in caplog.records)
+
+
+def test_local_archive_checksum_is_verified(tmp_path: Path) -> None:
+    archive = tmp_path / "a.tgz"
+    archive.write_bytes(PAYLOAD)
+    _run(tmp_path, _cfg({"url": str(archive), "sha256": DIGEST}))
+    with pytest.raises(StepError, match=f"checksum mismatch for {archive}: expected sha256 {'a' * 64}"):
+        _run(tmp_path, _cfg({"url": str(archive), "sha256": "A" * 64}))
+
+
+def test_missing_local_path_names_the_key(tmp_path: Path) -> None:
+    missing = tmp_path / "inbox" / "ChestXRay2017.zip"
+    pattern = rf"dataset.sources\[1\].url: {re.escape(str(missing))} does not exist"
+    with pytest.raises(StepError, match=pattern):
+        _run(tmp_path, _cfg(str(tmp_path), str(missing)))
+
+
+def test_local_file_that_is_not_an_archive_is_refused(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    with pytest.raises(StepError, match=r"dataset.sources\[0\].url: .*notes.txt is neither a folder nor"):
+        _run(tmp_path, _cfg(str(notes)))
+
+
+def test_pinned_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StepError, match=r"dataset.sources\[0\].sha256: .* is a folder"):
+        _run(tmp_path, _cfg({"url": str(tmp_path), "sha256": DIGEST}))
+
+
+@pytest.mark.parametrize(("name", "suffix"), [("a.zip", ".zip"), ("B.TAR.GZ", ".tar.gz"), ("c.tgz", ".tgz"),
+                                              ("d.tar", ".tar"), ("e.gz", None), ("f.rar", None)])
+def test_archive_suffix(name: str, suffix: str | None) -> None:
+    assert download.archive_suffix(name) == suffix
+
+
+def test_inbox_entries_become_sources(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "landed" / "A").mkdir(parents=True)
+    (inbox / ".gitkeep").touch()
+    (inbox / ".DS_Store").touch()
+    (inbox / "notes.txt").write_text("ignored")
+    with zipfile.ZipFile(inbox / "more.zip", "w") as zf:
+        zf.writestr("A/x.png", b"not really")
+    cfg = parse_config({"dataset": {"name": "t", "labels": {"A": 0, "B": 1}}})
+    summary = download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "s.json", inbox=inbox)
+    records = json.loads((tmp_path / "s.json").read_text())
+    assert summary["archives"] == 1 and summary["folders"] == 1
+    assert [Path(r["path"]).name for r in records] == ["landed", "more.zip"]
+    assert (tmp_path / "raw").is_dir()  # the DVC output exists even when nothing was downloaded
+
+
+def test_no_sources_at_all_is_an_error(tmp_path: Path) -> None:
+    cfg = parse_config({"dataset": {"name": "t", "labels": {"A": 0, "B": 1}}})
+    with pytest.raises(StepError, match="no sources"):
+        download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "s.json", inbox=tmp_path / "inbox")

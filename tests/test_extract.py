@@ -1,0 +1,376 @@
+"""Extract step on small generated archives: normal, hostile (escapes, links, devices, bombs) and junk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import stat
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import download, extract
+from tasks.config import Config, parse_config
+from tasks.errors import StepError
+
+_RNG = random.Random(0)
+IMG = _RNG.randbytes(3000)  # incompressible stand-in for an image file
+
+
+def _cfg(**limits: Any) -> Config:
+    return parse_config({
+        "dataset": {"name": "t", "sources": ["unused"], "labels": {"NORMAL": 0, "PNEUMONIA": 1}},
+        "extract": limits,
+    })
+
+
+def _zip(path: Path, entries: dict[str, bytes], *, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes = IMG) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _special(name: str, type_: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = type_
+    info.linkname = linkname
+    return info, None
+
+
+def _run(tmp_path: Path, *sources: str | Path, cfg: Config | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """Resolve local sources with the real download step, then extract them."""
+    dl_cfg = parse_config({"dataset": {"name": "t", "sources": [str(s) for s in sources],
+                                       "labels": {"NORMAL": 0, "PNEUMONIA": 1}}})
+    download.run(dl_cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "sources.json",
+                 inbox=tmp_path / "no-inbox")
+    summary = extract.run(cfg or _cfg(), sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
+                          roots_json=tmp_path / "roots.json")
+    return summary, json.loads((tmp_path / "roots.json").read_text())
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_nothing_extracted(tmp_path: Path) -> None:
+    out = tmp_path / "ex"
+    assert not out.exists() or list(out.iterdir()) == []
+    assert not (tmp_path / "roots.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- normal
+
+
+def test_zip_is_extracted_to_content_addressed_folder(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "ChestXRay2017.zip", {
+        "chest_xray/train/NORMAL/IM-0001-0001.jpeg": IMG,
+        "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg": IMG[::-1],
+        "chest_xray/test/": b"",
+    })
+    digest = _sha(archive)
+    summary, roots = _run(tmp_path, archive)
+    root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
+    assert roots == [{"root": str(root), "source": str(archive), "kind": "archive"}]
+    assert _files(root) == {"chest_xray/train/NORMAL/IM-0001-0001.jpeg",
+                            "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg"}
+    assert (root / "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg").read_bytes() == IMG[::-1]
+    assert (root / "chest_xray/test").is_dir()
+    assert summary == {"roots": 1, "extracted": 1, "reused": 0, "folders": 0}
+    assert [p.name for p in (tmp_path / "ex").iterdir()] == [root.name]  # no temporary leftovers
+
+
+def test_tar_gz_is_extracted_and_archive_left_unchanged(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "in" / "cells.TAR.GZ", [
+        _special("cells", tarfile.DIRTYPE), _file("cells/Parasitized/C100P61_cell_1.png"),
+        _file("./cells/Uninfected/C101P62_cell_2.png", IMG[:100]),
+    ])
+    before = (_sha(archive), archive.stat().st_mtime_ns)
+    _, roots = _run(tmp_path, archive)
+    root = Path(roots[0]["root"])
+    assert root.name == f"cells-{before[0][:12]}"
+    assert _files(root) == {"cells/Parasitized/C100P61_cell_1.png", "cells/Uninfected/C101P62_cell_2.png"}
+    assert (_sha(archive), archive.stat().st_mtime_ns) == before
+
+
+def test_plain_tar_and_tgz_names(tmp_path: Path) -> None:
+    a = _tar(tmp_path / "in" / "a.tar", [_file("x/NORMAL/1.png")])
+    b = _tar(tmp_path / "in" / "b.tgz", [_file("y/NORMAL/2.png")])
+    _, roots = _run(tmp_path, a, b)
+    assert [Path(r["root"]).name.split("-")[0] for r in roots] == ["a", "b"]
+    assert _files(Path(roots[1]["root"])) == {"y/NORMAL/2.png"}
+
+
+def test_rerun_reuses_existing_folder(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {"NORMAL/1.png": IMG})
+    _, roots = _run(tmp_path, archive)
+    marker = Path(roots[0]["root"]) / "marker"
+    marker.write_text("not re-extracted")
+    summary, roots2 = _run(tmp_path, archive)
+    assert roots2 == roots and marker.exists()
+    assert summary == {"roots": 1, "extracted": 0, "reused": 1, "folders": 0}
+
+
+def test_folder_source_is_listed_in_place(tmp_path: Path) -> None:
+    folder = tmp_path / "inbox" / "xrays"
+    (folder / "NORMAL").mkdir(parents=True)
+    summary, roots = _run(tmp_path, folder)
+    assert roots == [{"root": str(folder), "source": str(folder), "kind": "folder"}]
+    assert summary["folders"] == 1 and not (tmp_path / "ex").exists()
+
+
+def test_same_archive_twice_is_indexed_once(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {"NORMAL/1.png": IMG})
+    summary, roots = _run(tmp_path, archive, archive)
+    assert len(roots) == 1 and summary["roots"] == 1
+
+
+def test_junk_is_skipped(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {
+        "__MACOSX/data/NORMAL/._1.png": b"x", "data/.DS_Store": b"x", "data/NORMAL/Thumbs.db": b"x",
+        "data/NORMAL/._2.png": b"x", "data/@eaDir/1.png": b"x", "data/NORMAL/1.png": IMG,
+    })
+    _, roots = _run(tmp_path, archive)
+    root = Path(roots[0]["root"])
+    assert _files(root) == {"data/NORMAL/1.png"}
+    assert not (root / "__MACOSX").exists()
+
+
+def test_tar_links_inside_are_skipped_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    archive = _tar(tmp_path / "in" / "a.tar", [
+        _file("d/NORMAL/1.png"), _special("d/NORMAL/2.png", tarfile.SYMTYPE, "1.png"),
+        _special("d/PNEUMONIA/3.png", tarfile.SYMTYPE, "../NORMAL/1.png"),
+        _special("d/NORMAL/4.png", tarfile.LNKTYPE, "d/NORMAL/1.png"),
+    ])
+    with caplog.at_level(logging.WARNING, logger="tasks.extract"):
+        _, roots = _run(tmp_path, archive)
+    root = Path(roots[0]["root"])
+    assert _files(root) == {"d/NORMAL/1.png"}
+    assert not any(p.is_symlink() for p in root.rglob("*"))
+    assert sum("skipping link" in r.getMessage() for r in caplog.records) == 3
+
+
+# --------------------------------------------------------------------------------------------- hostile
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "data/../../evil.png", "..\\evil.png"])
+def test_zip_entry_escaping_with_dotdot_is_refused(tmp_path: Path, name: str) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {"ok/1.png": IMG, name: b"x"})
+    with pytest.raises(StepError, match=rf"{archive.name}: entry .*evil.png.* escapes the target"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+    assert not (tmp_path / "evil.png").exists()
+
+
+@pytest.mark.parametrize("name", ["/tmp/evil.png", "C:/evil.png", "c:evil.png"])
+def test_absolute_entries_are_refused(tmp_path: Path, name: str) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {name: b"x"})
+    with pytest.raises(StepError, match="is an absolute path"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_absolute_tar_entry_is_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "in" / "a.tar.gz", [_file("/abs/evil.png")])
+    with pytest.raises(StepError, match=r"a.tar.gz: entry '/abs/evil.png' is an absolute path"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+@pytest.mark.parametrize(("type_", "target"), [
+    (tarfile.SYMTYPE, "../../etc/passwd"), (tarfile.SYMTYPE, "/etc/passwd"), (tarfile.SYMTYPE, "../.."),
+    (tarfile.LNKTYPE, "../outside.png"), (tarfile.LNKTYPE, "/etc/passwd"),
+])
+def test_tar_link_pointing_outside_is_refused(tmp_path: Path, type_: bytes, target: str) -> None:
+    archive = _tar(tmp_path / "in" / "a.tar", [_file("d/1.png"), _special("d/link.png", type_, target)])
+    with pytest.raises(StepError, match=rf"entry 'd/link.png' is a (symbolic|hard) link to '{target}'"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_zip_symlink_pointing_outside_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "in" / "a.zip"
+    archive.parent.mkdir()
+    info = zipfile.ZipInfo("d/link.png")
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(info, "../../secret")
+    with pytest.raises(StepError, match="symbolic link to '../../secret'"):
+        _run(tmp_path, archive)
+
+
+@pytest.mark.parametrize("type_", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
+def test_tar_devices_and_fifos_are_refused(tmp_path: Path, type_: bytes) -> None:
+    archive = _tar(tmp_path / "in" / "a.tar", [_special("d/dev", type_)])
+    with pytest.raises(StepError, match="entry 'd/dev' is a device file or fifo"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_zip_bomb_ratio_is_refused_up_front(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "bomb.zip", {"NORMAL/zeros.png": bytes(20_000_000)})
+    assert archive.stat().st_size < 100_000
+    pattern = r"bomb.zip: declares 20000000 expanded bytes.*extract.max_ratio \(200\)"
+    with pytest.raises(StepError, match=pattern):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_tar_gz_bomb_ratio_is_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "in" / "bomb.tgz", [_file("ok.png"), _file("zeros.png", bytes(5_000_000))])
+    with pytest.raises(StepError, match=r"bomb.tgz: declares .*'zeros.png'.*extract.max_ratio \(50\)"):
+        _run(tmp_path, archive, cfg=_cfg(max_ratio=50))
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_total_bytes_cap(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {"1.png": IMG, "2.png": IMG[::-1]})
+    _run(tmp_path, archive, cfg=_cfg(max_total_bytes=6000))
+    archive2 = _zip(tmp_path / "in2" / "b.zip", {"1.png": IMG, "2.png": IMG[::-1], "3.png": IMG[:1]})
+    with pytest.raises(StepError, match=r"b.zip: .* over extract.max_total_bytes \(6000\)"):
+        _run(tmp_path, archive2, cfg=_cfg(max_total_bytes=6000))
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_members_cap(tmp_path: Path, suffix: str) -> None:
+    names = [f"NORMAL/{k}.png" for k in range(5)]
+    path = tmp_path / "in" / f"many{suffix}"
+    archive = (_zip(path, {n: b"x" for n in names}) if suffix == ".zip"
+               else _tar(path, [_file(n, b"x") for n in names]))
+    _run(tmp_path, archive, cfg=_cfg(max_members=5))
+    (tmp_path / "ex").rename(tmp_path / "ex-ok")
+    (tmp_path / "roots.json").unlink()
+    with pytest.raises(StepError, match=r"extract.max_members \(4\)"):
+        _run(tmp_path, archive, cfg=_cfg(max_members=4))
+    _assert_nothing_extracted(tmp_path)
+
+
+def _patch_declared_size(path: Path, size: int) -> None:
+    """Make a one-entry zip lie: rewrite the uncompressed size in its local and central headers."""
+    data = bytearray(path.read_bytes())
+    local = data.find(b"PK\x03\x04")
+    central = data.find(b"PK\x01\x02")
+    struct.pack_into("<I", data, local + 22, size)
+    struct.pack_into("<I", data, central + 24, size)
+    path.write_bytes(bytes(data))
+
+
+def test_zip_lying_about_its_size_is_refused(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "liar.zip", {"zeros.png": bytes(2_000_000)})
+    _patch_declared_size(archive, 1000)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.infolist()[0].file_size == 1000  # the up-front check sees a harmless size
+    with pytest.raises(StepError, match="liar.zip: (corrupt|.*holds more)"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_streaming_count_catches_more_bytes_than_declared(tmp_path: Path) -> None:
+    tally = extract._Tally(archive=Path("x.zip"), limits=_cfg().extract, compressed=10_000)
+    with pytest.raises(StepError, match="'e.png' declares 10 bytes but holds more"):
+        extract._write_member(io.BytesIO(bytes(11)), tmp_path / "e.png", 10, tally, "e.png")
+
+
+def test_streaming_count_enforces_caps_whatever_was_declared(tmp_path: Path) -> None:
+    tally = extract._Tally(archive=Path("x.zip"), limits=_cfg(max_total_bytes=100).extract, compressed=1000)
+    with pytest.raises(StepError, match=r"expanded to more than .*extract.max_total_bytes \(100\)"):
+        extract._write_member(io.BytesIO(bytes(2_000_000)), tmp_path / "e.png", 10**9, tally, "e.png")
+
+
+def test_encrypted_zip_entry_is_refused(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "enc.zip", {"1.png": IMG})
+    data = bytearray(archive.read_bytes())  # set the "encrypted" flag bit in both headers
+    data[data.find(b"PK\x03\x04") + 6] |= 1
+    data[data.find(b"PK\x01\x02") + 8] |= 1
+    archive.write_bytes(bytes(data))
+    with pytest.raises(StepError, match="'1.png' is encrypted"):
+        _run(tmp_path, archive)
+
+
+def test_corrupt_archive_is_a_step_error(tmp_path: Path) -> None:
+    archive = tmp_path / "in" / "broken.tar.gz"
+    archive.parent.mkdir()
+    good = _tar(tmp_path / "tmp" / "g.tar.gz", [_file("1.png", IMG * 20)]).read_bytes()
+    archive.write_bytes(good[: len(good) // 2])
+    with pytest.raises(StepError, match="broken.tar.gz: corrupt or truncated archive"):
+        _run(tmp_path, archive)
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_file_and_folder_of_one_name_conflict(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "in" / "a.tar", [_file("d/x"), _file("d/x/1.png")])
+    with pytest.raises(StepError, match="conflicting entries"):
+        _run(tmp_path, archive)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def test_missing_sources_json(tmp_path: Path) -> None:
+    with pytest.raises(StepError, match="sources.json: not found; run the download step first"):
+        extract.run(_cfg(), sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
+                    roots_json=tmp_path / "roots.json")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"a": 1}', '[{"url": "u", "kind": "rar", "path": "p"}]'])
+def test_malformed_sources_json(tmp_path: Path, content: str) -> None:
+    (tmp_path / "sources.json").write_text(content)
+    with pytest.raises(StepError, match="sources.json: "):
+        extract.run(_cfg(), sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
+                    roots_json=tmp_path / "roots.json")
+
+
+def test_archive_gone_or_changed_since_download(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "in" / "a.zip", {"1.png": IMG})
+    cfg = parse_config({"dataset": {"name": "t", "sources": [str(archive)], "labels": {"A": 0, "B": 1}}})
+    sj = tmp_path / "sources.json"
+    download.run(cfg, out_dir=tmp_path / "raw", sources_json=sj, inbox=tmp_path / "no-inbox")
+    kw: dict[str, Any] = {"sources_json": sj, "out_dir": tmp_path / "ex", "roots_json": tmp_path / "r.json"}
+    archive.write_bytes(archive.read_bytes() + b"x")
+    with pytest.raises(StepError, match="size changed since the download step"):
+        extract.run(cfg, **kw)
+    archive.unlink()
+    with pytest.raises(StepError, match=r"dataset.sources\[0\]: archive .*a.zip not found"):
+        extract.run(cfg, **kw)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ChestXRay2017.zip", "ChestXRay2017-0123456789ab"), ("x.TAR.GZ", "x-0123456789ab"),
+    ("x.tgz", "x-0123456789ab"), ("x.y.tar", "x.y-0123456789ab"),
+])
+def test_target_name(name: str, expected: str) -> None:
+    assert extract.target_name(Path(name), "0123456789abcdef" * 4) == expected
+
+
+@pytest.mark.parametrize(("name", "rel"), [("a/./b//c.png", "a/b/c.png"), ("./", None),
+                                           ("a\\b.png", "a/b.png")])
+def test_safe_relpath_normalises(name: str, rel: str | None) -> None:
+    got = extract.safe_relpath(name, Path("x.zip"))
+    assert (got.as_posix() if got else None) == rel

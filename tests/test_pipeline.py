@@ -1,0 +1,127 @@
+"""End to end: `dvc repro` on the real Kermany images, served as a zip from a loopback HTTP server.
+
+Then new files land in the dataset's inbox (a truncated copy, an exact duplicate, a re-encoded near
+duplicate and two new images): they are quarantined, grouped and, with everything else cached, only they
+are decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.io import read_csv, sha256_file
+
+from .conftest import ROOT, shared_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", ".dvc/config",
+                 ".dvc/.gitignore", "data/inbox"]
+
+
+def _make_project(dest: Path) -> Path:
+    """A fresh git + DVC checkout of the pipeline files (the code runs from the installed package)."""
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def _zip_folder(src: Path, dest: Path) -> None:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                zf.write(path, Path("chest_xray") / "train" / path.relative_to(src))
+
+
+def _set_source(project: Path, url: str, sha256: str) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dataset"]["sources"] = [{"url": url, "sha256": sha256}]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]) -> None:
+    src = shared_dataset("chest_xray")
+    base_url, served = file_server
+    archive = served / "chest_xray.zip"
+    _zip_folder(src, archive)
+    archive_sha = sha256_file(archive)
+    project = _make_project(tmp_path / "project")
+    _set_source(project, f"{base_url}/chest_xray.zip", archive_sha)
+
+    run = _dvc(project, "repro")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    interim, processed = project / "data/interim/pneumonia", project / "data/processed/pneumonia"
+    filt = _json(interim / "filter.json")
+    assert filt["in"] == 1566 and filt["rejected"] == 0 and filt["clean"] == 1566
+    split = read_csv(processed / "split.csv")
+    assert len(split) == 1566
+    assert (split.groupby("group")["split"].nunique() == 1).all(), "a patient is in two splits"
+    assert (split.groupby("dup_group")["split"].nunique() == 1).all()
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert _json(processed / "resize.json")["shape"] == [1566, 224, 224, 1]
+    assert sha256_file(archive) == archive_sha  # the source archive is untouched
+    status = _dvc(project, "status")
+    assert "up to date" in status.stdout, status.stdout
+
+    # New data lands in the inbox: a truncated copy, an exact duplicate, a re-encoded near duplicate.
+    first = src / "PNEUMONIA" / sorted(os.listdir(src / "PNEUMONIA"))[0]
+    landed = project / "data/inbox/pneumonia/landed/PNEUMONIA"
+    landed.mkdir(parents=True)
+    data = first.read_bytes()
+    (landed / "person90001_bacteria_1.jpeg").write_bytes(data[: len(data) * 6 // 10])
+    (landed / "person90002_bacteria_1.jpeg").write_bytes(data)
+    cv2.imwrite(str(landed / "person90003_bacteria_1.jpeg"), cv2.imread(str(first)),
+                [cv2.IMWRITE_JPEG_QUALITY, 70])
+    normal = sorted((src / "NORMAL").iterdir())
+    shutil.copy(normal[0], landed.parent / "tmp.jpeg")  # outside a class folder: skipped
+    (landed.parent / "NORMAL").mkdir()
+    for i, path in enumerate(normal[:2]):
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(landed.parent / "NORMAL" / f"NORMAL9-IM-900{i}-0001.jpeg"), cv2.flip(img, 0))
+
+    run = _dvc(project, "repro")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    filt = _json(interim / "filter.json")
+    assert filt["in"] == 1566 + 5
+    assert filt["decoded"] == 5 and filt["cached"] == 1566  # only the new files were decoded
+    rejects = read_csv(interim / "rejects.csv").set_index("path")
+    reasons = {Path(p).name: r for p, r in rejects["reason"].items()}
+    assert reasons == {"person90001_bacteria_1.jpeg": "truncated", "person90002_bacteria_1.jpeg": "duplicate"}
+    resize = _json(processed / "resize.json")
+    assert resize["decoded"] == 3 and resize["images"] == 1566 + 3
+    split = read_csv(processed / "split.csv")
+    split["name"] = split["path"].map(lambda p: Path(p).name)
+    near = split[split["name"].isin([first.name, "person90003_bacteria_1.jpeg"])]
+    assert len(near) == 2 and near["dup_group"].nunique() == 1 and near["split"].nunique() == 1
+    assert (split.groupby("group")["split"].nunique() == 1).all()
+    assert isinstance(pd.read_json(project / "reports/pneumonia/validation.json", typ="series"), pd.Series)

@@ -1,0 +1,400 @@
+"""Tests for tasks.resize: preprocessing rules, the .npy output, the cache and the error paths."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks import resize
+from tasks.config import Config, parse_config
+from tasks.errors import StepError
+from tasks.io import read_json, sha256_file, write_csv
+from tasks.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cfg(size: int = 32, channels: int = 3, workers: int = 1) -> Config:
+    return parse_config({"dataset": {"name": "t", "sources": ["x"], "labels": {"a": 0, "b": 1},
+                                     "channels": channels},
+                         "resize": {"size": size, "workers": workers}})
+
+
+def _save(path: Path, arr: np.ndarray, mode: str | None = None, **kw: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode).save(path, **kw) if mode else Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def _clean_csv(dest: Path, files: list[Path]) -> Path:
+    """A clean.csv for ``files``, header facts read the way the manifest step reads them."""
+    rows = []
+    for f in files:
+        with Image.open(f) as im:
+            w, h, fmt, mode = im.width, im.height, im.format, im.mode
+        rows.append({"path": str(f), "relpath": f.name, "root": str(f.parent), "class_name": "a", "label": 0,
+                     "group": f.stem, "source_split": "", "sha256": sha256_file(f), "bytes": f.stat().st_size,
+                     "width": w, "height": h, "mode": mode, "format": fmt, "phash": "0" * 16,
+                     "dup_group": ""})
+    write_csv(dest, pd.DataFrame(rows, columns=CLEAN_COLUMNS))
+    return dest
+
+
+def _run(tmp: Path, files: list[Path], cfg: Config,
+         name: str = "clean.csv") -> tuple[np.ndarray, dict[str, Any]]:
+    clean = _clean_csv(tmp / name, files)
+    out, stats = tmp / "out" / "images.npy", tmp / "out" / "stats.json"
+    summary = resize.run(cfg, clean=clean, out=out, stats=stats, cache=tmp / "cache")
+    assert read_json(stats) == summary
+    return np.load(out), summary
+
+
+def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, natural-looking RGB image (low-frequency noise + gradient), so JPEG behaves realistically."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    img += (np.linspace(0, 60, w, dtype=np.int16)[None, :, None])
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _solid(rgb: tuple[int, int, int], h: int = 40, w: int = 50) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3)).copy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("w", "h", "size", "factor"), [
+    (2000, 1600, 224, 4),   # 1600 / 8 = 200 < 224, 1600 / 4 = 400
+    (1792, 2000, 224, 8),   # exactly 224 on the short side at 1/8
+    (1791, 2000, 224, 4),
+    (500, 448, 224, 2),
+    (447, 900, 224, 1),
+    (100, 100, 224, 1),     # smaller than the output: full decode, then enlarged
+])
+def test_reduction_factor(w: int, h: int, size: int, factor: int) -> None:
+    assert resize.reduction_factor(w, h, size) == factor
+
+
+def test_cache_key_depends_on_content_size_channels() -> None:
+    base = resize.cache_key("ab" * 32, 224, 1)
+    assert base == resize.cache_key("ab" * 32, 224, 1)
+    assert len({base, resize.cache_key("cd" * 32, 224, 1), resize.cache_key("ab" * 32, 128, 1),
+                resize.cache_key("ab" * 32, 224, 3)}) == 4
+
+
+def test_rgb_order_and_grayscale(tmp_path: Path) -> None:
+    red = _solid((255, 0, 0))
+    for f in (_save(tmp_path / "red.png", red), _save(tmp_path / "red.jpg", red, quality=100)):
+        rgb = resize.load_resized(f, size=16, channels=3)
+        assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+        assert rgb[..., 0].min() >= 250 and rgb[..., 1:].max() <= 5, f
+        gray = resize.load_resized(f, size=16, channels=1)
+        assert gray.shape == (16, 16, 1)
+        assert abs(int(gray.mean()) - 76) <= 2, f  # ITU-R 601 luma of pure red
+
+
+def test_grayscale_source_replicated_to_three_channels(tmp_path: Path) -> None:
+    f = _save(tmp_path / "g.png", np.full((20, 30), 77, np.uint8))
+    assert (resize.load_resized(f, size=8, channels=3) == 77).all()
+
+
+def _oriented_pair(tmp_path: Path, ext: str) -> tuple[Path, np.ndarray]:
+    """A 240x400 image tagged with EXIF orientation 6 (display = rotate 90 degrees clockwise)."""
+    arr = _texture(240, 400)
+    arr[:40] = (255, 0, 0)  # a red band along the stored top edge: displayed on the right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    extra: dict[str, Any] = {"quality": 95} if ext == ".jpg" else {}
+    f = _save(tmp_path / f"rot{ext}", arr, exif=exif.tobytes(), **extra)
+    return f, np.rot90(arr, k=-1)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_exif_rotated_image_comes_out_upright(tmp_path: Path, ext: str) -> None:
+    f, upright = _oriented_pair(tmp_path, ext)
+    with Image.open(f) as im:
+        assert im.getexif()[0x0112] == 6
+    got = resize.load_resized(f, size=64, channels=3)  # JPEG: factor 2 (240 / 2 >= 64), a reduced decode
+    want = cv2.resize(upright, (64, 64), interpolation=cv2.INTER_AREA)
+    assert np.abs(got.astype(int) - want).mean() < 4
+    assert got[:, -4:, 0].min() > 200 and got[:, :8, 0].mean() < 200  # red band on the right
+
+
+def test_16bit_png_scaled_by_its_own_range(tmp_path: Path) -> None:
+    ramp = np.tile(np.linspace(100, 4095, 64).astype(np.uint16), (64, 1))  # 12-bit data in 16 bits
+    f = _save(tmp_path / "ramp16.png", ramp)
+    with Image.open(f) as im:
+        assert im.mode.startswith("I")
+    got = resize.load_resized(f, size=64, channels=1)[..., 0]
+    assert got[:, 0].tolist() == [0] * 64 and got[:, -1].tolist() == [255] * 64
+    assert np.all(np.diff(got[0].astype(int)) >= 0)  # monotonic: no wrap-around
+    flat = _save(tmp_path / "flat16.png", np.full((20, 20), 3000, np.uint16))
+    assert (resize.load_resized(flat, size=8, channels=1) == 0).all()
+
+
+def test_palette_png_to_rgb_and_transparent_index_to_black(tmp_path: Path) -> None:
+    im = Image.new("P", (20, 10))
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0, 0, 0] * 254)
+    im.paste(1, (10, 0, 20, 10))  # right half: index 1 (blue)
+    opaque, clear = tmp_path / "pal.png", tmp_path / "pal_t.png"
+    im.save(opaque)
+    im.save(clear, transparency=1)
+    got = resize.load_resized(opaque, size=10, channels=3)
+    assert tuple(got[5, 1]) == (255, 0, 0) and tuple(got[5, 8]) == (0, 0, 255)
+    got_t = resize.load_resized(clear, size=10, channels=3)
+    assert tuple(got_t[5, 1]) == (255, 0, 0) and tuple(got_t[5, 8]) == (0, 0, 0)
+
+
+def test_rgba_png_composited_over_black(tmp_path: Path) -> None:
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :10, 3] = 255  # left opaque
+    rgba[:, 10:, 3] = 128  # right half-transparent
+    f = _save(tmp_path / "a.png", rgba, "RGBA")
+    got = resize.load_resized(f, size=10, channels=3)  # 20x10 -> 10x10 stretches columns 2:1
+    assert tuple(got[5, 1]) == (200, 0, 0)
+    assert abs(int(got[5, 8, 0]) - 100) <= 1 and got[5, 8, 1:].max() == 0
+    la_arr = np.dstack([np.full((8, 8), 200, np.uint8), np.zeros((8, 8), np.uint8)])  # fully transparent
+    la = _save(tmp_path / "la.png", la_arr, "LA")
+    assert (resize.load_resized(la, size=8, channels=1) == 0).all()
+
+
+def test_cmyk_jpeg_to_rgb(tmp_path: Path) -> None:
+    f = tmp_path / "cmyk.jpg"
+    Image.fromarray(_solid((0, 0, 255))).convert("CMYK").save(f, quality=100)
+    got = resize.load_resized(f, size=8, channels=3)
+    assert got[..., 2].min() > 240 and got[..., :2].max() < 15
+
+
+def test_reduced_decode_close_to_full_decode_reference(tmp_path: Path) -> None:
+    f = _save(tmp_path / "big.jpg", _texture(1200, 1600, seed=3), quality=90)
+    assert resize.reduction_factor(1600, 1200, 100) == 8
+    got = resize.load_resized(f, size=100, channels=3)
+    full = np.asarray(Image.open(f).convert("RGB"))
+    want = cv2.resize(full, (100, 100), interpolation=cv2.INTER_AREA)
+    # DCT-domain scaling is a slightly different low-pass than a box average: about 1 grey level apart
+    assert np.abs(got.astype(int) - want).mean() < 2.5
+
+
+def test_decode_resized_bytes_equals_load_resized(tmp_path: Path) -> None:
+    f = _save(tmp_path / "t.jpg", _texture(300, 500), quality=90)
+    got = resize.decode_resized(f.read_bytes(), size=48, channels=1, name="upload")
+    assert np.array_equal(got, resize.load_resized(f, size=48, channels=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _dataset(tmp_path: Path, n: int) -> list[Path]:
+    """``n`` distinct images of mixed formats and sizes; image i has mean brightness rising with i."""
+    files = []
+    for i in range(n):
+        arr = np.clip(_texture(60 + 7 * i, 90 - 3 * i, seed=i) // 4 + 20 * i, 0, 255).astype(np.uint8)
+        ext = ".png" if i % 2 else ".jpg"
+        files.append(_save(tmp_path / "img" / f"im{i:02d}{ext}", arr))
+    return files
+
+
+def test_run_writes_rows_in_clean_csv_order(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 5)[::-1]  # reversed: row order must follow clean.csv, not names
+    images, summary = _run(tmp_path, files, _cfg(size=24, channels=3))
+    assert images.dtype == np.uint8 and images.shape == (5, 24, 24, 3)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=24, channels=3))
+    assert summary["images"] == 5 and summary["decoded"] == 5 and summary["cached"] == 0
+    assert summary["shape"] == [5, 24, 24, 3] and summary["reduced_decodes"] == 0
+    # no temporary files left beside the outputs
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "stats.json"]
+    mm = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")  # how training reads it
+    assert np.array_equal(mm[3], images[3])
+
+
+def test_run_grayscale_has_one_channel(tmp_path: Path) -> None:
+    images, _ = _run(tmp_path, _dataset(tmp_path, 2), _cfg(size=16, channels=1))
+    assert images.shape == (2, 16, 16, 1)
+
+
+def test_incremental_run_decodes_only_new_images(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 4)
+    cfg = _cfg(size=20, channels=1)
+    _, first = _run(tmp_path, files[:3], cfg)
+    assert (first["decoded"], first["cached"]) == (3, 0)
+    images, second = _run(tmp_path, files, cfg)
+    assert (second["decoded"], second["cached"], second["images"]) == (1, 3, 4)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=20, channels=1))
+    _, third = _run(tmp_path, files, cfg)
+    assert (third["decoded"], third["cached"]) == (0, 4)
+    _, bigger = _run(tmp_path, files, _cfg(size=21, channels=1))  # new geometry: new keys
+    assert bigger["decoded"] == 4
+
+
+def test_duplicate_content_decoded_once(tmp_path: Path) -> None:
+    f = _dataset(tmp_path, 1)[0]
+    images, summary = _run(tmp_path, [f, f], _cfg(size=16))
+    assert (summary["decoded"], summary["cached"]) == (1, 1)
+    assert np.array_equal(images[0], images[1])
+
+
+def test_damaged_cache_entry_is_decoded_again(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 2)
+    cfg = _cfg(size=16)
+    _run(tmp_path, files, cfg)
+    entry = resize.cache_entry(tmp_path / "cache", resize.cache_key(sha256_file(files[1]), 16, 3))
+    entry.write_bytes(b"short")
+    images, summary = _run(tmp_path, files, cfg)
+    assert (summary["decoded"], summary["cached"]) == (1, 1)
+    assert np.array_equal(images[1], resize.load_resized(files[1], size=16, channels=3))
+
+
+def test_process_pool_matches_in_process_decoding(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 2)
+    images, summary = _run(tmp_path, files, _cfg(size=16, channels=3, workers=2))
+    assert summary["workers"] == 2 and summary["decoded"] == len(files)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=16, channels=3))
+
+
+def test_reduced_decodes_counted(tmp_path: Path) -> None:
+    big = _save(tmp_path / "big.jpg", _texture(400, 600), quality=90)  # 400 / 4 >= 64: factor 4
+    _, summary = _run(tmp_path, [big, _dataset(tmp_path, 1)[0]], _cfg(size=64, channels=1))
+    assert summary["reduced_decodes"] == 1 and summary["decoded"] == 2
+
+
+def test_forkserver_pool_when_other_threads_run(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        result["method"] = resize._mp_context().get_start_method()
+        result["images"], result["summary"] = _run(tmp_path, files, _cfg(size=16, workers=2))
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(timeout=60)
+    assert result["method"] == "forkserver" and result["summary"]["workers"] == 2
+    assert np.array_equal(result["images"][-1], resize.load_resized(files[-1], size=16, channels=3))
+    assert resize._mp_context().get_start_method() == "fork"  # back to one thread
+
+
+# ---------------------------------------------------------------------------------------------------------
+# error paths: each names the file or column, and leaves no output behind
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _assert_no_output(tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_undecodable_file_names_it_and_leaves_no_output(tmp_path: Path, workers: int) -> None:
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES)
+    bad = files[3]
+    clean = _clean_csv(tmp_path / "clean.csv", files)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # broken after the manifest was made
+    with pytest.raises(StepError, match=bad.name):
+        resize.run(_cfg(size=16, workers=workers), clean=clean, out=tmp_path / "out" / "images.npy",
+                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    _assert_no_output(tmp_path)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path: Path) -> None:
+    f = _save(tmp_path / "t.jpg", _texture(200, 300), quality=90)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(StepError, match="t.jpg.*truncated"):
+        resize.load_resized(f, size=32, channels=1)
+
+
+def test_not_an_image_without_header_facts(tmp_path: Path) -> None:
+    f = tmp_path / "notes.jpg"
+    f.write_text("not an image")
+    with pytest.raises(StepError, match="notes.jpg"):
+        resize.load_resized(f, size=32, channels=1)
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 2)
+    clean = _clean_csv(tmp_path / "clean.csv", files)
+    files[0].unlink()
+    with pytest.raises(StepError, match=files[0].name):
+        resize.run(_cfg(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    _assert_no_output(tmp_path)
+
+
+def test_failed_run_keeps_previous_output(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 2)
+    before, _ = _run(tmp_path, files, _cfg(size=16))
+    files[1].write_bytes(b"broken")
+    clean = _clean_csv_raw(tmp_path / "clean2.csv", files, sha="f" * 64)
+    with pytest.raises(StepError):
+        resize.run(_cfg(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    assert np.array_equal(np.load(tmp_path / "out" / "images.npy"), before)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "stats.json"]
+
+
+def _clean_csv_raw(dest: Path, files: list[Path], sha: str) -> Path:
+    """A clean.csv with unknown header facts and one fixed digest (forces a decode of every row)."""
+    df = pd.DataFrame({c: [""] * len(files) for c in CLEAN_COLUMNS})
+    df["path"] = [str(f) for f in files]
+    df["sha256"] = [sha[:-2] + f"{i:02d}" for i in range(len(files))]
+    write_csv(dest, df)
+    return dest
+
+
+def test_missing_column_and_empty_table(tmp_path: Path) -> None:
+    no_sha = tmp_path / "no_sha.csv"
+    write_csv(no_sha, pd.DataFrame({"path": ["a.png"], "width": [1]}))
+    kw = {"out": tmp_path / "out" / "images.npy", "stats": tmp_path / "out" / "s.json",
+          "cache": tmp_path / "c"}
+    with pytest.raises(StepError, match="no_sha.csv: missing column.*sha256"):
+        resize.run(_cfg(), clean=no_sha, **kw)
+    empty = tmp_path / "empty.csv"
+    write_csv(empty, pd.DataFrame(columns=CLEAN_COLUMNS))
+    with pytest.raises(StepError, match="empty.csv: no images"):
+        resize.run(_cfg(), clean=empty, **kw)
+    with pytest.raises(StepError, match="absent.csv"):
+        resize.run(_cfg(), clean=tmp_path / "absent.csv", **kw)
+    _assert_no_output(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_covid_ct_mixed_formats_all_load(tmp_path: Path) -> None:
+    root = SHARED / "covid_ct"
+    if not root.is_dir():
+        pytest.skip(f"{root} not present")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert any("%" in f.name for f in files)
+    with_alpha = [i for i, f in enumerate(files) if Image.open(f).mode == "RGBA"]
+    assert with_alpha
+    for channels in (1, 3):
+        images, summary = _run(tmp_path, files, _cfg(size=64, channels=channels, workers=0),
+                               name=f"clean{channels}.csv")
+        assert images.shape == (len(files), 64, 64, channels) and summary["decoded"] == len(files)
+        assert (images.reshape(len(files), -1).std(axis=1) > 5).all()  # every slice has content

@@ -1,0 +1,253 @@
+"""Split step: grouping (patients, near-duplicate sets), stratification, determinism, source test, extension."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import Config, parse_config
+from tasks.errors import StepError
+from tasks.io import read_csv, write_csv
+from tasks.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from tasks.split import assign_splits, extend_split, run, split_units
+
+CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
+
+
+def _cfg(**split: object) -> Config:
+    return parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1},
+                                     "group_rule": "kermany"}, "split": split})
+
+
+def _row(group: str, i: int, label: int, source_split: str = "", dup_group: str | None = None) -> dict:
+    path = f"data/raw/t/{CLASSES[label]}/{group}_img_{i}.jpeg"
+    sha = hashlib.sha256(path.encode()).hexdigest()
+    return {"path": path, "relpath": path.split("/", 3)[-1], "root": "data/raw/t",
+            "class_name": CLASSES[label], "label": label, "group": group, "source_split": source_split,
+            "sha256": sha, "bytes": 1000, "width": 64, "height": 64, "mode": "L", "format": "JPEG",
+            "phash": "0" * 16, "dup_group": dup_group or sha}
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=CLEAN_COLUMNS)
+
+
+def _skewed(n_rows: int = 600, seed: int = 0, tail: float = 1.8) -> pd.DataFrame:
+    """Patients with 1..40 images (Zipf, heavier tail for smaller ``tail``), one class each, about 1:3."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    p = 0
+    while len(rows) < n_rows:
+        size = int(min(40, rng.zipf(tail)))
+        n_pos = sum(r["label"] for r in rows)
+        label = int(n_pos + size / 2 < 0.25 * (len(rows) + size) or rng.random() < 0.05)
+        rows += [_row(f"person{p}", i, label) for i in range(size)]
+        p += 1
+    return _frame(rows[:n_rows])
+
+
+def _leaks(split: pd.DataFrame, col: str) -> list[str]:
+    per = split.groupby(col)["split"].nunique()
+    return per[per > 1].index.tolist()
+
+
+# ------------------------------------------------------------------------------------------ grouping
+def test_no_patient_in_two_splits() -> None:
+    df = _frame([_row(f"person{p}", i, p % 2) for p in range(40) for i in range(1 + p % 5)])
+    split = assign_splits(df, _cfg().split)
+    assert list(split.columns) == SPLIT_COLUMNS
+    assert _leaks(split, "group") == []
+    assert set(split["split"]) == set(SPLITS)
+    assert split["row"].tolist() == list(range(len(df)))
+    assert split["path"].tolist() == df["path"].tolist()  # same order as clean.csv: row = position
+
+
+def test_near_duplicates_join_patients_into_one_unit() -> None:
+    rows = [_row("person1", 0, 1), _row("person1", 1, 1, dup_group="d1"),
+            _row("person2", 0, 1, dup_group="d1"), _row("person2", 1, 1, dup_group="d2"),
+            _row("person3", 0, 1, dup_group="d2"),  # chained: 1 -d1- 2 -d2- 3
+            _row("person4", 0, 0)]
+    df = _frame(rows)
+    units = split_units(df["group"], df["dup_group"])
+    assert units.tolist() == ["person1"] * 5 + ["person4"]
+    # many seeds: the joined unit never straddles splits
+    for seed in range(20):
+        split = assign_splits(df, _cfg(seed=seed).split)
+        assert _leaks(split, "dup_group") == [] and _leaks(split, "group") == []
+        assert split.loc[split["group"].isin(["person1", "person2", "person3"]), "split"].nunique() == 1
+        assert split["split_group"].tolist() == units.tolist()
+
+
+def test_union_find_is_order_independent() -> None:
+    df = _frame([_row(f"p{k}", 0, 0, dup_group=f"d{k // 2}") for k in range(10)])
+    forward = split_units(df["group"], df["dup_group"])
+    rev = df.iloc[::-1]
+    assert split_units(rev["group"], rev["dup_group"]).sort_index().tolist() == forward.tolist()
+    assert forward.tolist() == ["p0", "p0", "p2", "p2", "p4", "p4", "p6", "p6", "p8", "p8"]
+
+
+# ---------------------------------------------------------------------------------------- proportions
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_shares_close_to_target_with_skewed_groups_and_imbalance(seed: int) -> None:
+    df = _skewed(600, seed=seed)
+    cfg = _cfg(seed=seed)
+    split = assign_splits(df, cfg.split)
+    assert _leaks(split, "group") == []
+    overall_pos = df["label"].mean()
+    assert 0.2 < overall_pos < 0.35  # the fixture really is imbalanced about 1:3
+    for name, target in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
+        part = split[split["split"] == name]
+        assert abs(len(part) / len(split) - target) <= 0.02, (name, len(part))
+        assert abs(part["label"].mean() - overall_pos) <= 0.03, (name, part["label"].mean())
+
+
+def test_deterministic_under_shuffled_input() -> None:
+    df = _skewed(300)
+    first = assign_splits(df, _cfg(seed=7).split)
+    shuffled = df.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    second = assign_splits(shuffled, _cfg(seed=7).split)
+    a = first.set_index("path")[["split", "split_group"]]
+    b = second.set_index("path")[["split", "split_group"]].loc[a.index]
+    pd.testing.assert_frame_equal(a, b)
+    assert second["row"].tolist() == list(range(len(df)))
+    assert second["path"].tolist() == shuffled["path"].tolist()
+
+
+def test_different_seeds_differ() -> None:
+    df = _skewed(300, tail=3.0)  # mostly 1-2 images per patient, as in Kermany
+    a = assign_splits(df, _cfg(seed=1).split)["split"]
+    b = assign_splits(df, _cfg(seed=2).split)["split"]
+    # two independent 70/15/15 draws disagree on about 46% of the images
+    assert (a != b).mean() > 0.25
+
+
+# ----------------------------------------------------------------------------------- source test split
+def _with_source_test(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    groups = sorted(out["group"].unique())
+    test_groups = set(groups[::5])
+    out["source_split"] = np.where(out["group"].isin(test_groups), "test", "train")
+    return out
+
+
+def test_keep_source_test_keeps_every_source_test_row_in_test() -> None:
+    df = _with_source_test(_skewed(400))
+    split = assign_splits(df, _cfg(keep_source_test=True).split)
+    src_test = split["source_split"] == "test"
+    assert (split.loc[src_test, "split"] == "test").all()
+    assert (split.loc[~src_test, "split"] != "test").all()
+    rest = split[~src_test]
+    val_share = (rest["split"] == "val").mean()
+    assert abs(val_share - 0.15 / 0.85) <= 0.03
+    assert _leaks(split, "group") == []
+
+
+def test_keep_source_test_pulls_whole_unit_into_test_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+    df = _frame([_row("person1", 0, 1, "test"), _row("person1", 1, 1, "train"),
+                 _row("person2", 0, 1, "train", dup_group="d"), _row("person3", 0, 1, "test", dup_group="d")]
+                + [_row(f"person{p}", 0, p % 2, "train") for p in range(10, 30)])
+    with caplog.at_level(logging.WARNING, logger="tasks.split"):
+        split = assign_splits(df, _cfg(keep_source_test=True).split)
+    by_group = split.groupby("group")["split"].first()
+    assert by_group[["person1", "person2", "person3"]].tolist() == ["test"] * 3
+    assert "2 rows outside the source test set" in caplog.text
+
+
+def test_keep_source_test_without_source_test_rows_fails() -> None:
+    df = _skewed(50)
+    with pytest.raises(StepError, match=r"split\.keep_source_test"):
+        assign_splits(df, _cfg(keep_source_test=True).split)
+
+
+# ------------------------------------------------------------------------------------------ extension
+def test_extend_split_keeps_old_assignments_and_places_new_units() -> None:
+    old_df = _skewed(300, seed=5)
+    previous = assign_splits(old_df, _cfg(seed=5).split)
+    new_rows = _frame([_row(f"new{p}", i, p % 4 == 0) for p in range(60) for i in range(2)]
+                      + [_row("person0", 99, int(old_df.loc[0, "label"]))])  # a new image of an old patient
+    combined = pd.concat([old_df, new_rows], ignore_index=True)
+    extended = extend_split(previous, combined, _cfg(seed=5).split)
+    old_paths = previous.set_index("path")["split"]
+    assert (extended.set_index("path").loc[old_paths.index, "split"] == old_paths).all()
+    person0 = extended[extended["group"] == "person0"]["split"]
+    assert person0.nunique() == 1 and person0.iloc[0] == old_paths.iloc[0]
+    new = extended[extended["group"].str.startswith("new")]
+    assert set(new["split"]) == set(SPLITS)  # new units fill every split
+    assert _leaks(extended, "group") == []
+    shares = extended["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.70) <= 0.03
+
+
+def test_extend_split_refuses_to_merge_units_of_different_splits() -> None:
+    df = _frame([_row(f"person{p}", 0, p % 2) for p in range(30)])
+    previous = assign_splits(df, _cfg().split)
+    by_split = previous.groupby("split")["group"].first()
+    train_patient, test_patient = by_split["train"], by_split["test"]
+    bridge = _frame([_row(train_patient, 1, 0, dup_group="bridge"),
+                     _row(test_patient, 1, 0, dup_group="bridge")])
+    with pytest.raises(StepError, match="different previous splits"):
+        extend_split(previous, pd.concat([df, bridge], ignore_index=True), _cfg().split)
+
+
+def test_extend_split_rejects_a_leaking_previous_split() -> None:
+    df = _frame([_row("person1", i, 0) for i in range(2)] + [_row("person2", 0, 1)])
+    previous = df.assign(row=range(3), split_group="x", split=["train", "test", "val"])
+    with pytest.raises(StepError, match="person1"):
+        extend_split(previous, df, _cfg().split)
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+def test_missing_column_fails() -> None:
+    with pytest.raises(StepError, match="dup_group"):
+        assign_splits(_skewed(20).drop(columns=["dup_group"]), _cfg().split)
+
+
+def test_bad_label_fails() -> None:
+    df = _skewed(20)
+    df.loc[3, "label"] = 2
+    with pytest.raises(StepError, match="label must be 0 or 1"):
+        assign_splits(df, _cfg().split)
+
+
+def test_missing_group_fails() -> None:
+    df = _skewed(20)
+    df["group"] = df["group"].astype(object)
+    df.loc[4, "group"] = None
+    with pytest.raises(StepError, match="no 'group'"):
+        assign_splits(df, _cfg().split)
+
+
+def test_empty_manifest_fails() -> None:
+    with pytest.raises(StepError, match="no rows"):
+        assign_splits(_frame([]), _cfg().split)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def test_run_writes_split_csv(tmp_path: Path) -> None:
+    clean, out = tmp_path / "clean.csv", tmp_path / "split.csv"
+    write_csv(clean, _skewed(120))
+    summary = run(_cfg(), clean=clean, out=out)
+    split = read_csv(out)
+    assert list(split.columns) == SPLIT_COLUMNS
+    assert summary["images"] == 120 == len(split)
+    assert sum(summary["splits"][s]["images"] for s in SPLITS) == 120
+    assert summary["splits"]["train"]["patients"] == split.loc[split["split"] == "train", "group"].nunique()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_run_missing_clean_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(StepError, match="clean.csv"):
+        run(_cfg(), clean=tmp_path / "clean.csv", out=tmp_path / "split.csv")
+
+
+def test_run_error_names_the_file(tmp_path: Path) -> None:
+    clean = tmp_path / "clean.csv"
+    write_csv(clean, _skewed(20))
+    with pytest.raises(StepError, match=r"clean\.csv: .*keep_source_test"):
+        run(_cfg(keep_source_test=True), clean=clean, out=tmp_path / "split.csv")
+    assert not (tmp_path / "split.csv").exists()
