@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # before GX is imported
+# Before GX is imported: no analytics, and none of its INFO chatter (it logs while registering classes).
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 import great_expectations as gx  # noqa: E402
 import great_expectations.expectations as gxe  # noqa: E402
@@ -185,7 +187,6 @@ def _image_expectations(cfg: Config, n_rows: int) -> list[Expectation]:
 # -------------------------------------------------------------------------------------------- running
 def _context() -> Any:
     """A quiet in-memory GX context (no docs site, no analytics, no progress bars)."""
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     stores = InMemoryStoreBackendDefaults(init_temp_docs_sites=False)
     config = DataContextConfig(store_backend_defaults=stores, analytics_enabled=False,
                                progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False))
@@ -198,7 +199,7 @@ class Table:
 
     name: str
     df: pd.DataFrame
-    expectations: list[Expectation]
+    expectations: Sequence[Expectation]
     id_column: str | None = None
 
 
@@ -224,7 +225,7 @@ def validate_tables(tables: Sequence[Table]) -> dict[str, Any]:
     for table in tables:
         batch_def = source.add_dataframe_asset(table.name).add_batch_definition_whole_dataframe("all")
         batch = batch_def.get_batch(batch_parameters={"dataframe": table.df})
-        suite = gx.ExpectationSuite(name=f"medflow-{table.name}", expectations=table.expectations)
+        suite = gx.ExpectationSuite(name=f"medflow-{table.name}", expectations=list(table.expectations))
         result_format: dict[str, Any] = {"result_format": "COMPLETE"}
         if table.id_column and table.id_column in table.df.columns:
             result_format["unexpected_index_column_names"] = [table.id_column]
@@ -264,8 +265,12 @@ def _outcome(table: Table, result: Any) -> Outcome:
     if error:
         out.detail = f"raised: {error.splitlines()[0][:300]}"
     elif not out.passed and not out.offending:
-        observed = res.get("observed_value", res.get("details", res.get("partial_unexpected_list")))
-        out.detail = f"observed: {observed}"[:300]
+        mismatched = (res.get("details") or {}).get("mismatched")
+        if mismatched:  # table columns: say which are missing and which are extra
+            out.detail = "; ".join(f"{k}: {v}" for k, v in mismatched.items() if v)
+        else:
+            observed = res.get("observed_value", res.get("partial_unexpected_list"))
+            out.detail = f"observed: {observed}"[:300]
     return out
 
 
@@ -307,7 +312,7 @@ def summary_markdown(outs: Sequence[Outcome], splits: pd.DataFrame, header: Mapp
                      f"{r.pos_share:.3f} |")
     lines += ["", "## Expectations", "", "| table | expectation | arguments | check | result | unexpected | "
               "offending rows / detail |", "|---|---|---|---|---|---:|---|"]
-    for o in outs:
+    for o in sorted(outs, key=lambda o: o.passed):  # failures first
         count = "" if o.unexpected_count is None else o.unexpected_count
         lines.append(f"| {o.table} | {o.expectation} | {_cell(o.args)} | {_cell(o.description)} | "
                      f"{'pass' if o.passed else '**FAIL**'} | {count} | {_cell(_listed(o))} |")
@@ -317,10 +322,9 @@ def summary_markdown(outs: Sequence[Outcome], splits: pd.DataFrame, header: Mapp
 def _error_message(failed: Sequence[Outcome], total: int, summary: Path) -> str:
     lines = [f"validation failed: {len(failed)} of {total} expectations (details in {summary}):"]
     for o in failed:
-        count = f"{o.unexpected_count} rows" if o.unexpected_count else ""
-        what = _listed(o)
-        lines.append(f"  - {o.table}: {o.expectation}({o.args}) [{o.description}] {count}"
-                     + (f": {what}" if what else ""))
+        parts = [f"{o.unexpected_count} rows" if o.unexpected_count else "", _listed(o)]
+        lines.append(f"  - {o.table}: {o.expectation}({o.args}) [{o.description}]: "
+                     + ": ".join(p for p in parts if p))
     return "\n".join(lines)
 
 

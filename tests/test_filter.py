@@ -143,7 +143,9 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     df = _manifest(order, raw)
     before = _tree_digest(raw)
     out = base / "out"
-    summary, clean, rejects = _run(df, out, _cfg(workers=2, min_side=32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flt, "_INLINE_MAX", 0)  # use the process pool even for these few files
+        summary, clean, rejects = _run(df, out, _cfg(workers=2, min_side=32))
     return {"files": files, "manifest": df, "summary": summary, "clean": clean, "rejects": rejects,
             "raw": raw, "before": before, "out": out}
 
@@ -328,8 +330,12 @@ def test_duplicate_and_empty_paths(tmp_path: Path) -> None:
         _run(pd.concat([df, df]), tmp_path / "out", _cfg())
     blank = df.copy()
     blank.loc[0, "path"] = None
-    with pytest.raises(StepError, match="empty 'path' in row"):
+    with pytest.raises(StepError, match="empty 'path' in line\\(s\\) 2$"):
         _run(blank, tmp_path / "out", _cfg())
+    bad_size = df.astype({"bytes": object})
+    bad_size.loc[0, "bytes"] = "12 KB"
+    with pytest.raises(StepError, match="'bytes' is not a number in line\\(s\\) 2$"):
+        _run(bad_size, tmp_path / "out", _cfg())
 
 
 def test_stale_manifest(tmp_path: Path) -> None:

@@ -81,13 +81,16 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
 
     interim, processed = project / "data/interim/pneumonia", project / "data/processed/pneumonia"
     filt = _json(interim / "filter.json")
-    assert filt["in"] == 1566 and filt["rejected"] == 0 and filt["clean"] == 1566
+    # The shared Kermany train set holds no corrupt file but two byte-identical pairs
+    # (person1430_bacteria_3695/3696, person1619_bacteria_4267/4268): each kept once.
+    assert filt["in"] == 1566 and filt["rejected"] == 2 and filt["clean"] == 1564
+    assert filt["by_reason"]["duplicate"] == 2
     split = read_csv(processed / "split.csv")
-    assert len(split) == 1566
+    assert len(split) == 1564
     assert (split.groupby("group")["split"].nunique() == 1).all(), "a patient is in two splits"
     assert (split.groupby("dup_group")["split"].nunique() == 1).all()
     assert set(split["split"]) == {"train", "val", "test"}
-    assert _json(processed / "resize.json")["shape"] == [1566, 224, 224, 1]
+    assert _json(processed / "resize.json")["shape"] == [1564, 224, 224, 1]
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
     status = _dvc(project, "status")
     assert "up to date" in status.stdout, status.stdout
@@ -113,12 +116,15 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
 
     filt = _json(interim / "filter.json")
     assert filt["in"] == 1566 + 5
-    assert filt["decoded"] == 5 and filt["cached"] == 1566  # only the new files were decoded
-    rejects = read_csv(interim / "rejects.csv").set_index("path")
-    reasons = {Path(p).name: r for p, r in rejects["reason"].items()}
-    assert reasons == {"person90001_bacteria_1.jpeg": "truncated", "person90002_bacteria_1.jpeg": "duplicate"}
+    # only the new contents were decoded (the exact duplicate's content was already known)
+    assert filt["decoded"] == 4 and filt["cached"] == 1564
+    rejects = read_csv(interim / "rejects.csv")
+    reasons = {Path(p).name: r for p, r in zip(rejects["path"], rejects["reason"], strict=True)}
+    assert reasons["person90001_bacteria_1.jpeg"] == "truncated"
+    assert reasons["person90002_bacteria_1.jpeg"] == "duplicate"
+    assert len(reasons) == 4
     resize = _json(processed / "resize.json")
-    assert resize["decoded"] == 3 and resize["images"] == 1566 + 3
+    assert resize["decoded"] == 3 and resize["images"] == 1564 + 3
     split = read_csv(processed / "split.csv")
     split["name"] = split["path"].map(lambda p: Path(p).name)
     near = split[split["name"].isin([first.name, "person90003_bacteria_1.jpeg"])]

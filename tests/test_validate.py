@@ -1,0 +1,260 @@
+"""Validate step: the GX suite passes a good split and names the offending rows of every kind of bad one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import GROUP_RULES, Config, parse_config
+from tasks.errors import StepError
+from tasks.io import read_csv, write_csv
+from tasks.schema import SPLIT_COLUMNS
+from tasks.split import assign_splits
+from tasks.validate import (
+    ExpectColumnPairValuesAToMapToOneB,
+    Table,
+    _raised,
+    outcomes,
+    run,
+    split_table,
+    target_shares,
+    validate_tables,
+)
+
+SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SIZE = 8
+
+
+def _cfg(**split: object) -> Config:
+    return parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1},
+                                     "group_rule": "kermany"},
+                         "resize": {"size": SIZE}, "split": split})
+
+
+def _good_split(n: int = 100) -> pd.DataFrame:
+    """70/15/15 split by hand: patients of 5 images, never across splits; 1 positive image in 4."""
+    rows = []
+    for i in range(n):
+        split = "train" if i < 0.7 * n else "val" if i < 0.85 * n else "test"
+        label = int(i % 4 == 0)
+        cls = ["NORMAL", "PNEUMONIA"][label]
+        path = f"data/raw/t/{cls}/person{i // 5}_img_{i}.jpeg"
+        sha = hashlib.sha256(path.encode()).hexdigest()
+        rows.append({"path": path, "relpath": path.split("/", 3)[-1], "root": "data/raw/t", "class_name": cls,
+                     "label": label, "group": f"person{i // 5}", "source_split": "", "sha256": sha,
+                     "bytes": 100, "width": 64, "height": 64, "mode": "L", "format": "JPEG",
+                     "phash": "0" * 16, "dup_group": sha, "row": i, "split_group": f"person{i // 5}",
+                     "split": split})
+    return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+
+
+def _files(tmp_path: Path, df: pd.DataFrame, images: np.ndarray | None = None) -> dict[str, Path]:
+    paths = {"split": tmp_path / "split.csv", "images": tmp_path / "images.npy",
+             "result": tmp_path / "validation.json", "summary": tmp_path / "validation.md"}
+    write_csv(paths["split"], df)
+    np.save(paths["images"], np.zeros((len(df), SIZE, SIZE, 1), np.uint8) if images is None else images)
+    return paths
+
+
+def _fails(tmp_path: Path, df: pd.DataFrame, images: np.ndarray | None = None, cfg: Config | None = None,
+           ) -> tuple[str, dict, str]:
+    """Run on bad input: StepError message, result JSON, summary Markdown (both must be written)."""
+    paths = _files(tmp_path, df, images)
+    with pytest.raises(StepError) as err:
+        run(cfg or _cfg(), **paths)
+    result = json.loads(paths["result"].read_text())
+    assert result["success"] is False
+    return str(err.value), result, paths["summary"].read_text()
+
+
+# ------------------------------------------------------------------------------ custom expectation
+def test_pair_expectation_fails_on_a_leak_and_passes_without() -> None:
+    df = pd.DataFrame({"path": ["a0", "a1", "b0", "b1"], "group": ["a", "a", "b", "b"],
+                       "split": ["train", "test", "val", "val"]})
+    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="split")]
+    tables = [Table("leak", df, exp, "path"), Table("ok", df.assign(split="val"), exp, "path")]
+    leak, ok = outcomes(tables, validate_tables(tables))
+    assert not leak.passed and leak.detail == ""  # failed on the data, not on an exception
+    assert leak.unexpected_count == 2 and leak.offending == ["a0", "a1"]
+    assert ok.passed and ok.unexpected_count == 0
+
+
+def test_pair_expectation_counts_a_null_as_a_split() -> None:
+    df = pd.DataFrame({"path": ["a0", "a1"], "group": ["a", "a"], "split": ["train", None]})
+    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="split")]
+    tables = [Table("t", df, exp, "path")]
+    (out,) = outcomes(tables, validate_tables(tables))
+    assert not out.passed and out.offending == ["a0", "a1"]
+
+
+def test_an_expectation_that_raises_is_a_failure() -> None:
+    df = pd.DataFrame({"path": ["a0"], "group": ["a"]})
+    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="no_such_column")]
+    tables = [Table("t", df, exp, "path")]
+    (out,) = outcomes(tables, validate_tables(tables))
+    assert not out.passed and out.detail.startswith("raised:") and "no_such_column" in out.detail
+
+
+def test_raised_reads_flat_and_nested_exception_info() -> None:
+    assert _raised({"raised_exception": False, "exception_message": None}) is None
+    assert _raised({"raised_exception": True, "exception_message": "boom"}) == "boom"
+    assert _raised({"metric-id": {"raised_exception": True, "exception_message": "deep"}}) == "deep"
+    assert _raised(None) is None
+
+
+# ------------------------------------------------------------------------------------------- run
+def test_good_split_passes_and_writes_both_files(tmp_path: Path) -> None:
+    paths = _files(tmp_path, _good_split())
+    summary = run(_cfg(), **paths)
+    assert summary["failed"] == 0 and summary["rows"] == 100
+    assert summary["splits"]["val"] == {"n": 15, "n_pos": 4, "n_neg": 11}
+    result = json.loads(paths["result"].read_text())
+    assert result["success"] is True and result["failed"] == []
+    assert set(result["suites"]) == {"manifest", "splits", "images"}
+    n_results = sum(len(s["results"]) for s in result["suites"].values())
+    assert n_results == summary["expectations"] > 20
+    text = paths["summary"].read_text()
+    assert text.startswith("# Validation PASSED") and "**FAIL**" not in text
+    assert "no patient in two splits" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_leaking_patient_fails_naming_its_paths(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[0, "split"] = "test"  # person0: image 0 in test, images 1-4 in train
+    message, result, md = _fails(tmp_path, df)
+    person0 = df.loc[df["group"] == "person0", "path"].tolist()
+    assert "no patient in two splits" in message
+    assert all(p in message for p in person0)
+    assert "person1_" not in message
+    assert any("expect_column_pair_values_a_to_map_to_one_b(column_A=group" in f for f in result["failed"])
+    assert "**FAIL**" in md and person0[0] in md
+
+
+def test_near_duplicate_group_across_splits_fails(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[df["path"].str.endswith("_img_3.jpeg"), "dup_group"] = "shared"
+    df.loc[df["path"].str.endswith("_img_90.jpeg"), "dup_group"] = "shared"  # test patient
+    message, _, _ = _fails(tmp_path, df)
+    assert "no near-duplicate set in two splits" in message
+    assert "person0_img_3.jpeg" in message and "person18_img_90.jpeg" in message
+
+
+def test_duplicate_sha256_fails(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[11, "sha256"] = df.loc[10, "sha256"]
+    message, _, _ = _fails(tmp_path, df)
+    assert "sha256 is unique" in message
+    assert df.loc[10, "path"] in message and df.loc[11, "path"] in message
+
+
+@pytest.mark.parametrize(("images", "wrong"), [
+    (np.zeros((100, SIZE, SIZE + 1, 1), np.uint8), "width"),
+    (np.zeros((100, SIZE, SIZE, 3), np.uint8), "channels"),
+    (np.zeros((100, SIZE, SIZE, 1), np.float32), "dtype"),
+    (np.zeros((100, SIZE, SIZE), np.uint8), "ndim"),
+])
+def test_wrong_image_shape_fails(tmp_path: Path, images: np.ndarray, wrong: str) -> None:
+    message, _, _ = _fails(tmp_path, _good_split(), images)
+    assert f"images {wrong} ==" in message
+
+
+def test_fewer_images_than_rows_fails(tmp_path: Path) -> None:
+    message, _, _ = _fails(tmp_path, _good_split(), np.zeros((99, SIZE, SIZE, 1), np.uint8))
+    assert "images n == 100" in message
+    assert "row indexes images.npy" in message and "person19_img_99.jpeg" in message
+
+
+def test_missing_class_in_a_split_fails(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[df["split"] == "val", "label"] = 0
+    message, _, md = _fails(tmp_path, df)
+    assert "positives in each split" in message and ": val" in message
+    assert "| val | 15 |" in md
+
+
+def test_split_share_out_of_tolerance_fails(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[df["group"].isin(["person17", "person18"]), "split"] = "train"  # test 15 -> 5 rows
+    message, _, _ = _fails(tmp_path, df)
+    assert "split share within 0.05" in message and "test" in message
+
+
+def test_missing_column_fails(tmp_path: Path) -> None:
+    message, _, md = _fails(tmp_path, _good_split().drop(columns=["dup_group"]))
+    assert "columns are exactly the split manifest schema" in message
+    assert "every row has a dup_group" in message  # the expectations that raised count as failures
+    assert "raised" in md
+
+
+def test_bad_label_fails(tmp_path: Path) -> None:
+    df = _good_split()
+    df.loc[7, "label"] = 2
+    message, _, _ = _fails(tmp_path, df)
+    assert "labels are 0 or 1" in message and df.loc[7, "path"] in message
+
+
+def test_keep_source_test_uses_the_source_test_share() -> None:
+    df = _good_split()
+    df["split"] = ["test"] * 40 + ["train"] * 51 + ["val"] * 9
+    shares = target_shares(df["split"], _cfg(keep_source_test=True))
+    assert shares["test"] == pytest.approx(0.40)
+    assert shares["train"] == pytest.approx(0.60 * 0.70 / 0.85)
+    table = split_table(df, _cfg(keep_source_test=True)).set_index("split")
+    assert (table["share_deviation"].abs() <= 0.05).all()
+
+
+def test_missing_inputs_name_the_file(tmp_path: Path) -> None:
+    paths = _files(tmp_path, _good_split())
+    with pytest.raises(StepError, match="images.npy"):
+        run(_cfg(), **{**paths, "images": tmp_path / "images.npy.missing"})
+    with pytest.raises(StepError, match="split.csv"):
+        run(_cfg(), **{**paths, "split": tmp_path / "split.csv.missing"})
+    paths["images"].write_bytes(b"not an npy file")
+    with pytest.raises(StepError, match="not a readable .npy"):
+        run(_cfg(), **paths)
+
+
+# ----------------------------------------------------------------------------------- real data
+def _kermany_rows(folder: Path, cfg: Config) -> pd.DataFrame:
+    rows = []
+    for cls, label in cfg.dataset.labels.items():
+        for f in sorted((folder / cls).iterdir()):
+            m = cfg.dataset.group_pattern.search(f.name)
+            assert m, f.name
+            path = str(f)
+            sha = hashlib.sha256(path.encode()).hexdigest()
+            rows.append({"path": path, "relpath": f"{cls}/{f.name}", "root": str(folder), "class_name": cls,
+                         "label": label, "group": m.group(1), "source_split": "train", "sha256": sha,
+                         "bytes": 1, "width": 1, "height": 1, "mode": "L", "format": "JPEG",
+                         "phash": "0" * 16, "dup_group": sha})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.integration
+def test_real_kermany_names_split_without_leaks_and_validate(tmp_path: Path) -> None:
+    folder = SHARED_DATA / "chest_xray"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    cfg = _cfg()
+    assert cfg.dataset.group_pattern.pattern == GROUP_RULES["kermany"]
+    split = assign_splits(_kermany_rows(folder, cfg), cfg.split)
+    per_patient = split.groupby("group")["split"].nunique()
+    assert per_patient.max() == 1 and per_patient.size < len(split)  # patients repeat, never across splits
+    paths = _files(tmp_path, split)
+    start = time.perf_counter()
+    summary = run(cfg, **paths)
+    elapsed = time.perf_counter() - start
+    print(f"\nkermany split {summary['splits']}; {per_patient.size} patients; "
+          f"validate {elapsed:.2f} s (GX {summary['seconds']:.2f} s)")
+    assert summary["failed"] == 0
+    assert re.search(r"# Validation PASSED", paths["summary"].read_text())
+    assert read_csv(paths["split"])["row"].tolist() == list(range(len(split)))
