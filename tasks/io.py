@@ -84,11 +84,14 @@ def write_csv(path: Path | str, df: pd.DataFrame) -> None:
         df.to_csv(f, index=False)
 
 
+# Id-like columns that must stay text (all-digit ids and hex hashes keep their leading zeros).
+_STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_split", "sha256", "mode", "format",
+                   "phash", "dup_group", "split_group", "split", "reason", "detail")
+
+
 def read_csv(path: Path | str) -> pd.DataFrame:
     """Read a CSV written by medflow; string columns stay strings (ids like '0001' keep their zeros)."""
-    return pd.read_csv(path, dtype={"path": str, "relpath": str, "group": str, "class_name": str,
-                                    "source_split": str, "sha256": str}, keep_default_na=False,
-                       na_values=[""])
+    return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
 def sha256_file(path: Path | str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ def iter_images(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def class_of(parts: tuple[str, ...], labels: dict[str, int]) -> str | None:
+def class_of(parts: tuple[str, ...], labels: Mapping[str, int]) -> str | None:
     """Nearest ancestor folder naming a class (exact match first, then case-insensitive)."""
     lowered = {k.lower(): k for k in labels}
     for part in reversed(parts):
@@ -83,7 +83,7 @@ def _file_facts(path: Path) -> dict[str, Any]:
     return facts
 
 
-def build_manifest(roots: list[Path], labels: dict[str, int], pattern: re.Pattern[str],
+def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
                    workers: int = 8) -> tuple[pd.DataFrame, dict[str, int]]:
     """Index images under ``roots``; return the manifest and counts of skipped files by reason."""
     rows: list[dict[str, Any]] = []

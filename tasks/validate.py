@@ -78,7 +78,7 @@ class ColumnPairValuesAMapToOneB(ColumnPairMapMetricProvider):
                              "condition_parser", "ignore_row_if")
     condition_value_keys = ()
 
-    @column_pair_condition_partial(engine=PandasExecutionEngine)  # type: ignore[misc]
+    @column_pair_condition_partial(engine=PandasExecutionEngine)
     def _pandas(cls, column_A: pd.Series, column_B: pd.Series, **kwargs: Any) -> pd.Series:  # noqa: N803
         b = column_B.astype(object).where(column_B.notna(), _NULL)  # a null is a value of its own
         pairs = pd.DataFrame({"a": column_A, "b": b})

@@ -19,10 +19,9 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT, shared_dataset
 
 from tasks.io import read_csv, sha256_file
-
-from .conftest import ROOT, shared_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
