@@ -23,12 +23,13 @@ Checks, per distinct file content, in this order (the first failing one is the r
    truncated JPEG (it only warns), and a JPEG missing just its last bytes decodes without complaint.
 7. ``decode_error``: any other decode failure.
 
-Then ``duplicate``: files with the same sha256 as a good one; the first by sorted path is kept, the
+Then ``duplicate``: files with the same sha256 as a good one; the first in manifest order is kept (sources
+in their configured order, then the inbox: data already in the dataset wins over a copy that lands later), the
 others are listed with detail "duplicate of <kept path>". Copies of a bad file get the bad file's reason.
 
 Near duplicates are kept, not rejected: images whose pHashes (tasks.phash) differ in at most
 ``filter.near_duplicate_distance`` bits are joined (transitively) into one ``dup_group``, named by the
-sha256 of the group's first member by path, so the split can keep them on one side.
+sha256 of the group's first member in manifest order, so the split can keep them on one side.
 
 Verdicts are cached per sha256 under ``cache/<key>/<sha[:2]>/<sha>.json``, where ``<key>`` digests
 :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side, max_pixels): when new data
@@ -345,7 +346,7 @@ def _collect(todo: dict[str, str], results: Iterator[tuple[str, Verdict]], cfg: 
 def _verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, cache: Path,
               manifest: Path) -> tuple[dict[str, Verdict], int]:
     """Verdict per distinct sha256 (cache first, then decode); also how many were decoded."""
-    first = pd.DataFrame({"sha": shas, "path": paths}).sort_values("path").drop_duplicates("sha")
+    first = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
     folder = _cache_dir(cache, cfg)
     key = _cache_key(cfg)
     verdicts: dict[str, Verdict] = {}
@@ -367,10 +368,10 @@ def _verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, cache: Path,
 def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) -> pd.DataFrame:
     """Per row: reason ("" = clean) and detail, from the content verdicts and exact duplicates.
 
-    A bad content's reason applies to every copy; of a good content's copies the first by sorted path
-    is kept and the others are ``duplicate``.
+    A bad content's reason applies to every copy; of a good content's copies the first in manifest
+    order is kept and the others are ``duplicate``.
     """
-    kept = pd.DataFrame({"sha": shas, "path": paths}).sort_values("path").drop_duplicates("sha")
+    kept = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
     keeper = dict(zip(kept["sha"], kept["path"], strict=True))
     reasons, details = [], []
     for path, sha in zip(paths, shas, strict=True):
@@ -389,11 +390,11 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
 
 def near_duplicate_groups(paths: pd.Series, shas: pd.Series, hashes: pd.Series,
                           max_distance: int) -> pd.Series:
-    """``dup_group`` per row: the sha256 of the first member (by path) of its near-duplicate group.
+    """``dup_group`` per row: the sha256 of the first member (in manifest order) of its near-duplicate group.
 
     Groups are the connected components of "pHash distance <= max_distance" (transitive closure).
     """
-    order = np.argsort(paths.to_numpy(dtype=str), kind="stable")
+    order = np.arange(len(paths))
     packed = phash.pack(hashes.to_numpy()[order])
     roots = phash.components(len(order), phash.near_pairs(packed, max_distance))
     sorted_shas = shas.to_numpy()[order]

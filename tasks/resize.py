@@ -37,7 +37,11 @@ assembled from the cache. Bump :data:`RESIZE_VERSION` whenever the preprocessing
 
 Parallelism. Uncached images are decoded by a pool of processes (``resize.workers``, 0 = all cores), each
 single-threaded in OpenCV; workers write cache entries and return only ``(key, reduction factor)``, and
-the parent streams entries into the output in row order while the workers run ahead. A handful of
+the parent streams entries into the output in row order while the workers run ahead. Workers are
+forked by a ``forkserver`` that has preloaded this module, never from the caller: a forked copy of a
+process whose OpenCV thread pool has started deadlocks in its first OpenCV threading call (seen here in
+``cv2.setNumThreads``), and Prefect callers run other threads too. This module therefore keeps pandas
+(``tasks.io``) out of its import path, so the server starts in about 0.4 s instead of 1.5. A handful of
 images is decoded in-process: starting a pool would cost more than it saves.
 """
 
@@ -49,11 +53,13 @@ import io
 import logging
 import multiprocessing as mp
 import os
-import threading
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
@@ -63,8 +69,9 @@ from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
 from tasks.errors import StepError
-from tasks.io import atomic_path, n_workers, read_csv, write_json
 
+# tasks.io (and through it pandas) is imported inside the parent-only functions below: worker processes
+# import this module and must start fast.
 if TYPE_CHECKING:
     from tasks.config import Config
 
@@ -83,6 +90,7 @@ _JPEG_FLAGS = {  # (channels, factor) -> cv2.imdecode flag
 }
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2 decodes the first)
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
+_SOS, _EOI = b"\xff\xda", b"\xff\xd9"  # JPEG start-of-scan and end-of-image markers
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 # Fewer uncached images than this are decoded in-process: a pool's start costs more than it saves.
 POOL_MIN_IMAGES = 8
@@ -181,15 +189,18 @@ def _decode(data: bytes, *, size: int, channels: int, info: ImageInfo | None,
 
 
 def _jpeg_complete(data: bytes) -> bool:
-    """True if an end-of-image marker follows the last start-of-scan (a truncated JPEG has none).
+    """True if an end-of-image marker (EOI) follows the last start-of-scan (a truncated JPEG has none).
 
-    libjpeg fills a truncated image with grey and only warns; the filter quarantines such files, this is the
-    last line of defence. Markers cannot occur inside entropy-coded data (0xFF is stuffed), and an EXIF
-    thumbnail's scan comes before the main image's, so the last SOS is the main image's (or a later
-    appended picture's, which then must be complete too).
+    libjpeg fills a truncated image with grey and only warns; the filter quarantines such files, this is
+    the last line of defence. Markers cannot occur inside entropy-coded data (0xFF is byte-stuffed), so an
+    EOI in the last 64 bytes ends the last scan: that checks nearly every file in microseconds. Otherwise
+    (trailing junk) the EOI must come after the last SOS; an EXIF thumbnail's scan comes before the main
+    image's, and a picture appended after it (MPO) must be complete too.
     """
-    last_sos = data.rfind(b"\xff\xda")
-    return last_sos >= 0 and data.find(b"\xff\xd9", last_sos) >= 0
+    if data.find(_EOI, max(0, len(data) - 64)) >= 0:
+        return True
+    last_sos = data.rfind(_SOS)
+    return last_sos >= 0 and data.find(_EOI, last_sos) >= 0
 
 
 def _decode_jpeg(data: bytes, channels: int, factor: int, name: str) -> np.ndarray:
@@ -263,8 +274,21 @@ def _resize_square(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_entry(cache: Path, key: str, img: np.ndarray) -> None:
-    with atomic_path(cache_entry(cache, key), suffix=".bin") as tmp:
-        tmp.write_bytes(img.tobytes())
+    """Store ``img``'s bytes as the entry of ``key``, atomically (temporary file renamed into place).
+
+    The pattern of ``tasks.io.atomic_path``, inlined because workers must not import tasks.io (pandas).
+    """
+    dest = cache_entry(cache, key)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(img.data)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _read_entry(cache: Path, key: str, nbytes: int) -> bytes | None:
@@ -287,16 +311,15 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
 
 
-def _mp_context() -> BaseContext:
-    """``fork`` while this process runs one thread (CLI, DVC): the cheapest start; workers are its children.
+def _mp_context() -> ForkServerContext:
+    """Workers come from a fork server started once per process, with this module preloaded (see above).
 
-    Otherwise (Prefect runs tasks in threads) ``forkserver``: forking a multi-threaded process can copy a lock
-    another thread holds and deadlock the child. Its server preloads this module once per process.
+    ``__main__`` is preloaded too, so that the caller's main script (which, as with any spawn or forkserver
+    pool, must guard its entry with ``if __name__ == "__main__":``) is imported once by the server rather
+    than once by every worker.
     """
-    if threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
-        return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["__main__", __name__])
     return ctx
 
 
@@ -313,10 +336,21 @@ def _decoded(todo: list[_Job], *, size: int, channels: int, cache: Path,
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
         yield map(job, todo)
         return
-    with _mp_context().Pool(workers, initializer=_worker_init) as pool:
-        yield pool.imap(job, todo, chunksize=_chunksize(len(todo), workers))
-        pool.close()
-        pool.join()
+    pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
+    try:
+        yield _unbroken(pool.map(job, todo, chunksize=_chunksize(len(todo), workers)))
+    finally:  # on an error, drop the queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _unbroken(results: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """Turn a dead worker (killed for memory, or a decoder crash) into an actionable StepError."""
+    try:
+        yield from results
+    except BrokenProcessPool as e:
+        raise StepError("a resize worker process died (out of memory, or a decoder crashed on a file); "
+                        "entries decoded so far are cached: re-run with resize.workers: 1 to find the "
+                        "file") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,6 +365,8 @@ class _Counts(NamedTuple):
 
 def _read_jobs(clean: Path, size: int, channels: int) -> list[_Job]:
     """One job per clean.csv row, in row order; StepError on a missing column or an empty table."""
+    from tasks.io import read_csv
+
     try:
         df = read_csv(clean)
     except (OSError, ValueError) as e:
@@ -402,6 +438,8 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     Only images missing from the content-addressed ``cache`` are decoded (in parallel processes).
     Returns the statistics also written to ``stats``.
     """
+    from tasks.io import atomic_path, n_workers, write_json
+
     start = time.perf_counter()
     size, channels = cfg.resize.size, cfg.dataset.channels
     jobs = _read_jobs(Path(clean), size, channels)

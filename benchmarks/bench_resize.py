@@ -1,0 +1,307 @@
+"""Benchmark: medflow's resize step against the tutorial baseline, side by side in one run.
+
+    python benchmarks/bench_resize.py [--data DIR] [--size 224] [--repeat 3] [--out FILE]
+
+On ``../shared/data/chest_xray_fullres`` (120 full-resolution X-rays) it measures, after warming the page
+cache and taking the best of ``--repeat`` interleaved runs:
+
+- the tutorial baseline: a ThreadPoolExecutor (one thread per core) over ``cv2.imread(path)`` in colour +
+  ``cv2.resize(..., (size, size), interpolation=cv2.INTER_CUBIC)``, results kept in memory;
+- medflow's resize step (``tasks.resize.run``, the code path of ``medflow resize``) with an empty cache and
+  all cores, as configured for X-rays (1 channel) and with 3 channels; it also writes its cache entries
+  and the .npy output, which the baseline does not;
+- the single-core rate of the same preprocessing (``load_resized`` in a loop, OpenCV on one thread) and the
+  parallel efficiency = step rate / (single-core rate * cores);
+- an incremental run: the same folder (symlinked) plus about 1% new files, against a warm cache, as a
+  share of a full run;
+- peak RSS of the step on ``chest_xray`` (1 channel) and ``malaria_cells`` (3 channels), each in a fresh
+  subprocess: ru_maxrss of the process itself and of its largest worker (RUSAGE_CHILDREN, read after the
+  fork server, the workers' parent, has been stopped and reaped), next to the baseline's.
+
+Goals: >= 1.5x the baseline; parallel efficiency >= 0.9; incremental run <= 5% of a full run; peak RSS
+flat in the dataset size. Prints a Markdown table; ``--out FILE`` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing.forkserver
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from tasks import resize  # noqa: E402
+from tasks.config import Config, parse_config  # noqa: E402
+from tasks.io import n_workers, sha256_file, write_csv  # noqa: E402
+from tasks.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS  # noqa: E402
+
+SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_DATA = SHARED / "chest_xray_fullres"
+RSS_DATA = (("chest_xray", 1), ("malaria_cells", 3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def write_clean_csv(files: list[Path], dest: Path) -> Path:
+    """A clean.csv for ``files`` (what the filter step hands the resize step): digest and header facts."""
+    rows = []
+    for f in files:
+        with Image.open(f) as im:
+            w, h, fmt, mode = im.width, im.height, im.format, im.mode
+        rows.append({"path": str(f), "relpath": f.name, "root": str(f.parent), "class_name": f.parent.name,
+                     "label": 0, "group": f.stem, "source_split": "", "sha256": sha256_file(f),
+                     "bytes": f.stat().st_size, "width": w, "height": h, "mode": mode, "format": fmt,
+                     "phash": "0" * 16, "dup_group": ""})
+    write_csv(dest, pd.DataFrame(rows, columns=CLEAN_COLUMNS))
+    return dest
+
+
+def config(size: int, channels: int, workers: int = 0) -> Config:
+    return parse_config({"dataset": {"name": "bench", "sources": ["bench"], "labels": {"a": 0, "b": 1},
+                                     "channels": channels}, "resize": {"size": size, "workers": workers}})
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    for f in files:
+        f.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the contenders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def baseline(files: list[Path], size: int, workers: int) -> np.ndarray:
+    """The tutorial way: threads over cv2.imread (colour) + INTER_CUBIC resize, all images in memory."""
+    def load(path: Path) -> np.ndarray:
+        return cv2.resize(cv2.imread(str(path)), (size, size), interpolation=cv2.INTER_CUBIC)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.array(list(pool.map(load, files)))
+
+
+def step(cfg: Config, clean: Path, work: Path, cache: Path | None = None) -> dict[str, Any]:
+    """One run of the resize step; a fresh empty cache unless ``cache`` is given."""
+    cache = cache or Path(tempfile.mkdtemp(prefix="cache.", dir=work))
+    return resize.run(cfg, clean=clean, out=work / "images.npy", stats=work / "resize.json", cache=cache)
+
+
+def single_core_rate(clean: Path, size: int, channels: int) -> float:
+    """Images/s of the step's preprocessing in one process with OpenCV on one thread (no cache, no output)."""
+    rows = pd.read_csv(clean)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        start = time.perf_counter()
+        for r in rows.itertuples():
+            resize.load_resized(r.path, size=size, channels=channels, width=r.width, height=r.height,
+                                fmt=r.format, mode=r.mode)
+        return len(rows) / (time.perf_counter() - start)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# incremental run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grown_copy(files: list[Path], root: Path, dest: Path) -> tuple[list[Path], list[Path]]:
+    """Symlink ``files`` under ``dest`` and add about 1% new images (flipped re-encodes: new contents)."""
+    linked = []
+    for f in files:
+        link = dest / f.relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f)
+        linked.append(link)
+    k = -(-len(files) // 100)  # ceil(1%)
+    new = []
+    for i, f in enumerate(files[:: len(files) // k][:k]):
+        path = dest / f.relative_to(root).parent / f"new{i}_{f.stem}.jpeg"
+        with Image.open(f) as im:
+            im.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(path, quality=92)
+        new.append(path)
+    return linked, new
+
+
+def incremental(files: list[Path], root: Path, cfg: Config, work: Path, repeat: int) -> dict[str, Any]:
+    """Best time of a run over the folder + ~1% new files, with every old image already cached."""
+    linked, new = grown_copy(files, root, work / "grown")
+    old_clean = write_clean_csv(linked, work / "clean_old.csv")
+    all_clean = write_clean_csv(linked + new, work / "clean_new.csv")
+    cache = work / "inc_cache"
+    full = step(cfg, old_clean, work, cache)
+    best = float("inf")
+    for _ in range(repeat):
+        for f in new:  # forget the new files, keep the old ones
+            resize.cache_entry(cache, resize.cache_key(sha256_file(f), cfg.resize.size,
+                                                       cfg.dataset.channels)).unlink(missing_ok=True)
+        start = time.perf_counter()
+        summary = step(cfg, all_clean, work, cache)
+        best = min(best, time.perf_counter() - start)
+        assert summary["decoded"] == len(new), summary
+    return {"new": len(new), "old": len(linked), "seconds": best, "full_seconds": full["seconds"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peak memory, each measurement in a fresh process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _maxrss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_child(data: Path, size: int, channels: int, what: str) -> None:
+    """Subprocess body: run the step (or the baseline) once, print peak RSS figures as JSON."""
+    files = image_files(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if what == "baseline":
+            out_mb = baseline(files, size, n_workers(0)).nbytes / 2**20
+        else:
+            clean = write_clean_csv(files, work / "clean.csv")
+            summary = step(config(size, channels), clean, work)
+            out_mb = (work / "images.npy").stat().st_size / 2**20
+            # Workers are the fork server's children: stop and reap it so that RUSAGE_CHILDREN covers them.
+            multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+            assert summary["images"] == len(files)
+    print(json.dumps({"images": len(files), "out_mb": out_mb, "self_mb": _maxrss_mb(resource.RUSAGE_SELF),
+                      "children_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)}))
+
+
+def peak_rss(data: Path, size: int, channels: int, what: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--rss-child", str(data), "--size", str(size),
+           "--channels", str(channels), "--rss-what", what]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return (f"{cpu}, {n_workers(0)} cores, Python {platform.python_version()}, OpenCV {cv2.__version__}, "
+            f"Pillow {Image.__version__}")
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    lines = ["| measure | result | goal |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def run_benchmark(data: Path, size: int, repeat: int) -> str:
+    files = image_files(data)
+    cores = n_workers(0)
+    warm_page_cache(files)
+    with tempfile.TemporaryDirectory(prefix="bench_resize.") as tmp:
+        work = Path(tmp)
+        clean = write_clean_csv(files, work / "clean.csv")
+        cfg1, cfg3 = config(size, 1), config(size, 3)
+        first = timed(lambda: step(cfg1, clean, work))  # includes the one-time fork server start
+        times: dict[str, list[float]] = {"baseline": [], "medflow1": [], "medflow3": []}
+        for _ in range(repeat):  # interleaved, so that load on the machine hits all three alike
+            times["baseline"].append(timed(lambda: baseline(files, size, cores)))
+            times["medflow1"].append(timed(lambda: step(cfg1, clean, work)))
+            times["medflow3"].append(timed(lambda: step(cfg3, clean, work)))
+        best = {k: min(v) for k, v in times.items()}
+        rate = {k: len(files) / v for k, v in best.items()}
+        single = max(single_core_rate(clean, size, 1) for _ in range(repeat))
+        inc = incremental(files, data, cfg1, work, repeat)
+    rss = {(name, what): peak_rss(SHARED / name, size, ch, what)
+           for name, ch in RSS_DATA if (SHARED / name).is_dir() for what in ("medflow", "baseline")}
+
+    efficiency = rate["medflow1"] / (single * cores)
+    speedup, speedup3 = rate["medflow1"] / rate["baseline"], rate["medflow3"] / rate["baseline"]
+    inc_share = inc["seconds"] / best["medflow1"]
+    rows = [
+        (f"baseline: {cores} threads, cv2.imread colour + INTER_CUBIC (in memory)",
+         f"{rate['baseline']:.0f} images/s ({best['baseline']:.3f} s)", ""),
+        ("medflow resize, 1 channel (X-ray config), empty cache, all cores",
+         f"{rate['medflow1']:.0f} images/s ({best['medflow1']:.3f} s)", ""),
+        ("speed-up vs baseline, 1 channel", f"**{speedup:.2f}x**", ">= 1.5x"),
+        ("medflow resize, 3 channels", f"{rate['medflow3']:.0f} images/s ({best['medflow3']:.3f} s)", ""),
+        ("speed-up vs baseline, 3 channels", f"{speedup3:.2f}x", ""),
+        ("first step run in a fresh process (fork server start included)", f"{first:.3f} s", ""),
+        ("single-core preprocessing rate (load_resized, 1 channel)", f"{single:.0f} images/s", ""),
+        (f"parallel efficiency = step rate / (single-core rate x {cores})", f"**{efficiency:.2f}**", ">= 0.9"),
+        (f"incremental run: {inc['new']} new + {inc['old']} cached images",
+         f"{inc['seconds']:.3f} s = **{100 * inc_share:.1f}%** of a full run", "<= 5%"),
+    ]
+    for (name, what), r in rss.items():
+        if what == "medflow":
+            rows.append((f"peak RSS, resize step on {name} ({r['images']} images, output {r['out_mb']:.0f} MB)",
+                         f"process {r['self_mb']:.0f} MB, largest worker {r['children_mb']:.0f} MB",
+                         "flat in N"))
+        else:
+            rows.append((f"peak RSS, baseline on {name} (all images in memory, {r['out_mb']:.0f} MB)",
+                         f"process {r['self_mb']:.0f} MB", ""))
+    header = (f"Resize benchmark on {data.name} ({len(files)} images) at {size}x{size}, best of {repeat}; "
+              f"{machine()}.")
+    return header + "\n\n" + table(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-what", default="medflow", help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child, args.size, args.channels, args.rss_what)
+        return 0
+    if not args.data.is_dir() or not image_files(args.data):
+        print(f"bench_resize: no images under {args.data}: point --data at a folder of images "
+              f"(e.g. ../shared/data/chest_xray_fullres)", file=sys.stderr)
+        return 2
+    report = run_benchmark(args.data, args.size, args.repeat)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
