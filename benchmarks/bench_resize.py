@@ -99,7 +99,9 @@ def warm_page_cache(files: list[Path]) -> None:
 def baseline(files: list[Path], size: int, workers: int) -> np.ndarray:
     """The tutorial way: threads over cv2.imread (colour) + INTER_CUBIC resize, all images in memory."""
     def load(path: Path) -> np.ndarray:
-        return cv2.resize(cv2.imread(str(path)), (size, size), interpolation=cv2.INTER_CUBIC)
+        img = cv2.imread(str(path))
+        assert img is not None, path
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return np.array(list(pool.map(load, files)))

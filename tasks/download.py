@@ -156,7 +156,7 @@ def _download_once(url: str, part: Path, *, timeout_s: float) -> None:
             raise _Transient(f"HTTP {e.code} {e.reason}") from None
         raise _Permanent(f"HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        if scheme == "file" or isinstance(e.reason, ssl.SSLCertVerificationError):
+        if scheme == "file" or isinstance(e.reason, ssl.SSLCertVerificationError) or _unknown_host(e.reason):
             raise _Permanent(_reason(e.reason)) from None
         raise _Transient(_reason(e.reason)) from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
@@ -214,6 +214,14 @@ def _range_total(content_range: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _unknown_host(err: object) -> bool:
+    """A DNS answer that the name does not exist (offline sandbox, typo): retrying will not help.
+
+    A temporary resolver failure (EAI_AGAIN) stays transient.
+    """
+    return isinstance(err, socket.gaierror) and err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5))
+
+
 def _reason(err: object) -> str:
     """A short human reason for a network error ('connection refused', 'timed out', ...)."""
     if isinstance(err, ConnectionRefusedError):
@@ -263,7 +271,8 @@ def _current_digest(dest: Path, pin: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _resolve_remote(i: int, src: Source, out_dir: Path, dl: DownloadConfig) -> tuple[SourceRecord, bool]:
+def _resolve_remote(i: int, src: Source, out_dir: Path, dl: DownloadConfig,
+                    inbox: Path) -> tuple[SourceRecord, bool]:
     """Download one remote source (unless already there); return its record and whether it was fetched."""
     filename = src.filename or default_filename(src.url)
     dest = out_dir / filename
@@ -277,7 +286,8 @@ def _resolve_remote(i: int, src: Source, out_dir: Path, dl: DownloadConfig) -> t
             raise StepError(
                 f"dataset.sources[{i}]: {e}. If you are offline or the URL is gone, get the archive another "
                 f"way and set dataset.sources[{i}].url in params.yaml to a local path of the archive or "
-                f"folder (e.g. data/inbox/{filename})") from None
+                f"folder, or drop it into the dataset's inbox and set dataset.sources to [] "
+                f"(e.g. {inbox / filename})") from None
         _write_sidecar(dest, digest)
         log.info("downloaded %s -> %s (sha256 %s)", src.url, dest, digest)
     else:
@@ -373,7 +383,7 @@ def run(cfg: Config, *, out_dir: Path, sources_json: Path, inbox: Path) -> dict[
     fetched = 0
     for i, src in enumerate(sources):
         if src.is_remote:
-            record, was_fetched = _resolve_remote(i, src, Path(out_dir), cfg.download)
+            record, was_fetched = _resolve_remote(i, src, Path(out_dir), cfg.download, Path(inbox))
             fetched += was_fetched
         else:
             record = _resolve_local(i, src)

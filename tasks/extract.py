@@ -344,6 +344,7 @@ def run(cfg: Config, *, sources_json: Path, out_dir: Path, roots_json: Path) -> 
     """
     roots: list[RootRecord] = []
     counts = {"extracted": 0, "reused": 0, "folders": 0}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a DVC output, even when every source is a folder
     for rec in _read_sources(Path(sources_json)):
         if rec["kind"] == "folder":
             if not Path(rec["path"]).is_dir():

@@ -40,9 +40,10 @@ single-threaded in OpenCV; workers write cache entries and return only ``(key, r
 the parent streams entries into the output in row order while the workers run ahead. Workers are
 forked by a ``forkserver`` that has preloaded this module, never from the caller: a forked copy of a
 process whose OpenCV thread pool has started deadlocks in its first OpenCV threading call (seen here in
-``cv2.setNumThreads``), and Prefect callers run other threads too. This module therefore keeps pandas
-(``tasks.io``) out of its import path, so the server starts in about 0.4 s instead of 1.5. A handful of
-images is decoded in-process: starting a pool would cost more than it saves.
+``cv2.setNumThreads``), and Prefect callers run other threads too. This module keeps pandas
+(``tasks.io``) out of its import path, so the server starts in about 0.4 s instead of 1.5, and workers
+do not re-run the caller's main module (see :func:`_main_hidden`). A handful of images is decoded
+in-process: starting a pool would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -312,15 +315,30 @@ def _worker_init() -> None:
 
 
 def _mp_context() -> ForkServerContext:
-    """Workers come from a fork server started once per process, with this module preloaded (see above).
-
-    ``__main__`` is preloaded too, so that the caller's main script (which, as with any spawn or forkserver
-    pool, must guard its entry with ``if __name__ == "__main__":``) is imported once by the server rather
-    than once by every worker.
-    """
+    """Workers come from a fork server started once per process, with this module preloaded (see above)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__])
+    ctx.set_forkserver_preload([__name__])
     return ctx
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start worker processes without making each of them re-run the caller's ``__main__`` module.
+
+    multiprocessing re-imports the parent's main script or module in every spawn and forkserver child
+    (CPython 3.11's forkserver ``"__main__"`` preload never receives the path, so it cannot help): that is
+    pydantic under the ``medflow`` CLI, pandas under a script, all of Prefect under a flow run, about 0.3
+    to 2 s per worker on a small machine, and a script without an ``if __name__ == "__main__":`` guard
+    would even run again. Workers need nothing from it (their code is in this module), so an empty
+    ``__main__`` stands in while they are started. Code in other threads that looks up ``__main__``
+    during those milliseconds would see the empty module.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _chunksize(jobs: int, workers: int) -> int:
@@ -338,7 +356,9 @@ def _decoded(todo: list[_Job], *, size: int, channels: int, cache: Path,
         return
     pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
     try:
-        yield _unbroken(pool.map(job, todo, chunksize=_chunksize(len(todo), workers)))
+        with _main_hidden():  # the executor starts its workers while map() submits the chunks
+            results = pool.map(job, todo, chunksize=_chunksize(len(todo), workers))
+        yield _unbroken(results)
     finally:  # on an error, drop the queued work instead of finishing it
         pool.shutdown(wait=True, cancel_futures=True)
 

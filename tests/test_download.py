@@ -262,8 +262,13 @@ def test_connection_refused_gives_one_clear_error(tmp_path: Path, dl_refused_url
     msg = str(e.value)
     assert dl_refused_url in msg and "connection refused" in msg and "2 attempts" in msg
     assert "set dataset.sources[0].url in params.yaml to a local path of the archive or folder" in msg
-    assert "data/inbox/ChestXRay2017.zip" in msg
+    assert str(tmp_path / "no-inbox" / "ChestXRay2017.zip") in msg
     assert not (tmp_path / "sources.json").exists()
+
+
+def test_unknown_host_fails_at_once(tmp_path: Path) -> None:
+    with pytest.raises(StepError, match=r"\(1 attempt\): DNS lookup failed"):
+        _run(tmp_path, _cfg({"url": "http://medflow-no-such-host.invalid/x.zip"}, retries=3))
 
 
 def test_timeout_is_transient(tmp_path: Path) -> None:
