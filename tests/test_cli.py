@@ -1,0 +1,36 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.cli import STEPS, main
+
+MEDFLOW = [sys.executable, "-m", "tasks.cli"]
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_every_step_has_help(step: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([step, "--help"])
+    assert e.value.code == 0
+    assert "--params" in capsys.readouterr().out
+
+
+def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
+    params = tmp_path / "p.yaml"
+    params.write_text("dataset: {name: t, labels: {A: 0, B: 1}}\nresize: {size: big}\n")
+    run = subprocess.run([*MEDFLOW, "split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "resize.size" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_step_error_is_one_line(tmp_path: Path) -> None:
+    params = tmp_path / "p.yaml"
+    params.write_text("dataset: {name: t, labels: {A: 0, B: 1}}\n")
+    run = subprocess.run([*MEDFLOW, "manifest", "--params", str(params), "--roots-json", "missing.json",
+                          "--out", "m.csv"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("medflow manifest: error: missing.json: not found")
+    assert not (tmp_path / "m.csv").exists()
