@@ -146,6 +146,50 @@ class ValidateConfig(_Strict):
     class_ratio_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.10
 
 
+class AugmentConfig(_Strict):
+    """Train-only augmentation (Keras layers, inactive at inference). Flips follow dataset.allow_flips."""
+
+    rotation_deg: Annotated[float, Field(ge=0, le=180)] = 15.0
+    zoom: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    translate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    brightness: Annotated[float, Field(ge=0, le=1)] = 0.1
+    contrast: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+
+class TrainConfig(_Strict):
+    model: Literal["tutorial_cnn", "medflow_cnn", "densenet121", "efficientnetb0", "resnet50", "inceptionv3",
+                   "vgg19"] = "medflow_cnn"
+    weights: str = "none"  # backbones: imagenet | none | path to a local .weights.h5 / .keras file
+    fine_tune: Literal["frozen", "last_n", "all"] = "frozen"  # backbones: train the head only, or more
+    fine_tune_layers: Annotated[int, Field(ge=0)] = 0  # last_n: how many backbone layers to unfreeze
+    fine_tune_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1  # backbone lr = learning_rate * this
+    epochs: Annotated[int, Field(ge=0)] = 30
+    batch_size: Annotated[int, Field(ge=1)] = 32  # per replica; global = batch_size * replicas (logged)
+    optimizer: Literal["adam", "adamw", "rmsprop"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4  # adamw only
+    schedule: Literal["constant", "exponential", "cosine"] = "constant"
+    decay_rate: Annotated[float, Field(gt=0, le=1)] = 0.96  # exponential: per epoch
+    reduce_lr_patience: Annotated[int, Field(ge=0)] = 3  # ReduceLROnPlateau on val_loss; 0 = off
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 8  # on val_loss, best weights restored; 0 = off
+    class_weights: bool = True  # weight_c = n / (2 * n_c), the tutorial's formula
+    output_bias: bool = True  # initialise the output bias to log(pos / neg)
+    augment: AugmentConfig = AugmentConfig()
+    mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"
+    jit_compile: bool = False  # XLA
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker", "tpu", "data_parallel"] = "auto"
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fine_tune_needs_layers(self) -> TrainConfig:
+        if self.fine_tune == "last_n" and self.fine_tune_layers == 0:
+            raise ValueError("fine_tune: last_n needs fine_tune_layers > 0")
+        if self.model in ("tutorial_cnn", "medflow_cnn") and self.weights not in ("none", ""):
+            if self.weights == "imagenet":
+                raise ValueError(f"weights: imagenet needs a keras.applications backbone, not {self.model}")
+        return self
+
+
 class Config(_Strict):
     dataset: DatasetConfig
     download: DownloadConfig = DownloadConfig()
@@ -154,6 +198,7 @@ class Config(_Strict):
     resize: ResizeConfig = ResizeConfig()
     split: SplitConfig = SplitConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
