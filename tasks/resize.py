@@ -42,13 +42,15 @@ forked by a ``forkserver`` that has preloaded this module, never from the caller
 process whose OpenCV thread pool has started deadlocks in its first OpenCV threading call (seen here in
 ``cv2.setNumThreads``), and Prefect callers run other threads too. This module keeps pandas
 (``tasks.io``) out of its import path, so the server starts in about 0.4 s instead of 1.5, and workers
-do not re-run the caller's main module (see :func:`_main_hidden`). A handful of images is decoded
-in-process: starting a pool would cost more than it saves.
+do not re-run the caller's main module (see :func:`_main_hidden`). A handful of images (new data
+landing) is decoded by threads in-process (OpenCV and Pillow release the GIL while decoding): processes
+would cost more to start than they save.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -59,7 +61,7 @@ import tempfile
 import time
 import types
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing.context import ForkServerContext
@@ -95,8 +97,9 @@ _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"  # JPEG start-of-scan and end-of-image markers
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-# Fewer uncached images than this are decoded in-process: a pool's start costs more than it saves.
+# Fewer uncached images than this are decoded by threads in-process: processes would cost more to start.
 POOL_MIN_IMAGES = 8
+_SENDFILE = sys.platform == "linux"  # sendfile(2) between regular files: Linux only
 _REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "format", "mode")
 
 
@@ -134,9 +137,13 @@ def cache_key(sha256: str, size: int, channels: int) -> str:
     return hashlib.sha256(f"{sha256}:{size}:{channels}:{RESIZE_VERSION}".encode()).hexdigest()
 
 
-def cache_entry(cache: Path, key: str) -> Path:
+def cache_entry(cache: Path | str, key: str) -> Path:
     """Where the resized bytes of ``key`` live in the cache folder."""
-    return cache / key[:2] / f"{key}.bin"
+    return Path(_entry_path(str(cache), key))
+
+
+def _entry_path(cache: str, key: str) -> str:
+    return f"{cache}/{key[:2]}/{key}.bin"  # a string: pathlib costs more than the copy per cached row
 
 
 def probe_header(data: bytes, name: str = "<bytes>") -> ImageInfo:
@@ -184,11 +191,20 @@ def _decode(data: bytes, *, size: int, channels: int, info: ImageInfo | None,
     info = info or probe_header(data, name)
     if info.fmt in _JPEG_FORMATS and info.mode in _JPEG_DIRECT_MODES:
         factor = reduction_factor(info.width, info.height, size)
-        img = _decode_jpeg(data, channels, factor, name)
-    else:
-        factor = 1
-        img = _decode_pillow(data, channels, name)
-    return _resize_square(img, size), factor
+        # A grayscale JPEG is decoded and resized as one channel and replicated at the end (exactly what
+        # libjpeg's gray -> colour conversion gives, on size**2 pixels instead of the source's).
+        decoded_channels = 1 if info.mode == "L" else channels
+        img = _resize_square(_decode_jpeg(data, decoded_channels, factor, name), size)
+        return _to_channels(img, channels, bgr=decoded_channels == 3), factor
+    img = _resize_square(_decode_pillow(data, channels, name), size)
+    return img, 1
+
+
+def _to_channels(img: np.ndarray, channels: int, *, bgr: bool) -> np.ndarray:
+    """(size, size, 1 or 3) -> (size, size, channels) in RGB order: gray replicated, BGR reordered."""
+    if img.shape[2] < channels:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -207,7 +223,7 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def _decode_jpeg(data: bytes, channels: int, factor: int, name: str) -> np.ndarray:
-    """libjpeg-turbo decode at 1/factor scale, EXIF orientation applied; gray (H, W) or RGB (H, W, 3)."""
+    """libjpeg-turbo decode at 1/factor scale, EXIF orientation applied; gray (H, W) or BGR (H, W, 3)."""
     if not _jpeg_complete(data):
         raise StepError(f"{name}: truncated JPEG (no end-of-image marker after the last scan)")
     try:
@@ -216,7 +232,7 @@ def _decode_jpeg(data: bytes, channels: int, factor: int, name: str) -> np.ndarr
         raise StepError(f"{name}: cannot decode JPEG: {e}") from e
     if img is None:
         raise StepError(f"{name}: cannot decode JPEG")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if channels == 3 else img
+    return img
 
 
 def _decode_pillow(data: bytes, channels: int, name: str) -> np.ndarray:
@@ -276,14 +292,15 @@ def _resize_square(img: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _write_entry(cache: Path, key: str, img: np.ndarray) -> None:
+def _write_entry(cache: str, key: str, img: np.ndarray) -> None:
     """Store ``img``'s bytes as the entry of ``key``, atomically (temporary file renamed into place).
 
     The pattern of ``tasks.io.atomic_path``, inlined because workers must not import tasks.io (pandas).
     """
-    dest = cache_entry(cache, key)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    dest = _entry_path(cache, key)
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(img.data)
@@ -294,19 +311,53 @@ def _write_entry(cache: Path, key: str, img: np.ndarray) -> None:
         raise
 
 
-def _read_entry(cache: Path, key: str, nbytes: int) -> bytes | None:
-    """The cached bytes of ``key``, or None when absent or not exactly ``nbytes`` long (damaged)."""
+def _append_entry(out: BinaryIO, cache: str, key: str, nbytes: int) -> bool:
+    """Append the entry of ``key`` to ``out``; False (nothing written) when absent or damaged.
+
+    A damaged entry is one whose size is not exactly ``nbytes``. On Linux the kernel copies it
+    (``sendfile``), page cache to page cache.
+    """
     try:
-        data = cache_entry(cache, key).read_bytes()
+        src = os.open(_entry_path(cache, key), os.O_RDONLY)
     except OSError:
-        return None
-    return data if len(data) == nbytes else None
+        return False
+    try:
+        if os.fstat(src).st_size != nbytes:
+            return False
+        if _SENDFILE and _sendfile(out.fileno(), src, nbytes):
+            return True
+        data = os.read(src, nbytes)
+        if len(data) != nbytes:
+            return False
+        out.write(data)
+        return True
+    finally:
+        os.close(src)
 
 
-def _decode_job(job: _Job, *, size: int, channels: int, cache: Path) -> tuple[str, int]:
+def _sendfile(dst: int, src: int, nbytes: int) -> bool:
+    """Copy ``nbytes`` from the start of ``src`` to ``dst`` in the kernel; False if unsupported here."""
+    done = 0
+    while done < nbytes:
+        try:
+            sent = os.sendfile(dst, src, done, nbytes - done)
+        except OSError as e:  # a filesystem that cannot splice: fall back to read + write
+            if done == 0 and e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            raise
+        if sent == 0:
+            raise StepError(f"cache entry shrank while being copied ({done} of {nbytes} bytes)")
+        done += sent
+    return True
+
+
+def _decode_job(job: _Job, *, size: int, channels: int, cache: str) -> tuple[str, int]:
     """Worker body: decode one image into its cache entry; return (key, reduction factor)."""
     img, factor = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info, name=job.path)
-    _write_entry(cache, job.key, img)
+    try:
+        _write_entry(cache, job.key, img)
+    except OSError as e:
+        raise StepError(f"{cache}: cannot write to the resize cache: {e}") from e
     return job.key, factor
 
 
@@ -329,9 +380,10 @@ def _main_hidden() -> Iterator[None]:
     (CPython 3.11's forkserver ``"__main__"`` preload never receives the path, so it cannot help): that is
     pydantic under the ``medflow`` CLI, pandas under a script, all of Prefect under a flow run, about 0.3
     to 2 s per worker on a small machine, and a script without an ``if __name__ == "__main__":`` guard
-    would even run again. Workers need nothing from it (their code is in this module), so an empty
-    ``__main__`` stands in while they are started. Code in other threads that looks up ``__main__``
-    during those milliseconds would see the empty module.
+    would even run again. Workers need nothing from it (their code and their work items are in this
+    module), so an empty ``__main__`` stands in while they are started. Code in other threads that looks
+    up ``__main__`` during those milliseconds (unpickling a function defined in a script, say) would
+    see the empty module.
     """
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
@@ -342,17 +394,22 @@ def _main_hidden() -> Iterator[None]:
 
 
 def _chunksize(jobs: int, workers: int) -> int:
-    """About 8 chunks per worker for load balance, at most 16 images per chunk (results are tiny)."""
-    return max(1, min(16, jobs // (workers * 8)))
+    """About 16 chunks per worker, so that the last ones finish together; at most 8 images per chunk."""
+    return max(1, min(8, jobs // (workers * 16)))
 
 
 @contextlib.contextmanager
-def _decoded(todo: list[_Job], *, size: int, channels: int, cache: Path,
+def _decoded(todo: list[_Job], *, size: int, channels: int, cache: str,
              workers: int) -> Iterator[Iterator[tuple[str, int]]]:
-    """Decode ``todo`` into the cache; yield the (key, factor) results in ``todo`` order as they finish."""
+    """Decode ``todo`` into the cache; yield the (key, factor) results in ``todo`` order as they finish.
+
+    Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
+    process: OpenCV and Pillow release the GIL while decoding, and processes would take longer to start.
+    """
     job = partial(_decode_job, size=size, channels=channels, cache=cache)
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
-        yield map(job, todo)
+        with ThreadPoolExecutor(max(1, workers)) as threads:
+            yield threads.map(job, todo)
         return
     pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
     try:
@@ -399,22 +456,18 @@ def _read_jobs(clean: Path, size: int, channels: int) -> list[_Job]:
     bad = df["sha256"].isna() | df["path"].isna()
     if bad.any():
         raise StepError(f"{clean}: row {int(bad.idxmax()) + 2} has no path or sha256")
-    return [_Job(cache_key(r.sha256, size, channels), r.path, _row_info(r.width, r.height, r.format, r.mode))
-            for r in df[list(_REQUIRED_COLUMNS)].itertuples(index=False)]
+    known = df[["width", "height", "format", "mode"]].notna().all(axis=1)
+    rows = zip(df["path"], df["sha256"], known, df["width"], df["height"], df["format"], df["mode"], strict=True)
+    return [_Job(cache_key(sha, size, channels), path, ImageInfo(int(w), int(h), fmt, mode) if ok else None)
+            for path, sha, ok, w, h, fmt, mode in rows]
 
 
-def _row_info(width: Any, height: Any, fmt: Any, mode: Any) -> ImageInfo | None:
-    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in (width, height, fmt, mode)):
-        return None
-    return _info_or_none(int(width), int(height), str(fmt), str(mode))
-
-
-def _uncached(jobs: Iterable[_Job], cache: Path) -> list[_Job]:
+def _uncached(jobs: Iterable[_Job], cache: str) -> list[_Job]:
     """The jobs whose key has no cache entry yet, each key once, in first-row order."""
     seen: set[str] = set()
     todo = []
     for job in jobs:
-        if job.key not in seen and not cache_entry(cache, job.key).is_file():
+        if job.key not in seen and not os.path.isfile(_entry_path(cache, job.key)):
             todo.append(job)
         seen.add(job.key)
     return todo
@@ -426,7 +479,7 @@ def _write_npy_header(f: BinaryIO, shape: tuple[int, ...]) -> None:
 
 
 def _stream(f: BinaryIO, jobs: list[_Job], todo: list[_Job], results: Iterator[tuple[str, int]], *,
-            size: int, channels: int, cache: Path) -> _Counts:
+            size: int, channels: int, cache: str) -> _Counts:
     """Write each row's cached bytes in row order, waiting for the workers where a row is not decoded yet.
 
     A damaged or vanished entry is decoded again here (and counted as decoded).
@@ -440,15 +493,12 @@ def _stream(f: BinaryIO, jobs: list[_Job], todo: list[_Job], results: Iterator[t
             assert key == job.key, (key, job.key)
             pending.discard(key)
             decoded, reduced = decoded + 1, reduced + (factor > 1)
-        data = _read_entry(cache, job.key, nbytes)
-        if data is None:
+        if not _append_entry(f, cache, job.key, nbytes):
             log.warning("cache entry for %s missing or damaged: decoding it again", job.path)
             _, factor = _decode_job(job, size=size, channels=channels, cache=cache)
             decoded, reduced = decoded + 1, reduced + (factor > 1)
-            data = _read_entry(cache, job.key, nbytes)
-            if data is None:
+            if not _append_entry(f, cache, job.key, nbytes):
                 raise StepError(f"{cache}: cannot write or read back the cache entry for {job.path}")
-        f.write(data)
     return _Counts(decoded, reduced)
 
 
@@ -456,22 +506,24 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     """Resize every clean.csv image into ``out`` (uint8 ``(N, size, size, channels)`` .npy); write ``stats``.
 
     Only images missing from the content-addressed ``cache`` are decoded (in parallel processes).
-    Returns the statistics also written to ``stats``.
+    Returns the statistics also written to ``stats``: images, decoded, cached (= images - decoded),
+    shape, seconds, images_per_s (images / seconds), workers (decoding processes, or threads for a
+    handful of images; 0 when everything was cached) and reduced_decodes (JPEGs decoded at 1/2-1/8).
     """
     from tasks.io import atomic_path, n_workers, write_json
 
     start = time.perf_counter()
     size, channels = cfg.resize.size, cfg.dataset.channels
     jobs = _read_jobs(Path(clean), size, channels)
-    todo = _uncached(jobs, Path(cache))
-    workers = min(n_workers(cfg.resize.workers), len(todo)) if len(todo) >= POOL_MIN_IMAGES else 1
+    todo = _uncached(jobs, str(cache))
+    workers = min(n_workers(cfg.resize.workers), len(todo))
     shape = (len(jobs), size, size, channels)
-    with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, \
-            _decoded(todo, size=size, channels=channels, cache=Path(cache), workers=workers) as results:
+    # Not fsynced (like tasks.io.atomic_path): the rename already keeps a crash of this process from
+    # leaving a partial array under its name; after a power loss DVC's hash check catches a damaged one.
+    with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb", buffering=0) as f, \
+            _decoded(todo, size=size, channels=channels, cache=str(cache), workers=workers) as results:
         _write_npy_header(f, shape)
-        counts = _stream(f, jobs, todo, results, size=size, channels=channels, cache=Path(cache))
-        f.flush()
-        os.fsync(f.fileno())
+        counts = _stream(f, jobs, todo, results, size=size, channels=channels, cache=str(cache))
     seconds = time.perf_counter() - start
     summary = {"images": len(jobs), "decoded": counts.decoded, "cached": len(jobs) - counts.decoded,
                "shape": list(shape), "seconds": round(seconds, 3),

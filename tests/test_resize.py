@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,45 @@ def test_rgb_order_and_grayscale(tmp_path: Path) -> None:
 def test_grayscale_source_replicated_to_three_channels(tmp_path: Path) -> None:
     f = _save(tmp_path / "g.png", np.full((20, 30), 77, np.uint8))
     assert (resize.load_resized(f, size=8, channels=3) == 77).all()
+
+
+def test_gray_jpeg_in_three_channels_is_the_replicated_one_channel_result(tmp_path: Path) -> None:
+    f = _save(tmp_path / "xray.jpg", _texture(500, 400)[..., 0], quality=90)  # mode L, factor 2 at 96
+    one = resize.load_resized(f, size=96, channels=1)
+    three = resize.load_resized(f, size=96, channels=3)
+    assert three.shape == (96, 96, 3) and all(np.array_equal(three[..., c:c + 1], one) for c in range(3))
+
+
+def test_colour_jpeg_to_one_channel_is_luma(tmp_path: Path) -> None:
+    f = _save(tmp_path / "c.jpg", _texture(300, 300), quality=95)
+    rgb = resize.load_resized(f, size=64, channels=3)
+    gray = resize.load_resized(f, size=64, channels=1)[..., 0]
+    assert np.abs(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(int) - gray).mean() < 1.5
+
+
+def test_jpeg_with_trailing_bytes_after_the_end_marker_decodes(tmp_path: Path) -> None:
+    f = _save(tmp_path / "tail.jpg", _texture(100, 120), quality=90)
+    clean = resize.load_resized(f, size=32, channels=3)
+    f.write_bytes(f.read_bytes() + b"\x00" * 500)  # padding some cameras and editors append
+    assert np.array_equal(resize.load_resized(f, size=32, channels=3), clean)
+
+
+def test_32bit_and_float_modes_scaled_by_their_own_range(tmp_path: Path) -> None:
+    ramp = np.tile(np.linspace(-5.0, 20.0, 32, dtype=np.float32), (32, 1))
+    f = tmp_path / "f.tif"
+    Image.fromarray(ramp, "F").save(f)
+    i = tmp_path / "i.tif"
+    Image.fromarray((ramp * 1000).astype(np.int32), "I").save(i)
+    for path in (f, i):
+        got = resize.load_resized(path, size=32, channels=1)[..., 0]
+        assert got[:, 0].max() == 0 and got[:, -1].min() == 255, path
+
+
+def test_bilevel_png(tmp_path: Path) -> None:
+    f = tmp_path / "b.png"
+    Image.fromarray(np.eye(16, dtype=bool)).save(f)
+    got = resize.load_resized(f, size=16, channels=1)[..., 0]
+    assert np.array_equal(got, np.eye(16, dtype=np.uint8) * 255)
 
 
 def _oriented_pair(tmp_path: Path, ext: str) -> tuple[Path, np.ndarray]:
@@ -247,6 +288,15 @@ def test_incremental_run_decodes_only_new_images(tmp_path: Path) -> None:
     assert bigger["decoded"] == 4
 
 
+def test_assembly_without_sendfile_gives_the_same_array(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    files = _dataset(tmp_path, 3)
+    with_sendfile, _ = _run(tmp_path, files, _cfg(size=16))
+    monkeypatch.setattr(resize, "_SENDFILE", False)  # the portable read + write path (non-Linux)
+    without, summary = _run(tmp_path, files, _cfg(size=16))
+    assert summary["cached"] == 3 and np.array_equal(with_sendfile, without)
+
+
 def test_duplicate_content_decoded_once(tmp_path: Path) -> None:
     f = _dataset(tmp_path, 1)[0]
     images, summary = _run(tmp_path, [f, f], _cfg(size=16))
@@ -271,6 +321,38 @@ def test_process_pool_matches_in_process_decoding(tmp_path: Path) -> None:
     assert summary["workers"] == 2 and summary["decoded"] == len(files)
     for row, f in zip(images, files, strict=True):
         assert np.array_equal(row, resize.load_resized(f, size=16, channels=3))
+
+
+def test_a_handful_of_new_images_decoded_by_threads(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 3)
+    images, summary = _run(tmp_path, files, _cfg(size=16, workers=2))
+    assert summary["workers"] == 2 and summary["decoded"] == 3
+    assert np.array_equal(images[2], resize.load_resized(files[2], size=16, channels=3))
+
+
+def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
+    """The caller's script runs once, even without a __main__ guard (see resize._main_hidden)."""
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES)
+    clean = _clean_csv(tmp_path / "clean.csv", files)
+    marker = tmp_path / "imported.txt"
+    script = tmp_path / "caller.py"
+    script.write_text(f"""
+import sys
+sys.path[:0] = {[str(Path(resize.__file__).parents[1])]!r}
+with open({str(marker)!r}, "a") as f:
+    f.write("x")
+from tasks import resize
+from tasks.config import parse_config
+cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
+                    "resize": {{"size": 16, "workers": 2}}}})
+s = resize.run(cfg, clean={str(clean)!r}, out={str(tmp_path / "o.npy")!r}, stats={str(tmp_path / "s.json")!r},
+               cache={str(tmp_path / "cache")!r})
+assert s["workers"] == 2 and s["decoded"] == {len(files)}, s
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.read_text() == "x"
+    assert np.load(tmp_path / "o.npy").shape == (len(files), 16, 16, 1)
 
 
 def test_reduced_decodes_counted(tmp_path: Path) -> None:
@@ -351,6 +433,26 @@ def _clean_csv_raw(dest: Path, files: list[Path], sha: str) -> Path:
     df["sha256"] = [sha[:-2] + f"{i:02d}" for i in range(len(files))]
     write_csv(dest, df)
     return dest
+
+
+def test_dead_worker_becomes_a_step_error() -> None:
+    def results() -> Iterator[tuple[str, int]]:
+        yield "k", 1
+        raise BrokenProcessPool("a worker was killed")
+
+    got = resize._unbroken(results())
+    assert next(got) == ("k", 1)
+    with pytest.raises(StepError, match=r"worker process died.*resize.workers: 1"):
+        next(got)
+
+
+def test_unwritable_cache_names_it(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 1)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(StepError, match="cache.*cannot write to the resize cache"):
+        _run(tmp_path, files, _cfg(size=16))
+    _assert_no_output(tmp_path)
 
 
 def test_missing_column_and_empty_table(tmp_path: Path) -> None:
