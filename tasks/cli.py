@@ -63,6 +63,13 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         [("--split", "split manifest CSV (input)"), ("--images", "images .npy (input)"),
          ("--result", "validation result JSON (output)"), ("--summary", "readable summary Markdown (output)")],
     ),
+    "train": (
+        "tasks.train",
+        "train a Keras 3 classifier on the train split, selecting on val (resumes a killed run)",
+        [("--images", "images .npy (input)"), ("--split", "split manifest CSV (input)"),
+         ("--model-dir", "model folder: model.keras, metadata.json, history.csv, checkpoints/ (output)"),
+         ("--live-dir", "DVCLive folder: per-epoch metrics and plots (output)")],
+    ),
 }
 
 

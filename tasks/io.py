@@ -23,10 +23,14 @@ CHUNK = 1 << 20
 
 @contextlib.contextmanager
 def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
+
+    Temporary names start with ``.<name>.tmp.``, so leftovers of a killed process are easy to recognise.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    # With a suffix (for writers that check the extension, e.g. ".keras") the name still ends in it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp.", suffix=suffix or ".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
