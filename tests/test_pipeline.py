@@ -40,6 +40,9 @@ def _make_project(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
+                   check=True)
     return dest
 
 
@@ -75,7 +78,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     project = _make_project(tmp_path / "project")
     _set_source(project, f"{base_url}/chest_xray.zip", archive_sha)
 
-    run = _dvc(project, "repro")
+    run = _dvc(project, "repro", "validate")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     interim, processed = project / "data/interim/pneumonia", project / "data/processed/pneumonia"
@@ -91,7 +94,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert set(split["split"]) == {"train", "val", "test"}
     assert _json(processed / "resize.json")["shape"] == [1564, 224, 224, 1]
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
-    status = _dvc(project, "status")
+    status = _dvc(project, "status", "validate")
     assert "up to date" in status.stdout, status.stdout
 
     # New data lands in the inbox: a truncated copy, an exact duplicate, a re-encoded near duplicate.
@@ -110,7 +113,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         cv2.imwrite(str(landed.parent / "NORMAL" / f"NORMAL9-IM-900{i}-0001.jpeg"), cv2.flip(img, 0))
 
-    run = _dvc(project, "repro")
+    run = _dvc(project, "repro", "validate")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     filt = _json(interim / "filter.json")

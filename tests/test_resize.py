@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -288,13 +289,13 @@ def test_incremental_run_decodes_only_new_images(tmp_path: Path) -> None:
     assert bigger["decoded"] == 4
 
 
-def test_assembly_without_sendfile_gives_the_same_array(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_assembly_without_copy_file_range_gives_the_same_array(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     files = _dataset(tmp_path, 3)
-    with_sendfile, _ = _run(tmp_path, files, _cfg(size=16))
-    monkeypatch.setattr(resize, "_SENDFILE", False)  # the portable read + write path (non-Linux)
+    with_copy, _ = _run(tmp_path, files, _cfg(size=16))
+    monkeypatch.setattr(resize, "_COPY_FILE_RANGE", False)  # the portable read + write path (non-Linux)
     without, summary = _run(tmp_path, files, _cfg(size=16))
-    assert summary["cached"] == 3 and np.array_equal(with_sendfile, without)
+    assert summary["cached"] == 3 and np.array_equal(with_copy, without)
 
 
 def test_duplicate_content_decoded_once(tmp_path: Path) -> None:
@@ -304,15 +305,176 @@ def test_duplicate_content_decoded_once(tmp_path: Path) -> None:
     assert np.array_equal(images[0], images[1])
 
 
-def test_damaged_cache_entry_is_decoded_again(tmp_path: Path) -> None:
-    files = _dataset(tmp_path, 2)
+def _key(f: Path, size: int = 16, channels: int = 3) -> str:
+    return resize.cache_key(sha256_file(f), size, channels)
+
+
+def test_cut_shard_tail_is_decoded_again(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 3)
     cfg = _cfg(size=16)
     _run(tmp_path, files, cfg)
-    entry = resize.cache_entry(tmp_path / "cache", resize.cache_key(sha256_file(files[1]), 16, 3))
-    entry.write_bytes(b"short")
+    entries = resize.cache_lookup(tmp_path / "cache", [_key(f) for f in files])
+    last = max(entries.values(), key=lambda e: e.offset)
+    with open(last.shard, "r+b") as shard:  # the disk lost the end of the shard
+        shard.truncate(last.offset + 5)
     images, summary = _run(tmp_path, files, cfg)
-    assert (summary["decoded"], summary["cached"]) == (1, 1)
-    assert np.array_equal(images[1], resize.load_resized(files[1], size=16, channels=3))
+    assert (summary["decoded"], summary["cached"]) == (1, 2)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=16, channels=3))
+    assert len(resize.cache_lookup(tmp_path / "cache", [_key(f) for f in files])) == 3
+
+
+def test_bytes_without_index_records_at_a_shard_end_are_harmless(tmp_path: Path) -> None:
+    """A crash between writing an entry and committing its record leaves a tail nobody reads."""
+    files = _dataset(tmp_path, 3)
+    cfg = _cfg(size=16)
+    first, _ = _run(tmp_path, files[:2], cfg)
+    (shard,) = (tmp_path / "cache" / resize.SHARDS_DIR).iterdir()
+    with open(shard, "ab") as f:
+        f.write(b"\xff" * 1000)  # half an entry
+    images, summary = _run(tmp_path, files, cfg)
+    assert (summary["decoded"], summary["cached"]) == (1, 2)
+    assert np.array_equal(images[:2], first)
+    assert np.array_equal(images[2], resize.load_resized(files[2], size=16, channels=3))
+
+
+def test_cache_layout_one_shard_per_run_that_decodes(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 4)
+    cfg = _cfg(size=16, channels=1)
+    shards = tmp_path / "cache" / resize.SHARDS_DIR
+    _run(tmp_path, files[:3], cfg)
+    assert len(list(shards.iterdir())) == 1
+    assert (tmp_path / "cache" / resize.INDEX_NAME).is_file()
+    _run(tmp_path, files[:3], cfg)  # everything cached: no new shard
+    assert len(list(shards.iterdir())) == 1
+    _run(tmp_path, files, cfg)
+    assert len(list(shards.iterdir())) == 2 and shards.stat().st_size > 0
+    entries = resize.cache_lookup(tmp_path / "cache", [_key(f, 16, 1) for f in files])
+    assert len(entries) == 4 and {e.nbytes for e in entries.values()} == {16 * 16}
+    # leftovers of the sqlite journal are gone once the run closed the index
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [resize.INDEX_NAME, resize.SHARDS_DIR]
+
+
+def test_cache_forget_makes_the_next_run_decode_those(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 3)
+    _run(tmp_path, files, _cfg(size=16))
+    assert resize.cache_forget(tmp_path / "cache", [_key(files[0]), _key(files[0]), "nope"]) == 1
+    _, summary = _run(tmp_path, files, _cfg(size=16))
+    assert (summary["decoded"], summary["cached"]) == (1, 2)
+    assert resize.cache_lookup(tmp_path / "nothing", [_key(files[0])]) == {}
+
+
+_CRASHING_CALLER = """
+import multiprocessing, os, sys
+sys.path[:0] = {paths!r}
+from tasks import resize
+from tasks.config import parse_config
+resize._COMMIT_EVERY = 2
+append = resize._ShardWriter.append
+calls = []
+def crash_on_fourth(self, key, data):
+    calls.append(key)
+    if len(calls) == 4:
+        for worker in multiprocessing.active_children():  # orphaned workers would wait forever
+            worker.kill()
+        os._exit(3)  # a hard crash of the step: no finally block, no commit
+    append(self, key, data)
+resize._ShardWriter.append = crash_on_fourth
+cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
+                    "resize": {{"size": 16, "workers": {workers}}}}})
+resize.run(cfg, clean={clean!r}, out={out!r}, stats={stats!r}, cache={cache!r})
+"""
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: about 5 s
+def test_hard_crash_keeps_only_committed_entries(tmp_path: Path, workers: int) -> None:
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 1)
+    clean = _clean_csv(tmp_path / "clean.csv", files)
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASHING_CALLER.format(
+        paths=[str(Path(resize.__file__).parents[1]), str(Path(__file__).parent)], workers=workers,
+        clean=str(clean), out=str(tmp_path / "out" / "images.npy"), stats=str(tmp_path / "out" / "s.json"),
+        cache=str(tmp_path / "cache")))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "images.npy").exists()  # (its temporary file stays: nobody removed it)
+    # 3 entries written, records committed after the 2nd: exactly 2 count
+    assert len(resize.cache_lookup(tmp_path / "cache", [_key(f, 16, 1) for f in files])) == 2
+    images, summary = _run(tmp_path, files, _cfg(size=16, channels=1, workers=workers))
+    assert (summary["decoded"], summary["cached"]) == (len(files) - 2, 2)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=16, channels=1))
+
+
+def test_error_mid_run_keeps_what_was_decoded(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, 6)
+    clean = _clean_csv(tmp_path / "clean.csv", files)
+    good = files[3].read_bytes()
+    files[3].write_bytes(b"broken")
+    with pytest.raises(StepError, match=files[3].name):  # one thread: rows decoded in order, 0-2 done
+        resize.run(_cfg(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    files[3].write_bytes(good)
+    _, summary = _run(tmp_path, files, _cfg(size=16))
+    assert (summary["decoded"], summary["cached"]) == (3, 3)
+
+
+def test_damaged_index_starts_a_new_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = _dataset(tmp_path, 2)
+    first, _ = _run(tmp_path, files, _cfg(size=16))
+    index = tmp_path / "cache" / resize.INDEX_NAME
+    index.write_bytes(b"this is not an SQLite database" * 200)  # what a power loss can leave
+    images, summary = _run(tmp_path, files, _cfg(size=16))
+    assert summary["decoded"] == 2 and np.array_equal(images, first)
+    assert "damaged resize cache index" in caplog.text and str(index) in caplog.text
+    assert len(list((tmp_path / "cache" / resize.SHARDS_DIR).iterdir())) == 1  # the old shard is gone
+    _, again = _run(tmp_path, files, _cfg(size=16))
+    assert again["cached"] == 2
+
+
+def test_locked_index_is_an_error_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = _dataset(tmp_path, 1)
+    _run(tmp_path, files, _cfg(size=16))
+    monkeypatch.setattr(resize, "_INDEX_TIMEOUT_S", 0.05)
+    holder = sqlite3.connect(tmp_path / "cache" / resize.INDEX_NAME)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing to the same cache, for too long
+    try:
+        with pytest.raises(StepError, match=f"{resize.INDEX_NAME}: cannot use the resize cache index.*locked"):
+            _run(tmp_path, files, _cfg(size=16))
+    finally:
+        holder.close()
+    assert (tmp_path / "cache" / resize.INDEX_NAME).is_file()  # a busy index is never taken for damaged
+
+
+def test_runs_coalesce_rows_contiguous_in_output_and_shard() -> None:
+    e = resize.CacheEntry
+    rows = [(0, e("a", 0, 10)), (1, e("a", 10, 10)), (2, e("a", 20, 10)),  # one run
+            (3, e("b", 30, 10)),  # other shard
+            (4, e("b", 50, 10)),  # gap in the shard
+            (6, e("b", 60, 10))]  # gap in the output
+    assert [(r, x.shard, x.offset, n) for r, x, n in resize._runs(rows)] == [
+        (0, "a", 0, 3), (3, "b", 30, 1), (4, "b", 50, 1), (6, "b", 60, 1)]
+    assert list(resize._runs([])) == []
+
+
+def test_chunks_in_row_order_and_shrinking() -> None:
+    jobs = [resize._Job(f"k{i}", f"p{i}", None) for i in range(100)]
+    chunks = resize._chunks(jobs, workers=2)
+    sizes = [len(c) for c in chunks]
+    assert sizes[0] == 8 and sizes[-4:] == [1, 1, 1, 1] and sizes == sorted(sizes, reverse=True)
+    assert [j for c in chunks for j in c] == jobs
+    assert resize._chunks([], workers=2) == []
+
+
+def test_pool_incremental_run_decodes_exactly_the_new_images(tmp_path: Path) -> None:
+    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 3)
+    cfg = _cfg(size=16, channels=1, workers=2)
+    _, first = _run(tmp_path, files[:-1] + [files[0]], cfg)  # a duplicate row too
+    assert (first["decoded"], first["cached"], first["workers"]) == (len(files) - 1, 1, 2)
+    images, second = _run(tmp_path, files, cfg)
+    assert (second["decoded"], second["cached"]) == (1, len(files) - 1)
+    for row, f in zip(images, files, strict=True):
+        assert np.array_equal(row, resize.load_resized(f, size=16, channels=1))
 
 
 def test_process_pool_matches_in_process_decoding(tmp_path: Path) -> None:
@@ -436,12 +598,12 @@ def _clean_csv_raw(dest: Path, files: list[Path], sha: str) -> Path:
 
 
 def test_dead_worker_becomes_a_step_error() -> None:
-    def results() -> Iterator[tuple[str, int]]:
-        yield "k", 1
+    def results() -> Iterator[resize._Decoded]:
+        yield resize._Decoded("k", 1, b"x")
         raise BrokenProcessPool("a worker was killed")
 
     got = resize._unbroken(results())
-    assert next(got) == ("k", 1)
+    assert next(got) == ("k", 1, b"x")
     with pytest.raises(StepError, match=r"worker process died.*resize.workers: 1"):
         next(got)
 

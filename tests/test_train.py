@@ -149,7 +149,7 @@ def test_two_epochs_on_real_images_reload_identically(tmp_path: Path) -> None:
     files += [(p, 1) for p in sorted((src / "PNEUMONIA").iterdir())[:32]]
     x = np.stack([load_resized(p, size=64, channels=1) for p, _ in files]).astype(np.uint8)
     y = np.array([label for _, label in files])
-    splits = (["train"] * 24 + ["val"] * 8) * 2
+    splits = (["train"] * 20 + ["val"] * 8 + ["test"] * 4) * 2
     images, split = _write_dataset(tmp_path / "data", x, y, splits)
     cfg = parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1}},
                         "resize": {"size": 64}, "train": {"epochs": 2, "batch_size": 16}})
