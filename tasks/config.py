@@ -184,9 +184,8 @@ class TrainConfig(_Strict):
     def _fine_tune_needs_layers(self) -> TrainConfig:
         if self.fine_tune == "last_n" and self.fine_tune_layers == 0:
             raise ValueError("fine_tune: last_n needs fine_tune_layers > 0")
-        if self.model in ("tutorial_cnn", "medflow_cnn") and self.weights not in ("none", ""):
-            if self.weights == "imagenet":
-                raise ValueError(f"weights: imagenet needs a keras.applications backbone, not {self.model}")
+        if self.model in ("tutorial_cnn", "medflow_cnn") and self.weights == "imagenet":
+            raise ValueError(f"weights: imagenet needs a keras.applications backbone, not {self.model}")
         return self
 
 

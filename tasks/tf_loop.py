@@ -3,7 +3,8 @@
 Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras issue 20585), so the
 ``multi_worker`` strategy trains here: Keras layers and optimizer, a ``strategy.run`` step with the loss
 averaged over the *global* batch, class weights applied per example, metrics computed on all replicas'
-predictions. It drives the same callbacks as ``fit`` (checkpointing, early stopping, DVCLive), so the rest
+predictions. BatchNorm moving statistics stay each worker's own (from its shard of the data); the chief's
+are saved with the model. It drives the same callbacks as ``fit`` (checkpointing, early stopping, DVCLive), so the rest
 of the trainer does not care which loop ran.
 """
 

@@ -137,6 +137,7 @@ class _Checkpointer(keras.callbacks.Callback):
         super().__init__()
         self.folder, self.state, self.patience, self.is_chief = folder, state, patience, is_chief
         self.history = history
+        self.best_weights: list[Any] | None = None  # in memory on every worker, so all restore the same
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         logs = logs or {}
@@ -147,6 +148,7 @@ class _Checkpointer(keras.callbacks.Callback):
         improved = loss < st.best_loss
         if improved:
             st.best_loss, st.best_epoch, st.wait = loss, epoch, 0
+            self.best_weights = self.model.get_weights()
         else:
             st.wait += 1
         st.epoch = epoch
@@ -193,8 +195,11 @@ class _Live(keras.callbacks.Callback):
 def _open_live(folder: Path, resume: bool, is_chief: bool) -> Any:
     if not is_chief:
         return None
-    from dvclive import Live
-
+    try:
+        from dvclive import Live
+    except ImportError:  # e.g. a GPU box with only JAX and Keras: history.csv still has every epoch
+        log.warning("dvclive is not installed: per-epoch metrics go to history.csv only")
+        return None
     return Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
 
@@ -334,16 +339,21 @@ def train_model(cfg: Config, *, images: Path, split: Path, model_dir: Path,
     resumed_from = state.epoch + 1
     model = _build(cfg, data, placement, steps, ckpt / "last.keras" if resuming else None)
     start = time.perf_counter()
-    if not state.stopped and state.epoch + 1 < train.epochs:
+    ran = not state.stopped and state.epoch + 1 < train.epochs
+    callbacks: list[keras.callbacks.Callback] = []
+    if ran:
         live = _open_live(Path(live_dir), resuming, placement.is_chief)
+        callbacks = _callbacks(cfg, ckpt, state, placement, live, history)
         try:
-            _fit(cfg, model, data, placement, state, global_batch,
-                 _callbacks(cfg, ckpt, state, placement, live, history))
+            _fit(cfg, model, data, placement, state, global_batch, callbacks)
         finally:
             if live is not None:
                 live.end()
     seconds = time.perf_counter() - start
-    if (ckpt / "best.weights.h5").exists():
+    best = next((c.best_weights for c in callbacks if isinstance(c, _Checkpointer)), None) if ran else None
+    if best is not None:
+        model.set_weights(best)
+    elif (ckpt / "best.weights.h5").exists():  # resumed, and no better epoch since: the chief's file
         model.load_weights(ckpt / "best.weights.h5")
     summary = _save_outputs(cfg, model, data, placement, state, fingerprint, seconds, Path(model_dir), history)
     summary["resumed_from_epoch"] = resumed_from

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT, shared_dataset
 
 from tasks import train as train_mod
 from tasks.config import Config, parse_config
 from tasks.errors import StepError
 from tasks.schema import SPLIT_COLUMNS
-
-from conftest import ROOT, shared_dataset
 
 
 def _cfg(**train: object) -> Config:
