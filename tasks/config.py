@@ -162,7 +162,7 @@ class TrainConfig(_Strict):
     weights: str = "none"  # backbones: imagenet | none | path to a local .weights.h5 / .keras file
     fine_tune: Literal["frozen", "last_n", "all"] = "frozen"  # backbones: train the head only, or more
     fine_tune_layers: Annotated[int, Field(ge=0)] = 0  # last_n: how many backbone layers to unfreeze
-    fine_tune_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1  # backbone lr = learning_rate * this
+    fine_tune_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1  # last_n/all: lr = learning_rate * this
     epochs: Annotated[int, Field(ge=0)] = 30
     batch_size: Annotated[int, Field(ge=1)] = 32  # per replica; global = batch_size * replicas (logged)
     optimizer: Literal["adam", "adamw", "rmsprop"] = "adam"

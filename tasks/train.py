@@ -64,6 +64,17 @@ def learning_rate(train: TrainConfig, steps_per_epoch: int, base: float | None =
     return lr
 
 
+def base_lr(train: TrainConfig) -> float:
+    """The starting learning rate: lowered by fine_tune_lr_factor while pretrained backbone layers train.
+
+    Fine-tuning a pretrained backbone at the head's rate would wipe out what it learnt; a frozen backbone
+    (or our own CNNs, trained from scratch) use ``learning_rate`` as given.
+    """
+    if train.model in models.BACKBONES and train.fine_tune != "frozen":
+        return train.learning_rate * train.fine_tune_lr_factor
+    return train.learning_rate
+
+
 def make_optimizer(train: TrainConfig, lr: Any) -> keras.optimizers.Optimizer:
     if train.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate=lr, weight_decay=train.weight_decay)
@@ -216,7 +227,7 @@ def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int
         else:
             model = models.build_model(cfg.train, input_shape=data.input_shape, allow_flips=cfg.dataset.allow_flips,
                                        pos=pos, neg=neg)
-            model.compile(optimizer=make_optimizer(cfg.train, learning_rate(cfg.train, steps)),
+            model.compile(optimizer=make_optimizer(cfg.train, learning_rate(cfg.train, steps, base_lr(cfg.train))),
                           loss=keras.losses.BinaryCrossentropy(), metrics=make_metrics(),
                           jit_compile=cfg.train.jit_compile if keras.backend.backend() != "torch" else False)
     return model

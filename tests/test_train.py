@@ -200,3 +200,11 @@ def test_resume_after_a_crash(tmp_path: Path) -> None:
     history = pd.read_csv(tmp_path / "m" / "history.csv")
     assert list(history["epoch"]) == list(range(1, 31))
     assert summary["epochs_run"] == 30
+
+
+def test_fine_tuning_lowers_the_learning_rate() -> None:
+    assert train_mod.base_lr(_cfg(learning_rate=0.01).train) == pytest.approx(0.01)  # own CNN, from scratch
+    frozen = _cfg(model="resnet50", learning_rate=0.01).train
+    assert train_mod.base_lr(frozen) == pytest.approx(0.01)
+    tuned = _cfg(model="resnet50", learning_rate=0.01, fine_tune="all", fine_tune_lr_factor=0.1).train
+    assert train_mod.base_lr(tuned) == pytest.approx(0.001)
