@@ -133,3 +133,32 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert len(near) == 2 and near["dup_group"].nunique() == 1 and near["split"].nunique() == 1
     assert (split.groupby("group")["split"].nunique() == 1).all()
     assert isinstance(pd.read_json(project / "reports/pneumonia/validation.json", typ="series"), pd.Series)
+
+
+def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
+    """The whole DAG on 120 real images dropped into the inbox: model, metrics, plots, clean `dvc status`."""
+    src = shared_dataset("chest_xray")
+    project = _make_project(tmp_path / "project")
+    inbox = project / "data/inbox/pneumonia/small"
+    for cls, n in (("NORMAL", 40), ("PNEUMONIA", 80)):
+        (inbox / cls).mkdir(parents=True)
+        for path in sorted((src / cls).iterdir())[:n]:
+            shutil.copy(path, inbox / cls / path.name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dataset"]["sources"] = []
+    params["resize"]["size"] = 64
+    params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
+    params["train"].update(epochs=2, batch_size=16)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run = _dvc(project, "repro")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    meta = _json(project / "models/pneumonia/metadata.json")
+    assert meta["input_shape"] == [64, 64, 1] and meta["epochs_run"] == 2
+    assert (project / "models/pneumonia/model.keras").stat().st_size > 0
+    metrics = _dvc(project, "metrics", "show", "--json")
+    assert metrics.returncode == 0 and "val" in metrics.stdout and "auc" in metrics.stdout
+    status = _dvc(project, "status")
+    assert "up to date" in status.stdout, status.stdout
+    again = _dvc(project, "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout
