@@ -265,7 +265,7 @@ def _medflow_cnn(x: Any) -> Any:
     """
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, kernel_initializer="he_normal",
                       name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for stage, (width, blocks) in enumerate(_MEDFLOW_STAGES, start=1):
         for block in range(1, blocks + 1):
@@ -274,20 +274,26 @@ def _medflow_cnn(x: Any) -> Any:
     return layers.Dropout(0.3, name="dropout")(x)
 
 
+# BatchNorm's moving statistics average over ~1/(1-momentum) steps. Keras' default 0.99 (~100 steps, three
+# epochs of a 1,000-image training set) lags the weights so far that inference-mode predictions collapse to
+# one class while training-mode accuracy climbs; 0.9 (PyTorch's default) tracks them.
+_BN_MOMENTUM = 0.9
+
+
 def _residual_block(x: Any, width: int, *, strides: int, name: str) -> Any:
     """Basic ResNet block: conv3x3-BN-ReLU-conv3x3-BN (+ projection shortcut when the shape changes), ReLU."""
     shortcut = x
     if strides != 1 or x.shape[-1] != width:
         shortcut = layers.Conv2D(width, 1, strides=strides, use_bias=False, kernel_initializer="he_normal",
                                  name=f"{name}_proj")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_proj_bn")(shortcut)
     y = layers.Conv2D(width, 3, strides=strides, padding="same", use_bias=False, kernel_initializer="he_normal",
                       name=f"{name}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = layers.ReLU(name=f"{name}_relu1")(y)
     y = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
                       name=f"{name}_conv2")(y)
-    y = layers.BatchNormalization(gamma_initializer="zeros", name=f"{name}_bn2")(y)
+    y = layers.BatchNormalization(momentum=_BN_MOMENTUM, gamma_initializer="zeros", name=f"{name}_bn2")(y)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 
