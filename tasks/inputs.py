@@ -156,6 +156,7 @@ def batches(
     backend: str | None = None,
     num_parallel_calls: int | None = None,
     max_queue_size: int = DEFAULT_READ_AHEAD,
+    start_epoch: int | None = None,
 ) -> Any:
     """Batches ``(uint8 images, float32 labels)`` of one split for ``model.fit`` under ``backend``.
 
@@ -169,6 +170,10 @@ def batches(
     epoch). ``num_parallel_calls``: batches gathered concurrently (tf.data: None = AUTOTUNE; PyDataset:
     reader threads, None = up to 8, one per core, 0 = read in the caller's thread). ``max_queue_size``:
     batches a PyDataset reads ahead.
+
+    ``start_epoch`` (training, resumable): the first epoch's order is ``epoch_order(..., epoch=start_epoch)``,
+    exactly as in a run that started at epoch 0, so a resumed run sees the batches an uninterrupted one would.
+    On tensorflow this makes the dataset an endless stream of epochs: pass ``steps_per_epoch`` to ``fit``.
     """
     backend = backend or keras.backend.backend()
     n = len(data.rows[_known(data, split)])
@@ -178,12 +183,12 @@ def batches(
     if backend == "tensorflow":
         return _tf_dataset(data, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                            epoch_seeded=epoch_seeded, drop_remainder=drop_remainder,
-                           num_parallel_calls=num_parallel_calls)
+                           num_parallel_calls=num_parallel_calls, start_epoch=start_epoch)
     if backend in PY_DATASET_BACKENDS:
         workers = min(MAX_DEFAULT_WORKERS, n_workers(0)) if num_parallel_calls is None else num_parallel_calls
         return MemmapBatches(data, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                              epoch_seeded=epoch_seeded, drop_remainder=drop_remainder, workers=workers,
-                             max_queue_size=max_queue_size)
+                             max_queue_size=max_queue_size, start_epoch=start_epoch or 0)
     raise ValueError(f"unknown backend {backend!r}: expected tensorflow or one of {', '.join(PY_DATASET_BACKENDS)}")
 
 
@@ -199,7 +204,7 @@ class MemmapBatches(keras.utils.PyDataset):
 
     def __init__(self, data: SplitData, split: str, *, batch_size: int, shuffle: bool, seed: int,
                  epoch_seeded: bool = True, drop_remainder: bool = False, workers: int = 4,
-                 max_queue_size: int = DEFAULT_READ_AHEAD) -> None:
+                 max_queue_size: int = DEFAULT_READ_AHEAD, start_epoch: int = 0) -> None:
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
         self._data, self._split = data, _known(data, split)
         self._n = len(data.rows[split])
@@ -210,7 +215,7 @@ class MemmapBatches(keras.utils.PyDataset):
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[int, Future[tuple[np.ndarray, np.ndarray]]] = {}
         self._last = -1
-        self.epoch = 0
+        self.epoch = start_epoch  # a resumed run continues with the order an uninterrupted one would use
         self._order = self._epoch_order()
 
     def __len__(self) -> int:
@@ -292,7 +297,8 @@ def _gather(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, positions:
 
 
 def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, seed: int,
-                epoch_seeded: bool, drop_remainder: bool, num_parallel_calls: int | None) -> Any:
+                epoch_seeded: bool, drop_remainder: bool, num_parallel_calls: int | None,
+                start_epoch: int | None = None) -> Any:
     import tensorflow as tf  # only here: the other backends run without TensorFlow installed
 
     n = len(data.rows[split])
@@ -308,10 +314,21 @@ def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, 
         y.set_shape((batch_dim,))
         return x, y
 
-    ds = tf.data.Dataset.range(n)
-    if shuffle:
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=epoch_seeded)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if start_epoch is None:
+        ds = tf.data.Dataset.range(n)
+        if shuffle:
+            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=epoch_seeded)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    else:  # an endless stream of epochs, each in epoch_order(seed, epoch): resumable at any epoch
+        def order(epoch: np.int64) -> np.ndarray:
+            return epoch_order(n, shuffle=shuffle, seed=seed, epoch=int(epoch), epoch_seeded=epoch_seeded)
+
+        def one_epoch(epoch: Any) -> Any:
+            positions = tf.numpy_function(order, [epoch], tf.int64, name="epoch_order")
+            positions.set_shape((n,))
+            return tf.data.Dataset.from_tensor_slices(positions).batch(batch_size, drop_remainder=drop_remainder)
+
+        ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(one_epoch)
     ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls,
                 deterministic=True)
     options = tf.data.Options()

@@ -251,8 +251,13 @@ def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Pla
     # Training uses whole batches only (one traced step; the order is reshuffled every epoch, so every image is
     # seen); several replicas need whole global batches for validation too, one device keeps every image.
     whole = placement.replicas > 1
+    n_train = len(data.rows["train"])
+    drop = n_train >= global_batch
+    # An epoch-keyed stream (tf.data) or epoch counter (PyDataset) starting at the resumed epoch: a resumed run
+    # sees the batches an uninterrupted run would. The custom multi-worker loop iterates whole datasets instead.
+    start = None if placement.kind == "multi_worker" else state.epoch + 1
     train_ds = inputs.batches(data, "train", batch_size=global_batch, shuffle=True, seed=train.seed,
-                              drop_remainder=len(data.rows["train"]) >= global_batch)
+                              drop_remainder=drop, start_epoch=start)
     val_ds = inputs.batches(data, "val", batch_size=global_batch, shuffle=False, seed=train.seed,
                             drop_remainder=whole)
     weights = class_weights(*data.class_counts("train")) if train.class_weights else None
@@ -262,7 +267,9 @@ def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Pla
         DistributedLoop(model, placement.tf_strategy, global_batch, weights).fit(
             train_ds, val_ds, epochs=train.epochs, initial_epoch=state.epoch + 1, callbacks=callbacks)
         return
+    stream = keras.backend.backend() == "tensorflow"  # the endless tf.data stream needs steps_per_epoch
     model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, initial_epoch=state.epoch + 1, verbose=2,
+              steps_per_epoch=inputs.steps(n_train, global_batch, drop) if stream else None,
               class_weight=weights, callbacks=callbacks, shuffle=False)  # batches() shuffles, seeded
 
 

@@ -286,3 +286,34 @@ def test_module_imports_no_tensorflow_at_top_level() -> None:
     names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
     assert not {m for m in names if m and m.split(".")[0] == "tensorflow"}
     assert "tasks.config" not in names  # pydantic and yaml need not be there either
+
+
+def _stream(ds: object, n_batches: int) -> list[list[int]]:
+    it = iter(ds)  # type: ignore[call-overload]
+    return [_check_batch(*(t.numpy() for t in next(it))) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_tf_epoch_stream_resumes_with_the_uninterrupted_order(data: SplitData, drop: bool) -> None:
+    per_epoch = steps(25, 4, drop)
+    full = _stream(batches(data, "train", batch_size=4, shuffle=True, seed=5, drop_remainder=drop,
+                           backend="tensorflow", start_epoch=0), 3 * per_epoch)
+    resumed = _stream(batches(data, "train", batch_size=4, shuffle=True, seed=5, drop_remainder=drop,
+                              backend="tensorflow", start_epoch=2), per_epoch)
+    assert resumed == full[2 * per_epoch:]
+    rows = data.rows["train"]
+    for e in range(3):  # each epoch is epoch_order(seed, e), every row once (sorted within a batch)
+        epoch = full[e * per_epoch:(e + 1) * per_epoch]
+        order = rows[epoch_order(25, shuffle=True, seed=5, epoch=e)]
+        expected = [sorted(order[i:i + 4].tolist()) for i in range(0, per_epoch * 4, 4)]
+        assert [sorted(b) for b in epoch] == expected
+
+
+def test_pydataset_resumes_with_the_uninterrupted_order(data: SplitData) -> None:
+    full = batches(data, "train", batch_size=4, shuffle=True, seed=5, backend="numpy", num_parallel_calls=0)
+    full.on_epoch_end()
+    full.on_epoch_end()
+    resumed = batches(data, "train", batch_size=4, shuffle=True, seed=5, backend="numpy", num_parallel_calls=0,
+                      start_epoch=2)
+    assert [_check_batch(*full[i]) for i in range(len(full))] == [_check_batch(*resumed[i])
+                                                                  for i in range(len(resumed))]
