@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import StepError
-from tasks.io import n_workers, read_csv
+from tasks.io import n_workers, open_images, read_csv
 from tasks.schema import SPLITS
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,7 @@ def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, 
 
 
 def _open_images(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise StepError(f"{path}: images array not found (run the resize step first)") from None
-    except (ValueError, OSError) as e:
-        raise StepError(f"{path}: not a readable .npy array: {e}") from None
+    array = open_images(path)
     if array.dtype != np.uint8 or array.ndim != 4:
         raise StepError(f"{path}: expected a uint8 array (N, height, width, channels), "
                         f"got {array.dtype} {array.shape}")

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pandas as pd
+
+from tasks.errors import StepError
 
 CHUNK = 1 << 20
 
@@ -96,6 +99,16 @@ _STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_spl
 def read_csv(path: Path | str) -> pd.DataFrame:
     """Read a CSV written by medflow; string columns stay strings (ids like '0001' keep their zeros)."""
     return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
+
+
+def open_images(path: Path | str) -> np.ndarray:
+    """Memory-map an images.npy written by the resize step; StepError naming the file when it cannot be read."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise StepError(f"{path}: images array not found (run the resize step first)") from None
+    except (ValueError, OSError) as e:
+        raise StepError(f"{path}: not a readable .npy array: {e}") from None
 
 
 def sha256_file(path: Path | str) -> str:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -182,9 +181,9 @@ class _Checkpointer(keras.callbacks.Callback):
 class _Live(keras.callbacks.Callback):
     """Per-epoch metrics into DVCLive (for `dvc plots`, `dvc exp show`) and a history list."""
 
-    def __init__(self, live: Any, history: list[dict[str, float]], start_epoch: int) -> None:
+    def __init__(self, live: Any, history: list[dict[str, float]]) -> None:
         super().__init__()
-        self.live, self.history, self.start = live, history, start_epoch
+        self.live, self.history = live, history
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
@@ -235,7 +234,7 @@ def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int
 
 def _callbacks(cfg: Config, folder: Path, state: RunState, placement: Placement, live: Any,
                history: list[dict[str, float]]) -> list[keras.callbacks.Callback]:
-    cbs: list[keras.callbacks.Callback] = [_Live(live, history, state.epoch + 1),
+    cbs: list[keras.callbacks.Callback] = [_Live(live, history),
                                            _Checkpointer(folder, state, cfg.train.early_stopping_patience,
                                                          placement.is_chief, history)]
     if cfg.train.reduce_lr_patience and cfg.train.schedule == "constant":
@@ -399,6 +398,3 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 6
     """Probabilities for a uint8 batch of images, in inference mode (no augmentation)."""
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).reshape(-1).astype(np.float64)
 
-
-if os.environ.get("MEDFLOW_TRAIN_DEBUG"):  # pragma: no cover
-    logging.basicConfig(level=logging.DEBUG)

@@ -56,7 +56,7 @@ from great_expectations.expectations.metrics.map_metric_provider import (  # noq
 
 from tasks.config import Config  # noqa: E402
 from tasks.errors import StepError  # noqa: E402
-from tasks.io import atomic_open, read_csv, write_json  # noqa: E402
+from tasks.io import atomic_open, open_images, read_csv, write_json  # noqa: E402
 from tasks.schema import SPLIT_COLUMNS, SPLITS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -345,12 +345,7 @@ def _read_inputs(split: Path, images: Path) -> tuple[pd.DataFrame, tuple[int, ..
         df = read_csv(split)
     except FileNotFoundError:
         raise StepError(f"{split}: split manifest not found (run the split step first)") from None
-    try:
-        array = np.load(images, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise StepError(f"{images}: images array not found (run the resize step first)") from None
-    except (ValueError, OSError) as e:
-        raise StepError(f"{images}: not a readable .npy array: {e}") from None
+    array = open_images(images)
     return df, tuple(array.shape), array.dtype
 
 
