@@ -189,6 +189,32 @@ class TrainConfig(_Strict):
         return self
 
 
+class EvaluateConfig(_Strict):
+    """Operating threshold (chosen on val) and test-split report settings."""
+
+    threshold_rule: Literal["target_sensitivity", "youden", "fixed"] = "target_sensitivity"
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.95  # target_sensitivity: the val sensitivity to reach
+    fixed_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # fixed: this probability
+    bootstrap: Annotated[int, Field(ge=1000)] = 2000  # stratified resamples for the 95% CIs
+    bootstrap_by: Literal["image", "patient"] = "image"  # patient: resample whole patients (cluster bootstrap)
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10  # equal-width bins for ECE and the reliability plot
+    gradcam_examples: Annotated[int, Field(ge=0, le=16)] = 2  # Grad-CAM overlays per outcome (TP, FP, TN, FN)
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    seed: int = 42
+
+
+class RetrainConfig(_Strict):
+    """Retraining when new data lands (Prefect): schedule and champion/challenger promotion."""
+
+    cron: str = "0 2 * * *"  # nightly retrain schedule (Prefect cron, in timezone)
+    timezone: str = "UTC"
+    poll_s: Annotated[float, Field(gt=0)] = 30.0  # inbox polling interval of `medflow watch`
+    tolerance: Annotated[float, Field(ge=0, le=1)] = 0.02  # AUC drop allowed for a challenger (non-inferiority)
+    bootstrap: Annotated[int, Field(ge=1000)] = 2000  # paired resamples for the AUC difference
+    seed: int = 42
+
+
 class Config(_Strict):
     dataset: DatasetConfig
     download: DownloadConfig = DownloadConfig()
@@ -198,6 +224,8 @@ class Config(_Strict):
     split: SplitConfig = SplitConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
