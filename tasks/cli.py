@@ -82,7 +82,50 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         for flag, flag_help in flags:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
+    _add_orchestration(sub)
     return parser
+
+
+# --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
+def _add_orchestration(sub: Any) -> None:
+    p = sub.add_parser("server", help="start a local Prefect server (SQLite in $PREFECT_HOME, default .prefect/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
+    p = sub.add_parser("serve", help="serve the train-<ds> and retrain-<ds> deployments of this checkout")
+    p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
+    p = sub.add_parser("watch", help="poll the dataset's inbox; emit a medflow.data.landed event on new data")
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
+    p.add_argument("--interval", type=float, default=None, help="seconds between polls (default: retrain.poll_s)")
+    p.add_argument("--once", action="store_true", help="check once and exit (exit code 0 either way)")
+
+
+def _orchestrate(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.step == "server":
+        os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+        exe = Path(sys.executable).parent / "prefect"
+        os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
+    os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    if args.step == "serve":
+        from flows.deploy import serve
+
+        serve(args.project)
+        return 0
+    from flows.events import emit_data_landed
+    from flows.stages import stage_flags
+    from tasks.watch import watch
+
+    project = args.project.resolve()
+    cfg = load_config(project / args.params)
+    flags = stage_flags(project, cfg.dataset.name)
+    n = watch(cfg, flags["download"]["--inbox"], flags["train"]["--model-dir"],
+              lambda payload: emit_data_landed(cfg.dataset.name, project, payload),
+              interval_s=args.interval or cfg.retrain.poll_s, once=args.once)
+    log.info("watch: %d data-landed event(s) emitted", n)
+    return 0
 
 
 def _entry(step: str) -> Callable[..., Any]:
@@ -94,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.step in ("server", "serve", "watch"):
+        return _orchestrate(args)
     paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose"}}
     try:
         cfg = load_config(args.params)

@@ -59,6 +59,15 @@ class Source(_Strict):
         return self.url.startswith(("http://", "https://", "file://"))
 
 
+class DatasetCard(_Strict):
+    """What the model card says about the data and the model's use (one block per dataset preset)."""
+
+    title: str = ""  # e.g. "Pediatric chest X-rays (Kermany et al. 2018)"
+    provenance: str = ""  # who collected the images, where, licence, citation
+    intended_use: str = "Research on medical-image classification; not a medical device, not for clinical use."
+    limitations: list[str] = []
+
+
 class DatasetConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     # Remote or local inputs; archives and folders dropped into data/inbox/<name>/ are added to these.
@@ -67,6 +76,7 @@ class DatasetConfig(_Strict):
     group_rule: str = "filename"
     channels: Literal[1, 3] = 1
     allow_flips: bool = False
+    card: DatasetCard = DatasetCard()
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -212,6 +222,7 @@ class RetrainConfig(_Strict):
     poll_s: Annotated[float, Field(gt=0)] = 30.0  # inbox polling interval of `medflow watch`
     tolerance: Annotated[float, Field(ge=0, le=1)] = 0.02  # AUC drop allowed for a challenger (non-inferiority)
     bootstrap: Annotated[int, Field(ge=1000)] = 2000  # paired resamples for the AUC difference
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # promote iff the CI's lower bound >= -tolerance
     seed: int = 42
 
 

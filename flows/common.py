@@ -1,0 +1,235 @@
+"""Prefect tasks shared by the train and retrain flows: DVC stages, champion/challenger, artifacts.
+
+Thin wrappers: the logic lives in ``flows/stages.py`` (DVC), ``tasks/retrain.py`` and ``tasks/registry.py``.
+Each DVC stage is one Prefect task named after the stage, with a timeout, and (download only) retries
+with exponential backoff; every line the stage prints goes to the task's log in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from flows import stages
+from tasks import registry
+from tasks.config import Config, load_config
+from tasks.io import read_csv, read_json, sha256_file
+from tasks.retrain import decide, read_threshold, write_decision
+
+DEFAULT_TIMEOUT_S = 4 * 3600
+STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per stage; the rest get DEFAULT_TIMEOUT_S
+STAGE_RETRIES = {"download": 3}  # network: retried after 10, 20, 40 s (+-50% jitter); others are deterministic
+MAX_TABLE_ROWS = 500
+
+
+class DatasetNotActive(RuntimeError):
+    """The deployment's dataset is not the one params.yaml selects."""
+
+
+@dataclass(frozen=True)
+class Project:
+    """A medflow checkout and the paths of one dataset in it (read from dvc.yaml's stage commands)."""
+
+    root: Path
+    dataset: str
+    cfg: Config
+    flags: dict[str, dict[str, Path]]
+
+    def path(self, step: str, flag: str) -> Path:
+        try:
+            return self.flags[step][flag]
+        except KeyError:
+            raise RuntimeError(f"{self.root / 'dvc.yaml'}: no 'medflow {step}' stage with {flag}") from None
+
+    @property
+    def model_root(self) -> Path:
+        return self.path("train", "--model-dir")
+
+
+def open_project(project_dir: str | None, dataset: str) -> Project:
+    """Resolve the project (parameter, ``$MEDFLOW_PROJECT`` or the working directory); check the dataset.
+
+    One checkout has one active dataset (params.yaml's ``dataset:`` block; dvc.yaml and dvc.lock are per
+    checkout). A deployment for another dataset refuses to run rather than rewrite params.yaml: serve a
+    checkout per dataset, or switch the block (see datasets/README.md) first.
+    """
+    root = Path(project_dir or os.environ.get("MEDFLOW_PROJECT") or Path.cwd()).resolve()
+    cfg = load_config(root / "params.yaml")
+    if cfg.dataset.name != dataset:
+        raise DatasetNotActive(
+            f"{root / 'params.yaml'} selects dataset {cfg.dataset.name!r}, but this run is for {dataset!r}. "
+            f"Copy the dataset block of datasets/{dataset}.yaml into params.yaml (or serve a checkout whose "
+            f"params.yaml selects {dataset!r}) and run again.")
+    return Project(root=root, dataset=dataset, cfg=cfg, flags=stages.stage_flags(root, dataset))
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
+def run_stage(project: str, stage: str) -> dict[str, Any]:
+    """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log."""
+    logger = get_run_logger()
+    result = stages.repro_stage(Path(project), stage, on_line=logger.info,
+                                timeout_s=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S))
+    logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date (skipped)",
+                result.seconds)
+    return {"stage": stage, "ran": result.ran, "seconds": round(result.seconds, 2)}
+
+
+def stage_task(stage: str) -> Any:
+    """The Prefect task for one DVC stage: readable name, timeout and (download) retries with backoff."""
+    retries = STAGE_RETRIES.get(stage, 0)
+    return run_stage.with_options(
+        name=stage, task_run_name=stage, retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=10) if retries else 0,
+        retry_jitter_factor=0.5 if retries else None,
+        timeout_seconds=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S) + 60)
+
+
+@task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
+def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register the trained model; score it and the champion on the same test split; promote if not worse.
+
+    The champion pointer is written last and only on promotion: a failure anywhere here leaves it as it was.
+    """
+    from tasks.evaluate import score_split  # TensorFlow/Keras: imported when needed, not at flow load
+
+    logger = get_run_logger()
+    root = project.model_root
+    digest = sha256_file(root / "model.keras")
+    known, champ = registry.find_by_sha(root, digest), registry.champion(root)
+    if known is not None and champ is not None and known == champ["version"]:
+        logger.info("the trained model is the champion (%s): nothing to decide", known)
+        return {"promote": False, "reason": f"unchanged: the trained model is already champion {known}",
+                "challenger": known, "champion": known}
+    if known is not None and (root / "versions" / known / "decision.json").exists():
+        logger.info("model already registered as %s and decided on", known)
+        return dict(read_json(root / "versions" / known / "decision.json"))
+    version = registry.register(root, root, info)
+    vdir = registry.versions_dir(root) / version
+    images, split = project.path("train", "--images"), project.path("train", "--split")
+    new = score_split(vdir, images, split, "test")
+    old = score_split(registry.versions_dir(root) / champ["version"], images, split, "test") if champ else None
+    groups = new.patient if project.cfg.evaluate.bootstrap_by == "patient" else None
+    decision = decide(new.y, new.p, None if old is None else old.p, project.cfg.retrain, challenger=version,
+                      champion=champ["version"] if champ else None, groups=groups,
+                      thresholds=(read_threshold(vdir), read_threshold(vdir.parent / champ["version"])
+                                  if champ else 0.5))
+    write_decision(vdir / "decision.json", decision)
+    logger.info("%s", decision.reason)
+    if decision.promote:
+        registry.promote(root, version, {"reason": decision.reason, "metrics": decision.challenger_metrics})
+    return decision.as_dict()
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _flat_metrics(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested metrics JSON -> {"test.roc_auc": 0.93, ...}; intervals {value, low, high} become one cell."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if {"value", "low", "high"} <= set(data):
+            v, lo, hi = data["value"], data["low"], data["high"]
+            out[prefix] = f"{_fmt(v)} ({_fmt(lo)}-{_fmt(hi)})" if None not in (v, lo, hi) else _fmt(v)
+            return out
+        for k, v in data.items():
+            out.update(_flat_metrics(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(data, int | float | str) and not isinstance(data, bool):
+        out[prefix] = data
+    return out
+
+
+HEADLINE = ("roc_auc", "auc", "sensitivity", "specificity", "recall", "precision", "accuracy", "threshold",
+            "loss")
+
+
+def headline(metrics_json: Path) -> list[tuple[str, str]]:
+    """The headline rows (AUC, sensitivity, specificity, ...) of a metrics JSON, in a stable order."""
+    if not metrics_json.exists():
+        return []
+    flat = _flat_metrics(read_json(metrics_json))
+    rows = [(k, _fmt(v)) for k, v in flat.items() if k.split(".")[-1] in HEADLINE]
+    return rows[:24]
+
+
+def evaluation_outputs(project: Project) -> dict[str, Path]:
+    """metrics.json / report.html / summary.md of the evaluation stage, if dvc.yaml has one."""
+    found: dict[str, Path] = {}
+    for step, flags in project.flags.items():
+        if step.startswith("stage:"):
+            continue
+        for path in flags.values():
+            for candidate in (path, path / "metrics.json", path / "report.html"):
+                if "evaluat" in str(candidate) and candidate.name in ("metrics.json", "report.html", "summary.md"):
+                    found.setdefault(candidate.name, candidate)
+    eval_dir = project.root / "reports" / project.dataset / "evaluation"  # the documented layout
+    for name in ("metrics.json", "report.html", "summary.md"):
+        found.setdefault(name, eval_dir / name)
+    return found
+
+
+def summary_markdown(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
+                     title: str) -> str:
+    """The run's Markdown summary: stages (ran or cached), headline metrics, report link, champion."""
+    lines = [f"# {title}", "", f"Project `{project.root}`, dataset **{project.dataset}**.", "",
+             "| stage | result | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
+              for r in results]
+    ev = evaluation_outputs(project)
+    rows = headline(ev["metrics.json"]) or headline(project.path("train", "--live-dir") / "metrics.json")
+    if rows:
+        lines += ["", "## Headline metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+    if ev["report.html"].exists():
+        lines += ["", f"Full report: [{ev['report.html'].name}]({ev['report.html'].resolve().as_uri()})"]
+    if decision:
+        lines += ["", "## Champion / challenger", "", f"**{decision.get('reason', '')}**"]
+    champ = registry.champion(project.model_root)
+    lines += ["", f"Champion: `{champ['version'] if champ else 'none'}`"]
+    return "\n".join(lines)
+
+
+def post_summary(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
+                 title: str, key: str) -> None:
+    create_markdown_artifact(summary_markdown(project, results, decision, title), key=key,
+                             description=f"{title}: stages, headline metrics, report")
+
+
+def post_quarantine(project: Project) -> int:
+    """Table artifact of the files the filter step quarantined (path, reason, detail); returns their count."""
+    rejects = project.path("filter", "--rejects")
+    if not rejects.exists():
+        return 0
+    df = read_csv(rejects)
+    cols = [c for c in ("path", "reason", "detail") if c in df.columns]
+    table = df[cols].head(MAX_TABLE_ROWS).fillna("").astype(str).to_dict(orient="records")
+    create_table_artifact(table or [{"path": "", "reason": "no file was quarantined", "detail": ""}],
+                          key=f"{project.dataset}-quarantine",
+                          description=f"{len(df)} quarantined files (first {MAX_TABLE_ROWS} shown): {rejects}")
+    return len(df)
+
+
+def post_decision(project: Project, decision: dict[str, Any]) -> None:
+    """Markdown artifact of the champion/challenger decision with both sets of test metrics."""
+    new, old = decision.get("challenger_metrics") or {}, decision.get("champion_metrics") or {}
+    keys = list(dict.fromkeys([*new, *old]))
+    lines = [f"# Retrain decision: {project.dataset}", "", f"**{decision.get('reason', '')}**", "",
+             f"Challenger `{decision.get('challenger')}`, champion `{decision.get('champion')}`, "
+             f"{decision.get('n_test', 0)} test images, tolerance {decision.get('tolerance')}", ""]
+    if keys:
+        lines += ["| metric (test) | challenger | champion |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(new.get(k, ''))} | {_fmt(old.get(k, ''))} |" for k in keys]
+    diff = decision.get("difference") or {}
+    if diff:
+        lines += ["", "AUC difference (challenger - champion): " + ", ".join(f"{k} {_fmt(v)}"
+                                                                            for k, v in diff.items())]
+    create_markdown_artifact("\n".join(lines), key=f"{project.dataset}-retrain-decision",
+                             description="champion/challenger decision and both sets of test metrics")

@@ -1,0 +1,76 @@
+"""Deployments: ``train-<dataset>`` and ``retrain-<dataset>`` for every dataset of the catalog (datasets/*.yaml).
+
+``medflow serve`` serves them all from this checkout (a Prefect runner process; runs execute here):
+
+- ``medflow/train-<ds>``: on demand (``prefect deployment run medflow/train-pneumonia``).
+- ``medflow-retrain/retrain-<ds>``: on the ``retrain.cron`` schedule (``retrain.timezone``), and on every
+  ``medflow.data.landed`` event for that dataset and checkout (``medflow watch``).
+
+A checkout runs one dataset (params.yaml's ``dataset:`` block): the deployments of other datasets are
+listed, and a run of one of them fails at once with a message saying how to switch (see
+``flows.common.open_project``). Each deployment runs one flow run at a time; on top of that, the dataset
+lock (``tasks.retrain.dataset_lock``) keeps train and retrain runs of one dataset from overlapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def catalog(project: Path) -> list[str]:
+    """Dataset names of the catalog (``datasets/*.yaml``) plus the active one, sorted, active first."""
+    active = load_config(Path(project) / "params.yaml").dataset.name
+    names = {active}
+    for path in sorted((Path(project) / "datasets").glob("*.yaml")):
+        block = (yaml.safe_load(path.read_text()) or {}).get("dataset") or {}
+        if block.get("name"):
+            names.add(str(block["name"]))
+    return [active, *sorted(names - {active})]
+
+
+def build_deployments(project: Path) -> list[Any]:
+    """RunnerDeployments for every dataset: train on demand, retrain on schedule and on data-landed events."""
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.events import DATA_LANDED, dataset_resource
+    from flows.retrain import retrain_flow
+    from flows.train import train_flow
+
+    project = Path(project).resolve()
+    retrain = load_config(project / "params.yaml").retrain
+    out = []
+    for ds in catalog(project):
+        params = {"dataset": ds, "project_dir": str(project)}
+        out.append(train_flow.to_deployment(
+            name=f"train-{ds}", parameters=params, tags=["medflow", ds], concurrency_limit=1,
+            description=f"Run the DVC pipeline for {ds} in {project} as Prefect tasks."))
+        resource = dataset_resource(ds, project)
+        trigger = DeploymentEventTrigger(
+            name=f"{ds} data landed", expect={DATA_LANDED},
+            match={"prefect.resource.id": resource["prefect.resource.id"],
+                   "medflow.project": resource["medflow.project"]},
+            parameters=params)
+        out.append(retrain_flow.to_deployment(
+            name=f"retrain-{ds}", parameters=params, tags=["medflow", ds, "retrain"], concurrency_limit=1,
+            schedules=[Cron(retrain.cron, timezone=retrain.timezone)], triggers=[trigger],
+            description=f"Retrain {ds} when new data lands (cron {retrain.cron} {retrain.timezone}, "
+                        f"or a {DATA_LANDED} event); promote only a challenger that is not worse."))
+    return out
+
+
+def serve(project: Path, limit: int | None = None) -> None:
+    """Serve every deployment of ``project`` until interrupted (runs execute in this process's machine)."""
+    from prefect import serve as prefect_serve
+
+    deployments = build_deployments(project)
+    log.info("serving %s", ", ".join(d.name for d in deployments))
+    prefect_serve(*deployments, limit=limit)

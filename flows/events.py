@@ -1,0 +1,33 @@
+"""The ``medflow.data.landed`` event: emitted by ``medflow watch`` when files land in a dataset's inbox.
+
+Each ``retrain-<dataset>`` deployment carries a trigger on this event (matched on the dataset's resource id
+and the project path), so an emitted event starts a retrain run of that dataset in that checkout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATA_LANDED = "medflow.data.landed"
+
+
+def dataset_resource(dataset: str, project: Path) -> dict[str, str]:
+    """The event resource of one dataset in one checkout (what the deployment triggers match on)."""
+    return {"prefect.resource.id": f"medflow.dataset.{dataset}", "prefect.resource.name": dataset,
+            "medflow.project": str(Path(project).resolve())}
+
+
+def emit_data_landed(dataset: str, project: Path, payload: dict[str, Any]) -> None:
+    """Send one data-landed event to the Prefect API (``PREFECT_API_URL``) and wait until it is delivered."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    event = emit_event(event=DATA_LANDED, resource=dataset_resource(dataset, project), payload=payload)
+    EventsWorker.drain_all()
+    if event is None:
+        raise RuntimeError("the event was not sent: no Prefect API is configured (set PREFECT_API_URL)")
+    log.info("emitted %s for %s (%d new files)", DATA_LANDED, dataset, len(payload.get("new_files", [])))

@@ -1,0 +1,113 @@
+"""The retrain flow (Prefect flow ``medflow-retrain``; deployments ``retrain-<dataset>``): new data -> challenger.
+
+Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflow watch``), or by hand:
+
+1. Take the dataset's lock (one run per dataset; a second trigger meanwhile is skipped, or waits).
+2. Fingerprint the source (``dataset.sources`` + inbox listing). Same as the last ingested one: complete at
+   once with "no new data".
+3. Run the DVC stages. Ingestion is incremental: download keeps finished files, extract is
+   content-addressed, and filter and resize decode only images they have not seen (their caches).
+4. The split keeps every earlier assignment: after the split stage re-runs, the split is rewritten with
+   :func:`tasks.retrain.extend_split_file` (old patients keep their split, new ones follow the rule) and
+   committed to dvc.lock, so ``dvc status`` stays clean. Validation then runs on it; a failed validation
+   fails the run with the failed expectations in the message, and nothing after it runs.
+5. Train the challenger (the train stage), score it and the champion on the same test split, and promote
+   only if it is not worse beyond ``retrain.tolerance`` (paired bootstrap on AUC). The decision and both
+   sets of metrics are posted as an artifact; the champion pointer changes only on promotion.
+6. Record the fingerprint, so the same data is not trained on twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import stages
+from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary, stage_task
+from tasks.retrain import (
+    Busy,
+    dataset_lock,
+    extend_split_file,
+    last_fingerprint,
+    lock_path,
+    record_fingerprint,
+    source_fingerprint,
+)
+
+FLOW_NAME = "medflow-retrain"
+NO_NEW_DATA = "no new data"
+
+
+@task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
+def fingerprint(project: Project) -> dict[str, Any]:
+    """The source fingerprint now and at the last ingestion."""
+    inbox = project.path("download", "--inbox")
+    return {"now": source_fingerprint(project.cfg, inbox), "last": last_fingerprint(project.model_root)}
+
+
+@task(name="extend-split", task_run_name="extend-split", cache_policy=NO_CACHE)
+def extend_split(project: Project, previous: Path, stage: str) -> dict[str, int]:
+    """Rewrite the fresh split so every earlier assignment holds, and record it in dvc.lock."""
+    counts = extend_split_file(project.cfg, previous=previous, clean=project.path("split", "--clean"),
+                               out=project.path("split", "--out"))
+    stages.commit_stage(project.root, stage)
+    get_run_logger().info("split extended: %s", counts)
+    return counts
+
+
+def _keep_previous_split(project: Project) -> Path | None:
+    """Copy the current split aside before DVC re-runs the split stage (which removes its output first)."""
+    current = project.path("split", "--out")
+    if not current.exists():
+        return None
+    keep = lock_path(project.root, project.dataset).with_suffix(".previous-split.csv")
+    shutil.copy2(current, keep)
+    return keep
+
+
+def _ingest_and_train(project: Project) -> list[dict[str, Any]]:
+    previous = _keep_previous_split(project)
+    split_stage = stages.stage_of_step(project.root, "split")
+    results = []
+    for stage in stages.stage_order(project.root):
+        result = stage_task(stage)(str(project.root), stage)
+        results.append(result)
+        if stage == split_stage and result["ran"] and previous is not None:
+            extend_split(project, previous, stage)
+    return results
+
+
+@flow(name=FLOW_NAME, flow_run_name="retrain-{dataset}", log_prints=True,
+      description="Retrain when the source changed; promote the challenger only if it is not worse.")
+def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
+                 on_busy: Literal["wait", "skip"] = "skip") -> dict[str, Any]:
+    """Retrain ``dataset`` if its source changed since the last ingestion (see the module docstring)."""
+    logger = get_run_logger()
+    project = open_project(project_dir, dataset)
+    try:
+        with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
+            fp = fingerprint(project)
+            if fp["now"] == fp["last"]:
+                logger.info("%s: %s since the last ingestion (fingerprint %s)", dataset, NO_NEW_DATA,
+                            fp["now"][:12])
+                return {"dataset": dataset, "status": NO_NEW_DATA}
+            results = _ingest_and_train(project)
+            decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
+            record_fingerprint(project.model_root, fp["now"], decision=decision.get("reason"))
+            post_decision(project, decision)
+            post_quarantine(project)
+            post_summary(project, results, decision, f"medflow retrain: {dataset}", key=f"{dataset}-retrain-summary")
+    except Busy as e:
+        logger.warning("%s: skipped, another run is in progress: %s", dataset, e)
+        return {"dataset": dataset, "status": "skipped: busy"}
+    status = "promoted" if decision.get("promote") else "not promoted"
+    logger.info("retrain %s: %s: %s", dataset, status, decision.get("reason"))
+    return {"dataset": dataset, "status": status, "stages": results, "decision": decision}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    retrain_flow()

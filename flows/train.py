@@ -1,0 +1,60 @@
+"""The train flow (Prefect flow ``medflow``; deployments ``train-<dataset>``): the DVC pipeline as Prefect tasks.
+
+``prefect deployment run medflow/train-pneumonia`` runs every stage of dvc.yaml, in dependency order, as one
+Prefect task each (``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and
+dvc.lock stays true). Then it registers the trained model (the first one becomes champion; a later one
+must beat the champion, see ``tasks/retrain.py``) and posts two artifacts: a Markdown summary (stages,
+headline metrics, link to the HTML report, champion) and a table of quarantined files.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from flows import stages
+from flows.common import Project, challenge, open_project, post_quarantine, post_summary, stage_task
+from tasks.retrain import Busy, dataset_lock
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "medflow"
+
+
+def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
+    """Run every dvc.yaml stage (or those up to ``until``) as a Prefect task; a failure stops the rest."""
+    results = []
+    for stage in stages.stage_order(project.root):
+        results.append(stage_task(stage)(str(project.root), stage))
+        if stage == until:
+            break
+    return results
+
+
+@flow(name=FLOW_NAME, flow_run_name="train-{dataset}", log_prints=True,
+      description="Run the DVC pipeline (download ... train, evaluate) as Prefect tasks; promote a better model.")
+def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
+               on_busy: Literal["wait", "skip"] = "wait") -> dict[str, Any]:
+    """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory)."""
+    logger = get_run_logger()
+    project = open_project(project_dir, dataset)
+    try:
+        with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
+            results = run_pipeline(project)
+            decision = challenge(project, {"flow": FLOW_NAME})
+            n_rejects = post_quarantine(project)
+            post_summary(project, results, decision, f"medflow train: {dataset}", key=f"{dataset}-train-summary")
+    except Busy as e:
+        logger.warning("%s: skipped, another run is in progress: %s", dataset, e)
+        return {"dataset": dataset, "status": "skipped: busy"}
+    ran = [r["stage"] for r in results if r["ran"]]
+    logger.info("train %s: stages run %s, %d quarantined files; %s", dataset, ran or "none (all cached)",
+                n_rejects, decision.get("reason"))
+    return {"dataset": dataset, "status": "completed", "stages": results, "decision": decision,
+            "quarantined": n_rejects}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    train_flow()

@@ -1,0 +1,215 @@
+"""Retraining logic (no Prefect here): source fingerprints, split extension, champion/challenger decision, lock.
+
+- :func:`source_fingerprint`: what the pipeline reads as its source (the ``dataset.sources`` params and the
+  name, size and modification time of every file in ``data/inbox/<ds>/``). Unchanged fingerprint = nothing
+  new to train on; it is a stat walk, so the check takes milliseconds even for large inboxes.
+- :func:`extend_split_file`: the split keeps every earlier assignment (a patient in test stays in test) and
+  places only new patients, by the split step's rule (:func:`tasks.split.extend_split`).
+- :func:`decide`: promote a challenger only when it is *not worse* than the champion beyond
+  ``retrain.tolerance`` in test ROC AUC, shown by a paired bootstrap on the same test images: the lower
+  bound of the interval of AUC(challenger) - AUC(champion) must be >= -tolerance (non-inferiority). A small
+  test split gives a wide interval, and then even a good challenger is kept out: the champion only changes
+  on evidence.
+- :func:`dataset_lock`: one run per project and dataset at a time (an exclusive ``flock``); a second run
+  waits for it or is skipped, and never writes outputs concurrently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Config, RetrainConfig
+from tasks.errors import StepError
+from tasks.io import read_csv, read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "retrain.json"  # in models/<ds>/: the fingerprint of the last ingested source
+
+
+# ---------------------------------------------------------------------------------------- fingerprint
+def inbox_files(inbox: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under ``inbox``, sorted; hidden files are ignored."""
+    inbox = Path(inbox)
+    if not inbox.is_dir():
+        return []
+    out = []
+    for path in inbox.rglob("*"):
+        rel = path.relative_to(inbox)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        st = path.stat()
+        out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def source_fingerprint(cfg: Config, inbox: Path) -> str:
+    """sha256 over the configured sources and the inbox listing (names, sizes, mtimes)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([s.model_dump() for s in cfg.dataset.sources], sort_keys=True).encode())
+    for rel, size, mtime in inbox_files(inbox):
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def last_fingerprint(model_root: Path) -> str | None:
+    path = Path(model_root) / STATE_FILE
+    return str(read_json(path).get("fingerprint")) if path.exists() else None
+
+
+def record_fingerprint(model_root: Path, fingerprint: str, **extra: Any) -> None:
+    write_json(Path(model_root) / STATE_FILE, {"fingerprint": fingerprint,
+                                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra})
+
+
+# ---------------------------------------------------------------------------------------------- split
+def extend_split_file(cfg: Config, *, previous: Path, clean: Path, out: Path) -> dict[str, int]:
+    """Rewrite ``out`` as the split of ``clean`` that keeps every assignment of ``previous``.
+
+    Returns counts: rows kept from the previous split, new rows, and rows of the previous split no longer
+    in the clean manifest. Raises StepError (naming the files) when the split cannot be extended.
+    """
+    from tasks.split import extend_split  # the split rule lives in one place
+
+    old, df = read_csv(previous), read_csv(clean)
+    try:
+        result = extend_split(old, df, cfg.split)
+    except StepError as e:
+        raise StepError(f"extending {previous} with {clean}: {e}") from None
+    moved = result.merge(old[["path", "split"]], on="path", suffixes=("", "_old"))
+    changed = moved[moved["split"] != moved["split_old"]]
+    if not changed.empty:  # extend_split guarantees this; checked because a moved test image is a leak
+        raise StepError(f"extending {previous}: {len(changed)} images would change split, e.g. "
+                        f"{changed['path'].head(3).tolist()}")
+    write_csv(out, result)
+    counts = {"kept": int(len(moved)), "new": int(len(result) - len(moved)),
+              "dropped": int(len(old) - len(moved))}
+    log.info("split extended: %(kept)d kept, %(new)d new, %(dropped)d no longer present", counts)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class Decision:
+    """The champion/challenger verdict and the evidence for it (written as JSON and as a Prefect artifact)."""
+
+    promote: bool
+    reason: str
+    challenger: str
+    champion: str | None
+    tolerance: float
+    n_test: int = 0
+    difference: dict[str, float] = field(default_factory=dict)  # AUC new - old: point, low, high, p_worse
+    challenger_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def headline_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Test ROC AUC, sensitivity, specificity and accuracy of one model (threshold from its threshold.json)."""
+    from tasks.metrics import point_metrics
+
+    m = point_metrics(np.asarray(y), np.asarray(p), threshold)
+    keep = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy")
+    return {"threshold": float(threshold), **{k: float(m[k]) for k in keep if k in m}}
+
+
+def decide(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray | None, cfg: RetrainConfig, *, challenger: str,
+           champion: str | None, thresholds: tuple[float, float] = (0.5, 0.5),
+           groups: np.ndarray | None = None) -> Decision:
+    """Promote ``challenger`` iff there is no champion, or the paired-bootstrap lower bound of
+    AUC(new) - AUC(old) on the same test images is >= -tolerance."""
+    new_metrics = headline_metrics(y, p_new, thresholds[0])
+    if p_old is None or champion is None:
+        return Decision(True, "no champion yet: the first model becomes champion", challenger, None,
+                        cfg.tolerance, len(y), {}, new_metrics, {})
+    from tasks.metrics import paired_bootstrap
+
+    diff = paired_bootstrap(np.asarray(y), np.asarray(p_new), np.asarray(p_old), metric="roc_auc",
+                            n=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence, groups=groups)
+    old_metrics = headline_metrics(y, p_old, thresholds[1])
+    low = diff["low"]
+    promote = bool(np.isfinite(low) and low >= -cfg.tolerance)
+    interval = f"AUC difference {diff['point']:+.4f} ({cfg.confidence:.0%} CI {low:+.4f} to {diff['high']:+.4f})"
+    reason = (f"promoted: not worse beyond tolerance {cfg.tolerance:g}: {interval}" if promote else
+              f"kept champion: challenger may be worse beyond tolerance {cfg.tolerance:g}: {interval}")
+    return Decision(promote, reason, challenger, champion, cfg.tolerance, len(y),
+                    {k: float(v) for k, v in diff.items()}, new_metrics, old_metrics)
+
+
+def read_threshold(model_dir: Path) -> float:
+    """The model's operating threshold (threshold.json of the evaluate stage), 0.5 when it has none."""
+    path = Path(model_dir) / "threshold.json"
+    if not path.exists():
+        return 0.5
+    data = read_json(path)
+    value = data.get("threshold") if isinstance(data, dict) else data
+    return float(value) if isinstance(value, int | float) else 0.5
+
+
+# ----------------------------------------------------------------------------------------------- lock
+class Busy(RuntimeError):
+    """Another run holds the dataset's lock."""
+
+
+def lock_path(project: Path, dataset: str) -> Path:
+    """Lock file of a project and dataset, under ``.dvc/tmp`` (ignored by git and DVC)."""
+    return Path(project) / ".dvc" / "tmp" / "medflow" / f"{dataset}.lock"
+
+
+@contextlib.contextmanager
+def dataset_lock(project: Path, dataset: str, *, wait: bool, timeout_s: float = 24 * 3600,
+                 poll_s: float = 1.0) -> Iterator[Path]:
+    """Hold the exclusive lock of ``dataset`` in ``project`` for the block.
+
+    ``wait=False``: raise :class:`Busy` at once when another process holds it. ``wait=True``: poll until it
+    is free, raising Busy after ``timeout_s``. The OS releases the lock when the holder dies, so a killed run
+    never leaves a stale lock behind.
+    """
+    path = lock_path(project, dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = _holder(path)
+                if not wait or time.monotonic() > deadline:
+                    raise Busy(f"another run holds {path} ({holder})") from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown holder"
+    except OSError:
+        return "unknown holder"
+
+
+def write_decision(path: Path, decision: Decision) -> None:
+    write_json(path, decision.as_dict())
