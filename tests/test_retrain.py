@@ -1,0 +1,240 @@
+"""Unit tests of the orchestration logic without Prefect: stage order, registry, decision, split, lock, watch."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+from flows import stages
+from tasks import registry
+from tasks.config import Config, RetrainConfig, load_config
+from tasks.errors import StepError
+from tasks.io import read_csv, read_json, write_csv
+from tasks.retrain import (
+    Busy,
+    dataset_lock,
+    decide,
+    extend_split_file,
+    last_fingerprint,
+    record_fingerprint,
+    source_fingerprint,
+)
+from tasks.schema import CLEAN_COLUMNS
+from tasks.watch import InboxWatcher, watch
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return load_config(ROOT / "params.yaml")
+
+
+# --------------------------------------------------------------------------------------- DVC stages
+def test_stage_order_follows_dependencies_not_file_order(tmp_path: Path) -> None:
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "evaluate": {"cmd": "medflow evaluate --model-dir m/${dataset.name}", "deps": ["m/${dataset.name}/model.keras"],
+                     "outs": ["r/eval"]},
+        "train": {"cmd": "medflow train --split d/split.csv", "deps": ["d/split.csv"],
+                  "outs": ["m/${dataset.name}/model.keras", {"m/${dataset.name}/metadata.json": {"cache": False}}]},
+        "split": {"cmd": "medflow split --out d/split.csv", "deps": ["d/clean.csv"], "outs": ["d/split.csv"]},
+    }}))
+    assert stages.stage_order(tmp_path) == ["split", "train", "evaluate"]
+    flags = stages.stage_flags(tmp_path, "pneumonia")
+    assert flags["evaluate"]["--model-dir"] == tmp_path / "m/pneumonia"
+    assert stages.stage_of_step(tmp_path, "split") == "split"
+
+
+def test_stage_order_of_the_project_starts_at_download_and_ends_after_train() -> None:
+    order = stages.stage_order(ROOT)
+    assert order[0] == "download" and order.index("split") < order.index("validate") < order.index("train")
+
+
+def test_stage_cycle_and_missing_file_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(stages.StageFailed, match="not found"):
+        stages.stage_order(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
+        "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}}))
+    with pytest.raises(stages.StageFailed, match="cycle"):
+        stages.stage_order(tmp_path)
+
+
+def test_failure_reason_prefers_the_steps_own_error() -> None:
+    out = ("Running stage 'validate':\n> medflow validate ...\n"
+           "medflow validate: error: 2 expectations failed: split shares\n"
+           "ERROR: failed to reproduce 'validate': failed to run: medflow validate, exited with 2\n")
+    assert stages.failure_reason(out) == "medflow validate: error: 2 expectations failed: split shares"
+    assert stages.failure_reason("ERROR: boom\n") == "ERROR: boom"
+
+
+# ----------------------------------------------------------------------------------------- registry
+def _model_dir(path: Path, content: bytes) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.keras").write_bytes(content)
+    (path / "metadata.json").write_text("{}")
+    return path
+
+
+def test_registry_registers_once_and_promotes_atomically(tmp_path: Path) -> None:
+    root = _model_dir(tmp_path / "models/ds", b"model-1")
+    assert registry.champion(root) is None
+    v1 = registry.register(root, root, {"flow": "test"})
+    assert registry.register(root, root) == v1  # same file: same version
+    assert (root / "versions" / v1 / "model.keras").read_bytes() == b"model-1"
+    registry.promote(root, v1)
+    (root / "model.keras").write_bytes(b"model-2")
+    v2 = registry.register(root, root)
+    assert v2 != v1 and registry.list_versions(root) == sorted([v1, v2])
+    assert registry.champion(root)["version"] == v1  # registering never promotes
+    registry.promote(root, v2, {"reason": "better"})
+    champ = registry.champion(root)
+    assert champ["version"] == v2 and champ["previous"] == v1 and champ["reason"] == "better"
+    assert not list(root.glob(".*tmp*"))
+
+
+def test_registry_errors_name_the_files(tmp_path: Path) -> None:
+    root = tmp_path / "models/ds"
+    root.mkdir(parents=True)
+    with pytest.raises(StepError, match="no trained model"):
+        registry.register(root, root)
+    with pytest.raises(StepError, match="holds no model.keras"):
+        registry.promote(root, "nope")
+    (root / "champion.json").write_text('{"version": "gone"}')
+    with pytest.raises(StepError, match="champion.json: points at version 'gone'"):
+        registry.champion(root)
+
+
+# ----------------------------------------------------------------------------------------- decision
+def _scores(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, np.clip(y * 0.6 + rng.normal(0.2, 0.2, n), 0, 1)
+
+
+def test_first_model_is_promoted_without_comparison() -> None:
+    y, p = _scores()
+    d = decide(y, p, None, RetrainConfig(), challenger="v1", champion=None)
+    assert d.promote and "no champion" in d.reason and d.challenger_metrics["roc_auc"] > 0.9
+
+
+def test_equal_challenger_is_promoted_and_random_one_is_not() -> None:
+    y, p = _scores()
+    cfg = RetrainConfig(tolerance=0.02, bootstrap=1000)
+    same = decide(y, p, p, cfg, challenger="v2", champion="v1")
+    assert same.promote and same.difference["point"] == 0
+    noise = np.random.default_rng(1).random(len(y))
+    worse = decide(y, noise, p, cfg, challenger="v3", champion="v1")
+    assert not worse.promote and "kept champion" in worse.reason
+    assert worse.difference["high"] < 0 and worse.champion_metrics["roc_auc"] > worse.challenger_metrics["roc_auc"]
+
+
+def test_small_loss_within_tolerance_is_promoted_only_with_enough_evidence() -> None:
+    y, p = _scores(2000)
+    slightly = np.clip(p + np.random.default_rng(2).normal(0, 0.05, len(p)), 0, 1)
+    assert decide(y, slightly, p, RetrainConfig(tolerance=0.05, bootstrap=1000), challenger="b",
+                  champion="a").promote
+    assert not decide(y, slightly, p, RetrainConfig(tolerance=0.0, bootstrap=1000), challenger="b",
+                      champion="a").promote
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+def test_fingerprint_changes_with_inbox_files_and_sources(tmp_path: Path, cfg: Config) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "a/NORMAL").mkdir(parents=True)
+    (inbox / ".gitkeep").write_text("")
+    empty = source_fingerprint(cfg, inbox)
+    (inbox / "a/NORMAL/x.jpeg").write_bytes(b"1")
+    landed = source_fingerprint(cfg, inbox)
+    assert landed != empty and source_fingerprint(cfg, inbox) == landed
+    (inbox / ".hidden").write_text("ignored")
+    assert source_fingerprint(cfg, inbox) == landed
+    other = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"sources": []})})
+    assert source_fingerprint(other, inbox) != landed
+    assert last_fingerprint(tmp_path) is None
+    record_fingerprint(tmp_path, landed, decision="x")
+    assert last_fingerprint(tmp_path) == landed
+
+
+# ------------------------------------------------------------------------------------------ split
+def _clean(patients: list[str], label_of: dict[str, int]) -> pd.DataFrame:
+    rows = []
+    for i, g in enumerate(patients):
+        rows.append({c: "" for c in CLEAN_COLUMNS} | {
+            "path": f"img/{g}_{i}.jpeg", "group": g, "label": label_of[g], "class_name": str(label_of[g]),
+            "dup_group": f"d{i}", "sha256": f"s{i}", "bytes": 1, "width": 8, "height": 8})
+    return pd.DataFrame(rows)
+
+
+def test_extended_split_keeps_every_old_assignment(tmp_path: Path, cfg: Config) -> None:
+    from tasks.split import assign_splits
+
+    old_patients = [f"p{i:03d}" for i in range(60) for _ in range(2)]
+    labels = {f"p{i:03d}": i % 3 != 0 for i in range(200)}
+    old = assign_splits(_clean(old_patients, labels), cfg.split)
+    write_csv(tmp_path / "previous.csv", old)
+    new_patients = old_patients + [f"p{i:03d}" for i in range(60, 90)] + ["p001"]  # p001: a new image
+    write_csv(tmp_path / "clean.csv", _clean(new_patients, labels))
+    counts = extend_split_file(cfg, previous=tmp_path / "previous.csv", clean=tmp_path / "clean.csv",
+                               out=tmp_path / "split.csv")
+    assert counts == {"kept": 120, "new": 31, "dropped": 0}
+    new = read_csv(tmp_path / "split.csv")
+    before = dict(zip(old["group"], old["split"], strict=True))
+    assert all(new.loc[new["group"] == g, "split"].eq(s).all() for g, s in before.items())
+    assert set(new.loc[new["group"].isin([f"p{i:03d}" for i in range(60, 90)]), "split"]) == {"train", "val", "test"}
+    assert (new["row"] == range(len(new))).all()
+
+
+# -------------------------------------------------------------------------------------------- lock
+def _hold(project: str, ready: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event) -> None:
+    with dataset_lock(Path(project), "ds", wait=False):
+        ready.set()
+        release.wait(10)
+
+
+def test_second_run_is_skipped_or_waits_while_the_lock_is_held(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(Busy, match="pid"), dataset_lock(tmp_path, "ds", wait=False):
+            pass
+        with pytest.raises(Busy), dataset_lock(tmp_path, "ds", wait=True, timeout_s=0.3, poll_s=0.1):
+            pass
+        with dataset_lock(tmp_path, "other", wait=False):  # other datasets are independent
+            pass
+        release.set()
+        start = time.monotonic()
+        with dataset_lock(tmp_path, "ds", wait=True, timeout_s=10, poll_s=0.05):
+            assert time.monotonic() - start < 10
+    finally:
+        release.set()
+        holder.join(10)
+
+
+# ------------------------------------------------------------------------------------------- watch
+def test_watcher_reports_settled_new_files_once(tmp_path: Path, cfg: Config) -> None:
+    inbox, models = tmp_path / "inbox", tmp_path / "models"
+    (inbox / "old/NORMAL").mkdir(parents=True)
+    (inbox / "old/NORMAL/a.jpeg").write_bytes(b"a")
+    record_fingerprint(models, source_fingerprint(cfg, inbox))
+    w = InboxWatcher(cfg, inbox, models)
+    assert w.check() is None and w.check() is None  # nothing new since the last ingestion
+    (inbox / "new/PNEUMONIA").mkdir(parents=True)
+    (inbox / "new/PNEUMONIA/b.jpeg").write_bytes(b"b")
+    assert w.check() is None  # not settled yet
+    payload = w.check()
+    assert payload is not None and payload["new_files"] == ["new/PNEUMONIA/b.jpeg"] and payload["n_new_files"] == 1
+    assert w.check() is None  # reported once
+    events: list[dict] = []
+    assert watch(cfg, inbox, models, events.append, interval_s=0, once=True) == 1
+    record_fingerprint(models, payload["fingerprint"])
+    assert watch(cfg, inbox, models, events.append, interval_s=0, once=True) == 0
+    assert read_json(models / "retrain.json")["fingerprint"] == payload["fingerprint"]
