@@ -24,6 +24,17 @@ from tasks.errors import StepError
 CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) files; outputs get the modes a plain open() would give them
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
@@ -35,6 +46,7 @@ def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
     # With a suffix (for writers that check the extension, e.g. ".keras") the name still ends in it.
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp.", suffix=suffix or ".tmp", dir=dest.parent)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -60,6 +72,7 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         if dest.exists():

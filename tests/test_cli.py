@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,15 @@ def test_step_error_is_one_line(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("medflow manifest: error: missing.json: not found")
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_atomic_outputs_get_ordinary_file_modes(tmp_path: Path) -> None:
+    from tasks.io import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    os.umask(old)
+    write_json(tmp_path / "out.json", {"a": 1})
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~old
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "x").write_text("x")
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~old
