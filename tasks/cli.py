@@ -82,8 +82,67 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         for flag, flag_help in flags:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
+    _add_model_commands(sub)
     _add_orchestration(sub)
     return parser
+
+
+# --- using a trained model: the evaluate stage / an external folder, and predict ---------------------------
+EVALUATE_HELP = ("report on a trained model: with --split, the evaluate stage (threshold on val, test metrics "
+                 "with CIs, HTML report, model card); with --images DIR alone, an external labelled folder "
+                 "(class subfolders) at the model's stored threshold")
+
+
+def _add_model_commands(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_HELP)
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.add_argument("--model", type=Path, help="model folder (default: models/<dataset.name>)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="images.npy of the pipeline (with --split), or a folder with class subfolders")
+    p.add_argument("--split", type=Path, help="split manifest CSV (the evaluate stage)")
+    p.add_argument("--rejects", type=Path, help="filter rejects CSV, listed in the report")
+    p.add_argument("--validation", type=Path, help="Great Expectations result JSON, summarised in the report")
+    p.add_argument("--sources", type=Path, help="resolved sources JSON (provenance in the model card)")
+    p.add_argument("--out", type=Path, help="report folder (default: reports/<dataset.name>/evaluation, or "
+                   "reports/<dataset.name>/external/<folder name> for a folder)")
+    p = sub.add_parser("predict", help="score image files, folders, globs or archives with a trained model",
+                       description="score image files, folders (recursively), globs or archives (.zip, .tar, "
+                       ".tar.gz, .tgz) with a trained model; writes path, probability and label at the model's "
+                       "threshold; an unreadable file gets a row with its error")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or archive")
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.add_argument("--model", type=Path, help="model folder (default: models/<dataset.name>)")
+    p.add_argument("--out", type=Path, help="predictions CSV (default: standard output)")
+    p.add_argument("--threshold", type=float, help="override the model's stored operating threshold")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    cfg = load_config(args.params)
+    model = args.model or Path("models") / cfg.dataset.name
+    from tasks import evaluate
+
+    if args.split is not None:
+        evaluate.run(cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
+                     validation=args.validation, sources=args.sources,
+                     out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
+    else:
+        if args.images.suffix == ".npy":
+            raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
+        out = args.out or Path("reports") / cfg.dataset.name / "external" / args.images.resolve().name
+        evaluate.evaluate_folder(cfg, images=args.images, model=model, out=out)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    model = args.model
+    if model is None:
+        model = Path("models") / load_config(args.params).dataset.name
+    from tasks import predict
+
+    predict.run(args.paths, model=model, out=args.out, threshold=args.threshold, batch_size=args.batch_size,
+                workers=args.workers, progress=not args.no_progress)
 
 
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
@@ -128,6 +187,9 @@ def _orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict}
+
+
 def _entry(step: str) -> Callable[..., Any]:
     module = importlib.import_module(STEPS[step][0])
     return module.run  # type: ignore[no-any-return]
@@ -139,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step in ("server", "serve", "watch"):
         return _orchestrate(args)
+    if args.step in MODEL_COMMANDS:
+        try:
+            MODEL_COMMANDS[args.step](args)
+        except (ConfigError, StepError) as e:
+            print(f"medflow {args.step}: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose"}}
     try:
         cfg = load_config(args.params)

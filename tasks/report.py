@@ -1,0 +1,483 @@
+"""Write an :class:`~tasks.evaluate.Evaluation`: HTML report, Markdown summary, model card, metrics, plot data.
+
+The HTML report is one self-contained file: figures are PNGs (matplotlib, Agg) embedded as data URIs and the
+style sheet is inline, so it renders offline and can be mailed or attached to a ticket. ``metrics.json`` is
+for ``dvc metrics show``; ``plots/*.csv`` and ``predictions.csv`` are declared in dvc.yaml for ``dvc plots``.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tasks.io import atomic_open, write_csv, write_json  # noqa: E402
+from tasks.metrics import METRICS, Interval  # noqa: E402
+
+if TYPE_CHECKING:
+    from tasks.evaluate import Evaluation
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+SUMMARY = "summary.md"
+MODEL_CARD = "model_card.md"
+METRICS_FILE = "metrics.json"
+PREDICTIONS = "predictions.csv"
+PLOTS_DIR = "plots"
+
+LABELS = {
+    "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
+    "precision": "Precision (PPV)", "npv": "NPV", "f1": "F1", "brier": "Brier score (lower is better)",
+    "ece": "Expected calibration error (lower is better)",
+}
+HEADLINE = ("roc_auc", "sensitivity", "specificity")
+_DPI = 110
+
+
+# --- formatting ------------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def fmt_interval(iv: Interval) -> str:
+    return f"{fmt(iv.value)} ({fmt(iv.low)}-{fmt(iv.high)})"
+
+
+def _ci_label(ev: Evaluation) -> str:
+    s = ev.settings
+    return (f"{s['confidence']:.0%} CI: {s['bootstrap']} stratified bootstrap resamples by "
+            f"{s['bootstrap_by']}, seed {s['seed']}")
+
+
+def _model_name(ev: Evaluation) -> str:
+    return str(ev.metadata.get("params", {}).get("train", {}).get("model", "model"))
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _operating_point(ev: Evaluation) -> tuple[float, float]:
+    c = ev.confusion
+    sens = c["tp"] / max(c["tp"] + c["fn"], 1)
+    spec = c["tn"] / max(c["tn"] + c["fp"], 1)
+    return sens, spec
+
+
+def roc_figure(ev: Evaluation) -> bytes:
+    roc = ev.curves["roc"]
+    sens, spec = _operating_point(ev)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUC {fmt_interval(ev.intervals['roc_auc'])}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
+    ax.plot(1 - spec, sens, "o", c="crimson", label=f"threshold {ev.threshold['threshold']:.3f}")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title="ROC curve", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def pr_figure(ev: Evaluation) -> bytes:
+    pr = ev.curves["pr"]
+    sens, _ = _operating_point(ev)
+    c = ev.confusion
+    prec = c["tp"] / max(c["tp"] + c["fp"], 1)
+    prevalence = float(np.mean(ev.scores.y))
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.step(pr["recall"], pr["precision"], where="post", lw=2,
+            label=f"AP {fmt_interval(ev.intervals['pr_auc'])}")
+    ax.axhline(prevalence, ls="--", c="grey", lw=1, label=f"prevalence {prevalence:.2f}")
+    ax.plot(sens, prec, "o", c="crimson", label="operating point")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall curve",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def calibration_figure(ev: Evaluation) -> bytes:
+    cal = ev.curves["calibration"]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ok = cal["count"] > 0
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
+    ax.plot(cal["mean_predicted"][ok], cal["fraction_positive"][ok], "o-", lw=2,
+            label=f"ECE {fmt_interval(ev.intervals['ece'])}")
+    ax.set(ylabel="observed positive fraction", title="Reliability diagram", ylim=(-0.01, 1.01))
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    width = cal["bin_high"] - cal["bin_low"]
+    hist.bar(cal["bin_low"], cal["count"], width=width, align="edge", color="steelblue", edgecolor="white")
+    hist.set(xlabel="predicted probability", ylabel="images", xlim=(0, 1))
+    return _png(fig)
+
+
+def threshold_figure(ev: Evaluation) -> bytes:
+    sweep = ev.curves["thresholds"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot(sweep["threshold"], sweep["sensitivity"], lw=2, label="sensitivity")
+    ax.plot(sweep["threshold"], sweep["specificity"], lw=2, label="specificity")
+    ax.axvline(ev.threshold["threshold"], c="crimson", ls=":", label=f"threshold ({ev.threshold['rule']})")
+    ax.set(xlabel="threshold", ylabel="rate", title="Sensitivity and specificity vs threshold",
+           xlim=(0, 1), ylim=(-0.01, 1.01))
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def confusion_figure(ev: Evaluation) -> bytes:
+    c = ev.confusion
+    m = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    names = _class_names(ev)
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=13,
+                color="white" if v > m.max() / 2 else "black")
+    ax.set_xticks([0, 1], [f"{names[0]}\n(pred 0)", f"{names[1]}\n(pred 1)"])
+    ax.set_yticks([0, 1], [f"{names[0]} (0)", f"{names[1]} (1)"])
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Confusion matrix at {ev.threshold['threshold']:.3f}")
+    return _png(fig)
+
+
+def history_figure(ev: Evaluation) -> bytes | None:
+    h = ev.history
+    if h.empty or "epoch" not in h or len(h) < 1 or "loss" not in h:
+        return None
+    pairs = [(k, f"val_{k}") for k in ("loss", "auc", "accuracy") if k in h]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4))
+    for ax, (train_key, val_key) in zip(np.atleast_1d(axes), pairs, strict=True):
+        ax.plot(h["epoch"], h[train_key], "o-", ms=3, label="train")
+        if val_key in h:
+            ax.plot(h["epoch"], h[val_key], "o-", ms=3, label="val")
+        best = ev.metadata.get("best_epoch")
+        if best:
+            ax.axvline(best, c="grey", ls=":", label=f"best epoch {best}")
+        ax.set(xlabel="epoch", title=train_key)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _class_names(ev: Evaluation) -> dict[int, str]:
+    names = ev.metadata.get("class_names", {})
+    return {0: str(names.get("0", "negative")), 1: str(names.get("1", "positive"))}
+
+
+def _gradcam_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 RGB array
+        raise RuntimeError("PNG encoding failed")
+    return bytes(buf)
+
+
+# --- tables ----------------------------------------------------------------------------------------------
+
+
+def metrics_rows(ev: Evaluation) -> list[tuple[str, str, str, str]]:
+    return [(LABELS[k], fmt(ev.intervals[k].value), fmt(ev.intervals[k].low), fmt(ev.intervals[k].high))
+            for k in METRICS]
+
+
+def _md_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _frame_rows(df: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
+    return [str(c) for c in df.columns], df.astype(object).where(df.notna(), "").values.tolist()
+
+
+def _reject_summary(ev: Evaluation) -> tuple[pd.DataFrame | None, dict[str, int]]:
+    rejects = ev.data.get("rejects")
+    if rejects is None or len(rejects) == 0:
+        return rejects, {}
+    return rejects, rejects["reason"].value_counts().sort_index().to_dict()
+
+
+# --- the model card ----------------------------------------------------------------------------------------
+
+
+def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
+    """The model card (Mitchell et al. 2019) as Markdown."""
+    meta = ev.metadata
+    names = _class_names(ev)
+    t = ev.threshold
+    lines = [f"# Model card: {ev.dataset} / {_model_name(ev)}", ""]
+    lines += ["## Model details", "",
+              f"- Architecture: `{_model_name(ev)}` (Keras {meta.get('versions', {}).get('keras', '?')}), input "
+              f"{'x'.join(map(str, meta.get('input_shape', [])))} uint8, scaled inside the model.",
+              f"- Output: probability of **{names[1]}** (label 1) vs {names[0]} (label 0).",
+              f"- Trained {meta.get('epochs_run', '?')} epochs; best val loss {fmt(meta.get('best_val_loss'), 4)} "
+              f"at epoch {meta.get('best_epoch', '?')} (weights restored). Data fingerprint "
+              f"`{str(meta.get('data_fingerprint', ''))[:16]}`.",
+              f"- Preprocessing: {meta.get('preprocessing', {}).get('decoder', '')}, "
+              f"{meta.get('preprocessing', {}).get('size', '?')} px, area interpolation, "
+              f"{meta.get('preprocessing', {}).get('channels', '?')} channel(s).", ""]
+    lines += ["## Intended use", "", card.get("intended_use") or "Not stated.", ""]
+    lines += ["## Data", ""]
+    if card.get("title"):
+        lines += [f"**{card['title']}.** {card.get('provenance', '')}".strip(), ""]
+    lines += _data_markdown(ev)
+    lines += ["## Operating threshold", "",
+              f"- Threshold **{t['threshold']:.4f}**, rule `{t.get('rule')}`: {t.get('how', '')}; chosen on the "
+              f"{t.get('chosen_on', 'val')} split, never on test."]
+    if t.get("val"):
+        lines += [f"- On val ({t['val']['n']} images): sensitivity {fmt(t['val']['sensitivity'])}, specificity "
+                  f"{fmt(t['val']['specificity'])}."]
+    lines += ["", f"## Performance ({ev.source}, {len(ev.scores.y)} images)", "", _ci_label(ev) + ".", "",
+              _md_table(["metric", "value", "low", "high"], metrics_rows(ev)), ""]
+    limitations = list(card.get("limitations") or [])
+    limitations.append(f"Confidence intervals reflect sampling of {len(ev.scores.y)} test images "
+                       f"(resampled by {ev.settings['bootstrap_by']}); they do not cover shifts in population, "
+                       "scanner or labelling.")
+    lines += ["## Limitations", "", *[f"- {x}" for x in limitations], ""]
+    return "\n".join(lines)
+
+
+def _data_markdown(ev: Evaluation) -> list[str]:
+    lines: list[str] = []
+    counts = ev.data.get("counts")
+    if counts is not None:
+        header, rows = _frame_rows(counts)
+        lines += [f"Split by patient (`{ev.data.get('group_rule')}` rule): no patient and no near-duplicate "
+                  "group is in two splits.", "", _md_table(header, rows), ""]
+    ext = ev.data.get("external_counts")
+    if ext is not None:
+        header, rows = _frame_rows(ext)
+        lines += [_md_table(header, rows), ""]
+    rejects, by_reason = _reject_summary(ev)
+    if rejects is not None:
+        what = ", ".join(f"{n} {r}" for r, n in by_reason.items()) or "none"
+        lines += [f"Quarantined files (listed, never deleted): {len(rejects)} ({what}).", ""]
+    val = ev.data.get("validation")
+    if val:
+        state = "passed" if val["success"] else "FAILED"
+        lines += [f"Great Expectations validation {state}: {val['expectations']} expectations, "
+                  f"{len(val['failed'])} failed.", ""]
+    sources = ev.data.get("sources")
+    if sources:
+        for src in sources if isinstance(sources, list) else sources.get("sources", []):
+            lines.append(f"- Source `{src.get('url') or src.get('path')}` sha256 `{src.get('sha256') or '?'}`")
+        lines.append("")
+    return lines
+
+
+# --- HTML --------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:1.5rem;color:#1b1f23;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #e1e4e8;padding-bottom:.2rem;margin-top:2rem}
+.meta{color:#586069;font-size:.9rem}
+.headline{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
+.card{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:8px;padding:.7rem 1rem;min-width:180px}
+.card .v{font-size:1.7rem;font-weight:600}.card .ci{color:#586069;font-size:.85rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
+th,td{border:1px solid #d1d5da;padding:.25rem .6rem;text-align:left}th{background:#f6f8fa}
+.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0}
+figure img{max-width:100%;border:1px solid #e1e4e8;border-radius:4px}
+figcaption{font-size:.8rem;color:#586069;max-width:460px}
+.cams{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:.8rem}
+.cams img{width:100%;image-rendering:pixelated}
+.ok{color:#22863a;font-weight:600}.bad{color:#cb2431;font-weight:600}
+pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.85rem}
+"""
+
+
+def _img(png: bytes, alt: str, caption: str = "") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+def _headline_cards(ev: Evaluation) -> str:
+    cards = []
+    for k in HEADLINE:
+        iv = ev.intervals[k]
+        cards.append(f'<div class="card"><div>{html.escape(LABELS[k])}</div><div class="v">{fmt(iv.value)}</div>'
+                     f'<div class="ci">95% CI {fmt(iv.low)}-{fmt(iv.high)}</div></div>')
+    cards.append(f'<div class="card"><div>Threshold ({html.escape(str(ev.threshold.get("rule")))})</div>'
+                 f'<div class="v">{ev.threshold["threshold"]:.3f}</div>'
+                 f'<div class="ci">chosen on {html.escape(str(ev.threshold.get("chosen_on", "val")))}</div></div>')
+    return '<div class="headline">' + "".join(cards) + "</div>"
+
+
+def _data_html(ev: Evaluation) -> str:
+    parts = []
+    counts = ev.data.get("counts")
+    if counts is not None:
+        parts.append(f"<p>Split by patient (<code>{html.escape(str(ev.data.get('group_rule')))}</code> rule); "
+                     "no patient and no near-duplicate group is in two splits.</p>")
+        parts.append(_html_table(*_frame_rows(counts)))
+    ext = ev.data.get("external_counts")
+    if ext is not None:
+        parts.append(_html_table(*_frame_rows(ext)))
+    val = ev.data.get("validation")
+    if val:
+        state = '<span class="ok">passed</span>' if val["success"] else '<span class="bad">FAILED</span>'
+        parts.append(f"<p>Great Expectations validation {state}: {val['expectations']} expectations, "
+                     f"{len(val['failed'])} failed (<code>{html.escape(val['path'])}</code>).</p>")
+        if val["failed"]:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in val["failed"]) + "</ul>")
+    rejects, by_reason = _reject_summary(ev)
+    if rejects is not None:
+        parts.append(f"<h3>Quarantined files ({len(rejects)})</h3>")
+        if len(rejects):
+            parts.append(_html_table(["reason", "files"], list(by_reason.items())))
+            shown = rejects[["path", "reason", "detail"]].head(200)
+            parts.append(_html_table(*_frame_rows(shown), cls="rejects"))
+            if len(rejects) > len(shown):
+                parts.append(f"<p>... and {len(rejects) - len(shown)} more (see rejects.csv).</p>")
+        else:
+            parts.append("<p>None.</p>")
+    return "\n".join(parts)
+
+
+def _gradcam_html(ev: Evaluation) -> str:
+    if not ev.gradcams:
+        return "<p>No Grad-CAM overlays (none requested, or the model has no convolutional feature map).</p>"
+    names = _class_names(ev)
+    items = []
+    for g in ev.gradcams:
+        caption = (f"{g['outcome']}: p={g['probability']:.3f}, actual {names[g['label']]} - "
+                   f"{Path(g['path']).name}")
+        items.append(_img(_gradcam_png(g["image"]), f"Grad-CAM {g['outcome']}", caption))
+    return ('<p>Grad-CAM of the positive-class logit on the most confident examples of each outcome '
+            '(red: regions that raise the probability).</p><div class="cams">' + "".join(items) + "</div>")
+
+
+def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) -> str:
+    """The whole report as one HTML string (no external resources)."""
+    t = ev.threshold
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    c = ev.confusion
+    fig_html = "".join(_img(png, name, caption) for name, (png, caption) in (
+        ("ROC", (figures["roc"], "Operating point in red.")),
+        ("PR", (figures["pr"], "Dashed: a classifier without skill (the prevalence).")),
+        ("Calibration", (figures["calibration"], "Points on the diagonal: probabilities mean what they say.")),
+        ("Thresholds", (figures["thresholds"], "Dotted: the operating threshold chosen on val.")),
+        ("Confusion", (figures["confusion"], f"TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}.")),
+    ) if png is not None)
+    history = figures.get("history")
+    val_line = ""
+    if t.get("val"):
+        val_line = (f" On val ({t['val']['n']} images) it gives sensitivity {fmt(t['val']['sensitivity'])} and "
+                    f"specificity {fmt(t['val']['specificity'])}.")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>medflow report: {html.escape(ev.title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(ev.title)}</h1>
+<div class="meta">Evaluated on the {html.escape(ev.source)} ({len(ev.scores.y)} images,
+{int(np.sum(ev.scores.y))} positive) on {now}. {html.escape(_ci_label(ev))}.</div>
+{_headline_cards(ev)}
+<h2>Operating threshold</h2>
+<p>Threshold <b>{t['threshold']:.4f}</b>, rule <code>{html.escape(str(t.get('rule')))}</code>:
+{html.escape(str(t.get('how', '')))}. Chosen on the {html.escape(str(t.get('chosen_on', 'val')))} split;
+the test split is scored once, here.{html.escape(val_line)}</p>
+<h2>Metrics</h2>
+{_html_table(["metric", "value", "95% CI low", "95% CI high"], metrics_rows(ev), cls="metrics")}
+<h2>Figures</h2>
+<div class="figs">{fig_html}</div>
+<h2>Training</h2>
+{_img(history, "training curves", "Per-epoch loss and metrics; dotted: the epoch whose weights were kept.")
+ if history else "<p>No training history.</p>"}
+<h2>Grad-CAM</h2>
+{_gradcam_html(ev)}
+<h2>Data</h2>
+{_data_html(ev)}
+<h2>Model card</h2>
+<pre>{html.escape(card_md)}</pre>
+</body></html>
+"""
+
+
+# --- Markdown summary, metrics and plot data -------------------------------------------------------------
+
+
+def summary_markdown(ev: Evaluation) -> str:
+    t = ev.threshold
+    c = ev.confusion
+    lines = [f"# {ev.title}", "",
+             f"Test images: {len(ev.scores.y)} ({int(np.sum(ev.scores.y))} positive). {_ci_label(ev)}.", "",
+             f"Operating threshold **{t['threshold']:.4f}** ({t.get('rule')}, chosen on "
+             f"{t.get('chosen_on', 'val')}): {t.get('how', '')}.", "",
+             _md_table(["metric", "value", "low", "high"], metrics_rows(ev)), "",
+             f"Confusion at the threshold: TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}.", "",
+             *_data_markdown(ev), f"Full report: [{REPORT}]({REPORT}); model card: [{MODEL_CARD}]({MODEL_CARD}).",
+             ""]
+    return "\n".join(lines)
+
+
+def metrics_json(ev: Evaluation) -> dict[str, Any]:
+    c = ev.confusion
+    return {
+        "threshold": round(float(ev.threshold["threshold"]), 6),
+        "threshold_rule": ev.threshold.get("rule"),
+        "n": len(ev.scores.y), "n_positive": int(np.sum(ev.scores.y)),
+        "test": {k: ev.intervals[k].as_dict() for k in METRICS},
+        "confusion": c,
+        "bootstrap": {"resamples": ev.settings["bootstrap"], "by": ev.settings["bootstrap_by"],
+                      "confidence": ev.settings["confidence"], "seed": ev.settings["seed"]},
+    }
+
+
+def predictions_frame(ev: Evaluation) -> pd.DataFrame:
+    t = float(ev.threshold["threshold"])
+    return pd.DataFrame({"path": ev.scores.path, "patient": ev.scores.patient, "label": ev.scores.y.astype(int),
+                         "probability": np.round(ev.scores.p, 6), "predicted": (ev.scores.p >= t).astype(int)})
+
+
+def write_all(ev: Evaluation, out: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every report file into ``out``; return the headline metrics."""
+    out = Path(out)
+    card = card if card is not None else ev.data.get("card", {})
+    figures = {"roc": roc_figure(ev), "pr": pr_figure(ev), "calibration": calibration_figure(ev),
+               "thresholds": threshold_figure(ev), "confusion": confusion_figure(ev), "history": history_figure(ev)}
+    card_md = model_card(ev, card)
+    with atomic_open(out / REPORT, encoding="utf-8") as f:
+        f.write(render_html(ev, card_md, figures))
+    with atomic_open(out / SUMMARY, encoding="utf-8") as f:
+        f.write(summary_markdown(ev))
+    with atomic_open(out / MODEL_CARD, encoding="utf-8") as f:
+        f.write(card_md)
+    write_json(out / METRICS_FILE, metrics_json(ev))
+    write_csv(out / PREDICTIONS, predictions_frame(ev))
+    for name in ("roc", "pr", "calibration", "thresholds"):
+        write_csv(out / PLOTS_DIR / f"{name}.csv", ev.curves[name].round(6))
+    headline = {k: ev.intervals[k].as_dict() for k in HEADLINE}
+    log.info("evaluate: %s -> %s; %s", ev.source, out / REPORT,
+             ", ".join(f"{k} {fmt_interval(ev.intervals[k])}" for k in HEADLINE))
+    return {"threshold": float(ev.threshold["threshold"]), **headline, "report": str(out / REPORT)}
