@@ -1,10 +1,9 @@
 """Grad-CAM (Selvaraju et al. 2017) for medflow's binary classifiers: where the model looks.
 
-The model is cut at its last convolutional feature map (own CNNs: the last 4-D layer of the model; pretrained
-backbones: the last 4-D layer inside the "backbone" sub-model). Everything after the cut is a chain of
-single-input layers (pooling, dropout, dense) up to the ``logit`` layer, so the gradient of the positive-class
-logit with respect to the feature map is taken through that chain alone. Works on the TensorFlow, JAX and
-PyTorch backends; augmentation layers are inactive (inference mode).
+The model is cut at a convolutional feature map (:func:`feature_layer`; for pretrained backbones, inside the
+"backbone" sub-model) into two Keras sub-models: image -> feature map, and feature map -> positive-class
+``logit``. The gradient of the logit with respect to the map is taken through the second alone. Works on the
+TensorFlow, JAX and PyTorch backends; augmentation layers are inactive (inference mode).
 """
 
 from __future__ import annotations
@@ -22,47 +21,58 @@ from tasks.models import BACKBONE_NAME
 LOGIT_LAYER = "logit"
 
 
-def _is_4d(layer: keras.layers.Layer) -> bool:
+MIN_SIDE = 7  # Grad-CAM's usual map: 7x7 on a 224-px input; coarser maps cannot localise anything
+
+
+def _side(layer: keras.layers.Layer) -> int | None:
+    """Smaller spatial side of a layer's 4-D output, None for other layers."""
+    if isinstance(layer, keras.layers.InputLayer):
+        return None
     try:
-        return len(layer.output.shape) == 4
+        shape = layer.output.shape
     except (AttributeError, ValueError):  # layers never called in a graph
-        return False
+        return None
+    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+        return None
+    return int(min(shape[1], shape[2]))
 
 
-def _last_4d(model: keras.Model) -> keras.layers.Layer:
-    for layer in reversed(model.layers):
-        if _is_4d(layer) and not isinstance(layer, keras.layers.InputLayer):
-            return layer
-    raise StepError(f"Grad-CAM: model {model.name!r} has no convolutional feature map")
+def feature_layer(model: keras.Model) -> keras.layers.Layer:
+    """The deepest 4-D layer at least :data:`MIN_SIDE` px on a side (or the largest map, if none is).
+
+    On 224-px inputs that is the last convolutional block (7x7); on small inputs an earlier block, since the
+    last one may be 1x1.
+    """
+    maps = [(layer, side) for layer in model.layers if (side := _side(layer)) is not None]
+    if not maps:
+        raise StepError(f"Grad-CAM: model {model.name!r} has no convolutional feature map")
+    wide = [layer for layer, side in maps if side >= MIN_SIDE]
+    return wide[-1] if wide else max(maps, key=lambda m: m[1])[0]
 
 
-def _cut(model: keras.Model) -> tuple[Callable[[Any], Any], list[keras.layers.Layer]]:
-    """(image -> feature map, the layers from the feature map to the logit)."""
+def _cut(model: keras.Model) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(image -> feature map, feature map -> positive-class logit), as Keras sub-models of ``model``."""
     names = [layer.name for layer in model.layers]
     if LOGIT_LAYER not in names:
         raise StepError(f"Grad-CAM: model {model.name!r} has no {LOGIT_LAYER!r} layer (not a medflow model)")
-    logit_at = names.index(LOGIT_LAYER)
-    if BACKBONE_NAME in names:
-        at = names.index(BACKBONE_NAME)
-        backbone = model.layers[at]
-        feature = _last_4d(backbone)
-        before = keras.Model(model.input, model.layers[at - 1].output)
-        inner = keras.Model(backbone.input, feature.output)
-        inner_names = [layer.name for layer in backbone.layers]
-        head = backbone.layers[inner_names.index(feature.name) + 1:] + model.layers[at + 1:logit_at + 1]
-        return (lambda x: inner(before(x, training=False), training=False)), head
-    feature = _last_4d(model)
-    features = keras.Model(model.input, feature.output)
-    return (lambda x: features(x, training=False)), model.layers[names.index(feature.name) + 1:logit_at + 1]
+    logit = model.get_layer(LOGIT_LAYER).output
+    if BACKBONE_NAME not in names:
+        feature = feature_layer(model)
+        features = keras.Model(model.input, feature.output)
+        head = keras.Model(feature.output, logit)
+        return (lambda x: features(x, training=False)), (lambda f: head(f, training=False))
+    at = names.index(BACKBONE_NAME)
+    backbone = model.layers[at]
+    feature = feature_layer(backbone)
+    before = keras.Model(model.input, model.layers[at - 1].output)
+    inner = keras.Model(backbone.input, feature.output)
+    inner_head = keras.Model(feature.output, backbone.output)
+    outer_head = keras.Model(model.layers[at + 1].input, logit)  # the layer after the backbone takes its output
+    return ((lambda x: inner(before(x, training=False), training=False)),
+            (lambda f: outer_head(inner_head(f, training=False), training=False)))
 
 
-def _apply(head: list[keras.layers.Layer], x: Any) -> Any:
-    for layer in head:
-        x = layer(x, training=False)
-    return x
-
-
-def _logit_gradients(head: list[keras.layers.Layer], feats: np.ndarray) -> np.ndarray:
+def _logit_gradients(head: Callable[[Any], Any], feats: np.ndarray) -> np.ndarray:
     """d(sum of logits)/d(feature map) at ``feats`` (each image's logit depends on its own map only)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -71,18 +81,18 @@ def _logit_gradients(head: list[keras.layers.Layer], feats: np.ndarray) -> np.nd
         x = tf.convert_to_tensor(feats)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            total = tf.reduce_sum(_apply(head, x))
+            total = tf.reduce_sum(head(x))
         return np.asarray(tape.gradient(total, x))
     if backend == "jax":
         import jax
         import jax.numpy as jnp
 
-        return np.asarray(jax.grad(lambda f: jnp.sum(_apply(head, f)))(jnp.asarray(feats)))
+        return np.asarray(jax.grad(lambda f: jnp.sum(head(f)))(jnp.asarray(feats)))
     if backend == "torch":
         import torch
 
         x = torch.tensor(feats, requires_grad=True, device=keras.backend.get_device() or "cpu")
-        _apply(head, x).sum().backward()
+        head(x).sum().backward()
         return x.grad.detach().cpu().numpy()
     raise StepError(f"Grad-CAM: unsupported Keras backend {backend!r}")
 

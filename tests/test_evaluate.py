@@ -1,0 +1,329 @@
+"""The evaluate stage, the report, Grad-CAM and `medflow predict` / `medflow evaluate` on a small trained model.
+
+The fixture writes real PNG files (positives carry a bright square), preprocesses them with the resize
+step's decoder into images.npy, splits them, and trains medflow_cnn for a few epochs with the real trainer.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tasks import evaluate, gradcam, predict
+from tasks.cli import main
+from tasks.config import Config, parse_config
+from tasks.errors import StepError
+from tasks.io import read_json
+from tasks.metrics import METRICS
+from tasks.resize import load_resized
+from tasks.schema import SPLIT_COLUMNS
+from tasks.train import train_model
+
+pytestmark = pytest.mark.slow  # trains a small model once (about 20 s), then reuses it
+
+SIZE = 32
+SQUARE = slice(8, 20)  # where positives are bright (in model pixels)
+
+
+@dataclass(frozen=True)
+class Trained:
+    cfg: Config
+    root: Path
+    files: list[Path]
+    labels: np.ndarray
+    images: Path
+    split: Path
+    model: Path
+
+
+def _params(tmp: Path) -> dict[str, object]:
+    return {"dataset": {"name": "toy", "labels": {"NEG": 0, "POS": 1}, "channels": 1, "group_rule": "filename",
+                        "card": {"title": "Toy squares", "limitations": ["Synthetic images."]}},
+            "resize": {"size": SIZE},
+            "train": {"model": "medflow_cnn", "epochs": 6, "batch_size": 16, "early_stopping_patience": 0,
+                      "reduce_lr_patience": 0, "learning_rate": 0.003,
+                      "augment": {"rotation_deg": 0, "zoom": 0, "translate": 0, "brightness": 0, "contrast": 0}},
+            "evaluate": {"bootstrap": 1000, "gradcam_examples": 1}}
+
+
+def write_images(folder: Path, n: int, seed: int) -> tuple[list[Path], np.ndarray]:
+    """``n`` 48-px PNGs in NEG/ and POS/ class folders; positives have a bright square."""
+    rng = np.random.default_rng(seed)
+    files, labels = [], []
+    for i in range(n):
+        label = i % 2
+        img = rng.integers(0, 90, (48, 48), dtype=np.uint8)
+        if label:
+            img[12:30, 12:30] = 240
+        path = folder / ("POS" if label else "NEG") / f"s{seed}_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), img)
+        files.append(path)
+        labels.append(label)
+    return files, np.array(labels)
+
+
+def _dataset(root: Path, files: list[Path], labels: np.ndarray) -> tuple[Path, Path]:
+    images = root / "images.npy"
+    np.save(images, np.stack([load_resized(f, size=SIZE, channels=1) for f in files]))
+    n = len(files)
+    splits = np.array(["train"] * n, dtype=object)
+    splits[np.arange(n) % 5 == 3] = "val"
+    splits[np.arange(n) % 5 == 4] = "test"
+    df = pd.DataFrame({c: [""] * n for c in SPLIT_COLUMNS})
+    df["path"] = [str(f) for f in files]
+    df["class_name"] = np.where(labels == 1, "POS", "NEG")
+    df["label"] = labels
+    df["group"] = [f.stem for f in files]
+    df["split_group"] = df["group"]
+    df["row"] = np.arange(n)
+    df["split"] = splits
+    split = root / "split.csv"
+    df.to_csv(split, index=False)
+    return images, split
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = parse_config(_params(root))
+    files, labels = write_images(root / "raw", 160, seed=1)
+    images, split = _dataset(root, files, labels)
+    train_model(cfg, images=images, split=split, model_dir=root / "model", live_dir=root / "live")
+    return Trained(cfg, root, files, labels, images, split, root / "model")
+
+
+@pytest.fixture(scope="module")
+def stage(trained: Trained) -> Path:
+    """Run the evaluate stage once; return its report folder."""
+    rejects = trained.root / "rejects.csv"
+    rejects.write_text("path,reason,detail,sha256,bytes\nraw/POS/bad.png,truncated,image file is truncated,,10\n")
+    out = trained.root / "report"
+    evaluate.run(trained.cfg, model=trained.model, images=trained.images, split=trained.split, out=out,
+                 rejects=rejects)
+    return out
+
+
+# --- the evaluate stage --------------------------------------------------------------------------------
+
+
+def test_stage_writes_every_output(stage: Path, trained: Trained) -> None:
+    for name in ("report.html", "summary.md", "model_card.md", "metrics.json", "predictions.csv",
+                 "plots/roc.csv", "plots/pr.csv", "plots/calibration.csv", "plots/thresholds.csv"):
+        assert (stage / name).is_file(), name
+    assert not [p for p in stage.rglob(".*tmp*")], "temporary files left behind"
+    threshold = read_json(trained.model / "threshold.json")
+    assert threshold["rule"] == "target_sensitivity" and threshold["chosen_on"] == "val"
+
+
+def test_threshold_is_chosen_on_val(stage: Path, trained: Trained) -> None:
+    threshold = read_json(trained.model / "threshold.json")["threshold"]
+    val = evaluate.score_split(trained.model, trained.images, trained.split, "val")
+    sens = ((val.p >= threshold) & (val.y == 1)).sum() / (val.y == 1).sum()
+    assert sens >= 0.95
+    # the highest such threshold: one step up loses sensitivity
+    above = np.sort(val.p[val.p > threshold])
+    if len(above):
+        assert ((val.p >= above[0]) & (val.y == 1)).sum() / (val.y == 1).sum() < 0.95
+
+
+def test_metrics_json_matches_the_predictions(stage: Path, trained: Trained) -> None:
+    m = read_json(stage / "metrics.json")
+    preds = pd.read_csv(stage / "predictions.csv")
+    n_test = int((pd.read_csv(trained.split)["split"] == "test").sum())
+    assert len(preds) == m["n"] == n_test
+    assert set(m["test"]) == set(METRICS)
+    for name, iv in m["test"].items():
+        if iv["value"] is not None:
+            assert iv["low"] <= iv["value"] <= iv["high"], name
+    assert m["test"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(preds["label"], preds["probability"]),
+                                                          abs=1e-5)
+    assert m["test"]["roc_auc"]["value"] > 0.9, "the toy task is learnable"
+    c = m["confusion"]
+    assert c["tp"] == int(((preds["predicted"] == 1) & (preds["label"] == 1)).sum())
+    assert (preds["predicted"] == (preds["probability"] >= m["threshold"]).astype(int)).all()
+
+
+def test_report_is_self_contained(stage: Path) -> None:
+    page = (stage / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs), refs[:5]
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+    preds = pd.read_csv(stage / "predictions.csv")
+    outcomes = {(int(p), int(y)) for p, y in zip(preds["predicted"], preds["label"], strict=True)}
+    assert page.count("<img") == 6 + len(outcomes)  # figures + one Grad-CAM per outcome that occurs
+    for heading in ("Operating threshold", "Metrics", "Grad-CAM", "Data", "Model card", "Quarantined files (1)"):
+        assert heading in page
+    card = (stage / "model_card.md").read_text()
+    for section in ("## Intended use", "## Data", "## Operating threshold", "## Limitations", "Synthetic images."):
+        assert section in card
+    assert "95% CI" in (stage / "summary.md").read_text()
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def test_report_renders_in_headless_chromium(stage: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (the README's test command installs it)")
+        pytest.skip("chromium is not installed")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--proxy-server=127.0.0.1:9", "--hide-scrollbars", "--window-size=1200,2600",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    (stage / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    img = cv2.imread(str(shot))
+    assert img is not None and img.shape[:2] == (2600, 1200)
+    # matplotlib's first colour (#1f77b4, BGR 180,119,31) draws the ROC/PR curves: rendered figures show it
+    blue = np.all(np.abs(img.astype(int) - [180, 119, 31]) < 30, axis=-1).sum()
+    assert blue > 2000, f"only {blue} curve pixels: the embedded figures did not render"
+    assert (img < 200).any(axis=-1).mean() > 0.02, "the page is almost blank"
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------------------
+
+
+def test_gradcam_looks_at_the_square(trained: Trained) -> None:
+    model = evaluate.load_trained(trained.model).model
+    x = np.load(trained.images)[trained.labels == 1][:8]
+    cams = gradcam.gradcam(model, x)
+    assert cams.shape == (8, SIZE, SIZE) and cams.min() >= 0 and cams.max() <= 1
+    inside = cams[:, SQUARE, SQUARE].mean()
+    mask = np.ones((SIZE, SIZE), dtype=bool)
+    mask[SQUARE, SQUARE] = False
+    assert inside > cams[:, mask].mean()
+
+
+def test_pick_examples_takes_the_most_confident() -> None:
+    y = np.array([1, 1, 0, 0, 1, 0])
+    p = np.array([0.9, 0.6, 0.7, 0.1, 0.2, 0.4])
+    picked = evaluate.pick_examples(y, p, 0.5, 1)
+    assert picked["TP"].tolist() == [0] and picked["FP"].tolist() == [2]
+    assert picked["TN"].tolist() == [3] and picked["FN"].tolist() == [4]
+
+
+# --- medflow predict ---------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_folder_with_a_corrupt_file(stage: Path, trained: Trained, tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    folder.mkdir()
+    test_rows = pd.read_csv(trained.split).query("split == 'test'").head(6)
+    for p in test_rows["path"]:
+        shutil.copy(p, folder / Path(p).name)
+    good = Path(test_rows["path"].iloc[0]).read_bytes()
+    ok, jpeg = cv2.imencode(".jpg", cv2.imread(test_rows["path"].iloc[0]))
+    (folder / "truncated.jpg").write_bytes(bytes(jpeg)[: len(jpeg) // 2])
+    (folder / "notes.jpeg").write_text("not an image")
+    assert ok and good
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(folder), "--model", str(trained.model), "--out", str(out), "--no-progress"]) == 0
+    rows = {Path(r["path"]).name: r for r in _read(out)}
+    assert len(rows) == 8
+    assert rows["truncated.jpg"]["error"] and rows["truncated.jpg"]["probability"] == ""
+    assert rows["notes.jpeg"]["error"]
+    # exactly the evaluate stage's scores: same decoder, same model
+    stage_preds = pd.read_csv(stage / "predictions.csv").set_index("path")
+    threshold = read_json(trained.model / "threshold.json")["threshold"]
+    for p in test_rows["path"]:
+        row = rows[Path(p).name]
+        assert float(row["probability"]) == pytest.approx(stage_preds.loc[p, "probability"], abs=1e-5)
+        assert int(row["predicted"]) == int(float(row["probability"]) >= threshold)
+        assert row["class_name"] == ("POS" if row["predicted"] == "1" else "NEG")
+
+
+def test_predict_archives_and_globs(trained: Trained, tmp_path: Path) -> None:
+    src = trained.files[:4]
+    with zipfile.ZipFile(tmp_path / "batch.zip", "w") as zf:
+        for f in src:
+            zf.write(f, f"scans/{f.name}")
+        zf.writestr("__MACOSX/scans/._x.png", b"junk")
+    with tarfile.open(tmp_path / "batch.tar.gz", "w:gz") as tf:
+        for f in src:
+            tf.add(f, f"scans/{f.name}")
+    items = predict.collect([str(tmp_path / "batch.zip"), str(tmp_path / "batch.tar.gz"),
+                             str(trained.files[0].parent / "s1_00*.png")])
+    names = [i.name for i in items]
+    assert len(items) == 4 + 4 + len(list(trained.files[0].parent.glob("s1_00*.png")))
+    assert f"{tmp_path / 'batch.zip'}!scans/{src[0].name}" in names
+    rows, _ = predict.predict_items(evaluate.load_trained(trained.model), items, 0.5, batch_size=3,
+                                    progress=False)
+    by_name = {r["path"]: r["probability"] for r in rows}
+    assert not [r for r in rows if r["error"]]
+    assert by_name[f"{tmp_path / 'batch.zip'}!scans/{src[0].name}"] == by_name[
+        f"{tmp_path / 'batch.tar.gz'}!scans/{src[0].name}"]
+
+
+def test_predict_errors_name_the_input(trained: Trained, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(tmp_path / "nowhere"), "--model", str(trained.model)]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "*.png"), "--model", str(trained.model)]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert main(["predict", str(trained.files[0]), "--model", str(tmp_path)]) == 2
+    assert "model.keras: not found" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(trained.model, bare, ignore=shutil.ignore_patterns("threshold.json"))
+    assert main(["predict", str(trained.files[0]), "--model", str(bare)]) == 2
+    assert "no operating threshold" in capsys.readouterr().err
+    assert main(["predict", str(trained.files[0]), "--model", str(bare), "--threshold", "0.5",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ",".join(predict.COLUMNS) and len(out) == 2
+
+
+# --- medflow evaluate on an external folder -----------------------------------------------------------
+
+
+def test_evaluate_external_folder_at_the_stored_threshold(stage: Path, trained: Trained, tmp_path: Path) -> None:
+    folder = tmp_path / "external"
+    write_images(folder, 40, seed=7)
+    (folder / "POS" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "ext_report"
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    params.write_text(yaml.safe_dump(_params(tmp_path)))
+    assert main(["evaluate", "--params", str(params), "--images", str(folder), "--model", str(trained.model),
+                 "--out", str(out)]) == 0
+    m = read_json(out / "metrics.json")
+    assert m["threshold"] == pytest.approx(read_json(trained.model / "threshold.json")["threshold"])
+    assert m["n"] == 40 and m["test"]["roc_auc"]["value"] > 0.9
+    page = (out / "report.html").read_text()
+    assert "broken.png" in page and "external folder" in page
+
+
+def test_evaluate_needs_a_split_for_an_array(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--images", str(trained.images), "--model", str(trained.model)]) == 2
+    assert "needs --split" in capsys.readouterr().err
+
+
+def test_score_split_checks_the_image_shape(trained: Trained, tmp_path: Path) -> None:
+    wrong = tmp_path / "images.npy"
+    np.save(wrong, np.zeros((len(trained.files), 16, 16, 1), dtype=np.uint8))
+    with pytest.raises(StepError, match="re-run resize"):
+        evaluate.score_split(trained.model, wrong, trained.split, "test")
