@@ -444,7 +444,7 @@ def summary_markdown(ev: Evaluation) -> str:
 def metrics_json(ev: Evaluation) -> dict[str, Any]:
     c = ev.confusion
     return {
-        "threshold": round(float(ev.threshold["threshold"]), 6),
+        "threshold": float(ev.threshold["threshold"]),
         "threshold_rule": ev.threshold.get("rule"),
         "n": len(ev.scores.y), "n_positive": int(np.sum(ev.scores.y)),
         "test": {k: ev.intervals[k].as_dict() for k in METRICS},

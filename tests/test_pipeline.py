@@ -136,7 +136,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
 
 
 def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
-    """The whole DAG on 120 real images dropped into the inbox: model, metrics, plots, clean `dvc status`."""
+    """The whole DAG on 120 real images dropped into the inbox: model, report, metrics, plots, clean status."""
     src = shared_dataset("chest_xray")
     project = _make_project(tmp_path / "project")
     inbox = project / "data/inbox/pneumonia/small"
@@ -158,6 +158,16 @@ def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
     assert (project / "models/pneumonia/model.keras").stat().st_size > 0
     metrics = _dvc(project, "metrics", "show", "--json")
     assert metrics.returncode == 0 and "val" in metrics.stdout and "auc" in metrics.stdout
+    evaluation = project / "reports/pneumonia/evaluation"
+    report = _json(evaluation / "metrics.json")
+    assert report["n"] == int((pd.read_csv(project / "data/processed/pneumonia/split.csv")["split"] == "test").sum())
+    assert report["threshold"] == _json(project / "models/pneumonia/threshold.json")["threshold"]
+    assert "roc_auc" in metrics.stdout and "threshold" in metrics.stdout
+    assert "data:image/png;base64," in (evaluation / "report.html").read_text()
+    plots = _dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv", "Sensitivity and specificity"):
+        assert name in plots.stdout, name
     status = _dvc(project, "status")
     assert "up to date" in status.stdout, status.stdout
     again = _dvc(project, "repro")
