@@ -61,12 +61,19 @@ def extend_split(project: Project, previous: Path, stage: str) -> dict[str, int]
 
 def _keep_previous_split(project: Project) -> Path | None:
     """Copy the current split aside before DVC re-runs the split stage (which removes its output first)."""
+    keep = _saved_split(project)
+    if keep.exists():  # a run failed after DVC re-split: the saved copy, not split.csv, holds the assignments
+        get_run_logger().warning("reusing %s, saved by an earlier run that did not finish", keep)
+        return keep
     current = project.path("split", "--out")
     if not current.exists():
         return None
-    keep = lock_path(project.root, project.dataset).with_suffix(".previous-split.csv")
     shutil.copy2(current, keep)
     return keep
+
+
+def _saved_split(project: Project) -> Path:
+    return lock_path(project.root, project.dataset).with_suffix(".previous-split.csv")
 
 
 def _ingest_and_train(project: Project) -> list[dict[str, Any]]:
@@ -98,6 +105,7 @@ def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
             results = _ingest_and_train(project)
             decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
             record_fingerprint(project.model_root, fp["now"], decision=decision.get("reason"))
+            _saved_split(project).unlink(missing_ok=True)
             post_decision(project, decision)
             post_quarantine(project)
             post_summary(project, results, decision, f"medflow retrain: {dataset}", key=f"{dataset}-retrain-summary")

@@ -177,7 +177,7 @@ def failure_reason(output: str) -> str:
 
 def commit_stage(project: Path, stage: str) -> None:
     """Record a stage's current outputs in dvc.lock (after the retrain flow extended the split in place)."""
-    code, output = dvc(project, "commit", "--force", "--single-item", stage)
+    code, output = dvc(project, "commit", "--force", stage)  # this stage only (no --with-deps)
     if code != 0:
         raise StageFailed(f"dvc commit {stage} failed: {failure_reason(output)}")
 

@@ -1,5 +1,5 @@
 """Flow tests under Prefect's test harness (a temporary local API): the train and retrain flows on a real
-DVC project copy. Training is tiny (tutorial CNN, 64 px, a few epochs).
+DVC project copy. Training is tiny (medflow CNN, 64 px, 6 epochs; the tutorial CNN does not learn at all in so few).
 
 - train flow: every dvc.yaml stage as a task; afterwards `dvc status` is clean and `dvc repro` has nothing
   to do; a second run recomputes nothing; artifacts are posted; a failed validation fails the run with
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow]
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "datasets",
                  ".dvc/config", ".dvc/.gitignore", "data/inbox"]
-TINY_TRAIN = {"model": "tutorial_cnn", "epochs": 6, "batch_size": 16, "early_stopping_patience": 0,
+TINY_TRAIN = {"model": "medflow_cnn", "epochs": 6, "batch_size": 16, "early_stopping_patience": 0,
               "reduce_lr_patience": 0}
 
 
@@ -51,7 +51,7 @@ def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
     params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
     params["train"].update(TINY_TRAIN)
     params["evaluate"].update(bootstrap=1000, gradcam_examples=0)
-    params["retrain"].update(tolerance=0.2, bootstrap=1000)
+    params["retrain"].update(tolerance=0.25, bootstrap=1000)  # ~30 test images: wide intervals
     for section, values in overrides.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -92,7 +92,8 @@ def generated_images(inbox: Path, n_patients: int = 24, per_patient: int = 2, se
             img = rng.normal(90, 25, (72, 72)).clip(0, 255)
             if positive:
                 cv2.circle(img, (int(rng.integers(20, 52)), int(rng.integers(20, 52))), 10, 230, -1)
-            name = f"person{seed * 1000 + i}_bacteria_{j}.jpeg" if positive else f"IM-{seed * 1000 + i:04d}-{j:04d}.jpeg"
+            pid = seed * 1000 + i
+            name = f"person{pid}_bacteria_{j}.jpeg" if positive else f"IM-{pid:04d}-{j:04d}.jpeg"
             cv2.imwrite(str(inbox / cls / name), img.astype(np.uint8))
 
 

@@ -1,0 +1,111 @@
+"""Orchestration overhead: the Prefect train flow vs `dvc repro`, with nothing to do and on a full run.
+
+Builds a throw-away checkout with real Kermany images (120 by default, 64 px, tutorial CNN, 3 epochs), then,
+against a temporary local Prefect API (Prefect's test harness: a real server on SQLite, 127.0.0.1):
+
+1. full run: the train flow from scratch. Wall time split into *stage work* (for each stage, its task time
+   minus the same task's time when it has nothing to do, i.e. what the `medflow` step itself took) and
+   *orchestration* (the rest: DVC start-up and hashing per stage, Prefect task and flow bookkeeping,
+   registry and artifacts).
+2. nothing to do: the train flow again (every stage skipped from DVC's cache) vs `dvc repro` (best of N).
+
+    uv run python benchmarks/bench_orchestration.py [--data ../shared/data/chest_xray] [--images 120] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", ".dvc/config", ".dvc/.gitignore",
+         "data/inbox"]
+BIN = Path(sys.executable).parent
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _project(dest: Path, data: Path, n_images: int) -> None:
+    for name in FILES:
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["dataset"]["sources"] = []
+    params["resize"]["size"] = 64
+    params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
+    params["train"].update(model="tutorial_cnn", epochs=3, batch_size=16)
+    params["evaluate"].update(bootstrap=1000, gradcam_examples=0)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    inbox = dest / "data/inbox/pneumonia/bench"
+    n_neg = n_images // 3
+    for cls, n in (("NORMAL", n_neg), ("PNEUMONIA", n_images - n_neg)):
+        (inbox / cls).mkdir(parents=True)
+        for path in sorted((data / cls).iterdir())[:n]:
+            shutil.copy(path, inbox / cls / path.name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def _dvc_noop(project: Path, repeat: int) -> float:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, check=True, capture_output=True,
+                             text=True)
+        times.append(time.perf_counter() - t0)
+        assert "Running stage" not in out.stdout, out.stdout
+    return min(times)
+
+
+def _flow(project: Path) -> tuple[float, dict[str, float]]:
+    from flows.train import train_flow
+
+    t0 = time.perf_counter()
+    result = train_flow(dataset="pneumonia", project_dir=str(project))
+    return time.perf_counter() - t0, {r["stage"]: r["seconds"] for r in result["stages"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray")
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data} not found: pass --data with a folder of class subfolders")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+        project = Path(tmp) / "project"
+        _project(project, args.data, args.images)
+        full, full_stages = _flow(project)
+        noop_runs = [_flow(project) for _ in range(args.repeat)]
+        noop, noop_stages = min(noop_runs, key=lambda r: r[0])
+        dvc_noop = _dvc_noop(project, args.repeat)
+
+    work = {s: max(0.0, full_stages[s] - noop_stages.get(s, 0.0)) for s in full_stages}
+    stage_work = sum(work.values())
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{args.images} images, 64 px, tutorial_cnn 3 epochs")
+    print(f"nothing to do: `dvc repro` {dvc_noop:.2f} s | Prefect train flow {noop:.2f} s "
+          f"({len(noop_stages)} stages, {noop / max(len(noop_stages), 1):.2f} s each) | ratio {noop / dvc_noop:.1f}x")
+    print(f"full run: {full:.1f} s = stage work {stage_work:.1f} s + orchestration {full - stage_work:.1f} s "
+          f"({(full - stage_work) / full:.0%})")
+    print("stage work: " + ", ".join(f"{s} {t:.1f} s" for s, t in work.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""End to end against a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME, SQLite, a free port).
+
+Starts ``medflow server`` and ``medflow serve`` in a fresh project with real Kermany images in its inbox,
+then: ``prefect deployment run medflow/train-pneumonia --watch`` completes, the model is champion and
+``dvc status`` is clean; a retrain run completes; ``medflow watch --once`` on newly landed images emits a
+data-landed event that starts a retrain run by itself; two retrain runs triggered at once leave the outputs
+intact. The server and the runner are always shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import shared_dataset
+from test_flows import assert_dvc_clean, make_project, real_images
+
+from tasks import registry
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _wait_for(check: Any, timeout: float, what: str, logs: list[Path]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(1)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tails}")
+
+
+class Server:
+    """A running Prefect server + runner serving the project's deployments."""
+
+    def __init__(self, tmp: Path, project: Path) -> None:
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.project = project
+        self.env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect_home"), "PREFECT_API_URL": self.api,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env.pop("PREFECT_API_KEY", None)
+        self.logs = [tmp / "server.log", tmp / "serve.log"]
+        self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, self.env, self.logs[0])]
+        _wait_for(lambda: httpx.get(f"{self.api}/health", timeout=5).status_code == 200, 180, "the server",
+                  self.logs)
+        self.procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
+                                 self.logs[1]))
+        self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
+                                           self.logs)
+                           for name in ("medflow/train-pneumonia", "medflow-retrain/retrain-pneumonia")}
+
+    def _deployment_id(self, name: str) -> str | None:
+        r = httpx.get(f"{self.api}/deployments/name/{name}", timeout=5)
+        return r.json()["id"] if r.status_code == 200 else None
+
+    def run_cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "prefect"), *args], cwd=self.project, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def flow_runs(self, deployment: str) -> list[dict[str, Any]]:
+        body = {"deployments": {"id": {"any_": [self.deployment[deployment]]}}, "sort": "EXPECTED_START_TIME_ASC"}
+        r = httpx.post(f"{self.api}/flow_runs/filter", json=body, timeout=10)
+        r.raise_for_status()
+        return list(r.json())
+
+    def manual_runs(self, deployment: str) -> list[dict[str, Any]]:
+        """Flow runs not created by the cron schedule."""
+        return [r for r in self.flow_runs(deployment) if not r.get("auto_scheduled")]
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            _stop(proc)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    src = shared_dataset("chest_xray")
+    project = make_project(tmp_path / "project")
+    real_images(project / "data/inbox/pneumonia/batch1", src, 0, {"NORMAL": 40, "PNEUMONIA": 80})
+    srv = Server(tmp_path, project)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
+    project, models = server.project, server.project / "models/pneumonia"
+    run = server.run_cli("deployment", "run", "medflow/train-pneumonia", "--watch", "--watch-timeout", "900")
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    first = registry.champion(models)
+    assert first is not None
+    assert (project / "reports/pneumonia/validation.json").exists()
+    assert_dvc_clean(project)
+
+    retrain = "medflow-retrain/retrain-pneumonia"
+    run = server.run_cli("deployment", "run", retrain, "--watch", "--watch-timeout", "900")
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+    # New images land; the watcher's event starts a retrain run by itself.
+    real_images(project / "data/inbox/pneumonia/batch2", shared_dataset("chest_xray"), 40,
+                {"NORMAL": 20, "PNEUMONIA": 40})
+    n_before = len(server.manual_runs(retrain))
+    watch = subprocess.run([str(BIN / "medflow"), "watch", "--once"], cwd=project, env=server.env,
+                           capture_output=True, text=True, timeout=120)
+    assert watch.returncode == 0, watch.stderr[-3000:]
+    assert "1 data-landed event" in watch.stderr, watch.stderr[-3000:]
+    triggered = _wait_for(lambda: len(server.manual_runs(retrain)) > n_before and all(
+        r["state_type"] in TERMINAL for r in server.manual_runs(retrain)), 900, "the event-triggered run",
+        server.logs)
+    assert triggered
+    last = server.manual_runs(retrain)[-1]
+    assert last["state_type"] == "COMPLETED", last
+    assert len(registry.list_versions(models)) == 2  # a challenger was trained and decided on
+    decision = json.loads((models / "versions" / registry.list_versions(models)[-1] / "decision.json").read_text())
+    assert decision["champion"] == first["version"]
+
+    # Two triggers at once: one does the work, the other waits or is skipped; the outputs stay intact.
+    real_images(project / "data/inbox/pneumonia/batch3", shared_dataset("chest_xray"), 60,
+                {"NORMAL": 10, "PNEUMONIA": 20})
+    n_before = len(server.manual_runs(retrain))
+    for _ in range(2):
+        assert server.run_cli("deployment", "run", retrain).returncode == 0
+    _wait_for(lambda: len(server.manual_runs(retrain)) == n_before + 2 and all(
+        r["state_type"] in TERMINAL for r in server.manual_runs(retrain)), 900, "both runs", server.logs)
+    assert all(r["state_type"] == "COMPLETED" for r in server.manual_runs(retrain)[-2:])
+    assert len(registry.list_versions(models)) == 3  # exactly one new challenger
+    assert registry.champion(models) is not None
+    assert_dvc_clean(project)
