@@ -24,6 +24,7 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from markdown_it import MarkdownIt  # noqa: E402
 
 from tasks.io import atomic_open, write_csv, write_json  # noqa: E402
 from tasks.metrics import METRICS, Interval  # noqa: E402
@@ -289,7 +290,8 @@ def _data_markdown(ev: Evaluation) -> list[str]:
     sources = ev.data.get("sources")
     if sources:
         for src in sources if isinstance(sources, list) else sources.get("sources", []):
-            lines.append(f"- Source `{src.get('url') or src.get('path')}` sha256 `{src.get('sha256') or '?'}`")
+            digest = f"sha256 `{src['sha256']}`" if src.get("sha256") else f"a {src.get('kind', 'local')} (no digest)"
+            lines.append(f"- Source `{src.get('url') or src.get('path')}`: {digest}")
         lines.append("")
     return lines
 
@@ -306,13 +308,15 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #e1e4e8;paddi
 .card .v{font-size:1.7rem;font-weight:600}.card .ci{color:#586069;font-size:.85rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 th,td{border:1px solid #d1d5da;padding:.25rem .6rem;text-align:left}th{background:#f6f8fa}
+table.rejects td{word-break:break-all}
 .figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0}
 figure img{max-width:100%;border:1px solid #e1e4e8;border-radius:4px}
 figcaption{font-size:.8rem;color:#586069;max-width:460px}
 .cams{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:.8rem}
 .cams img{width:100%;image-rendering:pixelated}
 .ok{color:#22863a;font-weight:600}.bad{color:#cb2431;font-weight:600}
-pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.85rem}
+.modelcard{background:#fbfcfd;border:1px solid #e1e4e8;border-radius:8px;padding:0 1rem}
+.modelcard h3{font-size:1.2rem}.modelcard h4{font-size:1rem;margin-bottom:.3rem}
 """
 
 
@@ -378,6 +382,14 @@ def _gradcam_html(ev: Evaluation) -> str:
             '(red: regions that raise the probability).</p><div class="cams">' + "".join(items) + "</div>")
 
 
+def markdown_html(text: str) -> str:
+    """Markdown (CommonMark + tables) as HTML, raw HTML in the text escaped; headings moved down two levels."""
+    out = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    for level in (4, 3, 2, 1):
+        out = out.replace(f"<h{level}>", f"<h{level + 2}>").replace(f"</h{level}>", f"</h{level + 2}>")
+    return out
+
+
 def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) -> str:
     """The whole report as one HTML string (no external resources)."""
     t = ev.threshold
@@ -419,7 +431,7 @@ the test split is scored once, here.{html.escape(val_line)}</p>
 <h2>Data</h2>
 {_data_html(ev)}
 <h2>Model card</h2>
-<pre>{html.escape(card_md)}</pre>
+<div class="modelcard">{markdown_html(card_md)}</div>
 </body></html>
 """
 
