@@ -84,11 +84,11 @@ def run_stage(project: str, stage: str) -> dict[str, Any]:
 def stage_task(stage: str) -> Any:
     """The Prefect task for one DVC stage: readable name, timeout and (download) retries with backoff."""
     retries = STAGE_RETRIES.get(stage, 0)
-    return run_stage.with_options(
-        name=stage, task_run_name=stage, retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=10) if retries else 0,
-        retry_jitter_factor=0.5 if retries else None,
-        timeout_seconds=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S) + 60)
+    options: dict[str, Any] = {"retries": retries}
+    if retries:
+        options.update(retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
+    return run_stage.with_options(name=stage, task_run_name=stage,
+                                  timeout_seconds=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S) + 60, **options)
 
 
 @task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)

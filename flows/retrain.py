@@ -114,7 +114,7 @@ def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
         return {"dataset": dataset, "status": "skipped: busy"}
     status = ("promoted" if decision.get("promote") else
               "no new model" if str(decision.get("reason", "")).startswith("unchanged") else "not promoted")
-    logger.info("retrain %s: %s: %s", dataset, status, decision.get("reason"))
+    logger.info("retrain %s (%s): %s", dataset, status, decision.get("reason"))
     return {"dataset": dataset, "status": status, "stages": results, "decision": decision}
 
 

@@ -167,6 +167,18 @@ def test_deployment_for_another_dataset_refuses_with_a_clear_message(tmp_path: P
         state.message)
 
 
+def test_retrain_is_skipped_while_another_run_holds_the_dataset(tmp_path: Path, harness: None) -> None:
+    from flows.retrain import retrain_flow
+    from tasks.retrain import dataset_lock
+
+    project = make_project(tmp_path / "project")
+    generated_images(project / "data/inbox/pneumonia/batch1")
+    with dataset_lock(project, "pneumonia", wait=False):  # a run in progress
+        result = retrain_flow(dataset="pneumonia", project_dir=str(project))
+    assert result["status"] == "skipped: busy"
+    assert not (project / "dvc.lock").exists() and not (project / "models").exists()  # nothing was touched
+
+
 @pytest.mark.integration
 def test_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: None) -> None:
     from flows.retrain import NO_NEW_DATA, retrain_flow

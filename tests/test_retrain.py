@@ -238,3 +238,12 @@ def test_watcher_reports_settled_new_files_once(tmp_path: Path, cfg: Config) -> 
     record_fingerprint(models, payload["fingerprint"])
     assert watch(cfg, inbox, models, events.append, interval_s=0, once=True) == 0
     assert read_json(models / "retrain.json")["fingerprint"] == payload["fingerprint"]
+
+
+def test_stage_tasks_have_readable_names_timeouts_and_download_retries() -> None:
+    from flows.common import stage_task
+
+    download, train = stage_task("download"), stage_task("train")
+    assert download.name == "download" and download.retries == 3 and download.retry_jitter_factor == 0.5
+    assert callable(download.retry_delay_seconds) or download.retry_delay_seconds == [10, 20, 40]
+    assert train.name == "train" and train.retries == 0 and train.timeout_seconds > 24 * 3600
