@@ -161,19 +161,9 @@ def headline(metrics_json: Path) -> list[tuple[str, str]]:
 
 
 def evaluation_outputs(project: Project) -> dict[str, Path]:
-    """metrics.json / report.html / summary.md of the evaluation stage, if dvc.yaml has one."""
-    found: dict[str, Path] = {}
-    for step, flags in project.flags.items():
-        if step.startswith("stage:"):
-            continue
-        for path in flags.values():
-            for candidate in (path, path / "metrics.json", path / "report.html"):
-                if "evaluat" in str(candidate) and candidate.name in ("metrics.json", "report.html", "summary.md"):
-                    found.setdefault(candidate.name, candidate)
-    eval_dir = project.root / "reports" / project.dataset / "evaluation"  # the documented layout
-    for name in ("metrics.json", "report.html", "summary.md"):
-        found.setdefault(name, eval_dir / name)
-    return found
+    """metrics.json / report.html / summary.md of the evaluate stage (its ``--out`` folder in dvc.yaml)."""
+    out = project.flags.get("evaluate", {}).get("--out", project.root / "reports" / project.dataset / "evaluation")
+    return {name: out / name for name in ("metrics.json", "report.html", "summary.md")}
 
 
 def summary_markdown(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,

@@ -247,3 +247,18 @@ def test_stage_tasks_have_readable_names_timeouts_and_download_retries() -> None
     assert download.name == "download" and download.retries == 3 and download.retry_jitter_factor == 0.5
     assert callable(download.retry_delay_seconds) or download.retry_delay_seconds == [10, 20, 40]
     assert train.name == "train" and train.retries == 0 and train.timeout_seconds > 24 * 3600
+
+
+def test_headline_rows_come_from_the_evaluation_metrics(tmp_path: Path) -> None:
+    import json
+
+    from flows.common import headline
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"threshold": 0.42, "n": 30, "test": {
+        "roc_auc": {"value": 0.9, "low": 0.8, "high": 0.97}, "sensitivity": {"value": 0.95, "low": None,
+                                                                             "high": None},
+        "brier": {"value": 0.1, "low": 0.05, "high": 0.2}}}))
+    rows = dict(headline(path))
+    assert rows == {"threshold": "0.4200", "test.roc_auc": "0.9000 (0.8000-0.9700)", "test.sensitivity": "0.9500"}
+    assert headline(tmp_path / "absent.json") == []
