@@ -56,6 +56,9 @@ def _project(dest: Path, data: Path, n_images: int) -> None:
         for path in sorted((data / cls).iterdir())[:n]:
             shutil.copy(path, inbox / cls / path.name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)  # DVCLive needs a commit
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench"], cwd=dest,
+                   check=True)
 
 
 def _dvc_noop(project: Path, repeat: int) -> float:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DVC_YAML = "dvc.yaml"
 _ERROR_LINE = re.compile(r"^(medflow \w+: error: .*|ERROR: .*)$", re.MULTILINE)
+_EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 
 class StageFailed(RuntimeError):
@@ -169,10 +170,17 @@ def repro_stage(project: Path, stage: str, on_line: Callable[[str], None] | None
 
 
 def failure_reason(output: str) -> str:
-    """The informative lines of a failed ``dvc repro``: the step's own error first, then DVC's."""
+    """The informative lines of a failed ``dvc repro``: the step's own error, else the exception that ended
+    a traceback plus DVC's error line."""
     found = _ERROR_LINE.findall(output)
     own = [line for line in found if line.startswith("medflow ")]
-    return "; ".join(own or found) or output.strip().splitlines()[-1] if output.strip() else "no output"
+    if own:
+        return "; ".join(own)
+    raised = _EXCEPTION_LINE.findall(output)
+    lines = ([raised[-1]] if raised else []) + found
+    if lines:
+        return "; ".join(lines)
+    return output.strip().splitlines()[-1] if output.strip() else "no output"
 
 
 def commit_stage(project: Path, stage: str) -> None:

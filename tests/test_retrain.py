@@ -71,6 +71,8 @@ def test_failure_reason_prefers_the_steps_own_error() -> None:
            "ERROR: failed to reproduce 'validate': failed to run: medflow validate, exited with 2\n")
     assert stages.failure_reason(out) == "medflow validate: error: 2 expectations failed: split shares"
     assert stages.failure_reason("ERROR: boom\n") == "ERROR: boom"
+    crash = "Traceback (most recent call last):\n  File x\nscmrepo.exceptions.SCMError: Empty git repo\nERROR: failed\n"
+    assert stages.failure_reason(crash) == "scmrepo.exceptions.SCMError: Empty git repo; ERROR: failed"
 
 
 # ----------------------------------------------------------------------------------------- registry
