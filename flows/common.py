@@ -71,9 +71,16 @@ def open_project(project_dir: str | None, dataset: str) -> Project:
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
-def run_stage(project: str, stage: str) -> dict[str, Any]:
-    """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log."""
+def run_stage(project: str, stage: str, up_to_date: bool = False) -> dict[str, Any]:
+    """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log.
+
+    ``up_to_date``: ``dvc status`` (run once by the flow, see ``stages.plan``) found this stage and all it
+    depends on unchanged, so DVC would skip it: the task records that without starting DVC again.
+    """
     logger = get_run_logger()
+    if up_to_date:
+        logger.info("stage %s is up to date (dvc status): skipped", stage)
+        return {"stage": stage, "ran": False, "seconds": 0.0}
     result = stages.repro_stage(Path(project), stage, on_line=logger.info,
                                 timeout_s=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S))
     logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date (skipped)",

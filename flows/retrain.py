@@ -80,8 +80,8 @@ def _ingest_and_train(project: Project) -> list[dict[str, Any]]:
     previous = _keep_previous_split(project)
     split_stage = stages.stage_of_step(project.root, "split")
     results = []
-    for stage in stages.stage_order(project.root):
-        result = stage_task(stage)(str(project.root), stage)
+    for stage, must_check in stages.plan(project.root):
+        result = stage_task(stage)(str(project.root), stage, up_to_date=not must_check)
         results.append(result)
         if stage == split_stage and result["ran"] and previous is not None:
             extend_split(project, previous, stage)

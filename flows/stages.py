@@ -8,6 +8,7 @@ run after ``dvc repro`` recomputes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -66,6 +67,11 @@ def stage_order(project: Path) -> list[str]:
     Read from the file rather than hard-coded, so stages added later (e.g. ``evaluate``) join the flows
     by themselves. A stage depends on another when one of its deps lies in (or is) one of the other's outs.
     """
+    return stage_graph(project)[0]
+
+
+def stage_graph(project: Path) -> tuple[list[str], dict[str, set[str]]]:
+    """(stages in dependency order, stage -> the stages it directly depends on)."""
     path = Path(project) / DVC_YAML
     try:
         stages: dict[str, dict[str, Any]] = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
@@ -75,7 +81,36 @@ def stage_order(project: Path) -> list[str]:
     needs = {name: {other for dep in _dep_paths(spec, "deps") for other, o in outs.items()
                     if other != name and any(_under(dep, out) or _under(out, dep) for out in o)}
              for name, spec in stages.items()}
-    return _toposort(list(stages), needs, path)
+    return _toposort(list(stages), needs, path), needs
+
+
+def stale_stages(project: Path) -> set[str] | None:
+    """Stages ``dvc status`` reports as changed (deps, params or outs), or None when it cannot tell.
+
+    One DVC start-up for the whole pipeline instead of one per stage: the flows run only these stages
+    and those downstream of them through ``dvc repro``; the rest are up to date by DVC's own account.
+    """
+    code, output = dvc(project, "status", "--json")
+    start = output.find("{")
+    if code != 0 or start < 0:
+        return None
+    try:
+        report = json.loads(output[start:output.rfind("}") + 1])
+    except json.JSONDecodeError:
+        return None
+    return {str(name).rsplit(":", 1)[-1] for name in report}
+
+
+def plan(project: Path) -> list[tuple[str, bool]]:
+    """(stage, must_check) in dependency order: a stage must go through ``dvc repro`` when ``dvc status``
+    reports it changed or any stage it depends on (transitively) must; every stage does when status fails."""
+    order, needs = stage_graph(project)
+    stale = stale_stages(project)
+    check: set[str] = set()
+    for name in order:
+        if stale is None or name in stale or needs[name] & check:
+            check.add(name)
+    return [(name, name in check) for name in order]
 
 
 def _toposort(names: list[str], needs: dict[str, set[str]], path: Path) -> list[str]:

@@ -10,6 +10,7 @@ headline metrics, link to the HTML report, champion) and a table of quarantined 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -26,8 +27,8 @@ FLOW_NAME = "medflow"
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
     """Run every dvc.yaml stage (or those up to ``until``) as a Prefect task; a failure stops the rest."""
     results = []
-    for stage in stages.stage_order(project.root):
-        results.append(stage_task(stage)(str(project.root), stage))
+    for stage, must_check in stages.plan(project.root):
+        results.append(stage_task(stage)(str(project.root), stage, up_to_date=not must_check))
         if stage == until:
             break
     return results
@@ -43,7 +44,9 @@ def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
     try:
         with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
             results = run_pipeline(project)
+            start = time.perf_counter()
             decision = challenge(project, {"flow": FLOW_NAME})
+            decision["seconds"] = round(time.perf_counter() - start, 2)
             n_rejects = post_quarantine(project)
             post_summary(project, results, decision, f"medflow train: {dataset}", key=f"{dataset}-train-summary")
     except Busy as e:

@@ -123,6 +123,26 @@ def _artifact(key: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- tests
+def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) -> None:
+    from flows import stages
+
+    (tmp_path / "in.txt").write_text("1")
+    (tmp_path / "other.txt").write_text("1")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "cp in.txt a.txt", "deps": ["in.txt"], "outs": ["a.txt"]},
+        "b": {"cmd": "cp a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+        "c": {"cmd": "cp other.txt c.txt", "deps": ["other.txt"], "outs": ["c.txt"]}}}))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc(tmp_path, "init", "-q").returncode == 0
+    assert stages.plan(tmp_path) == [("a", True), ("b", True), ("c", True)]
+    assert dvc(tmp_path, "repro").returncode == 0
+    assert stages.plan(tmp_path) == [("a", False), ("b", False), ("c", False)]
+    (tmp_path / "in.txt").write_text("2")
+    assert stages.plan(tmp_path) == [("a", True), ("b", True), ("c", False)]
+    result = stages.repro_stage(tmp_path, "a")
+    assert result.ran and not stages.repro_stage(tmp_path, "a").ran
+
+
 def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harness: None) -> None:
     from flows.train import train_flow
     from tasks import registry
