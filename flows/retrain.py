@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
@@ -101,6 +102,9 @@ def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
             if fp["now"] == fp["last"]:
                 logger.info("%s: %s since the last ingestion (fingerprint %s)", dataset, NO_NEW_DATA,
                             fp["now"][:12])
+                create_markdown_artifact(f"# Retrain {dataset}: {NO_NEW_DATA}\n\nSource fingerprint `{fp['now']}` "
+                                         "is the one last ingested; nothing was run.",
+                                         key=f"{dataset}-retrain-summary", description=NO_NEW_DATA)
                 return {"dataset": dataset, "status": NO_NEW_DATA}
             results = _ingest_and_train(project)
             decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})

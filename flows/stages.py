@@ -8,11 +8,13 @@ run after ``dvc repro`` recomputes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -167,12 +169,16 @@ def _env() -> dict[str, str]:
 
 def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
         timeout_s: float | None = None) -> tuple[int, str]:
-    """Run ``dvc ARGS`` in ``project``; stream each output line to ``on_line``; return (exit code, output)."""
+    """Run ``dvc ARGS`` in ``project``; stream each output line to ``on_line``; return (exit code, output).
+
+    DVC runs in its own process group, so a timeout, or the flow run being cancelled or failing, kills the
+    stage's command (DVC's child) too, not only DVC.
+    """
     proc = subprocess.Popen([dvc_executable(), *args], cwd=project, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines: list[str] = []
     assert proc.stdout is not None
-    watchdog = None if timeout_s is None else threading.Timer(timeout_s, proc.kill)
+    watchdog = None if timeout_s is None else threading.Timer(timeout_s, _kill_group, (proc,))
     if watchdog is not None:
         watchdog.start()
     try:
@@ -184,9 +190,16 @@ def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if proc.poll() is None:  # interrupted (cancellation, Prefect timeout): take the stage down with us
+            _kill_group(proc)
     if code < 0 and timeout_s is not None:
         lines.append(f"ERROR: killed after the {timeout_s:g} s timeout\n")
     return code, "".join(lines)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def repro_stage(project: Path, stage: str, on_line: Callable[[str], None] | None = None,

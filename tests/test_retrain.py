@@ -264,3 +264,22 @@ def test_headline_rows_come_from_the_evaluation_metrics(tmp_path: Path) -> None:
     rows = dict(headline(path))
     assert rows == {"threshold": "0.4200", "test.roc_auc": "0.9000 (0.8000-0.9700)", "test.sensitivity": "0.9500"}
     assert headline(tmp_path / "absent.json") == []
+
+
+def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    (tmp_path / "fake").mkdir()
+    fake = tmp_path / "fake/dvc"
+    fake.write_text("#!/bin/sh\necho started\nsleep 30 &\necho $! > child.pid\nwait\n")
+    fake.chmod(0o755)
+    orig = stages.dvc_executable
+    stages.dvc_executable = lambda: str(fake)  # type: ignore[assignment]
+    try:
+        start = time.monotonic()
+        code, out = stages.dvc(tmp_path, "repro", timeout_s=0.5)
+    finally:
+        stages.dvc_executable = orig  # type: ignore[assignment]
+    assert code != 0 and "timeout" in out and time.monotonic() - start < 10
+    child = int((tmp_path / "child.pid").read_text())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie awaiting its reaper)
