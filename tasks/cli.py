@@ -55,7 +55,9 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "split": (
         "tasks.split",
         "seeded train/val/test split grouped by patient and near-duplicate group, stratified by label",
-        [("--clean", "clean manifest CSV (input)"), ("--out", "split manifest CSV (output)")],
+        [("--clean", "clean manifest CSV (input)"),
+         ("--out", "split manifest CSV (output; its previous version is extended when the params are unchanged)"),
+         ("--summary", "split summary JSON: counts and the split params it was made with (output)")],
     ),
     "validate": (
         "tasks.validate",

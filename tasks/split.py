@@ -22,8 +22,9 @@ Assignment (stratified by label, seeded by ``split.seed``):
 test, whole (rows of such a unit from outside the source test set follow it, with a warning); val is then
 carved out of the remaining units with ratio ``val / (train + val)``.
 
-:func:`extend_split` keeps the split of every unit already present in an earlier split manifest (the
-retrain flow adds new images without moving old ones) and places only the new units by the rule above.
+:func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
+only the new units by the rule above. The step (:func:`run`) extends its own previous output whenever the
+split params are unchanged, so new data never moves an image that was already assigned.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pandas as pd
 
 from tasks.config import Config, SplitConfig
 from tasks.errors import StepError
-from tasks.io import read_csv, write_csv
+from tasks.io import read_csv, read_json, write_csv, write_json
 from tasks.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -304,17 +305,44 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
                      for n, s in ((n, summary["splits"][n]) for n in names))
 
 
-def run(cfg: Config, *, clean: Path, out: Path) -> dict[str, Any]:
-    """Read clean.csv, split it (see the module docstring), write split.csv atomically; return counts."""
+def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
+    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
+    if not out.is_file():
+        return None
+    try:
+        made_with = read_json(summary).get("params")
+    except (OSError, ValueError):
+        made_with = None
+    if made_with != cfg.model_dump():
+        log.info("split: %s was made with other split params (or none recorded): splitting from scratch", out)
+        return None
+    try:
+        return read_csv(out)
+    except (OSError, ValueError) as e:
+        log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
+        return None
+
+
+def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
+    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
+
+    When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
+    same ``split`` params, the new split extends it (:func:`extend_split`): new data never moves an image
+    that was already assigned, so a patient in test stays in test. Other split params split from scratch.
+    """
     try:
         df = read_csv(clean)
     except FileNotFoundError:
         raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    previous = _previous(Path(out), Path(summary), cfg.split)
     try:
-        result = assign_splits(df, cfg.split)
+        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
     except StepError as e:
         raise StepError(f"{clean}: {e}") from None
     write_csv(out, result)
-    summary = split_summary(result)
-    log.info("split %s -> %s: %s", clean, out, _format(summary))
-    return summary
+    counts = split_summary(result)
+    kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
+    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
+    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
+             else "from scratch", _format(counts))
+    return counts

@@ -21,7 +21,8 @@ def test_every_step_has_help(step: str, capsys: pytest.CaptureFixture[str]) -> N
 def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
     params = tmp_path / "p.yaml"
     params.write_text("dataset: {name: t, labels: {A: 0, B: 1}}\nresize: {size: big}\n")
-    run = subprocess.run([*MEDFLOW, "split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv"],
+    run = subprocess.run([*MEDFLOW, "split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv",
+                          "--summary", "s.json"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2
     assert "resize.size" in run.stderr and "Traceback" not in run.stderr

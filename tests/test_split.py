@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_empty_manifest_fails() -> None:
 def test_run_writes_split_csv(tmp_path: Path) -> None:
     clean, out = tmp_path / "clean.csv", tmp_path / "split.csv"
     write_csv(clean, _skewed(120))
-    summary = run(_cfg(), clean=clean, out=out)
+    summary = run(_cfg(), clean=clean, out=out, summary=tmp_path / "split.json")
     split = read_csv(out)
     assert list(split.columns) == SPLIT_COLUMNS
     assert summary["images"] == 120 == len(split)
@@ -242,12 +243,42 @@ def test_run_writes_split_csv(tmp_path: Path) -> None:
 
 def test_run_missing_clean_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(StepError, match="clean.csv"):
-        run(_cfg(), clean=tmp_path / "clean.csv", out=tmp_path / "split.csv")
+        run(_cfg(), clean=tmp_path / "clean.csv", out=tmp_path / "split.csv", summary=tmp_path / "split.json")
 
 
 def test_run_error_names_the_file(tmp_path: Path) -> None:
     clean = tmp_path / "clean.csv"
     write_csv(clean, _skewed(20))
     with pytest.raises(StepError, match=r"clean\.csv: .*keep_source_test"):
-        run(_cfg(keep_source_test=True), clean=clean, out=tmp_path / "split.csv")
+        run(_cfg(keep_source_test=True), clean=clean, out=tmp_path / "split.csv", summary=tmp_path / "split.json")
     assert not (tmp_path / "split.csv").exists()
+
+
+def test_run_extends_its_previous_split_when_new_data_lands(tmp_path: Path) -> None:
+    """Re-running on a grown manifest keeps every earlier assignment (a patient in test stays in test)."""
+    clean, out, summary = tmp_path / "clean.csv", tmp_path / "split.csv", tmp_path / "split.json"
+    full = _skewed(400, seed=3)
+    old_groups = full["group"].unique()[: len(full["group"].unique()) * 3 // 4]
+    write_csv(clean, full[full["group"].isin(old_groups)])
+    run(_cfg(), clean=clean, out=out, summary=summary)
+    before = read_csv(out).set_index("path")["split"]
+    write_csv(clean, full)
+    run(_cfg(), clean=clean, out=out, summary=summary)
+    after = read_csv(out).set_index("path")["split"]
+    assert (after.loc[before.index] == before).all()
+    assert len(after) == len(full)
+    record = json.loads(summary.read_text())
+    assert record["extended"] and record["kept"] == len(before)
+    # from scratch, the same grown manifest would have moved some of the old images
+    scratch = assign_splits(full, _cfg().split).set_index("path")["split"]
+    assert (scratch.loc[before.index] != before).any()
+
+
+def test_run_splits_from_scratch_when_split_params_change(tmp_path: Path) -> None:
+    clean, out, summary = tmp_path / "clean.csv", tmp_path / "split.csv", tmp_path / "split.json"
+    write_csv(clean, _skewed(300, seed=4))
+    run(_cfg(), clean=clean, out=out, summary=summary)
+    run(_cfg(seed=7), clean=clean, out=out, summary=summary)
+    assert not json.loads(summary.read_text())["extended"]
+    expected = assign_splits(read_csv(clean), _cfg(seed=7).split)
+    assert (read_csv(out)["split"] == expected["split"]).all()
