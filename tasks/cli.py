@@ -98,7 +98,8 @@ EVALUATE_HELP = ("report on a trained model: with --split, the evaluate stage (t
 def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_HELP)
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    p.add_argument("--model", type=Path, help="model folder (default: models/<dataset.name>)")
+    p.add_argument("--model", type=Path, help="model folder (default: the champion registered in "
+                   "models/<dataset.name>, else models/<dataset.name>)")
     p.add_argument("--images", type=Path, required=True,
                    help="images.npy of the pipeline (with --split), or a folder with class subfolders")
     p.add_argument("--split", type=Path, help="split manifest CSV (the evaluate stage)")
@@ -113,7 +114,8 @@ def _add_model_commands(sub: Any) -> None:
                        "threshold; an unreadable file gets a row with its error")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or archive")
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    p.add_argument("--model", type=Path, help="model folder (default: models/<dataset.name>)")
+    p.add_argument("--model", type=Path, help="model folder (default: the champion registered in "
+                   "models/<dataset.name>, else models/<dataset.name>)")
     p.add_argument("--out", type=Path, help="predictions CSV (default: standard output)")
     p.add_argument("--threshold", type=float, help="override the model's stored operating threshold")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
@@ -121,9 +123,21 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _default_model(dataset: str, stage: bool = False) -> Path:
+    """models/<dataset>, or the champion the retrain flow promoted there (never for the evaluate stage,
+    which reports on the model the train stage just wrote)."""
+    from tasks.registry import champion_dir
+
+    root = Path("models") / dataset
+    chosen = None if stage else champion_dir(root)
+    if chosen is not None:
+        log.info("using the champion model %s", chosen)
+    return chosen or root
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     cfg = load_config(args.params)
-    model = args.model or Path("models") / cfg.dataset.name
+    model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
     from tasks import evaluate
 
     if args.split is not None:
@@ -138,9 +152,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    model = args.model
-    if model is None:
-        model = Path("models") / load_config(args.params).dataset.name
+    model = args.model or _default_model(load_config(args.params).dataset.name)
     from tasks import predict
 
     predict.run(args.paths, model=model, out=args.out, threshold=args.threshold, batch_size=args.batch_size,

@@ -327,3 +327,27 @@ def test_score_split_checks_the_image_shape(trained: Trained, tmp_path: Path) ->
     np.save(wrong, np.zeros((len(trained.files), 16, 16, 1), dtype=np.uint8))
     with pytest.raises(StepError, match="re-run resize"):
         evaluate.score_split(trained.model, wrong, trained.split, "test")
+
+
+def test_predict_defaults_to_the_champion(stage: Path, trained: Trained, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import yaml
+
+    from tasks import registry
+
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(_params(tmp_path)))
+    latest = tmp_path / "models" / "toy"
+    shutil.copytree(trained.model, latest, ignore=shutil.ignore_patterns("checkpoints"))
+    registry.promote(latest, registry.register(latest, trained.model))  # champion: the stored threshold
+    (latest / "threshold.json").write_text(json.dumps({"threshold": 0.999}))  # the latest model's own
+    assert main(["predict", str(trained.files[0]), "--no-progress"]) == 0
+    champion_threshold = read_json(trained.model / "threshold.json")["threshold"]
+    row = capsys.readouterr().out.splitlines()[1].split(",")
+    assert float(row[predict.COLUMNS.index("threshold")]) == pytest.approx(champion_threshold)
+    assert main(["predict", str(trained.files[0]), "--model", str(latest), "--no-progress"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split(",")
+    assert float(row[predict.COLUMNS.index("threshold")]) == 0.999
