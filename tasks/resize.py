@@ -10,12 +10,15 @@ atomically (a temporary file renamed into place): a crash leaves no half-written
 Preprocessing (the single source of truth: training, evaluation and prediction all go through
 :func:`load_resized` / :func:`decode_resized`):
 
-- JPEG in mode L or RGB is decoded by OpenCV (libjpeg-turbo) in the DCT domain at 1/2, 1/4 or 1/8 scale:
-  the largest factor that still leaves the short side at least ``size`` (:func:`reduction_factor`), so
-  nothing is upsampled afterwards. The entropy decoding still runs in full, the inverse DCT and colour
-  conversion on up to 64 times fewer pixels. OpenCV applies the EXIF orientation (in reduced modes too).
-  DCT scaling is a slightly different low-pass than a box average: on the Kermany X-rays the result is
-  on average 1.2 grey levels (at worst 3.0) from a full decode + INTER_AREA.
+- JPEG in mode L or RGB is decoded by libjpeg-turbo (through simplejpeg, its TurboJPEG API) in the DCT
+  domain at the smallest of the scales 1/8, 2/8, ..., 8/8 that leaves both sides at least ``size``
+  (:func:`jpeg_scale`), so nothing is upsampled afterwards. The entropy decoding still runs in full, the
+  inverse DCT and colour conversion on up to 64 times fewer pixels, and the area resize that follows
+  shrinks by less than 8/7 per side. (OpenCV's ``IMREAD_REDUCED_*`` only offers 1/2, 1/4 and 1/8, so a
+  600 px X-ray is decoded at 300 px instead of 225; its ``imdecode`` is also slower at equal scale.) The
+  EXIF orientation is read from the APP1 segment (:func:`jpeg_orientation`) and applied to the decoded
+  pixels. DCT scaling is a slightly different low-pass than a box average: on the Kermany X-rays the
+  result is on average 1.1 grey levels from a full decode + INTER_AREA.
 - Everything else (PNG, BMP, TIFF, GIF, WebP, CMYK or 12-bit JPEG, ...) is decoded by Pillow and
   normalised: EXIF orientation applied; 16-bit and 32-bit modes (``I;16``, ``I``, ``F``) scaled to 8 bits
   by the image's own range (min -> 0, max -> 255; a constant image -> 0), because 12-bit data stored in
@@ -71,7 +74,7 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -81,6 +84,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import cv2
 import numpy as np
+import simplejpeg
 from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
@@ -94,15 +98,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Part of every cache key: bump it when anything in the preprocessing below changes.
-RESIZE_VERSION = "1"
+RESIZE_VERSION = "2"
 
-# DCT scale factors libjpeg can decode at, largest first.
-JPEG_FACTORS = (8, 4, 2, 1)
-_JPEG_FLAGS = {  # (channels, factor) -> cv2.imdecode flag
-    (1, 1): cv2.IMREAD_GRAYSCALE, (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
-    (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
-    (3, 1): cv2.IMREAD_COLOR, (3, 2): cv2.IMREAD_REDUCED_COLOR_2,
-    (3, 4): cv2.IMREAD_REDUCED_COLOR_4, (3, 8): cv2.IMREAD_REDUCED_COLOR_8,
+# EXIF orientation (1-8) -> how to turn the stored pixels upright (what Pillow's exif_transpose does).
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: cv2.flip(a, 1), 3: lambda a: cv2.rotate(a, cv2.ROTATE_180), 4: lambda a: cv2.flip(a, 0),
+    5: lambda a: cv2.transpose(a), 6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
 }
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2 decodes the first)
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
@@ -142,13 +145,52 @@ class _Job(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def reduction_factor(width: int, height: int, size: int) -> int:
-    """Largest JPEG DCT scale factor (8, 4, 2 or 1) that keeps ``min(width, height) / factor >= size``.
+def jpeg_scale(width: int, height: int, size: int) -> int:
+    """The DCT scale, in eighths, that a JPEG of ``width x height`` is decoded at for a ``size`` output.
 
-    So the reduced decode never has to be upsampled back to ``size`` (no resolution is lost).
+    The smallest ``m`` in 1..8 with both ``ceil(width * m / 8)`` and ``ceil(height * m / 8)`` at least
+    ``size`` (8, a full decode, for images smaller than that): the reduced decode never has to be upsampled
+    back to ``size``, so no resolution is lost. This is the scale libjpeg-turbo picks when asked for a
+    minimum output size, which is how :func:`_decode_jpeg` asks for it.
     """
-    short = min(width, height)
-    return next(f for f in JPEG_FACTORS if f == 1 or short / f >= size)
+    return next((m for m in range(1, 8) if -(-width * m // 8) >= size and -(-height * m // 8) >= size), 8)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of a JPEG, read from its APP1 segment; 1 when absent or unreadable.
+
+    Walks the marker segments before the first scan (a few microseconds); the orientation is tag 0x0112 of
+    the TIFF structure's first IFD.
+    """
+    pos, end = 2, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan or end of image: no EXIF before the pixels
+            return 1
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10:pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    def u(at: int, n: int) -> int:
+        return int.from_bytes(tiff[at:at + n], order)  # type: ignore[arg-type]
+    ifd = u(4, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * u(ifd, 2), len(tiff) - 11), 12):
+        if u(entry, 2) == 0x0112 and u(entry + 2, 2) == 3:  # orientation, type SHORT
+            value = u(entry + 8, 2)
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def cache_key(sha256: str, size: int, channels: int) -> str:
@@ -196,25 +238,26 @@ def _info_or_none(width: int | None, height: int | None, fmt: str | None,
 
 
 def _decode(data: bytes, *, size: int, channels: int, info: ImageInfo | None,
-            name: str) -> tuple[np.ndarray, int]:
-    """Decode and preprocess; also return the JPEG reduction factor used (1 = full decode)."""
+            name: str) -> tuple[np.ndarray, bool]:
+    """Decode and preprocess; also say whether the JPEG was decoded at a reduced DCT scale."""
     info = info or probe_header(data, name)
     if info.fmt in _JPEG_FORMATS and info.mode in _JPEG_DIRECT_MODES:
-        factor = reduction_factor(info.width, info.height, size)
         # A grayscale JPEG is decoded and resized as one channel and replicated at the end (exactly what
         # libjpeg's gray -> colour conversion gives, on size**2 pixels instead of the source's).
-        decoded_channels = 1 if info.mode == "L" else channels
-        img = _resize_square(_decode_jpeg(data, decoded_channels, factor, name), size)
-        return _to_channels(img, channels, bgr=decoded_channels == 3), factor
-    img = _resize_square(_decode_pillow(data, channels, name), size)
-    return img, 1
+        decoded = _decode_jpeg(data, 1 if info.mode == "L" else channels, size, name)
+        reduced = decoded.shape[0] * decoded.shape[1] < info.width * info.height
+        img = _resize_square(_ORIENT.get(jpeg_orientation(data), _upright)(decoded), size)
+        return _to_channels(img, channels), reduced
+    return _resize_square(_decode_pillow(data, channels, name), size), False
 
 
-def _to_channels(img: np.ndarray, channels: int, *, bgr: bool) -> np.ndarray:
-    """(size, size, 1 or 3) -> (size, size, channels) in RGB order: gray replicated, BGR reordered."""
-    if img.shape[2] < channels:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
+def _upright(img: np.ndarray) -> np.ndarray:
+    return img
+
+
+def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(size, size, 1 or 3) -> (size, size, channels): gray replicated when three channels are asked."""
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.shape[2] < channels else img
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -232,17 +275,19 @@ def _jpeg_complete(data: bytes) -> bool:
     return last_sos >= 0 and data.find(_EOI, last_sos) >= 0
 
 
-def _decode_jpeg(data: bytes, channels: int, factor: int, name: str) -> np.ndarray:
-    """libjpeg-turbo decode at 1/factor scale, EXIF orientation applied; gray (H, W) or BGR (H, W, 3)."""
+def _decode_jpeg(data: bytes, channels: int, size: int, name: str) -> np.ndarray:
+    """libjpeg-turbo decode at the scale of :func:`jpeg_scale`, stored orientation; gray (H, W, 1) or RGB.
+
+    Not strict: like OpenCV and Pillow, libjpeg's recoverable warnings (extraneous bytes before a marker,
+    say) do not fail the image; a truncated one is caught by :func:`_jpeg_complete` first.
+    """
     if not _jpeg_complete(data):
         raise StepError(f"{name}: truncated JPEG (no end-of-image marker after the last scan)")
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS[channels, factor])
-    except cv2.error as e:
+        return simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB", min_height=size,
+                                      min_width=size, strict=False)
+    except Exception as e:  # simplejpeg raises ValueError (and RuntimeError) on undecodable data
         raise StepError(f"{name}: cannot decode JPEG: {e}") from e
-    if img is None:
-        raise StepError(f"{name}: cannot decode JPEG")
-    return img
 
 
 def _decode_pillow(data: bytes, channels: int, name: str) -> np.ndarray:
@@ -526,7 +571,7 @@ def _copy_some(dst: int, src: int, count: int, src_pos: int, dst_pos: int) -> in
 
 class _Decoded(NamedTuple):
     key: str
-    factor: int  # JPEG reduction factor used (1 = full decode)
+    reduced: bool  # a JPEG decoded at a reduced DCT scale
     data: bytes  # the (size, size, channels) uint8 array's bytes
 
 
@@ -534,9 +579,9 @@ def _decode_jobs(jobs: list[_Job], *, size: int, channels: int) -> list[_Decoded
     """Worker body: decode a chunk of images and hand their bytes back (about 50 KB each, cheap to pickle)."""
     out = []
     for job in jobs:
-        img, factor = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info,
-                              name=job.path)
-        out.append(_Decoded(job.key, factor, img.tobytes()))
+        img, reduced = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info,
+                               name=job.path)
+        out.append(_Decoded(job.key, reduced, img.tobytes()))
     return out
 
 
@@ -729,7 +774,7 @@ def _assemble(fd: int, jobs: list[_Job], cached: dict[str, CacheEntry], results:
         for row in rows_of[result.key]:
             _pwrite_all(fd, result.data, start + row * nbytes)
         shard.append(result.key, result.data)
-        decoded, reduced = decoded + 1, reduced + (result.factor > 1)
+        decoded, reduced = decoded + 1, reduced + result.reduced
     if decoded != expected:  # cannot happen unless an executor loses work: never write a partial array
         raise StepError(f"resize: {decoded} of {expected} images came back from decoding")
     return _Counts(decoded, reduced)
@@ -750,7 +795,7 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     Only images missing from the content-addressed ``cache`` are decoded (in parallel processes).
     Returns the statistics also written to ``stats``: images, decoded, cached (= images - decoded),
     shape, seconds, images_per_s (images / seconds), workers (decoding processes, or threads for a
-    handful of images; 0 when everything was cached) and reduced_decodes (JPEGs decoded at 1/2-1/8).
+    handful of images; 0 when everything was cached) and reduced_decodes (JPEGs decoded at a reduced DCT scale).
     """
     from tasks.io import atomic_path, n_workers, write_json
 

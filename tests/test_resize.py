@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_dataset
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tasks import resize
 from tasks.config import Config, parse_config
@@ -81,16 +81,62 @@ def _solid(rgb: tuple[int, int, int], h: int = 40, w: int = 50) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("w", "h", "size", "factor"), [
-    (2000, 1600, 224, 4),   # 1600 / 8 = 200 < 224, 1600 / 4 = 400
-    (1792, 2000, 224, 8),   # exactly 224 on the short side at 1/8
-    (1791, 2000, 224, 4),
-    (500, 448, 224, 2),
-    (447, 900, 224, 1),
-    (100, 100, 224, 1),     # smaller than the output: full decode, then enlarged
+@pytest.mark.parametrize(("w", "h", "size", "eighths"), [
+    (2000, 1600, 224, 2),   # 1600 / 8 = 200 < 224, 1600 * 2 / 8 = 400
+    (1792, 2000, 224, 1),   # exactly 224 on the short side at 1/8
+    (1791, 2000, 224, 1),   # libjpeg rounds scaled sizes up: ceil(1791 / 8) = 224
+    (1784, 2000, 224, 2),   # 1784 / 8 = 223
+    (600, 1000, 224, 3),    # 225 x 375: OpenCV's 1/2, 1/4, 1/8 would decode 300 x 500
+    (500, 448, 224, 4),     # both sides count: 448 * 3 / 8 = 168
+    (100, 100, 224, 8),     # smaller than the output: full decode, then enlarged
 ])
-def test_reduction_factor(w: int, h: int, size: int, factor: int) -> None:
-    assert resize.reduction_factor(w, h, size) == factor
+def test_jpeg_scale(w: int, h: int, size: int, eighths: int) -> None:
+    assert resize.jpeg_scale(w, h, size) == eighths
+
+
+@pytest.mark.parametrize(("w", "h"), [(600, 1000), (1000, 600), (447, 900), (1791, 2000), (700, 90)])
+def test_jpeg_decoded_at_the_documented_scale(w: int, h: int) -> None:
+    """What libjpeg-turbo picks for a minimum output size is the scale jpeg_scale documents."""
+    data = cv2.imencode(".jpg", _texture(h, w)[..., 0])[1].tobytes()
+    m = resize.jpeg_scale(w, h, 224)
+    assert resize._decode_jpeg(data, 1, 224, "x").shape == (-(-h * m // 8), -(-w * m // 8), 1)
+
+
+def _exif(orientation: int, order: str, tag: int = 0x0112) -> bytes:
+    """An APP1 EXIF payload: IFD0 with Make and the orientation ``tag``, little- or big-endian."""
+    bo = "little" if order == "II" else "big"
+    def u(v: int, n: int) -> bytes:
+        return v.to_bytes(n, bo)  # type: ignore[arg-type]
+    tiff = (order.encode() + u(42, 2) + u(8, 4) + u(2, 2)
+            + u(0x010F, 2) + u(2, 2) + u(4, 4) + b"abc\0"  # Make = "abc", inline
+            + u(tag, 2) + u(3, 2) + u(1, 4) + u(orientation, 2) + b"\0\0" + u(0, 4))
+    return b"Exif\0\0" + tiff
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+def test_jpeg_orientation_parsed_in_both_byte_orders(order: str) -> None:
+    def app1(body: bytes) -> bytes:
+        return b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+    jfif = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    exif, sos = app1(_exif(7, order)), b"\xff\xda\x00\x02"
+    assert resize.jpeg_orientation(b"\xff\xd8" + jfif + exif + sos) == 7
+    assert resize.jpeg_orientation(b"\xff\xd8" + jfif + sos + exif) == 1  # after the scan: not the image's
+    assert resize.jpeg_orientation(b"\xff\xd8" + exif[:30]) == 1  # cut short: no crash, upright
+    assert resize.jpeg_orientation(b"\xff\xd8" + app1(_exif(7, order, tag=0x0113)) + sos) == 1
+    assert resize.jpeg_orientation(b"\xff\xd8" + app1(_exif(9, order)) + sos) == 1  # not an orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    f = _save(tmp_path / "o.jpg", _texture(240, 400), quality=95, exif=exif.tobytes())
+    assert resize.jpeg_orientation(f.read_bytes()) == orientation
+    with Image.open(f) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    want = cv2.resize(upright, (64, 48), interpolation=cv2.INTER_AREA)
+    got = cv2.resize(resize.load_resized(f, size=96, channels=3), (64, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(got.astype(int) - want).mean() < 3  # a mis-turned image is tens of levels off
 
 
 def test_cache_key_depends_on_content_size_channels() -> None:
@@ -225,7 +271,7 @@ def test_cmyk_jpeg_to_rgb(tmp_path: Path) -> None:
 
 def test_reduced_decode_close_to_full_decode_reference(tmp_path: Path) -> None:
     f = _save(tmp_path / "big.jpg", _texture(1200, 1600, seed=3), quality=90)
-    assert resize.reduction_factor(1600, 1200, 100) == 8
+    assert resize.jpeg_scale(1600, 1200, 100) == 1  # decoded at 1/8: 200 x 150
     got = resize.load_resized(f, size=100, channels=3)
     full = np.asarray(Image.open(f).convert("RGB"))
     want = cv2.resize(full, (100, 100), interpolation=cv2.INTER_AREA)
@@ -262,7 +308,7 @@ def test_run_writes_rows_in_clean_csv_order(tmp_path: Path) -> None:
         assert np.array_equal(row, resize.load_resized(f, size=24, channels=3))
     assert summary["images"] == 5 and summary["decoded"] == 5 and summary["cached"] == 0
     assert summary["shape"] == [5, 24, 24, 3]
-    assert summary["reduced_decodes"] == 3  # the three JPEGs (short side >= 48): decoded at 1/2
+    assert summary["reduced_decodes"] == 3  # the three JPEGs (short side >= 60): decoded at 4/8
     # no temporary files left beside the outputs
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "stats.json"]
     mm = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")  # how training reads it
@@ -518,7 +564,7 @@ assert s["workers"] == 2 and s["decoded"] == {len(files)}, s
 
 
 def test_reduced_decodes_counted(tmp_path: Path) -> None:
-    big = _save(tmp_path / "big.jpg", _texture(400, 600), quality=90)  # 400 / 4 >= 64: factor 4
+    big = _save(tmp_path / "big.jpg", _texture(400, 600), quality=90)  # decoded at 2/8: 150 x 100
     _, summary = _run(tmp_path, [big, _dataset(tmp_path, 1)[0]], _cfg(size=64, channels=1))
     assert summary["reduced_decodes"] == 1 and summary["decoded"] == 2
 
