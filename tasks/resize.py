@@ -71,6 +71,7 @@ import multiprocessing as mp
 import os
 import sqlite3
 import sys
+import threading
 import time
 import types
 import uuid
@@ -80,7 +81,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import cv2
 import numpy as np
@@ -96,6 +97,7 @@ if TYPE_CHECKING:
     from tasks.config import Config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Part of every cache key: bump it when anything in the preprocessing below changes.
 RESIZE_VERSION = "2"
@@ -477,32 +479,21 @@ def cache_forget(cache: Path | str, keys: Iterable[str]) -> int:
         db.close()
 
 
-class _ShardWriter:
-    """Appends this run's decoded images to one new shard file and records them in the index.
+class _IndexWriter:
+    """Records the entries this run decoded in the index, in transactions of ``_COMMIT_EVERY``.
 
-    The shard (``shards/<random>.bin``) is created on the first entry and only ever appended to, by this
-    run alone. An entry counts once its index record is committed, which happens after its bytes were
-    written: every ``_COMMIT_EVERY`` entries and when the run ends, also on an error, so that what was
-    decoded is kept. A crash can leave bytes without records at the end of a shard: they are never read.
+    The workers wrote an entry's bytes to their shard before handing its (shard, offset) back, so a
+    record never points at bytes that are not there. Pending records are committed when the run ends,
+    also on an error, so that what was decoded is kept. A crash can leave bytes without records at the
+    end of a shard: they are never read.
     """
 
     def __init__(self, db: sqlite3.Connection, cache: str) -> None:
         self._db, self._cache = db, cache
-        self._name = f"{uuid.uuid4().hex}.bin"
-        self._fd = -1
-        self._offset = 0
         self._pending: list[tuple[str, str, int, int]] = []
 
-    def append(self, key: str, data: bytes) -> None:
-        try:
-            if self._fd < 0:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_BINARY", 0)
-                self._fd = os.open(_shard_path(self._cache, self._name), flags, 0o644)
-            _write_all(self._fd, data)
-        except OSError as e:
-            raise StepError(f"{self._cache}: cannot write to the resize cache: {e}") from e
-        self._pending.append((key, self._name, self._offset, len(data)))
-        self._offset += len(data)
+    def record(self, key: str, shard: str, offset: int, nbytes: int) -> None:
+        self._pending.append((key, shard, offset, nbytes))
         if len(self._pending) >= _COMMIT_EVERY:
             self.commit()
 
@@ -516,13 +507,14 @@ class _ShardWriter:
             raise StepError(f"{_index_path(self._cache)}: cannot record new resize cache entries: {e}") from e
         self._pending.clear()
 
-    def close(self) -> None:
-        try:
-            self.commit()
-        finally:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+
+@contextlib.contextmanager
+def _index_writer(db: sqlite3.Connection, cache: str) -> Iterator[_IndexWriter]:
+    writer = _IndexWriter(db, cache)
+    try:
+        yield writer
+    finally:  # also on an error: the entries decoded so far are kept
+        writer.commit()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -531,7 +523,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, pos)
@@ -569,20 +561,60 @@ def _copy_some(dst: int, src: int, count: int, src_pos: int, dst_pos: int) -> in
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _Task(NamedTuple):
+    job: _Job
+    offsets: tuple[int, ...]  # where the image's row(s) start in the output file (identical files: several)
+
+
 class _Decoded(NamedTuple):
     key: str
     reduced: bool  # a JPEG decoded at a reduced DCT scale
-    data: bytes  # the (size, size, channels) uint8 array's bytes
+    shard: str  # name of the shard file its bytes were appended to, under shards/
+    offset: int  # where in that shard
 
 
-def _decode_jobs(jobs: list[_Job], *, size: int, channels: int) -> list[_Decoded]:
-    """Worker body: decode a chunk of images and hand their bytes back (about 50 KB each, cheap to pickle)."""
-    out = []
-    for job in jobs:
-        img, reduced = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info,
-                               name=job.path)
-        out.append(_Decoded(job.key, reduced, img.tobytes()))
-    return out
+def _decode_chunk(tasks: list[_Task], *, size: int, channels: int, out: str, shard_prefix: str) -> list[_Decoded]:
+    """Worker body: decode a chunk of images and write each to its output row(s) and to this worker's shard.
+
+    Only (key, shard, offset) goes back to the parent: the pixels never travel through a pipe, so the
+    parent, which shares the cores with the workers, has next to nothing to do. Each worker (process, or
+    thread of the in-process path) appends to a shard of its own, ``<run>-<pid>-<thread>.bin``.
+    """
+    name = f"{os.path.basename(shard_prefix)}-{os.getpid()}-{threading.get_ident()}.bin"
+    shard_path = os.path.join(os.path.dirname(shard_prefix), name)
+    results = []
+    with _opened(out, os.O_WRONLY, "cannot write the output") as out_fd, \
+            _opened(shard_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "cannot write to the resize cache") as shard:
+        offset = os.fstat(shard).st_size
+        for task in tasks:
+            job = task.job
+            img, reduced = _decode(_read_bytes(job.path), size=size, channels=channels, info=job.info,
+                                   name=job.path)
+            data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
+            try:
+                for pos in task.offsets:
+                    _pwrite_all(out_fd, data, pos)
+            except OSError as e:
+                raise StepError(f"{out}: cannot write the output: {e}") from e
+            try:
+                _write_all(shard, data)
+            except OSError as e:
+                raise StepError(f"{shard_path}: cannot write to the resize cache: {e}") from e
+            results.append(_Decoded(job.key, reduced, name, offset))
+            offset += len(data)
+    return results
+
+
+@contextlib.contextmanager
+def _opened(path: str, flags: int, what: str) -> Iterator[int]:
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0), 0o644)
+    except OSError as e:
+        raise StepError(f"{path}: {what}: {e.strerror or e}") from e
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _worker_init() -> None:
@@ -617,7 +649,7 @@ def _main_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _chunks(todo: list[_Job], workers: int) -> list[list[_Job]]:
+def _chunks(todo: list[T], workers: int) -> list[list[T]]:
     """Split the work, in row order, into chunks that shrink towards the end (guided scheduling).
 
     Big chunks early keep the per-task overhead small; single images at the end make the workers finish
@@ -634,13 +666,14 @@ def _chunks(todo: list[_Job], workers: int) -> list[list[_Job]]:
 
 
 @contextlib.contextmanager
-def _decoding(todo: list[_Job], *, size: int, channels: int, workers: int) -> Iterator[Iterator[_Decoded]]:
-    """Start decoding ``todo`` at once; yield an iterator over the results in the order they finish.
+def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out: str,
+              shard_prefix: str) -> Iterator[Iterator[_Decoded]]:
+    """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish.
 
     Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
     process: OpenCV and Pillow release the GIL while decoding, and processes would take longer to start.
     """
-    job = partial(_decode_jobs, size=size, channels=channels)
+    job = partial(_decode_chunk, size=size, channels=channels, out=out, shard_prefix=shard_prefix)
     executor: Executor
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
         executor, chunks = ThreadPoolExecutor(max(1, workers)), [[j] for j in todo]
@@ -711,14 +744,28 @@ def _job(row: dict[str, str], line: int, clean: Path, size: int, channels: int) 
     return _Job(cache_key(sha, size, channels), path, info)
 
 
-def _unique(jobs: Iterable[_Job]) -> list[_Job]:
-    """The first job of each cache key (identical files are decoded once), in row order."""
-    return list({job.key: job for job in reversed(list(jobs))}.values())[::-1]
-
-
-def _write_npy_header(f: BinaryIO, shape: tuple[int, ...]) -> None:
+def _npy_header(shape: tuple[int, ...]) -> bytes:
     header = {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-    npy_format.write_array_header_1_0(f, header)
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def _plan(jobs: list[_Job], cached: dict[str, CacheEntry], *, start: int,
+          nbytes: int) -> tuple[list[tuple[int, CacheEntry]], list[_Task]]:
+    """Cached rows as (row, entry), and one task per distinct uncached image (its rows' offsets), in row order."""
+    hits: list[tuple[int, CacheEntry]] = []
+    rows_of: dict[str, list[int]] = {}
+    first: dict[str, _Job] = {}
+    for row, job in enumerate(jobs):
+        entry = cached.get(job.key)
+        if entry is None:
+            rows_of.setdefault(job.key, []).append(row)
+            first.setdefault(job.key, job)
+        else:
+            hits.append((row, entry))
+    todo = [_Task(first[key], tuple(start + row * nbytes for row in rows)) for key, rows in rows_of.items()]
+    return hits, todo
 
 
 def _copy_cached(fd: int, rows: list[tuple[int, CacheEntry]], *, start: int, nbytes: int) -> None:
@@ -753,40 +800,15 @@ def _runs(rows: list[tuple[int, CacheEntry]]) -> Iterator[tuple[int, CacheEntry,
     yield first_row, first, count
 
 
-def _assemble(fd: int, jobs: list[_Job], cached: dict[str, CacheEntry], results: Iterator[_Decoded],
-              shard: _ShardWriter, *, start: int, nbytes: int, expected: int) -> _Counts:
-    """Fill every row of the output: cached rows from the shards, then each decoded image as it arrives.
-
-    Decoded images are written to their row(s) and appended to this run's shard. The workers are already
-    decoding while the cached rows are copied.
-    """
-    rows_of: dict[str, list[int]] = {}
-    hits: list[tuple[int, CacheEntry]] = []
-    for row, job in enumerate(jobs):
-        entry = cached.get(job.key)
-        if entry is None:
-            rows_of.setdefault(job.key, []).append(row)
-        else:
-            hits.append((row, entry))
-    _copy_cached(fd, hits, start=start, nbytes=nbytes)
+def _collect(results: Iterator[_Decoded], index: _IndexWriter, *, nbytes: int, expected: int) -> _Counts:
+    """Record each decoded image in the cache index as it arrives (the workers wrote its bytes)."""
     decoded = reduced = 0
     for result in results:
-        for row in rows_of[result.key]:
-            _pwrite_all(fd, result.data, start + row * nbytes)
-        shard.append(result.key, result.data)
+        index.record(result.key, result.shard, result.offset, nbytes)
         decoded, reduced = decoded + 1, reduced + result.reduced
     if decoded != expected:  # cannot happen unless an executor loses work: never write a partial array
         raise StepError(f"resize: {decoded} of {expected} images came back from decoding")
     return _Counts(decoded, reduced)
-
-
-@contextlib.contextmanager
-def _shard_writer(db: sqlite3.Connection, cache: str) -> Iterator[_ShardWriter]:
-    writer = _ShardWriter(db, cache)
-    try:
-        yield writer
-    finally:  # also on an error: the entries written so far are kept
-        writer.close()
 
 
 def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dict[str, Any]:
@@ -806,19 +828,21 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     shape = (len(jobs), size, size, channels)
     # Not fsynced (like tasks.io.atomic_path): the rename already keeps a crash of this process from
     # leaving a partial array under its name; after a power loss DVC's hash check catches a damaged one.
-    unique = _unique(jobs)
-    with _usable_index(cache_dir, [job.key for job in unique]) as (db, found):
+    header = _npy_header(shape)
+    with _usable_index(cache_dir, list(dict.fromkeys(job.key for job in jobs))) as (db, found):
         cached = {key: entry for key, entry in found.items() if entry.nbytes == nbytes}
-        todo = [job for job in unique if job.key not in cached]
+        hits, todo = _plan(jobs, cached, start=len(header), nbytes=nbytes)
         workers = min(n_workers(cfg.resize.workers), len(todo))
-        with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, _shard_writer(db, cache_dir) as shard, \
-                _decoding(todo, size=size, channels=channels, workers=workers) as results:
-            _write_npy_header(f, shape)
+        shard_prefix = _shard_path(cache_dir, uuid.uuid4().hex)
+        with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, _index_writer(db, cache_dir) as index:
+            f.write(header)
+            f.truncate(len(header) + len(jobs) * nbytes)
             f.flush()
-            header = f.tell()
-            f.truncate(header + len(jobs) * nbytes)
-            counts = _assemble(f.fileno(), jobs, cached, results, shard, start=header, nbytes=nbytes,
-                               expected=len(todo))
+            # the workers write the decoded rows while this process copies the cached ones
+            with _decoding(todo, size=size, channels=channels, workers=workers, out=str(tmp),
+                           shard_prefix=shard_prefix) as results:
+                _copy_cached(f.fileno(), hits, start=len(header), nbytes=nbytes)
+                counts = _collect(results, index, nbytes=nbytes, expected=len(todo))
     seconds = time.perf_counter() - start
     summary = {"images": len(jobs), "decoded": counts.decoded, "cached": len(jobs) - counts.decoded,
                "shape": list(shape), "seconds": round(seconds, 3),

@@ -375,28 +375,30 @@ def test_bytes_without_index_records_at_a_shard_end_are_harmless(tmp_path: Path)
     files = _dataset(tmp_path, 3)
     cfg = _cfg(size=16)
     first, _ = _run(tmp_path, files[:2], cfg)
-    (shard,) = (tmp_path / "cache" / resize.SHARDS_DIR).iterdir()
-    with open(shard, "ab") as f:
-        f.write(b"\xff" * 1000)  # half an entry
+    for shard in (tmp_path / "cache" / resize.SHARDS_DIR).iterdir():  # one per worker thread
+        with open(shard, "ab") as f:
+            f.write(b"\xff" * 1000)  # half an entry
     images, summary = _run(tmp_path, files, cfg)
     assert (summary["decoded"], summary["cached"]) == (1, 2)
     assert np.array_equal(images[:2], first)
     assert np.array_equal(images[2], resize.load_resized(files[2], size=16, channels=3))
 
 
-def test_cache_layout_one_shard_per_run_that_decodes(tmp_path: Path) -> None:
-    files = _dataset(tmp_path, 4)
-    cfg = _cfg(size=16, channels=1)
+@pytest.mark.parametrize("n", [4, pytest.param(resize.POOL_MIN_IMAGES + 4, marks=pytest.mark.slow)])
+def test_cache_layout_one_shard_per_worker_of_a_run_that_decodes(tmp_path: Path, n: int) -> None:
+    files = _dataset(tmp_path, n)
+    cfg = _cfg(size=16, channels=1, workers=2)  # threads for 4 images, processes for 12
     shards = tmp_path / "cache" / resize.SHARDS_DIR
-    _run(tmp_path, files[:3], cfg)
-    assert len(list(shards.iterdir())) == 1
+    _run(tmp_path, files[:-1], cfg)
+    first = {p.name for p in shards.iterdir()}
+    assert 1 <= len(first) <= 2 and len({name.split("-")[0] for name in first}) == 1  # one run
     assert (tmp_path / "cache" / resize.INDEX_NAME).is_file()
-    _run(tmp_path, files[:3], cfg)  # everything cached: no new shard
-    assert len(list(shards.iterdir())) == 1
-    _run(tmp_path, files, cfg)
-    assert len(list(shards.iterdir())) == 2 and shards.stat().st_size > 0
+    _run(tmp_path, files[:-1], cfg)  # everything cached: no new shard
+    assert {p.name for p in shards.iterdir()} == first
+    _, summary = _run(tmp_path, files, cfg)
+    assert summary["decoded"] == 1 and len(list(shards.iterdir())) == len(first) + 1
     entries = resize.cache_lookup(tmp_path / "cache", [_key(f, 16, 1) for f in files])
-    assert len(entries) == 4 and {e.nbytes for e in entries.values()} == {16 * 16}
+    assert len(entries) == n and {e.nbytes for e in entries.values()} == {16 * 16}
     # leftovers of the sqlite journal are gone once the run closed the index
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [resize.INDEX_NAME, resize.SHARDS_DIR]
 
@@ -416,16 +418,16 @@ sys.path[:0] = {paths!r}
 from tasks import resize
 from tasks.config import parse_config
 resize._COMMIT_EVERY = 2
-append = resize._ShardWriter.append
+record = resize._IndexWriter.record
 calls = []
-def crash_on_fourth(self, key, data):
-    calls.append(key)
+def crash_on_fourth(self, *entry):
+    calls.append(entry)
     if len(calls) == 4:
         for worker in multiprocessing.active_children():  # orphaned workers would wait forever
             worker.kill()
         os._exit(3)  # a hard crash of the step: no finally block, no commit
-    append(self, key, data)
-resize._ShardWriter.append = crash_on_fourth
+    record(self, *entry)
+resize._IndexWriter.record = crash_on_fourth
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
                     "resize": {{"size": 16, "workers": {workers}}}}})
 resize.run(cfg, clean={clean!r}, out={out!r}, stats={stats!r}, cache={cache!r})
@@ -444,7 +446,7 @@ def test_hard_crash_keeps_only_committed_entries(tmp_path: Path, workers: int) -
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "images.npy").exists()  # (its temporary file stays: nobody removed it)
-    # 3 entries written, records committed after the 2nd: exactly 2 count
+    # 3 or more entries written, records committed after the 2nd: exactly 2 count
     assert len(resize.cache_lookup(tmp_path / "cache", [_key(f, 16, 1) for f in files])) == 2
     images, summary = _run(tmp_path, files, _cfg(size=16, channels=1, workers=workers))
     assert (summary["decoded"], summary["cached"]) == (len(files) - 2, 2)
@@ -645,11 +647,11 @@ def _clean_csv_raw(dest: Path, files: list[Path], sha: str) -> Path:
 
 def test_dead_worker_becomes_a_step_error() -> None:
     def results() -> Iterator[resize._Decoded]:
-        yield resize._Decoded("k", 1, b"x")
+        yield resize._Decoded("k", True, "s.bin", 0)
         raise BrokenProcessPool("a worker was killed")
 
     got = resize._unbroken(results())
-    assert next(got) == ("k", 1, b"x")
+    assert next(got) == ("k", True, "s.bin", 0)
     with pytest.raises(StepError, match=r"worker process died.*resize.workers: 1"):
         next(got)
 
