@@ -34,29 +34,30 @@ Preprocessing (the single source of truth: training, evaluation and prediction a
   :class:`StepError` naming it: the filter step should have quarantined it.
 
 Cache. Every resized image is kept in a packed, content-addressed cache, under the key
-``sha256(image sha256, size, channels, RESIZE_VERSION)`` (:func:`cache_key`). A run that decodes appends
-the raw bytes of its images to one new shard file, ``shards/<random>.bin``, written by that run alone, and
-records ``key -> (shard, offset, nbytes)`` in an SQLite index, ``index.sqlite``; a key counts as cached once
-its record is committed, after its bytes were written, so a crash at any moment leaves at worst bytes that
-no record points to (never read) and images decoded again. An image whose key is cached is never decoded
-again, so when new data lands only the new files are decoded; cached rows are copied from the shards into
-the output in the kernel (``copy_file_range``), rows that follow each other in a shard in one call: a
-handful of calls instead of opening one file per image (0.2 to 0.9 ms each here). A record whose shard
-is missing or too short is ignored (its image decoded again); a damaged index is replaced by an empty
-one. Bump :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are never compacted: bytes of
-a former version or size stay until the cache folder is deleted.
+``sha256(image sha256, size, channels, RESIZE_VERSION)`` (:func:`cache_key`). Each worker of a run that
+decodes appends the raw bytes of its images to a shard file of its own, ``shards/<run>-<pid>-<thread>.bin``,
+and the run records ``key -> (shard, offset, nbytes)`` in an SQLite index, ``index.sqlite``; a key counts
+as cached once its record is committed, after its bytes were written, so a crash at any moment leaves at
+worst bytes that no record points to (never read) and images decoded again. An image whose key is cached
+is never decoded again, so when new data lands only the new files are decoded; cached rows are copied
+from the shards into the output in the kernel (``copy_file_range``), rows that follow each other in a
+shard in one call: a few dozen calls instead of opening one file per image (0.2 to 0.9 ms each here). A
+record whose shard is missing or too short is ignored (its image decoded again); a damaged index is
+replaced by an empty one. Bump :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are
+never compacted: bytes of a former version or size stay until the cache folder is deleted.
 
 Parallelism. Uncached images are decoded by a pool of processes (``resize.workers``, 0 = all cores), each
-single-threaded in OpenCV, costliest files first, in chunks that shrink towards the end so that the
-workers finish together. Workers return the resized bytes (about 50 KB an image, cheap to pickle); the
-parent writes each to its row(s) of the output, which it fills out of order (``pwrite`` at the row's
-offset), and to the shard, while the workers run ahead. Workers are forked by a ``forkserver`` that has
-preloaded this module, never from the caller: a forked copy of a process whose OpenCV thread pool has
-started deadlocks in its first OpenCV threading call (seen here in ``cv2.setNumThreads``), and Prefect
-callers run other threads too. This module keeps pandas (``tasks.io``) out of its import path, so the
-server starts in about 0.4 s instead of 1.5, and workers do not re-run the caller's main module (see
-:func:`_main_hidden`). A handful of images (new data landing) is decoded by threads in-process (OpenCV
-and Pillow release the GIL while decoding): processes would cost more to start than they save.
+single-threaded in OpenCV, in row order, in chunks that shrink towards the end so that the workers finish
+together. A worker writes each resized image itself, to its row(s) of the output (``pwrite`` at the row's
+offset: the file is filled out of order) and to its shard, and hands back only where the bytes went: the
+pixels never cross a pipe, and the parent, which shares the cores with the workers, only copies cached
+rows and records index entries. Workers are forked by a ``forkserver`` that has preloaded this module,
+never from the caller: a forked copy of a process whose OpenCV thread pool has started deadlocks in its
+first OpenCV threading call (seen here in ``cv2.setNumThreads``), and Prefect callers run other threads
+too. This module keeps pandas (``tasks.io``) out of its import path, so the server starts in about 0.4 s
+instead of 1.5, and workers do not re-run the caller's main module (see :func:`_main_hidden`). A handful
+of images (new data landing) is decoded by threads in-process (libjpeg-turbo, OpenCV and Pillow release
+the GIL while decoding): processes would cost more to start than they save.
 """
 
 from __future__ import annotations
@@ -654,8 +655,8 @@ def _chunks(todo: list[T], workers: int) -> list[list[T]]:
 
     Big chunks early keep the per-task overhead small; single images at the end make the workers finish
     together instead of one of them decoding a last big chunk while the others wait. Row order (rather
-    than, say, the biggest files first) makes the results arrive nearly in row order, so the shard holds
-    them nearly in row order too and the next run copies them with a few large calls.
+    than, say, the biggest files first) makes a chunk consecutive rows, which its worker appends to its
+    shard in that order: the next run copies each chunk's rows into the output with one call.
     """
     chunks, i = [], 0
     while i < len(todo):
@@ -848,7 +849,7 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
                "shape": list(shape), "seconds": round(seconds, 3),
                "images_per_s": round(len(jobs) / seconds, 1), "workers": workers,
                "reduced_decodes": counts.reduced}
-    write_json(stats, summary)
+    write_json(stats, summary, fsync=False)  # like the array, see above: DVC's hash check guards both
     log.info("resize: %d images -> %s %s: %d decoded (%d reduced), %d cached, %.2f s, %.0f images/s, "
              "%d worker(s)", len(jobs), out, shape, counts.decoded, counts.reduced, summary["cached"],
              seconds, summary["images_per_s"], workers)
