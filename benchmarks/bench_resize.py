@@ -164,7 +164,7 @@ def grown_copy(files: list[Path], root: Path, dest: Path) -> tuple[list[Path], l
     for f in files:
         link = dest / f.relative_to(root)
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(f)
+        link.symlink_to(f.resolve())  # absolute: --data may be a relative path
         linked.append(link)
     k = -(-len(files) // 100)  # ceil(1%)
     new = []

@@ -41,10 +41,12 @@ as cached once its record is committed, after its bytes were written, so a crash
 worst bytes that no record points to (never read) and images decoded again. An image whose key is cached
 is never decoded again, so when new data lands only the new files are decoded; cached rows are copied
 from the shards into the output in the kernel (``copy_file_range``), rows that follow each other in a
-shard in one call: a few dozen calls instead of opening one file per image (0.2 to 0.9 ms each here). A
-record whose shard is missing or too short is ignored (its image decoded again); a damaged index is
-replaced by an empty one. Bump :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are
-never compacted: bytes of a former version or size stay until the cache folder is deleted.
+shard in one call: a few dozen calls instead of opening one file per image (0.2 to 0.9 ms each here). On
+ext4, which cannot share the blocks, that copy is bound by memory bandwidth: about 30 ms per 78 MB here
+(1566 images at 224 px), the floor of an incremental run. A record whose shard is missing or too short is
+ignored (its image decoded again); a damaged index is replaced by an empty one. Bump
+:data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are never compacted: bytes of a former
+version or size stay until the cache folder is deleted.
 
 Parallelism. Uncached images are decoded by a pool of processes (``resize.workers``, 0 = all cores), each
 single-threaded in OpenCV, in row order, in chunks that shrink towards the end so that the workers finish
@@ -114,9 +116,10 @@ _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"  # JPEG start-of-scan and end-of-image markers
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-# Fewer uncached images than this are decoded by threads in-process: processes would cost more to start.
-POOL_MIN_IMAGES = 8
-_MAX_CHUNK = 8  # images per task sent to a worker, at most
+# Fewer uncached images than this are decoded by threads in-process: processes would cost more to start
+# (the fork server takes about 0.4 s in a fresh process, the workers about 15 ms; 64 images 50-250 ms).
+POOL_MIN_IMAGES = 64
+_MAX_CHUNK = 32  # images per task sent to a worker, at most
 _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left (guided scheduling)
 INDEX_NAME = "index.sqlite"  # the cache index: key -> (shard, offset, nbytes)
 SHARDS_DIR = "shards"  # the cache's shard files, one per run that decoded something
@@ -438,13 +441,14 @@ def _lookup(db: sqlite3.Connection, cache: str, keys: list[str]) -> dict[str, Ca
         batch = keys[i:i + _SQL_BATCH]
         marks = ",".join("?" * len(batch))
         rows += db.execute(f"SELECT key, shard, offset, nbytes FROM entries WHERE key IN ({marks})", batch)
-    sizes: dict[str, int] = {}
+    shards: dict[str, tuple[str, int]] = {}  # name -> (path, size)
     found = {}
     for key, name, offset, nbytes in rows:
-        path = _shard_path(cache, name)
-        if name not in sizes:
-            sizes[name] = _file_size(path)
-        if offset >= 0 and offset + nbytes <= sizes[name]:
+        if name not in shards:
+            path = _shard_path(cache, name)
+            shards[name] = path, _file_size(path)
+        path, size = shards[name]
+        if offset >= 0 and offset + nbytes <= size:
             found[key] = CacheEntry(path, offset, nbytes)
     return found
 
@@ -672,7 +676,8 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
     """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish.
 
     Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
-    process: OpenCV and Pillow release the GIL while decoding, and processes would take longer to start.
+    process: libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take
+    longer to start.
     """
     job = partial(_decode_chunk, size=size, channels=channels, out=out, shard_prefix=shard_prefix)
     executor: Executor
@@ -683,7 +688,7 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
         chunks = _chunks(todo, workers)
     try:
         with _main_hidden():  # the executor starts its workers while the chunks are submitted
-            # as_completed lets go of each future once yielded: decoded bytes do not pile up in memory
+            # as_completed lets go of each future once yielded
             done = as_completed([executor.submit(job, chunk) for chunk in chunks])
         yield _unbroken(result for future in done for result in future.result())
     except BaseException:  # drop the queued work instead of finishing it
@@ -716,16 +721,19 @@ class _Counts(NamedTuple):
 def _read_jobs(clean: Path, size: int, channels: int) -> list[_Job]:
     """One job per clean.csv row, in row order; StepError on a missing column or an empty table.
 
-    Read with the csv module: a few thousand rows and seven columns do not need pandas, whose fixed cost
-    is a visible share of an incremental run.
+    Read with the csv module, columns by position: a few thousand rows and seven columns do not need
+    pandas, whose fixed cost is a visible share of an incremental run (nor ``DictReader``, half as fast).
     """
     try:
         with open(clean, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            reader = csv.reader(f)
+            header = next(reader, [])
+            missing = [c for c in _REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise StepError(f"{clean}: missing column(s) {', '.join(missing)}")
-            jobs = [_job(row, line, clean, size, channels) for line, row in enumerate(reader, start=2)]
+            columns = [header.index(c) for c in _REQUIRED_COLUMNS]
+            jobs = [_job([row[i] if i < len(row) else "" for i in columns], line, clean, size, channels)
+                    for line, row in enumerate(reader, start=2)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise StepError(f"{clean}: cannot read clean manifest: {e}") from e
     if not jobs:
@@ -733,11 +741,11 @@ def _read_jobs(clean: Path, size: int, channels: int) -> list[_Job]:
     return jobs
 
 
-def _job(row: dict[str, str], line: int, clean: Path, size: int, channels: int) -> _Job:
-    path, sha = row["path"], row["sha256"]
+def _job(values: list[str], line: int, clean: Path, size: int, channels: int) -> _Job:
+    """The job of one row; ``values`` in the order of ``_REQUIRED_COLUMNS``."""
+    path, sha, w, h, fmt, mode = values
     if not path or not sha:
         raise StepError(f"{clean}: row {line} has no path or sha256")
-    w, h, fmt, mode = row["width"], row["height"], row["format"], row["mode"]
     try:
         info = ImageInfo(int(float(w)), int(float(h)), fmt, mode) if w and h and fmt and mode else None
     except ValueError:

@@ -54,6 +54,14 @@ def _clean_csv(dest: Path, files: list[Path]) -> Path:
     return dest
 
 
+POOL = 8  # the process-pool threshold these tests run with: a dozen tiny images exercise the pool
+
+
+@pytest.fixture(autouse=True)
+def _small_pool_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resize, "POOL_MIN_IMAGES", POOL)
+
+
 def _run(tmp: Path, files: list[Path], cfg: Config,
          name: str = "clean.csv") -> tuple[np.ndarray, dict[str, Any]]:
     clean = _clean_csv(tmp / name, files)
@@ -384,7 +392,7 @@ def test_bytes_without_index_records_at_a_shard_end_are_harmless(tmp_path: Path)
     assert np.array_equal(images[2], resize.load_resized(files[2], size=16, channels=3))
 
 
-@pytest.mark.parametrize("n", [4, pytest.param(resize.POOL_MIN_IMAGES + 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [4, pytest.param(POOL + 4, marks=pytest.mark.slow)])
 def test_cache_layout_one_shard_per_worker_of_a_run_that_decodes(tmp_path: Path, n: int) -> None:
     files = _dataset(tmp_path, n)
     cfg = _cfg(size=16, channels=1, workers=2)  # threads for 4 images, processes for 12
@@ -418,6 +426,7 @@ sys.path[:0] = {paths!r}
 from tasks import resize
 from tasks.config import parse_config
 resize._COMMIT_EVERY = 2
+resize.POOL_MIN_IMAGES = {pool}
 record = resize._IndexWriter.record
 calls = []
 def crash_on_fourth(self, *entry):
@@ -436,11 +445,11 @@ resize.run(cfg, clean={clean!r}, out={out!r}, stats={stats!r}, cache={cache!r})
 
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: about 5 s
 def test_hard_crash_keeps_only_committed_entries(tmp_path: Path, workers: int) -> None:
-    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 1)
+    files = _dataset(tmp_path, POOL + 1)
     clean = _clean_csv(tmp_path / "clean.csv", files)
     script = tmp_path / "crash.py"
     script.write_text(_CRASHING_CALLER.format(
-        paths=[str(Path(resize.__file__).parents[1]), str(Path(__file__).parent)], workers=workers,
+        paths=[str(Path(resize.__file__).parents[1]), str(Path(__file__).parent)], workers=workers, pool=POOL,
         clean=str(clean), out=str(tmp_path / "out" / "images.npy"), stats=str(tmp_path / "out" / "s.json"),
         cache=str(tmp_path / "cache")))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
@@ -509,13 +518,13 @@ def test_chunks_in_row_order_and_shrinking() -> None:
     jobs = [resize._Job(f"k{i}", f"p{i}", None) for i in range(100)]
     chunks = resize._chunks(jobs, workers=2)
     sizes = [len(c) for c in chunks]
-    assert sizes[0] == 8 and sizes[-4:] == [1, 1, 1, 1] and sizes == sorted(sizes, reverse=True)
+    assert sizes[0] == 100 // (4 * 2) and sizes[-4:] == [1, 1, 1, 1] and sizes == sorted(sizes, reverse=True)
     assert [j for c in chunks for j in c] == jobs
     assert resize._chunks([], workers=2) == []
 
 
 def test_pool_incremental_run_decodes_exactly_the_new_images(tmp_path: Path) -> None:
-    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 3)
+    files = _dataset(tmp_path, POOL + 3)
     cfg = _cfg(size=16, channels=1, workers=2)
     _, first = _run(tmp_path, files[:-1] + [files[0]], cfg)  # a duplicate row too
     assert (first["decoded"], first["cached"], first["workers"]) == (len(files) - 1, 1, 2)
@@ -526,7 +535,7 @@ def test_pool_incremental_run_decodes_exactly_the_new_images(tmp_path: Path) -> 
 
 
 def test_process_pool_matches_in_process_decoding(tmp_path: Path) -> None:
-    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES + 2)
+    files = _dataset(tmp_path, POOL + 2)
     images, summary = _run(tmp_path, files, _cfg(size=16, channels=3, workers=2))
     assert summary["workers"] == 2 and summary["decoded"] == len(files)
     for row, f in zip(images, files, strict=True):
@@ -542,7 +551,7 @@ def test_a_handful_of_new_images_decoded_by_threads(tmp_path: Path) -> None:
 
 def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
     """The caller's script runs once, even without a __main__ guard (see resize._main_hidden)."""
-    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES)
+    files = _dataset(tmp_path, POOL)
     clean = _clean_csv(tmp_path / "clean.csv", files)
     marker = tmp_path / "imported.txt"
     script = tmp_path / "caller.py"
@@ -553,6 +562,7 @@ with open({str(marker)!r}, "a") as f:
     f.write("x")
 from tasks import resize
 from tasks.config import parse_config
+resize.POOL_MIN_IMAGES = {POOL}
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
                     "resize": {{"size": 16, "workers": 2}}}})
 s = resize.run(cfg, clean={str(clean)!r}, out={str(tmp_path / "o.npy")!r}, stats={str(tmp_path / "s.json")!r},
@@ -589,7 +599,7 @@ def _assert_no_output(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_undecodable_file_names_it_and_leaves_no_output(tmp_path: Path, workers: int) -> None:
-    files = _dataset(tmp_path, resize.POOL_MIN_IMAGES)
+    files = _dataset(tmp_path, POOL)
     bad = files[3]
     clean = _clean_csv(tmp_path / "clean.csv", files)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # broken after the manifest was made
