@@ -48,18 +48,20 @@ ignored (its image decoded again); a damaged index is replaced by an empty one. 
 :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are never compacted: bytes of a former
 version or size stay until the cache folder is deleted.
 
-Parallelism. Uncached images are decoded by a pool of processes (``resize.workers``, 0 = all cores), each
-single-threaded in OpenCV, in row order, in chunks that shrink towards the end so that the workers finish
-together. A worker writes each resized image itself, to its row(s) of the output (``pwrite`` at the row's
-offset: the file is filled out of order) and to its shard, and hands back only where the bytes went: the
-pixels never cross a pipe, and the parent, which shares the cores with the workers, only copies cached
-rows and records index entries. Workers are forked by a ``forkserver`` that has preloaded this module,
-never from the caller: a forked copy of a process whose OpenCV thread pool has started deadlocks in its
-first OpenCV threading call (seen here in ``cv2.setNumThreads``), and Prefect callers run other threads
-too. This module keeps pandas (``tasks.io``) out of its import path, so the server starts in about 0.4 s
-instead of 1.5, and workers do not re-run the caller's main module (see :func:`_main_hidden`). A handful
-of images (new data landing) is decoded by threads in-process (libjpeg-turbo, OpenCV and Pillow release
-the GIL while decoding): processes would cost more to start than they save.
+Parallelism. Uncached images are decoded by ``resize.workers`` decoders (0 = all cores): this process
+and ``workers - 1`` worker processes, each single-threaded in OpenCV. The work goes out in row order, in
+chunks whose decoding cost (pixels) shrinks towards the end so that the decoders finish together; this
+process starts on the first chunk at once and then takes the next chunk in line whenever it is free
+(:class:`_Helper`), while a worker process takes 5-10 ms to start. A decoder writes each resized image
+itself, to its row(s) of the output (``pwrite`` at the row's offset: the file is filled out of order) and
+to its shard, and hands back only where the bytes went: the pixels never cross a pipe. Workers are forked
+by a ``forkserver`` that has preloaded this module, never from the caller: a forked copy of a process
+whose OpenCV thread pool has started deadlocks in its first OpenCV threading call (seen here in
+``cv2.setNumThreads``), and Prefect callers run other threads too. This module keeps pandas (``tasks.io``)
+out of its import path, so the server starts in about 0.4 s instead of 1.5, and workers do not re-run the
+caller's main module (see :func:`_main_hidden`). Fewer than ``POOL_MIN_IMAGES`` new images (new data
+landing) are decoded by threads of this process alone (libjpeg-turbo, OpenCV and Pillow release the GIL
+while decoding): processes would cost more to start than they save.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import queue
 import sqlite3
 import sys
 import threading
@@ -79,7 +82,12 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import (
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing.context import ForkServerContext
@@ -654,19 +662,27 @@ def _main_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _chunks(todo: list[T], workers: int) -> list[list[T]]:
+def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 1.0) -> list[list[T]]:
     """Split the work, in row order, into chunks that shrink towards the end (guided scheduling).
 
-    Big chunks early keep the per-task overhead small; single images at the end make the workers finish
-    together instead of one of them decoding a last big chunk while the others wait. Row order (rather
-    than, say, the biggest files first) makes a chunk consecutive rows, which its worker appends to its
-    shard in that order: the next run copies each chunk's rows into the output with one call.
+    A chunk costs at most ``1 / (_CHUNKS_PER_WORKER * workers)`` of the cost left (and holds at most
+    ``_MAX_CHUNK`` items, at least one): big chunks early keep the per-task overhead small; single images
+    at the end make the workers finish together instead of one of them decoding a last big chunk while
+    the others wait. Costs, not counts: the first rows of a dataset sorted by class may be the largest
+    images. Row order (rather than, say, the biggest files first) makes a chunk consecutive rows, which
+    its worker appends to its shard in that order: the next run copies each chunk's rows with one call.
     """
+    costs = [cost(item) for item in todo]
+    left = sum(costs)
     chunks, i = [], 0
     while i < len(todo):
-        n = max(1, min(_MAX_CHUNK, (len(todo) - i) // (_CHUNKS_PER_WORKER * workers)))
-        chunks.append(todo[i:i + n])
-        i += n
+        budget, j, spent = left / (_CHUNKS_PER_WORKER * workers), i + 1, costs[i]
+        while j < len(todo) and j - i < _MAX_CHUNK and spent + costs[j] <= budget:
+            spent += costs[j]
+            j += 1
+        chunks.append(todo[i:j])
+        left -= spent
+        i = j
     return chunks
 
 
@@ -677,25 +693,109 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
 
     Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
     process: libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take
-    longer to start.
+    longer to start. Otherwise ``workers - 1`` worker processes and this process decode (see
+    :class:`_Helper`).
     """
     job = partial(_decode_chunk, size=size, channels=channels, out=out, shard_prefix=shard_prefix)
-    executor: Executor
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
-        executor, chunks = ThreadPoolExecutor(max(1, workers)), [[j] for j in todo]
-    else:
-        executor = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
-        chunks = _chunks(todo, workers)
+        threads = ThreadPoolExecutor(max(1, workers))
+        try:
+            yield _unbroken(_as_finished([threads.submit(job, [task]) for task in todo], None))
+        finally:
+            threads.shutdown(wait=True, cancel_futures=True)
+        return
+    chunks = _chunks(todo, workers, cost=_task_cost)
+    helper = _Helper(job, chunks[0])  # decoding before the first worker process has started
+    pool = ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init)
     try:
-        with _main_hidden():  # the executor starts its workers while the chunks are submitted
-            # as_completed lets go of each future once yielded
-            done = as_completed([executor.submit(job, chunk) for chunk in chunks])
-        yield _unbroken(result for future in done for result in future.result())
+        with _main_hidden():  # the pool starts its worker processes while the chunks are submitted
+            futures = [pool.submit(job, chunk) for chunk in chunks[1:]]
+        helper.take(futures, chunks[1:])
+        yield _unbroken(_as_finished(futures, helper))
     except BaseException:  # drop the queued work instead of finishing it
-        executor.shutdown(wait=True, cancel_futures=True)
+        helper.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     # Every result is in: the workers exit on their own (about 25 ms) while this process finishes up.
-    executor.shutdown(wait=False)
+    pool.shutdown(wait=False)
+
+
+def _task_cost(task: _Task) -> float:
+    """Relative decoding cost of a task for chunking: its pixels (1 Mpx when the header is unknown)."""
+    info = task.job.info
+    return float(info.width * info.height) if info else 1e6
+
+
+_Finished = Future[list[_Decoded]] | list[_Decoded] | BaseException
+
+
+class _Helper:
+    """A thread of this process that decodes the first chunk, then the next chunk in line when it is free.
+
+    This process counts as one of the ``resize.workers``: it starts decoding at once, while a worker
+    process takes 5-10 ms to start (the first one about 0.4 s more, to start the fork server), and its
+    results cross no pipe. After the first chunk it takes a chunk by cancelling the chunk's future before
+    the pool has handed it to a worker process, so the chunks still go out in order, each to whoever is
+    free first, and the guided chunk sizes keep everyone finishing together. Results (or the error that
+    stopped it) go to :attr:`done`, where the futures of the other chunks report too.
+    """
+
+    def __init__(self, job: Callable[[list[_Task]], list[_Decoded]], first: list[_Task]) -> None:
+        self.done: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
+        self._job, self._first = job, first
+        self._work: list[tuple[Future[list[_Decoded]], list[_Task]]] = []
+        self._ready, self._stopped = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resize-helper", daemon=True)
+        self._thread.start()
+
+    def take(self, futures: list[Future[list[_Decoded]]], chunks: list[list[_Task]]) -> None:
+        """Hand over the pool's futures, to take the chunks that no worker process has started."""
+        self._work = list(zip(futures, chunks, strict=True))
+        self._ready.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._ready.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if not self._decode(self._first):
+            return
+        self._ready.wait()
+        for future, chunk in self._work:
+            if self._stopped.is_set():
+                return
+            if future.cancel() and not self._decode(chunk):  # cancelled: not a worker's, this thread's
+                return
+
+    def _decode(self, chunk: list[_Task]) -> bool:
+        try:
+            self.done.put(self._job(chunk))
+            return True
+        except BaseException as e:  # handed to the consumer, which raises it
+            self.done.put(e)
+            return False
+
+
+def _as_finished(futures: list[Future[list[_Decoded]]], helper: _Helper | None) -> Iterator[_Decoded]:
+    """The results of every chunk as they finish, whether a worker or the helper decoded it."""
+    if helper is None:
+        for future in as_completed(futures):
+            yield from future.result()
+        return
+    for future in futures:
+        future.add_done_callback(helper.done.put)  # also called when the helper cancels it: skipped below
+    left = len(futures) + 1  # and the helper's first chunk
+    while left:
+        item = helper.done.get()
+        if isinstance(item, Future):
+            if item.cancelled():
+                continue
+            item = item.result()
+        if isinstance(item, BaseException):
+            raise item
+        left -= 1
+        yield from item
 
 
 def _unbroken(results: Iterator[_Decoded]) -> Iterator[_Decoded]:

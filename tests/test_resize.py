@@ -523,6 +523,16 @@ def test_chunks_in_row_order_and_shrinking() -> None:
     assert resize._chunks([], workers=2) == []
 
 
+def test_chunks_sized_by_cost() -> None:
+    """Ten costly images first (a class of large X-rays sorted first): they do not all go in one chunk."""
+    costs = [10.0] * 10 + [1.0] * 90
+    chunks = resize._chunks(list(range(100)), workers=2, cost=lambda i: costs[i])
+    spent = [sum(costs[i] for i in c) for c in chunks]
+    assert len(chunks[0]) == 2 and spent[0] <= sum(costs) / 8  # 190 / 8: two costly images
+    assert [i for c in chunks for i in c] == list(range(100)) and len(chunks[-1]) == 1
+    assert resize._chunks([7], workers=4, cost=lambda _: 1e12) == [[7]]  # one item over budget: alone
+
+
 def test_pool_incremental_run_decodes_exactly_the_new_images(tmp_path: Path) -> None:
     files = _dataset(tmp_path, POOL + 3)
     cfg = _cfg(size=16, channels=1, workers=2)
@@ -597,10 +607,10 @@ def _assert_no_output(tmp_path: Path) -> None:
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_undecodable_file_names_it_and_leaves_no_output(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "bad_row"), [(1, 3), (2, 0), (2, POOL - 1)])  # row 0: this process
+def test_undecodable_file_names_it_and_leaves_no_output(tmp_path: Path, workers: int, bad_row: int) -> None:
     files = _dataset(tmp_path, POOL)
-    bad = files[3]
+    bad = files[bad_row]
     clean = _clean_csv(tmp_path / "clean.csv", files)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # broken after the manifest was made
     with pytest.raises(StepError, match=bad.name):
