@@ -13,6 +13,8 @@ cache and taking the best of ``--repeat`` interleaved runs:
 - the single-core rate of the same preprocessing (``load_resized`` in a loop, OpenCV on one thread: the
   reduced JPEG decodes) and the parallel efficiency = step rate / (single-core rate * cores), the whole
   step (manifest read, worker start, cache and output writes) against perfect scaling of the decoding alone;
+  beside it the step run with ``resize.workers: 1`` and the scaling of the step against itself on one core
+  (the textbook T1 / (p * Tp), which does not charge the step's own serial costs to the parallelism);
 - an incremental run: the same folder (symlinked) plus about 1% new files, against a warm cache, as a
   share of a full run;
 - peak RSS of the step on ``chest_xray`` (1 channel) and ``malaria_cells`` (3 channels), each in a fresh
@@ -257,15 +259,16 @@ def run_benchmark(data: Path, size: int, repeat: int) -> str:
     with tempfile.TemporaryDirectory(prefix="bench_resize.") as tmp:
         work = Path(tmp)
         clean = write_clean_csv(files, work / "clean.csv")
-        cfg1, cfg3 = config(size, 1), config(size, 3)
+        cfg1, cfg3, cfg1_one = config(size, 1), config(size, 3), config(size, 1, workers=1)
         first = timed_step(cfg1, clean, work)  # includes the one-time fork server start
         times: dict[str, list[float]] = {"baseline": [], "baseline_1": [], "medflow1": [], "medflow3": [],
-                                         "single": []}
+                                         "medflow1_one": [], "single": []}
         for _ in range(repeat):  # interleaved, so that load on the machine hits all of them alike
             times["baseline"].append(timed(lambda: baseline(files, size, cores)))
             times["baseline_1"].append(timed(lambda: baseline(files, size, 1)))
             times["medflow1"].append(timed_step(cfg1, clean, work))
             times["medflow3"].append(timed_step(cfg3, clean, work))
+            times["medflow1_one"].append(timed_step(cfg1_one, clean, work))
             times["single"].append(len(files) / single_core_rate(clean, size, 1))
         best = {k: min(v) for k, v in times.items()}
         median = {k: statistics.median(v) for k, v in times.items()}
@@ -276,6 +279,7 @@ def run_benchmark(data: Path, size: int, repeat: int) -> str:
            for name, ch in RSS_DATA if (SHARED / name).is_dir() for what in ("medflow", "baseline")}
 
     efficiency = rate["medflow1"] / (single * cores)
+    scaling = rate["medflow1"] / (rate["medflow1_one"] * cores)
     speedup, speedup3 = rate["medflow1"] / rate["baseline"], rate["medflow3"] / rate["baseline"]
     inc_share = inc["seconds"] / best["medflow1"]
     def timing(k: str) -> str:
@@ -293,6 +297,10 @@ def run_benchmark(data: Path, size: int, repeat: int) -> str:
         (f"perfect scaling: single-core rate x {cores} cores", f"{single * cores:.0f} images/s "
          f"(= {single * cores / rate['baseline']:.2f}x the baseline)", ""),
         (f"parallel efficiency = step rate / (single-core rate x {cores})", f"**{efficiency:.2f}**", ">= 0.9"),
+        ("medflow resize with resize.workers: 1 (the whole step on one core)", timing("medflow1_one"), ""),
+        (f"scaling of the step itself = step rate / (its one-core rate x {cores})", f"{scaling:.2f}", ""),
+        (f"the same for the baseline: {cores} threads / (1 thread x {cores}), what this machine allows",
+         f"{rate['baseline'] / (rate['baseline_1'] * cores):.2f}", ""),
         (f"incremental run: {inc['new']} new + {inc['old']} cached images",
          f"{inc['seconds']:.3f} s = **{100 * inc_share:.1f}%** of a full run", "<= 5%"),
     ]

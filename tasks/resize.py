@@ -81,13 +81,9 @@ import threading
 import time
 import types
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import (
-    Future,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    as_completed,
-)
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing.context import ForkServerContext
@@ -694,26 +690,24 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
     Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
     process: libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take
     longer to start. Otherwise ``workers - 1`` worker processes and this process decode (see
-    :class:`_Helper`).
+    :class:`_Shared`).
     """
     job = partial(_decode_chunk, size=size, channels=channels, out=out, shard_prefix=shard_prefix)
+    chunks = _chunks(todo, max(1, workers), cost=_task_cost)
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
         threads = ThreadPoolExecutor(max(1, workers))
         try:
-            yield _unbroken(_as_finished([threads.submit(job, [task]) for task in todo], None))
+            done = as_completed([threads.submit(job, chunk) for chunk in chunks])
+            yield _unbroken(result for future in done for result in future.result())
         finally:
             threads.shutdown(wait=True, cancel_futures=True)
         return
-    chunks = _chunks(todo, workers, cost=_task_cost)
-    helper = _Helper(job, chunks[0])  # decoding before the first worker process has started
     pool = ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init)
+    shared = _Shared(chunks, job, pool, processes=workers - 1)
     try:
-        with _main_hidden():  # the pool starts its worker processes while the chunks are submitted
-            futures = [pool.submit(job, chunk) for chunk in chunks[1:]]
-        helper.take(futures, chunks[1:])
-        yield _unbroken(_as_finished(futures, helper))
+        yield _unbroken(shared.results())
     except BaseException:  # drop the queued work instead of finishing it
-        helper.stop()
+        shared.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     # Every result is in: the workers exit on their own (about 25 ms) while this process finishes up.
@@ -729,73 +723,62 @@ def _task_cost(task: _Task) -> float:
 _Finished = Future[list[_Decoded]] | list[_Decoded] | BaseException
 
 
-class _Helper:
-    """A thread of this process that decodes the first chunk, then the next chunk in line when it is free.
+class _Shared:
+    """Chunks handed out in order to the worker processes and to a thread of this process.
 
-    This process counts as one of the ``resize.workers``: it starts decoding at once, while a worker
-    process takes 5-10 ms to start (the first one about 0.4 s more, to start the fork server), and its
-    results cross no pipe. After the first chunk it takes a chunk by cancelling the chunk's future before
-    the pool has handed it to a worker process, so the chunks still go out in order, each to whoever is
-    free first, and the guided chunk sizes keep everyone finishing together. Results (or the error that
-    stopped it) go to :attr:`done`, where the futures of the other chunks report too.
+    This process counts as one of the ``resize.workers``: its thread takes the next chunk in line
+    whenever it is free, from the start (a worker process takes 5-10 ms to start, the first one about
+    0.4 s more to start the fork server, and this thread keeps decoding meanwhile), and its results
+    cross no pipe. The pool is kept two chunks ahead per worker process (one running, one queued, so no
+    worker waits between chunks); the guided, cost-sized chunks keep everyone finishing together.
     """
 
-    def __init__(self, job: Callable[[list[_Task]], list[_Decoded]], first: list[_Task]) -> None:
-        self.done: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
-        self._job, self._first = job, first
-        self._work: list[tuple[Future[list[_Decoded]], list[_Task]]] = []
-        self._ready, self._stopped = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, name="resize-helper", daemon=True)
+    def __init__(self, chunks: list[list[_Task]], job: Callable[[list[_Task]], list[_Decoded]],
+                 pool: Executor, *, processes: int) -> None:
+        self._pending = deque(chunks)
+        self._total, self._job, self._pool, self._depth = len(chunks), job, pool, 2 * processes
+        self._in_flight = 0
+        self._done: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._help, name="resize-helper", daemon=True)
         self._thread.start()
 
-    def take(self, futures: list[Future[list[_Decoded]]], chunks: list[list[_Task]]) -> None:
-        """Hand over the pool's futures, to take the chunks that no worker process has started."""
-        self._work = list(zip(futures, chunks, strict=True))
-        self._ready.set()
+    def results(self) -> Iterator[_Decoded]:
+        """Every chunk's results as they finish; the first error (a worker's, or this thread's) raised."""
+        self._feed()
+        for _ in range(self._total):
+            item = self._done.get()
+            if isinstance(item, Future):
+                self._in_flight -= 1
+                self._feed()
+                item = item.result()
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
 
     def stop(self) -> None:
         self._stopped.set()
-        self._ready.set()
         self._thread.join()
 
-    def _run(self) -> None:
-        if not self._decode(self._first):
-            return
-        self._ready.wait()
-        for future, chunk in self._work:
-            if self._stopped.is_set():
-                return
-            if future.cancel() and not self._decode(chunk):  # cancelled: not a worker's, this thread's
-                return
+    def _feed(self) -> None:
+        with _main_hidden():  # the pool starts its worker processes on the first submissions
+            while self._in_flight < self._depth and (chunk := self._take()) is not None:
+                self._pool.submit(self._job, chunk).add_done_callback(self._done.put)
+                self._in_flight += 1
 
-    def _decode(self, chunk: list[_Task]) -> bool:
+    def _take(self) -> list[_Task] | None:
         try:
-            self.done.put(self._job(chunk))
-            return True
-        except BaseException as e:  # handed to the consumer, which raises it
-            self.done.put(e)
-            return False
+            return self._pending.popleft()  # atomic: the thread and the feeder never get the same chunk
+        except IndexError:
+            return None
 
-
-def _as_finished(futures: list[Future[list[_Decoded]]], helper: _Helper | None) -> Iterator[_Decoded]:
-    """The results of every chunk as they finish, whether a worker or the helper decoded it."""
-    if helper is None:
-        for future in as_completed(futures):
-            yield from future.result()
-        return
-    for future in futures:
-        future.add_done_callback(helper.done.put)  # also called when the helper cancels it: skipped below
-    left = len(futures) + 1  # and the helper's first chunk
-    while left:
-        item = helper.done.get()
-        if isinstance(item, Future):
-            if item.cancelled():
-                continue
-            item = item.result()
-        if isinstance(item, BaseException):
-            raise item
-        left -= 1
-        yield from item
+    def _help(self) -> None:
+        while not self._stopped.is_set() and (chunk := self._take()) is not None:
+            try:
+                self._done.put(self._job(chunk))
+            except BaseException as e:  # handed to results(), which raises it
+                self._done.put(e)
+                return
 
 
 def _unbroken(results: Iterator[_Decoded]) -> Iterator[_Decoded]:
