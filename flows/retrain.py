@@ -5,12 +5,13 @@ Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflo
 1. Take the dataset's lock (one run per dataset; a second trigger meanwhile is skipped, or waits).
 2. Fingerprint the source (``dataset.sources`` + inbox listing). Same as the last ingested one: complete at
    once with "no new data".
-3. Run the DVC stages. Ingestion is incremental: download keeps finished files, extract is
-   content-addressed, and filter and resize decode only images they have not seen (their caches).
-4. The split keeps every earlier assignment: after the split stage re-runs, the split is rewritten with
-   :func:`tasks.retrain.extend_split_file` (old patients keep their split, new ones follow the rule) and
-   committed to dvc.lock, so ``dvc status`` stays clean. Validation then runs on it; a failed validation
-   fails the run with the failed expectations in the message, and nothing after it runs.
+3. Run the DVC stages (:func:`flows.train.run_pipeline`). Ingestion is incremental: download keeps
+   finished files, extract is content-addressed, and filter and resize decode only images they have not
+   seen (their caches).
+4. The split keeps every earlier assignment: the split stage extends its persisted previous output (old
+   patients keep their split, new ones follow the rule, and it fails if any image would move; see
+   :func:`tasks.split.run`). Validation then runs on it; a failed validation fails the run with the failed
+   expectations in the message, and nothing after it runs.
 5. Train the challenger (the train stage), score it and the champion on the same test split, and promote
    only if it is not worse beyond ``retrain.tolerance`` (paired bootstrap on AUC). The decision and both
    sets of metrics are posted as an artifact; the champion pointer changes only on promotion.
@@ -19,25 +20,15 @@ Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflo
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
-from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary, stage_task
-from tasks.retrain import (
-    Busy,
-    dataset_lock,
-    extend_split_file,
-    last_fingerprint,
-    lock_path,
-    record_fingerprint,
-    source_fingerprint,
-)
+from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary
+from flows.train import run_pipeline
+from tasks.retrain import Busy, dataset_lock, last_fingerprint, record_fingerprint, source_fingerprint
 
 FLOW_NAME = "medflow-retrain"
 NO_NEW_DATA = "no new data"
@@ -48,45 +39,6 @@ def fingerprint(project: Project) -> dict[str, Any]:
     """The source fingerprint now and at the last ingestion."""
     inbox = project.path("download", "--inbox")
     return {"now": source_fingerprint(project.cfg, inbox), "last": last_fingerprint(project.model_root)}
-
-
-@task(name="extend-split", task_run_name="extend-split", cache_policy=NO_CACHE)
-def extend_split(project: Project, previous: Path, stage: str) -> dict[str, int]:
-    """Rewrite the fresh split so every earlier assignment holds, and record it in dvc.lock."""
-    counts = extend_split_file(project.cfg, previous=previous, clean=project.path("split", "--clean"),
-                               out=project.path("split", "--out"))
-    stages.commit_stage(project.root, stage)
-    get_run_logger().info("split extended: %s", counts)
-    return counts
-
-
-def _keep_previous_split(project: Project) -> Path | None:
-    """Copy the current split aside before DVC re-runs the split stage (which removes its output first)."""
-    keep = _saved_split(project)
-    if keep.exists():  # a run failed after DVC re-split: the saved copy, not split.csv, holds the assignments
-        get_run_logger().warning("reusing %s, saved by an earlier run that did not finish", keep)
-        return keep
-    current = project.path("split", "--out")
-    if not current.exists():
-        return None
-    shutil.copy2(current, keep)
-    return keep
-
-
-def _saved_split(project: Project) -> Path:
-    return lock_path(project.root, project.dataset).with_suffix(".previous-split.csv")
-
-
-def _ingest_and_train(project: Project) -> list[dict[str, Any]]:
-    previous = _keep_previous_split(project)
-    split_stage = stages.stage_of_step(project.root, "split")
-    results = []
-    for stage, must_check in stages.plan(project.root):
-        result = stage_task(stage)(str(project.root), stage, up_to_date=not must_check)
-        results.append(result)
-        if stage == split_stage and result["ran"] and previous is not None:
-            extend_split(project, previous, stage)
-    return results
 
 
 @flow(name=FLOW_NAME, flow_run_name="retrain-{dataset}", log_prints=True,
@@ -106,10 +58,9 @@ def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
                                          "is the one last ingested; nothing was run.",
                                          key=f"{dataset}-retrain-summary", description=NO_NEW_DATA)
                 return {"dataset": dataset, "status": NO_NEW_DATA}
-            results = _ingest_and_train(project)
+            results = run_pipeline(project)
             decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
             record_fingerprint(project.model_root, fp["now"], decision=decision.get("reason"))
-            _saved_split(project).unlink(missing_ok=True)
             post_decision(project, decision)
             post_quarantine(project)
             post_summary(project, results, decision, f"medflow retrain: {dataset}", key=f"{dataset}-retrain-summary")

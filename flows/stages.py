@@ -146,16 +146,6 @@ def stage_flags(project: Path, dataset: str) -> dict[str, dict[str, Path]]:
     return out
 
 
-def stage_of_step(project: Path, step: str) -> str | None:
-    """Name of the dvc.yaml stage whose cmd is ``medflow STEP ...``."""
-    stages = (yaml.safe_load((Path(project) / DVC_YAML).read_text()) or {}).get("stages") or {}
-    for name, spec in stages.items():
-        words = str(spec.get("cmd", "")).split()
-        if words[:2] == ["medflow", step]:
-            return str(name)
-    return None
-
-
 def dvc_executable() -> str:
     """The ``dvc`` of this environment (beside the running interpreter), else the one on PATH."""
     local = Path(sys.executable).parent / "dvc"
@@ -229,13 +219,6 @@ def failure_reason(output: str) -> str:
     if lines:
         return "; ".join(lines)
     return output.strip().splitlines()[-1] if output.strip() else "no output"
-
-
-def commit_stage(project: Path, stage: str) -> None:
-    """Record a stage's current outputs in dvc.lock (after the retrain flow extended the split in place)."""
-    code, output = dvc(project, "commit", "--force", stage)  # this stage only (no --with-deps)
-    if code != 0:
-        raise StageFailed(f"dvc commit {stage} failed: {failure_reason(output)}")
 
 
 def status_clean(project: Path, stages: Iterable[str] = ()) -> tuple[bool, str]:

@@ -1,10 +1,8 @@
-"""Retraining logic (no Prefect here): source fingerprints, split extension, champion/challenger decision, lock.
+"""Retraining logic (no Prefect here): source fingerprints, champion/challenger decision, lock.
 
 - :func:`source_fingerprint`: what the pipeline reads as its source (the ``dataset.sources`` params and the
   name, size and modification time of every file in ``data/inbox/<ds>/``). Unchanged fingerprint = nothing
   new to train on; it is a stat walk, so the check takes milliseconds even for large inboxes.
-- :func:`extend_split_file`: the split keeps every earlier assignment (a patient in test stays in test) and
-  places only new patients, by the split step's rule (:func:`tasks.split.extend_split`).
 - :func:`decide`: promote a challenger only when it is *not worse* than the champion beyond
   ``retrain.tolerance`` in test ROC AUC, shown by a paired bootstrap on the same test images: the lower
   bound of the interval of AUC(challenger) - AUC(champion) must be >= -tolerance (non-inferiority). A small
@@ -32,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import Config, RetrainConfig
-from tasks.errors import StepError
-from tasks.io import read_csv, read_json, write_csv, write_json
+from tasks.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +73,6 @@ def record_fingerprint(model_root: Path, fingerprint: str, **extra: Any) -> None
 
 
 # ---------------------------------------------------------------------------------------------- split
-def extend_split_file(cfg: Config, *, previous: Path, clean: Path, out: Path) -> dict[str, int]:
-    """Rewrite ``out`` as the split of ``clean`` that keeps every assignment of ``previous``.
-
-    Returns counts: rows kept from the previous split, new rows, and rows of the previous split no longer
-    in the clean manifest. Raises StepError (naming the files) when the split cannot be extended.
-    """
-    from tasks.split import extend_split  # the split rule lives in one place
-
-    old, df = read_csv(previous), read_csv(clean)
-    try:
-        result = extend_split(old, df, cfg.split)
-    except StepError as e:
-        raise StepError(f"extending {previous} with {clean}: {e}") from None
-    moved = result.merge(old[["path", "split"]], on="path", suffixes=("", "_old"))
-    changed = moved[moved["split"] != moved["split_old"]]
-    if not changed.empty:  # extend_split guarantees this; checked because a moved test image is a leak
-        raise StepError(f"extending {previous}: {len(changed)} images would change split, e.g. "
-                        f"{changed['path'].head(3).tolist()}")
-    write_csv(out, result)
-    counts = {"kept": int(len(moved)), "new": int(len(result) - len(moved)),
-              "dropped": int(len(old) - len(moved))}
-    log.info("split extended: %(kept)d kept, %(new)d new, %(dropped)d no longer present", counts)
-    return counts
-
-
 # ------------------------------------------------------------------------------------------- decision
 @dataclass(frozen=True)
 class Decision:

@@ -305,6 +305,19 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
                      for n, s in ((n, summary["splits"][n]) for n in names))
 
 
+def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
+    """StepError naming the images that an extended split moved to another split.
+
+    :func:`extend_split` guarantees none; checked anyway, because a moved image is a leak: an image the
+    champion was tested on could land in the challenger's training set.
+    """
+    both = result[["path", "split"]].merge(previous[["path", "split"]], on="path", suffixes=("", "_old"))
+    moved = both[both["split"] != both["split_old"]]
+    if not moved.empty:
+        examples = [f"{r.path} ({r.split_old} -> {r.split})" for r in moved.head(3).itertuples()]
+        raise StepError(f"extending the previous split would move {len(moved)} images: {examples}")
+
+
 def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
     """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
     if not out.is_file():
@@ -337,6 +350,8 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:
         result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
+        if previous is not None:
+            check_none_moved(previous, result)
     except StepError as e:
         raise StepError(f"{clean}: {e}") from None
     write_csv(out, result)

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT
@@ -16,17 +15,15 @@ from flows import stages
 from tasks import registry
 from tasks.config import Config, RetrainConfig, load_config
 from tasks.errors import StepError
-from tasks.io import read_csv, read_json, write_csv
+from tasks.io import read_json
 from tasks.retrain import (
     Busy,
     dataset_lock,
     decide,
-    extend_split_file,
     last_fingerprint,
     record_fingerprint,
     source_fingerprint,
 )
-from tasks.schema import CLEAN_COLUMNS
 from tasks.watch import InboxWatcher, watch
 
 
@@ -47,7 +44,6 @@ def test_stage_order_follows_dependencies_not_file_order(tmp_path: Path) -> None
     assert stages.stage_order(tmp_path) == ["split", "train", "evaluate"]
     flags = stages.stage_flags(tmp_path, "pneumonia")
     assert flags["evaluate"]["--model-dir"] == tmp_path / "m/pneumonia"
-    assert stages.stage_of_step(tmp_path, "split") == "split"
 
 
 def test_stage_order_of_the_project_starts_at_download_and_ends_after_train() -> None:
@@ -161,35 +157,6 @@ def test_fingerprint_changes_with_inbox_files_and_sources(tmp_path: Path, cfg: C
     assert last_fingerprint(tmp_path) is None
     record_fingerprint(tmp_path, landed, decision="x")
     assert last_fingerprint(tmp_path) == landed
-
-
-# ------------------------------------------------------------------------------------------ split
-def _clean(patients: list[str], label_of: dict[str, int]) -> pd.DataFrame:
-    rows = []
-    for i, g in enumerate(patients):
-        rows.append({c: "" for c in CLEAN_COLUMNS} | {
-            "path": f"img/{g}_{i}.jpeg", "group": g, "label": label_of[g], "class_name": str(label_of[g]),
-            "dup_group": f"d{i}", "sha256": f"s{i}", "bytes": 1, "width": 8, "height": 8})
-    return pd.DataFrame(rows)
-
-
-def test_extended_split_keeps_every_old_assignment(tmp_path: Path, cfg: Config) -> None:
-    from tasks.split import assign_splits
-
-    old_patients = [f"p{i:03d}" for i in range(60) for _ in range(2)]
-    labels = {f"p{i:03d}": i % 3 != 0 for i in range(200)}
-    old = assign_splits(_clean(old_patients, labels), cfg.split)
-    write_csv(tmp_path / "previous.csv", old)
-    new_patients = old_patients + [f"p{i:03d}" for i in range(60, 90)] + ["p001"]  # p001: a new image
-    write_csv(tmp_path / "clean.csv", _clean(new_patients, labels))
-    counts = extend_split_file(cfg, previous=tmp_path / "previous.csv", clean=tmp_path / "clean.csv",
-                               out=tmp_path / "split.csv")
-    assert counts == {"kept": 120, "new": 31, "dropped": 0}
-    new = read_csv(tmp_path / "split.csv")
-    before = dict(zip(old["group"], old["split"], strict=True))
-    assert all(new.loc[new["group"] == g, "split"].eq(s).all() for g, s in before.items())
-    assert set(new.loc[new["group"].isin([f"p{i:03d}" for i in range(60, 90)]), "split"]) == {"train", "val", "test"}
-    assert (new["row"] == range(len(new))).all()
 
 
 # -------------------------------------------------------------------------------------------- lock

@@ -15,7 +15,7 @@ from tasks.config import Config, parse_config
 from tasks.errors import StepError
 from tasks.io import read_csv, write_csv
 from tasks.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
-from tasks.split import assign_splits, extend_split, run, split_units
+from tasks.split import assign_splits, check_none_moved, extend_split, run, split_units
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
 
@@ -272,6 +272,14 @@ def test_run_extends_its_previous_split_when_new_data_lands(tmp_path: Path) -> N
     # from scratch, the same grown manifest would have moved some of the old images
     scratch = assign_splits(full, _cfg().split).set_index("path")["split"]
     assert (scratch.loc[before.index] != before).any()
+
+
+def test_a_moved_image_is_named() -> None:
+    previous = pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "split": ["train", "test", "val"]})
+    check_none_moved(previous, previous.iloc[:2])  # dropped rows are fine
+    moved = previous.assign(split=["train", "train", "val"])
+    with pytest.raises(StepError, match=r"move 1 images: \['b.png \(test -> train\)'\]"):
+        check_none_moved(previous, moved)
 
 
 def test_run_splits_from_scratch_when_split_params_change(tmp_path: Path) -> None:
