@@ -10,45 +10,16 @@ images) in its inbox, runs `dvc repro` once for real, then times `dvc repro` wit
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", ".dvc/config", ".dvc/.gitignore",
-         "data/inbox"]
-BIN = Path(sys.executable).parent
+from dvc_project import DVC, ROOT, best_time, copy_pipeline
 
 
 def _project(dest: Path, data: Path) -> None:
-    for name in FILES:
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["dataset"]["sources"] = []
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_pipeline(dest)
     (dest / "data/inbox/pneumonia" / data.name).symlink_to(data.resolve())
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-
-
-def _best(cmd: list[str], cwd: Path, repeat: int) -> float:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -58,13 +29,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"{args.data} not found: pass --data with a folder of class subfolders")
-    dvc = str(BIN / "dvc")
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
         _project(project, args.data)
-        full = _best([dvc, "repro"], project, 1)
-        noop = _best([dvc, "repro"], project, args.repeat)
-        startup = _best([dvc, "version"], project, args.repeat)
+        full = best_time([DVC, "repro"], project, 1)
+        noop = best_time([DVC, "repro"], project, args.repeat)
+        startup = best_time([DVC, "version"], project, args.repeat)
     print("| measure | seconds |\n|---|---|")
     print(f"| full `dvc repro` (first run) | {full:.2f} |")
     print(f"| no-op `dvc repro` (best of {args.repeat}) | {noop:.2f} |")

@@ -23,54 +23,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import yaml
+from dvc_project import DVC, ROOT, best_time, copy_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", ".dvc/config", ".dvc/.gitignore",
-         "data/inbox"]
-BIN = Path(sys.executable).parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _project(dest: Path, data: Path, n_images: int) -> None:
-    for name in FILES:
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["dataset"]["sources"] = []
+def _small(params: dict[str, Any]) -> None:
+    """Params for a short full run: 64 px, the tutorial CNN for 3 epochs, loose split tolerances."""
     params["resize"]["size"] = 64
     params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
     params["train"].update(model="tutorial_cnn", epochs=3, batch_size=16)
     params["evaluate"].update(bootstrap=1000, gradcam_examples=0)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _project(dest: Path, data: Path, n_images: int) -> None:
+    copy_pipeline(dest, _small)
     inbox = dest / "data/inbox/pneumonia/bench"
     n_neg = n_images // 3
     for cls, n in (("NORMAL", n_neg), ("PNEUMONIA", n_images - n_neg)):
         (inbox / cls).mkdir(parents=True)
         for path in sorted((data / cls).iterdir())[:n]:
             shutil.copy(path, inbox / cls / path.name)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)  # DVCLive needs a commit
     subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench"], cwd=dest,
                    check=True)
 
 
+def _nothing_ran(stdout: str) -> None:
+    assert "Running stage" not in stdout, stdout
+
+
 def _dvc_noop(project: Path, repeat: int, *args: str) -> float:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, env=env, check=True, capture_output=True,
-                             text=True)
-        times.append(time.perf_counter() - t0)
-        assert "Running stage" not in out.stdout, out.stdout
-    return min(times)
+    return best_time([DVC, "repro", *args], project, repeat, check=_nothing_ran)
 
 
 def _flow(project: Path) -> tuple[float, dict[str, float]]:

@@ -1,0 +1,49 @@
+"""Shared by the DVC benchmarks: a throw-away copy of the pipeline, and the best time of a command in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# What `dvc repro` reads: the pipeline, its params, the step code it hashes, DVC's config, the inbox folder.
+FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", ".dvc/config", ".dvc/.gitignore",
+         "data/inbox"]
+BIN = Path(sys.executable).parent  # this environment's `dvc` and `medflow`
+DVC = str(BIN / "dvc")
+
+
+def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None) -> None:
+    """Copy the pipeline into ``dest`` (a new git repository) with ``dataset.sources: []`` and edited params."""
+    for name in FILES:
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["dataset"]["sources"] = []  # the inbox only: nothing to download
+    edit_params(params)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def best_time(cmd: list[str], cwd: Path, repeat: int, check: Callable[[str], None] = lambda _: None) -> float:
+    """Best wall time of ``repeat`` runs of ``cmd`` (this environment's bin first on PATH); ``check`` sees stdout."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        check(out.stdout)
+    return min(times)
