@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data folder and a loopback HTTP file server."""
+"""Shared fixtures: the real-data folder, a loopback HTTP file server, a split.csv writer."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import functools
 import http.server
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pandas as pd
 import pytest
+
+from tasks.schema import SPLIT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -45,3 +48,26 @@ def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_split_csv(dest: Path, *, paths: Sequence[str], labels: Sequence[object], splits: Sequence[str],
+                    groups: Sequence[str] | None = None, rows: Sequence[int] | None = None) -> Path:
+    """A split.csv in the pipeline's schema (``SPLIT_COLUMNS``): one line per path, in the given order.
+
+    ``rows`` (the image's row in images.npy) default to 0..n-1 and ``groups`` (patients) to the file
+    stems; class names are POS for label 1, else NEG; digests are distinct; other columns are empty.
+    """
+    n = len(paths)
+    df = pd.DataFrame({c: [""] * n for c in SPLIT_COLUMNS})
+    df["path"] = list(paths)
+    df["relpath"] = [Path(p).name for p in paths]
+    df["label"] = list(labels)
+    df["class_name"] = ["POS" if v == 1 else "NEG" for v in df["label"]]
+    df["group"] = list(groups) if groups is not None else [Path(p).stem for p in paths]
+    df["sha256"] = [f"{i:064x}" for i in range(n)]
+    df["dup_group"] = df["sha256"]
+    df["split_group"] = df["group"]
+    df["row"] = list(rows) if rows is not None else list(range(n))
+    df["split"] = list(splits)
+    df.to_csv(dest, index=False)
+    return dest

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_split_csv
 from sklearn.metrics import roc_auc_score
 
 from tasks import evaluate, gradcam, predict
@@ -29,7 +30,6 @@ from tasks.errors import StepError
 from tasks.io import read_json
 from tasks.metrics import METRICS
 from tasks.resize import load_resized
-from tasks.schema import SPLIT_COLUMNS
 from tasks.train import train_model
 
 pytestmark = pytest.mark.slow  # trains a small model once (about 20 s), then reuses it
@@ -83,16 +83,8 @@ def _dataset(root: Path, files: list[Path], labels: np.ndarray) -> tuple[Path, P
     splits = np.array(["train"] * n, dtype=object)
     splits[np.arange(n) % 5 == 3] = "val"
     splits[np.arange(n) % 5 == 4] = "test"
-    df = pd.DataFrame({c: [""] * n for c in SPLIT_COLUMNS})
-    df["path"] = [str(f) for f in files]
-    df["class_name"] = np.where(labels == 1, "POS", "NEG")
-    df["label"] = labels
-    df["group"] = [f.stem for f in files]
-    df["split_group"] = df["group"]
-    df["row"] = np.arange(n)
-    df["split"] = splits
-    split = root / "split.csv"
-    df.to_csv(split, index=False)
+    split = write_split_csv(root / "split.csv", paths=[str(f) for f in files],
+                            labels=[int(v) for v in labels], splits=list(splits))
     return images, split
 
 

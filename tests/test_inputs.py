@@ -14,11 +14,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_split_csv
 
 from tasks import inputs
 from tasks.errors import StepError
 from tasks.inputs import MemmapBatches, SplitData, batches, epoch_order, load_split_data, steps
-from tasks.schema import SPLIT_COLUMNS, SPLITS
+from tasks.schema import SPLITS
 
 N = 41  # images in the fixture: train 25, val 8, test 8 (batches of 4 leave a remainder of 1 in train)
 SIZE = 3
@@ -37,19 +38,12 @@ def _write(folder: Path, *, n: int = N, rows: Iterable[int] | None = None, label
     np.save(folder / "images.npy", images)
     rows = [int(r) for r in np.random.default_rng(7).permutation(n)] if rows is None else list(rows)
     m = len(rows)
-    df = pd.DataFrame({c: [""] * m for c in SPLIT_COLUMNS})
-    df["path"] = [f"data/raw/t/img{r}.png" for r in rows]
-    df["relpath"] = [f"img{r}.png" for r in rows]
-    df["label"] = [_label(r) if isinstance(r, int) else 0 for r in rows] if labels is None else list(labels)
-    df["class_name"] = ["POS" if v == 1 else "NEG" for v in df["label"]]
-    df["group"] = [f"p{r}" for r in rows]
-    df["sha256"] = [f"{i:064x}" for i in range(m)]
-    df["dup_group"] = df["sha256"]
-    df["split_group"] = df["group"]
-    df["row"] = rows
-    df["split"] = list(splits) if splits is not None else ["train"] * 25 + ["val"] * 8 + ["test"] * (m - 33)
-    df.to_csv(folder / "split.csv", index=False)
-    return folder / "images.npy", folder / "split.csv"
+    split = write_split_csv(
+        folder / "split.csv", paths=[f"data/raw/t/img{r}.png" for r in rows], rows=rows,
+        labels=[_label(r) if isinstance(r, int) else 0 for r in rows] if labels is None else list(labels),
+        splits=list(splits) if splits is not None else ["train"] * 25 + ["val"] * 8 + ["test"] * (m - 33),
+        groups=[f"p{r}" for r in rows])
+    return folder / "images.npy", split
 
 
 @pytest.fixture

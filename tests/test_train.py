@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, shared_dataset
+from conftest import ROOT, shared_dataset, write_split_csv
 
 from tasks import train as train_mod
 from tasks.config import Config, parse_config
 from tasks.errors import StepError
-from tasks.schema import SPLIT_COLUMNS
 
 
 def _cfg(**train: object) -> Config:
@@ -37,19 +36,8 @@ def _write_dataset(folder: Path, x: np.ndarray, y: np.ndarray, splits: list[str]
     images = folder / "images.npy"
     np.save(images, x)
     n = len(x)
-    df = pd.DataFrame({c: [""] * n for c in SPLIT_COLUMNS})
-    df["path"] = [f"img{i}.png" for i in range(n)]
-    df["relpath"] = df["path"]
-    df["class_name"] = np.where(y == 1, "POS", "NEG")
-    df["label"] = y.astype(int)
-    df["group"] = [f"p{i}" for i in range(n)]
-    df["sha256"] = [f"{i:064x}" for i in range(n)]
-    df["dup_group"] = df["sha256"]
-    df["split_group"] = df["group"]
-    df["row"] = np.arange(n)
-    df["split"] = splits
-    split = folder / "split.csv"
-    df.to_csv(split, index=False)
+    split = write_split_csv(folder / "split.csv", paths=[f"img{i}.png" for i in range(n)],
+                            labels=[int(v) for v in y], splits=splits, groups=[f"p{i}" for i in range(n)])
     return images, split
 
 
