@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,7 @@ def choose_threshold(val: Scores, ev: EvaluateConfig) -> dict[str, Any]:
 # --- data facts for the report -----------------------------------------------------------------------
 
 
-def split_counts(df: pd.DataFrame, labels: dict[str, int]) -> pd.DataFrame:
+def split_counts(df: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
     """Images and patients per split and class."""
     names = {v: k for k, v in labels.items() if v in (0, 1)}
     rows = []
@@ -321,7 +322,7 @@ def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejec
     return report.write_all(evaluation, Path(out))
 
 
-def _labelled_files(folder: Path, labels: dict[str, int]) -> list[tuple[Path, str]]:
+def _labelled_files(folder: Path, labels: Mapping[str, int]) -> list[tuple[Path, str]]:
     if not folder.is_dir():
         raise StepError(f"--images {folder}: not a folder")
     files = []

@@ -20,8 +20,9 @@ import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -78,7 +79,7 @@ def _archive_items(path: Path) -> Iterator[Item]:
             if info.is_dir() or is_junk(rel) or not _is_image_name(info.filename):
                 continue
             yield Item(f"{path}!{info.filename}", _member_reader(path, info.filename, info.file_size,
-                                                                   lambda n=info.filename: zf.read(n)))
+                                                                   partial(zf.read, info.filename)))
         return
     try:  # kept open while its members are read (the process ends it)
         tf = tarfile.open(path)  # noqa: SIM115
@@ -204,7 +205,7 @@ def _row(item: Item, p: float, error: str | None, threshold: float, names: dict[
             "class_name": names.get(str(pred), str(pred)), "threshold": threshold, "error": ""}
 
 
-def _write(rows: list[dict[str, Any]], f: TextIO) -> None:
+def _write(rows: list[dict[str, Any]], f: IO[str]) -> None:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
