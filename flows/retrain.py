@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary
 from flows.train import run_pipeline
-from tasks.retrain import Busy, dataset_lock, last_fingerprint, record_fingerprint, source_fingerprint
+from tasks.retrain import Busy, dataset_lock, inbox_files, last_fingerprint, record_fingerprint, source_fingerprint
 
 FLOW_NAME = "medflow-retrain"
 NO_NEW_DATA = "no new data"
@@ -36,9 +36,10 @@ NO_NEW_DATA = "no new data"
 
 @task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
 def fingerprint(project: Project) -> dict[str, Any]:
-    """The source fingerprint now and at the last ingestion."""
-    inbox = project.path("download", "--inbox")
-    return {"now": source_fingerprint(project.cfg, inbox), "last": last_fingerprint(project.model_root)}
+    """The source fingerprint now and at the last ingestion, and the inbox files it covers."""
+    listing = inbox_files(project.path("download", "--inbox"))
+    return {"now": source_fingerprint(project.cfg, project.path("download", "--inbox"), listing),
+            "last": last_fingerprint(project.model_root), "files": [rel for rel, _, _ in listing]}
 
 
 @flow(name=FLOW_NAME, flow_run_name="retrain-{dataset}", log_prints=True,
@@ -60,7 +61,7 @@ def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
                 return {"dataset": dataset, "status": NO_NEW_DATA}
             results = run_pipeline(project)
             decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
-            record_fingerprint(project.model_root, fp["now"], decision=decision.get("reason"))
+            record_fingerprint(project.model_root, fp["now"], files=fp["files"], decision=decision.get("reason"))
             post_decision(project, decision)
             post_quarantine(project)
             post_summary(project, results, decision, f"medflow retrain: {dataset}", key=f"{dataset}-retrain-summary")

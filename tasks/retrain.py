@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,11 @@ def inbox_files(inbox: Path) -> list[tuple[str, int, int]]:
     return sorted(out)
 
 
-def source_fingerprint(cfg: Config, inbox: Path) -> str:
-    """sha256 over the configured sources and the inbox listing (names, sizes, mtimes)."""
+def source_fingerprint(cfg: Config, inbox: Path, listing: list[tuple[str, int, int]] | None = None) -> str:
+    """sha256 over the configured sources and the inbox listing (names, sizes, mtimes; read if not given)."""
     h = hashlib.sha256()
     h.update(json.dumps([s.model_dump() for s in cfg.dataset.sources], sort_keys=True).encode())
-    for rel, size, mtime in inbox_files(inbox):
+    for rel, size, mtime in inbox_files(inbox) if listing is None else listing:
         h.update(f"{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
@@ -67,12 +67,22 @@ def last_fingerprint(model_root: Path) -> str | None:
     return str(read_json(path).get("fingerprint")) if path.exists() else None
 
 
-def record_fingerprint(model_root: Path, fingerprint: str, **extra: Any) -> None:
-    write_json(Path(model_root) / STATE_FILE, {"fingerprint": fingerprint,
-                                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra})
+def record_fingerprint(model_root: Path, fingerprint: str, *, files: Iterable[str] | None = None,
+                       **extra: Any) -> None:
+    """Record what was ingested: the source fingerprint and (when given) the inbox files it covered."""
+    state = {"fingerprint": fingerprint, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+    if files is not None:
+        state["inbox_files"] = sorted(files)
+    write_json(Path(model_root) / STATE_FILE, state)
 
 
-# ---------------------------------------------------------------------------------------------- split
+def ingested_files(model_root: Path) -> set[str] | None:
+    """The inbox files (relative paths) of the last ingestion; None when not recorded."""
+    path = Path(model_root) / STATE_FILE
+    files = read_json(path).get("inbox_files") if path.exists() else None
+    return None if files is None else set(files)
+
+
 # ------------------------------------------------------------------------------------------- decision
 @dataclass(frozen=True)
 class Decision:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import Config
-from tasks.retrain import inbox_files, last_fingerprint, source_fingerprint
+from tasks.retrain import inbox_files, ingested_files, last_fingerprint, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ class InboxWatcher:
         self.cfg, self.inbox, self.model_root = cfg, Path(inbox), Path(model_root)
         self._listing: list[tuple[str, int, int]] | None = None
         self._reported: str | None = None
-        self._known = {rel for rel, _, _ in inbox_files(self.inbox)}
+        # New files are counted against the last ingestion (else against the inbox as first seen)
+        known = ingested_files(self.model_root)
+        self._known = known if known is not None else {rel for rel, _, _ in inbox_files(self.inbox)}
 
     def check(self, settle: bool = True) -> dict[str, Any] | None:
         listing = inbox_files(self.inbox)
@@ -37,7 +39,7 @@ class InboxWatcher:
         self._listing = listing
         if settle and not stable:
             return None
-        fp = source_fingerprint(self.cfg, self.inbox)
+        fp = source_fingerprint(self.cfg, self.inbox, listing)
         if fp in (self._reported, last_fingerprint(self.model_root)):
             return None
         self._reported = fp

@@ -209,6 +209,18 @@ def test_watcher_reports_settled_new_files_once(tmp_path: Path, cfg: Config) -> 
     assert read_json(models / "retrain.json")["fingerprint"] == payload["fingerprint"]
 
 
+def test_watch_once_counts_the_files_new_since_the_last_ingestion(tmp_path: Path, cfg: Config) -> None:
+    inbox, models = tmp_path / "inbox", tmp_path / "models"
+    (inbox / "a/NORMAL").mkdir(parents=True)
+    (inbox / "a/NORMAL/1.jpeg").write_bytes(b"1")
+    record_fingerprint(models, source_fingerprint(cfg, inbox), files=["a/NORMAL/1.jpeg"])
+    (inbox / "a/NORMAL/2.jpeg").write_bytes(b"2")
+    (inbox / "a/NORMAL/3.jpeg").write_bytes(b"3")
+    events: list[dict] = []
+    assert watch(cfg, inbox, models, events.append, interval_s=0, once=True) == 1
+    assert events[0]["new_files"] == ["a/NORMAL/2.jpeg", "a/NORMAL/3.jpeg"] and events[0]["n_new_files"] == 2
+
+
 def test_stage_tasks_have_readable_names_timeouts_and_download_retries() -> None:
     from flows.common import stage_task
 
