@@ -703,11 +703,13 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
             threads.shutdown(wait=True, cancel_futures=True)
         return
     pool = ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init)
-    shared = _Shared(chunks, job, pool, processes=workers - 1)
+    shared = None
     try:
+        shared = _Shared(chunks, job, pool, processes=workers - 1)
         yield _unbroken(shared.results())
     except BaseException:  # drop the queued work instead of finishing it
-        shared.stop()
+        if shared is not None:
+            shared.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     # Every result is in: the workers exit on their own (about 25 ms) while this process finishes up.
@@ -742,10 +744,14 @@ class _Shared:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._help, name="resize-helper", daemon=True)
         self._thread.start()
+        try:
+            self._feed()  # starts the worker processes (the thread is decoding meanwhile)
+        except BaseException:
+            self.stop()
+            raise
 
     def results(self) -> Iterator[_Decoded]:
         """Every chunk's results as they finish; the first error (a worker's, or this thread's) raised."""
-        self._feed()
         for _ in range(self._total):
             item = self._done.get()
             if isinstance(item, Future):
