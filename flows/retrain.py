@@ -37,9 +37,10 @@ NO_NEW_DATA = "no new data"
 @task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
 def fingerprint(project: Project) -> dict[str, Any]:
     """The source fingerprint now and at the last ingestion, and the inbox files it covers."""
-    listing = inbox_files(project.path("download", "--inbox"))
-    return {"now": source_fingerprint(project.cfg, project.path("download", "--inbox"), listing),
-            "last": last_fingerprint(project.model_root), "files": [rel for rel, _, _ in listing]}
+    inbox = project.path("download", "--inbox")
+    listing = inbox_files(inbox)  # one walk: the fingerprint and the recorded files agree
+    return {"now": source_fingerprint(project.cfg, inbox, listing), "last": last_fingerprint(project.model_root),
+            "files": [rel for rel, _, _ in listing]}
 
 
 @flow(name=FLOW_NAME, flow_run_name="retrain-{dataset}", log_prints=True,

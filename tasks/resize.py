@@ -17,8 +17,9 @@ Preprocessing (the single source of truth: training, evaluation and prediction a
   shrinks by less than 8/7 per side. (OpenCV's ``IMREAD_REDUCED_*`` only offers 1/2, 1/4 and 1/8, so a
   600 px X-ray is decoded at 300 px instead of 225; its ``imdecode`` is also slower at equal scale.) The
   EXIF orientation is read from the APP1 segment (:func:`jpeg_orientation`) and applied to the decoded
-  pixels. DCT scaling is a slightly different low-pass than a box average: on the Kermany X-rays the
-  result is on average 1.1 grey levels from a full decode + INTER_AREA.
+  pixels. DCT scaling is a slightly different low-pass than a box average: on the 120 full-resolution
+  Kermany X-rays the result is on average 0.7 grey levels from a full decode + INTER_AREA (3.0 for the
+  worst image; single pixels on burned-in text up to 150).
 - Everything else (PNG, BMP, TIFF, GIF, WebP, CMYK or 12-bit JPEG, ...) is decoded by Pillow and
   normalised: EXIF orientation applied; 16-bit and 32-bit modes (``I;16``, ``I``, ``F``) scaled to 8 bits
   by the image's own range (min -> 0, max -> 255; a constant image -> 0), because 12-bit data stored in
@@ -52,7 +53,7 @@ Parallelism. Uncached images are decoded by ``resize.workers`` decoders (0 = all
 and ``workers - 1`` worker processes, each single-threaded in OpenCV. The work goes out in row order, in
 chunks whose decoding cost (pixels) shrinks towards the end so that the decoders finish together; this
 process starts on the first chunk at once and then takes the next chunk in line whenever it is free
-(:class:`_Helper`), while a worker process takes 5-10 ms to start. A decoder writes each resized image
+(:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder writes each resized image
 itself, to its row(s) of the output (``pwrite`` at the row's offset: the file is filled out of order) and
 to its shard, and hands back only where the bytes went: the pixels never cross a pipe. Workers are forked
 by a ``forkserver`` that has preloaded this module, never from the caller: a forked copy of a process
@@ -116,7 +117,7 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
     8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
 }
-_JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (cv2 decodes the first)
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (libjpeg decodes the first)
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"  # JPEG start-of-scan and end-of-image markers
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -126,7 +127,7 @@ POOL_MIN_IMAGES = 64
 _MAX_CHUNK = 32  # images per task sent to a worker, at most
 _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left (guided scheduling)
 INDEX_NAME = "index.sqlite"  # the cache index: key -> (shard, offset, nbytes)
-SHARDS_DIR = "shards"  # the cache's shard files, one per run that decoded something
+SHARDS_DIR = "shards"  # the cache's shard files, one per decoder (process or thread) of a run
 _COMMIT_EVERY = 256  # index records per transaction: what a hard crash can make the next run decode again
 _INDEX_TIMEOUT_S = 60.0  # how long to wait for another run that is writing to the same index
 _SQL_BATCH = 500  # keys per lookup query (old SQLite builds allow 999 parameters)
@@ -583,11 +584,10 @@ class _Decoded(NamedTuple):
 
 
 def _decode_chunk(tasks: list[_Task], *, size: int, channels: int, out: str, shard_prefix: str) -> list[_Decoded]:
-    """Worker body: decode a chunk of images and write each to its output row(s) and to this worker's shard.
+    """Decoder body: decode a chunk of images and write each to its output row(s) and to this decoder's shard.
 
-    Only (key, shard, offset) goes back to the parent: the pixels never travel through a pipe, so the
-    parent, which shares the cores with the workers, has next to nothing to do. Each worker (process, or
-    thread of the in-process path) appends to a shard of its own, ``<run>-<pid>-<thread>.bin``.
+    Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
+    process, or thread of this process) appends to a shard of its own, ``<run>-<pid>-<thread>.bin``.
     """
     name = f"{os.path.basename(shard_prefix)}-{os.getpid()}-{threading.get_ident()}.bin"
     shard_path = os.path.join(os.path.dirname(shard_prefix), name)
@@ -729,7 +729,7 @@ class _Shared:
     """Chunks handed out in order to the worker processes and to a thread of this process.
 
     This process counts as one of the ``resize.workers``: its thread takes the next chunk in line
-    whenever it is free, from the start (a worker process takes 5-10 ms to start, the first one about
+    whenever it is free, from the start (a worker process takes 10-15 ms to start, the first one about
     0.4 s more to start the fork server, and this thread keeps decoding meanwhile), and its results
     cross no pipe. The pool is kept two chunks ahead per worker process (one running, one queued, so no
     worker waits between chunks); the guided, cost-sized chunks keep everyone finishing together.
