@@ -745,7 +745,8 @@ class _Shared:
         self._thread = threading.Thread(target=self._help, name="resize-helper", daemon=True)
         self._thread.start()
         try:
-            self._feed()  # starts the worker processes (the thread is decoding meanwhile)
+            with _main_hidden():  # the first submissions start the worker processes (all of them)
+                self._feed()
         except BaseException:
             self.stop()
             raise
@@ -767,10 +768,9 @@ class _Shared:
         self._thread.join()
 
     def _feed(self) -> None:
-        with _main_hidden():  # the pool starts its worker processes on the first submissions
-            while self._in_flight < self._depth and (chunk := self._take()) is not None:
-                self._pool.submit(self._job, chunk).add_done_callback(self._done.put)
-                self._in_flight += 1
+        while self._in_flight < self._depth and (chunk := self._take()) is not None:
+            self._pool.submit(self._job, chunk).add_done_callback(self._done.put)
+            self._in_flight += 1
 
     def _take(self) -> list[_Task] | None:
         try:
