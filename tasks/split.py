@@ -272,7 +272,9 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
     assigned = _place(_unit_table(clean), fixed, cfg)
     log.info("extend_split: %d units kept from the previous split, %d new",
              len(fixed), len(assigned) - len(fixed))
-    return _finish(clean, assigned)
+    result = _finish(clean, assigned)
+    check_none_moved(previous, result)
+    return result
 
 
 def _raise_on_merged(clean: pd.DataFrame, old: pd.Series) -> None:
@@ -308,8 +310,8 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
 def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
     """StepError naming the images that an extended split moved to another split.
 
-    :func:`extend_split` guarantees none; checked anyway, because a moved image is a leak: an image the
-    champion was tested on could land in the challenger's training set.
+    :func:`extend_split` places only new units, so none should move; it checks its result anyway, because
+    a moved image is a leak: an image the champion was tested on could land in the challenger's training set.
     """
     both = result[["path", "split"]].merge(previous[["path", "split"]], on="path", suffixes=("", "_old"))
     moved = both[both["split"] != both["split_old"]]
@@ -350,8 +352,6 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:
         result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
-        if previous is not None:
-            check_none_moved(previous, result)
     except StepError as e:
         raise StepError(f"{clean}: {e}") from None
     write_csv(out, result)
