@@ -583,14 +583,15 @@ class _Decoded(NamedTuple):
     offset: int  # where in that shard
 
 
-def _decode_chunk(tasks: list[_Task], *, size: int, channels: int, out: str, shard_prefix: str) -> list[_Decoded]:
+def _decode_chunk(tasks: list[_Task], *, size: int, channels: int, out: str, cache: str,
+                  run_id: str) -> list[_Decoded]:
     """Decoder body: decode a chunk of images and write each to its output row(s) and to this decoder's shard.
 
     Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
     process, or thread of this process) appends to a shard of its own, ``<run>-<pid>-<thread>.bin``.
     """
-    name = f"{os.path.basename(shard_prefix)}-{os.getpid()}-{threading.get_ident()}.bin"
-    shard_path = os.path.join(os.path.dirname(shard_prefix), name)
+    name = f"{run_id}-{os.getpid()}-{threading.get_ident()}.bin"
+    shard_path = _shard_path(cache, name)
     results = []
     with _opened(out, os.O_WRONLY, "cannot write the output") as out_fd, \
             _opened(shard_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "cannot write to the resize cache") as shard:
@@ -683,8 +684,8 @@ def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 
 
 
 @contextlib.contextmanager
-def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out: str,
-              shard_prefix: str) -> Iterator[Iterator[_Decoded]]:
+def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out: str, cache: str,
+              run_id: str) -> Iterator[Iterator[_Decoded]]:
     """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish.
 
     Fewer than POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this
@@ -692,7 +693,7 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
     longer to start. Otherwise ``workers - 1`` worker processes and this process decode (see
     :class:`_Shared`).
     """
-    job = partial(_decode_chunk, size=size, channels=channels, out=out, shard_prefix=shard_prefix)
+    job = partial(_decode_chunk, size=size, channels=channels, out=out, cache=cache, run_id=run_id)
     chunks = _chunks(todo, max(1, workers), cost=_task_cost)
     if workers <= 1 or len(todo) < POOL_MIN_IMAGES:
         threads = ThreadPoolExecutor(max(1, workers))
@@ -869,8 +870,8 @@ def _plan(jobs: list[_Job], cached: dict[str, CacheEntry], *, start: int,
 def _copy_cached(fd: int, rows: list[tuple[int, CacheEntry]], *, start: int, nbytes: int) -> None:
     """Copy cached rows (row index, entry) into the output at ``start + row * nbytes``.
 
-    Rows that follow each other in the output and in one shard (the usual case: the shard was written by
-    an earlier run over the same manifest) are copied with one large call.
+    Rows that follow each other in the output and in one shard (a decoder's chunk of an earlier run over
+    the same manifest) are copied with one large call.
     """
     shards: dict[str, int] = {}
     try:
@@ -931,14 +932,13 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
         cached = {key: entry for key, entry in found.items() if entry.nbytes == nbytes}
         hits, todo = _plan(jobs, cached, start=len(header), nbytes=nbytes)
         workers = min(n_workers(cfg.resize.workers), len(todo))
-        shard_prefix = _shard_path(cache_dir, uuid.uuid4().hex)
         with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, _index_writer(db, cache_dir) as index:
             f.write(header)
             f.truncate(len(header) + len(jobs) * nbytes)
             f.flush()
             # the workers write the decoded rows while this process copies the cached ones
-            with _decoding(todo, size=size, channels=channels, workers=workers, out=str(tmp),
-                           shard_prefix=shard_prefix) as results:
+            with _decoding(todo, size=size, channels=channels, workers=workers, out=str(tmp), cache=cache_dir,
+                           run_id=uuid.uuid4().hex) as results:
                 _copy_cached(f.fileno(), hits, start=len(header), nbytes=nbytes)
                 counts = _collect(results, index, nbytes=nbytes, expected=len(todo))
     seconds = time.perf_counter() - start

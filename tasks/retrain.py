@@ -62,9 +62,15 @@ def source_fingerprint(cfg: Config, inbox: Path, listing: list[tuple[str, int, i
     return h.hexdigest()
 
 
-def last_fingerprint(model_root: Path) -> str | None:
+def _last_ingestion(model_root: Path) -> dict[str, Any]:
+    """What :func:`record_fingerprint` wrote last ({} before the first ingestion)."""
     path = Path(model_root) / STATE_FILE
-    return str(read_json(path).get("fingerprint")) if path.exists() else None
+    return dict(read_json(path)) if path.exists() else {}
+
+
+def last_fingerprint(model_root: Path) -> str | None:
+    fingerprint = _last_ingestion(model_root).get("fingerprint")
+    return None if fingerprint is None else str(fingerprint)
 
 
 def record_fingerprint(model_root: Path, fingerprint: str, *, files: Iterable[str] | None = None,
@@ -78,8 +84,7 @@ def record_fingerprint(model_root: Path, fingerprint: str, *, files: Iterable[st
 
 def ingested_files(model_root: Path) -> set[str] | None:
     """The inbox files (relative paths) of the last ingestion; None when not recorded."""
-    path = Path(model_root) / STATE_FILE
-    files = read_json(path).get("inbox_files") if path.exists() else None
+    files = _last_ingestion(model_root).get("inbox_files")
     return None if files is None else set(files)
 
 
