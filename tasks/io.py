@@ -14,12 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from tasks.errors import StepError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHUNK = 1 << 20
 
@@ -116,6 +118,8 @@ _STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_spl
 
 def read_csv(path: Path | str) -> pd.DataFrame:
     """Read a CSV written by medflow; string columns stay strings (ids like '0001' keep their zeros)."""
+    import pandas as pd  # not at the top: about 1 s to import, and most steps never read a CSV
+
     return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
