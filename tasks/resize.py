@@ -41,10 +41,10 @@ and the run records ``key -> (shard, offset, nbytes)`` in an SQLite index, ``ind
 as cached once its record is committed, after its bytes were written, so a crash at any moment leaves at
 worst bytes that no record points to (never read) and images decoded again. An image whose key is cached
 is never decoded again, so when new data lands only the new files are decoded; cached rows are copied
-from the shards into the output in the kernel (``copy_file_range``), rows that follow each other in a
-shard in one call: a few dozen calls instead of opening one file per image (0.2 to 0.9 ms each here). On
-ext4, which cannot share the blocks, that copy is bound by memory bandwidth: about 30 ms per 78 MB here
-(1566 images at 224 px), the floor of an incremental run. A record whose shard is missing or too short is
+from the shards into the output, rows that follow each other in a shard with one write from a memory map
+of them (:func:`_copy`): a few dozen writes instead of opening one file per image (0.2 to 0.9 ms each
+here). That copy is the floor of an incremental run: about 16 ms per 78 MB here (1566 images at 224 px),
+bound by memory bandwidth. A record whose shard is missing or too short is
 ignored (its image decoded again); a damaged index is replaced by an empty one. Bump
 :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are never compacted: bytes of a former
 version or size stay until the cache folder is deleted.
@@ -69,10 +69,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import hashlib
 import io
 import logging
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -131,8 +131,7 @@ SHARDS_DIR = "shards"  # the cache's shard files, one per decoder (process or th
 _COMMIT_EVERY = 256  # index records per transaction: what a hard crash can make the next run decode again
 _INDEX_TIMEOUT_S = 60.0  # how long to wait for another run that is writing to the same index
 _SQL_BATCH = 500  # keys per lookup query (old SQLite builds allow 999 parameters)
-_COPY_FILE_RANGE = hasattr(os, "copy_file_range")  # in-kernel file-to-file copy (Linux)
-_COPY_BLOCK = 1 << 22  # bytes per read + write where copy_file_range is missing
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault a mapping's pages in at once, not one by one
 _REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "format", "mode")
 
 
@@ -541,29 +540,20 @@ def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
 
 
 def _copy(dst: int, src: int, nbytes: int, src_pos: int, dst_pos: int) -> None:
-    """Copy ``nbytes`` from ``src`` at ``src_pos`` to ``dst`` at ``dst_pos``: in the kernel where it can.
+    """Copy ``nbytes`` from ``src`` at ``src_pos`` to ``dst`` at ``dst_pos``: one write from a memory map.
 
-    StepError if ``src`` ends early (its cache shard was cut while this run was copying from it).
+    The source range is mapped read-only with its pages faulted in at once (``MAP_POPULATE``), and one
+    ``pwrite`` copies it: on ext4 here half the time of ``copy_file_range`` (6 MB: 1.1 vs 2.2 ms; 78 MB:
+    16 vs 31 ms) and of ``pread`` + ``pwrite`` through a buffer. StepError if ``src`` is shorter than the
+    range (its cache shard was cut after the index lookup).
     """
-    done = 0
-    while done < nbytes:
-        n = _copy_some(dst, src, nbytes - done, src_pos + done, dst_pos + done)
-        if n == 0:
-            raise StepError(f"a resize cache shard shrank while being copied ({done} of {nbytes} bytes): "
-                            "re-run the step")
-        done += n
-
-
-def _copy_some(dst: int, src: int, count: int, src_pos: int, dst_pos: int) -> int:
-    if _COPY_FILE_RANGE:
-        try:
-            return os.copy_file_range(src, dst, count, src_pos, dst_pos)
-        except OSError as e:  # a file system or kernel that cannot: read + write
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-    data = os.pread(src, min(count, _COPY_BLOCK), src_pos)
-    _pwrite_all(dst, data, dst_pos)
-    return len(data)
+    start = src_pos - src_pos % mmap.ALLOCATIONGRANULARITY  # a mapping starts at a multiple of this
+    if os.fstat(src).st_size < src_pos + nbytes:
+        raise StepError(f"a resize cache shard shrank after the index lookup (it needs {src_pos + nbytes} "
+                        "bytes): re-run the step")
+    with mmap.mmap(src, src_pos + nbytes - start, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ,
+                   offset=start) as mapped, memoryview(mapped) as view:
+        _pwrite_all(dst, view[src_pos - start:], dst_pos)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sqlite3
 import subprocess
 import sys
@@ -343,13 +344,21 @@ def test_incremental_run_decodes_only_new_images(tmp_path: Path) -> None:
     assert bigger["decoded"] == 4
 
 
-def test_assembly_without_copy_file_range_gives_the_same_array(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    files = _dataset(tmp_path, 3)
-    with_copy, _ = _run(tmp_path, files, _cfg(size=16))
-    monkeypatch.setattr(resize, "_COPY_FILE_RANGE", False)  # the portable read + write path (non-Linux)
-    without, summary = _run(tmp_path, files, _cfg(size=16))
-    assert summary["cached"] == 3 and np.array_equal(with_copy, without)
+def test_copy_from_an_unaligned_offset_across_pages(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 256, 3 * mmap.ALLOCATIONGRANULARITY, dtype=np.uint8).tobytes()
+    (tmp_path / "src").write_bytes(data)
+    (tmp_path / "dst").write_bytes(b"\0" * 10_000)
+    src_pos, nbytes = mmap.ALLOCATIONGRANULARITY - 100, mmap.ALLOCATIONGRANULARITY + 300
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "r+b") as dst:
+        resize._copy(dst.fileno(), src.fileno(), nbytes, src_pos, 7)
+    assert (tmp_path / "dst").read_bytes()[7:7 + nbytes] == data[src_pos:src_pos + nbytes]
+
+
+def test_copy_from_a_shard_cut_short_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(b"x" * 100)
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "wb") as dst, \
+            pytest.raises(StepError, match="shard shrank"):
+        resize._copy(dst.fileno(), src.fileno(), 64, 50, 0)
 
 
 def test_duplicate_content_decoded_once(tmp_path: Path) -> None:
