@@ -15,7 +15,7 @@ Checks, per distinct file content, in this order (the first failing one is the r
 2. ``not_an_image``: Pillow cannot identify the format (e.g. text behind a .jpeg name).
 3. ``too_many_pixels``: width * height from the header exceeds ``filter.max_pixels``; checked before any
    decoding (decompression bombs), and Pillow's own DecompressionBombError/Warning count too.
-4. ``unsupported_mode``: a Pillow mode outside :data:`SUPPORTED_MODES`.
+4. ``unsupported_mode``: a Pillow mode outside :data:`tasks.verdict.SUPPORTED_MODES`.
 5. ``too_small``: the shorter side is below ``filter.min_side``.
 6. ``truncated``: Pillow's full decode (``load()`` with ``LOAD_TRUNCATED_IMAGES = False``) raises
    "image file is truncated", or a JPEG has no EOI marker (FFD9) after its last scan, or a PNG has no
@@ -39,34 +39,30 @@ the bytes whenever a file is decoded) and a size check of every file stand for t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, UnidentifiedImageError
 
 from tasks import phash
 from tasks.config import Config, FilterConfig
 from tasks.errors import StepError
 from tasks.io import atomic_path, n_workers, read_csv, sha256_file, write_csv, write_json
 from tasks.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
+from tasks.verdict import Limits, Verdict, inspect_file, worker_init
+from tasks.workers import main_hidden, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -76,134 +72,11 @@ FILTER_VERSION = "filter-1"
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
            "unsupported_mode", "duplicate")
 
-# Pillow modes accepted after opening. Each converts without judgement calls: 1/L/P/PA/LA/RGB/RGBA/RGBX/
-# CMYK through Pillow's own conversions, 16- and 32-bit integer grayscale (I;16*, I) by rescaling.
-# Rejected: F (32-bit float: arbitrary range, NaN/inf; mapping it to pixels needs a windowing choice
-# medflow does not make), YCbCr/LAB/HSV (only from TIFF and raw oddities, where Pillow's conversion
-# of subsampled data is unreliable) and any other raw mode.
-SUPPORTED_MODES = frozenset({"1", "L", "P", "PA", "LA", "RGB", "RGBA", "RGBX", "CMYK",
-                             "I", "I;16", "I;16B", "I;16L", "I;16N"})
-
-# This many files or fewer are decoded in-process: a spawned worker needs ~2 s to import numpy, pandas,
-# cv2 and Pillow, about the time it takes to decode 100-200 typical X-rays (3-11 ms each).
+# This many files or fewer are decoded in-process: the fork server takes about 0.4 s to start in a fresh
+# process (then 5-15 ms per worker), what one of two cores saves on 100-200 typical X-rays (3-11 ms each).
 _INLINE_MAX = 128
 _INT_COLUMNS = ["label", "bytes", "width", "height"]
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What decoding one file's content found; small, so it crosses process boundaries cheaply."""
-
-    reason: str = ""  # "" = good, else one of REASONS
-    detail: str = ""
-    phash: str = ""  # 16 hex digits, good images only
-    mode: str = ""  # Pillow mode as opened
-    format: str = ""
-    width: int = 0
-    height: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.reason
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding one file (runs in worker processes)
-
-
-@contextlib.contextmanager
-def _pil_guards(max_pixels: int) -> Iterator[None]:
-    """Strict Pillow settings for one decode, restored afterwards (the inline path runs in the caller)."""
-    old_max, old_trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
-
-
-def _missing_end_marker(data: bytes, fmt: str) -> str:
-    """A reason to call a JPEG/PNG truncated even though Pillow decoded it, or ""."""
-    if fmt == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        # 0xFF is byte-stuffed inside scans, so neither marker occurs in entropy-coded data; bytes after
-        # the EOI (padding, vendor trailers) are allowed.
-        return "no JPEG end-of-image marker (FFD9) after the last scan"
-    if fmt == "PNG" and data.rfind(b"IEND") < data.rfind(b"IDAT"):
-        return "no PNG IEND chunk after the last IDAT chunk"
-    return ""
-
-
-def _gray(im: Image.Image) -> np.ndarray:
-    """Decoded image as a 2-D array for pHash (scale does not matter: pHash ignores brightness/contrast)."""
-    if im.mode.startswith("I"):
-        return np.asarray(im).astype(np.float32)
-    return np.asarray(im.convert("L"))
-
-
-def _header_reason(im: Image.Image, cfg: FilterConfig) -> tuple[str, str] | None:
-    """Checks that need only the header: pixel cap, mode, minimum side; None when all pass."""
-    w, h = im.size
-    if w * h > cfg.max_pixels:
-        return "too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}"
-    if im.mode not in SUPPORTED_MODES:
-        return "unsupported_mode", f"mode {im.mode}"
-    if min(w, h) < cfg.min_side:
-        return "too_small", f"{w}x{h}: shorter side < min_side {cfg.min_side}"
-    return None
-
-
-def _decode(data: bytes, cfg: FilterConfig) -> Verdict:
-    """Verdict for one file's bytes; never raises for bad image data."""
-    if not data:
-        return Verdict("zero_bytes", "empty file")
-    with _pil_guards(cfg.max_pixels):
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            return Verdict("not_an_image", "not a format Pillow can identify")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            return Verdict("too_many_pixels", str(e))
-        except Exception as e:  # any header failure is this file's verdict
-            return Verdict("decode_error", f"{type(e).__name__}: {e}")
-        with im:
-            head = Verdict(mode=im.mode, format=im.format or "", width=im.size[0], height=im.size[1])
-            reason, detail = _header_reason(im, cfg) or _load_reason(im, data)
-            if reason:
-                return replace(head, reason=reason, detail=detail)
-            try:
-                return replace(head, phash=phash.phash_hex(_gray(im)))
-            except Exception as e:  # a decoded image whose pixels cannot be converted
-                detail = f"pixels unusable: {type(e).__name__}: {e}"
-                return replace(head, reason="decode_error", detail=detail)
-
-
-def _load_reason(im: Image.Image, data: bytes) -> tuple[str, str]:
-    """Fully decode ``im``; (reason, detail) for a truncated or undecodable image, else ("", "")."""
-    try:
-        im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return "too_many_pixels", str(e)
-    except (OSError, EOFError) as e:
-        kind = "truncated" if isinstance(e, EOFError) or "truncated" in str(e) else "decode_error"
-        return kind, f"{type(e).__name__}: {e}"
-    except Exception as e:  # decoders raise many types for broken data
-        return "decode_error", f"{type(e).__name__}: {e}"
-    marker = _missing_end_marker(data, im.format or "")
-    return ("truncated", marker) if marker else ("", "")
-
-
-def _inspect(path: str, cfg: FilterConfig) -> tuple[str, Verdict]:
-    """Read one file, return (its sha256, its verdict). An unreadable file raises OSError."""
-    data = Path(path).read_bytes()
-    return hashlib.sha256(data).hexdigest(), _decode(data, cfg)
-
-
-def _worker_init() -> None:
-    cv2.setNumThreads(1)  # one process per core already; no nested thread pools
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,18 +176,21 @@ def _checked_shas(df: pd.DataFrame, manifest: Path) -> pd.Series:
 def _decode_all(todo: dict[str, str], cfg: FilterConfig, folder: Path, manifest: Path) -> dict[str, Verdict]:
     """Decode one representative path per sha256 (in parallel), cache and return the verdicts.
 
-    Workers get a path and send back (sha256, Verdict): no pixel arrays cross process boundaries.
-    Workers are spawned, not forked: the caller may be a threaded Prefect worker.
+    Workers get a path and send back (sha256, Verdict): no pixel arrays cross process boundaries. They
+    come from the fork server of :mod:`tasks.workers` (never forked from the caller, which may be a
+    threaded Prefect worker) and run :mod:`tasks.verdict`, which it has preloaded.
     """
-    inspect = functools.partial(_inspect, cfg=cfg)
+    inspect = functools.partial(inspect_file, limits=Limits(cfg.max_pixels, cfg.min_side))
     paths = list(todo.values())
     workers = min(n_workers(cfg.workers), len(paths))
     if workers <= 1 or len(paths) <= _INLINE_MAX:
         return _collect(todo, map(inspect, paths), cfg, folder, manifest)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context(), initializer=worker_init)
     try:
         chunk = max(1, min(64, len(paths) // (workers * 8)))
-        return _collect(todo, pool.map(inspect, paths, chunksize=chunk), cfg, folder, manifest)
+        with main_hidden():  # map() submits every chunk at once, which starts the worker processes
+            results = pool.map(inspect, paths, chunksize=chunk)
+        return _collect(todo, results, cfg, folder, manifest)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

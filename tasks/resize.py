@@ -56,11 +56,9 @@ process starts on the first chunk at once and then takes the next chunk in line 
 (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder writes each resized image
 itself, to its row(s) of the output (``pwrite`` at the row's offset: the file is filled out of order) and
 to its shard, and hands back only where the bytes went: the pixels never cross a pipe. Workers are forked
-by a ``forkserver`` that has preloaded this module, never from the caller: a forked copy of a process
-whose OpenCV thread pool has started deadlocks in its first OpenCV threading call (seen here in
-``cv2.setNumThreads``), and Prefect callers run other threads too. This module keeps pandas (``tasks.io``)
-out of its import path, so the server starts in about 0.4 s instead of 1.5, and workers do not re-run the
-caller's main module (see :func:`_main_hidden`). Fewer than ``POOL_MIN_IMAGES`` new images (new data
+by the fork server of :mod:`tasks.workers`, which has preloaded this module, never from the caller, and
+they do not re-run the caller's main module. Nothing this module imports imports pandas, so the server
+starts in about 0.4 s instead of 1.5. Fewer than ``POOL_MIN_IMAGES`` new images (new data
 landing) are decoded by threads of this process alone (libjpeg-turbo, OpenCV and Pillow release the GIL
 while decoding): processes would cost more to start than they save.
 """
@@ -73,21 +71,17 @@ import hashlib
 import io
 import logging
 import mmap
-import multiprocessing as mp
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
-import types
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -98,10 +92,10 @@ from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
 from tasks.errors import StepError
+from tasks.io import atomic_path, n_workers, write_json
+from tasks.workers import main_hidden, mp_context
 
-# tasks.io (and through it pandas) is imported inside the parent-only functions below: worker processes
-# import this module and must start fast.
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pydantic stays out of the workers' imports
     from tasks.config import Config
 
 log = logging.getLogger(__name__)
@@ -621,34 +615,6 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
 
 
-def _mp_context() -> ForkServerContext:
-    """Workers come from a fork server started once per process, with this module preloaded (see above)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
-@contextlib.contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Start worker processes without making each of them re-run the caller's ``__main__`` module.
-
-    multiprocessing re-imports the parent's main script or module in every spawn and forkserver child
-    (CPython 3.11's forkserver ``"__main__"`` preload never receives the path, so it cannot help): that is
-    pydantic under the ``medflow`` CLI, pandas under a script, all of Prefect under a flow run, about 0.3
-    to 2 s per worker on a small machine, and a script without an ``if __name__ == "__main__":`` guard
-    would even run again. Workers need nothing from it (their code and their work items are in this
-    module), so an empty ``__main__`` stands in while they are started. Code in other threads that looks
-    up ``__main__`` during those milliseconds (unpickling a function defined in a script, say) would
-    see the empty module.
-    """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
 def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 1.0) -> list[list[T]]:
     """Split the work, in row order, into chunks that shrink towards the end (guided scheduling).
 
@@ -693,7 +659,7 @@ def _decoding(todo: list[_Task], *, size: int, channels: int, workers: int, out:
         finally:
             threads.shutdown(wait=True, cancel_futures=True)
         return
-    pool = ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init)
+    pool = ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init)
     shared = None
     try:
         shared = _Shared(chunks, job, pool, processes=workers - 1)
@@ -736,7 +702,7 @@ class _Shared:
         self._thread = threading.Thread(target=self._help, name="resize-helper", daemon=True)
         self._thread.start()
         try:
-            with _main_hidden():  # the first submissions start the worker processes (all of them)
+            with main_hidden():  # the first submissions start the worker processes (all of them)
                 self._feed()
         except BaseException:
             self.stop()
@@ -908,8 +874,6 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     shape, seconds, images_per_s (images / seconds), workers (decoding processes, or threads for a
     handful of images; 0 when everything was cached) and reduced_decodes (JPEGs decoded at a reduced DCT scale).
     """
-    from tasks.io import atomic_path, n_workers, write_json
-
     start = time.perf_counter()
     size, channels = cfg.resize.size, cfg.dataset.channels
     nbytes, cache_dir = size * size * channels, str(cache)

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tasks import filter as flt
-from tasks import phash
+from tasks import phash, verdict
 from tasks.config import Config, parse_config
 from tasks.errors import StepError
 from tasks.io import read_csv, read_json, sha256_file, write_csv
@@ -174,11 +176,11 @@ def test_pillow_decodes_a_jpeg_without_eoi_that_the_filter_rejects(mixed: dict[s
 def test_end_marker_check_ignores_an_embedded_thumbnail() -> None:
     thumb = b"\xff\xd8\xff\xe1" + b"exif" + b"\xff\xd8\xff\xda" + b"thumb scan" + b"\xff\xd9"
     main_scan = b"\xff\xda" + b"entropy coded, cut here"
-    assert flt._missing_end_marker(thumb + main_scan, "JPEG")
-    assert not flt._missing_end_marker(thumb + main_scan + b"\xff\xd9" + b"\x00" * 10, "JPEG")
-    assert flt._missing_end_marker(b"\x89PNG....IHDR....IDAT....", "PNG")
-    assert not flt._missing_end_marker(b"\x89PNG....IHDR....IDAT....IEND....", "PNG")
-    assert not flt._missing_end_marker(b"GIF89a", "GIF")
+    assert verdict.missing_end_marker(thumb + main_scan, "JPEG")
+    assert not verdict.missing_end_marker(thumb + main_scan + b"\xff\xd9" + b"\x00" * 10, "JPEG")
+    assert verdict.missing_end_marker(b"\x89PNG....IHDR....IDAT....", "PNG")
+    assert not verdict.missing_end_marker(b"\x89PNG....IHDR....IDAT....IEND....", "PNG")
+    assert not verdict.missing_end_marker(b"GIF89a", "GIF")
 
 
 @pytest.mark.parametrize(("key", "reason"), [
@@ -457,3 +459,30 @@ def test_real_chest_xrays_have_no_corrupt_files(tmp_path: Path) -> None:
     assert len(clean) == df["sha256"].nunique() == summary["in"] - summary["rejected"]
     assert (warm["decoded"], warm["cached"]) == (0, len(clean))
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["cached"] == len(clean)
+
+
+def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
+    """The caller's script runs once, also when the filter starts worker processes (tasks.workers)."""
+    raw = tmp_path / "raw"
+    paths = [_write(raw / "AB"[i % 2] / f"{i}.png", _image(40 + i)) for i in range(4)]
+    out = _outputs(tmp_path / "out")
+    write_csv(out["manifest"], _manifest(paths, raw))
+    marker = tmp_path / "imported.txt"
+    script = tmp_path / "caller.py"
+    script.write_text(f"""
+import sys
+sys.path[:0] = {[str(ROOT)]!r}
+with open({str(marker)!r}, "a") as f:
+    f.write("x")
+from pathlib import Path
+from tasks import filter as flt
+from tasks.config import parse_config
+flt._INLINE_MAX = 0
+cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"A": 0, "B": 1}}}},
+                    "filter": {{"workers": 2, "min_side": 8}}}})
+s = flt.run(cfg, **{{k: Path(v) for k, v in {({k: str(v) for k, v in out.items()})!r}.items()}})
+assert s["decoded"] == 4 and s["clean"] == 4, s
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.read_text() == "x"

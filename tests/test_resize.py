@@ -569,7 +569,7 @@ def test_a_handful_of_new_images_decoded_by_threads(tmp_path: Path) -> None:
 
 
 def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
-    """The caller's script runs once, even without a __main__ guard (see resize._main_hidden)."""
+    """The caller's script runs once, even without a __main__ guard (see tasks.workers.main_hidden)."""
     files = _dataset(tmp_path, POOL)
     clean = _clean_csv(tmp_path / "clean.csv", files)
     marker = tmp_path / "imported.txt"
