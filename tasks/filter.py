@@ -66,7 +66,8 @@ from tasks.workers import main_hidden, mp_context
 
 log = logging.getLogger(__name__)
 
-# Bump whenever a change to this module could change a verdict or a pHash: it invalidates the cache.
+# Bump whenever a change to this module or to tasks.verdict could change a verdict or a pHash: it
+# invalidates the cache.
 FILTER_VERSION = "filter-1"
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",

@@ -43,8 +43,8 @@ worst bytes that no record points to (never read) and images decoded again. An i
 is never decoded again, so when new data lands only the new files are decoded; cached rows are copied
 from the shards into the output, rows that follow each other in a shard with one write from a memory map
 of them (:func:`_copy`): a few dozen writes instead of opening one file per image (0.2 to 0.9 ms each
-here). That copy is the floor of an incremental run: about 16 ms per 78 MB here (1566 images at 224 px),
-bound by memory bandwidth. A record whose shard is missing or too short is
+here). That copy is the floor of an incremental run, bound by memory bandwidth: about 16 ms per 78 MB
+here on otherwise idle cores (1566 images at 224 px). A record whose shard is missing or too short is
 ignored (its image decoded again); a damaged index is replaced by an empty one. Bump
 :data:`RESIZE_VERSION` whenever the preprocessing changes. Shards are never compacted: bytes of a former
 version or size stay until the cache folder is deleted.

@@ -43,7 +43,7 @@ class Limits(NamedTuple):
 class Verdict:
     """What decoding one file's content found; small, so it crosses process boundaries cheaply."""
 
-    reason: str = ""  # "" = good, else one of REASONS
+    reason: str = ""  # "" = good, else one of tasks.filter.REASONS
     detail: str = ""
     phash: str = ""  # 16 hex digits, good images only
     mode: str = ""  # Pillow mode as opened
