@@ -141,10 +141,6 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def n_workers(requested: int) -> int:
     """0 means all cores available to this process."""
     if requested > 0:

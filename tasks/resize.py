@@ -542,11 +542,13 @@ def _copy(dst: int, src: int, nbytes: int, src_pos: int, dst_pos: int) -> None:
     range (its cache shard was cut after the index lookup).
     """
     start = src_pos - src_pos % mmap.ALLOCATIONGRANULARITY  # a mapping starts at a multiple of this
-    if os.fstat(src).st_size < src_pos + nbytes:
+    try:
+        mapped = mmap.mmap(src, src_pos + nbytes - start, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                           prot=mmap.PROT_READ, offset=start)
+    except ValueError:  # mmap checks the file's size itself: "mmap length is greater than file size"
         raise StepError(f"a resize cache shard shrank after the index lookup (it needs {src_pos + nbytes} "
-                        "bytes): re-run the step")
-    with mmap.mmap(src, src_pos + nbytes - start, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ,
-                   offset=start) as mapped, memoryview(mapped) as view:
+                        "bytes): re-run the step") from None
+    with mapped, memoryview(mapped) as view:
         _pwrite_all(dst, view[src_pos - start:], dst_pos)
 
 
