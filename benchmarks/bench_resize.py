@@ -238,11 +238,10 @@ def incremental(files: list[Path], root: Path, cfg: Config, work: Path, repeat: 
     all_clean = write_clean_csv(linked + new, work / "clean_new.csv")
     cache = work / "inc_cache"
     step(cfg, old_clean, work, cache)  # the state before the new data landed
+    new_keys = [resize.cache_key(sha256_file(f), cfg.resize.size, cfg.dataset.channels) for f in new]
     best = float("inf")
     for _ in range(repeat):
-        # forget the new files, keep the old ones
-        resize.cache_forget(cache, [resize.cache_key(sha256_file(f), cfg.resize.size, cfg.dataset.channels)
-                                    for f in new])
+        resize.cache_forget(cache, new_keys)  # forget the new files, keep the old ones
         remove_outputs(work)
         start = time.perf_counter()
         summary = step(cfg, all_clean, work, cache)
