@@ -1,7 +1,7 @@
 """Input pipeline on CPU: medflow's batches from images.npy vs model.fit on the same arrays in memory.
 
 The CPU twin of ``bench_train_gpu.py`` (same code, same method), with the TensorFlow backend and sizes that
-fit a small machine: tutorial_cnn (``tasks.models.build_model``) on 1,024 synthetic grey 128x128 images,
+fit a small machine: tutorial_cnn (``medflow.training.models.build_model``) on 1,024 synthetic grey 128x128 images,
 batch 32, float32, 4 epochs per arm (the first, which traces the graph, excluded). Both arms run in one
 process, from the same initial weights:
 

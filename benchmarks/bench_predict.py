@@ -6,7 +6,7 @@ On ``../shared/data/chest_xray_fullres`` (120 full-resolution X-rays) it scores 
 
 - the tutorial way: a loop of ``cv2.imread(path)`` (full decode, colour) -> grey -> ``cv2.resize`` (cubic),
   then ``model.predict`` on the stacked batch: decoding and the model one after the other;
-- medflow: ``tasks.predict.run`` (what ``medflow predict FOLDER --out preds.csv`` runs): reduced-DCT JPEG
+- medflow: ``medflow.inference.run`` (what ``medflow predict FOLDER --out preds.csv`` runs): reduced-DCT JPEG
   decoding in a thread pool, one batch ahead of the model, CSV written atomically.
 
 Both use the same model: ``--model`` (a trained model folder, e.g. models/pneumonia), or by default an
@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tasks import predict  # noqa: E402
-from tasks.config import TrainConfig  # noqa: E402
-from tasks.evaluate import load_trained  # noqa: E402
-from tasks.io import write_json  # noqa: E402
-from tasks.manifest import iter_images  # noqa: E402
-from tasks.models import build_model  # noqa: E402
+from medflow import inference as predict  # noqa: E402
+from medflow.config import TrainConfig  # noqa: E402
+from medflow.data.manifest import iter_images  # noqa: E402
+from medflow.evaluation.assess import load_trained  # noqa: E402
+from medflow.io import write_json  # noqa: E402
+from medflow.training.models import build_model  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

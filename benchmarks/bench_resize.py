@@ -7,7 +7,7 @@ cache and taking the best of ``--repeat`` interleaved runs:
 
 - the tutorial baseline: a ThreadPoolExecutor (one thread per core) over ``cv2.imread(path)`` in colour +
   ``cv2.resize(..., (size, size), interpolation=cv2.INTER_CUBIC)``, results kept in memory;
-- medflow's resize step (``tasks.resize.run``, the code path of ``medflow resize``) with an empty cache and
+- medflow's resize step (``medflow.imaging.resize.run``, the code path of ``medflow resize``) with an empty cache and
   all cores, as configured for X-rays (1 channel) and with 3 channels; it also writes its cache (shard +
   index) and the .npy output, which the baseline does not;
 - the single-core rate of the same preprocessing (``load_resized`` in a loop, OpenCV on one thread: the
@@ -62,10 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tasks import resize  # noqa: E402
-from tasks.config import Config, parse_config  # noqa: E402
-from tasks.io import n_workers, read_csv, sha256_file, write_csv  # noqa: E402
-from tasks.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS  # noqa: E402
+from medflow.config import Config, parse_config  # noqa: E402
+from medflow.imaging import resize  # noqa: E402
+from medflow.io import n_workers, read_csv, sha256_file, write_csv  # noqa: E402
+from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_DATA = SHARED / "chest_xray_fullres"
@@ -183,12 +183,12 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
     """Wall time of ``medflow resize`` in a fresh process, what ``dvc repro`` runs: best of ``repeat``.
 
     ``full``: empty cache; ``cached``: every image cached; ``imports``: Python start-up and the imports
-    alone (``tasks.cli`` and ``tasks.resize``), the floor of any run of the command.
+    alone (``medflow.cli`` and ``medflow.imaging.resize``), the floor of any run of the command.
     """
     param_file = work / "params.yaml"
     param_file.write_text(yaml.safe_dump(params(size, 1)))
     def command(cache: Path) -> list[str]:
-        return [sys.executable, "-m", "tasks.cli", "resize", "--params", str(param_file), "--clean", str(clean),
+        return [sys.executable, "-m", "medflow.cli", "resize", "--params", str(param_file), "--clean", str(clean),
                 "--out", str(work / "images.npy"), "--stats", str(work / "resize.json"), "--cache", str(cache)]
 
     def best(fn: Callable[[], Any]) -> float:
@@ -205,7 +205,7 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
     cached = work / "cmd_cache"
     run(command(cached))  # fill it
     return {"full": full, "cached": best(lambda: run(command(cached))),
-            "imports": best(lambda: run([sys.executable, "-c", "import tasks.cli, tasks.resize"]))}
+            "imports": best(lambda: run([sys.executable, "-c", "import medflow.cli, medflow.imaging.resize"]))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def run_benchmark(data: Path, size: int, repeat: int) -> str:
         ("`medflow resize` in a fresh process (what `dvc repro` runs), empty cache",
          f"{cmd['full']:.2f} s wall", ""),
         ("the same, every image cached", f"{cmd['cached']:.2f} s wall", ""),
-        ("of which Python start-up and imports (`tasks.cli`, `tasks.resize`)", f"{cmd['imports']:.2f} s", ""),
+        ("of which start-up and imports (`medflow.cli`, `medflow.imaging.resize`)", f"{cmd['imports']:.2f} s", ""),
     ]
     for (name, what), r in rss.items():
         if what == "medflow":

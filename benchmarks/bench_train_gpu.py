@@ -1,7 +1,7 @@
 """Training throughput: medflow's input pipeline vs model.fit on the same images in memory, side by side.
 
 Writes synthetic uint8 images (random noise; the content does not matter for speed) into a temporary
-images.npy + split.csv in the pipeline's formats, builds tutorial_cnn (``tasks.models.build_model``) and
+images.npy + split.csv in the pipeline's formats, builds tutorial_cnn (``medflow.training.models.build_model``) and
 trains it twice for the same epochs, batch size and precision, each time from the same initial weights:
 
 1. baseline: ``model.fit(x, y, shuffle=True)`` on the training images held in memory as a NumPy uint8
@@ -16,8 +16,8 @@ command, from the repository root, on a machine with a GPU and JAX::
     KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py [--images 20000] [--epochs 6] [--batch 200] \\
         [--precision mixed_bfloat16|float32] [--out results.json]
 
-Needs keras, numpy, pandas (any version) and JAX only: no TensorFlow, DVC or Prefect. tasks.models needs
-tasks.config, hence pydantic and PyYAML; where pydantic is missing the script says so and trains its own
+Needs keras, numpy, pandas (any version) and JAX only: no TensorFlow, DVC or Prefect. medflow.training.models needs
+medflow.config, hence pydantic and PyYAML; where pydantic is missing the script says so and trains its own
 copy of the tutorial network instead (``model_source`` in the output says which ran).
 ``benchmarks/bench_input_cpu.py`` runs the same comparison on CPU with TensorFlow.
 """
@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tasks.inputs import batches, load_split_data  # noqa: E402
-from tasks.schema import SPLIT_COLUMNS  # noqa: E402
+from medflow.schema import SPLIT_COLUMNS  # noqa: E402
+from medflow.training.inputs import batches, load_split_data  # noqa: E402
 
 SEED = 42
 POSITIVE_SHARE = 0.74  # Kermany's training split is about 2.9 positives per negative
@@ -79,14 +79,14 @@ def write_dataset(folder: Path, n_train: int, size: int, channels: int, n_holdou
 # ----------------------------------------------------------------------------------------------- model
 def build(input_shape: tuple[int, int, int], *, pos: int, neg: int, augment: bool, jit_compile: bool,
           precision: str, learning_rate: float = 1e-3) -> tuple[keras.Model, str]:
-    """tutorial_cnn from tasks.models (seeded: the same initial weights every call), compiled; and its source."""
+    """tutorial_cnn from medflow.training.models (seeded: same initial weights each call), compiled; its source."""
     keras.backend.clear_session()  # the previous arm's model and compiled functions go...
     keras.mixed_precision.set_dtype_policy(precision)  # ...and so does the global dtype policy: set it again
     try:
-        from tasks.config import AugmentConfig, TrainConfig
-        from tasks.models import build_model
+        from medflow.config import AugmentConfig, TrainConfig
+        from medflow.training.models import build_model
     except ModuleNotFoundError as e:
-        print(f"!! tasks.models cannot be imported here ({e}): training the benchmark's own copy of the "
+        print(f"!! medflow.training.models cannot be imported here ({e}): training the benchmark's own copy of the "
               "tutorial network instead. Carry the missing package to benchmark the project's build_model.")
         model, source = _stand_in_tutorial_cnn(input_shape, pos=pos, neg=neg), f"stand-in copy ({e})"
     else:
@@ -94,7 +94,7 @@ def build(input_shape: tuple[int, int, int], *, pos: int, neg: int, augment: boo
                                                             contrast=0)
         train = TrainConfig(model="tutorial_cnn", seed=SEED, augment=aug)
         model = build_model(train, input_shape=input_shape, allow_flips=False, pos=pos, neg=neg)
-        source = f"tasks.models.build_model(TrainConfig(model='tutorial_cnn'{'' if augment else ', no augment'}))"
+        source = f"models.build_model(TrainConfig(model='tutorial_cnn'{'' if augment else ', no augment'}))"
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
                   metrics=["accuracy"], jit_compile=jit_compile)
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
@@ -102,7 +102,7 @@ def build(input_shape: tuple[int, int, int], *, pos: int, neg: int, augment: boo
 
 
 def _stand_in_tutorial_cnn(input_shape: tuple[int, int, int], *, pos: int, neg: int) -> keras.Model:
-    """The Keras TPU pneumonia tutorial's network, as tasks.models builds it (no augmentation)."""
+    """The Keras TPU pneumonia tutorial's network, as medflow.training.models builds it (no augmentation)."""
     from keras import layers
 
     keras.utils.set_random_seed(SEED)

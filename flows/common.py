@@ -18,10 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import stages
-from tasks import registry
-from tasks.config import Config, load_config
-from tasks.io import read_csv, read_json, sha256_file
-from tasks.retrain import decide, read_threshold, write_decision
+from medflow.config import Config, load_config
+from medflow.io import read_csv, read_json, sha256_file
+from medflow.lifecycle import registry
+from medflow.lifecycle.retrain import decide, read_threshold, write_decision
 
 DEFAULT_TIMEOUT_S = 4 * 3600
 STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per stage; the rest get DEFAULT_TIMEOUT_S
@@ -104,7 +104,7 @@ def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str,
 
     The champion pointer is written last and only on promotion: a failure anywhere here leaves it as it was.
     """
-    from tasks.evaluate import score_split  # TensorFlow/Keras: imported when needed, not at flow load
+    from medflow.evaluation.assess import score_split  # TensorFlow/Keras: imported when needed, not at flow load
 
     logger = get_run_logger()
     root = project.model_root

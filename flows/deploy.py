@@ -9,7 +9,7 @@
 A checkout runs one dataset (params.yaml's ``dataset:`` block): the deployments of other datasets are
 listed, and a run of one of them fails at once with a message saying how to switch (see
 ``flows.common.open_project``). Each deployment runs one flow run at a time; on top of that, the dataset
-lock (``tasks.retrain.dataset_lock``) keeps train and retrain runs of one dataset from overlapping.
+lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one dataset from overlapping.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import load_config
+from medflow.config import load_config
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflo
    seen (their caches).
 4. The split keeps every earlier assignment: the split stage extends its persisted previous output (old
    patients keep their split, new ones follow the rule, and it fails if any image would move; see
-   :func:`tasks.split.run`). Validation then runs on it; a failed validation fails the run with the failed
+   :func:`medflow.data.split.run`). Validation then runs on it; a failed validation fails the run with the failed
    expectations in the message, and nothing after it runs.
 5. Train the challenger (the train stage), score it and the champion on the same test split, and promote
    only if it is not worse beyond ``retrain.tolerance`` (paired bootstrap on AUC). The decision and both
@@ -28,7 +28,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary
 from flows.train import run_pipeline
-from tasks.retrain import Busy, dataset_lock, inbox_files, last_fingerprint, record_fingerprint, source_fingerprint
+from medflow.lifecycle.retrain import (
+    Busy,
+    dataset_lock,
+    inbox_files,
+    last_fingerprint,
+    record_fingerprint,
+    source_fingerprint,
+)
 
 FLOW_NAME = "medflow-retrain"
 NO_NEW_DATA = "no new data"

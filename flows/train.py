@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows import stages
 from flows.common import Project, challenge, open_project, post_quarantine, post_summary, stage_task
-from tasks.retrain import Busy, dataset_lock
+from medflow.lifecycle.retrain import Busy, dataset_lock
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.schema import SPLIT_COLUMNS
+from medflow.schema import SPLIT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Step commands load tasks/ from the project root; tests run them from scratch folders, so they name this one.
+os.environ.setdefault("MEDFLOW_PROJECT", str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

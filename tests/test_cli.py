@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cli import STEPS, main
+from medflow.cli import STEPS, main
 
-MEDFLOW = [sys.executable, "-m", "tasks.cli"]
+MEDFLOW = [sys.executable, "-m", "medflow.cli"]
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
@@ -38,8 +38,24 @@ def test_step_error_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "m.csv").exists()
 
 
+def test_step_outside_a_project_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MEDFLOW_PROJECT"}
+    (tmp_path / "p.yaml").write_text("dataset: {name: t, labels: {A: 0, B: 1}}\n")
+    run = subprocess.run([*MEDFLOW, "manifest", "--params", "p.yaml", "--roots-json", "r.json", "--out", "m.csv"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 2
+    assert "not inside a medflow project" in run.stderr and str(tmp_path) in run.stderr
+
+
+def test_steps_load_from_the_project_not_the_wheel() -> None:
+    from medflow.cli import load_project_module
+
+    module = load_project_module("tasks.manifest")
+    assert Path(module.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "tasks"
+
+
 def test_atomic_outputs_get_ordinary_file_modes(tmp_path: Path) -> None:
-    from tasks.io import atomic_dir, write_json
+    from medflow.io import atomic_dir, write_json
 
     old = os.umask(0o022)
     os.umask(old)

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tasks import download
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
+from medflow.config import Config, parse_config
+from medflow.data import fetch as download
+from medflow.errors import StepError
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -203,7 +203,7 @@ def test_checksum_mismatch_never_writes_final_name(tmp_path: Path, dl_server: Se
 def test_unpinned_warns_records_digest_and_skips_next_time(tmp_path: Path, dl_server: Server,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     cfg = _cfg({"url": dl_server.url()})
-    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+    with caplog.at_level(logging.WARNING, logger="medflow.data.fetch"):
         summary, records = _run(tmp_path, cfg)
     assert any(DIGEST in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert records[0]["sha256"] == DIGEST and summary["unpinned"] == [0]
@@ -327,7 +327,7 @@ def test_local_archive_and_folder_are_used_in_place(tmp_path: Path, monkeypatch:
     (inbox / "xrays" / "NORMAL").mkdir(parents=True)
     (inbox / "A.ZIP").write_bytes(PAYLOAD)
     before = os.stat(inbox / "A.ZIP")
-    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+    with caplog.at_level(logging.WARNING, logger="medflow.data.fetch"):
         summary, records = _run(tmp_path, _cfg("inbox/A.ZIP", {"url": str(tmp_path / "inbox" / "xrays")}))
     assert records == [
         {"index": 0, "url": "inbox/A.ZIP", "path": "inbox/A.ZIP", "kind": "archive", "sha256": DIGEST,

@@ -23,14 +23,16 @@ import pytest
 from conftest import write_split_csv
 from sklearn.metrics import roc_auc_score
 
-from tasks import evaluate, gradcam, predict
-from tasks.cli import main
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
-from tasks.io import read_json
-from tasks.metrics import METRICS
-from tasks.resize import load_resized
-from tasks.train import train_model
+from medflow import inference as predict
+from medflow.cli import main
+from medflow.config import Config, parse_config
+from medflow.errors import StepError
+from medflow.evaluation import assess as evaluate
+from medflow.evaluation import gradcam
+from medflow.evaluation.metrics import METRICS
+from medflow.imaging.resize import load_resized
+from medflow.io import read_json
+from medflow.training.fit import train_model
 
 pytestmark = pytest.mark.slow  # trains a small model once (about 20 s), then reuses it
 
@@ -328,7 +330,7 @@ def test_predict_defaults_to_the_champion(stage: Path, trained: Trained, tmp_pat
 
     import yaml
 
-    from tasks import registry
+    from medflow.lifecycle import registry
 
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(_params(tmp_path)))

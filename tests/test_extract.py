@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from tasks import download, extract
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
+from medflow.config import Config, parse_config
+from medflow.data import archives as extract
+from medflow.data import fetch as download
+from medflow.errors import StepError
 
 _RNG = random.Random(0)
 IMG = _RNG.randbytes(3000)  # incompressible stand-in for an image file
@@ -168,7 +169,7 @@ def test_tar_links_inside_are_skipped_with_warning(tmp_path: Path, caplog: pytes
         _special("d/PNEUMONIA/3.png", tarfile.SYMTYPE, "../NORMAL/1.png"),
         _special("d/NORMAL/4.png", tarfile.LNKTYPE, "d/NORMAL/1.png"),
     ])
-    with caplog.at_level(logging.WARNING, logger="tasks.extract"):
+    with caplog.at_level(logging.WARNING, logger="medflow.data.archives"):
         _, roots = _run(tmp_path, archive)
     root = Path(roots[0]["root"])
     assert _files(root) == {"d/NORMAL/1.png"}

@@ -1,4 +1,4 @@
-"""Tests for tasks.filter (corrupt-image quarantine, duplicates, cache) and tasks.phash."""
+"""Tests for medflow.imaging.quality (corrupt-image quarantine, duplicates, cache) and medflow.imaging.phash."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import filter as flt
-from tasks import phash, verdict
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
-from tasks.io import read_csv, read_json, sha256_file, write_csv
-from tasks.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
+from medflow.config import Config, parse_config
+from medflow.errors import StepError
+from medflow.imaging import phash, verdict
+from medflow.imaging import quality as flt
+from medflow.io import read_csv, read_json, sha256_file, write_csv
+from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -462,7 +462,7 @@ def test_real_chest_xrays_have_no_corrupt_files(tmp_path: Path) -> None:
 
 
 def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
-    """The caller's script runs once, also when the filter starts worker processes (tasks.workers)."""
+    """The caller's script runs once, also when the filter starts worker processes (medflow.imaging.workers)."""
     raw = tmp_path / "raw"
     paths = [_write(raw / "AB"[i % 2] / f"{i}.png", _image(40 + i)) for i in range(4)]
     out = _outputs(tmp_path / "out")
@@ -475,8 +475,8 @@ sys.path[:0] = {[str(ROOT)]!r}
 with open({str(marker)!r}, "a") as f:
     f.write("x")
 from pathlib import Path
-from tasks import filter as flt
-from tasks.config import parse_config
+from medflow.imaging import quality as flt
+from medflow.config import parse_config
 flt._INLINE_MAX = 0
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"A": 0, "B": 1}}}},
                     "filter": {{"workers": 2, "min_side": 8}}}})

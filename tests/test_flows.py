@@ -147,7 +147,7 @@ def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) ->
 
 def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harness: None) -> None:
     from flows.train import train_flow
-    from tasks import registry
+    from medflow.lifecycle import registry
 
     project = make_project(tmp_path / "project")
     generated_images(project / "data/inbox/pneumonia/batch1")
@@ -191,7 +191,7 @@ def test_deployment_for_another_dataset_refuses_with_a_clear_message(tmp_path: P
 
 def test_retrain_is_skipped_while_another_run_holds_the_dataset(tmp_path: Path, harness: None) -> None:
     from flows.retrain import retrain_flow
-    from tasks.retrain import dataset_lock
+    from medflow.lifecycle.retrain import dataset_lock
 
     project = make_project(tmp_path / "project")
     generated_images(project / "data/inbox/pneumonia/batch1")
@@ -205,8 +205,8 @@ def test_retrain_is_skipped_while_another_run_holds_the_dataset(tmp_path: Path, 
 def test_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: None) -> None:
     from flows.retrain import NO_NEW_DATA, retrain_flow
     from flows.train import train_flow
-    from tasks import registry
-    from tasks.io import read_csv
+    from medflow.io import read_csv
+    from medflow.lifecycle import registry
 
     src = shared_dataset("chest_xray")
     project = make_project(tmp_path / "project")

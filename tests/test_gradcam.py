@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import gradcam
-from tasks.config import TrainConfig
-from tasks.errors import StepError
-from tasks.models import build_model
+from medflow.config import TrainConfig
+from medflow.errors import StepError
+from medflow.evaluation import gradcam
+from medflow.training.models import build_model
 
 
 def _check(model_name: str, size: int) -> None:

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from conftest import write_split_csv
 
-from tasks import inputs
-from tasks.errors import StepError
-from tasks.inputs import MemmapBatches, SplitData, batches, epoch_order, load_split_data, steps
-from tasks.schema import SPLITS
+from medflow.errors import StepError
+from medflow.schema import SPLITS
+from medflow.training import inputs
+from medflow.training.inputs import MemmapBatches, SplitData, batches, epoch_order, load_split_data, steps
 
 N = 41  # images in the fixture: train 25, val 8, test 8 (batches of 4 leave a remainder of 1 in train)
 SIZE = 3
@@ -279,7 +279,7 @@ def test_module_imports_no_tensorflow_at_top_level() -> None:
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
     assert not {m for m in names if m and m.split(".")[0] == "tensorflow"}
-    assert "tasks.config" not in names  # pydantic and yaml need not be there either
+    assert "medflow.config" not in names  # pydantic and yaml need not be there either
 
 
 def _stream(ds: object, n_batches: int) -> list[list[int]]:

@@ -5,11 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.config import GROUP_RULES, parse_config
-from tasks.errors import StepError
-from tasks.io import read_csv, sha256_file, write_json
-from tasks.manifest import class_of, group_of, run, source_split_of
-from tasks.schema import MANIFEST_COLUMNS
+from medflow.config import GROUP_RULES, parse_config
+from medflow.data.manifest import class_of, group_of, run, source_split_of
+from medflow.errors import StepError
+from medflow.io import read_csv, sha256_file, write_json
+from medflow.schema import MANIFEST_COLUMNS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from tasks import metrics as M
-from tasks.errors import StepError
+from medflow.errors import StepError
+from medflow.evaluation import metrics as M
 
 
 def _sample(n: int = 300, seed: int = 0, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:

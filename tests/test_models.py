@@ -16,10 +16,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tasks import models  # noqa: E402
-from tasks.config import AugmentConfig, TrainConfig  # noqa: E402
-from tasks.errors import StepError  # noqa: E402
-from tasks.models import augmentation, build_model, preprocess, split_trainable  # noqa: E402
+from medflow.config import AugmentConfig, TrainConfig  # noqa: E402
+from medflow.errors import StepError  # noqa: E402
+from medflow.training import models  # noqa: E402
+from medflow.training.models import augmentation, build_model, preprocess, split_trainable  # noqa: E402
 
 FAST_BACKBONE = "vgg19"  # 23 layers: builds in well under a second
 SLOW_BACKBONES = ["densenet121", "efficientnetb0", "resnet50", "inceptionv3"]

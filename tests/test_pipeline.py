@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, shared_dataset
 
-from tasks.io import read_csv, sha256_file
+from medflow.io import read_csv, sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,7 +25,7 @@ import pytest
 from conftest import shared_dataset
 from test_flows import assert_dvc_clean, make_project, real_images
 
-from tasks import registry
+from medflow.lifecycle import registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

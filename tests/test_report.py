@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import evaluate, report
-from tasks.config import EvaluateConfig
+from medflow.config import EvaluateConfig
+from medflow.evaluation import assess as evaluate
+from medflow.evaluation import report
 
 
 def _evaluation(tmp_path: Path, n: int = 200, by: str = "image") -> evaluate.Evaluation:

@@ -1,4 +1,4 @@
-"""Tests for tasks.resize: preprocessing rules, the .npy output, the cache and the error paths."""
+"""Tests for medflow.imaging.resize: preprocessing rules, the .npy output, the cache and the error paths."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import pytest
 from conftest import shared_dataset
 from PIL import Image, ImageOps
 
-from tasks import resize
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
-from tasks.io import read_json, sha256_file, write_csv
-from tasks.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS
+from medflow.config import Config, parse_config
+from medflow.errors import StepError
+from medflow.imaging import resize
+from medflow.io import read_json, sha256_file, write_csv
+from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS
 
 # ---------------------------------------------------------------------------------------------------------
 # fixtures and helpers
@@ -432,8 +432,8 @@ def test_cache_forget_makes_the_next_run_decode_those(tmp_path: Path) -> None:
 _CRASHING_CALLER = """
 import multiprocessing, os, sys
 sys.path[:0] = {paths!r}
-from tasks import resize
-from tasks.config import parse_config
+from medflow.imaging import resize
+from medflow.config import parse_config
 resize._COMMIT_EVERY = 2
 resize.POOL_MIN_IMAGES = {pool}
 record = resize._IndexWriter.record
@@ -569,7 +569,7 @@ def test_a_handful_of_new_images_decoded_by_threads(tmp_path: Path) -> None:
 
 
 def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
-    """The caller's script runs once, even without a __main__ guard (see tasks.workers.main_hidden)."""
+    """The caller's script runs once, even without a __main__ guard (see medflow.imaging.workers.main_hidden)."""
     files = _dataset(tmp_path, POOL)
     clean = _clean_csv(tmp_path / "clean.csv", files)
     marker = tmp_path / "imported.txt"
@@ -579,8 +579,8 @@ import sys
 sys.path[:0] = {[str(Path(resize.__file__).parents[1])]!r}
 with open({str(marker)!r}, "a") as f:
     f.write("x")
-from tasks import resize
-from tasks.config import parse_config
+from medflow.imaging import resize
+from medflow.config import parse_config
 resize.POOL_MIN_IMAGES = {POOL}
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
                     "resize": {{"size": 16, "workers": 2}}}})
@@ -602,7 +602,7 @@ def test_reduced_decodes_counted(tmp_path: Path) -> None:
 
 def test_workers_start_without_pandas() -> None:
     """Worker processes import this module: it must not drag pandas in (about 1 s per process)."""
-    code = "import sys, tasks.resize; sys.exit('pandas' in sys.modules)"
+    code = "import sys, medflow.imaging.resize; sys.exit('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

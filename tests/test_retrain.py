@@ -12,11 +12,11 @@ import yaml
 from conftest import ROOT
 
 from flows import stages
-from tasks import registry
-from tasks.config import Config, RetrainConfig, load_config
-from tasks.errors import StepError
-from tasks.io import read_json
-from tasks.retrain import (
+from medflow.config import Config, RetrainConfig, load_config
+from medflow.errors import StepError
+from medflow.io import read_json
+from medflow.lifecycle import registry
+from medflow.lifecycle.retrain import (
     Busy,
     dataset_lock,
     decide,
@@ -24,7 +24,7 @@ from tasks.retrain import (
     record_fingerprint,
     source_fingerprint,
 )
-from tasks.watch import InboxWatcher, watch
+from medflow.lifecycle.watch import InboxWatcher, watch
 
 
 @pytest.fixture

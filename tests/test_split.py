@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
-from tasks.io import read_csv, write_csv
-from tasks.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
-from tasks.split import assign_splits, check_none_moved, extend_split, run, split_units
+from medflow.config import Config, parse_config
+from medflow.data.split import assign_splits, check_none_moved, extend_split, run, split_units
+from medflow.errors import StepError
+from medflow.io import read_csv, write_csv
+from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
 
@@ -152,7 +152,7 @@ def test_keep_source_test_pulls_whole_unit_into_test_with_warning(caplog: pytest
     df = _frame([_row("person1", 0, 1, "test"), _row("person1", 1, 1, "train"),
                  _row("person2", 0, 1, "train", dup_group="d"), _row("person3", 0, 1, "test", dup_group="d")]
                 + [_row(f"person{p}", 0, p % 2, "train") for p in range(10, 30)])
-    with caplog.at_level(logging.WARNING, logger="tasks.split"):
+    with caplog.at_level(logging.WARNING, logger="medflow.data.split"):
         split = assign_splits(df, _cfg(keep_source_test=True).split)
     by_group = split.groupby("group")["split"].first()
     assert by_group[["person1", "person2", "person3"]].tolist() == ["test"] * 3

@@ -17,9 +17,9 @@ import pytest
 import yaml
 from conftest import ROOT, shared_dataset, write_split_csv
 
-from tasks import train as train_mod
-from tasks.config import Config, parse_config
-from tasks.errors import StepError
+from medflow.config import Config, parse_config
+from medflow.errors import StepError
+from medflow.training import fit as train_mod
 
 
 def _cfg(**train: object) -> Config:
@@ -69,7 +69,7 @@ def test_schedules() -> None:
 
 @pytest.mark.slow
 def test_overfits_one_batch() -> None:
-    from tasks.models import build_model
+    from medflow.training.models import build_model
 
     x, y = _synthetic(16)
     cfg = _cfg(augment={"rotation_deg": 0, "zoom": 0, "translate": 0, "brightness": 0, "contrast": 0})
@@ -129,7 +129,7 @@ def test_missing_class_in_train_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_epochs_on_real_images_reload_identically(tmp_path: Path) -> None:
-    from tasks.resize import load_resized
+    from medflow.imaging.resize import load_resized
 
     src = shared_dataset("chest_xray")
     files = [(p, 0) for p in sorted((src / "NORMAL").iterdir())[:32]]
@@ -158,12 +158,12 @@ def _params_file(tmp_path: Path, **train: object) -> Path:
 @pytest.mark.slow
 def test_resume_after_a_crash(tmp_path: Path) -> None:
     """Kill a training process after its second epoch; the next run continues from the checkpoint."""
-    from tasks.config import load_config
+    from medflow.config import load_config
 
     x, y = _synthetic(48)
     images, split = _write_dataset(tmp_path / "data", x, y, ["train"] * 32 + ["val"] * 8 + ["test"] * 8)
     params = _params_file(tmp_path, epochs=30)
-    cmd = [sys.executable, "-m", "tasks.cli", "train", "--params", str(params), "--images", str(images),
+    cmd = [sys.executable, "-m", "medflow.cli", "train", "--params", str(params), "--images", str(images),
            "--split", str(split), "--model-dir", str(tmp_path / "m"), "--live-dir", str(tmp_path / "l")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = tmp_path / "m" / "checkpoints" / "state.json"

@@ -13,12 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import GROUP_RULES, Config, parse_config
-from tasks.errors import StepError
-from tasks.io import read_csv, write_csv
-from tasks.schema import SPLIT_COLUMNS
-from tasks.split import assign_splits
-from tasks.validate import (
+from medflow.config import GROUP_RULES, Config, parse_config
+from medflow.data.expectations import (
     ExpectColumnPairValuesAToMapToOneB,
     Table,
     _raised,
@@ -28,6 +24,10 @@ from tasks.validate import (
     target_shares,
     validate_tables,
 )
+from medflow.data.split import assign_splits
+from medflow.errors import StepError
+from medflow.io import read_csv, write_csv
+from medflow.schema import SPLIT_COLUMNS
 
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SIZE = 8

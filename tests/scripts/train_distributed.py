@@ -25,8 +25,8 @@ def main() -> None:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
 
-    from tasks import train
-    from tasks.config import parse_config
+    from medflow.config import parse_config
+    from medflow.training import fit as train
 
     cfg = parse_config({"dataset": {"name": "t", "labels": {"NEG": 0, "POS": 1}}, "resize": {"size": 32},
                         "train": {"model": "medflow_cnn", "epochs": int(os.environ.get("EPOCHS", "2")),

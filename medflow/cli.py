@@ -2,6 +2,10 @@
 
 dvc.yaml calls these with explicit paths (the one place paths are written down); ``medflow STEP --help``
 lists each step's arguments.
+
+Library commands (``predict``, ``evaluate --images``) work anywhere. Step and orchestration commands load
+``tasks/<step>.py`` and ``flows/`` from the project root (the nearest folder above the working directory
+holding ``dvc.yaml`` and ``tasks/``), as dvc and kedro find theirs; outside a project they say so.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DEFAULT_PARAMS, ConfigError, load_config
-from tasks.errors import StepError
+from medflow.config import DEFAULT_PARAMS, ConfigError, load_config
+from medflow.errors import StepError
 
 log = logging.getLogger("medflow")
 
@@ -126,7 +130,7 @@ def _add_model_commands(sub: Any) -> None:
 def _default_model(dataset: str, stage: bool = False) -> Path:
     """models/<dataset>, or the champion the retrain flow promoted there (never for the evaluate stage,
     which reports on the model the train stage just wrote)."""
-    from tasks.registry import champion_dir
+    from medflow.lifecycle.registry import champion_dir
 
     root = Path("models") / dataset
     chosen = None if stage else champion_dir(root)
@@ -138,7 +142,7 @@ def _default_model(dataset: str, stage: bool = False) -> Path:
 def _evaluate(args: argparse.Namespace) -> None:
     cfg = load_config(args.params)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
-    from tasks import evaluate
+    from medflow.evaluation import assess as evaluate
 
     if args.split is not None:
         evaluate.run(cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
@@ -153,7 +157,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     model = args.model or _default_model(load_config(args.params).dataset.name)
-    from tasks import predict
+    from medflow import inference as predict
 
     predict.run(args.paths, model=model, out=args.out, threshold=args.threshold, batch_size=args.batch_size,
                 workers=args.workers, progress=not args.no_progress)
@@ -183,13 +187,11 @@ def _orchestrate(args: argparse.Namespace) -> int:
         os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     if args.step == "serve":
-        from flows.deploy import serve
-
-        serve(args.project)
+        load_project_module("flows.deploy", args.project).serve(args.project)
         return 0
-    from flows.events import emit_data_landed
-    from flows.stages import stage_flags
-    from tasks.watch import watch
+    emit_data_landed = load_project_module("flows.events", args.project).emit_data_landed
+    stage_flags = load_project_module("flows.stages", args.project).stage_flags
+    from medflow.lifecycle.watch import watch
 
     project = args.project.resolve()
     cfg = load_config(project / args.params)
@@ -204,8 +206,29 @@ def _orchestrate(args: argparse.Namespace) -> int:
 MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict}
 
 
+def find_project(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: ``$MEDFLOW_PROJECT``, else the working directory)
+    with dvc.yaml and tasks/."""
+    import os
+
+    here = (start or Path(os.environ.get("MEDFLOW_PROJECT") or Path.cwd())).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "tasks").is_dir():
+            return folder
+    raise StepError(f"not inside a medflow project: no folder at or above {here} holds dvc.yaml and tasks/ "
+                    "(run step and orchestration commands from a medflow checkout)")
+
+
+def load_project_module(name: str, start: Path | None = None) -> Any:
+    """Import ``tasks.<step>`` or ``flows.<module>`` from the project root (put first on ``sys.path``)."""
+    root = str(find_project(start))
+    if sys.path[:1] != [root]:
+        sys.path.insert(0, root)
+    return importlib.import_module(name)
+
+
 def _entry(step: str) -> Callable[..., Any]:
-    module = importlib.import_module(STEPS[step][0])
+    module = load_project_module(STEPS[step][0])
     return module.run  # type: ignore[no-any-return]
 
 
@@ -214,7 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step in ("server", "serve", "watch"):
-        return _orchestrate(args)
+        try:
+            return _orchestrate(args)
+        except StepError as e:
+            print(f"medflow {args.step}: error: {e}", file=sys.stderr)
+            return 2
     if args.step in MODEL_COMMANDS:
         try:
             MODEL_COMMANDS[args.step](args)

@@ -35,8 +35,8 @@ Use it with ``model.fit(ds, shuffle=False)``: the order is already shuffled here
 ``random`` and defeat the read-ahead (it stays correct, only slower: batches are then read on demand).
 
 This module imports no TensorFlow at module level: with ``KERAS_BACKEND=jax`` or ``torch`` it runs
-where TensorFlow is not installed. It needs keras, numpy and pandas (through :mod:`tasks.io`), and no
-:mod:`tasks.config` (pydantic, yaml).
+where TensorFlow is not installed. It needs keras, numpy and pandas (through :mod:`medflow.io`), and no
+:mod:`medflow.config` (pydantic, yaml).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tasks.errors import StepError
-from tasks.io import n_workers, open_images, read_csv
-from tasks.schema import SPLITS
+from medflow.errors import StepError
+from medflow.io import n_workers, open_images, read_csv
+from medflow.schema import SPLITS
 
 log = logging.getLogger(__name__)
 

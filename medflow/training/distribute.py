@@ -18,7 +18,7 @@ from typing import Any
 
 import keras
 
-from tasks.errors import StepError
+from medflow.errors import StepError
 
 log = logging.getLogger(__name__)
 

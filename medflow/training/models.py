@@ -29,8 +29,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from tasks.config import AugmentConfig, TrainConfig
-from tasks.errors import StepError
+from medflow.config import AugmentConfig, TrainConfig
+from medflow.errors import StepError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.errors import StepError
+from medflow.errors import StepError
 
 if TYPE_CHECKING:
     import pandas as pd

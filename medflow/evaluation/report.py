@@ -1,4 +1,4 @@
-"""Write an :class:`~tasks.evaluate.Evaluation`: HTML report, Markdown summary, model card, metrics, plot data.
+"""Write an :class:`~medflow.evaluation.assess.Evaluation`: HTML report, summary, model card, metrics, plots.
 
 The HTML report is one self-contained file: figures are PNGs (matplotlib, Agg) embedded as data URIs and the
 style sheet is inline, so it renders offline and can be mailed or attached to a ticket. ``metrics.json`` is
@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
-from tasks.io import atomic_open, write_csv, write_json  # noqa: E402
-from tasks.metrics import METRICS, Interval  # noqa: E402
+from medflow.evaluation.metrics import METRICS, Interval  # noqa: E402
+from medflow.io import atomic_open, write_csv, write_json  # noqa: E402
 
 if TYPE_CHECKING:
-    from tasks.evaluate import Evaluation
+    from medflow.evaluation.assess import Evaluation
 
 log = logging.getLogger(__name__)
 

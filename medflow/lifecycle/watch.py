@@ -1,7 +1,7 @@
 """Inbox watcher behind ``medflow watch``: polls ``data/inbox/<ds>/`` and reports when new data has landed.
 
 No Prefect here: the caller passes ``emit`` (the CLI sends a ``medflow.data.landed`` Prefect event with it,
-see ``flows/events.py``). Data counts as landed when the source fingerprint (``tasks.retrain``) differs both
+see ``flows/events.py``). Data counts as landed when the source fingerprint (``medflow.lifecycle.retrain``) differs both
 from the last ingested one (``models/<ds>/retrain.json``) and from the last one reported, and the inbox
 listing has been the same for two polls in a row, so a file still being copied is not reported half-way.
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config
-from tasks.retrain import inbox_files, ingested_files, last_fingerprint, source_fingerprint
+from medflow.config import Config
+from medflow.lifecycle.retrain import inbox_files, ingested_files, last_fingerprint, source_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from tasks.errors import StepError
+from medflow.errors import StepError
 
 METRICS: tuple[str, ...] = (
     "roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "npv",

@@ -1,9 +1,9 @@
 """The filter's verdict on one file's bytes: decoded in full by Pillow, checked, pHashed.
 
 This runs in the filter's worker processes, so it imports only what decoding needs (Pillow, NumPy,
-OpenCV through :mod:`tasks.phash`): no pandas, no pydantic. A worker starts in milliseconds from the fork
-server (:mod:`tasks.workers`) instead of importing the whole filter step. The checks and their order are
-documented in :mod:`tasks.filter`.
+OpenCV through :mod:`medflow.imaging.phash`): no pandas, no pydantic. A worker starts in milliseconds from the fork
+server (:mod:`medflow.imaging.workers`) instead of importing the whole filter step. The checks and their order are
+documented in :mod:`medflow.imaging.quality`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from tasks import phash
+from medflow.imaging import phash
 
 # Pillow modes accepted after opening. Each converts without judgement calls: 1/L/P/PA/LA/RGB/RGBA/RGBX/
 # CMYK through Pillow's own conversions, 16- and 32-bit integer grayscale (I;16*, I) by rescaling.
@@ -43,7 +43,7 @@ class Limits(NamedTuple):
 class Verdict:
     """What decoding one file's content found; small, so it crosses process boundaries cheaply."""
 
-    reason: str = ""  # "" = good, else one of tasks.filter.REASONS
+    reason: str = ""  # "" = good, else one of medflow.imaging.quality.REASONS
     detail: str = ""
     phash: str = ""  # 16 hex digits, good images only
     mode: str = ""  # Pillow mode as opened

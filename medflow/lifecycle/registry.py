@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import StepError
-from tasks.io import atomic_dir, read_json, sha256_file, write_json
+from medflow.errors import StepError
+from medflow.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 

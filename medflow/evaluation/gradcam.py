@@ -15,8 +15,8 @@ import cv2
 import keras
 import numpy as np
 
-from tasks.errors import StepError
-from tasks.models import BACKBONE_NAME
+from medflow.errors import StepError
+from medflow.training.models import BACKBONE_NAME
 
 LOGIT_LAYER = "logit"
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import Config, RetrainConfig
-from tasks.io import read_json, write_json
+from medflow.config import Config, RetrainConfig
+from medflow.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Decision:
 
 def headline_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Test ROC AUC, sensitivity, specificity and accuracy of one model (threshold from its threshold.json)."""
-    from tasks.metrics import point_metrics
+    from medflow.evaluation.metrics import point_metrics
 
     m = point_metrics(np.asarray(y), np.asarray(p), threshold)
     keep = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy")
@@ -125,7 +125,7 @@ def decide(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray | None, cfg: Retr
     if p_old is None or champion is None:
         return Decision(True, "no champion yet: the first model becomes champion", challenger, None,
                         cfg.tolerance, len(y), {}, new_metrics, {})
-    from tasks.metrics import paired_bootstrap
+    from medflow.evaluation.metrics import paired_bootstrap
 
     diff = paired_bootstrap(np.asarray(y), np.asarray(p_new), np.asarray(p_old), metric="roc_auc",
                             n=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence, groups=groups)

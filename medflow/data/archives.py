@@ -1,0 +1,363 @@
+"""Extract step: safely unpack the archives listed in sources.json; write roots.json (folders to index).
+
+Each archive goes to ``<out_dir>/<archive stem>-<first 12 hex of its sha256>/``, built in a temporary folder
+and renamed into place (:func:`medflow.io.atomic_dir`), so a crash or a rejected archive leaves nothing
+half-extracted, and an existing folder of that name is reused as is (content-addressed). Folder sources are
+listed in place. Archives are only read, never modified.
+
+Safety rules (any violation raises :class:`StepError` naming the archive and the entry):
+
+- no entry may escape the target: no ``..`` component, absolute path or drive letter (``\\`` counts as ``/``);
+- no device files, fifos or sockets;
+- symbolic and hard links pointing outside the target are rejected; links that stay inside are *skipped* with
+  a warning, never materialised: an image dataset does not need them, and a link would index a file twice;
+- bombs: more than ``extract.max_members`` entries, more than ``extract.max_total_bytes`` expanded bytes, or
+  an expanded/compressed ratio (over the whole archive file) above ``extract.max_ratio``. Declared sizes are
+  checked before writing (the whole zip central directory up front; each tar header before its data), and the
+  bytes actually written are counted while streaming, since declared sizes can lie;
+- encrypted zip entries and unknown compression methods are refused.
+
+OS junk (:data:`medflow.schema.JUNK_DIRS`, :data:`medflow.schema.JUNK_FILES`, AppleDouble ``._*``) is skipped.
+Permissions, owners and timestamps from the archive are not restored (plain files with the default umask).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import posixpath
+import re
+import stat
+import sys
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal, TypedDict
+
+from tqdm import tqdm
+
+from medflow.config import Config, ExtractConfig
+from medflow.data.fetch import ARCHIVE_SUFFIXES, SourceRecord, archive_suffix
+from medflow.errors import StepError
+from medflow.io import CHUNK, atomic_dir, read_json, sha256_file, write_json
+from medflow.schema import JUNK_DIRS, JUNK_FILES
+
+log = logging.getLogger(__name__)
+
+_ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+_MAX_LINK_TARGET = 4096
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
+
+EntryKind = Literal["file", "dir", "link"]
+
+
+class RootRecord(TypedDict):
+    """One folder to index, in roots.json (the contract between extract and manifest)."""
+
+    root: str  # extracted folder, or a folder source in place
+    source: str  # the source's url as written in params.yaml
+    kind: Literal["archive", "folder"]
+
+
+@dataclass
+class _Tally:
+    """Running counts for one archive, and the caps they must stay under."""
+
+    archive: Path
+    limits: ExtractConfig
+    compressed: int  # size of the archive file
+    members: int = 0
+    declared: int = 0
+    written: int = 0
+    files: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: {"junk": 0, "links": 0})
+
+    def count_member(self, entry: str) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise StepError(f"{self.archive}: more than extract.max_members ({self.limits.max_members}) "
+                            f"entries (at {entry!r}); refusing a possible archive bomb")
+
+    def declare(self, size: int, entry: str) -> None:
+        """Add a declared (header) size and check the caps before any of it is written."""
+        self.declared += size
+        self._check(self.declared, f"declares {self.declared} expanded bytes (up to {entry!r})")
+
+    def add_written(self, n: int, entry: str) -> None:
+        self.written += n
+        self._check(self.written, f"expanded to more than {self.written - n} bytes (in {entry!r})")
+
+    def _check(self, total: int, what: str) -> None:
+        cap = self.limits.max_total_bytes
+        if total > cap:
+            raise StepError(f"{self.archive}: {what}, over extract.max_total_bytes ({cap}); "
+                            "refusing a possible archive bomb")
+        ratio = total / max(self.compressed, 1)
+        if ratio > self.limits.max_ratio:
+            raise StepError(f"{self.archive}: {what}, {ratio:.0f} times its {self.compressed} compressed "
+                            f"bytes, over extract.max_ratio ({self.limits.max_ratio:g}); "
+                            "refusing a possible zip bomb")
+
+    def summary(self) -> dict[str, int]:
+        return {"members": self.members, "files": self.files, "bytes": self.written,
+                "skipped_junk": self.skipped["junk"], "skipped_links": self.skipped["links"]}
+
+
+# --------------------------------------------------------------------------------------------- entry rules
+
+
+def safe_relpath(name: str, archive: Path) -> PurePosixPath | None:
+    """The entry's path inside the target, or None for the root itself; StepError if it would escape."""
+    n = name.replace("\\", "/")
+    if "\x00" in n:
+        raise StepError(f"{archive}: entry {name!r} has a NUL character in its name")
+    if n.startswith("/") or re.match(r"^[A-Za-z]:", n):
+        raise StepError(f"{archive}: entry {name!r} is an absolute path; refusing to extract it")
+    parts = [p for p in n.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise StepError(f"{archive}: entry {name!r} escapes the target folder ('..'); refusing to extract")
+    return PurePosixPath(*parts) if parts else None
+
+
+def is_junk(rel: PurePosixPath) -> bool:
+    """OS clutter never extracted: __MACOSX/ and friends, .DS_Store, Thumbs.db, AppleDouble ``._*`` files."""
+    return (any(p in JUNK_DIRS for p in rel.parts[:-1]) or rel.name in JUNK_DIRS
+            or rel.name in JUNK_FILES or rel.name.startswith("._"))
+
+
+def _check_link(archive: Path, entry: str, rel: PurePosixPath, target: str, *, hard: bool) -> None:
+    """Reject a link whose target leaves the archive's folder (symlinks: relative to the link's folder)."""
+    t = target.replace("\\", "/")
+    if t.startswith("/") or re.match(r"^[A-Za-z]:", t):
+        inside = False
+    else:
+        joined = posixpath.normpath(t if hard else posixpath.join(str(rel.parent), t))
+        inside = joined != ".." and not joined.startswith("../")
+    if not inside:
+        kind = "hard link" if hard else "symbolic link"
+        raise StepError(f"{archive}: entry {entry!r} is a {kind} to {target!r}, outside the target folder; "
+                        "refusing to extract")
+
+
+def _write_member(src: IO[bytes], path: Path, declared: int, tally: _Tally, entry: str) -> None:
+    """Stream one member to ``path``, counting real bytes against its declared size and the archive caps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(path, "wb") as out:
+        while chunk := src.read(CHUNK):
+            written += len(chunk)
+            if written > declared:
+                raise StepError(f"{tally.archive}: entry {entry!r} declares {declared} bytes but holds more; "
+                                "refusing a lying archive")
+            tally.add_written(len(chunk), entry)
+            out.write(chunk)
+    tally.files += 1
+
+
+def _skip(tally: _Tally, rel: PurePosixPath | None, kind: EntryKind, entry: str) -> bool:
+    """Whether to skip this entry (the root itself, OS junk, or a link that stays inside)."""
+    if rel is None:
+        return True
+    if is_junk(rel):
+        tally.skipped["junk"] += 1
+        log.debug("%s: skipping OS junk %r", tally.archive, entry)
+        return True
+    if kind == "link":
+        tally.skipped["links"] += 1
+        log.warning("%s: skipping link %r (links are not extracted)", tally.archive, entry)
+        return True
+    return False
+
+
+def _progress(desc: str, total: int | None) -> Any:
+    return tqdm(total=total, desc=desc, unit="entry", file=sys.stderr, disable=None, leave=False)
+
+
+# --------------------------------------------------------------------------------------------- zip
+
+
+def _zip_kind(zf: zipfile.ZipFile, info: zipfile.ZipInfo, rel: PurePosixPath | None,
+              archive: Path) -> EntryKind:
+    """Classify a zip entry from its Unix mode bits (when made on Unix); reject specials and bad links."""
+    if info.flag_bits & 0x1:
+        raise StepError(f"{archive}: entry {info.filename!r} is encrypted; medflow cannot extract it")
+    if info.compress_type not in _ZIP_METHODS:
+        raise StepError(f"{archive}: entry {info.filename!r} uses unsupported compression method "
+                        f"{info.compress_type}")
+    mode = info.external_attr >> 16 if info.create_system == 3 else 0
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        raise StepError(f"{archive}: entry {info.filename!r} is a device file, fifo or socket; refusing")
+    if stat.S_ISLNK(mode):
+        if info.file_size > _MAX_LINK_TARGET:
+            raise StepError(f"{archive}: entry {info.filename!r} is a symbolic link with an oversized target")
+        target = zf.read(info).decode("utf-8", "surrogateescape")
+        _check_link(archive, info.filename, rel or PurePosixPath(), target, hard=False)
+        return "link"
+    return "dir" if info.is_dir() else "file"
+
+
+def _extract_zip(archive: Path, dest: Path, tally: _Tally) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > tally.limits.max_members:
+            raise StepError(f"{archive}: {len(infos)} entries, over extract.max_members "
+                            f"({tally.limits.max_members}); refusing a possible archive bomb")
+        tally.declare(sum(i.file_size for i in infos), infos[-1].filename if infos else "")
+        plan = []  # validate every entry before writing anything
+        for info in infos:
+            tally.count_member(info.filename)
+            rel = safe_relpath(info.filename, archive)
+            plan.append((info, rel, _zip_kind(zf, info, rel, archive)))
+        with _progress(archive.name, len(plan)) as bar:
+            for info, rel, kind in plan:
+                bar.update(1)
+                if _skip(tally, rel, kind, info.filename) or rel is None:
+                    continue
+                target = dest.joinpath(*rel.parts)
+                if kind == "dir":
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                with zf.open(info) as src:
+                    _write_member(src, target, info.file_size, tally, info.filename)
+
+
+# --------------------------------------------------------------------------------------------- tar
+
+
+def _tar_kind(member: tarfile.TarInfo, rel: PurePosixPath | None, archive: Path) -> EntryKind:
+    """Classify a tar entry; reject devices, fifos, unknown types and links that leave the target."""
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym() or member.islnk():
+        _check_link(archive, member.name, rel or PurePosixPath(), member.linkname, hard=member.islnk())
+        return "link"
+    if member.ischr() or member.isblk() or member.isfifo():
+        raise StepError(f"{archive}: entry {member.name!r} is a device file or fifo; refusing to extract")
+    raise StepError(f"{archive}: entry {member.name!r} has unsupported tar type {member.type!r}")
+
+
+def _extract_tar(archive: Path, dest: Path, tally: _Tally) -> None:
+    """One streaming pass: each header is checked before its data is read (a .tar.gz is decompressed once)."""
+    with tarfile.open(archive, mode="r:*") as tf, _progress(archive.name, None) as bar:
+        for member in tf:
+            bar.update(1)
+            tally.count_member(member.name)
+            rel = safe_relpath(member.name, archive)
+            kind = _tar_kind(member, rel, archive)
+            if _skip(tally, rel, kind, member.name) or rel is None:
+                continue
+            target = dest.joinpath(*rel.parts)
+            if kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            tally.declare(member.size, member.name)
+            src = tf.extractfile(member)
+            if src is None:  # pragma: no cover - isreg() members always have data
+                raise StepError(f"{archive}: entry {member.name!r} has no data")
+            with src:
+                _write_member(src, target, member.size, tally, member.name)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def extract_archive(archive: Path, dest: Path, limits: ExtractConfig) -> dict[str, int]:
+    """Safely extract ``archive`` (.zip, .tar, .tar.gz, .tgz) into the empty folder ``dest``.
+
+    Returns counts: members seen, files written, bytes written, junk and links skipped. Raises StepError
+    naming the archive (and the entry) on any unsafe entry, bomb, or corrupt/truncated archive; ``dest`` may
+    then hold a partial extraction, so callers extract into a temporary folder (see :func:`run`).
+    """
+    suffix = archive_suffix(archive.name)
+    if suffix is None:
+        raise StepError(f"{archive}: not an archive name ({', '.join(ARCHIVE_SUFFIXES)})")
+    tally = _Tally(archive=archive, limits=limits, compressed=archive.stat().st_size)
+    try:
+        if suffix == ".zip":
+            _extract_zip(archive, dest, tally)
+        else:
+            _extract_tar(archive, dest, tally)
+    except _CORRUPT as e:
+        raise StepError(f"{archive}: corrupt or truncated archive: {e}") from None
+    except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        raise StepError(f"{archive}: conflicting entries (a file and a folder of one name): {e}") from None
+    return tally.summary()
+
+
+def target_name(archive: Path, sha256: str) -> str:
+    """Content-addressed folder name: ``ChestXRay2017.zip`` + digest -> ``ChestXRay2017-<12 hex>``."""
+    suffix = archive_suffix(archive.name) or archive.suffix
+    return f"{archive.name[: len(archive.name) - len(suffix)]}-{sha256[:12]}"
+
+
+def _read_sources(sources_json: Path) -> list[SourceRecord]:
+    """Load sources.json and check the fields this step relies on."""
+    try:
+        data = read_json(sources_json)
+    except FileNotFoundError:
+        raise StepError(f"{sources_json}: not found; run the download step first") from None
+    except ValueError as e:
+        raise StepError(f"{sources_json}: not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise StepError(f"{sources_json}: expected a list of sources, got {type(data).__name__}")
+    for n, rec in enumerate(data):
+        ok = (isinstance(rec, dict) and rec.get("kind") in ("archive", "folder")
+              and isinstance(rec.get("path"), str) and isinstance(rec.get("url"), str)
+              and (rec.get("sha256") is None or isinstance(rec.get("sha256"), str)))
+        if not ok:
+            raise StepError(f"{sources_json}: entry {n} is not a source record "
+                            "(needs url, path, kind archive|folder, sha256)")
+    return data
+
+
+def _extract_source(rec: SourceRecord, out_dir: Path, limits: ExtractConfig) -> tuple[str, bool]:
+    """Extract one archive record (or reuse its folder); return the root and whether it was reused."""
+    archive = Path(rec["path"])
+    if not archive.is_file():
+        raise StepError(f"dataset.sources[{rec.get('index', '?')}]: archive {archive} not found; "
+                        "re-run the download step")
+    if rec.get("bytes") is not None and archive.stat().st_size != rec["bytes"]:
+        raise StepError(f"{archive}: size changed since the download step ({rec['bytes']} -> "
+                        f"{archive.stat().st_size} bytes); re-run the download step")
+    digest = rec.get("sha256") or sha256_file(archive)
+    target = out_dir / target_name(archive, digest)
+    if target.is_dir():
+        log.info("reusing %s (already extracted from %s)", target, archive)
+        return str(target), True
+    with atomic_dir(target) as tmp:
+        stats = extract_archive(archive, tmp, limits)
+    if not stats["files"]:
+        log.warning("%s: no files extracted", archive)
+    log.info("extracted %s -> %s: %d files, %d bytes (skipped %d junk, %d links)", archive, target,
+             stats["files"], stats["bytes"], stats["skipped_junk"], stats["skipped_links"])
+    return str(target), False
+
+
+def run(cfg: Config, *, sources_json: Path, out_dir: Path, roots_json: Path) -> dict[str, Any]:
+    """Extract every archive of ``sources_json`` under ``out_dir``; write the folders to index to roots_json.
+
+    Returns counts of roots, archives extracted now, archives whose folder was reused, and folder sources.
+    """
+    roots: list[RootRecord] = []
+    counts = {"extracted": 0, "reused": 0, "folders": 0}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a DVC output, even when every source is a folder
+    for rec in _read_sources(Path(sources_json)):
+        if rec["kind"] == "folder":
+            if not Path(rec["path"]).is_dir():
+                raise StepError(f"dataset.sources[{rec.get('index', '?')}]: folder {rec['path']} not found")
+            root, key = rec["path"], "folders"
+        else:
+            root, reused = _extract_source(rec, Path(out_dir), cfg.extract)
+            key = "reused" if reused else "extracted"
+        if any(r["root"] == root for r in roots):
+            log.warning("%s is listed twice in %s; indexing it once", root, sources_json)
+            continue
+        counts[key] += 1
+        roots.append(RootRecord(root=root, source=rec["url"], kind=rec["kind"]))
+    write_json(roots_json, roots)
+    log.info("wrote %d root(s) to %s", len(roots), roots_json)
+    return {"roots": len(roots), **counts}

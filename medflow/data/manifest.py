@@ -1,0 +1,141 @@
+"""Manifest: one CSV row per image found under the image roots (see schema.MANIFEST_COLUMNS).
+
+Labels come from the nearest ancestor folder that is a key of ``dataset.labels``; the patient/group id
+from ``dataset.group_rule`` applied to the file name; the source's own split from an ancestor folder named
+train/val/test. Headers are read (size, mode, format) but images are not decoded: that is the filter's job.
+Files outside any labelled folder are skipped and counted; nothing is ever modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from medflow.config import Config
+from medflow.errors import StepError
+from medflow.io import read_json, sha256_file, write_csv
+from medflow.schema import IMAGE_EXTENSIONS, JUNK_DIRS, JUNK_FILES, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
+
+log = logging.getLogger(__name__)
+
+
+def iter_images(root: Path) -> Iterator[Path]:
+    """Image files under ``root`` in sorted order, skipping OS junk and hidden AppleDouble files."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in JUNK_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if name in JUNK_FILES or name.startswith("._"):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def class_of(parts: tuple[str, ...], labels: Mapping[str, int]) -> str | None:
+    """Nearest ancestor folder naming a class (exact match first, then case-insensitive)."""
+    lowered = {k.lower(): k for k in labels}
+    for part in reversed(parts):
+        if part in labels:
+            return part
+        if part.lower() in lowered:
+            return lowered[part.lower()]
+    return None
+
+
+def source_split_of(parts: tuple[str, ...]) -> str:
+    """train/val/test when an ancestor folder carries the source's own split, else ''."""
+    for part in reversed(parts):
+        split = SOURCE_SPLIT_NAMES.get(part.lower())
+        if split:
+            return split
+    return ""
+
+
+def group_of(filename: str, pattern: re.Pattern[str]) -> str | None:
+    """Patient/group id: group 1 of ``pattern`` searched in the file name, or None when it does not match."""
+    m = pattern.search(filename)
+    return m.group(1) if m and m.group(1) else None
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _file_facts(path: Path) -> dict[str, Any]:
+    """sha256, size and header facts of one file; header fields are None when it is not a readable image."""
+    facts: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size,
+                             "width": None, "height": None, "mode": None, "format": None}
+    try:
+        with Image.open(path) as im:
+            facts.update(width=im.width, height=im.height, mode=im.mode, format=im.format)
+    except Exception as e:  # noqa: BLE001 - any header failure is recorded; the filter names the reason
+        log.debug("no readable header in %s: %s", path, e)
+    return facts
+
+
+def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
+                   workers: int = 8) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Index images under ``roots``; return the manifest and counts of skipped files by reason."""
+    rows: list[dict[str, Any]] = []
+    skipped = {"no_class_folder": 0, "group_rule_fallback": 0}
+    for root in roots:
+        for path in iter_images(root):
+            rel = path.relative_to(root)
+            cls = class_of(rel.parts[:-1], labels)
+            if cls is None:
+                skipped["no_class_folder"] += 1
+                continue
+            group = group_of(path.name, pattern)
+            if group is None:
+                skipped["group_rule_fallback"] += 1
+                group = path.stem
+            rows.append({"path": _display_path(path), "relpath": rel.as_posix(), "root": str(root),
+                         "class_name": cls, "label": labels[cls], "group": group,
+                         "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        facts = list(pool.map(_file_facts, [r.pop("_abs") for r in rows]))
+    df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)
+    return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"}), skipped
+
+
+def _read_roots(roots_json: Path) -> list[Path]:
+    try:
+        entries = read_json(roots_json)
+    except FileNotFoundError:
+        raise StepError(f"{roots_json}: not found (run the extract step first)") from None
+    roots = [Path(e["root"]) for e in entries]
+    for r in roots:
+        if not r.is_dir():
+            raise StepError(f"{roots_json}: image root {r} is not a folder")
+    return roots
+
+
+def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
+    """Write the manifest CSV for every image under the roots listed in ``roots_json``."""
+    roots = _read_roots(roots_json)
+    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern)
+    if df.empty:
+        raise StepError(f"no images of classes {sorted(cfg.dataset.labels)} found under "
+                        f"{', '.join(map(str, roots))} (check dataset.labels in params.yaml)")
+    if skipped["no_class_folder"]:
+        log.warning("%d image files are outside any class folder of dataset.labels and were skipped",
+                    skipped["no_class_folder"])
+    if skipped["group_rule_fallback"]:
+        log.warning("%d file names do not match dataset.group_rule %r; each is its own group",
+                    skipped["group_rule_fallback"], cfg.dataset.group_rule)
+    write_csv(out, df)
+    counts = df.groupby("class_name").size().to_dict()
+    summary = {"images": len(df), "patients": int(df["group"].nunique()), "per_class": counts, **skipped}
+    log.info("manifest: %d images, %d patients/groups, per class %s -> %s",
+             len(df), summary["patients"], counts, out)
+    return summary

@@ -1,0 +1,363 @@
+"""Split step: seeded train/val/test assignment grouped by patient and near-duplicate group.
+
+Grouping rule (the one place it is implemented): **each patient (`group`) contributes to one split only,
+and so does each near-duplicate image set (`dup_group`)**. Patients that share a near-duplicate group are
+joined by union-find into one *unit* (patient A and patient B with two near-identical images become one
+unit, and so does everything chained to them), and a unit goes to exactly one split. So no patient and no
+near-duplicate image set can span two splits. A unit's id (`split_group`) is its smallest member `group`
+id, which does not depend on row order.
+
+Assignment (stratified by label, seeded by ``split.seed``):
+
+1. Units are sorted by id, shuffled with ``numpy.random.default_rng(seed)``, then stably sorted by size,
+   largest first (big units are hardest to place; the shuffle decides among equal sizes, so the seed
+   matters and the input row order does not).
+2. Each unit goes, in that order, to the split that most reduces the chi-square distance
+   ``sum over (split, label) of (count - target)**2 / target`` between the current per-(split, label)
+   image counts and their targets ``ratio[split] * total[label]``. Filling the largest relative deficit
+   first keeps both the split sizes and each split's positive share close to target even when patients
+   have very different numbers of images.
+
+``split.keep_source_test``: every unit with at least one row whose ``source_split`` is ``test`` goes to
+test, whole (rows of such a unit from outside the source test set follow it, with a warning); val is then
+carved out of the remaining units with ratio ``val / (train + val)``.
+
+:func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
+only the new units by the rule above. The step (:func:`run`) extends its own previous output whenever the
+split params are unchanged, so new data never moves an image that was already assigned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medflow.config import Config, SplitConfig
+from medflow.errors import StepError
+from medflow.io import read_csv, read_json, write_csv, write_json
+from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+
+log = logging.getLogger(__name__)
+
+LABELS = (0, 1)
+_ID_COLUMNS = ("path", "group", "dup_group", "label")
+
+
+# ----------------------------------------------------------------------------------------------- units
+class _UnionFind:
+    """Disjoint sets over hashable nodes (path halving + union by size)."""
+
+    def __init__(self) -> None:
+        self._parent: dict[Hashable, Hashable] = {}
+        self._size: dict[Hashable, int] = {}
+
+    def find(self, x: Hashable) -> Hashable:
+        parent = self._parent
+        if x not in parent:
+            parent[x] = x
+            self._size[x] = 1
+            return x
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: Hashable, b: Hashable) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self._size[ra] < self._size[rb]:
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        self._size[ra] += self._size[rb]
+
+
+def split_units(groups: pd.Series, dup_groups: pd.Series) -> pd.Series:
+    """Unit id per row: patients joined through shared near-duplicate groups (connected components).
+
+    The id of a unit is its smallest member group id, so it is the same for any row order.
+    """
+    uf = _UnionFind()
+    for g, d in zip(groups, dup_groups, strict=True):
+        uf.union(("g", g), ("d", d))
+    roots = [uf.find(("g", g)) for g in groups]
+    smallest: dict[Hashable, str] = {}
+    for root, g in zip(roots, groups, strict=True):
+        if root not in smallest or g < smallest[root]:
+            smallest[root] = g
+    return pd.Series([smallest[r] for r in roots], index=groups.index, name="split_group", dtype=object)
+
+
+# ------------------------------------------------------------------------------------------ checking
+def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame:
+    """Columns present, ids and labels set; returns a copy with string ids."""
+    missing = [c for c in CLEAN_COLUMNS if c not in df.columns]
+    if missing:
+        raise StepError(f"{what} lacks columns {missing} (expected {CLEAN_COLUMNS})")
+    if df.empty:
+        raise StepError(f"{what} has no rows: nothing to split")
+    for col in _ID_COLUMNS:
+        nulls = df[col].isna()
+        if nulls.any():
+            raise StepError(f"{what}: {int(nulls.sum())} rows have no {col!r}, e.g. "
+                            f"{df.loc[nulls, 'path'].head(5).tolist()}")
+    bad = ~df["label"].isin(LABELS)
+    if bad.any():
+        raise StepError(f"{what}: label must be 0 or 1; {int(bad.sum())} rows are not, e.g. "
+                        f"{df.loc[bad, 'path'].head(5).tolist()}")
+    dup_paths = df["path"].duplicated(keep=False)
+    if dup_paths.any():
+        raise StepError(f"{what}: paths listed twice: {sorted(set(df.loc[dup_paths, 'path']))[:5]}")
+    out = df.copy()
+    out["label"] = out["label"].astype(int)
+    for col in ("group", "dup_group"):
+        out[col] = out[col].astype(str)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- greedy
+def _unit_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per unit (index: split_group): n0, n1 (images per label), n and is_test (any source test)."""
+    counts = pd.crosstab(df["split_group"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
+    table = pd.DataFrame({"n0": counts[0], "n1": counts[1]})
+    table["n"] = table["n0"] + table["n1"]
+    table["is_test"] = (df["source_split"] == "test").groupby(df["split_group"]).any()
+    return table.sort_index()
+
+
+def _placement_order(units: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Sorted by id, seeded shuffle, then stable sort by size (largest first)."""
+    ordered = units.sort_index()
+    shuffled = ordered.iloc[np.random.default_rng(seed).permutation(len(ordered))]
+    return shuffled.sort_values("n", ascending=False, kind="stable")
+
+
+def _greedy(units: pd.DataFrame, splits: tuple[str, ...], targets: np.ndarray,
+            counts: np.ndarray) -> dict[str, str]:
+    """Place each unit (in the given order) where it most reduces sum((count - target)^2 / target).
+
+    ``targets`` and ``counts`` are (len(splits), 2) arrays of images per (split, label); counts is updated.
+    """
+    safe = np.where(targets > 0, targets, 1.0)
+    weight = np.where(targets > 0, 1.0, 0.0) / safe
+    out: dict[str, str] = {}
+    for unit, n0, n1 in zip(units.index, units["n0"], units["n1"], strict=True):
+        u = np.array([n0, n1], dtype=float)
+        # change of the cost when adding u to each split: sum_l u_l (u_l - 2 (target - count)) / target
+        delta = (u * (u - 2.0 * (targets - counts)) * weight).sum(axis=1)
+        best = int(np.argmin(delta))
+        counts[best] += u
+        out[str(unit)] = splits[best]
+    return out
+
+
+def _label_totals(units: pd.DataFrame) -> np.ndarray:
+    return np.array([units["n0"].sum(), units["n1"].sum()], dtype=float)
+
+
+def _counts_of(units: pd.DataFrame, assigned: Mapping[str, str], splits: tuple[str, ...]) -> np.ndarray:
+    """Images per (split, label) of the units already assigned."""
+    where = pd.Series(assigned, dtype=object).reindex(units.index)
+    return np.array([units.loc[where == s, ["n0", "n1"]].sum().to_numpy(dtype=float) for s in splits])
+
+
+def _place(units: pd.DataFrame, fixed: Mapping[str, str], cfg: SplitConfig) -> dict[str, str]:
+    """Split per unit: ``fixed`` units keep theirs; the rest follow the rule in the module docstring."""
+    assigned = dict(fixed)
+    free = units.loc[[u for u in units.index if u not in assigned]]
+    if cfg.keep_source_test:
+        assigned.update({str(u): "test" for u in free.index[free["is_test"]]})
+        free = free.loc[~free["is_test"]]
+        splits: tuple[str, ...] = ("train", "val")
+        rest = units.loc[[u for u in units.index if assigned.get(u) != "test"]]
+        ratios = np.array([cfg.train, cfg.val]) / (cfg.train + cfg.val)
+        totals = _label_totals(rest)
+    else:
+        splits = SPLITS
+        ratios = np.array([cfg.train, cfg.val, cfg.test])
+        totals = _label_totals(units)
+    targets = ratios[:, None] * totals[None, :]
+    counts = _counts_of(units, assigned, splits)
+    assigned.update(_greedy(_placement_order(free, cfg.seed), splits, targets, counts))
+    return assigned
+
+
+def _warn_pulled_into_test(df: pd.DataFrame, assigned: Mapping[str, str]) -> None:
+    in_test = df["split_group"].map(assigned) == "test"
+    pulled = in_test & (df["source_split"] != "test")
+    if pulled.any():
+        log.warning("keep_source_test: %d rows outside the source test set go to test because they share a "
+                    "patient or near-duplicate group with source test rows, e.g. %s",
+                    int(pulled.sum()), df.loc[pulled, "path"].head(5).tolist())
+
+
+def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
+    out = df.copy()
+    out["row"] = np.arange(len(out), dtype=np.int64)
+    out["split"] = out["split_group"].map(assigned)
+    return out.loc[:, SPLIT_COLUMNS].reset_index(drop=True)
+
+
+def _require_source_test(df: pd.DataFrame) -> None:
+    if not (df["source_split"] == "test").any():
+        raise StepError("split.keep_source_test is true, but no row has source_split 'test' (the source has "
+                        "no test folder); set split.keep_source_test: false in params.yaml")
+
+
+# --------------------------------------------------------------------------------------------- public
+def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+    """Split a clean manifest: returns its rows, in the same order, with ``row``, ``split_group``, ``split``.
+
+    ``row`` is the position in ``df`` (the row of the image in images.npy). Deterministic for one seed and
+    one set of rows, whatever their order. Raises StepError for missing columns, ids or labels, and for
+    ``keep_source_test`` without any source test row.
+    """
+    clean = _check_input(df)
+    clean["split_group"] = split_units(clean["group"], clean["dup_group"])
+    if cfg.keep_source_test:
+        _require_source_test(clean)
+    assigned = _place(_unit_table(clean), {}, cfg)
+    if cfg.keep_source_test:
+        _warn_pulled_into_test(clean, assigned)
+    return _finish(clean, assigned)
+
+
+def _previous_split_of(previous: pd.DataFrame, col: str) -> dict[str, str]:
+    """id -> split of an earlier split manifest; an id in two splits there is an error."""
+    per_id = previous.groupby(previous[col].astype(str))["split"].unique()
+    spread = per_id[per_id.map(len) > 1]
+    if not spread.empty:
+        raise StepError(f"previous split puts {col} {spread.index[0]!r} in several splits "
+                        f"{sorted(spread.iloc[0])}: it is not a grouped split")
+    return {k: str(v[0]) for k, v in per_id.items()}
+
+
+def _old_splits(clean: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
+    """Per unit seen before, the set of splits its patients and near-duplicate groups had in ``previous``."""
+    units = clean["split_group"].to_numpy()
+    by_group = clean["group"].map(_previous_split_of(previous, "group")).to_numpy()
+    by_dup = clean["dup_group"].map(_previous_split_of(previous, "dup_group")).to_numpy()
+    pairs = pd.DataFrame({"unit": np.concatenate([units, units]),
+                          "split": np.concatenate([by_group, by_dup])}).dropna()
+    return pairs.groupby("unit")["split"].agg(frozenset)
+
+
+def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+    """Split ``df`` keeping the assignments of ``previous`` (an earlier split manifest).
+
+    A unit of ``df`` that holds a patient or near-duplicate group of ``previous`` keeps that split; new
+    units are placed by the rule of :func:`assign_splits`, filling what the kept units left of each
+    target. A unit that joins old units of different splits (e.g. a new image near-duplicating images of
+    a train and a test patient) cannot be placed without moving one: StepError.
+    """
+    missing = [c for c in ("path", "group", "dup_group", "split") if c not in previous.columns]
+    if missing:
+        raise StepError(f"previous split manifest lacks columns {missing}")
+    bad = ~previous["split"].isin(SPLITS)
+    if bad.any():
+        raise StepError(f"previous split manifest has splits outside {list(SPLITS)}: "
+                        f"{sorted(set(map(str, previous.loc[bad, 'split'])))[:5]}")
+    clean = _check_input(df)
+    clean["split_group"] = split_units(clean["group"], clean["dup_group"])
+    old = _old_splits(clean, previous)
+    _raise_on_merged(clean, old)
+    fixed = {str(u): next(iter(s)) for u, s in old.items()}
+    if cfg.keep_source_test:
+        _require_source_test(clean)
+    assigned = _place(_unit_table(clean), fixed, cfg)
+    log.info("extend_split: %d units kept from the previous split, %d new",
+             len(fixed), len(assigned) - len(fixed))
+    result = _finish(clean, assigned)
+    check_none_moved(previous, result)
+    return result
+
+
+def _raise_on_merged(clean: pd.DataFrame, old: pd.Series) -> None:
+    merged = old[old.map(len) > 1]
+    if merged.empty:
+        return
+    unit = merged.index[0]
+    members = sorted(set(clean.loc[clean["split_group"] == unit, "group"]))
+    raise StepError(f"{len(merged)} new units join patients of different previous splits, e.g. patients "
+                    f"{members[:10]} (previously in {sorted(merged.iloc[0])}) are now linked by a shared "
+                    "near-duplicate group; keeping the previous split would leak them. Re-split from scratch "
+                    "or remove the linking images")
+
+
+def split_summary(split: pd.DataFrame) -> dict[str, Any]:
+    """Images per split and label, patients and units per split."""
+    per: dict[str, Any] = {}
+    for name in SPLITS:
+        part = split.loc[split["split"] == name]
+        per[name] = {"images": len(part),
+                     **{f"label_{lab}": int((part["label"] == lab).sum()) for lab in LABELS},
+                     "patients": int(part["group"].nunique()),
+                     "units": int(part["split_group"].nunique())}
+    return {"images": len(split), "patients": int(split["group"].nunique()),
+            "units": int(split["split_group"].nunique()), "splits": per}
+
+
+def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
+    return "; ".join(f"{n}: {s['images']} images ({s['label_1']} positive), {s['patients']} patients"
+                     for n, s in ((n, summary["splits"][n]) for n in names))
+
+
+def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
+    """StepError naming the images that an extended split moved to another split.
+
+    :func:`extend_split` places only new units, so none should move; it checks its result anyway, because
+    a moved image is a leak: an image the champion was tested on could land in the challenger's training set.
+    """
+    both = result[["path", "split"]].merge(previous[["path", "split"]], on="path", suffixes=("", "_old"))
+    moved = both[both["split"] != both["split_old"]]
+    if not moved.empty:
+        examples = [f"{r.path} ({r.split_old} -> {r.split})" for r in moved.head(3).itertuples()]
+        raise StepError(f"extending the previous split would move {len(moved)} images: {examples}")
+
+
+def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
+    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
+    if not out.is_file():
+        return None
+    try:
+        made_with = read_json(summary).get("params")
+    except (OSError, ValueError):
+        made_with = None
+    if made_with != cfg.model_dump():
+        log.info("split: %s was made with other split params (or none recorded): splitting from scratch", out)
+        return None
+    try:
+        return read_csv(out)
+    except (OSError, ValueError) as e:
+        log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
+        return None
+
+
+def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
+    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
+
+    When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
+    same ``split`` params, the new split extends it (:func:`extend_split`): new data never moves an image
+    that was already assigned, so a patient in test stays in test. Other split params split from scratch.
+    """
+    try:
+        df = read_csv(clean)
+    except FileNotFoundError:
+        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    previous = _previous(Path(out), Path(summary), cfg.split)
+    try:
+        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
+    except StepError as e:
+        raise StepError(f"{clean}: {e}") from None
+    write_csv(out, result)
+    counts = split_summary(result)
+    kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
+    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
+    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
+             else "from scratch", _format(counts))
+    return counts

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, scoring a split or a folder, Grad-CAM, the report."""

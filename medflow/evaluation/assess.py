@@ -1,0 +1,389 @@
+"""Evaluate a trained model: operating threshold on val, test metrics with bootstrap CIs, the report.
+
+The DVC ``evaluate`` stage (:func:`run`) is the only place the test split is scored. It
+
+1. scores the val split and chooses the operating threshold there (``evaluate.threshold_rule``), storing it
+   beside the model (``models/<ds>/threshold.json``, read by ``medflow predict``);
+2. scores the test split once: every metric of :mod:`medflow.evaluation.metrics` with a stratified bootstrap CI, the
+   confusion matrix, ROC / PR / reliability / threshold curves, Grad-CAM overlays of the most confident
+   true and false positives and negatives;
+3. writes the report (:mod:`medflow.evaluation.report`): self-contained HTML, Markdown summary, model card,
+   ``metrics.json`` and plot tables for ``dvc metrics`` / ``dvc plots``.
+
+:func:`evaluate_folder` (``medflow evaluate --images DIR``) does the same for an external labelled folder at
+the model's stored threshold. Images are preprocessed by the resize step's own decoder
+(:func:`medflow.imaging.resize.load_resized`), exactly as for training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from medflow.config import Config, EvaluateConfig
+from medflow.data.manifest import class_of, group_of, iter_images
+from medflow.errors import StepError
+from medflow.evaluation import gradcam, metrics, report
+from medflow.imaging.resize import load_resized
+from medflow.io import n_workers, open_images, read_csv, read_json, write_json
+from medflow.schema import SPLITS
+from medflow.training.models import custom_objects
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+THRESHOLD_FILE = "threshold.json"
+HISTORY_FILE = "history.csv"
+OUTCOMES = ("TP", "FP", "TN", "FN")
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model folder written by the train step: the Keras model and its metadata."""
+
+    folder: Path
+    model: keras.Model
+    metadata: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        return int(self.metadata["preprocessing"]["size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.metadata["preprocessing"]["channels"])
+
+    @property
+    def threshold(self) -> dict[str, Any]:
+        """The stored operating threshold (``threshold.json``), written by the evaluate stage."""
+        return read_threshold(self.folder)
+
+
+def load_trained(folder: Path | str) -> TrainedModel:
+    """Load ``folder/model.keras`` and ``folder/metadata.json``; StepError naming what is missing."""
+    folder = Path(folder)
+    for name in (MODEL_FILE, METADATA_FILE):
+        if not (folder / name).is_file():
+            raise StepError(f"{folder / name}: not found (train a model first: dvc repro train)")
+    try:
+        model = keras.saving.load_model(folder / MODEL_FILE, custom_objects=custom_objects(), compile=False)
+    except Exception as e:  # Keras raises many types for a damaged or foreign file
+        raise StepError(f"{folder / MODEL_FILE}: cannot load the model ({type(e).__name__}: {e})") from e
+    meta = read_json(folder / METADATA_FILE)
+    if "preprocessing" not in meta:
+        raise StepError(f"{folder / METADATA_FILE}: no 'preprocessing' entry (not written by medflow train)")
+    return TrainedModel(folder, model, meta)
+
+
+def read_threshold(folder: Path | str) -> dict[str, Any]:
+    path = Path(folder) / THRESHOLD_FILE
+    if not path.is_file():
+        raise StepError(f"{path}: no operating threshold yet (run the evaluate stage: dvc repro evaluate), "
+                        "or pass --threshold")
+    data = read_json(path)
+    if not isinstance(data.get("threshold"), int | float) or not 0 <= data["threshold"] <= 1:
+        raise StepError(f"{path}: 'threshold' must be a number in [0, 1]")
+    return data  # type: ignore[no-any-return]
+
+
+def predict_array(model: keras.Model, images: np.ndarray, rows: np.ndarray | None = None,
+                  batch_size: int = 64) -> np.ndarray:
+    """Probabilities for ``images[rows]`` (a uint8 memory map is read one batch at a time)."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        order = np.argsort(chunk)  # sequential reads of the memory map
+        batch = np.asarray(images[chunk[order]])
+        probs = np.asarray(model.predict_on_batch(batch.astype(np.float32))).reshape(-1)
+        out[start + order] = probs
+    return out
+
+
+# --- scores ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One split's labels, predicted probabilities, patient ids, paths and rows in images.npy."""
+
+    y: np.ndarray
+    p: np.ndarray
+    patient: np.ndarray
+    path: np.ndarray
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _split_frame(split: Path, split_name: str) -> pd.DataFrame:
+    if split_name not in SPLITS:
+        raise StepError(f"unknown split {split_name!r}; expected one of {', '.join(SPLITS)}")
+    try:
+        df = read_csv(split)
+    except FileNotFoundError:
+        raise StepError(f"{split}: split manifest not found (run the split step first)") from None
+    missing = {"path", "label", "split", "row", "split_group"} - set(df.columns)
+    if missing:
+        raise StepError(f"{split}: missing columns {sorted(missing)}")
+    part = df[df["split"] == split_name]
+    if part.empty:
+        raise StepError(f"{split}: no rows in split {split_name!r}")
+    return part
+
+
+def score_split(model_dir: Path | str, images: Path | str, split: Path | str, split_name: str = "test",
+                *, trained: TrainedModel | None = None, batch_size: int = 64) -> Scores:
+    """Score one split of the pipeline's dataset with the model in ``model_dir``."""
+    trained = trained or load_trained(model_dir)
+    part = _split_frame(Path(split), split_name)
+    array = open_images(images)
+    if tuple(array.shape[1:]) != tuple(trained.metadata["input_shape"]):
+        raise StepError(f"{images}: images are {array.shape[1:]}, the model in {trained.folder} takes "
+                        f"{tuple(trained.metadata['input_shape'])} (re-run resize with the model's params)")
+    rows = part["row"].to_numpy(dtype=np.int64)
+    p = predict_array(trained.model, array, rows, batch_size)
+    return Scores(part["label"].to_numpy(dtype=np.int8), p, part["split_group"].to_numpy(dtype=str),
+                  part["path"].to_numpy(dtype=str), rows)
+
+
+# --- the evaluation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Everything the report shows, computed once."""
+
+    title: str
+    dataset: str
+    source: str  # where the evaluated images came from
+    metadata: dict[str, Any]
+    threshold: dict[str, Any]
+    scores: Scores
+    intervals: dict[str, metrics.Interval]
+    confusion: dict[str, int]
+    curves: dict[str, pd.DataFrame]
+    gradcams: list[dict[str, Any]]
+    history: pd.DataFrame
+    settings: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def assess(title: str, dataset: str, source: str, trained: TrainedModel, scores: Scores,
+           threshold: dict[str, Any], ev: EvaluateConfig, images: np.ndarray) -> Evaluation:
+    """Metrics with CIs, curves and Grad-CAM examples for ``scores`` at ``threshold['threshold']``.
+
+    ``images`` are the model inputs in the order of ``scores`` (a memory map indexed by ``scores.row``, or
+    the decoded array itself when ``scores.row`` is empty).
+    """
+    t = float(threshold["threshold"])
+    y, p = metrics.check_inputs(scores.y, scores.p, source)
+    groups = scores.patient if ev.bootstrap_by == "patient" else None
+    start = time.perf_counter()
+    intervals = metrics.bootstrap(y, p, t, n=ev.bootstrap, seed=ev.seed, confidence=ev.confidence,
+                                  bins=ev.calibration_bins, groups=groups)
+    log.info("evaluate: %d bootstrap resamples (%s level) in %.2f s", ev.bootstrap, ev.bootstrap_by,
+             time.perf_counter() - start)
+    curves = {
+        "roc": pd.DataFrame(metrics.roc_points(y, p)),
+        "pr": pd.DataFrame(metrics.pr_points(y, p)),
+        "calibration": pd.DataFrame(metrics.calibration_table(y, p, ev.calibration_bins)),
+        "thresholds": pd.DataFrame(metrics.threshold_sweep(y, p)),
+    }
+    return Evaluation(
+        title=title, dataset=dataset, source=source, metadata=trained.metadata, threshold=threshold,
+        scores=scores, intervals=intervals, confusion=metrics.confusion(y, p, t), curves=curves,
+        gradcams=_gradcams(trained.model, scores, t, images, ev.gradcam_examples),
+        history=_history(trained.folder), settings=ev.model_dump(),
+    )
+
+
+def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int) -> dict[str, np.ndarray]:
+    """Indices of the ``k`` most confident examples of each outcome (TP/FP highest p, TN/FN lowest p)."""
+    pred = p >= threshold
+    yb = y.astype(bool)
+    masks = {"TP": yb & pred, "FP": ~yb & pred, "TN": ~yb & ~pred, "FN": yb & ~pred}
+    picked = {}
+    for name, mask in masks.items():
+        idx = np.flatnonzero(mask)
+        order = np.argsort(-p[idx] if name in ("TP", "FP") else p[idx], kind="stable")
+        picked[name] = idx[order[:k]]
+    return picked
+
+
+def _gradcams(model: keras.Model, scores: Scores, threshold: float, images: np.ndarray,
+              k: int) -> list[dict[str, Any]]:
+    if k == 0:
+        return []
+    picked = pick_examples(scores.y, scores.p, threshold, k)
+    chosen = [(name, int(i)) for name in OUTCOMES for i in picked[name]]
+    if not chosen:
+        return []
+    index = np.array([i for _, i in chosen])
+    batch = np.asarray(images[scores.row[index]] if len(scores.row) else images[index])
+    try:
+        cams = gradcam.gradcam(model, batch)
+    except StepError as e:
+        log.warning("evaluate: no Grad-CAM overlays: %s", e)
+        return []
+    return [{"outcome": name, "path": str(scores.path[i]), "label": int(scores.y[i]),
+             "probability": float(scores.p[i]), "image": gradcam.overlay(batch[j], cams[j])}
+            for j, (name, i) in enumerate(chosen)]
+
+
+def _history(model_dir: Path) -> pd.DataFrame:
+    path = model_dir / HISTORY_FILE
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def choose_threshold(val: Scores, ev: EvaluateConfig) -> dict[str, Any]:
+    """The operating threshold chosen on val, with the val sensitivity and specificity it gives."""
+    t = metrics.select_threshold(val.y, val.p, ev.threshold_rule, target_sensitivity=ev.target_sensitivity,
+                                 fixed=ev.fixed_threshold)
+    at = metrics.point_metrics(val.y, val.p, t)
+    how = {"target_sensitivity": f"highest threshold with val sensitivity >= {ev.target_sensitivity:g}",
+           "youden": "maximises val sensitivity + specificity - 1 (Youden's J)",
+           "fixed": "fixed in params (evaluate.fixed_threshold)"}[ev.threshold_rule]
+    return {"threshold": t, "rule": ev.threshold_rule, "chosen_on": "val", "how": how,
+            "target_sensitivity": ev.target_sensitivity if ev.threshold_rule == "target_sensitivity" else None,
+            "val": {"n": len(val.y), "sensitivity": at["sensitivity"], "specificity": at["specificity"],
+                    "roc_auc": at["roc_auc"]}}
+
+
+# --- data facts for the report -----------------------------------------------------------------------
+
+
+def split_counts(df: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
+    """Images and patients per split and class."""
+    names = {v: k for k, v in labels.items() if v in (0, 1)}
+    rows = []
+    for s in SPLITS:
+        part = df[df["split"] == s]
+        row: dict[str, Any] = {"split": s, "images": len(part), "patients": part["group"].nunique()}
+        for value in (0, 1):
+            sub = part[part["label"] == value]
+            cls = "positive" if value == 1 else "negative"
+            row[f"{cls} images"] = len(sub)
+            row[f"{cls} patients"] = sub["group"].nunique()
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["class_names"] = names
+    return out
+
+
+def data_facts(cfg: Config, *, split: Path, rejects: Path | None, validation: Path | None,
+               sources: Path | None) -> dict[str, Any]:
+    """Counts per split and class, quarantined files, the GX result and the sources, for the report."""
+    df = read_csv(split)
+    facts: dict[str, Any] = {"counts": split_counts(df, cfg.dataset.labels), "labels": dict(cfg.dataset.labels),
+                             "group_rule": cfg.dataset.group_rule}
+    facts["rejects"] = read_csv(rejects) if rejects and Path(rejects).is_file() else None
+    if validation and Path(validation).is_file():
+        result = read_json(validation)
+        suites = result.get("suites", {})
+        n = sum(len(s.get("results", [])) for s in suites.values())
+        facts["validation"] = {"success": bool(result.get("success")), "expectations": n,
+                               "failed": list(result.get("failed", [])), "path": str(validation)}
+    if sources and Path(sources).is_file():
+        facts["sources"] = read_json(sources)
+    return facts
+
+
+# --- entries -----------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejects: Path | None = None,
+        validation: Path | None = None, sources: Path | None = None) -> dict[str, Any]:
+    """The evaluate stage: threshold on val (stored in the model folder), test report into ``out``."""
+    ev = cfg.evaluate
+    trained = load_trained(model)
+    val = score_split(model, images, split, "val", trained=trained, batch_size=ev.batch_size)
+    threshold = choose_threshold(val, ev)
+    write_json(Path(model) / THRESHOLD_FILE, threshold)
+    log.info("evaluate: threshold %.4f (%s), val sensitivity %.3f specificity %.3f", threshold["threshold"],
+             threshold["rule"], threshold["val"]["sensitivity"], threshold["val"]["specificity"])
+    test = score_split(model, images, split, "test", trained=trained, batch_size=ev.batch_size)
+    evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on the test split",
+                        cfg.dataset.name, f"test split of {split}", trained, test, threshold, ev,
+                        open_images(images))
+    evaluation.data = data_facts(cfg, split=Path(split), rejects=rejects, validation=validation, sources=sources)
+    evaluation.data["card"] = cfg.dataset.card.model_dump()
+    return report.write_all(evaluation, Path(out))
+
+
+def _labelled_files(folder: Path, labels: Mapping[str, int]) -> list[tuple[Path, str]]:
+    if not folder.is_dir():
+        raise StepError(f"--images {folder}: not a folder")
+    files = []
+    for path in iter_images(folder):
+        cls = class_of(path.relative_to(folder).parts[:-1], labels)
+        if cls is not None:
+            files.append((path, cls))
+    if not files:
+        raise StepError(f"--images {folder}: no images under class folders named {', '.join(labels)}")
+    return files
+
+
+def decode_files(paths: list[Path], size: int, channels: int,
+                 workers: int = 0) -> tuple[np.ndarray, list[str | None]]:
+    """Preprocess ``paths`` as for training, in threads; (uint8 array, per-file error or None).
+
+    An unreadable file gets a zero image and its error message, so callers can report it and go on.
+    """
+    def one(path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return load_resized(path, size=size, channels=channels), None
+        except StepError as e:
+            return None, str(e)
+
+    out = np.zeros((len(paths), size, size, channels), dtype=np.uint8)
+    errors: list[str | None] = []
+    with ThreadPoolExecutor(n_workers(workers)) as pool:
+        for i, (img, err) in enumerate(pool.map(one, paths)):
+            if img is not None:
+                out[i] = img
+            errors.append(err)
+    return out, errors
+
+
+def evaluate_folder(cfg: Config, *, images: Path, model: Path, out: Path) -> dict[str, Any]:
+    """Evaluate the model on an external labelled folder (class subfolders) at its stored threshold."""
+    trained = load_trained(model)
+    threshold = {**trained.threshold, "chosen_on": trained.threshold.get("chosen_on", "val"),
+                 "how": f"the model's stored threshold ({Path(model) / THRESHOLD_FILE}), not re-tuned"}
+    labels = dict(cfg.dataset.labels)
+    files = _labelled_files(Path(images), labels)
+    decoded, errors = decode_files([f for f, _ in files], trained.size, trained.channels)
+    ok = np.array([e is None for e in errors])
+    if not ok.any():
+        raise StepError(f"--images {images}: no readable image")
+    pattern = cfg.dataset.group_pattern
+    names = [f.name for f, _ in files]
+    scores = Scores(
+        y=np.array([labels[c] for _, c in files], dtype=np.int8)[ok],
+        p=predict_array(trained.model, decoded[ok], batch_size=cfg.evaluate.batch_size),
+        patient=np.array([group_of(n, pattern) or n for n in names])[ok],
+        path=np.array([str(f) for f, _ in files])[ok],
+    )
+    evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on {images}",
+                        cfg.dataset.name, f"external folder {images}", trained, scores, threshold, cfg.evaluate,
+                        decoded[ok])
+    counts = pd.DataFrame([{"class": c, "label": labels[c], "images": sum(1 for _, k in files if k == c)}
+                           for c in labels])
+    unreadable = pd.DataFrame([{"path": str(f), "reason": "unreadable", "detail": e}
+                               for (f, _), e in zip(files, errors, strict=True) if e is not None],
+                              columns=["path", "reason", "detail"])
+    evaluation.data = {"external_counts": counts, "rejects": unreadable, "labels": labels,
+                       "group_rule": cfg.dataset.group_rule, "card": cfg.dataset.card.model_dump()}
+    return report.write_all(evaluation, Path(out))

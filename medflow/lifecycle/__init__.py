@@ -1,0 +1,1 @@
+"""Model lifecycle: the registry, the retrain decision and lock, champion/challenger, the inbox watcher."""

@@ -1,0 +1,1 @@
+"""Training: models, input pipelines, distribution strategies, the fit loop."""

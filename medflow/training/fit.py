@@ -1,0 +1,400 @@
+"""Train: a Keras 3 binary classifier on the validated split, on any backend, resumable.
+
+Reads ``images.npy`` (uint8, memory-mapped) and ``split.csv``; trains on ``train``, selects on ``val``
+(checkpoints, early stopping and learning-rate reduction all watch validation loss, never training
+accuracy); never reads ``test``. Writes ``model.keras`` (best validation loss, weights restored),
+``metadata.json`` (what inference needs to preprocess exactly as in training, the data fingerprint, params,
+package versions), ``history.csv``, and per-epoch metrics through DVCLive for ``dvc plots`` /
+``dvc exp show``.
+
+A run killed mid-way resumes: every epoch ends by atomically writing ``checkpoints/last.keras`` (model and
+optimizer state) and ``checkpoints/state.json`` (epoch, best loss, patience counters, fingerprint). A new run
+with the same params and data continues from the next epoch; anything else starts afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from medflow.config import Config, TrainConfig
+from medflow.errors import StepError
+from medflow.io import atomic_path, write_json
+from medflow.training import inputs, models
+from medflow.training.distribute import Placement, place
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss", "auc", "precision", "recall", "accuracy")
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------- pure helpers
+
+
+def class_weights(neg: int, pos: int) -> dict[int, float]:
+    """The Keras imbalanced-data tutorial's weights: n / (2 * n_c), so both classes weigh n/2 in total."""
+    if neg == 0 or pos == 0:
+        raise StepError(f"the train split needs both classes (negatives {neg}, positives {pos})")
+    n = neg + pos
+    return {0: n / (2.0 * neg), 1: n / (2.0 * pos)}
+
+
+def learning_rate(train: TrainConfig, steps_per_epoch: int, base: float | None = None) -> Any:
+    """A float for constant/ReduceLROnPlateau, else a Keras schedule stepped per batch."""
+    lr = base if base is not None else train.learning_rate
+    if train.schedule == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=max(1, steps_per_epoch),
+                                                           decay_rate=train.decay_rate)
+    if train.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps_per_epoch * train.epochs))
+    return lr
+
+
+def base_lr(train: TrainConfig) -> float:
+    """The starting learning rate: lowered by fine_tune_lr_factor while pretrained backbone layers train.
+
+    Fine-tuning a pretrained backbone at the head's rate would wipe out what it learnt; a frozen backbone
+    (or our own CNNs, trained from scratch) use ``learning_rate`` as given.
+    """
+    if train.model in models.BACKBONES and train.fine_tune != "frozen":
+        return train.learning_rate * train.fine_tune_lr_factor
+    return train.learning_rate
+
+
+def make_optimizer(train: TrainConfig, lr: Any) -> keras.optimizers.Optimizer:
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=train.weight_decay)
+    if train.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=lr)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def make_metrics() -> list[keras.metrics.Metric]:
+    return [keras.metrics.AUC(name="auc"), keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"), keras.metrics.BinaryAccuracy(name="accuracy")]
+
+
+def fingerprint_data(images: Path, split: Path) -> str:
+    """sha256 over the split manifest and the image array: the training data's identity."""
+    h = hashlib.sha256()
+    for path in (split, images):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"keras_backend": keras.backend.backend()}
+    for name in ("keras", "numpy", "tensorflow", "tensorflow-cpu", "jax", "torch", "opencv-python-headless",
+                 "medflow"):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------------------- resume state
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides the model: where it was and what it had seen."""
+
+    fingerprint: str
+    epoch: int = -1  # last finished epoch (0-based); -1 = none
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0  # epochs since the best, for early stopping
+    stopped: bool = False
+    version: int = STATE_VERSION
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> RunState | None:
+        try:
+            data = json.loads(path.read_text())
+            state = cls(**data)
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+        if state.fingerprint != fingerprint or state.version != STATE_VERSION:
+            log.info("checkpoint in %s is for other params or data; starting afresh", path.parent)
+            return None
+        return state
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Per epoch: track the best val_loss (early stopping), save best weights, last model and state atomically.
+
+    Replaces Keras' EarlyStopping/ModelCheckpoint so that their counters survive a restart.
+    """
+
+    def __init__(self, folder: Path, state: RunState, patience: int, is_chief: bool,
+                 history: list[dict[str, float]]) -> None:
+        super().__init__()
+        self.folder, self.state, self.patience, self.is_chief = folder, state, patience, is_chief
+        self.history = history
+        self.best_weights: list[Any] | None = None  # in memory on every worker, so all restore the same
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        if "val_loss" not in logs:
+            raise StepError("no val_loss was computed: the validation split is empty or failed")
+        loss = float(logs["val_loss"])
+        st = self.state
+        improved = loss < st.best_loss
+        if improved:
+            st.best_loss, st.best_epoch, st.wait = loss, epoch, 0
+            self.best_weights = self.model.get_weights()
+        else:
+            st.wait += 1
+        st.epoch = epoch
+        if self.patience and st.wait >= self.patience:
+            st.stopped = True
+            self.model.stop_training = True
+            log.info("early stopping at epoch %d: val_loss has not improved for %d epochs (best %.4f at %d)",
+                     epoch + 1, st.wait, st.best_loss, st.best_epoch + 1)
+        if not self.is_chief:
+            return
+        if improved:
+            with atomic_path(self.folder / "best.weights.h5", suffix=".weights.h5") as tmp:
+                self.model.save_weights(tmp)
+        with atomic_path(self.folder / "last.keras", suffix=".keras") as tmp:
+            self.model.save(tmp)
+        _write_history(self.folder / "history.csv", self.history)
+        write_json(self.folder / "state.json", asdict(st))  # last: it vouches for the files above
+
+
+class _Live(keras.callbacks.Callback):
+    """Per-epoch metrics into DVCLive (for `dvc plots`, `dvc exp show`) and a history list."""
+
+    def __init__(self, live: Any, history: list[dict[str, float]]) -> None:
+        super().__init__()
+        self.live, self.history = live, history
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        lr = self.model.optimizer.learning_rate
+        row["lr"] = float(keras.ops.convert_to_numpy(lr)) if not callable(lr) else float("nan")
+        self.history.append(row)
+        if self.live is None:
+            return
+        for name in METRICS:
+            for prefix, split in (("", "train"), ("val_", "val")):
+                if prefix + name in row:
+                    self.live.log_metric(f"{split}/{name}", row[prefix + name])
+        self.live.next_step()
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _open_live(folder: Path, resume: bool, is_chief: bool) -> Any:
+    if not is_chief:
+        return None
+    try:
+        from dvclive import Live
+    except ImportError:  # e.g. a GPU box with only JAX and Keras: history.csv still has every epoch
+        log.warning("dvclive is not installed: per-epoch metrics go to history.csv only")
+        return None
+    return Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _set_precision(train: TrainConfig) -> None:
+    keras.mixed_precision.set_dtype_policy("float32" if train.mixed_precision == "none" else train.mixed_precision)
+
+
+def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int,
+           resume_from: Path | None) -> keras.Model:
+    neg, pos = data.class_counts("train")
+    with placement.scope():
+        if resume_from is not None:
+            model = keras.saving.load_model(resume_from, custom_objects=models.custom_objects())
+        else:
+            model = models.build_model(cfg.train, input_shape=data.input_shape, allow_flips=cfg.dataset.allow_flips,
+                                       pos=pos, neg=neg)
+            model.compile(optimizer=make_optimizer(cfg.train, learning_rate(cfg.train, steps, base_lr(cfg.train))),
+                          loss=keras.losses.BinaryCrossentropy(), metrics=make_metrics(),
+                          jit_compile=cfg.train.jit_compile if keras.backend.backend() != "torch" else False)
+    return model
+
+
+def _callbacks(cfg: Config, folder: Path, state: RunState, placement: Placement, live: Any,
+               history: list[dict[str, float]]) -> list[keras.callbacks.Callback]:
+    cbs: list[keras.callbacks.Callback] = [_Live(live, history),
+                                           _Checkpointer(folder, state, cfg.train.early_stopping_patience,
+                                                         placement.is_chief, history)]
+    if cfg.train.reduce_lr_patience and cfg.train.schedule == "constant":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                     patience=cfg.train.reduce_lr_patience, min_lr=1e-6))
+    return cbs
+
+
+def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
+         global_batch: int, callbacks: list[keras.callbacks.Callback]) -> None:
+    """Keras ``fit``, or the custom tf.distribute loop where ``fit`` cannot run (multi-worker)."""
+    train = cfg.train
+    # Training uses whole batches only (one traced step; the order is reshuffled every epoch, so every image is
+    # seen); several replicas need whole global batches for validation too, one device keeps every image.
+    whole = placement.replicas > 1
+    n_train = len(data.rows["train"])
+    drop = n_train >= global_batch
+    # An epoch-keyed stream (tf.data) or epoch counter (PyDataset) starting at the resumed epoch: a resumed run
+    # sees the batches an uninterrupted run would. The custom multi-worker loop iterates whole datasets instead.
+    start = None if placement.kind == "multi_worker" else state.epoch + 1
+    train_ds = inputs.batches(data, "train", batch_size=global_batch, shuffle=True, seed=train.seed,
+                              drop_remainder=drop, start_epoch=start)
+    val_ds = inputs.batches(data, "val", batch_size=global_batch, shuffle=False, seed=train.seed,
+                            drop_remainder=whole)
+    weights = class_weights(*data.class_counts("train")) if train.class_weights else None
+    if placement.kind == "multi_worker":
+        from medflow.training.tf_loop import DistributedLoop
+
+        DistributedLoop(model, placement.tf_strategy, global_batch, weights).fit(
+            train_ds, val_ds, epochs=train.epochs, initial_epoch=state.epoch + 1, callbacks=callbacks)
+        return
+    stream = keras.backend.backend() == "tensorflow"  # the endless tf.data stream needs steps_per_epoch
+    model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, initial_epoch=state.epoch + 1, verbose=2,
+              steps_per_epoch=inputs.steps(n_train, global_batch, drop) if stream else None,
+              class_weight=weights, callbacks=callbacks, shuffle=False)  # batches() shuffles, seeded
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _metadata(cfg: Config, data: inputs.SplitData, placement: Placement, state: RunState, fingerprint: str,
+              seconds: float) -> dict[str, Any]:
+    neg, pos = data.class_counts("train")
+    return {
+        "task": cfg.dataset.name,
+        "input_shape": list(data.input_shape),
+        "channels": cfg.dataset.channels,
+        "class_names": {str(v): k for k, v in sorted(cfg.dataset.labels.items(), key=lambda kv: kv[1])},
+        "labels": dict(cfg.dataset.labels),
+        "positive_class": [k for k, v in cfg.dataset.labels.items() if v == 1],
+        "preprocessing": {"size": cfg.resize.size, "channels": cfg.dataset.channels, "interpolation": "area",
+                          "resize": "stretch to square", "decoder": "medflow.imaging.resize.load_resized",
+                          "input_dtype": "uint8", "scaling": "inside the model"},
+        "data_fingerprint": fingerprint,
+        "train_counts": {"negative": neg, "positive": pos},
+        "val_counts": dict(zip(("negative", "positive"), data.class_counts("val"), strict=True)),
+        "best_epoch": state.best_epoch + 1,
+        "best_val_loss": state.best_loss,
+        "epochs_run": state.epoch + 1,
+        "early_stopped": state.stopped,
+        "placement": {"strategy": placement.kind, "replicas": placement.replicas,
+                      "global_batch": placement.global_batch(cfg.train.batch_size)},
+        "params": {"train": cfg.train.model_dump(), "resize": cfg.resize.model_dump(),
+                   "dataset": {"name": cfg.dataset.name, "allow_flips": cfg.dataset.allow_flips}},
+        "versions": package_versions(),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def _fresh(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def run(cfg: Config, *, images: Path, split: Path, model_dir: Path, live_dir: Path) -> dict[str, Any]:
+    """Train on the train split, select on val; write the model folder and DVCLive metrics."""
+    return train_model(cfg, images=images, split=split, model_dir=model_dir, live_dir=live_dir)[1]
+
+
+def train_model(cfg: Config, *, images: Path, split: Path, model_dir: Path,
+                live_dir: Path) -> tuple[keras.Model, dict[str, Any]]:
+    """:func:`run`, also returning the trained model (best weights restored)."""
+    train = cfg.train
+    placement = place(train.strategy)  # first: multi-worker collectives must start before other TF work
+    keras.utils.set_random_seed(train.seed)
+    _set_precision(train)
+    data = inputs.load_split_data(Path(images), Path(split))
+    global_batch = placement.global_batch(train.batch_size)
+    n_train = len(data.rows["train"])
+    steps = inputs.steps(n_train, global_batch, drop_remainder=n_train >= global_batch)
+    fingerprint = hashlib.sha256((fingerprint_data(Path(images), Path(split)) + train.model_dump_json()
+                                  + json.dumps(cfg.dataset.allow_flips)).encode()).hexdigest()
+
+    ckpt = Path(model_dir) / "checkpoints"
+    state = RunState.load(ckpt / "state.json", fingerprint)
+    resuming = state is not None and (ckpt / "last.keras").exists()
+    if not resuming:
+        state = RunState(fingerprint)
+        _fresh(ckpt)
+    assert state is not None
+    history = _read_history(ckpt / "history.csv") if resuming else []
+    log.info("train: %s on %d images (neg %d, pos %d), val %d; global batch %d = %d x %d replica(s); %s",
+             train.model, len(data.rows["train"]), *data.class_counts("train"), len(data.rows["val"]),
+             global_batch, train.batch_size, placement.replicas,
+             f"resuming after epoch {state.epoch + 1}" if resuming else "from scratch")
+
+    resumed_from = state.epoch + 1
+    model = _build(cfg, data, placement, steps, ckpt / "last.keras" if resuming else None)
+    start = time.perf_counter()
+    ran = not state.stopped and state.epoch + 1 < train.epochs
+    callbacks: list[keras.callbacks.Callback] = []
+    if ran:
+        live = _open_live(Path(live_dir), resuming, placement.is_chief)
+        callbacks = _callbacks(cfg, ckpt, state, placement, live, history)
+        try:
+            _fit(cfg, model, data, placement, state, global_batch, callbacks)
+        finally:
+            if live is not None:
+                live.end()
+    seconds = time.perf_counter() - start
+    best = next((c.best_weights for c in callbacks if isinstance(c, _Checkpointer)), None) if ran else None
+    if best is not None:
+        model.set_weights(best)
+    elif (ckpt / "best.weights.h5").exists():  # resumed, and no better epoch since: the chief's file
+        model.load_weights(ckpt / "best.weights.h5")
+    summary = _save_outputs(cfg, model, data, placement, state, fingerprint, seconds, Path(model_dir), history)
+    summary["resumed_from_epoch"] = resumed_from
+    if placement.is_chief:
+        _fresh(ckpt)  # checkpoints only serve a crashed run; a finished one starts afresh next time
+    return model, summary
+
+
+def _save_outputs(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
+                  fingerprint: str, seconds: float, model_dir: Path,
+                  history: list[dict[str, float]]) -> dict[str, Any]:
+    meta = _metadata(cfg, data, placement, state, fingerprint, seconds)
+    if placement.is_chief:
+        with atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
+            model.save(tmp)
+        write_json(model_dir / "metadata.json", meta)
+        _write_history(model_dir / "history.csv", history or [{"epoch": 0.0}])
+    log.info("train: best val_loss %.4f at epoch %d of %d run (%.0f s) -> %s", state.best_loss,
+             state.best_epoch + 1, state.epoch + 1, seconds, model_dir / "model.keras")
+    return {"best_epoch": state.best_epoch + 1, "best_val_loss": state.best_loss, "epochs_run": state.epoch + 1,
+            "seconds": seconds, "global_batch": meta["placement"]["global_batch"]}
+
+
+def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Probabilities for a uint8 batch of images, in inference mode (no augmentation)."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).reshape(-1).astype(np.float64)
+
