@@ -1,4 +1,4 @@
-"""Extract step on small generated archives: normal, hostile (escapes, links, devices, bombs) and junk."""
+"""Extract step on generated archives (normal, hostile: escapes, links, devices, bombs; junk) and real images."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shared_dataset
 
 from medflow.config import Config, parse_config
-from medflow.data import archives as extract
-from medflow.data import fetch as download
+from medflow.data import archives
 from medflow.errors import StepError
+from tasks import download, extract
 
 _RNG = random.Random(0)
 IMG = _RNG.randbytes(3000)  # incompressible stand-in for an image file
@@ -61,10 +62,11 @@ def _special(name: str, type_: bytes, linkname: str = "") -> tuple[tarfile.TarIn
     return info, None
 
 
-def _run(tmp_path: Path, *sources: str | Path, cfg: Config | None = None) -> tuple[dict[str, Any], list[Any]]:
-    """Resolve local sources with the real download step, then extract them."""
-    dl_cfg = parse_config({"dataset": {"name": "t", "sources": [str(s) for s in sources],
-                                       "labels": {"NORMAL": 0, "PNEUMONIA": 1}}})
+def _run(tmp_path: Path, *sources: str | Path | dict[str, str],
+         cfg: Config | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """Resolve sources (paths, or source mappings with url and sha256) with the real download step; extract."""
+    listed = [s if isinstance(s, dict) else str(s) for s in sources]
+    dl_cfg = parse_config({"dataset": {"name": "t", "sources": listed, "labels": {"NORMAL": 0, "PNEUMONIA": 1}}})
     download.run(dl_cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "sources.json",
                  inbox=tmp_path / "no-inbox")
     summary = extract.run(cfg or _cfg(), sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
@@ -126,6 +128,31 @@ def test_plain_tar_and_tgz_names(tmp_path: Path) -> None:
     _, roots = _run(tmp_path, a, b)
     assert [Path(r["root"]).name.split("-")[0] for r in roots] == ["a", "b"]
     assert _files(Path(roots[1]["root"])) == {"y/NORMAL/2.png"}
+
+
+def test_archive_downloaded_over_http_is_extracted(tmp_path: Path, file_server: tuple[str, Path]) -> None:
+    base, served = file_server
+    archive = _zip(served / "ChestXRay2017.zip", {"chest_xray/NORMAL/IM-0001-0001.jpeg": IMG})
+    digest = _sha(archive)
+    summary, roots = _run(tmp_path, {"url": f"{base}/ChestXRay2017.zip", "sha256": digest})
+    root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
+    assert roots == [{"root": str(root), "source": f"{base}/ChestXRay2017.zip", "kind": "archive"}]
+    assert (root / "chest_xray/NORMAL/IM-0001-0001.jpeg").read_bytes() == IMG
+    assert summary["extracted"] == 1
+
+
+@pytest.mark.integration
+def test_real_images_survive_http_download_and_extract(tmp_path: Path, file_server: tuple[str, Path]) -> None:
+    cells = shared_dataset("malaria_cells")
+    base, served = file_server
+    with tarfile.open(served / "cells.tar.gz", "w:gz") as tf:
+        tf.add(cells, arcname="cells")
+    _, roots = _run(tmp_path, {"url": f"{base}/cells.tar.gz", "sha256": _sha(served / "cells.tar.gz")})
+    root = Path(roots[0]["root"]) / "cells"
+    originals = {p.relative_to(cells).as_posix(): _sha(p) for p in cells.rglob("*") if p.is_file()}
+    assert originals, f"{cells} holds no files"
+    assert _files(root) == set(originals)
+    assert {rel: _sha(root / rel) for rel in originals} == originals
 
 
 def test_rerun_reuses_existing_folder(tmp_path: Path) -> None:
@@ -294,15 +321,15 @@ def test_zip_lying_about_its_size_is_refused(tmp_path: Path) -> None:
 
 
 def test_streaming_count_catches_more_bytes_than_declared(tmp_path: Path) -> None:
-    tally = extract._Tally(archive=Path("x.zip"), limits=_cfg().extract, compressed=10_000)
+    tally = archives._Tally(archive=Path("x.zip"), limits=_cfg().extract, compressed=10_000)
     with pytest.raises(StepError, match="'e.png' declares 10 bytes but holds more"):
-        extract._write_member(io.BytesIO(bytes(11)), tmp_path / "e.png", 10, tally, "e.png")
+        archives._write_member(io.BytesIO(bytes(11)), tmp_path / "e.png", 10, tally, "e.png")
 
 
 def test_streaming_count_enforces_caps_whatever_was_declared(tmp_path: Path) -> None:
-    tally = extract._Tally(archive=Path("x.zip"), limits=_cfg(max_total_bytes=100).extract, compressed=1000)
+    tally = archives._Tally(archive=Path("x.zip"), limits=_cfg(max_total_bytes=100).extract, compressed=1000)
     with pytest.raises(StepError, match=r"expanded to more than .*extract.max_total_bytes \(100\)"):
-        extract._write_member(io.BytesIO(bytes(2_000_000)), tmp_path / "e.png", 10**9, tally, "e.png")
+        archives._write_member(io.BytesIO(bytes(2_000_000)), tmp_path / "e.png", 10**9, tally, "e.png")
 
 
 def test_encrypted_zip_entry_is_refused(tmp_path: Path) -> None:
@@ -367,11 +394,11 @@ def test_archive_gone_or_changed_since_download(tmp_path: Path) -> None:
     ("x.tgz", "x-0123456789ab"), ("x.y.tar", "x.y-0123456789ab"),
 ])
 def test_target_name(name: str, expected: str) -> None:
-    assert extract.target_name(Path(name), "0123456789abcdef" * 4) == expected
+    assert archives.target_name(Path(name), "0123456789abcdef" * 4) == expected
 
 
 @pytest.mark.parametrize(("name", "rel"), [("a/./b//c.png", "a/b/c.png"), ("./", None),
                                            ("a\\b.png", "a/b.png")])
 def test_safe_relpath_normalises(name: str, rel: str | None) -> None:
-    got = extract.safe_relpath(name, Path("x.zip"))
+    got = archives.safe_relpath(name, Path("x.zip"))
     assert (got.as_posix() if got else None) == rel

@@ -1,9 +1,10 @@
-"""Extract step: safely unpack the archives listed in sources.json; write roots.json (folders to index).
+"""Safe archive extraction: .zip, .tar, .tar.gz and .tgz, checked entry by entry, into a folder.
 
-Each archive goes to ``<out_dir>/<archive stem>-<first 12 hex of its sha256>/``, built in a temporary folder
-and renamed into place (:func:`medflow.io.atomic_dir`), so a crash or a rejected archive leaves nothing
-half-extracted, and an existing folder of that name is reused as is (content-addressed). Folder sources are
-listed in place. Archives are only read, never modified.
+:func:`extract_archive` unpacks one archive into an empty folder; :func:`extract_into` puts it in
+``<out_dir>/<archive stem>-<first 12 hex of its sha256>/``, built in a temporary folder and renamed into place
+(:func:`medflow.io.atomic_dir`), so a crash or a rejected archive leaves nothing half-extracted, and an existing
+folder of that name is reused as is (content-addressed). Archives are only read, never modified. The extract
+step (``tasks/extract.py``) runs this over sources.json and writes roots.json (:class:`RootRecord`).
 
 Safety rules (any violation raises :class:`StepError` naming the archive and the entry):
 
@@ -38,10 +39,10 @@ from typing import IO, Any, Literal, TypedDict
 
 from tqdm import tqdm
 
-from medflow.config import Config, ExtractConfig
-from medflow.data.fetch import ARCHIVE_SUFFIXES, SourceRecord, archive_suffix
+from medflow.config import ExtractConfig
+from medflow.data.fetch import ARCHIVE_SUFFIXES, archive_suffix
 from medflow.errors import StepError
-from medflow.io import CHUNK, atomic_dir, read_json, sha256_file, write_json
+from medflow.io import CHUNK, atomic_dir, sha256_file
 from medflow.schema import JUNK_DIRS, JUNK_FILES
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def extract_archive(archive: Path, dest: Path, limits: ExtractConfig) -> dict[st
 
     Returns counts: members seen, files written, bytes written, junk and links skipped. Raises StepError
     naming the archive (and the entry) on any unsafe entry, bomb, or corrupt/truncated archive; ``dest`` may
-    then hold a partial extraction, so callers extract into a temporary folder (see :func:`run`).
+    then hold a partial extraction, so callers extract into a temporary folder (see :func:`extract_into`).
     """
     suffix = archive_suffix(archive.name)
     if suffix is None:
@@ -294,70 +295,22 @@ def target_name(archive: Path, sha256: str) -> str:
     return f"{archive.name[: len(archive.name) - len(suffix)]}-{sha256[:12]}"
 
 
-def _read_sources(sources_json: Path) -> list[SourceRecord]:
-    """Load sources.json and check the fields this step relies on."""
-    try:
-        data = read_json(sources_json)
-    except FileNotFoundError:
-        raise StepError(f"{sources_json}: not found; run the download step first") from None
-    except ValueError as e:
-        raise StepError(f"{sources_json}: not valid JSON: {e}") from None
-    if not isinstance(data, list):
-        raise StepError(f"{sources_json}: expected a list of sources, got {type(data).__name__}")
-    for n, rec in enumerate(data):
-        ok = (isinstance(rec, dict) and rec.get("kind") in ("archive", "folder")
-              and isinstance(rec.get("path"), str) and isinstance(rec.get("url"), str)
-              and (rec.get("sha256") is None or isinstance(rec.get("sha256"), str)))
-        if not ok:
-            raise StepError(f"{sources_json}: entry {n} is not a source record "
-                            "(needs url, path, kind archive|folder, sha256)")
-    return data
+def extract_into(archive: Path, out_dir: Path, limits: ExtractConfig, *,
+                 sha256: str | None = None) -> tuple[Path, bool]:
+    """Extract ``archive`` to ``out_dir/<stem>-<12 hex of its sha256>``; return that folder and whether it was reused.
 
-
-def _extract_source(rec: SourceRecord, out_dir: Path, limits: ExtractConfig) -> tuple[str, bool]:
-    """Extract one archive record (or reuse its folder); return the root and whether it was reused."""
-    archive = Path(rec["path"])
-    if not archive.is_file():
-        raise StepError(f"dataset.sources[{rec.get('index', '?')}]: archive {archive} not found; "
-                        "re-run the download step")
-    if rec.get("bytes") is not None and archive.stat().st_size != rec["bytes"]:
-        raise StepError(f"{archive}: size changed since the download step ({rec['bytes']} -> "
-                        f"{archive.stat().st_size} bytes); re-run the download step")
-    digest = rec.get("sha256") or sha256_file(archive)
-    target = out_dir / target_name(archive, digest)
+    The folder is content-addressed, so an existing one is reused as is; a new one is built in a temporary
+    folder and renamed into place (:func:`medflow.io.atomic_dir`), so a crash or a rejected archive leaves
+    nothing half-extracted. ``sha256`` (from sources.json) saves hashing the archive again.
+    """
+    target = out_dir / target_name(archive, sha256 or sha256_file(archive))
     if target.is_dir():
         log.info("reusing %s (already extracted from %s)", target, archive)
-        return str(target), True
+        return target, True
     with atomic_dir(target) as tmp:
         stats = extract_archive(archive, tmp, limits)
     if not stats["files"]:
         log.warning("%s: no files extracted", archive)
     log.info("extracted %s -> %s: %d files, %d bytes (skipped %d junk, %d links)", archive, target,
              stats["files"], stats["bytes"], stats["skipped_junk"], stats["skipped_links"])
-    return str(target), False
-
-
-def run(cfg: Config, *, sources_json: Path, out_dir: Path, roots_json: Path) -> dict[str, Any]:
-    """Extract every archive of ``sources_json`` under ``out_dir``; write the folders to index to roots_json.
-
-    Returns counts of roots, archives extracted now, archives whose folder was reused, and folder sources.
-    """
-    roots: list[RootRecord] = []
-    counts = {"extracted": 0, "reused": 0, "folders": 0}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a DVC output, even when every source is a folder
-    for rec in _read_sources(Path(sources_json)):
-        if rec["kind"] == "folder":
-            if not Path(rec["path"]).is_dir():
-                raise StepError(f"dataset.sources[{rec.get('index', '?')}]: folder {rec['path']} not found")
-            root, key = rec["path"], "folders"
-        else:
-            root, reused = _extract_source(rec, Path(out_dir), cfg.extract)
-            key = "reused" if reused else "extracted"
-        if any(r["root"] == root for r in roots):
-            log.warning("%s is listed twice in %s; indexing it once", root, sources_json)
-            continue
-        counts[key] += 1
-        roots.append(RootRecord(root=root, source=rec["url"], kind=rec["kind"]))
-    write_json(roots_json, roots)
-    log.info("wrote %d root(s) to %s", len(roots), roots_json)
-    return {"roots": len(roots), **counts}
+    return target, False
