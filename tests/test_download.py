@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
 import socket
+import ssl
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,8 +25,9 @@ from typing import Any
 import pytest
 
 from medflow.config import Config, parse_config
-from medflow.data import fetch as download
+from medflow.data.fetch import FetchError, archive_suffix, default_filename, fetch
 from medflow.errors import StepError
+from tasks import download
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -46,8 +52,12 @@ class ServerState:
 
     payload: bytes = PAYLOAD
     cut_first: bool = False  # first body stops halfway (Content-Length promises the whole)
-    fail_first: int = 0  # answer this many requests with 503
+    cut_all: bool = False  # every body stops halfway
+    fail_first: int = 0  # answer this many requests with fail_status
+    fail_status: int = 503
+    retry_after: str | None = None  # Retry-After header sent with the failures
     honor_range: bool = True  # False: answer 200 with the whole body even to a Range request
+    content_encoding: str | None = None  # a Content-Encoding label sent with the (unchanged) body
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,11 +80,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         st: ServerState = self.server.state
         with st.lock:
-            st.requests.append({"path": self.path, "range": self.headers.get("Range")})
+            st.requests.append({"path": self.path, "range": self.headers.get("Range"), "time": time.monotonic(),
+                                "accept_encoding": self.headers.get("Accept-Encoding")})
             n = len(st.requests)
             fail = st.fail_first >= n
         if fail:
-            self.send_error(503, "busy")
+            self.send_response(st.fail_status)
+            if st.retry_after is not None:
+                self.send_header("Retry-After", st.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if not self.path.startswith("/files/"):
             self.send_error(404)
@@ -95,8 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         chunk = body[start:]
         self.send_header("Content-Length", str(len(chunk)))
+        if st.content_encoding:
+            self.send_header("Content-Encoding", st.content_encoding)
         self.end_headers()
-        if st.cut_first and n == 1:
+        if st.cut_all or (st.cut_first and n == 1):
             chunk = chunk[: len(chunk) // 2]
         self.wfile.write(chunk)
 
@@ -122,6 +139,46 @@ def dl_refused_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/ChestXRay2017.zip"
+
+
+@pytest.fixture
+def tls_url(tmp_path: Path) -> Iterator[str]:
+    """An https URL on 127.0.0.1 served with a freshly made self-signed certificate (trusted by nobody)."""
+    cert, key = _self_signed(tmp_path)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.state = ServerState()  # type: ignore[attr-defined]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}/files/a.zip"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files in ``folder``."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
 
 
 def _cfg(*sources: Any, retries: int = 2, timeout_s: float = 5.0) -> Config:
@@ -153,7 +210,7 @@ def test_pinned_download_writes_verified_file_and_record(tmp_path: Path, dl_serv
 def test_cut_stream_resumes_with_range(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.cut_first = True
     dest = tmp_path / "a.zip"
-    digest = download.fetch(dl_server.url(), dest, sha256=DIGEST, timeout_s=5, retries=2, backoff_s=0)
+    digest = fetch(dl_server.url(), dest, sha256=DIGEST, timeout_s=5, retries=2, backoff_s=0)
     assert digest == DIGEST and dest.read_bytes() == PAYLOAD
     first, second = dl_server.state.requests
     assert first["range"] is None
@@ -162,27 +219,27 @@ def test_cut_stream_resumes_with_range(tmp_path: Path, dl_server: Server) -> Non
 
 def test_partial_from_earlier_run_is_resumed(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD[:1000])
-    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert [r["range"] for r in dl_server.state.requests] == ["bytes=1000-"]
 
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.honor_range = False
     (tmp_path / "a.zip.part").write_bytes(b"garbage that must not stay in front")
-    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
     assert dl_server.state.requests[0]["range"] is not None
 
 
 def test_complete_part_answered_416_is_accepted(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD)
-    assert download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
 
 
 def test_oversized_part_answered_416_restarts(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD + b"extra")
-    digest = download.fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=1, backoff_s=0)
+    digest = fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=1, backoff_s=0)
     assert digest == DIGEST
     assert [r["range"] for r in dl_server.state.requests] == [f"bytes={len(PAYLOAD) + 5}-", None]
 
@@ -249,6 +306,54 @@ def test_503_beyond_retries_fails_with_reason(tmp_path: Path, dl_server: Server)
     assert not (tmp_path / "raw" / "ChestXRay2017.zip").exists()
 
 
+def test_retry_after_is_honoured(tmp_path: Path, dl_server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    dl_server.state.fail_first, dl_server.state.retry_after = 1, "1"
+    with caplog.at_level(logging.WARNING, logger="medflow.data.fetch"):
+        assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0.01) == DIGEST
+    assert "HTTP 503 for /files/ChestXRay2017.zip; retry 1 of up to 2 after Retry-After: 1 s" in caplog.text
+    first, second = dl_server.state.requests
+    # urllib3's own first retry is immediate (and backoff_s is 0.01): only Retry-After explains the wait
+    assert second["time"] - first["time"] >= 0.95
+
+
+def test_429_is_retried(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.fail_first, dl_server.state.fail_status = 2, 429
+    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0) == DIGEST
+    assert len(dl_server.state.requests) == 3
+
+
+def test_429_beyond_retries_names_the_status(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.fail_first, dl_server.state.fail_status = 5, 429
+    with pytest.raises(FetchError, match=rf"{re.escape(dl_server.url())} \(3 attempts\): HTTP 429 Too Many"):
+        fetch(dl_server.url(), tmp_path / "a.zip", retries=2, backoff_s=0)
+    assert len(dl_server.state.requests) == 3
+    assert not (tmp_path / "a.zip").exists()
+
+
+def test_cut_on_every_attempt_keeps_the_part_for_the_next_run(tmp_path: Path, dl_server: Server) -> None:
+    dl_server.state.cut_all = True
+    with pytest.raises(FetchError, match=r"\(2 attempts\): stream (cut short|interrupted) after"):
+        fetch(dl_server.url(), tmp_path / "a.zip", retries=1, backoff_s=0)
+    kept = (tmp_path / "a.zip.part").stat().st_size
+    assert kept == len(PAYLOAD) // 2 + (len(PAYLOAD) - len(PAYLOAD) // 2) // 2
+    dl_server.state.cut_all = False
+    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert dl_server.state.requests[-1]["range"] == f"bytes={kept}-"
+
+
+def test_body_is_stored_as_sent_whatever_its_content_encoding(tmp_path: Path, dl_server: Server) -> None:
+    tgz = gzip.compress(b"a tar archive's bytes " * 1000)  # a .tar.gz some servers label Content-Encoding: gzip
+    dl_server.state.payload, dl_server.state.content_encoding = tgz, "gzip"
+    digest = fetch(dl_server.url("x.tar.gz"), tmp_path / "x.tar.gz", retries=0)
+    assert (tmp_path / "x.tar.gz").read_bytes() == tgz and digest == hashlib.sha256(tgz).hexdigest()
+    assert dl_server.state.requests[0]["accept_encoding"] == "identity"
+
+
+def test_untrusted_certificate_fails_at_once(tmp_path: Path, tls_url: str) -> None:
+    with pytest.raises(FetchError, match=r"\(1 attempt\): certificate verification failed"):
+        fetch(tls_url, tmp_path / "a.zip", retries=3, backoff_s=0)
+
+
 def test_404_is_not_retried(tmp_path: Path, dl_server: Server) -> None:
     url = f"{dl_server.base}/missing/ChestXRay2017.zip"
     with pytest.raises(StepError, match="HTTP 404"):
@@ -276,14 +381,14 @@ def test_timeout_is_transient(tmp_path: Path) -> None:
         srv.bind(("127.0.0.1", 0))
         srv.listen(4)
         url = f"http://127.0.0.1:{srv.getsockname()[1]}/a.zip"
-        with pytest.raises(download.FetchError, match="timed out") as e:
-            download.fetch(url, tmp_path / "a.zip", timeout_s=0.2, retries=1, backoff_s=0)
+        with pytest.raises(FetchError, match="timed out") as e:
+            fetch(url, tmp_path / "a.zip", timeout_s=0.2, retries=1, backoff_s=0)
     assert e.value.attempts == 2
 
 
 def test_default_filename_is_decoded_last_segment(tmp_path: Path, dl_server: Server) -> None:
     url = dl_server.url("Chest%20X%2Bray.tar.gz") + "?token=1"
-    assert download.default_filename(url) == "Chest X+ray.tar.gz"
+    assert default_filename(url) == "Chest X+ray.tar.gz"
     _, records = _run(tmp_path, _cfg({"url": url}))
     assert records[0]["path"] == str(tmp_path / "raw" / "Chest X+ray.tar.gz")
 
@@ -371,7 +476,7 @@ def test_pinned_folder_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "suffix"), [("a.zip", ".zip"), ("B.TAR.GZ", ".tar.gz"), ("c.tgz", ".tgz"),
                                               ("d.tar", ".tar"), ("e.gz", None), ("f.rar", None)])
 def test_archive_suffix(name: str, suffix: str | None) -> None:
-    assert download.archive_suffix(name) == suffix
+    assert archive_suffix(name) == suffix
 
 
 def test_inbox_entries_become_sources(tmp_path: Path) -> None:

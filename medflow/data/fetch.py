@@ -1,12 +1,26 @@
-"""Download step: fetch remote sources (resumable, retried, verified) and resolve local ones.
+"""Fetching raw inputs: resumable, retried, sha256-verified downloads, and local archives and folders.
 
-Each ``dataset.sources[i]`` becomes one record in ``sources.json`` (see :class:`SourceRecord`):
+The transport is ``requests`` over urllib3: :func:`fetch` opens a :class:`requests.Session` whose adapter is
+mounted with a :class:`urllib3.util.Retry` (:func:`retry_policy`). urllib3 retries what happens *before* a body
+arrives: connection failures, read timeouts, and the statuses 429, 500, 502, 503 and 504, waiting
+``backoff_s * 2**(k - 1)`` seconds before retry k > 1 (the first retry is immediate; waits are capped at
+urllib3's 120 s), or as long as a ``Retry-After`` header asks. ``download.retries``, ``download.backoff_s`` and
+``download.timeout_s`` map onto ``Retry(total=...)``, ``backoff_factor`` and the per-socket-operation timeout.
 
-- http(s) URLs are streamed to ``<out_dir>/<filename>.part``, resumed with an HTTP ``Range`` request after
-  a cut, retried with exponential backoff on transient errors, checked against the pinned sha256 and only
-  then renamed to ``<out_dir>/<filename>``: the final name never holds a partial or unverified file.
-- ``file://`` URLs are copied the same way (no resume needed: the copy restarts).
-- Local paths (archives or folders) are used in place, never copied; archives get their sha256 computed.
+What medflow keeps, because neither library does it:
+
+- resume: the body streams to ``<dest>.part``; a stream cut short (or a ``.part`` left by an earlier run) is
+  continued with a ``Range`` request, up to ``retries`` times; the answer must be a 206 whose
+  ``Content-Range`` starts at the ``.part``'s size, else (a server that ignores Range) it restarts from zero;
+- byte-exact bodies: ``Accept-Encoding: identity`` and undecoded reads, so a server that labels a ``.tar.gz``
+  ``Content-Encoding: gzip`` cannot make requests store different bytes than the pinned sha256 describes;
+- verification: the sha256 is checked before ``<dest>.part`` is renamed to ``dest``, so the final name never
+  holds a partial or unverified file; a mismatch is kept aside as ``<dest>.mismatch``;
+- clear errors (:class:`FetchError`): the URL, the attempts made and a short reason; an unknown host and a
+  certificate that fails verification are not retried (retrying cannot fix them), nor is a 404;
+- ``file://`` URLs: requests has no file:// adapter, and a local copy needs neither retries nor Range, so
+  :func:`_copy_file_url` copies the file through the same ``.part`` and verification;
+- local paths (archives or folders) are used in place, never copied (:func:`resolve_local`).
 
 Unpinned sources (``sha256: null``) log a WARNING with the digest seen, so it can be pinned in params.yaml.
 A sidecar ``<filename>.sha256`` (JSON: sha256, bytes, mtime_ns) lets a later run skip an unpinned download
@@ -15,7 +29,6 @@ whose file is unchanged; pinned files are re-hashed and skipped when they match.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -24,15 +37,23 @@ import socket
 import ssl
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal, TypedDict
+from types import TracebackType
+from typing import Any, Literal, Self, TypedDict
 
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3 import BaseHTTPResponse
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
+from urllib3.util import Retry
 
-from medflow.config import Config, DownloadConfig, Source
+import medflow
+from medflow.config import DownloadConfig, Source
 from medflow.errors import StepError
 from medflow.io import CHUNK, sha256_file, write_json
 from medflow.schema import JUNK_DIRS, JUNK_FILES
@@ -40,9 +61,9 @@ from medflow.schema import JUNK_DIRS, JUNK_FILES
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-USER_AGENT = "medflow/0.1 (+urllib)"
-# HTTP statuses worth retrying besides 5xx: request timeout, too early, too many requests.
-_RETRY_STATUSES = frozenset({408, 425, 429})
+USER_AGENT = f"medflow/{medflow.__version__} python-requests/{requests.__version__}"
+# Statuses a later attempt may fix: rate limiting (429) and a busy, restarting or overloaded server (5xx).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class SourceRecord(TypedDict):
@@ -66,12 +87,13 @@ class FetchError(StepError):
         self.attempts = attempts
 
 
-class _Transient(Exception):
-    """A failure worth retrying (connection, timeout, 5xx, stream cut short)."""
+class _StreamCut(Exception):
+    """The body stopped before its end (connection dropped, read timed out): resume it with Range."""
 
-
-class _Permanent(Exception):
-    """A failure retrying cannot fix (HTTP 404, missing file:// path, bad certificate)."""
+    def __init__(self, reason: str, attempts: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts  # requests urllib3 made for the response that was cut
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -93,38 +115,135 @@ def _display_path(path: Path) -> str:
     return str(path) if not path.is_absolute() else str(path.resolve())
 
 
+# --------------------------------------------------------------------------------------------- transport
+
+
+class _GaveUp(MaxRetryError):
+    """urllib3's "no more retries", carrying how many attempts were made (for :class:`FetchError`)."""
+
+    def __init__(self, pool: Any, url: str | None, reason: Exception | None = None, attempts: int = 1) -> None:
+        super().__init__(pool, url, reason)
+        self.attempts = attempts
+
+
+class _Retry(Retry):
+    """urllib3's Retry that gives up at once when retrying cannot help and counts the attempts it made."""
+
+    def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
+                  error: Exception | None = None, _pool: Any = None,
+                  _stacktrace: TracebackType | None = None) -> Self:
+        attempts = len(self.history) + 1
+        if error is not None and _hopeless(error):
+            raise _GaveUp(_pool, url, error, attempts) from error
+        try:
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+        except MaxRetryError as e:
+            raise _GaveUp(_pool, url, e.reason, attempts) from e.reason
+
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        """Wait as urllib3 does (Retry-After, else backoff); log retries a status caused (urllib3 logs the rest)."""
+        if response is not None:
+            after = response.headers.get("Retry-After")
+            log.warning("HTTP %d for %s; retry %d of up to %d%s", response.status, self.history[-1].url,
+                        len(self.history), len(self.history) + (self.total or 0),
+                        f" after Retry-After: {after} s" if after else "")
+        super().sleep(response)
+
+
+def retry_policy(retries: int, backoff_s: float) -> Retry:
+    """The urllib3 Retry for downloads: ``retries`` retries of GETs, exponential backoff, Retry-After honoured.
+
+    ``raise_on_status=False`` hands back the last 429/5xx response once retries run out, so the error
+    names the server's real status instead of urllib3's "too many error responses".
+    """
+    return _Retry(total=retries, connect=retries, read=retries, status=retries, other=retries,
+                  backoff_factor=backoff_s, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET"}),
+                  respect_retry_after_header=True, raise_on_status=False)
+
+
+def _session(retries: int, backoff_s: float) -> requests.Session:
+    """A Session retrying per :func:`retry_policy` and asking for the bytes as stored (no content coding)."""
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff_s))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    return session
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and every exception wrapped in it (requests -> urllib3 -> socket), outermost first."""
+    seen: set[int] = set()
+    queue = [err]
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        inner = (getattr(e, "reason", None), e.__cause__, e.__context__, *e.args)
+        queue.extend(x for x in inner if isinstance(x, BaseException))
+
+
+def _unknown_host(err: BaseException) -> bool:
+    """A DNS answer that the name does not exist (offline sandbox, typo); EAI_AGAIN stays retryable."""
+    nonexistent = (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5))
+    return any(isinstance(e, socket.gaierror) and e.errno in nonexistent for e in _causes(err))
+
+
+def _hopeless(err: BaseException) -> bool:
+    """Errors that no retry can fix: an unknown host, a certificate that fails verification."""
+    return _unknown_host(err) or any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(err))
+
+
+def _reason(err: BaseException) -> str:
+    """A short human reason for a transport error ('connection refused', 'timed out', ...)."""
+    causes = list(_causes(err))
+    for e in causes:
+        if isinstance(e, socket.gaierror):
+            return f"DNS lookup failed ({e.strerror or e})"
+    for e in causes:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"certificate verification failed ({e.verify_message or e})"
+    for e in causes:
+        if isinstance(e, ReadTimeoutError | TimeoutError) or (
+                isinstance(e, ConnectTimeoutError) and not isinstance(e, NewConnectionError)):
+            return "timed out"
+    for e in reversed(causes):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    return str(causes[-1]) or type(causes[-1]).__name__
+
+
+def _attempts(response: requests.Response) -> int:
+    """Requests urllib3 sent to get ``response``: one plus the retries recorded in its Retry history."""
+    retries = getattr(response.raw, "retries", None)
+    return len(retries.history) + 1 if isinstance(retries, Retry) else 1
+
+
 # --------------------------------------------------------------------------------------------- fetch
 
 
 def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout_s: float = 60.0, retries: int = 5,
           backoff_s: float = 1.0) -> str:
-    """Download ``url`` to ``dest`` through ``dest.part``; return the sha256 of what was written.
+    """Download ``url`` (http, https or file) to ``dest`` through ``dest.part``; return the sha256 written.
 
-    A ``.part`` left by an earlier attempt or run is resumed with a Range request (a server that answers
-    200 instead of 206 makes it restart from zero). Transient errors are retried ``retries`` times, waiting
-    ``backoff_s * 2**k`` seconds before retry k. ``dest`` is written (atomically, by rename) only when the
-    digest matches ``sha256``, or when no pin is given. Raises :class:`FetchError` when the URL cannot be
-    fetched and :class:`StepError` on a checksum mismatch (the bad file is kept as ``dest.mismatch``).
+    Each request is retried by urllib3 (:func:`retry_policy`); a body cut short is resumed with a Range
+    request up to ``retries`` times, after ``backoff_s * 2**k`` seconds. ``timeout_s`` bounds each connect
+    and each read. ``dest`` is written (atomically, by rename) only when the digest matches ``sha256``, or
+    when no pin is given. Raises :class:`FetchError` when the URL cannot be fetched and :class:`StepError`
+    on a checksum mismatch (the bad file is kept as ``dest.mismatch``).
     """
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    attempts = retries + 1
-    reason = ""
-    for attempt in range(attempts):
-        if attempt:
-            delay = backoff_s * 2 ** (attempt - 1)
-            log.warning("retrying %s in %.1f s (attempt %d of %d)", url, delay, attempt + 1, attempts)
-            time.sleep(delay)
-        try:
-            _download_once(url, part, timeout_s=timeout_s)
-            break
-        except _Transient as e:
-            log.warning("transient error fetching %s: %s", url, e)
-            reason = str(e)
-        except _Permanent as e:
-            raise FetchError(url, str(e), attempt + 1) from None
+    if urllib.parse.urlsplit(url).scheme.lower() == "file":
+        _copy_file_url(url, part)
     else:
-        raise FetchError(url, reason, attempts)
+        with _session(retries, backoff_s) as session:
+            _download(session, url, part, timeout_s=timeout_s, resumes=retries, backoff_s=backoff_s)
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
         aside = dest.with_name(dest.name + ".mismatch")
@@ -135,65 +254,104 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout_s: float =
     return digest
 
 
-def _download_once(url: str, part: Path, *, timeout_s: float) -> None:
-    """One attempt: append to (or restart) ``part``; raise _Transient or _Permanent on failure."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    offset = part.stat().st_size if part.exists() and scheme != "file" else 0
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 - scheme is checked
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 416 and offset and _range_total(e.headers.get("Content-Range")) == offset:
-            log.info("%s: %s already holds all %d bytes", url, part.name, offset)
-            return
-        if e.code == 416:
-            part.unlink(missing_ok=True)
-            raise _Transient(f"server refused to resume at byte {offset} (HTTP 416); restarting") from None
-        if e.code >= 500 or e.code in _RETRY_STATUSES:
-            raise _Transient(f"HTTP {e.code} {e.reason}") from None
-        raise _Permanent(f"HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        if scheme == "file" or isinstance(e.reason, ssl.SSLCertVerificationError) or _unknown_host(e.reason):
-            raise _Permanent(_reason(e.reason)) from None
-        raise _Transient(_reason(e.reason)) from None
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-        raise _Transient(_reason(e)) from None
-    with response:
-        _receive(response, part, offset, url)
-
-
-def _receive(response: Any, part: Path, offset: int, url: str) -> None:
-    """Write the body of ``response`` to ``part``: appended after a 206 at ``offset``, else from zero."""
-    status = getattr(response, "status", None)
-    if offset and not (status == 206 and _range_start(response.headers.get("Content-Range")) == offset):
-        log.info("%s ignored the Range request (HTTP %s); restarting from byte 0", url, status)
-        offset = 0
-    length = response.headers.get("Content-Length")
-    expected = int(length) if length and length.isdigit() else None
-    total = offset + expected if expected is not None else None
-    desc = part.name.removesuffix(".part")
-    with open(part, "ab" if offset else "wb") as f, _progress(desc, total, offset) as bar:
-        received = _copy_stream(response, f, bar)
-    if expected is not None and received < expected:
-        raise _Transient(f"stream cut short after {offset + received} of {total} bytes")
-
-
-def _copy_stream(response: Any, f: IO[bytes], bar: Any) -> int:
-    """Copy the response body to ``f``; network errors mid-stream become _Transient. Returns bytes copied."""
-    received = 0
-    while True:
+def _download(session: requests.Session, url: str, part: Path, *, timeout_s: float, resumes: int,
+              backoff_s: float) -> None:
+    """Fill ``part`` with the whole body of ``url``, resuming after cuts; FetchError when it cannot."""
+    sent = 0  # requests made before the current one (cut or restarted), for the error message
+    reason = ""
+    for resume in range(resumes + 1):
+        if resume:
+            delay = backoff_s * 2 ** (resume - 1)
+            log.warning("%s: %s; resuming in %.1f s (%d of %d)", url, reason, delay, resume, resumes)
+            time.sleep(delay)
         try:
-            chunk = response.read(CHUNK)
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            raise _Transient(f"stream interrupted after {received} bytes: {_reason(e)}") from None
-        if not chunk:
-            return received
-        f.write(chunk)
-        received += len(chunk)
-        bar.update(len(chunk))
+            sent += _get_once(session, url, part, timeout_s=timeout_s)
+            return
+        except _StreamCut as e:
+            sent += e.attempts
+            reason = e.reason
+        except FetchError as e:
+            raise FetchError(url, e.reason, sent + e.attempts) from None
+    raise FetchError(url, reason, sent)
+
+
+def _get_once(session: requests.Session, url: str, part: Path, *, timeout_s: float) -> int:
+    """One GET (urllib3 retrying it) appended to ``part`` or restarting it; returns the requests it took.
+
+    Raises _StreamCut when the body stops early (or must restart), FetchError for anything else.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout_s)
+    except requests.RequestException as e:
+        attempts = next((c.attempts for c in _causes(e) if isinstance(c, _GaveUp)), 1)
+        raise FetchError(url, _reason(e), attempts) from None
+    with response:
+        attempts = _attempts(response)
+        if response.status_code == 416 and offset:
+            if _range_total(response.headers.get("Content-Range")) == offset:
+                log.info("%s: %s already holds all %d bytes", url, part.name, offset)
+                return attempts
+            part.unlink()
+            raise _StreamCut(f"server refused to resume at byte {offset} (HTTP 416); restarting", attempts)
+        if response.status_code >= 400:
+            raise FetchError(url, f"HTTP {response.status_code} {response.reason}", attempts)
+        try:
+            _receive(response, part, offset, url)
+        except _StreamCut as e:
+            raise _StreamCut(e.reason, attempts) from None
+    return attempts
+
+
+def _receive(response: requests.Response, part: Path, offset: int, url: str) -> None:
+    """Write the body to ``part``: appended after a 206 starting at ``offset``, else from byte zero."""
+    if offset and not (response.status_code == 206
+                       and _range_start(response.headers.get("Content-Range")) == offset):
+        log.info("%s ignored the Range request (HTTP %s); restarting from byte 0", url, response.status_code)
+        offset = 0
+    length = response.headers.get("Content-Length", "")
+    expected = int(length) if length.isdigit() else None
+    total = offset + expected if expected is not None else None
+    received = 0
+    with open(part, "ab" if offset else "wb") as f, _progress(part.name.removesuffix(".part"), total, offset) as bar:
+        try:
+            for chunk in _body(response):
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        except _StreamCut as e:
+            raise _StreamCut(f"stream interrupted after {offset + received} bytes: {e.reason}") from None
+    if expected is not None and received < expected:
+        raise _StreamCut(f"stream cut short after {offset + received} of {total} bytes")
+
+
+def _body(response: requests.Response) -> Iterator[bytes]:
+    """The body as sent (no content decoding), in CHUNK pieces; read failures become _StreamCut.
+
+    Only reading is guarded: a failure writing the ``.part`` (disk full) is not a network cut to retry.
+    """
+    try:
+        yield from response.raw.stream(CHUNK, decode_content=False)
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+        raise _StreamCut(_reason(e)) from None
+
+
+def _copy_file_url(url: str, part: Path) -> None:
+    """Copy a ``file://`` URL's file to ``part`` (requests has no file:// adapter; a copy needs no resume)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(url, f"file:// URLs must name a local file, not one on host {parts.netloc!r}", 1)
+    path = Path(urllib.request.url2pathname(parts.path))
+    try:
+        src = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise FetchError(url, f"{e.strerror or e}: {path}", 1) from None
+    with src, open(part, "wb") as f, _progress(part.name.removesuffix(".part"), os.fstat(src.fileno()).st_size,
+                                               0) as bar:
+        while chunk := src.read(CHUNK):
+            f.write(chunk)
+            bar.update(len(chunk))
 
 
 def _progress(desc: str, total: int | None, initial: int) -> Any:
@@ -212,27 +370,6 @@ def _range_total(content_range: str | None) -> int | None:
     """TOTAL of ``bytes */TOTAL`` or ``bytes START-END/TOTAL``."""
     m = re.fullmatch(r"\s*bytes\s+(?:\*|\d+-\d+)/(\d+)\s*", content_range or "")
     return int(m.group(1)) if m else None
-
-
-def _unknown_host(err: object) -> bool:
-    """A DNS answer that the name does not exist (offline sandbox, typo): retrying will not help.
-
-    A temporary resolver failure (EAI_AGAIN) stays transient.
-    """
-    return isinstance(err, socket.gaierror) and err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5))
-
-
-def _reason(err: object) -> str:
-    """A short human reason for a network error ('connection refused', 'timed out', ...)."""
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, socket.gaierror):
-        return f"DNS lookup failed ({err.strerror or err})"
-    if isinstance(err, TimeoutError):
-        return f"timed out ({err})" if str(err) else "timed out"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return str(err) or type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------- sidecar
@@ -271,65 +408,60 @@ def _current_digest(dest: Path, pin: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _resolve_remote(i: int, src: Source, out_dir: Path, dl: DownloadConfig,
-                    inbox: Path) -> tuple[SourceRecord, bool]:
-    """Download one remote source (unless already there); return its record and whether it was fetched."""
-    filename = src.filename or default_filename(src.url)
-    dest = out_dir / filename
+def resolve_remote(index: int, src: Source, out_dir: Path, dl: DownloadConfig) -> tuple[SourceRecord, bool]:
+    """Download one remote source into ``out_dir`` unless an unchanged copy is there already.
+
+    Returns its record and whether it was fetched now. Raises :class:`FetchError` when the URL cannot be
+    fetched (the step adds what to do about it) and :class:`StepError` on a checksum mismatch.
+    """
+    dest = out_dir / (src.filename or default_filename(src.url))
     digest = _current_digest(dest, src.sha256)
     fetched = digest is None
     if digest is None:
-        try:
-            digest = fetch(src.url, dest, sha256=src.sha256, timeout_s=dl.timeout_s, retries=dl.retries,
-                           backoff_s=dl.backoff_s)
-        except FetchError as e:
-            raise StepError(
-                f"dataset.sources[{i}]: {e}. If you are offline or the URL is gone, get the archive another "
-                f"way and set dataset.sources[{i}].url in params.yaml to a local path of the archive or "
-                f"folder, or drop it into the dataset's inbox and set dataset.sources to [] "
-                f"(e.g. {inbox / filename})") from None
+        digest = fetch(src.url, dest, sha256=src.sha256, timeout_s=dl.timeout_s, retries=dl.retries,
+                       backoff_s=dl.backoff_s)
         _write_sidecar(dest, digest)
         log.info("downloaded %s -> %s (sha256 %s)", src.url, dest, digest)
     else:
         log.info("%s already downloaded and unchanged (sha256 %s); skipping", dest, digest)
-    _warn_unpinned(i, src, digest)
-    record = SourceRecord(index=i, url=src.url, path=_display_path(dest), kind="archive", sha256=digest,
+    _warn_unpinned(index, src, digest)
+    record = SourceRecord(index=index, url=src.url, path=_display_path(dest), kind="archive", sha256=digest,
                           bytes=dest.stat().st_size)
     return record, fetched
 
 
-def _resolve_local(i: int, src: Source) -> SourceRecord:
-    """Resolve a local archive or folder, in place; hash (and verify) archives."""
+def resolve_local(index: int, src: Source) -> SourceRecord:
+    """Resolve a local archive or folder in place (never copied); hash archives and check their pin."""
     path = Path(src.url).expanduser()
     if not path.exists():
-        raise StepError(f"dataset.sources[{i}].url: {path} does not exist (relative to {Path.cwd()}); "
+        raise StepError(f"dataset.sources[{index}].url: {path} does not exist (relative to {Path.cwd()}); "
                         "point it at an archive (.zip, .tar, .tar.gz, .tgz) or a folder")
     if path.is_dir():
         if src.sha256 is not None:
-            raise StepError(f"dataset.sources[{i}].sha256: {path} is a folder; only archives can be pinned")
-        return SourceRecord(index=i, url=src.url, path=_display_path(path), kind="folder", sha256=None,
+            raise StepError(f"dataset.sources[{index}].sha256: {path} is a folder; only archives can be pinned")
+        return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="folder", sha256=None,
                             bytes=None)
     if archive_suffix(path.name) is None:
-        raise StepError(f"dataset.sources[{i}].url: {path} is neither a folder nor an archive "
+        raise StepError(f"dataset.sources[{index}].url: {path} is neither a folder nor an archive "
                         f"({', '.join(ARCHIVE_SUFFIXES)})")
     digest = sha256_file(path)
     if src.sha256 is not None and digest != src.sha256:
-        raise StepError(f"dataset.sources[{i}]: checksum mismatch for {path}: expected sha256 {src.sha256}, "
+        raise StepError(f"dataset.sources[{index}]: checksum mismatch for {path}: expected sha256 {src.sha256}, "
                         f"got {digest}")
-    _warn_unpinned(i, src, digest)
-    return SourceRecord(index=i, url=src.url, path=_display_path(path), kind="archive", sha256=digest,
+    _warn_unpinned(index, src, digest)
+    return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="archive", sha256=digest,
                         bytes=path.stat().st_size)
 
 
-def _warn_unpinned(i: int, src: Source, digest: str) -> None:
+def _warn_unpinned(index: int, src: Source, digest: str) -> None:
     if src.sha256 is None:
         log.warning("dataset.sources[%d] (%s) is not pinned; the archive's sha256 is %s. Pin it with "
                     "dataset.sources[%d].sha256 in params.yaml to verify future downloads",
-                    i, src.url, digest, i)
+                    index, src.url, digest, index)
 
 
-def _check_filenames(sources: list[Source]) -> None:
-    """Remote sources need distinct, plain archive file names before anything is downloaded."""
+def check_filenames(sources: list[Source]) -> None:
+    """Remote sources need distinct, plain archive file names: checked before anything is downloaded."""
     seen: dict[str, int] = {}
     for i, src in enumerate(sources):
         if not src.is_remote:
@@ -365,36 +497,3 @@ def inbox_sources(inbox: Path) -> list[Source]:
         else:
             log.warning("ignoring %s in the inbox: neither a folder nor a .zip/.tar/.tar.gz/.tgz archive", entry)
     return found
-
-
-def run(cfg: Config, *, out_dir: Path, sources_json: Path, inbox: Path) -> dict[str, Any]:
-    """Resolve every source to a local archive or folder and write ``sources_json``.
-
-    Sources are ``dataset.sources`` followed by whatever lies in ``inbox``. Remote archives are downloaded
-    into ``out_dir``; local paths are used where they are. Returns a summary with counts of sources,
-    archives, folders, downloads made, and the indices of unpinned archives.
-    """
-    sources = [*cfg.dataset.sources, *inbox_sources(Path(inbox))]
-    if not sources:
-        raise StepError(f"no sources: set dataset.sources in params.yaml, or drop archives or folders into {inbox}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _check_filenames(sources)
-    records: list[SourceRecord] = []
-    fetched = 0
-    for i, src in enumerate(sources):
-        if src.is_remote:
-            record, was_fetched = _resolve_remote(i, src, Path(out_dir), cfg.download, Path(inbox))
-            fetched += was_fetched
-        else:
-            record = _resolve_local(i, src)
-        records.append(record)
-    write_json(sources_json, records)
-    log.info("wrote %d source(s) to %s", len(records), sources_json)
-    return {
-        "sources": len(records),
-        "archives": sum(r["kind"] == "archive" for r in records),
-        "folders": sum(r["kind"] == "folder" for r in records),
-        "downloaded": fetched,
-        "unpinned": [r["index"] for r in records
-                     if r["kind"] == "archive" and sources[r["index"]].sha256 is None],
-    }
