@@ -127,7 +127,7 @@ class _GaveUp(MaxRetryError):
 
 
 class _Retry(Retry):
-    """urllib3's Retry that gives up at once when retrying cannot help and counts the attempts it made."""
+    """urllib3's Retry that gives up at once when retrying cannot help, counts its attempts, logs status retries."""
 
     def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
                   error: Exception | None = None, _pool: Any = None,
@@ -139,7 +139,6 @@ class _Retry(Retry):
             return super().increment(method, url, response, error, _pool, _stacktrace)
         except MaxRetryError as e:
             raise _GaveUp(_pool, url, e.reason, attempts) from e.reason
-
 
     def sleep(self, response: BaseHTTPResponse | None = None) -> None:
         """Wait as urllib3 does (Retry-After, else backoff); log retries a status caused (urllib3 logs the rest)."""
