@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from medflow.config import Config, parse_config
-from medflow.data.split import assign_splits, check_none_moved, extend_split, run, split_units
+from medflow.data.split import assign_splits, check_none_moved, extend_split, split_units
 from medflow.errors import StepError
 from medflow.io import read_csv, write_csv
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from tasks.split import run
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
 

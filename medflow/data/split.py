@@ -23,23 +23,21 @@ test, whole (rows of such a unit from outside the source test set follow it, wit
 carved out of the remaining units with ratio ``val / (train + val)``.
 
 :func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
-only the new units by the rule above. The step (:func:`run`) extends its own previous output whenever the
-split params are unchanged, so new data never moves an image that was already assigned.
+only the new units by the rule above. The split step (tasks/split.py) extends its own previous output
+whenever the split params are unchanged, so new data never moves an image that was already assigned.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medflow.config import Config, SplitConfig
+from medflow.config import SplitConfig
 from medflow.errors import StepError
-from medflow.io import read_csv, read_json, write_csv, write_json
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -302,11 +300,6 @@ def split_summary(split: pd.DataFrame) -> dict[str, Any]:
             "units": int(split["split_group"].nunique()), "splits": per}
 
 
-def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
-    return "; ".join(f"{n}: {s['images']} images ({s['label_1']} positive), {s['patients']} patients"
-                     for n, s in ((n, summary["splits"][n]) for n in names))
-
-
 def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
     """StepError naming the images that an extended split moved to another split.
 
@@ -318,46 +311,3 @@ def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
     if not moved.empty:
         examples = [f"{r.path} ({r.split_old} -> {r.split})" for r in moved.head(3).itertuples()]
         raise StepError(f"extending the previous split would move {len(moved)} images: {examples}")
-
-
-def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
-    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
-    if not out.is_file():
-        return None
-    try:
-        made_with = read_json(summary).get("params")
-    except (OSError, ValueError):
-        made_with = None
-    if made_with != cfg.model_dump():
-        log.info("split: %s was made with other split params (or none recorded): splitting from scratch", out)
-        return None
-    try:
-        return read_csv(out)
-    except (OSError, ValueError) as e:
-        log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
-        return None
-
-
-def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
-    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
-
-    When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
-    same ``split`` params, the new split extends it (:func:`extend_split`): new data never moves an image
-    that was already assigned, so a patient in test stays in test. Other split params split from scratch.
-    """
-    try:
-        df = read_csv(clean)
-    except FileNotFoundError:
-        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
-    previous = _previous(Path(out), Path(summary), cfg.split)
-    try:
-        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
-    except StepError as e:
-        raise StepError(f"{clean}: {e}") from None
-    write_csv(out, result)
-    counts = split_summary(result)
-    kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
-    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
-    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
-             else "from scratch", _format(counts))
-    return counts
