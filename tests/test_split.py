@@ -93,6 +93,12 @@ def test_union_find_is_order_independent() -> None:
     assert forward.tolist() == ["p0", "p0", "p2", "p2", "p4", "p4", "p6", "p6", "p8", "p8"]
 
 
+def test_units_need_every_id() -> None:
+    groups = pd.Series(["p0", None, "p2"], dtype=object)
+    with pytest.raises(ValueError, match="group and a dup_group"):
+        split_units(groups, pd.Series(["d0", "d1", "d2"]))
+
+
 # ---------------------------------------------------------------------------------------- proportions
 @pytest.mark.parametrize("seed", [0, 1, 42])
 def test_shares_close_to_target_with_skewed_groups_and_imbalance(seed: int) -> None:

@@ -2,7 +2,8 @@
 
 Grouping rule (the one place it is implemented): **each patient (`group`) contributes to one split only,
 and so does each near-duplicate image set (`dup_group`)**. Patients that share a near-duplicate group are
-joined by union-find into one *unit* (patient A and patient B with two near-identical images become one
+joined into one *unit*: the connected components of the graph whose nodes are patients and near-duplicate
+groups and whose edges are the images (patient A and patient B with two near-identical images become one
 unit, and so does everything chained to them), and a unit goes to exactly one split. So no patient and no
 near-duplicate image set can span two splits. A unit's id (`split_group`) is its smallest member `group`
 id, which does not depend on row order.
@@ -30,11 +31,13 @@ whenever the split params are unchanged, so new data never moves an image that w
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from medflow.config import SplitConfig
 from medflow.errors import StepError
@@ -47,48 +50,24 @@ _ID_COLUMNS = ("path", "group", "dup_group", "label")
 
 
 # ----------------------------------------------------------------------------------------------- units
-class _UnionFind:
-    """Disjoint sets over hashable nodes (path halving + union by size)."""
-
-    def __init__(self) -> None:
-        self._parent: dict[Hashable, Hashable] = {}
-        self._size: dict[Hashable, int] = {}
-
-    def find(self, x: Hashable) -> Hashable:
-        parent = self._parent
-        if x not in parent:
-            parent[x] = x
-            self._size[x] = 1
-            return x
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: Hashable, b: Hashable) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self._size[ra] < self._size[rb]:
-            ra, rb = rb, ra
-        self._parent[rb] = ra
-        self._size[ra] += self._size[rb]
-
-
 def split_units(groups: pd.Series, dup_groups: pd.Series) -> pd.Series:
     """Unit id per row: patients joined through shared near-duplicate groups (connected components).
 
-    The id of a unit is its smallest member group id, so it is the same for any row order.
+    Nodes are the distinct patients and the distinct near-duplicate groups (two separate id spaces); each
+    row is an edge between its patient and its near-duplicate group. The id of a unit is its smallest member
+    group id, so it is the same for any row order. Both series must be set on every row (no NaN).
     """
-    uf = _UnionFind()
-    for g, d in zip(groups, dup_groups, strict=True):
-        uf.union(("g", g), ("d", d))
-    roots = [uf.find(("g", g)) for g in groups]
-    smallest: dict[Hashable, str] = {}
-    for root, g in zip(roots, groups, strict=True):
-        if root not in smallest or g < smallest[root]:
-            smallest[root] = g
-    return pd.Series([smallest[r] for r in roots], index=groups.index, name="split_group", dtype=object)
+    if groups.isna().any() or dup_groups.isna().any():
+        raise ValueError("split_units: every row needs a group and a dup_group id")
+    group_codes, group_ids = pd.factorize(groups)
+    dup_codes, dup_ids = pd.factorize(dup_groups)
+    n_groups, n_nodes = len(group_ids), len(group_ids) + len(dup_ids)
+    edges = coo_array((np.ones(len(groups), dtype=np.int8), (group_codes, n_groups + dup_codes)),
+                      shape=(n_nodes, n_nodes))
+    _, component = connected_components(edges, directed=False)
+    smallest = pd.Series(group_ids, dtype=object).groupby(component[:n_groups]).min()
+    unit_of_group = smallest.to_numpy()[component[:n_groups]]
+    return pd.Series(unit_of_group[group_codes], index=groups.index, name="split_group", dtype=object)
 
 
 # ------------------------------------------------------------------------------------------ checking
