@@ -42,6 +42,7 @@ def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None
 
 
 def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
+    """One log line: images, positives and patients per split."""
     return "; ".join(f"{n}: {s['images']} images ({s['label_1']} positive), {s['patients']} patients"
                      for n, s in ((n, summary["splits"][n]) for n in names))
 
