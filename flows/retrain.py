@@ -10,7 +10,7 @@ Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflo
    seen (their caches).
 4. The split keeps every earlier assignment: the split stage extends its persisted previous output (old
    patients keep their split, new ones follow the rule, and it fails if any image would move; see
-   :func:`medflow.data.split.run`). Validation then runs on it; a failed validation fails the run with the failed
+   :func:`tasks.split.run`). Validation then runs on it; a failed validation fails the run with the failed
    expectations in the message, and nothing after it runs.
 5. Train the challenger (the train stage), score it and the champion on the same test split, and promote
    only if it is not worse beyond ``retrain.tolerance`` (paired bootstrap on AUC). The decision and both

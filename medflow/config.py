@@ -13,23 +13,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_PARAMS = Path("params.yaml")
+from medflow.data.patients import GROUP_RULES
 
-# Named patient/group rules. Each regex is searched in the file name (not the path); group 1 is the id.
-GROUP_RULES: dict[str, str] = {
-    # person1_bacteria_1.jpeg -> person1; IM-0115-0001.jpeg -> IM-0115;
-    # NORMAL2-IM-0373-0001.jpeg -> NORMAL2-IM-0373
-    "kermany": r"^(person\d+|(?:[A-Z]+\d*-)?IM-\d+)",
-    # C100P61ThinF_IMG_20150918_144104_cell_162.png -> P61
-    "nih_malaria": r"^C\d+(P\d+)",
-    # ISIC_0000000.jpg -> ISIC_0000000 (one image per lesion; no patient ids are published)
-    "isic": r"^(ISIC_\d+)",
-    # COVID-CT: slices of one case share a stem before '%N' (1%0.jpg, 1%1.jpg -> 1); COVID images taken
-    # from papers are grouped by paper (2020.03.12.20034686-p17-91-1.png -> 2020.03.12.20034686)
-    "covid_ct": r"^(.+?)(?:-p\d+.*|%\d+)?\.\w+$",
-    # every file its own group
-    "filename": r"^(.+?)(?:\.[^.]*)?$",
-}
+DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ConfigError(ValueError):

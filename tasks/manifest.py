@@ -1,5 +1,63 @@
-"""The manifest step (dvc.yaml stage manifest): TRANSITIONAL re-export of the library entry."""
+"""The manifest step (dvc.yaml stage manifest): roots.json -> manifest CSV, one row per image.
 
-from medflow.data.manifest import run
+Reads the image roots the extract step listed, indexes them with :func:`medflow.data.manifest.build_manifest`
+(class from the folder, patient id from ``dataset.group_rule``) and writes the CSV atomically.
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medflow.config import Config
+from medflow.data.manifest import build_manifest
+from medflow.errors import StepError
+from medflow.io import read_json, write_csv
+
+log = logging.getLogger(__name__)
+
+
+def _read_roots(roots_json: Path) -> list[Path]:
+    """The image roots listed in ``roots_json``; StepError naming the file when it or a root is missing."""
+    try:
+        entries = read_json(roots_json)
+    except FileNotFoundError:
+        raise StepError(f"{roots_json}: not found (run the extract step first)") from None
+    roots = [Path(e["root"]) for e in entries]
+    for r in roots:
+        if not r.is_dir():
+            raise StepError(f"{roots_json}: image root {r} is not a folder")
+    return roots
+
+
+def _summary(df: pd.DataFrame, skipped: dict[str, int]) -> dict[str, Any]:
+    """Images, patients/groups and images per class of the manifest, with the skipped counts."""
+    return {"images": len(df), "patients": int(df["group"].nunique()),
+            "per_class": df.groupby("class_name").size().to_dict(), **skipped}
+
+
+def _warn_skipped(skipped: dict[str, int], cfg: Config) -> None:
+    if skipped["no_class_folder"]:
+        log.warning("%d image files are outside any class folder of dataset.labels and were skipped",
+                    skipped["no_class_folder"])
+    if skipped["group_rule_fallback"]:
+        log.warning("%d file names do not match dataset.group_rule %r; each is its own group",
+                    skipped["group_rule_fallback"], cfg.dataset.group_rule)
+
+
+def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
+    """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary."""
+    roots = _read_roots(roots_json)
+    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern)
+    if df.empty:
+        raise StepError(f"no images of classes {sorted(cfg.dataset.labels)} found under "
+                        f"{', '.join(map(str, roots))} (check dataset.labels in params.yaml)")
+    _warn_skipped(skipped, cfg)
+    write_csv(out, df)
+    summary = _summary(df, skipped)
+    log.info("manifest: %d images, %d patients/groups, per class %s -> %s",
+             summary["images"], summary["patients"], summary["per_class"], out)
+    return summary

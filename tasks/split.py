@@ -1,5 +1,72 @@
-"""The split step (dvc.yaml stage split): TRANSITIONAL re-export of the library entry."""
+"""The split step (dvc.yaml stage split): clean manifest -> split manifest and its summary.
 
-from medflow.data.split import run
+Splits with :func:`medflow.data.split.assign_splits` (patient- and near-duplicate-grouped, stratified,
+seeded), or, when ``out`` already holds a split made with the same ``split`` params, extends it with
+:func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned.
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medflow.config import Config, SplitConfig
+from medflow.data.split import assign_splits, extend_split, split_summary
+from medflow.errors import StepError
+from medflow.io import read_csv, read_json, write_csv, write_json
+from medflow.schema import SPLITS
+
+log = logging.getLogger(__name__)
+
+
+def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
+    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
+    if not out.is_file():
+        return None
+    try:
+        made_with = read_json(summary).get("params")
+    except (OSError, ValueError):
+        made_with = None
+    if made_with != cfg.model_dump():
+        log.info("split: %s was made with other split params (or none recorded): splitting from scratch", out)
+        return None
+    try:
+        return read_csv(out)
+    except (OSError, ValueError) as e:
+        log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
+        return None
+
+
+def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
+    """One log line: images, positives and patients per split."""
+    return "; ".join(f"{n}: {s['images']} images ({s['label_1']} positive), {s['patients']} patients"
+                     for n, s in ((n, summary["splits"][n]) for n in names))
+
+
+def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
+    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
+
+    When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
+    same ``split`` params, the new split extends it: a patient in test stays in test. Other split params
+    split from scratch.
+    """
+    try:
+        df = read_csv(clean)
+    except FileNotFoundError:
+        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    previous = _previous(Path(out), Path(summary), cfg.split)
+    try:
+        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
+    except StepError as e:
+        raise StepError(f"{clean}: {e}") from None
+    write_csv(out, result)
+    counts = split_summary(result)
+    kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
+    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
+    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
+             else "from scratch", _format(counts))
+    return counts

@@ -1,32 +1,73 @@
+"""Manifest step and patient rules: rows from folders, the rules' examples, full coverage of the real names."""
+
+from __future__ import annotations
+
 import re
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import shared_dataset
 
-from medflow.config import GROUP_RULES, parse_config
-from medflow.data.manifest import class_of, group_of, run, source_split_of
+from medflow.config import Config, parse_config
+from medflow.data.manifest import build_manifest, class_of, iter_images, source_split_of
+from medflow.data.patients import GROUP_RULES, RULES, group_of
 from medflow.errors import StepError
 from medflow.io import read_csv, sha256_file, write_json
 from medflow.schema import MANIFEST_COLUMNS
+from tasks.manifest import run
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.mark.parametrize(("name", "patient"), [
-    ("person1_bacteria_1.jpeg", "person1"),
-    ("person1000_virus_1681.jpeg", "person1000"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("NORMAL2-IM-0373-0001.jpeg", "NORMAL2-IM-0373"),
-])
-def test_kermany_rule(name: str, patient: str) -> None:
-    assert group_of(name, re.compile(GROUP_RULES["kermany"])) == patient
+# the real folders of ../shared/data each catalog rule is for
+RULE_FOLDERS = {"kermany": ("chest_xray", "chest_xray_external", "chest_xray_fullres"),
+                "nih_malaria": ("malaria_cells",), "isic": ("skin_lesions",), "covid_ct": ("covid_ct",)}
+MALARIA_LABELS = {"Uninfected": 0, "Parasitized": 1}
 
 
-def test_nih_rule() -> None:
-    assert group_of("C100P61ThinF_IMG_20150918_144104_cell_162.png",
-                    re.compile(GROUP_RULES["nih_malaria"])) == "P61"
+# ------------------------------------------------------------------------------------------ patient rules
+@pytest.mark.parametrize(("rule", "name", "expected"),
+                         [(r, n, i) for r, rule in RULES.items() for n, i in rule.examples])
+def test_rule_examples(rule: str, name: str, expected: str) -> None:
+    assert group_of(name, re.compile(GROUP_RULES[rule])) == expected
+
+
+def test_a_name_outside_the_rule_has_no_id() -> None:
+    assert group_of("scan_0001.png", re.compile(GROUP_RULES["nih_malaria"])) is None
+    assert group_of("scan_0001.png", re.compile(GROUP_RULES["kermany"])) is None
+
+
+def test_every_catalog_rule_has_its_real_folders() -> None:
+    assert set(RULE_FOLDERS) == set(RULES) - {"filename"}
+
+
+@pytest.mark.parametrize(("rule", "folder"), [(r, f) for r, fs in RULE_FOLDERS.items() for f in fs])
+def test_rule_covers_every_real_name(rule: str, folder: str) -> None:
+    """Every file name of the rule's real folder gets an id: none falls back to a group of its own."""
+    names = [p.name for p in iter_images(shared_dataset(folder))]
+    pattern = re.compile(GROUP_RULES[rule])
+    missed = [n for n in names if group_of(n, pattern) is None]
+    assert names and missed == [], f"{len(missed)} of {len(names)} names unmatched, e.g. {missed[:5]}"
+
+
+def _malaria_ids() -> pd.DataFrame:
+    """Per real malaria file: the slide (C<N>, letter dropped), the patient P<N> if named, the rule's id."""
+    names = pd.Series([p.name for p in iter_images(shared_dataset("malaria_cells"))])
+    parts = names.str.extract(r"^(?P<slide>C\d+)(?:[A-Z]?(?P<patient>P\d+))?")
+    pattern = re.compile(GROUP_RULES["nih_malaria"])
+    return parts.assign(id=[group_of(n, pattern) for n in names])
+
+
+def test_malaria_patients_and_slides_are_one_to_one() -> None:
+    """The rule's premise: ids are patients where named, else slides, and neither joins two of the other."""
+    ids = _malaria_ids()
+    assert ids["slide"].notna().all()
+    named = ids.dropna(subset=["patient"])
+    assert (named.groupby("patient")["slide"].nunique() == 1).all()  # no patient on two slides
+    assert (ids.groupby("slide")["patient"].nunique(dropna=False) == 1).all()  # no slide of two patients
+    assert (ids.groupby("slide")["id"].nunique() == 1).all() and (ids.groupby("id")["slide"].nunique() == 1).all()
+    assert (named["id"] == named["patient"]).all()
+    assert ids["patient"].isna().sum() == 157 and ids["id"].nunique() == ids["slide"].nunique() == 195
 
 
 def test_class_and_split_from_folders() -> None:
@@ -39,7 +80,7 @@ def test_class_and_split_from_folders() -> None:
     assert source_split_of(("valid", "nevus")) == "val"
 
 
-def _cfg(root: Path):
+def _cfg(root: Path) -> Config:
     return parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1},
                                      "group_rule": "kermany"}})
 
@@ -96,9 +137,7 @@ def test_missing_roots_file(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_manifest_on_shared_chest_xray(tmp_path: Path) -> None:
-    src = SHARED / "chest_xray"
-    if not src.is_dir():
-        pytest.skip("../shared/data/chest_xray is absent")
+    src = shared_dataset("chest_xray")
     write_json(tmp_path / "r.json", [{"root": str(src), "source": "shared", "kind": "folder"}])
     summary = run(_cfg(src), roots_json=tmp_path / "r.json", out=tmp_path / "m.csv")
     df = read_csv(tmp_path / "m.csv")
@@ -108,8 +147,10 @@ def test_manifest_on_shared_chest_xray(tmp_path: Path) -> None:
     assert df["width"].notna().all()
 
 
-@pytest.mark.parametrize(("name", "group"), [("1%0.jpg", "1"), ("1%12.jpg", "1"), ("1046.png", "1046"),
-                                             ("2020.03.12.20034686-p17-91-1.png", "2020.03.12.20034686"),
-                                             ("kjr-21-e25-p1-1.png", "kjr-21-e25")])
-def test_covid_ct_rule(name: str, group: str) -> None:
-    assert group_of(name, re.compile(GROUP_RULES["covid_ct"])) == group
+@pytest.mark.integration
+def test_manifest_of_shared_malaria_has_one_group_per_slide() -> None:
+    df, skipped = build_manifest([shared_dataset("malaria_cells")], MALARIA_LABELS,
+                                 re.compile(GROUP_RULES["nih_malaria"]), workers=2)
+    assert len(df) == 1200 and skipped == {"no_class_folder": 0, "group_rule_fallback": 0}
+    assert df["group"].nunique() == 195
+    assert df.loc[df["relpath"].str.contains("/C213ThinF_"), "group"].unique().tolist() == ["C213"]

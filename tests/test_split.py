@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from medflow.config import Config, parse_config
-from medflow.data.split import assign_splits, check_none_moved, extend_split, run, split_units
+from medflow.data.split import assign_splits, check_none_moved, extend_split, split_units
 from medflow.errors import StepError
 from medflow.io import read_csv, write_csv
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from tasks.split import run
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
 
@@ -90,6 +91,12 @@ def test_union_find_is_order_independent() -> None:
     rev = df.iloc[::-1]
     assert split_units(rev["group"], rev["dup_group"]).sort_index().tolist() == forward.tolist()
     assert forward.tolist() == ["p0", "p0", "p2", "p2", "p4", "p4", "p6", "p6", "p8", "p8"]
+
+
+def test_units_need_every_id() -> None:
+    groups = pd.Series(["p0", None, "p2"], dtype=object)
+    with pytest.raises(ValueError, match="group and a dup_group"):
+        split_units(groups, pd.Series(["d0", "d1", "d2"]))
 
 
 # ---------------------------------------------------------------------------------------- proportions

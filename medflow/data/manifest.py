@@ -1,9 +1,10 @@
-"""Manifest: one CSV row per image found under the image roots (see schema.MANIFEST_COLUMNS).
+"""Manifest: one row per image found under the image roots (see schema.MANIFEST_COLUMNS).
 
 Labels come from the nearest ancestor folder that is a key of ``dataset.labels``; the patient/group id
-from ``dataset.group_rule`` applied to the file name; the source's own split from an ancestor folder named
-train/val/test. Headers are read (size, mode, format) but images are not decoded: that is the filter's job.
-Files outside any labelled folder are skipped and counted; nothing is ever modified.
+from the dataset's rule applied to the file name (medflow.data.patients); the source's own split from an
+ancestor folder named train/val/test. Headers are read (size, mode, format) but images are not decoded:
+that is the filter's job. Files outside any labelled folder are skipped and counted; nothing is ever
+modified. The manifest step (tasks/manifest.py) reads the roots and writes the CSV.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from medflow.config import Config
-from medflow.errors import StepError
-from medflow.io import read_json, sha256_file, write_csv
+from medflow.data.patients import group_of
+from medflow.io import sha256_file
 from medflow.schema import IMAGE_EXTENSIONS, JUNK_DIRS, JUNK_FILES, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,8 @@ def source_split_of(parts: tuple[str, ...]) -> str:
     return ""
 
 
-def group_of(filename: str, pattern: re.Pattern[str]) -> str | None:
-    """Patient/group id: group 1 of ``pattern`` searched in the file name, or None when it does not match."""
-    m = pattern.search(filename)
-    return m.group(1) if m and m.group(1) else None
-
-
 def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory (the project root under DVC) when inside it, else absolute."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -85,7 +80,13 @@ def _file_facts(path: Path) -> dict[str, Any]:
 
 def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
                    workers: int = 8) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Index images under ``roots``; return the manifest and counts of skipped files by reason."""
+    """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
+
+    ``pattern`` is the dataset's patient/group rule (medflow.data.patients); a file name it does not match
+    becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. Returns the
+    manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
+    ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written.
+    """
     rows: list[dict[str, Any]] = []
     skipped = {"no_class_folder": 0, "group_rule_fallback": 0}
     for root in roots:
@@ -106,36 +107,3 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
         facts = list(pool.map(_file_facts, [r.pop("_abs") for r in rows]))
     df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)
     return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"}), skipped
-
-
-def _read_roots(roots_json: Path) -> list[Path]:
-    try:
-        entries = read_json(roots_json)
-    except FileNotFoundError:
-        raise StepError(f"{roots_json}: not found (run the extract step first)") from None
-    roots = [Path(e["root"]) for e in entries]
-    for r in roots:
-        if not r.is_dir():
-            raise StepError(f"{roots_json}: image root {r} is not a folder")
-    return roots
-
-
-def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
-    """Write the manifest CSV for every image under the roots listed in ``roots_json``."""
-    roots = _read_roots(roots_json)
-    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern)
-    if df.empty:
-        raise StepError(f"no images of classes {sorted(cfg.dataset.labels)} found under "
-                        f"{', '.join(map(str, roots))} (check dataset.labels in params.yaml)")
-    if skipped["no_class_folder"]:
-        log.warning("%d image files are outside any class folder of dataset.labels and were skipped",
-                    skipped["no_class_folder"])
-    if skipped["group_rule_fallback"]:
-        log.warning("%d file names do not match dataset.group_rule %r; each is its own group",
-                    skipped["group_rule_fallback"], cfg.dataset.group_rule)
-    write_csv(out, df)
-    counts = df.groupby("class_name").size().to_dict()
-    summary = {"images": len(df), "patients": int(df["group"].nunique()), "per_class": counts, **skipped}
-    log.info("manifest: %d images, %d patients/groups, per class %s -> %s",
-             len(df), summary["patients"], counts, out)
-    return summary

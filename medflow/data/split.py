@@ -2,7 +2,8 @@
 
 Grouping rule (the one place it is implemented): **each patient (`group`) contributes to one split only,
 and so does each near-duplicate image set (`dup_group`)**. Patients that share a near-duplicate group are
-joined by union-find into one *unit* (patient A and patient B with two near-identical images become one
+joined into one *unit*: the connected components of the graph whose nodes are patients and near-duplicate
+groups and whose edges are the images (patient A and patient B with two near-identical images become one
 unit, and so does everything chained to them), and a unit goes to exactly one split. So no patient and no
 near-duplicate image set can span two splits. A unit's id (`split_group`) is its smallest member `group`
 id, which does not depend on row order.
@@ -23,23 +24,23 @@ test, whole (rows of such a unit from outside the source test set follow it, wit
 carved out of the remaining units with ratio ``val / (train + val)``.
 
 :func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
-only the new units by the rule above. The step (:func:`run`) extends its own previous output whenever the
-split params are unchanged, so new data never moves an image that was already assigned.
+only the new units by the rule above. The split step (tasks/split.py) extends its own previous output
+whenever the split params are unchanged, so new data never moves an image that was already assigned.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
-from medflow.config import Config, SplitConfig
+from medflow.config import SplitConfig
 from medflow.errors import StepError
-from medflow.io import read_csv, read_json, write_csv, write_json
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -49,48 +50,24 @@ _ID_COLUMNS = ("path", "group", "dup_group", "label")
 
 
 # ----------------------------------------------------------------------------------------------- units
-class _UnionFind:
-    """Disjoint sets over hashable nodes (path halving + union by size)."""
-
-    def __init__(self) -> None:
-        self._parent: dict[Hashable, Hashable] = {}
-        self._size: dict[Hashable, int] = {}
-
-    def find(self, x: Hashable) -> Hashable:
-        parent = self._parent
-        if x not in parent:
-            parent[x] = x
-            self._size[x] = 1
-            return x
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: Hashable, b: Hashable) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self._size[ra] < self._size[rb]:
-            ra, rb = rb, ra
-        self._parent[rb] = ra
-        self._size[ra] += self._size[rb]
-
-
 def split_units(groups: pd.Series, dup_groups: pd.Series) -> pd.Series:
     """Unit id per row: patients joined through shared near-duplicate groups (connected components).
 
-    The id of a unit is its smallest member group id, so it is the same for any row order.
+    Nodes are the distinct patients and the distinct near-duplicate groups (two separate id spaces); each
+    row is an edge between its patient and its near-duplicate group. The id of a unit is its smallest member
+    group id, so it is the same for any row order. Both series must be set on every row (no NaN).
     """
-    uf = _UnionFind()
-    for g, d in zip(groups, dup_groups, strict=True):
-        uf.union(("g", g), ("d", d))
-    roots = [uf.find(("g", g)) for g in groups]
-    smallest: dict[Hashable, str] = {}
-    for root, g in zip(roots, groups, strict=True):
-        if root not in smallest or g < smallest[root]:
-            smallest[root] = g
-    return pd.Series([smallest[r] for r in roots], index=groups.index, name="split_group", dtype=object)
+    if groups.isna().any() or dup_groups.isna().any():
+        raise ValueError("split_units: every row needs a group and a dup_group id")
+    group_codes, group_ids = pd.factorize(groups)
+    dup_codes, dup_ids = pd.factorize(dup_groups)
+    n_groups, n_nodes = len(group_ids), len(group_ids) + len(dup_ids)
+    edges = coo_array((np.ones(len(groups), dtype=np.int8), (group_codes, n_groups + dup_codes)),
+                      shape=(n_nodes, n_nodes))
+    _, component = connected_components(edges, directed=False)
+    smallest = pd.Series(group_ids, dtype=object).groupby(component[:n_groups]).min()
+    unit_of_group = smallest.to_numpy()[component[:n_groups]]
+    return pd.Series(unit_of_group[group_codes], index=groups.index, name="split_group", dtype=object)
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -302,11 +279,6 @@ def split_summary(split: pd.DataFrame) -> dict[str, Any]:
             "units": int(split["split_group"].nunique()), "splits": per}
 
 
-def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
-    return "; ".join(f"{n}: {s['images']} images ({s['label_1']} positive), {s['patients']} patients"
-                     for n, s in ((n, summary["splits"][n]) for n in names))
-
-
 def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
     """StepError naming the images that an extended split moved to another split.
 
@@ -318,46 +290,3 @@ def check_none_moved(previous: pd.DataFrame, result: pd.DataFrame) -> None:
     if not moved.empty:
         examples = [f"{r.path} ({r.split_old} -> {r.split})" for r in moved.head(3).itertuples()]
         raise StepError(f"extending the previous split would move {len(moved)} images: {examples}")
-
-
-def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
-    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
-    if not out.is_file():
-        return None
-    try:
-        made_with = read_json(summary).get("params")
-    except (OSError, ValueError):
-        made_with = None
-    if made_with != cfg.model_dump():
-        log.info("split: %s was made with other split params (or none recorded): splitting from scratch", out)
-        return None
-    try:
-        return read_csv(out)
-    except (OSError, ValueError) as e:
-        log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
-        return None
-
-
-def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
-    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
-
-    When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
-    same ``split`` params, the new split extends it (:func:`extend_split`): new data never moves an image
-    that was already assigned, so a patient in test stays in test. Other split params split from scratch.
-    """
-    try:
-        df = read_csv(clean)
-    except FileNotFoundError:
-        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
-    previous = _previous(Path(out), Path(summary), cfg.split)
-    try:
-        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
-    except StepError as e:
-        raise StepError(f"{clean}: {e}") from None
-    write_csv(out, result)
-    counts = split_summary(result)
-    kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
-    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
-    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
-             else "from scratch", _format(counts))
-    return counts

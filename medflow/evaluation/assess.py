@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from medflow.config import Config, EvaluateConfig
-from medflow.data.manifest import class_of, group_of, iter_images
+from medflow.data.manifest import class_of, iter_images
+from medflow.data.patients import group_of
 from medflow.errors import StepError
 from medflow.evaluation import gradcam, metrics, report
 from medflow.imaging.resize import load_resized
