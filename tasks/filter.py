@@ -1,5 +1,66 @@
-"""The filter step (dvc.yaml stage filter): TRANSITIONAL re-export of the library entry."""
+"""The filter step (dvc.yaml stage filter): manifest.csv -> clean.csv, rejects.csv and the filter summary.
 
-from medflow.imaging.quality import run
+Reads and checks the manifest, takes each distinct content's verdict from the packed cache index or
+decodes it (worker processes, :mod:`medflow.imaging.quality`), and writes the three outputs atomically.
+The checks, their order and the cache are described in :mod:`medflow.imaging.quality`.
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medflow.config import Config
+from medflow.errors import StepError
+from medflow.imaging import quality
+from medflow.io import read_csv, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Path,
+        cache: Path) -> dict[str, Any]:
+    """Decode every image in ``manifest``; write clean.csv, rejects.csv and the summary JSON.
+
+    ``cache`` is the folder of the verdict index (persistent across runs). Returns the summary dict
+    (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate groups). Raises StepError for
+    a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk.
+    """
+    started = time.perf_counter()
+    manifest, fcfg = Path(manifest), cfg.filter
+    df = quality.check_manifest(_read_manifest(manifest), manifest)
+    shas = quality.checked_shas(df, manifest)
+    index = quality.VerdictIndex.load(Path(cache), fcfg)
+    verdicts, decoded = quality.content_verdicts(shas, df["path"], fcfg, index, manifest)
+    status = quality.classify(df["path"], shas, verdicts)
+    clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
+    rejects_df = quality.rejects_table(df, shas, status)
+    result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
+    write_csv(clean, clean_df)
+    write_csv(rejects, rejects_df)
+    write_json(summary, result)
+    _log_summary(result, time.perf_counter() - started)
+    return result
+
+
+def _read_manifest(manifest: Path) -> pd.DataFrame:
+    """manifest.csv as a DataFrame; StepError naming the file when it is missing or not a readable CSV."""
+    try:
+        return read_csv(manifest)
+    except FileNotFoundError:
+        raise StepError(f"{manifest}: manifest not found (run the manifest step first)") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise StepError(f"{manifest}: cannot read manifest: {e}") from None
+
+
+def _log_summary(s: dict[str, Any], seconds: float) -> None:
+    reasons = ", ".join(f"{k} {v}" for k, v in s["by_reason"].items() if v) or "none"
+    log.info("filter: %d images in, %d clean, %d rejected (%s). Decoded %d distinct files, %d verdicts "
+             "from the cache. %d near-duplicate groups hold %d images (largest %d; pHash distance <= %d). "
+             "%.1f s.", s["in"], s["clean"], s["rejected"], reasons, s["decoded"], s["cached"],
+             s["near_duplicate_groups"], s["images_in_near_dup_groups"], s["largest_near_dup_group"],
+             s["params"]["near_duplicate_distance"], seconds)

@@ -1,5 +1,59 @@
-"""The validate step (dvc.yaml stage validate): TRANSITIONAL re-export of the library entry."""
+"""The validate step (dvc.yaml stage validate): Great Expectations on split.csv and the images.npy header.
 
-from medflow.data.expectations import run
+Reads the split manifest and the array's shape and dtype (memory-mapped, no pixels read), runs the suites
+of :mod:`medflow.data.expectations`, and writes the GX result JSON and a Markdown summary (atomically)
+whether or not they pass. Any failed expectation then stops the pipeline with a StepError listing them.
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medflow.config import Config
+from medflow.data import expectations as gxs
+from medflow.errors import StepError
+from medflow.io import atomic_open, open_images, read_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path) -> dict[str, Any]:
+    """Validate split.csv and images.npy; write the GX result JSON and a Markdown summary (atomically).
+
+    Returns counts (expectations, rows, seconds, n/n_pos/n_neg per split). Raises StepError naming the
+    file when an input is missing or unreadable, and (after writing both files) when any expectation fails.
+    """
+    df, shape, dtype = _read_inputs(Path(split), Path(images))
+    tables = gxs.suite_tables(df, shape, dtype, cfg)
+    start = time.perf_counter()
+    results = gxs.validate_tables(tables)
+    seconds = time.perf_counter() - start
+    outs = gxs.outcomes(tables, results)
+    failed = [o for o in outs if not o.passed]
+    splits = next(t.df for t in tables if t.name == "splits")
+    header = {"split manifest": split, "images": f"{images} {shape} {dtype}", "rows": len(df),
+              "seconds": round(seconds, 3)}
+    write_json(result, gxs.result_json(results, outs, seconds))
+    with atomic_open(summary) as f:
+        f.write(gxs.summary_markdown(outs, splits, header))
+    log.info("validation of %s: %d expectations, %d failed, %.2f s", split, len(outs), len(failed), seconds)
+    if failed:
+        raise StepError(gxs.error_message(failed, len(outs), Path(summary)))
+    return {"expectations": len(outs), "failed": 0, "rows": len(df), "seconds": round(seconds, 3),
+            "splits": splits.set_index("split")[["n", "n_pos", "n_neg"]].to_dict(orient="index")}
+
+
+def _read_inputs(split: Path, images: Path) -> tuple[pd.DataFrame, tuple[int, ...], np.dtype]:
+    """split.csv as a DataFrame and the images array's shape and dtype; StepError naming a missing file."""
+    try:
+        df = read_csv(split)
+    except FileNotFoundError:
+        raise StepError(f"{split}: split manifest not found (run the split step first)") from None
+    array = open_images(images)
+    return df, tuple(array.shape), array.dtype

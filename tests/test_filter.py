@@ -1,9 +1,11 @@
-"""Tests for medflow.imaging.quality (corrupt-image quarantine, duplicates, cache) and medflow.imaging.phash."""
+"""Tests for the filter step (tasks/filter.py over medflow.imaging.quality: corrupt-image quarantine,
+duplicates, the packed verdict index) and medflow.imaging.phash."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,10 +22,10 @@ from PIL import Image
 
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
-from medflow.imaging import phash, verdict
-from medflow.imaging import quality as flt
+from medflow.imaging import phash, quality, verdict
 from medflow.io import read_csv, read_json, sha256_file, write_csv
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
+from tasks import filter as step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -52,8 +54,8 @@ def _write(path: Path, arr: np.ndarray, *params: int) -> Path:
     return path
 
 
-def _jpeg_bytes(seed: int, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpeg", _image(seed), [cv2.IMWRITE_JPEG_QUALITY, quality])
+def _jpeg_bytes(seed: int, jpeg_quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpeg", _image(seed), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     assert ok
     return buf.tobytes()
 
@@ -91,7 +93,7 @@ def _outputs(out: Path) -> dict[str, Path]:
 def _run(df: pd.DataFrame, out: Path, cfg: Config) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     paths = _outputs(out)
     write_csv(paths["manifest"], df)
-    summary = flt.run(cfg, **paths)
+    summary = step.run(cfg, **paths)
     return summary, read_csv(paths["clean"]), read_csv(paths["rejects"])
 
 
@@ -146,7 +148,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     before = _tree_digest(raw)
     out = base / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flt, "_INLINE_MAX", 0)  # use the process pool even for these few files
+        mp.setattr(quality, "_INLINE_MAX", 0)  # use the process pool even for these few files
         summary, clean, rejects = _run(df, out, _cfg(workers=2, min_side=32))
     return {"files": files, "manifest": df, "summary": summary, "clean": clean, "rejects": rejects,
             "raw": raw, "before": before, "out": out}
@@ -226,7 +228,7 @@ def test_outputs_follow_the_schema_and_manifest_order(mixed: dict[str, Any]) -> 
     kept = [p for p in manifest["path"] if p not in set(rejects["path"])]
     assert list(clean["path"]) == kept
     assert clean["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
-    assert set(rejects["reason"]) <= set(flt.REASONS)
+    assert set(rejects["reason"]) <= set(quality.REASONS)
     assert not (mixed["out"] / "clean.csv").read_text().count(".0,")  # integers stay integers
 
 
@@ -261,27 +263,96 @@ def test_pixel_cap_rejects_from_the_header(tmp_path: Path) -> None:
     assert summary["by_reason"]["too_many_pixels"] == 2
 
 
-def test_second_run_decodes_only_new_content(tmp_path: Path) -> None:
+def _five(tmp_path: Path) -> tuple[list[Path], Path]:
     root = tmp_path / "raw"
-    paths = [_write(root / "A" / f"img_{i}.png", _image(20 + i)) for i in range(5)]
+    return [_write(root / "A" / f"img_{i}.png", _image(20 + i)) for i in range(5)], root
+
+
+def _index_file(out: Path, cfg: Config) -> Path:
+    return quality.index_path(out / "cache", cfg.filter)
+
+
+def test_second_run_decodes_only_new_content(tmp_path: Path) -> None:
+    paths, root = _five(tmp_path)
     cfg = _cfg()
     first, _, _ = _run(_manifest(paths, root), tmp_path / "out", cfg)
     assert (first["decoded"], first["cached"]) == (5, 0)
+    assert [p.name for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()] == [
+        _index_file(tmp_path / "out", cfg).name]  # one packed index, no per-image files
 
     paths.append(_write(root / "B" / "new.png", _image(99)))
     second, clean, _ = _run(_manifest(paths, root), tmp_path / "out", cfg)
     assert (second["decoded"], second["cached"]) == (1, 5)
     assert len(clean) == 6
 
-    # a damaged cache entry is a miss, not an error
-    entry = next((tmp_path / "out" / "cache").rglob(f"{clean.at[0, 'sha256']}.json"))
-    entry.write_text("{not json")
-    third, _, _ = _run(_manifest(paths, root), tmp_path / "out", cfg)
-    assert (third["decoded"], third["cached"]) == (1, 5)
-
-    # parameters that change verdicts change the cache key
+    # parameters that change verdicts change the cache key: a second index beside the first
     fourth, _, _ = _run(_manifest(paths, root), tmp_path / "out", _cfg(min_side=16))
     assert (fourth["decoded"], fourth["cached"]) == (6, 0)
+    assert len(list((tmp_path / "out" / "cache").iterdir())) == 2
+
+
+def test_index_round_trips_every_verdict(mixed: dict[str, Any]) -> None:
+    cfg = _cfg(workers=2, min_side=32)
+    index = quality.VerdictIndex.load(mixed["out"] / "cache", cfg.filter)
+    expected = {sha256_file(p) for p in mixed["files"].values()}
+    assert set(index.verdicts) == expected
+    reasons = {v.reason for v in index.verdicts.values()}
+    assert reasons == set(quality.REASONS) - {"duplicate", "too_many_pixels"} | {""}
+    rejects = mixed["rejects"].set_index("sha256")
+    for sha, v in index.verdicts.items():  # the cached verdicts are the ones the outputs were made from
+        if not v.ok:
+            assert rejects.loc[[sha], "reason"].iloc[0] == v.reason
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2],  # a torn write (cannot happen through the atomic save)
+    lambda text: "\x00\xff" + text,
+    lambda text: text.replace('"L"', "7", 1),  # one record with a wrong type
+    lambda text: text.replace('"format":"medflow-filter-index-1"', '"format":"other"'),
+    lambda text: text.replace('"min_side":32', '"min_side":8'),  # written for another key
+    lambda text: "[]",
+])
+def test_corrupt_index_warns_and_rebuilds_with_the_same_outputs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Any) -> None:
+    paths, root = _five(tmp_path)
+    cfg, out = _cfg(), tmp_path / "out"
+    _, clean_before, _ = _run(_manifest(paths, root), out, cfg)
+    index = _index_file(out, cfg)
+    good = index.read_text()
+    index.write_text(damage(good))
+    with caplog.at_level(logging.WARNING, logger="medflow.imaging.quality"):
+        again, clean_after, _ = _run(_manifest(paths, root), out, cfg)
+    assert (again["decoded"], again["cached"]) == (5, 0)
+    assert f"{index}: corrupt filter cache index" in caplog.text and "rebuilding" in caplog.text
+    pd.testing.assert_frame_equal(clean_after, clean_before)
+    assert index.read_text() == good  # rebuilt to the same bytes
+
+
+def test_failed_save_keeps_the_previous_index(tmp_path: Path) -> None:
+    paths, root = _five(tmp_path)
+    cfg, out = _cfg(), tmp_path / "out"
+    _run(_manifest(paths, root), out, cfg)
+    before = _index_file(out, cfg).read_bytes()
+    index = quality.VerdictIndex.load(out / "cache", cfg.filter)
+    index.verdicts["f" * 64] = verdict.Verdict(detail=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        index.save()  # fails after part of the new index was written to its temporary file
+    assert _index_file(out, cfg).read_bytes() == before
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [_index_file(out, cfg).name]
+
+
+def test_verdicts_decoded_before_an_error_are_kept(tmp_path: Path) -> None:
+    paths, root = _five(tmp_path)
+    df = _manifest(paths, root)
+    data = bytearray(paths[3].read_bytes())
+    data[-20] ^= 0xFF  # same size, other content: the fourth file fails the sha256 check
+    paths[3].write_bytes(bytes(data))
+    with pytest.raises(StepError, match="img_3.png: content changed"):
+        _run(df, tmp_path / "out", _cfg())
+    index = quality.VerdictIndex.load(tmp_path / "out" / "cache", _cfg().filter)
+    assert set(index.verdicts) == set(df["sha256"][:3])
+    rerun, _, _ = _run(_manifest(paths, root), tmp_path / "out", _cfg())
+    assert (rerun["decoded"], rerun["cached"]) == (2, 3)
 
 
 def test_blank_sha256_is_computed(tmp_path: Path) -> None:
@@ -307,7 +378,7 @@ def test_empty_manifest_gives_empty_outputs(tmp_path: Path) -> None:
 def test_missing_manifest(tmp_path: Path) -> None:
     paths = _outputs(tmp_path)
     with pytest.raises(StepError, match="manifest.csv: manifest not found"):
-        flt.run(_cfg(), **paths)
+        step.run(_cfg(), **paths)
     assert not paths["clean"].exists()
 
 
@@ -315,7 +386,7 @@ def test_empty_manifest_file(tmp_path: Path) -> None:
     paths = _outputs(tmp_path)
     paths["manifest"].write_text("")
     with pytest.raises(StepError, match="manifest.csv: cannot read manifest"):
-        flt.run(_cfg(), **paths)
+        step.run(_cfg(), **paths)
 
 
 def test_missing_column(tmp_path: Path) -> None:
@@ -429,6 +500,30 @@ def test_components_are_transitive_and_rooted_at_the_smallest_index() -> None:
     labels = phash.components(6, [(4, 2), (2, 5), (0, 1)])
     assert labels.tolist() == [0, 0, 2, 3, 2, 2]
     assert phash.components(0, []).tolist() == []
+    assert phash.components(3, []).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="out of range for 3 items"):
+        phash.components(3, [(0, 3)])
+
+
+def _reference_components(n: int, pairs: np.ndarray) -> list[int]:
+    """Smallest index per component by repeated relabelling: slow, obviously right."""
+    label = list(range(n))
+    changed = True
+    while changed:
+        changed = False
+        for a, b in pairs.tolist():
+            low = min(label[a], label[b])
+            if label[a] != low or label[b] != low:
+                label[a] = label[b] = low
+                changed = True
+    return label
+
+
+def test_components_match_a_reference_on_random_graphs() -> None:
+    rng = np.random.default_rng(1)
+    for n, k in [(1, 0), (30, 10), (200, 150), (200, 400)]:
+        pairs = rng.integers(0, n, size=(k, 2))
+        assert phash.components(n, pairs).tolist() == _reference_components(n, pairs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,12 +570,13 @@ sys.path[:0] = {[str(ROOT)]!r}
 with open({str(marker)!r}, "a") as f:
     f.write("x")
 from pathlib import Path
-from medflow.imaging import quality as flt
+from tasks import filter as step
 from medflow.config import parse_config
-flt._INLINE_MAX = 0
+from medflow.imaging import quality
+quality._INLINE_MAX = 0
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"A": 0, "B": 1}}}},
                     "filter": {{"workers": 2, "min_side": 8}}}})
-s = flt.run(cfg, **{{k: Path(v) for k, v in {({k: str(v) for k, v in out.items()})!r}.items()}})
+s = step.run(cfg, **{{k: Path(v) for k, v in {({k: str(v) for k, v in out.items()})!r}.items()}})
 assert s["decoded"] == 4 and s["clean"] == 4, s
 """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)

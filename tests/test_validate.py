@@ -9,18 +9,19 @@ import re
 import time
 from pathlib import Path
 
+import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 import pytest
 
 from medflow.config import GROUP_RULES, Config, parse_config
 from medflow.data.expectations import (
-    ExpectColumnPairValuesAToMapToOneB,
     Table,
+    _group_expectations,
     _raised,
     outcomes,
-    run,
     split_table,
+    splits_per_group,
     target_shares,
     validate_tables,
 )
@@ -28,6 +29,7 @@ from medflow.data.split import assign_splits
 from medflow.errors import StepError
 from medflow.io import read_csv, write_csv
 from medflow.schema import SPLIT_COLUMNS
+from tasks.validate import run
 
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SIZE = 8
@@ -75,29 +77,45 @@ def _fails(tmp_path: Path, df: pd.DataFrame, images: np.ndarray | None = None, c
     return str(err.value), result, paths["summary"].read_text()
 
 
-# ------------------------------------------------------------------------------ custom expectation
-def test_pair_expectation_fails_on_a_leak_and_passes_without() -> None:
+# ------------------------------------------------------------------------------ one split per group
+def _group_outcome(df: pd.DataFrame, column: str = "group"):  # noqa: ANN202
+    tables = [Table("patients", splits_per_group(df, column), _group_expectations("one split"), "where")]
+    (out,) = outcomes(tables, validate_tables(tables))
+    return out
+
+
+def test_group_table_counts_splits_and_names_first_paths() -> None:
+    df = pd.DataFrame({"path": ["a0", "b0", "a1", "a2", "b1"], "group": ["a", "b", "a", "a", "b"],
+                       "split": ["train", "val", "test", "train", "val"]})
+    table = splits_per_group(df, "group")
+    assert table.to_dict(orient="list") == {"value": ["a", "b"], "n_splits": [2, 1],
+                                            "where": ["a (train: a0; test: a1)", "b (val: b0)"]}
+
+
+def test_group_expectation_fails_on_a_leak_naming_the_group_and_passes_without() -> None:
     df = pd.DataFrame({"path": ["a0", "a1", "b0", "b1"], "group": ["a", "a", "b", "b"],
                        "split": ["train", "test", "val", "val"]})
-    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="split")]
-    tables = [Table("leak", df, exp, "path"), Table("ok", df.assign(split="val"), exp, "path")]
-    leak, ok = outcomes(tables, validate_tables(tables))
+    leak, ok = _group_outcome(df), _group_outcome(df.assign(split="val"))
     assert not leak.passed and leak.detail == ""  # failed on the data, not on an exception
-    assert leak.unexpected_count == 2 and leak.offending == ["a0", "a1"]
+    assert leak.unexpected_count == 1 and leak.offending == ["a (train: a0; test: a1)"]
     assert ok.passed and ok.unexpected_count == 0
 
 
-def test_pair_expectation_counts_a_null_as_a_split() -> None:
+def test_group_expectation_counts_a_null_as_a_split() -> None:
     df = pd.DataFrame({"path": ["a0", "a1"], "group": ["a", "a"], "split": ["train", None]})
-    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="split")]
-    tables = [Table("t", df, exp, "path")]
-    (out,) = outcomes(tables, validate_tables(tables))
-    assert not out.passed and out.offending == ["a0", "a1"]
+    out = _group_outcome(df)
+    assert not out.passed and out.offending == ["a (train: a0; <null>: a1)"]
+
+
+def test_group_expectation_fails_without_the_column() -> None:
+    df = pd.DataFrame({"path": ["a0"], "split": ["train"]})
+    out = _group_outcome(df, "dup_group")
+    assert not out.passed and out.offending == ["the split manifest has no dup_group column"]
 
 
 def test_an_expectation_that_raises_is_a_failure() -> None:
     df = pd.DataFrame({"path": ["a0"], "group": ["a"]})
-    exp = [ExpectColumnPairValuesAToMapToOneB(column_A="group", column_B="no_such_column")]
+    exp = [gxe.ExpectColumnValuesToBeInSet(column="no_such_column", value_set=[1])]
     tables = [Table("t", df, exp, "path")]
     (out,) = outcomes(tables, validate_tables(tables))
     assert not out.passed and out.detail.startswith("raised:") and "no_such_column" in out.detail
@@ -118,7 +136,7 @@ def test_good_split_passes_and_writes_both_files(tmp_path: Path) -> None:
     assert summary["splits"]["val"] == {"n": 15, "n_pos": 4, "n_neg": 11}
     result = json.loads(paths["result"].read_text())
     assert result["success"] is True and result["failed"] == []
-    assert set(result["suites"]) == {"manifest", "splits", "images"}
+    assert set(result["suites"]) == {"manifest", "patients", "near_duplicates", "split_units", "splits", "images"}
     n_results = sum(len(s["results"]) for s in result["suites"].values())
     assert n_results == summary["expectations"] > 20
     text = paths["summary"].read_text()
@@ -131,12 +149,11 @@ def test_leaking_patient_fails_naming_its_paths(tmp_path: Path) -> None:
     df = _good_split()
     df.loc[0, "split"] = "test"  # person0: image 0 in test, images 1-4 in train
     message, result, md = _fails(tmp_path, df)
-    person0 = df.loc[df["group"] == "person0", "path"].tolist()
-    assert "no patient in two splits" in message
-    assert all(p in message for p in person0)
-    assert "person1_" not in message
-    assert any("expect_column_pair_values_a_to_map_to_one_b(column_A=group" in f for f in result["failed"])
-    assert "**FAIL**" in md and person0[0] in md
+    where = "person0 (test: data/raw/t/PNEUMONIA/person0_img_0.jpeg; train: data/raw/t/NORMAL/person0_img_1.jpeg)"
+    assert "no patient in two splits" in message and where in message
+    assert "person1" not in message
+    assert "patients: expect_column_values_to_be_in_set(column=n_splits, value_set=[1])" in result["failed"]
+    assert "**FAIL**" in md and where in md
 
 
 def test_near_duplicate_group_across_splits_fails(tmp_path: Path) -> None:
@@ -145,7 +162,8 @@ def test_near_duplicate_group_across_splits_fails(tmp_path: Path) -> None:
     df.loc[df["path"].str.endswith("_img_90.jpeg"), "dup_group"] = "shared"  # test patient
     message, _, _ = _fails(tmp_path, df)
     assert "no near-duplicate set in two splits" in message
-    assert "person0_img_3.jpeg" in message and "person18_img_90.jpeg" in message
+    assert ("shared (train: data/raw/t/NORMAL/person0_img_3.jpeg; test: data/raw/t/NORMAL/person18_img_90.jpeg)"
+            in message)
 
 
 def test_duplicate_sha256_fails(tmp_path: Path) -> None:

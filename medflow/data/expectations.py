@@ -1,14 +1,19 @@
-"""Validate step: a Great Expectations suite on the split manifest and the resized images.
+"""The validate step's Great Expectations suites over the split manifest and the resized images.
 
-Three small tables are validated in one ephemeral GX context (nothing written to disk by GX, no Data Docs,
-no analytics, no progress bars):
+The step (tasks/validate.py) reads split.csv and the images.npy header and writes the results; this
+module builds the tables, runs the suites and words the outcome. Tables are validated in one ephemeral GX
+context (nothing written to disk by GX, no Data Docs, no analytics, no progress bars):
 
 ``manifest`` (split.csv, one row per image)
     columns exactly :data:`medflow.schema.SPLIT_COLUMNS`; label in {0, 1}; no nulls in the id columns;
     unique path, sha256 (across the whole dataset) and row; split in train/val/test; ``row`` within
-    [0, number of images); **no patient (group), no near-duplicate set (dup_group) and no split unit
-    (split_group) in two splits** (custom :class:`ExpectColumnPairValuesAToMapToOneB`, because GX 1.x's
-    UnexpectedRowsExpectation does not run on pandas).
+    [0, number of images).
+``patients``, ``near_duplicates``, ``split_units`` (from :func:`splits_per_group`)
+    one row per patient (``group``), near-duplicate set (``dup_group``) or split unit (``split_group``)
+    with the number of splits its images are in, which must be 1: **no patient, no near-duplicate set and
+    no split unit in two splits**. A derived table checked by a built-in expectation replaces a custom
+    column-pair expectation: each offending row is a group, named with the first image of it in each of
+    its splits (``where``), so the report lists leaking patients rather than all their images.
 ``splits`` (one row per split, from :func:`split_table`)
     both classes in every split (n_pos >= 1, n_neg >= 1); ``|share - target| <= validate.split_tolerance``;
     ``|positive share - overall positive share| <= validate.class_ratio_tolerance``. Targets are
@@ -18,9 +23,10 @@ no analytics, no progress bars):
     n == number of manifest rows, shape (n, size, size, channels) with resize.size and dataset.channels,
     dtype uint8.
 
-Failing rows are named by ``path`` (manifest) or ``split`` (splits table). An expectation that raised an
-exception counts as failed, never as passed. Any failure stops the pipeline with a StepError that lists
-the failed expectations and offending paths, after the JSON result and the Markdown summary are written.
+Failing rows are named by ``path`` (manifest), ``where`` (the group tables) or ``split`` (splits table).
+An expectation that raised an exception counts as failed, never as passed. Any failure stops the pipeline
+with a StepError that lists the failed expectations and offending rows, after the JSON result and the
+Markdown summary are written.
 """
 
 from __future__ import annotations
@@ -28,11 +34,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 # Before GX is imported: no analytics, and none of its INFO chatter (it logs while registering classes).
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -47,16 +52,9 @@ from great_expectations.data_context.types.base import (  # noqa: E402
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
-from great_expectations.execution_engine import PandasExecutionEngine  # noqa: E402
-from great_expectations.expectations.expectation import ColumnPairMapExpectation, Expectation  # noqa: E402
-from great_expectations.expectations.metrics.map_metric_provider import (  # noqa: E402
-    ColumnPairMapMetricProvider,
-    column_pair_condition_partial,
-)
+from great_expectations.expectations.expectation import Expectation  # noqa: E402
 
 from medflow.config import Config  # noqa: E402
-from medflow.errors import StepError  # noqa: E402
-from medflow.io import atomic_open, open_images, read_csv, write_json  # noqa: E402
 from medflow.schema import SPLIT_COLUMNS, SPLITS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -64,38 +62,11 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20  # offending rows named per failed expectation
 NOT_NULL = ("path", "relpath", "class_name", "label", "group", "sha256", "split", "split_group", "dup_group",
             "row")
-ONE_SPLIT_PER = {"group": "no patient in two splits", "dup_group": "no near-duplicate set in two splits",
-                 "split_group": "no split unit in two splits"}
-_NULL = "\x00<null>"
-
-
-# ------------------------------------------------------------------------------- custom expectation
-class ColumnPairValuesAMapToOneB(ColumnPairMapMetricProvider):
-    """Row-wise: True where the row's column_A value occurs with a single column_B value in the table."""
-
-    condition_metric_name = "column_pair_values.a_maps_to_one_b"
-    condition_domain_keys = ("batch_id", "table", "column_A", "column_B", "row_condition",
-                             "condition_parser", "ignore_row_if")
-    condition_value_keys = ()
-
-    @column_pair_condition_partial(engine=PandasExecutionEngine)
-    def _pandas(cls, column_A: pd.Series, column_B: pd.Series, **kwargs: Any) -> pd.Series:  # noqa: N803
-        b = column_B.astype(object).where(column_B.notna(), _NULL)  # a null is a value of its own
-        pairs = pd.DataFrame({"a": column_A, "b": b})
-        return pairs.groupby("a", dropna=False)["b"].transform("nunique") == 1
-
-
-class ExpectColumnPairValuesAToMapToOneB(ColumnPairMapExpectation):
-    """Expect every value of column_A to occur with one value of column_B only (A determines B).
-
-    With column_A = group and column_B = split: no patient in two splits. Unexpected rows are all rows of
-    an offending column_A value, so the result names every image of a leaking patient.
-    """
-
-    map_metric: ClassVar[str] = "column_pair_values.a_maps_to_one_b"
-    ignore_row_if: Literal["both_values_are_missing", "either_value_is_missing", "neither"] = "neither"
-    success_keys: ClassVar[tuple[str, ...]] = ("column_A", "column_B", "ignore_row_if", "mostly")
-    args_keys: ClassVar[tuple[str, ...]] = ("column_A", "column_B")
+# Manifest column -> (derived table, check): each such group must lie in one split.
+ONE_SPLIT_PER = {"group": ("patients", "no patient in two splits"),
+                 "dup_group": ("near_duplicates", "no near-duplicate set in two splits"),
+                 "split_group": ("split_units", "no split unit in two splits")}
+_NULL = "<null>"
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -130,6 +101,29 @@ def split_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def splits_per_group(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One row per distinct ``column`` value (a patient, near-duplicate set or split unit) of the manifest.
+
+    Columns: ``value``; ``n_splits``, the number of distinct splits its images are in (1 when the split is
+    sound); ``where``, the value and the first path (in manifest order) in each of its splits, e.g.
+    ``person7 (train: .../person7_virus_1.jpeg; test: .../person7_virus_3.jpeg)``: how a failure names it.
+    A null split is a split of its own and null values form one group (as in a groupby). Without
+    ``column``, ``split`` or ``path`` the table is one row with ``n_splits`` 0 saying what is missing, so
+    the check fails rather than passing on nothing.
+    """
+    missing = [c for c in (column, "split", "path") if c not in df.columns]
+    if missing:
+        return pd.DataFrame({"value": [_NULL], "n_splits": [0],
+                             "where": [f"the split manifest has no {', '.join(missing)} column"]})
+    rows = pd.DataFrame({c: df[name].astype(object).where(df[name].notna(), _NULL).astype(str)
+                         for c, name in (("value", column), ("split", "split"), ("path", "path"))})
+    first = rows.drop_duplicates(["value", "split"])  # each group's first image in each of its splits
+    per_group = first.assign(at=first["split"] + ": " + first["path"]).groupby("value", sort=False)
+    out = pd.DataFrame({"n_splits": per_group.size(), "where": per_group["at"].agg("; ".join)})
+    out["where"] = out.index.to_series() + " (" + out["where"] + ")"
+    return out.rename_axis("value").reset_index()
+
+
 def image_table(shape: Sequence[int], dtype: np.dtype) -> pd.DataFrame:
     """One row describing images.npy: n, ndim, height, width, channels, dtype (-1 for absent axes)."""
     dims = list(shape) + [-1] * (4 - len(shape))
@@ -152,9 +146,11 @@ def _manifest_expectations(n_images: int) -> list[Expectation]:
              for c in ("path", "sha256", "row")]
     exps.append(gxe.ExpectColumnValuesToBeBetween(column="row", min_value=0, max_value=n_images - 1,
                                                   description=f"row indexes images.npy (0..{n_images - 1})"))
-    exps += [ExpectColumnPairValuesAToMapToOneB(column_A=c, column_B="split", description=d)
-             for c, d in ONE_SPLIT_PER.items()]
     return exps
+
+
+def _group_expectations(description: str) -> list[Expectation]:
+    return [gxe.ExpectColumnValuesToBeInSet(column="n_splits", value_set=[1], description=description)]
 
 
 def _split_expectations(cfg: Config) -> list[Expectation]:
@@ -319,7 +315,8 @@ def summary_markdown(outs: Sequence[Outcome], splits: pd.DataFrame, header: Mapp
     return "\n".join(lines) + "\n"
 
 
-def _error_message(failed: Sequence[Outcome], total: int, summary: Path) -> str:
+def error_message(failed: Sequence[Outcome], total: int, summary: Path) -> str:
+    """The StepError text: one line per failed expectation with its offending rows (see ``summary``)."""
     lines = [f"validation failed: {len(failed)} of {total} expectations (details in {summary}):"]
     for o in failed:
         parts = [f"{o.unexpected_count} rows" if o.unexpected_count else "", _listed(o)]
@@ -339,40 +336,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------------------------------ run
-def _read_inputs(split: Path, images: Path) -> tuple[pd.DataFrame, tuple[int, ...], np.dtype]:
-    try:
-        df = read_csv(split)
-    except FileNotFoundError:
-        raise StepError(f"{split}: split manifest not found (run the split step first)") from None
-    array = open_images(images)
-    return df, tuple(array.shape), array.dtype
+# ---------------------------------------------------------------------------------------------- suite
+def suite_tables(df: pd.DataFrame, shape: Sequence[int], dtype: np.dtype, cfg: Config) -> list[Table]:
+    """Every table of the suite with its expectations: the manifest, the three group tables, the per-split
+    table and the images.npy header (``shape``, ``dtype``)."""
+    tables = [Table("manifest", df, _manifest_expectations(shape[0] if len(shape) else 0), "path")]
+    tables += [Table(name, splits_per_group(df, column), _group_expectations(description), "where")
+               for column, (name, description) in ONE_SPLIT_PER.items()]
+    tables += [Table("splits", split_table(df, cfg), _split_expectations(cfg), "split"),
+               Table("images", image_table(shape, dtype), _image_expectations(cfg, len(df)))]
+    return tables
 
 
-def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path) -> dict[str, Any]:
-    """Validate split.csv and images.npy; write the GX result JSON and a Markdown summary (atomically).
-
-    Raises StepError (after writing both files) when any expectation fails.
-    """
-    df, shape, dtype = _read_inputs(split, images)
-    splits = split_table(df, cfg)
-    tables = [Table("manifest", df, _manifest_expectations(shape[0] if shape else 0), "path"),
-              Table("splits", splits, _split_expectations(cfg), "split"),
-              Table("images", image_table(shape, dtype), _image_expectations(cfg, len(df)))]
-    start = time.perf_counter()
-    results = validate_tables(tables)
-    seconds = time.perf_counter() - start
-    outs = outcomes(tables, results)
+def result_json(results: Mapping[str, Any], outs: Sequence[Outcome], seconds: float) -> dict[str, Any]:
+    """The validation result file: success, the failed expectations and every suite's GX result (strict JSON)."""
     failed = [o for o in outs if not o.passed]
-    header = {"split manifest": split, "images": f"{images} {shape} {dtype}", "rows": len(df),
-              "seconds": round(seconds, 3)}
-    write_json(result, _json_safe({"success": not failed, "seconds": seconds,
-                                   "failed": [f"{o.table}: {o.expectation}({o.args})" for o in failed],
-                                   "suites": {k: v.to_json_dict() for k, v in results.items()}}))
-    with atomic_open(summary) as f:
-        f.write(summary_markdown(outs, splits, header))
-    log.info("validation of %s: %d expectations, %d failed, %.2f s", split, len(outs), len(failed), seconds)
-    if failed:
-        raise StepError(_error_message(failed, len(outs), summary))
-    return {"expectations": len(outs), "failed": 0, "rows": len(df), "seconds": round(seconds, 3),
-            "splits": splits.set_index("split")[["n", "n_pos", "n_neg"]].to_dict(orient="index")}
+    return _json_safe({"success": not failed, "seconds": seconds,
+                       "failed": [f"{o.table}: {o.expectation}({o.args})" for o in failed],
+                       "suites": {k: v.to_json_dict() for k, v in results.items()}})

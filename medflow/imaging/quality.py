@@ -1,13 +1,14 @@
-"""Corrupt-image filter: decode every image once, quarantine the bad ones, drop exact duplicates,
-group near duplicates.
+"""Corrupt-image filter: decide, per manifest row, whether the image is clean, a quarantined bad file or
+an exact duplicate, and group near duplicates. The filter step (tasks/filter.py) reads and writes the files;
+this module holds the decisions and the verdict cache.
 
-Input: manifest.csv (schema.MANIFEST_COLUMNS). Outputs, all written atomically:
+Outputs built here (schemas in medflow.schema):
 
-- clean.csv (schema.CLEAN_COLUMNS): manifest rows that decoded fine, one per distinct sha256, in
-  manifest order, plus ``phash`` and ``dup_group``;
-- rejects.csv (schema.REJECT_COLUMNS): every quarantined file with one reason. Nothing is ever deleted
-  or moved: raw data stays as it is and the rejects list is the quarantine;
-- a summary JSON (counts by reason, decoded vs cached, near-duplicate groups).
+- the clean table (CLEAN_COLUMNS): manifest rows that decoded fine, one per distinct sha256, in manifest
+  order, plus ``phash`` and ``dup_group``;
+- the rejects table (REJECT_COLUMNS): every quarantined file with one reason. Nothing is ever deleted or
+  moved: raw data stays as it is and the rejects list is the quarantine;
+- the summary (counts by reason, decoded vs cached, near-duplicate groups).
 
 Checks, per distinct file content, in this order (the first failing one is the reason):
 
@@ -31,10 +32,12 @@ Near duplicates are kept, not rejected: images whose pHashes (medflow.imaging.ph
 ``filter.near_duplicate_distance`` bits are joined (transitively) into one ``dup_group``, named by the
 sha256 of the group's first member in manifest order, so the split can keep them on one side.
 
-Verdicts are cached per sha256 under ``cache/<key>/<sha[:2]>/<sha>.json``, where ``<key>`` digests
-:data:`FILTER_VERSION` and the parameters a verdict depends on (min_side, max_pixels): when new data
-lands only new content is decoded. Cached files are not re-read: the manifest's sha256 (checked against
-the bytes whenever a file is decoded) and a size check of every file stand for them.
+Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:class:`VerdictIndex`),
+where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
+max_pixels): when new data lands only new content is decoded. Cached files are not re-read: the
+manifest's sha256 (checked against the bytes whenever a file is decoded) and a size check of every file
+stand for them. The per-file JSON entries of earlier versions (``<key>/<sha[:2]>/<sha>.json``) are not
+read; their folders can be deleted.
 """
 
 from __future__ import annotations
@@ -49,19 +52,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medflow.config import Config, FilterConfig
+from medflow.config import FilterConfig
 from medflow.errors import StepError
 from medflow.imaging import phash
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, worker_init
 from medflow.imaging.workers import main_hidden, mp_context
-from medflow.io import atomic_path, n_workers, read_csv, sha256_file, write_csv, write_json
+from medflow.io import atomic_open, n_workers, sha256_file
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -76,69 +79,35 @@ REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_
 # This many files or fewer are decoded in-process: the fork server takes about 0.4 s to start in a fresh
 # process (then 5-15 ms per worker), what one of two cores saves on 100-200 typical X-rays (3-11 ms each).
 _INLINE_MAX = 128
+# While decoding, the index is also saved this often (seconds), so a killed run keeps most of its work.
+_CHECKPOINT_S = 60.0
 _INT_COLUMNS = ["label", "bytes", "width", "height"]
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 # --------------------------------------------------------------------------------------------------
-# Cache
+# Manifest checks
 
 
-def _cache_key(cfg: FilterConfig) -> dict[str, Any]:
-    return {"version": FILTER_VERSION, "min_side": cfg.min_side, "max_pixels": cfg.max_pixels}
+def check_manifest(df: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """The manifest's columns (schema.MANIFEST_COLUMNS) with numeric ``bytes``, after checking it.
 
-
-def _cache_dir(cache: Path, cfg: FilterConfig) -> Path:
-    digest = hashlib.sha256(json.dumps(_cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    return cache / f"{FILTER_VERSION}-{digest}"
-
-
-def _entry_path(folder: Path, sha: str) -> Path:
-    return folder / sha[:2] / f"{sha}.json"
-
-
-def _cache_get(folder: Path, sha: str, key: dict[str, Any]) -> Verdict | None:
-    """A cached verdict, or None when absent or unreadable (a damaged entry is just a miss)."""
-    try:
-        entry = json.loads(_entry_path(folder, sha).read_text())
-        if entry.get("key") != key or entry.get("sha256") != sha:
-            return None
-        return Verdict(**entry["verdict"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _cache_put(folder: Path, sha: str, key: dict[str, Any], verdict: Verdict) -> None:
-    """Write one entry atomically (temp file + rename; no fsync: a lost entry only costs a re-decode)."""
-    with atomic_path(_entry_path(folder, sha)) as tmp:
-        tmp.write_text(json.dumps({"key": key, "sha256": sha, "verdict": asdict(verdict)}))
-
-
-# --------------------------------------------------------------------------------------------------
-# Manifest in
-
-
-def _read_manifest(manifest: Path) -> pd.DataFrame:
-    """Read and check manifest.csv; StepError naming the file, column or row on any problem."""
-    try:
-        df = read_csv(manifest)
-    except FileNotFoundError:
-        raise StepError(f"{manifest}: manifest not found (run the manifest step first)") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise StepError(f"{manifest}: cannot read manifest: {e}") from None
+    StepError naming ``source`` and the column or CSV line on a missing column, an empty or repeated path,
+    or a size that is not a number.
+    """
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise StepError(f"{manifest}: missing column(s) {', '.join(missing)}")
+        raise StepError(f"{source}: missing column(s) {', '.join(missing)}")
     df = df[MANIFEST_COLUMNS].reset_index(drop=True)
     if df["path"].isna().any():
-        raise StepError(f"{manifest}: empty 'path' in line(s) {_rows(df['path'].isna())}")
+        raise StepError(f"{source}: empty 'path' in line(s) {_rows(df['path'].isna())}")
     dupes = df["path"].duplicated()
     if dupes.any():
-        raise StepError(f"{manifest}: path listed twice: {df.loc[dupes, 'path'].iloc[0]}")
+        raise StepError(f"{source}: path listed twice: {df.loc[dupes, 'path'].iloc[0]}")
     size = pd.to_numeric(df["bytes"], errors="coerce")
     not_number = size.isna() & df["bytes"].notna()
     if not_number.any():
-        raise StepError(f"{manifest}: 'bytes' is not a number in line(s) {_rows(not_number)}")
+        raise StepError(f"{source}: 'bytes' is not a number in line(s) {_rows(not_number)}")
     return df.assign(bytes=size)
 
 
@@ -148,7 +117,7 @@ def _rows(mask: pd.Series) -> str:
     return ", ".join(rows) + (", ..." if int(mask.sum()) > 5 else "")
 
 
-def _checked_shas(df: pd.DataFrame, manifest: Path) -> pd.Series:
+def checked_shas(df: pd.DataFrame, source: Path) -> pd.Series:
     """sha256 per row: the manifest's, after checking each file still exists with the size it lists.
 
     Rows with a blank sha256 are hashed here. A missing file or a size change means the manifest is
@@ -159,11 +128,11 @@ def _checked_shas(df: pd.DataFrame, manifest: Path) -> pd.Series:
         try:
             size = os.stat(path).st_size
         except OSError as e:
-            raise StepError(f"{manifest}: {path}: cannot read ({e.strerror}); "
+            raise StepError(f"{source}: {path}: cannot read ({e.strerror}); "
                             "re-run the manifest step") from None
         listed = df.at[i, "bytes"]
         if pd.notna(listed) and int(listed) != size:
-            raise StepError(f"{manifest}: {path}: size changed since the manifest was written "
+            raise StepError(f"{source}: {path}: size changed since the manifest was written "
                             f"({int(listed)} -> {size} bytes); re-run the manifest step")
         if not _SHA_RE.match(shas.iat[i]):
             shas.iat[i] = sha256_file(path)
@@ -171,11 +140,136 @@ def _checked_shas(df: pd.DataFrame, manifest: Path) -> pd.Series:
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoding all distinct contents
+# The verdict index: one packed file per cache key
+
+_INDEX_FORMAT = "medflow-filter-index-1"
+_FIELDS = [f.name for f in fields(Verdict)]  # the order of each record's values
+_FIELD_TYPES = tuple(int if f.type in (int, "int") else str for f in fields(Verdict))
 
 
-def _decode_all(todo: dict[str, str], cfg: FilterConfig, folder: Path, manifest: Path) -> dict[str, Verdict]:
-    """Decode one representative path per sha256 (in parallel), cache and return the verdicts.
+def cache_key(cfg: FilterConfig) -> dict[str, Any]:
+    """What a verdict depends on besides the file's bytes: the filter version and the verdict limits."""
+    return {"version": FILTER_VERSION, "min_side": cfg.min_side, "max_pixels": cfg.max_pixels}
+
+
+def index_path(cache: Path, cfg: FilterConfig) -> Path:
+    """``<cache>/<FILTER_VERSION>-<digest of the cache key>.json``: one index per parameter set."""
+    digest = hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache) / f"{FILTER_VERSION}-{digest}.json"
+
+
+@dataclass
+class VerdictIndex:
+    """The filter's verdict cache for one cache key: sha256 -> Verdict, kept in one JSON file.
+
+    Why one JSON document rewritten whole (temp file + fsync + rename) rather than an append-only log or
+    SQLite: a reader sees the old index or the new one, never half of either, a crash leaves the previous
+    index in place, and there is no partial-record or lock handling to get right. It is loaded once per
+    run and saved once after decoding (plus every :data:`_CHECKPOINT_S` seconds while decoding), so the
+    rewrite costs one sequential write per run: about 110 bytes per verdict, 11 MB for 100k images. Two
+    runs saving at once are safe too: the last rename wins and the other run's new verdicts are decoded
+    again next time, never wrong. The file is ``{"format", "key", "fields", "verdicts": {sha256: [values
+    in the order of "fields"]}}``, sorted by sha256 so that equal caches are equal files.
+    """
+
+    path: Path
+    key: dict[str, Any]
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cache: Path, cfg: FilterConfig) -> VerdictIndex:
+        """The index for ``cfg``'s cache key under ``cache``; empty when absent.
+
+        An unreadable or malformed index (or one written for another key) is logged as a warning and
+        replaced on the next save: every image is then decoded again, never given a doubtful verdict.
+        """
+        path, key = index_path(cache, cfg), cache_key(cfg)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path, key)
+        except OSError as e:
+            log.warning("%s: cannot read the filter cache index (%s); rebuilding it", path, e.strerror)
+            return cls(path, key)
+        try:
+            return cls(path, key, _parse_index(raw, key))
+        except ValueError as e:
+            log.warning("%s: corrupt filter cache index (%s); rebuilding it: every image is decoded again",
+                        path, e)
+            return cls(path, key)
+
+    def save(self) -> None:
+        """Write the whole index atomically (temp file, fsync, rename onto the final name)."""
+        doc = {"format": _INDEX_FORMAT, "key": self.key, "fields": _FIELDS,
+               "verdicts": {sha: list(astuple(self.verdicts[sha])) for sha in sorted(self.verdicts)}}
+        with atomic_open(self.path) as f:
+            json.dump(doc, f, separators=(",", ":"))
+
+
+def _parse_index(raw: bytes, key: dict[str, Any]) -> dict[str, Verdict]:
+    """Verdicts of an index file; ValueError saying what is wrong with it (any doubt rejects the whole file)."""
+    doc = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(doc, dict) or doc.get("format") != _INDEX_FORMAT:
+        raise ValueError(f"not a {_INDEX_FORMAT} file")
+    if doc.get("key") != key or doc.get("fields") != _FIELDS:
+        raise ValueError(f"written for key {doc.get('key')} and fields {doc.get('fields')}")
+    entries = doc.get("verdicts")
+    if not isinstance(entries, dict):
+        raise ValueError("no 'verdicts' mapping")
+    return {sha: _record(sha, values) for sha, values in entries.items()}
+
+
+def _record(sha: str, values: Any) -> Verdict:
+    """One index record as a Verdict; ValueError for a malformed sha256, value count, type or reason."""
+    if not _SHA_RE.match(sha):
+        raise ValueError(f"bad sha256 {sha[:80]!r}")
+    if (not isinstance(values, list) or len(values) != len(_FIELD_TYPES)
+            or not all(type(v) is t for v, t in zip(values, _FIELD_TYPES, strict=True))):
+        raise ValueError(f"malformed record for {sha}: {str(values)[:120]}")
+    verdict = Verdict(*values)
+    if verdict.reason not in ("", *REASONS) or verdict.reason == "duplicate":
+        raise ValueError(f"unknown reason {verdict.reason!r} for {sha}")
+    if verdict.ok and len(verdict.phash) != 16:
+        raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
+    return verdict
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdicts: the index first, then decoding what is new
+
+
+def content_verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, index: VerdictIndex,
+                     source: Path) -> tuple[dict[str, Verdict], int]:
+    """Verdict per distinct sha256, and how many were decoded (the rest came from ``index``).
+
+    Each new content is decoded once, from its first path in manifest order; its verdict joins ``index``,
+    which is saved when decoding ends, also when it ends in an error (the verdicts so far are sound).
+    """
+    first = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
+    todo = {sha: path for sha, path in zip(first["sha"], first["path"], strict=True)
+            if sha not in index.verdicts}
+    if todo:
+        try:
+            _decode_into(index, todo, cfg, source)
+        finally:
+            index.save()
+    return {sha: index.verdicts[sha] for sha in first["sha"]}, len(todo)
+
+
+def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, source: Path) -> None:
+    """Decode ``todo`` (sha256 -> path), adding each checked verdict to ``index`` as it arrives."""
+    last_save = time.monotonic()
+    for n, (sha, verdict) in enumerate(_decode_all(todo, cfg, source), start=1):
+        index.verdicts[sha] = verdict
+        if n % 5000 == 0:
+            log.info("filter: decoded %d / %d", n, len(todo))
+        if time.monotonic() - last_save > _CHECKPOINT_S:
+            index.save()
+            last_save = time.monotonic()
+
+
+def _decode_all(todo: dict[str, str], cfg: FilterConfig, source: Path) -> Iterator[tuple[str, Verdict]]:
+    """Decode one representative path per sha256 (in parallel); yield (sha256, Verdict) in ``todo`` order.
 
     Workers get a path and send back (sha256, Verdict): no pixel arrays cross process boundaries. They
     come from the fork server of :mod:`medflow.imaging.workers` (never forked from the caller, which may be a
@@ -185,57 +279,34 @@ def _decode_all(todo: dict[str, str], cfg: FilterConfig, folder: Path, manifest:
     paths = list(todo.values())
     workers = min(n_workers(cfg.workers), len(paths))
     if workers <= 1 or len(paths) <= _INLINE_MAX:
-        return _collect(todo, map(inspect, paths), cfg, folder, manifest)
+        yield from _checked(todo, map(inspect, paths), source)
+        return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context(), initializer=worker_init)
     try:
         chunk = max(1, min(64, len(paths) // (workers * 8)))
         with main_hidden():  # map() submits every chunk at once, which starts the worker processes
             results = pool.map(inspect, paths, chunksize=chunk)
-        return _collect(todo, results, cfg, folder, manifest)
+        yield from _checked(todo, results, source)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _collect(todo: dict[str, str], results: Iterator[tuple[str, Verdict]], cfg: FilterConfig,
-             folder: Path, manifest: Path) -> dict[str, Verdict]:
-    """Check each result against the manifest's sha256 and cache it as it arrives."""
-    key = _cache_key(cfg)
-    verdicts: dict[str, Verdict] = {}
+def _checked(todo: dict[str, str], results: Iterator[tuple[str, Verdict]],
+             source: Path) -> Iterator[tuple[str, Verdict]]:
+    """Pass on each result after checking its sha256 against the manifest's; StepError naming the file."""
     try:
         for (expected, path), (sha, verdict) in zip(todo.items(), results, strict=True):
             if sha != expected:
-                raise StepError(f"{manifest}: {path}: content changed since the manifest was written "
+                raise StepError(f"{source}: {path}: content changed since the manifest was written "
                                 "(sha256 differs); re-run the manifest step")
-            _cache_put(folder, sha, key, verdict)
-            verdicts[sha] = verdict
-            if len(verdicts) % 5000 == 0:
-                log.info("filter: decoded %d / %d", len(verdicts), len(todo))
+            yield sha, verdict
     except BrokenProcessPool:
-        raise StepError(f"{manifest}: a decode worker died (out of memory, or a decoder crashed on a "
+        raise StepError(f"{source}: a decode worker died (out of memory, or a decoder crashed on a "
                         "file); verdicts so far are cached: re-run with filter.workers: 1 to find the file"
                         ) from None
     except OSError as e:
-        raise StepError(f"{manifest}: {e.filename or 'a listed file'}: cannot read ({e.strerror}); "
+        raise StepError(f"{source}: {e.filename or 'a listed file'}: cannot read ({e.strerror}); "
                         "re-run the manifest step") from None
-    return verdicts
-
-
-def _verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, cache: Path,
-              manifest: Path) -> tuple[dict[str, Verdict], int]:
-    """Verdict per distinct sha256 (cache first, then decode); also how many were decoded."""
-    first = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
-    folder = _cache_dir(cache, cfg)
-    key = _cache_key(cfg)
-    verdicts: dict[str, Verdict] = {}
-    todo: dict[str, str] = {}
-    for sha, path in zip(first["sha"], first["path"], strict=True):
-        hit = _cache_get(folder, sha, key)
-        if hit is None:
-            todo[sha] = path
-        else:
-            verdicts[sha] = hit
-    verdicts.update(_decode_all(todo, cfg, folder, manifest))
-    return verdicts, len(todo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,19 +336,13 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
     return pd.DataFrame({"reason": reasons, "detail": details}, index=paths.index)
 
 
-def near_duplicate_groups(paths: pd.Series, shas: pd.Series, hashes: pd.Series,
-                          max_distance: int) -> pd.Series:
-    """``dup_group`` per row: the sha256 of the first member (in manifest order) of its near-duplicate group.
+def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int) -> pd.Series:
+    """``dup_group`` per row: the sha256 of the first row (in the given order) of its near-duplicate group.
 
     Groups are the connected components of "pHash distance <= max_distance" (transitive closure).
     """
-    order = np.arange(len(paths))
-    packed = phash.pack(hashes.to_numpy()[order])
-    roots = phash.components(len(order), phash.near_pairs(packed, max_distance))
-    sorted_shas = shas.to_numpy()[order]
-    group = np.empty(len(order), dtype=object)
-    group[order] = sorted_shas[roots]
-    return pd.Series(group, index=paths.index, name="dup_group", dtype=str)
+    roots = phash.components(len(hashes), phash.near_pairs(phash.pack(hashes), max_distance))
+    return pd.Series(shas.to_numpy()[roots], index=shas.index, name="dup_group", dtype=str)
 
 
 def _as_ints(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -299,19 +364,21 @@ def _fill_header(df: pd.DataFrame, verdicts: list[Verdict]) -> pd.DataFrame:
     return out
 
 
-def _clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame,
-                 verdicts: dict[str, Verdict], max_distance: int) -> pd.DataFrame:
+def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
+                max_distance: int) -> pd.DataFrame:
+    """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and near-duplicate group."""
     good = status["reason"] == ""
     clean = df.loc[good].copy()
     clean["sha256"] = shas[good]
     row_verdicts = [verdicts[s] for s in clean["sha256"]]
     clean = _fill_header(clean, row_verdicts)
     clean["phash"] = [v.phash for v in row_verdicts]
-    clean["dup_group"] = near_duplicate_groups(clean["path"], clean["sha256"], clean["phash"], max_distance)
+    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 
-def _rejects_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame) -> pd.DataFrame:
+def rejects_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame) -> pd.DataFrame:
+    """The quarantined rows (schema.REJECT_COLUMNS) in manifest order, each with its reason and detail."""
     bad = status["reason"] != ""
     rejects = pd.DataFrame({"path": df.loc[bad, "path"], "reason": status.loc[bad, "reason"],
                             "detail": status.loc[bad, "detail"], "sha256": shas[bad],
@@ -319,8 +386,9 @@ def _rejects_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame) -> p
     return _as_ints(rejects[REJECT_COLUMNS].reset_index(drop=True), ["bytes"])
 
 
-def _summary(n_in: int, clean: pd.DataFrame, rejects: pd.DataFrame, decoded: int, cached: int,
-             cfg: FilterConfig) -> dict[str, Any]:
+def summarize(n_in: int, clean: pd.DataFrame, rejects: pd.DataFrame, decoded: int, cached: int,
+              cfg: FilterConfig) -> dict[str, Any]:
+    """The filter summary (the stage's metrics file): counts in, clean, by reason, cache use, groups."""
     sizes = clean["dup_group"].value_counts()
     multi = sizes[sizes > 1]
     by_reason = {r: int((rejects["reason"] == r).sum()) for r in REASONS}
@@ -333,40 +401,3 @@ def _summary(n_in: int, clean: pd.DataFrame, rejects: pd.DataFrame, decoded: int
         "params": {"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
                    "near_duplicate_distance": cfg.near_duplicate_distance},
     }
-
-
-def _log_summary(s: dict[str, Any], seconds: float) -> None:
-    reasons = ", ".join(f"{k} {v}" for k, v in s["by_reason"].items() if v) or "none"
-    log.info("filter: %d images in, %d clean, %d rejected (%s). Decoded %d distinct files, %d verdicts "
-             "from the cache. %d near-duplicate groups hold %d images (largest %d; pHash distance <= %d). "
-             "%.1f s.", s["in"], s["clean"], s["rejected"], reasons, s["decoded"], s["cached"],
-             s["near_duplicate_groups"], s["images_in_near_dup_groups"], s["largest_near_dup_group"],
-             s["params"]["near_duplicate_distance"], seconds)
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry
-
-
-def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Path,
-        cache: Path) -> dict[str, Any]:
-    """Decode every image in ``manifest``; write clean.csv, rejects.csv and the summary JSON.
-
-    Returns the summary dict (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate
-    groups). Raises StepError for a missing/unreadable manifest, missing columns, or a manifest that
-    no longer matches the files on disk.
-    """
-    started = time.perf_counter()
-    fcfg = cfg.filter
-    df = _read_manifest(Path(manifest))
-    shas = _checked_shas(df, Path(manifest))
-    verdicts, decoded = _verdicts(shas, df["path"], fcfg, Path(cache), Path(manifest))
-    status = classify(df["path"], shas, verdicts)
-    clean_df = _clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
-    rejects_df = _rejects_table(df, shas, status)
-    result = _summary(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
-    write_csv(clean, clean_df)
-    write_csv(rejects, rejects_df)
-    write_json(summary, result)
-    _log_summary(result, time.perf_counter() - started)
-    return result
