@@ -19,9 +19,9 @@ from prefect.tasks import exponential_backoff
 
 from flows import stages
 from medflow.config import Config, load_config
-from medflow.io import read_csv, read_json, sha256_file
+from medflow.io import read_csv, read_json
 from medflow.lifecycle import registry
-from medflow.lifecycle.retrain import decide, read_threshold, write_decision
+from medflow.lifecycle.challenge import challenge as challenge_champion
 
 DEFAULT_TIMEOUT_S = 4 * 3600
 STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per stage; the rest get DEFAULT_TIMEOUT_S
@@ -102,36 +102,11 @@ def stage_task(stage: str) -> Any:
 def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the trained model; score it and the champion on the same test split; promote if not worse.
 
-    The champion pointer is written last and only on promotion: a failure anywhere here leaves it as it was.
+    The procedure is :func:`medflow.lifecycle.challenge.challenge`, run on the train stage's model folder,
+    images and split; the champion pointer is written last and only on promotion.
     """
-    from medflow.evaluation.assess import score_split  # TensorFlow/Keras: imported when needed, not at flow load
-
-    logger = get_run_logger()
-    root = project.model_root
-    digest = sha256_file(root / "model.keras")
-    known, champ = registry.find_by_sha(root, digest), registry.champion(root)
-    if known is not None and champ is not None and known == champ["version"]:
-        logger.info("the trained model is the champion (%s): nothing to decide", known)
-        return {"promote": False, "reason": f"unchanged: the trained model is already champion {known}",
-                "challenger": known, "champion": known}
-    if known is not None and (root / "versions" / known / "decision.json").exists():
-        logger.info("model already registered as %s and decided on", known)
-        return dict(read_json(root / "versions" / known / "decision.json"))
-    version = registry.register(root, root, info)
-    vdir = registry.versions_dir(root) / version
-    images, split = project.path("train", "--images"), project.path("train", "--split")
-    new = score_split(vdir, images, split, "test")
-    old = score_split(registry.versions_dir(root) / champ["version"], images, split, "test") if champ else None
-    groups = new.patient if project.cfg.evaluate.bootstrap_by == "patient" else None
-    decision = decide(new.y, new.p, None if old is None else old.p, project.cfg.retrain, challenger=version,
-                      champion=champ["version"] if champ else None, groups=groups,
-                      thresholds=(read_threshold(vdir), read_threshold(vdir.parent / champ["version"])
-                                  if champ else 0.5))
-    write_decision(vdir / "decision.json", decision)
-    logger.info("%s", decision.reason)
-    if decision.promote:
-        registry.promote(root, version, {"reason": decision.reason, "metrics": decision.challenger_metrics})
-    return decision.as_dict()
+    return challenge_champion(project.model_root, project.path("train", "--images"),
+                              project.path("train", "--split"), project.cfg, info, log=get_run_logger())
 
 
 # ------------------------------------------------------------------------------------------ artifacts

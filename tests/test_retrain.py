@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +192,31 @@ def test_second_run_is_skipped_or_waits_while_the_lock_is_held(tmp_path: Path) -
         holder.join(10)
 
 
+HOLDER = """
+import sys, time
+from pathlib import Path
+from medflow.lifecycle.retrain import dataset_lock
+with dataset_lock(Path(sys.argv[1]), "ds", wait=False):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_holder_releases_the_lock(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(Busy, match=f"pid {holder.pid}"), dataset_lock(tmp_path, "ds", wait=False):
+            pass
+        holder.send_signal(signal.SIGKILL)  # no finally, no atexit: only the kernel can release it
+        assert holder.wait(10) == -signal.SIGKILL
+        with dataset_lock(tmp_path, "ds", wait=False) as path:
+            assert path == tmp_path / ".dvc/tmp/medflow/ds.lock" and path.read_text().startswith(f"pid {os.getpid()}")
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 # ------------------------------------------------------------------------------------------- watch
 def test_watcher_reports_settled_new_files_once(tmp_path: Path, cfg: Config) -> None:
     inbox, models = tmp_path / "inbox", tmp_path / "models"
@@ -226,7 +255,8 @@ def test_stage_tasks_have_readable_names_timeouts_and_download_retries() -> None
 
     download, train = stage_task("download"), stage_task("train")
     assert download.name == "download" and download.retries == 3 and download.retry_jitter_factor == 0.5
-    assert callable(download.retry_delay_seconds) or download.retry_delay_seconds == [10, 20, 40]
+    # Prefect calls exponential_backoff(10)'s callable with the task's retries when the task is built.
+    assert download.retry_delay_seconds == [10, 20, 40]
     assert train.name == "train" and train.retries == 0 and train.timeout_seconds > 24 * 3600
 
 

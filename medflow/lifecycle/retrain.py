@@ -8,15 +8,16 @@
   bound of the interval of AUC(challenger) - AUC(champion) must be >= -tolerance (non-inferiority). A small
   test split gives a wide interval, and then even a good challenger is kept out: the champion only changes
   on evidence.
-- :func:`dataset_lock`: one run per project and dataset at a time (an exclusive ``flock``); a second run
-  waits for it or is skipped, and never writes outputs concurrently.
+- :func:`dataset_lock`: one run per project and dataset at a time; a second run waits for it or is skipped,
+  and never writes outputs concurrently. The lock is ``filelock.FileLock``: an exclusive ``flock`` on
+  ``.dvc/tmp/medflow/<ds>.lock`` that the kernel drops when the holder exits or is killed, with the
+  library's timeout and polling for "wait" and a single non-blocking try for "skip" (its ``Timeout``
+  becomes :class:`Busy`). The file stays in place and names the current holder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from medflow.config import Config, RetrainConfig
 from medflow.io import read_json, write_json
@@ -164,31 +166,29 @@ def dataset_lock(project: Path, dataset: str, *, wait: bool, timeout_s: float = 
                  poll_s: float = 1.0) -> Iterator[Path]:
     """Hold the exclusive lock of ``dataset`` in ``project`` for the block.
 
-    ``wait=False``: raise :class:`Busy` at once when another process holds it. ``wait=True``: poll until it
-    is free, raising Busy after ``timeout_s``. The OS releases the lock when the holder dies, so a killed run
-    never leaves a stale lock behind.
+    ``wait=False``: raise :class:`Busy` at once when another process holds it. ``wait=True``: poll every
+    ``poll_s`` until it is free, raising Busy after ``timeout_s``. The lock is a kernel ``flock``, so the OS
+    releases it when the holder dies (even by SIGKILL): a killed run never leaves a stale lock behind.
     """
     path = lock_path(project, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # on_acquired also keeps filelock on flock: it never falls back to a marker file a crash would leave.
+    lock = FileLock(path, timeout=timeout_s if wait else 0, blocking=wait, poll_interval=poll_s,
+                    on_acquired=_write_holder)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = _holder(path)
-                if not wait or time.monotonic() > deadline:
-                    raise Busy(f"another run holds {path} ({holder})") from None
-                time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode())
+        lock.acquire()
+    except Timeout:
+        raise Busy(f"another run holds {path} ({_holder(path)})") from None
+    try:
         yield path
     finally:
-        os.close(fd)  # releases the flock
+        lock.release()
+
+
+def _write_holder(fd: int) -> None:
+    """Write who holds the lock into the (already locked) lock file, for the message of a skipped run."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode(), 0)
 
 
 def _holder(path: Path) -> str:

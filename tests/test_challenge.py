@@ -1,0 +1,139 @@
+"""The champion/challenger procedure (medflow.lifecycle.challenge) on tiny real Keras models, without Prefect.
+
+Each model is a saved ``keras.Model`` (mean pixel -> one sigmoid unit) with weights set by hand, so its
+ranking of the images is known without training: ``slope > 0`` scores bright images (the positives) high
+(test AUC 1), ``slope < 0`` ranks them backwards (AUC 0). The images are a real images.npy and split.csv in
+the pipeline's schema; scoring goes through the evaluate step's own ``score_split``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_split_csv
+
+from medflow.config import Config, parse_config
+from medflow.errors import StepError
+from medflow.io import read_json, sha256_file, write_json
+from medflow.lifecycle import registry
+from medflow.lifecycle.challenge import challenge
+
+SIZE = 8
+N = 60  # images; every third is in the test split (20 test images, 10 per class)
+
+
+@dataclass(frozen=True)
+class Project:
+    model_root: Path
+    images: Path
+    split: Path
+    cfg: Config
+
+
+def _cfg() -> Config:
+    return parse_config({"dataset": {"name": "toy", "labels": {"NEG": 0, "POS": 1}, "channels": 1,
+                                     "group_rule": "filename"},
+                         "resize": {"size": SIZE},
+                         "retrain": {"tolerance": 0.05, "bootstrap": 1000}})
+
+
+def _train(model_root: Path, slope: float) -> None:
+    """Write a trained model folder as the train stage does: model.keras and metadata.json."""
+    inputs = keras.Input((SIZE, SIZE, 1))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].set_weights([np.array([[slope]], dtype=np.float32), np.array([-125 * slope], dtype=np.float32)])
+    model_root.mkdir(parents=True, exist_ok=True)
+    model.save(model_root / "model.keras")
+    write_json(model_root / "metadata.json", {"input_shape": [SIZE, SIZE, 1],
+                                              "preprocessing": {"size": SIZE, "channels": 1}})
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """images.npy (positives bright, negatives dark, both noisy) and a split.csv with train/val/test rows."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(N) % 2
+    means = np.where(labels == 1, 170, 80)[:, None, None, None]
+    images = tmp_path / "images.npy"
+    np.save(images, np.clip(rng.normal(means, 20, (N, SIZE, SIZE, 1)), 0, 255).astype(np.uint8))
+    splits = np.array(["train", "val", "test"])[np.arange(N) % 3]
+    split = write_split_csv(tmp_path / "split.csv", paths=[f"raw/img_{i:03d}.png" for i in range(N)],
+                            labels=list(labels), splits=list(splits))
+    return Project(tmp_path / "models/toy", images, split, _cfg())
+
+
+def _challenge(p: Project) -> dict:
+    return challenge(p.model_root, p.images, p.split, p.cfg, {"flow": "test"})
+
+
+def test_first_model_becomes_champion_and_a_rerun_decides_nothing(project: Project) -> None:
+    _train(project.model_root, slope=0.05)
+    first = _challenge(project)
+    assert first["promote"] and "no champion" in first["reason"] and first["n_test"] == N // 3
+    assert first["challenger_metrics"]["roc_auc"] == 1.0
+    champion = registry.champion(project.model_root)
+    assert champion is not None and champion["version"] == first["challenger"]
+    version_dir = project.model_root / "versions" / first["challenger"]
+    assert read_json(version_dir / "decision.json") == first
+    assert read_json(version_dir / "version.json")["flow"] == "test"
+    again = _challenge(project)  # same model file: already champion
+    assert not again["promote"] and again["reason"].startswith("unchanged") and again["champion"] == first["challenger"]
+    assert registry.list_versions(project.model_root) == [first["challenger"]]
+
+
+def test_worse_challenger_is_not_promoted_and_better_one_is(project: Project) -> None:
+    _train(project.model_root, slope=0.05)
+    champion = _challenge(project)["challenger"]
+    _train(project.model_root, slope=-0.05)  # ranks every test image backwards
+    worse = _challenge(project)
+    assert not worse["promote"] and "kept champion" in worse["reason"] and worse["champion"] == champion
+    assert worse["challenger_metrics"]["roc_auc"] == 0.0 and worse["champion_metrics"]["roc_auc"] == 1.0
+    assert worse["difference"]["high"] < 0
+    assert (registry.champion(project.model_root) or {}).get("version") == champion
+    assert _challenge(project) == worse  # decided once: a rerun returns the decision on record
+    _train(project.model_root, slope=0.1)  # the same ranking as the champion: not worse
+    equal = _challenge(project)
+    assert equal["promote"] and equal["difference"]["point"] == 0.0
+    record = registry.champion(project.model_root)
+    assert record is not None and record["version"] == equal["challenger"] and record["previous"] == champion
+    assert len(registry.list_versions(project.model_root)) == 3
+
+
+def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project) -> None:
+    _train(project.model_root, slope=0.05)
+    champion = _challenge(project)["challenger"]
+    pointer = project.model_root / "champion.json"
+    before = pointer.read_bytes()
+    # The champion's stored model is damaged: the challenger is registered, then scoring the champion fails.
+    stored = project.model_root / "versions" / champion / "model.keras"
+    intact = stored.read_bytes()
+    stored.write_bytes(b"not a keras archive")
+    _train(project.model_root, slope=0.1)
+    with pytest.raises(StepError, match=f"{stored}: cannot load the model"):
+        _challenge(project)
+    assert pointer.read_bytes() == before
+    challenger = registry.find_by_sha(project.model_root, sha256_file(project.model_root / "model.keras"))
+    assert challenger is not None and challenger != champion
+    assert not (project.model_root / "versions" / challenger / "decision.json").exists()
+    # Images that do not fit the models: nothing is decided either.
+    good_images = project.images.read_bytes()
+    np.save(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
+    stored.write_bytes(intact)
+    with pytest.raises(StepError, match="images are"):
+        _challenge(project)
+    assert pointer.read_bytes() == before
+    # Once the inputs are whole again, the registered challenger is decided on (not registered twice).
+    project.images.write_bytes(good_images)
+    decided = _challenge(project)
+    assert decided["promote"] and decided["challenger"] == challenger and decided["champion"] == champion
+    assert len(registry.list_versions(project.model_root)) == 2
+
+
+def test_no_trained_model_is_an_error_naming_the_file(project: Project) -> None:
+    with pytest.raises(StepError, match=f"{project.model_root / 'model.keras'}: no trained model"):
+        _challenge(project)
