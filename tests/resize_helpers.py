@@ -19,12 +19,14 @@ from tasks import resize
 
 
 def config_for(size: int = 32, channels: int = 3, workers: int = 1) -> Config:
+    """A validated config of a two-class dataset with the resize parameters given."""
     return parse_config({"dataset": {"name": "t", "sources": ["x"], "labels": {"a": 0, "b": 1},
                                      "channels": channels},
                          "resize": {"size": size, "workers": workers}})
 
 
 def save_image(path: Path, arr: np.ndarray, mode: str | None = None, **kw: Any) -> Path:
+    """Save ``arr`` with Pillow (format from the suffix, ``kw`` its save options); the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, mode).save(path, **kw) if mode else Image.fromarray(arr).save(path, **kw)
     return path
@@ -48,7 +50,8 @@ POOL = 8  # the process-pool threshold these tests run with: a dozen tiny images
 
 
 def run_step(tmp: Path, files: list[Path], cfg: Config,
-         name: str = "clean.csv") -> tuple[np.ndarray, dict[str, Any]]:
+             name: str = "clean.csv") -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the step on ``files`` (cache ``tmp/cache``, outputs in ``tmp/out``): the array and the summary."""
     clean = write_clean(tmp / name, files)
     out, stats = tmp / "out" / "images.npy", tmp / "out" / "stats.json"
     summary = resize.run(cfg, clean=clean, out=out, stats=stats, cache=tmp / "cache")
@@ -66,6 +69,7 @@ def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def solid(rgb: tuple[int, int, int], h: int = 40, w: int = 50) -> np.ndarray:
+    """An ``h x w`` RGB image of one colour."""
     return np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3)).copy()
 
 
@@ -80,10 +84,12 @@ def image_set(tmp_path: Path, n: int) -> list[Path]:
 
 
 def key_of(f: Path, size: int = 16, channels: int = 3) -> str:
+    """The resize cache key of file ``f`` at that geometry."""
     return cache.cache_key(sha256_file(f), size, channels)
 
 
 def assert_no_output(tmp_path: Path) -> None:
+    """A failed run left nothing (no array, no stats, no temporary file) in ``tmp_path/out``."""
     out_dir = tmp_path / "out"
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
