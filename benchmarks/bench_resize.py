@@ -7,7 +7,7 @@ cache and taking the best of ``--repeat`` interleaved runs:
 
 - the tutorial baseline: a ThreadPoolExecutor (one thread per core) over ``cv2.imread(path)`` in colour +
   ``cv2.resize(..., (size, size), interpolation=cv2.INTER_CUBIC)``, results kept in memory;
-- medflow's resize step (``medflow.imaging.resize.run``, the code path of ``medflow resize``) with an empty cache and
+- medflow's resize step (``tasks.resize.run``, the code path of ``medflow resize``) with an empty cache and
   all cores, as configured for X-rays (1 channel) and with 3 channels; it also writes its cache (shard +
   index) and the .npy output, which the baseline does not;
 - the single-core rate of the same preprocessing (``load_resized`` in a loop, OpenCV on one thread: the
@@ -63,9 +63,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from medflow.config import Config, parse_config  # noqa: E402
-from medflow.imaging import resize  # noqa: E402
+from medflow.imaging import cache as resize_cache  # noqa: E402
+from medflow.imaging import decode  # noqa: E402
 from medflow.io import n_workers, read_csv, sha256_file, write_csv  # noqa: E402
 from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS  # noqa: E402
+from tasks import resize  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_DATA = SHARED / "chest_xray_fullres"
@@ -154,7 +156,7 @@ def single_core_rate(clean: Path, size: int, channels: int) -> float:
     try:
         start = time.perf_counter()
         for r in rows.itertuples():
-            resize.load_resized(r.path, size=size, channels=channels, width=r.width, height=r.height,
+            decode.load_resized(r.path, size=size, channels=channels, width=r.width, height=r.height,
                                 fmt=r.format, mode=r.mode)
         return len(rows) / (time.perf_counter() - start)
     finally:
@@ -183,7 +185,7 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
     """Wall time of ``medflow resize`` in a fresh process, what ``dvc repro`` runs: best of ``repeat``.
 
     ``full``: empty cache; ``cached``: every image cached; ``imports``: Python start-up and the imports
-    alone (``medflow.cli`` and ``medflow.imaging.resize``), the floor of any run of the command.
+    alone (``medflow.cli`` and ``tasks.resize``), the floor of any run of the command.
     """
     param_file = work / "params.yaml"
     param_file.write_text(yaml.safe_dump(params(size, 1)))
@@ -205,7 +207,7 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
     cached = work / "cmd_cache"
     run(command(cached))  # fill it
     return {"full": full, "cached": best(lambda: run(command(cached))),
-            "imports": best(lambda: run([sys.executable, "-c", "import medflow.cli, medflow.imaging.resize"]))}
+            "imports": best(lambda: run([sys.executable, "-c", "import medflow.cli, tasks.resize"]))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,10 +240,10 @@ def incremental(files: list[Path], root: Path, cfg: Config, work: Path, repeat: 
     all_clean = write_clean_csv(linked + new, work / "clean_new.csv")
     cache = work / "inc_cache"
     step(cfg, old_clean, work, cache)  # the state before the new data landed
-    new_keys = [resize.cache_key(sha256_file(f), cfg.resize.size, cfg.dataset.channels) for f in new]
+    new_keys = [resize_cache.cache_key(sha256_file(f), cfg.resize.size, cfg.dataset.channels) for f in new]
     best = float("inf")
     for _ in range(repeat):
-        resize.cache_forget(cache, new_keys)  # forget the new files, keep the old ones
+        resize_cache.cache_forget(cache, new_keys)  # forget the new files, keep the old ones
         remove_outputs(work)
         start = time.perf_counter()
         summary = step(cfg, all_clean, work, cache)
@@ -427,7 +429,7 @@ def run_benchmark(data: Path, size: int, repeat: int) -> str:
         ("`medflow resize` in a fresh process (what `dvc repro` runs), empty cache",
          f"{cmd['full']:.2f} s wall", ""),
         ("the same, every image cached", f"{cmd['cached']:.2f} s wall", ""),
-        ("of which start-up and imports (`medflow.cli`, `medflow.imaging.resize`)", f"{cmd['imports']:.2f} s", ""),
+        ("of which start-up and imports (`medflow.cli`, `tasks.resize`)", f"{cmd['imports']:.2f} s", ""),
     ]
     for (name, what), r in rss.items():
         if what == "medflow":

@@ -2,7 +2,7 @@
 
 Inputs may be files, folders (searched recursively for images), glob patterns and archives (.zip, .tar,
 .tar.gz, .tgz; members are read in memory, nothing is extracted). Every image goes through the resize step's
-own decoder (:func:`medflow.imaging.resize.decode_resized`) at the model's size and channels, exactly the training
+own decoder (:func:`medflow.imaging.decode.decode_resized`) at the model's size and channels, exactly the training
 preprocessing. Decoding runs in a thread pool one batch ahead of the model. A file that cannot be read or
 decoded gets a row with its error and the rest are scored; the run never stops on one bad file.
 """
@@ -31,7 +31,7 @@ from medflow.data.archives import is_junk
 from medflow.data.manifest import iter_images
 from medflow.errors import StepError
 from medflow.evaluation.assess import TrainedModel, load_trained
-from medflow.imaging.resize import decode_resized
+from medflow.imaging.decode import decode_resized
 from medflow.io import atomic_open, n_workers
 from medflow.schema import IMAGE_EXTENSIONS
 

@@ -30,7 +30,7 @@ from medflow.errors import StepError
 from medflow.evaluation import assess as evaluate
 from medflow.evaluation import gradcam
 from medflow.evaluation.metrics import METRICS
-from medflow.imaging.resize import load_resized
+from medflow.imaging.decode import load_resized
 from medflow.io import read_json
 from medflow.training.fit import train_model
 

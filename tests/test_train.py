@@ -129,7 +129,7 @@ def test_missing_class_in_train_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_epochs_on_real_images_reload_identically(tmp_path: Path) -> None:
-    from medflow.imaging.resize import load_resized
+    from medflow.imaging.decode import load_resized
 
     src = shared_dataset("chest_xray")
     files = [(p, 0) for p in sorted((src / "NORMAL").iterdir())[:32]]

@@ -12,7 +12,7 @@ The DVC ``evaluate`` stage (:func:`run`) is the only place the test split is sco
 
 :func:`evaluate_folder` (``medflow evaluate --images DIR``) does the same for an external labelled folder at
 the model's stored threshold. Images are preprocessed by the resize step's own decoder
-(:func:`medflow.imaging.resize.load_resized`), exactly as for training.
+(:func:`medflow.imaging.decode.load_resized`), exactly as for training.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from medflow.data.manifest import class_of, iter_images
 from medflow.data.patients import group_of
 from medflow.errors import StepError
 from medflow.evaluation import gradcam, metrics, report
-from medflow.imaging.resize import load_resized
+from medflow.imaging.decode import load_resized
 from medflow.io import n_workers, open_images, read_csv, read_json, write_json
 from medflow.schema import SPLITS
 from medflow.training.models import custom_objects

@@ -19,7 +19,7 @@ from multiprocessing.context import ForkServerContext
 
 # What the fork server imports once, for every worker it forks. One list for every step: the server is
 # one per process and takes its preload list when it starts, whichever step starts it first.
-PRELOAD = ["medflow.imaging.resize", "medflow.imaging.verdict"]
+PRELOAD = ["medflow.imaging.parallel", "medflow.imaging.verdict"]
 
 
 def mp_context() -> ForkServerContext:

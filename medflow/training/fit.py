@@ -298,7 +298,7 @@ def _metadata(cfg: Config, data: inputs.SplitData, placement: Placement, state: 
         "labels": dict(cfg.dataset.labels),
         "positive_class": [k for k, v in cfg.dataset.labels.items() if v == 1],
         "preprocessing": {"size": cfg.resize.size, "channels": cfg.dataset.channels, "interpolation": "area",
-                          "resize": "stretch to square", "decoder": "medflow.imaging.resize.load_resized",
+                          "resize": "stretch to square", "decoder": "medflow.imaging.decode.load_resized",
                           "input_dtype": "uint8", "scaling": "inside the model"},
         "data_fingerprint": fingerprint,
         "train_counts": {"negative": neg, "positive": pos},

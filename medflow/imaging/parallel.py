@@ -1,0 +1,232 @@
+"""The chunked decode fan-out: uncached images decoded in parallel, each written to its row(s) and the cache.
+
+Uncached images are decoded by ``resize.workers`` decoders (0 = all cores): this process and
+``workers - 1`` worker processes, each single-threaded in OpenCV. The work goes out in row order, in
+chunks whose decoding cost (pixels) shrinks towards the end so that the decoders finish together
+(:func:`_chunks`); this process starts on the first chunk at once and then takes the next chunk in line
+whenever it is free (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder writes
+each resized image itself, to its row(s) of the output (``pwrite`` at the row's offset: the file is filled
+out of order) and to its cache shard, and hands back only where the bytes went (:class:`Written`): the
+pixels never cross a pipe. Workers are forked by the fork server of :mod:`medflow.imaging.workers`, which
+has preloaded this module, never from the caller, and they do not re-run the caller's main module.
+Nothing this module imports imports pandas or pydantic, so the server starts in about 0.4 s instead of
+1.5. Fewer than ``POOL_MIN_IMAGES`` new images (new data landing) are decoded by threads of this process
+alone (libjpeg-turbo, OpenCV and Pillow release the GIL while decoding): processes would cost more to
+start than they save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from typing import NamedTuple, TypeVar
+
+import cv2
+
+from medflow.errors import StepError
+from medflow.imaging.cache import ShardAppender, Task, open_fd, pwrite_all
+from medflow.imaging.decode import decode_image, read_image
+from medflow.imaging.workers import main_hidden, mp_context
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Fewer uncached images than this are decoded by threads in-process: processes would cost more to start
+# (the fork server takes about 0.4 s in a fresh process, the workers about 15 ms; 64 images 50-250 ms).
+POOL_MIN_IMAGES = 64
+_MAX_CHUNK = 32  # images per task sent to a worker, at most
+_CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left (guided scheduling)
+
+
+class Written(NamedTuple):
+    """One decoded image, written to its output row(s) and appended to a cache shard."""
+
+    key: str  # its cache key
+    reduced: bool  # a JPEG decoded at a reduced DCT scale
+    shard: str  # name of the shard file its bytes were appended to, under shards/
+    offset: int  # where in that shard
+
+
+@contextlib.contextmanager
+def decoding(todo: list[Task], *, size: int, channels: int, workers: int, out: str, cache: str,
+             run_id: str) -> Iterator[Iterator[Written]]:
+    """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish.
+
+    ``out`` is the output file, already at its full size (each task names its rows' offsets); ``cache`` the
+    cache folder whose shards the decoders append to, under names that start with ``run_id``. Fewer than
+    POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this process:
+    libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take longer to
+    start. Otherwise ``workers - 1`` worker processes and this process decode (see :class:`_Shared`). On
+    an error or an early exit the queued work is dropped; what was decoded stays in the shards.
+    """
+    job = partial(_decode_chunk, size=size, channels=channels, out=out, cache=cache, run_id=run_id)
+    chunks = _chunks(todo, max(1, workers), cost=_task_cost)
+    in_process = workers <= 1 or len(todo) < POOL_MIN_IMAGES
+    log.debug("decoding %d images in %d chunks: %d %s", len(todo), len(chunks), max(1, workers),
+              "thread(s) of this process" if in_process else "decoders (this process and worker processes)")
+    if in_process:
+        threads = ThreadPoolExecutor(max(1, workers))
+        try:
+            done = as_completed([threads.submit(job, chunk) for chunk in chunks])
+            yield _unbroken(result for future in done for result in future.result())
+        finally:
+            threads.shutdown(wait=True, cancel_futures=True)
+        return
+    pool = ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init)
+    shared = None
+    try:
+        shared = _Shared(chunks, job, pool, processes=workers - 1)
+        yield _unbroken(shared.results())
+    except BaseException:  # drop the queued work instead of finishing it
+        if shared is not None:
+            shared.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    # Every result is in: the workers exit on their own (about 25 ms) while this process finishes up.
+    pool.shutdown(wait=False)
+
+
+def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cache: str,
+                  run_id: str) -> list[Written]:
+    """Decoder body: decode a chunk of images and write each to its output row(s) and to this decoder's shard.
+
+    Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
+    process, or thread of this process) appends to a shard of its own (:class:`ShardAppender`).
+    """
+    results = []
+    out_fd = open_fd(out, os.O_WRONLY, "cannot write the output")
+    try:
+        with ShardAppender(cache, run_id) as shard:
+            for task in tasks:
+                job = task.job
+                img, reduced = decode_image(read_image(job.path), size=size, channels=channels, info=job.info,
+                                            name=job.path)
+                data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
+                try:
+                    for pos in task.offsets:
+                        pwrite_all(out_fd, data, pos)
+                except OSError as e:
+                    raise StepError(f"{out}: cannot write the output: {e}") from e
+                results.append(Written(job.key, reduced, shard.name, shard.append(data)))
+    finally:
+        os.close(out_fd)
+    return results
+
+
+def _worker_init() -> None:
+    """Initialiser of each worker process."""
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+
+
+def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 1.0) -> list[list[T]]:
+    """Split the work, in row order, into chunks that shrink towards the end (guided scheduling).
+
+    A chunk costs at most ``1 / (_CHUNKS_PER_WORKER * workers)`` of the cost left (and holds at most
+    ``_MAX_CHUNK`` items, at least one): big chunks early keep the per-task overhead small; single images
+    at the end make the workers finish together instead of one of them decoding a last big chunk while
+    the others wait. Costs, not counts: the first rows of a dataset sorted by class may be the largest
+    images. Row order (rather than, say, the biggest files first) makes a chunk consecutive rows, which
+    its worker appends to its shard in that order: the next run copies each chunk's rows with one call.
+    """
+    costs = [cost(item) for item in todo]
+    left = sum(costs)
+    chunks, i = [], 0
+    while i < len(todo):
+        budget, j, spent = left / (_CHUNKS_PER_WORKER * workers), i + 1, costs[i]
+        while j < len(todo) and j - i < _MAX_CHUNK and spent + costs[j] <= budget:
+            spent += costs[j]
+            j += 1
+        chunks.append(todo[i:j])
+        left -= spent
+        i = j
+    return chunks
+
+
+def _task_cost(task: Task) -> float:
+    """Relative decoding cost of a task for chunking: its pixels (1 Mpx when the header is unknown)."""
+    info = task.job.info
+    return float(info.width * info.height) if info else 1e6
+
+
+_Finished = Future[list[Written]] | list[Written] | BaseException
+
+
+class _Shared:
+    """Chunks handed out in order to the worker processes and to a thread of this process.
+
+    This process counts as one of the ``resize.workers``: its thread takes the next chunk in line
+    whenever it is free, from the start (a worker process takes 10-15 ms to start, the first one about
+    0.4 s more to start the fork server, and this thread keeps decoding meanwhile), and its results
+    cross no pipe. The pool is kept two chunks ahead per worker process (one running, one queued, so no
+    worker waits between chunks); the guided, cost-sized chunks keep everyone finishing together.
+    """
+
+    def __init__(self, chunks: list[list[Task]], job: Callable[[list[Task]], list[Written]],
+                 pool: Executor, *, processes: int) -> None:
+        self._pending = deque(chunks)
+        self._total, self._job, self._pool, self._depth = len(chunks), job, pool, 2 * processes
+        self._in_flight = 0
+        self._done: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._help, name="resize-helper", daemon=True)
+        self._thread.start()
+        try:
+            with main_hidden():  # the first submissions start the worker processes (all of them)
+                self._feed()
+        except BaseException:
+            self.stop()
+            raise
+
+    def results(self) -> Iterator[Written]:
+        """Every chunk's results as they finish; the first error (a worker's, or this thread's) raised."""
+        for _ in range(self._total):
+            item = self._done.get()
+            if isinstance(item, Future):
+                self._in_flight -= 1
+                self._feed()
+                item = item.result()
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+    def stop(self) -> None:
+        """Make this process's thread stop after its current chunk, and wait for it."""
+        self._stopped.set()
+        self._thread.join()
+
+    def _feed(self) -> None:
+        while self._in_flight < self._depth and (chunk := self._take()) is not None:
+            self._pool.submit(self._job, chunk).add_done_callback(self._done.put)
+            self._in_flight += 1
+
+    def _take(self) -> list[Task] | None:
+        try:
+            return self._pending.popleft()  # atomic: the thread and the feeder never get the same chunk
+        except IndexError:
+            return None
+
+    def _help(self) -> None:
+        while not self._stopped.is_set() and (chunk := self._take()) is not None:
+            try:
+                self._done.put(self._job(chunk))
+            except BaseException as e:  # handed to results(), which raises it
+                self._done.put(e)
+                return
+
+
+def _unbroken(results: Iterator[Written]) -> Iterator[Written]:
+    """Turn a dead worker (killed for memory, or a decoder crash) into an actionable StepError."""
+    try:
+        yield from results
+    except BrokenProcessPool as e:
+        raise StepError("a resize worker process died (out of memory, or a decoder crashed on a file); "
+                        "entries decoded so far are cached: re-run with resize.workers: 1 to find the "
+                        "file") from e
