@@ -12,9 +12,10 @@ import pytest
 from medflow.config import EvaluateConfig
 from medflow.evaluation import assess as evaluate
 from medflow.evaluation import report
+from medflow.evaluation.results import Evaluation, Scores
 
 
-def _evaluation(tmp_path: Path, n: int = 200, by: str = "image") -> evaluate.Evaluation:
+def _evaluation(tmp_path: Path, n: int = 200, by: str = "image") -> Evaluation:
     rng = np.random.default_rng(0)
     y = (np.arange(n) % 3 == 0).astype(np.int8)
     p = np.clip(0.5 * y + rng.normal(0.3, 0.2, n), 0, 1)
@@ -25,7 +26,7 @@ def _evaluation(tmp_path: Path, n: int = 200, by: str = "image") -> evaluate.Eva
     meta = {"input_shape": [32, 32, 1], "class_names": {"0": "NORMAL", "1": "PNEUMONIA"}, "best_epoch": 3,
             "preprocessing": {"size": 32, "channels": 1}, "params": {"train": {"model": "medflow_cnn"}}}
     trained = evaluate.TrainedModel(folder, None, meta)  # type: ignore[arg-type]  # no Grad-CAM: no model needed
-    scores = evaluate.Scores(y, p, np.array([f"p{i // 2}" for i in range(n)]), np.array([f"img{i}.png" for i in
+    scores = Scores(y, p, np.array([f"p{i // 2}" for i in range(n)]), np.array([f"img{i}.png" for i in
                                                                                         range(n)]))
     ev = EvaluateConfig(bootstrap=1000, gradcam_examples=0, bootstrap_by=by)
     threshold = {"threshold": 0.45, "rule": "fixed", "chosen_on": "val", "how": "fixed in params"}

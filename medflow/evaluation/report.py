@@ -1,4 +1,4 @@
-"""Write an :class:`~medflow.evaluation.assess.Evaluation`: HTML report, summary, model card, metrics, plots.
+"""Write an :class:`~medflow.evaluation.results.Evaluation`: HTML report, summary, model card, metrics, plots.
 
 The HTML report is one self-contained file: figures are PNGs (matplotlib, Agg) embedded as data URIs and the
 style sheet is inline, so it renders offline and can be mailed or attached to a ticket. ``metrics.json`` is
@@ -15,7 +15,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import matplotlib
@@ -27,10 +27,8 @@ import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
 from medflow.evaluation.metrics import METRICS, Interval  # noqa: E402
+from medflow.evaluation.results import Evaluation  # noqa: E402
 from medflow.io import atomic_open, write_csv, write_json  # noqa: E402
-
-if TYPE_CHECKING:
-    from medflow.evaluation.assess import Evaluation
 
 log = logging.getLogger(__name__)
 
