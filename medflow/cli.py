@@ -142,17 +142,18 @@ def _default_model(dataset: str, stage: bool = False) -> Path:
 def _evaluate(args: argparse.Namespace) -> None:
     cfg = load_config(args.params)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
-    from medflow.evaluation import assess as evaluate
-
-    if args.split is not None:
-        evaluate.run(cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
-                     validation=args.validation, sources=args.sources,
-                     out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
+    if args.split is not None:  # the evaluate stage: a step, loaded from the project root
+        load_project_module("tasks.evaluate").run(
+            cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
+            validation=args.validation, sources=args.sources,
+            out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
     else:
+        from medflow.evaluation import assess
+
         if args.images.suffix == ".npy":
             raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
         out = args.out or Path("reports") / cfg.dataset.name / "external" / args.images.resolve().name
-        evaluate.evaluate_folder(cfg, images=args.images, model=model, out=out)
+        assess.evaluate_folder(cfg, images=args.images, model=model, out=out)
 
 
 def _predict(args: argparse.Namespace) -> None:

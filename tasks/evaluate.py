@@ -1,5 +1,58 @@
-"""The evaluate step (dvc.yaml stage evaluate): TRANSITIONAL re-export of the library entry."""
+"""The evaluate step (dvc.yaml stage ``evaluate``): the only place the test split is scored.
 
-from medflow.evaluation.assess import run
+1. scores the val split and chooses the operating threshold there (``evaluate.threshold_rule``), storing it
+   beside the model (``<model>/threshold.json``, read by ``medflow predict``);
+2. scores the test split once and assesses it (:func:`medflow.evaluation.assess.assess`: metrics with
+   bootstrap CIs, curves, Grad-CAM);
+3. writes the report folder ``out`` (:func:`medflow.evaluation.report.write_all`: self-contained HTML,
+   Markdown summary, model card, ``metrics.json``, predictions and plot tables for ``dvc metrics`` /
+   ``dvc plots``), with the data facts read here: counts per split, quarantined files, the Great
+   Expectations result and the sources.
+"""
 
-__all__ = ["run"]
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medflow.config import Config
+from medflow.evaluation import assess, report
+from medflow.evaluation.assess import THRESHOLD_FILE
+from medflow.io import open_images, read_csv, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _data_facts(cfg: Config, split: Path, rejects: Path | None, validation: Path | None,
+                sources: Path | None) -> dict[str, Any]:
+    """What the report says about the data; each optional input is left out when its file is absent."""
+    facts: dict[str, Any] = {"counts": assess.split_counts(read_csv(split), cfg.dataset.labels),
+                             "labels": dict(cfg.dataset.labels), "group_rule": cfg.dataset.group_rule,
+                             "card": cfg.dataset.card.model_dump()}
+    facts["rejects"] = read_csv(rejects) if rejects is not None and rejects.is_file() else None
+    if validation is not None and validation.is_file():
+        facts["validation"] = assess.validation_summary(read_json(validation), validation)
+    if sources is not None and sources.is_file():
+        facts["sources"] = read_json(sources)
+    return facts
+
+
+def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejects: Path | None = None,
+        validation: Path | None = None, sources: Path | None = None) -> dict[str, Any]:
+    """Threshold on val (stored in the model folder), the test report into ``out``; returns the headline."""
+    ev = cfg.evaluate
+    model, images, split = Path(model), Path(images), Path(split)
+    trained = assess.load_trained(model)
+    val = assess.score_split(model, images, split, "val", trained=trained, batch_size=ev.batch_size)
+    threshold = assess.choose_threshold(val, ev)
+    write_json(model / THRESHOLD_FILE, threshold)
+    log.info("evaluate: threshold %.4f (%s), val sensitivity %.3f specificity %.3f", threshold["threshold"],
+             threshold["rule"], threshold["val"]["sensitivity"], threshold["val"]["specificity"])
+    test = assess.score_split(model, images, split, "test", trained=trained, batch_size=ev.batch_size)
+    evaluation = assess.assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on the test "
+                               "split", cfg.dataset.name, f"test split of {split}", trained, test, threshold, ev,
+                               open_images(images))
+    evaluation.data = _data_facts(cfg, split, rejects, validation, sources)
+    return report.write_all(evaluation, Path(out))
+

@@ -32,7 +32,7 @@ from medflow.evaluation import gradcam
 from medflow.evaluation.metrics import METRICS
 from medflow.imaging.decode import load_resized
 from medflow.io import read_json
-from medflow.training.fit import train_model
+from tasks import train as train_step
 
 pytestmark = pytest.mark.slow  # trains a small model once (about 20 s), then reuses it
 
@@ -96,18 +96,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     cfg = parse_config(_params(root))
     files, labels = write_images(root / "raw", 160, seed=1)
     images, split = _dataset(root, files, labels)
-    train_model(cfg, images=images, split=split, model_dir=root / "model", live_dir=root / "live")
+    train_step.run(cfg, images=images, split=split, model_dir=root / "model", live_dir=root / "live")
     return Trained(cfg, root, files, labels, images, split, root / "model")
 
 
 @pytest.fixture(scope="module")
 def stage(trained: Trained) -> Path:
-    """Run the evaluate stage once; return its report folder."""
+    """Run the evaluate stage once, as dvc.yaml does (the CLI loads tasks/evaluate.py); return its report folder."""
+    import yaml
+
     rejects = trained.root / "rejects.csv"
     rejects.write_text("path,reason,detail,sha256,bytes\nraw/POS/bad.png,truncated,image file is truncated,,10\n")
+    params = trained.root / "params.yaml"
+    params.write_text(yaml.safe_dump(_params(trained.root)))
     out = trained.root / "report"
-    evaluate.run(trained.cfg, model=trained.model, images=trained.images, split=trained.split, out=out,
-                 rejects=rejects)
+    assert main(["evaluate", "--params", str(params), "--model", str(trained.model), "--images",
+                 str(trained.images), "--split", str(trained.split), "--rejects", str(rejects),
+                 "--validation", str(trained.root / "absent.json"), "--out", str(out)]) == 0
     return out
 
 

@@ -110,6 +110,15 @@ def test_bootstrap_interval_contains_point_and_shrinks_with_n() -> None:
     assert widths[0] / widths[2] == pytest.approx(4, rel=0.35)  # ~ 1 / sqrt(n)
 
 
+def test_bootstrap_interval_follows_the_confidence() -> None:
+    y, p = _sample()
+    wide = M.bootstrap(y, p, 0.5, n=1000, seed=3, confidence=0.95)
+    narrow = M.bootstrap(y, p, 0.5, n=1000, seed=3, confidence=0.8)  # same resamples, inner percentiles
+    for name in M.METRICS:
+        assert wide[name].low <= narrow[name].low <= narrow[name].high <= wide[name].high, name
+    assert narrow["roc_auc"].high - narrow["roc_auc"].low < 0.8 * (wide["roc_auc"].high - wide["roc_auc"].low)
+
+
 def test_bootstrap_is_seeded_and_stratified() -> None:
     y, p = _sample()
     a = M.bootstrap(y, p, 0.5, n=1000, seed=7)

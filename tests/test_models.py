@@ -66,18 +66,32 @@ def bfloat16_policy() -> Iterator[None]:
 
 @pytest.mark.parametrize(("name", "shape"), [("tutorial_cnn", (32, 32, 1)), ("medflow_cnn", (32, 40, 3))])
 def test_own_models_output_one_probability_per_image(name: str, shape: tuple[int, int, int]) -> None:
-    model = _build(name, shape)
+    model = _build(name, shape)  # pos:neg = 30:10
     out = np.asarray(model(_images(4, shape), training=False))
     assert model.name == name
     assert out.shape == (4, 1) and out.dtype == np.float32
-    assert np.all((out >= 0) & (out <= 1))
+    # The head's input depends on the image. (Not the output itself: untrained, tutorial_cnn's inference-mode
+    # activations shrink to ~1e-9 before the head, BatchNorm using its initial statistics, so every image
+    # gets the prior below to float32 precision; in training BatchNorm normalises by the batch instead.)
+    features = np.asarray(keras.Model(model.input, model.get_layer("logit").input)(_images(4, shape), training=False))
+    assert np.ptp(features, axis=0).max() > 0, "the features do not depend on the image"
+    # A blank image reaches the head as zero features (zero-initialised biases, BatchNorm at its initial
+    # statistics, ReLU), so the untrained model answers with the prior: sigmoid(log(pos/neg)) = pos/(pos+neg).
+    blank = np.asarray(model(np.zeros((1, *shape), dtype=np.uint8), training=False))
+    assert float(blank[0, 0]) == pytest.approx(30 / 40, abs=1e-6)
 
 
 def _check_backbone(name: str, size: int) -> None:
-    model = _build(name, (size, size, 3))
-    out = np.asarray(model(_images(2, (size, size, 3)), training=False))
+    model = _build(name, (size, size, 3))  # pos:neg = 30:10
+    x = _images(2, (size, size, 3))
+    out = np.asarray(model(x, training=False))
     assert model.get_layer("backbone").output.shape == (None, model.get_layer("logit").input.shape[-1])
-    assert out.shape == (2, 1) and np.all((out >= 0) & (out <= 1))
+    assert out.shape == (2, 1) and np.ptp(out) > 0, "the output does not depend on the image"
+    # With the head's kernel zeroed only its bias is left: every image gets the prior pos/(pos+neg), which
+    # checks that the probability is the sigmoid of the logit layer and the bias its log prior odds.
+    logit = model.get_layer("logit")
+    logit.kernel.assign(np.zeros(logit.kernel.shape, dtype="float32"))
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), 30 / 40, atol=1e-6)
 
 
 def test_fast_backbone_builds_and_outputs_probabilities() -> None:

@@ -20,6 +20,7 @@ from conftest import ROOT, shared_dataset, write_split_csv
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
 from medflow.training import fit as train_mod
+from tasks import train as step
 
 
 def _cfg(**train: object) -> Config:
@@ -84,9 +85,8 @@ def _tiny_run(tmp_path: Path, cfg: Config, n: int = 48) -> tuple[keras.Model, di
     x, y = _synthetic(n)
     splits = ["train"] * (n - 16) + ["val"] * 8 + ["test"] * 8
     images, split = _write_dataset(tmp_path / "data", x, y, splits)
-    model, summary = train_mod.train_model(cfg, images=images, split=split, model_dir=tmp_path / "model",
-                                           live_dir=tmp_path / "live")
-    return model, summary, images
+    result = step.run(cfg, images=images, split=split, model_dir=tmp_path / "model", live_dir=tmp_path / "live")
+    return result.model, result.summary(), images
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_missing_class_in_train_is_an_error(tmp_path: Path) -> None:
     y[20:] = 1
     images, split = _write_dataset(tmp_path, x, y, ["train"] * 16 + ["val"] * 4 + ["test"] * 4)
     with pytest.raises(StepError, match="both classes"):
-        train_mod.run(_cfg(), images=images, split=split, model_dir=tmp_path / "m", live_dir=tmp_path / "l")
+        step.run(_cfg(), images=images, split=split, model_dir=tmp_path / "m", live_dir=tmp_path / "l")
 
 
 @pytest.mark.integration
@@ -140,8 +140,7 @@ def test_two_epochs_on_real_images_reload_identically(tmp_path: Path) -> None:
     images, split = _write_dataset(tmp_path / "data", x, y, splits)
     cfg = parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1}},
                         "resize": {"size": 64}, "train": {"epochs": 2, "batch_size": 16}})
-    model, _ = train_mod.train_model(cfg, images=images, split=split, model_dir=tmp_path / "m",
-                                     live_dir=tmp_path / "l")
+    model = step.run(cfg, images=images, split=split, model_dir=tmp_path / "m", live_dir=tmp_path / "l").model
     reloaded = keras.saving.load_model(tmp_path / "m" / "model.keras")
     np.testing.assert_allclose(train_mod.predict_probabilities(model, x),
                                train_mod.predict_probabilities(reloaded, x), rtol=1e-5, atol=1e-6)
@@ -182,8 +181,8 @@ def test_resume_after_a_crash(tmp_path: Path) -> None:
     assert 2 <= done < 30, "the run finished before it could be killed"
     assert not (tmp_path / "m" / "model.keras").exists()  # nothing written under the final name yet
 
-    _, summary = train_mod.train_model(load_config(params), images=images, split=split,
-                                       model_dir=tmp_path / "m", live_dir=tmp_path / "l")
+    summary = step.run(load_config(params), images=images, split=split, model_dir=tmp_path / "m",
+                       live_dir=tmp_path / "l").summary()
     assert summary["resumed_from_epoch"] >= done  # continued, not restarted
     history = pd.read_csv(tmp_path / "m" / "history.csv")
     assert list(history["epoch"]) == list(range(1, 31))

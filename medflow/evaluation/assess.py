@@ -1,18 +1,17 @@
-"""Evaluate a trained model: operating threshold on val, test metrics with bootstrap CIs, the report.
+"""Scoring a trained model: a split of the pipeline's dataset, an external labelled folder; the threshold.
 
-The DVC ``evaluate`` stage (:func:`run`) is the only place the test split is scored. It
+- :func:`load_trained` / :func:`score_split`: the model folder the train step wrote, and its probabilities on
+  one split of ``images.npy`` (also used by the predict command and the champion/challenger flow);
+- :func:`choose_threshold`: the operating threshold, chosen on val scores (``evaluate.threshold_rule``);
+- :func:`assess`: every metric of :mod:`medflow.evaluation.metrics` with a stratified bootstrap CI, the
+  confusion matrix, ROC / PR / reliability / threshold curves and Grad-CAM overlays of the most confident
+  true and false positives and negatives, as one :class:`~medflow.evaluation.results.Evaluation`;
+- :func:`evaluate_folder` (``medflow evaluate --images DIR``): the same for an external labelled folder at
+  the model's stored threshold, report included.
 
-1. scores the val split and chooses the operating threshold there (``evaluate.threshold_rule``), storing it
-   beside the model (``models/<ds>/threshold.json``, read by ``medflow predict``);
-2. scores the test split once: every metric of :mod:`medflow.evaluation.metrics` with a stratified bootstrap CI, the
-   confusion matrix, ROC / PR / reliability / threshold curves, Grad-CAM overlays of the most confident
-   true and false positives and negatives;
-3. writes the report (:mod:`medflow.evaluation.report`): self-contained HTML, Markdown summary, model card,
-   ``metrics.json`` and plot tables for ``dvc metrics`` / ``dvc plots``.
-
-:func:`evaluate_folder` (``medflow evaluate --images DIR``) does the same for an external labelled folder at
-the model's stored threshold. Images are preprocessed by the resize step's own decoder
-(:func:`medflow.imaging.decode.load_resized`), exactly as for training.
+The evaluate step (``tasks/evaluate.py``) is the only place the test split is scored. Images of a folder
+are preprocessed by the resize step's own decoder (:func:`medflow.imaging.decode.load_resized`), exactly as
+for training.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,9 @@ from medflow.data.manifest import class_of, iter_images
 from medflow.data.patients import group_of
 from medflow.errors import StepError
 from medflow.evaluation import gradcam, metrics, report
+from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging.decode import load_resized
-from medflow.io import n_workers, open_images, read_csv, read_json, write_json
+from medflow.io import n_workers, open_images, read_csv, read_json
 from medflow.schema import SPLITS
 from medflow.training.models import custom_objects
 
@@ -71,6 +71,12 @@ class TrainedModel:
     def threshold(self) -> dict[str, Any]:
         """The stored operating threshold (``threshold.json``), written by the evaluate stage."""
         return read_threshold(self.folder)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """The per-epoch training history (``history.csv``); empty when the folder has none."""
+        path = self.folder / HISTORY_FILE
+        return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
 def load_trained(folder: Path | str) -> TrainedModel:
@@ -117,17 +123,6 @@ def predict_array(model: keras.Model, images: np.ndarray, rows: np.ndarray | Non
 # --- scores ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Scores:
-    """One split's labels, predicted probabilities, patient ids, paths and rows in images.npy."""
-
-    y: np.ndarray
-    p: np.ndarray
-    patient: np.ndarray
-    path: np.ndarray
-    row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-
 def _split_frame(split: Path, split_name: str) -> pd.DataFrame:
     if split_name not in SPLITS:
         raise StepError(f"unknown split {split_name!r}; expected one of {', '.join(SPLITS)}")
@@ -162,25 +157,6 @@ def score_split(model_dir: Path | str, images: Path | str, split: Path | str, sp
 # --- the evaluation ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Evaluation:
-    """Everything the report shows, computed once."""
-
-    title: str
-    dataset: str
-    source: str  # where the evaluated images came from
-    metadata: dict[str, Any]
-    threshold: dict[str, Any]
-    scores: Scores
-    intervals: dict[str, metrics.Interval]
-    confusion: dict[str, int]
-    curves: dict[str, pd.DataFrame]
-    gradcams: list[dict[str, Any]]
-    history: pd.DataFrame
-    settings: dict[str, Any]
-    data: dict[str, Any] = field(default_factory=dict)
-
-
 def assess(title: str, dataset: str, source: str, trained: TrainedModel, scores: Scores,
            threshold: dict[str, Any], ev: EvaluateConfig, images: np.ndarray) -> Evaluation:
     """Metrics with CIs, curves and Grad-CAM examples for ``scores`` at ``threshold['threshold']``.
@@ -206,7 +182,7 @@ def assess(title: str, dataset: str, source: str, trained: TrainedModel, scores:
         title=title, dataset=dataset, source=source, metadata=trained.metadata, threshold=threshold,
         scores=scores, intervals=intervals, confusion=metrics.confusion(y, p, t), curves=curves,
         gradcams=_gradcams(trained.model, scores, t, images, ev.gradcam_examples),
-        history=_history(trained.folder), settings=ev.model_dump(),
+        history=trained.history, settings=ev.model_dump(),
     )
 
 
@@ -241,11 +217,6 @@ def _gradcams(model: keras.Model, scores: Scores, threshold: float, images: np.n
     return [{"outcome": name, "path": str(scores.path[i]), "label": int(scores.y[i]),
              "probability": float(scores.p[i]), "image": gradcam.overlay(batch[j], cams[j])}
             for j, (name, i) in enumerate(chosen)]
-
-
-def _history(model_dir: Path) -> pd.DataFrame:
-    path = model_dir / HISTORY_FILE
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
 def choose_threshold(val: Scores, ev: EvaluateConfig) -> dict[str, Any]:
@@ -283,44 +254,15 @@ def split_counts(df: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
     return out
 
 
-def data_facts(cfg: Config, *, split: Path, rejects: Path | None, validation: Path | None,
-               sources: Path | None) -> dict[str, Any]:
-    """Counts per split and class, quarantined files, the GX result and the sources, for the report."""
-    df = read_csv(split)
-    facts: dict[str, Any] = {"counts": split_counts(df, cfg.dataset.labels), "labels": dict(cfg.dataset.labels),
-                             "group_rule": cfg.dataset.group_rule}
-    facts["rejects"] = read_csv(rejects) if rejects and Path(rejects).is_file() else None
-    if validation and Path(validation).is_file():
-        result = read_json(validation)
-        suites = result.get("suites", {})
-        n = sum(len(s.get("results", [])) for s in suites.values())
-        facts["validation"] = {"success": bool(result.get("success")), "expectations": n,
-                               "failed": list(result.get("failed", [])), "path": str(validation)}
-    if sources and Path(sources).is_file():
-        facts["sources"] = read_json(sources)
-    return facts
+def validation_summary(result: Mapping[str, Any], path: Path | str) -> dict[str, Any]:
+    """The Great Expectations result (the validate step's JSON) as the report shows it."""
+    suites = result.get("suites", {})
+    n = sum(len(s.get("results", [])) for s in suites.values())
+    return {"success": bool(result.get("success")), "expectations": n, "failed": list(result.get("failed", [])),
+            "path": str(path)}
 
 
-# --- entries -----------------------------------------------------------------------------------------
-
-
-def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejects: Path | None = None,
-        validation: Path | None = None, sources: Path | None = None) -> dict[str, Any]:
-    """The evaluate stage: threshold on val (stored in the model folder), test report into ``out``."""
-    ev = cfg.evaluate
-    trained = load_trained(model)
-    val = score_split(model, images, split, "val", trained=trained, batch_size=ev.batch_size)
-    threshold = choose_threshold(val, ev)
-    write_json(Path(model) / THRESHOLD_FILE, threshold)
-    log.info("evaluate: threshold %.4f (%s), val sensitivity %.3f specificity %.3f", threshold["threshold"],
-             threshold["rule"], threshold["val"]["sensitivity"], threshold["val"]["specificity"])
-    test = score_split(model, images, split, "test", trained=trained, batch_size=ev.batch_size)
-    evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on the test split",
-                        cfg.dataset.name, f"test split of {split}", trained, test, threshold, ev,
-                        open_images(images))
-    evaluation.data = data_facts(cfg, split=Path(split), rejects=rejects, validation=validation, sources=sources)
-    evaluation.data["card"] = cfg.dataset.card.model_dump()
-    return report.write_all(evaluation, Path(out))
+# --- an external folder --------------------------------------------------------------------------------
 
 
 def _labelled_files(folder: Path, labels: Mapping[str, int]) -> list[tuple[Path, str]]:

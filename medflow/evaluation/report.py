@@ -1,24 +1,29 @@
-"""Write an :class:`~medflow.evaluation.assess.Evaluation`: HTML report, summary, model card, metrics, plots.
+"""Write an :class:`~medflow.evaluation.results.Evaluation`: HTML report, summary, model card, metrics, plots.
 
-The HTML report is one self-contained file: figures are PNGs (matplotlib, Agg) embedded as data URIs and the
-style sheet is inline, so it renders offline and can be mailed or attached to a ticket. ``metrics.json`` is
-for ``dvc metrics show``; ``plots/*.csv`` and ``predictions.csv`` are declared in dvc.yaml for ``dvc plots``.
-Every file is written atomically.
+The HTML report is one self-contained file rendered from ``templates/report.html.j2`` (Jinja2, autoescaped:
+class names, paths and card text cannot inject markup): figures are PNGs (matplotlib, Agg) embedded as data
+URIs and the style sheet is inline, so it renders offline and can be mailed or attached to a ticket.
+``metrics.json`` is for ``dvc metrics show``; ``plots/*.csv`` and ``predictions.csv`` are declared in
+dvc.yaml for ``dvc plots``. Every file is written atomically. Interval labels ("95% CI") follow
+``evaluate.confidence``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
+import functools
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
+import jinja2
 import matplotlib
+from markupsafe import Markup
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,10 +32,8 @@ import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
 from medflow.evaluation.metrics import METRICS, Interval  # noqa: E402
+from medflow.evaluation.results import Evaluation  # noqa: E402
 from medflow.io import atomic_open, write_csv, write_json  # noqa: E402
-
-if TYPE_CHECKING:
-    from medflow.evaluation.assess import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ LABELS = {
 }
 HEADLINE = ("roc_auc", "sensitivity", "specificity")
 _DPI = 110
+_REJECTS_SHOWN = 200  # quarantined files listed one by one; the rest are counted
 
 
 # --- formatting ------------------------------------------------------------------------------------------
@@ -62,9 +66,14 @@ def fmt_interval(iv: Interval) -> str:
     return f"{fmt(iv.value)} ({fmt(iv.low)}-{fmt(iv.high)})"
 
 
+def ci_level(confidence: float) -> str:
+    """The interval's level as the report prints it: 0.95 -> "95%", 0.9 -> "90%", 0.975 -> "97.5%"."""
+    return f"{round(confidence * 100, 4):g}%"
+
+
 def _ci_label(ev: Evaluation) -> str:
     s = ev.settings
-    return (f"{s['confidence']:.0%} CI: {s['bootstrap']} stratified bootstrap resamples by "
+    return (f"{ci_level(ev.confidence)} CI: {s['bootstrap']} stratified bootstrap resamples by "
             f"{s['bootstrap_by']}, seed {s['seed']}")
 
 
@@ -199,6 +208,12 @@ def _gradcam_png(image: np.ndarray) -> bytes:
 # --- tables ----------------------------------------------------------------------------------------------
 
 
+def metrics_header(ev: Evaluation) -> list[str]:
+    """Column names of the metrics table, the interval's level included."""
+    level = ci_level(ev.confidence)
+    return ["metric", "value", f"{level} CI low", f"{level} CI high"]
+
+
 def metrics_rows(ev: Evaluation) -> list[tuple[str, str, str, str]]:
     return [(LABELS[k], fmt(ev.intervals[k].value), fmt(ev.intervals[k].low), fmt(ev.intervals[k].high))
             for k in METRICS]
@@ -208,12 +223,6 @@ def _md_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]]) 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _html_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _frame_rows(df: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
@@ -258,7 +267,7 @@ def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
         lines += [f"- On val ({t['val']['n']} images): sensitivity {fmt(t['val']['sensitivity'])}, specificity "
                   f"{fmt(t['val']['specificity'])}."]
     lines += ["", f"## Performance ({ev.source}, {len(ev.scores.y)} images)", "", _ci_label(ev) + ".", "",
-              _md_table(["metric", "value", "low", "high"], metrics_rows(ev)), ""]
+              _md_table(metrics_header(ev), metrics_rows(ev)), ""]
     limitations = list(card.get("limitations") or [])
     limitations.append(f"Confidence intervals reflect sampling of {len(ev.scores.y)} test images "
                        f"(resampled by {ev.settings['bootstrap_by']}); they do not cover shifts in population, "
@@ -298,88 +307,97 @@ def _data_markdown(ev: Evaluation) -> list[str]:
 
 # --- HTML --------------------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
-padding:1.5rem;color:#1b1f23;line-height:1.45}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #e1e4e8;padding-bottom:.2rem;margin-top:2rem}
-.meta{color:#586069;font-size:.9rem}
-.headline{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
-.card{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:8px;padding:.7rem 1rem;min-width:180px}
-.card .v{font-size:1.7rem;font-weight:600}.card .ci{color:#586069;font-size:.85rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-th,td{border:1px solid #d1d5da;padding:.25rem .6rem;text-align:left}th{background:#f6f8fa}
-table.rejects td{word-break:break-all}
-.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0}
-figure img{max-width:100%;border:1px solid #e1e4e8;border-radius:4px}
-figcaption{font-size:.8rem;color:#586069;max-width:460px}
-.cams{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:.8rem}
-.cams img{width:100%;image-rendering:pixelated}
-.ok{color:#22863a;font-weight:600}.bad{color:#cb2431;font-weight:600}
-.modelcard{background:#fbfcfd;border:1px solid #e1e4e8;border-radius:8px;padding:0 1rem}
-.modelcard h3{font-size:1.2rem}.modelcard h4{font-size:1rem;margin-bottom:.3rem}
-"""
+
+@dataclass(frozen=True)
+class _Table:
+    header: list[str]
+    rows: list[list[Any]]
 
 
-def _img(png: bytes, alt: str, caption: str = "") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
+@dataclass(frozen=True)
+class _Figure:
+    alt: str
+    uri: str  # a data: URI, so the page needs no other file
+    caption: str = ""
 
 
-def _headline_cards(ev: Evaluation) -> str:
-    cards = []
-    for k in HEADLINE:
-        iv = ev.intervals[k]
-        cards.append(f'<div class="card"><div>{html.escape(LABELS[k])}</div><div class="v">{fmt(iv.value)}</div>'
-                     f'<div class="ci">95% CI {fmt(iv.low)}-{fmt(iv.high)}</div></div>')
-    cards.append(f'<div class="card"><div>Threshold ({html.escape(str(ev.threshold.get("rule")))})</div>'
-                 f'<div class="v">{ev.threshold["threshold"]:.3f}</div>'
-                 f'<div class="ci">chosen on {html.escape(str(ev.threshold.get("chosen_on", "val")))}</div></div>')
-    return '<div class="headline">' + "".join(cards) + "</div>"
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The report templates, shipped inside the package (templates/); every value is HTML-escaped."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("medflow.evaluation", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def _data_html(ev: Evaluation) -> str:
-    parts = []
-    counts = ev.data.get("counts")
-    if counts is not None:
-        parts.append(f"<p>Split by patient (<code>{html.escape(str(ev.data.get('group_rule')))}</code> rule); "
-                     "no patient and no near-duplicate group is in two splits.</p>")
-        parts.append(_html_table(*_frame_rows(counts)))
-    ext = ev.data.get("external_counts")
-    if ext is not None:
-        parts.append(_html_table(*_frame_rows(ext)))
-    val = ev.data.get("validation")
-    if val:
-        state = '<span class="ok">passed</span>' if val["success"] else '<span class="bad">FAILED</span>'
-        parts.append(f"<p>Great Expectations validation {state}: {val['expectations']} expectations, "
-                     f"{len(val['failed'])} failed (<code>{html.escape(val['path'])}</code>).</p>")
-        if val["failed"]:
-            parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in val["failed"]) + "</ul>")
+def _figure(png: bytes, alt: str, caption: str = "") -> _Figure:
+    return _Figure(alt, "data:image/png;base64," + base64.b64encode(png).decode("ascii"), caption)
+
+
+def _frame_table(df: pd.DataFrame) -> _Table:
+    return _Table(*_frame_rows(df))
+
+
+def _headline(ev: Evaluation) -> list[dict[str, str]]:
+    return [{"label": LABELS[k], "value": fmt(ev.intervals[k].value), "low": fmt(ev.intervals[k].low),
+             "high": fmt(ev.intervals[k].high)} for k in HEADLINE]
+
+
+def _threshold_view(ev: Evaluation) -> dict[str, str]:
+    t = ev.threshold
+    val_line = ""
+    if t.get("val"):
+        val_line = (f" On val ({t['val']['n']} images) it gives sensitivity {fmt(t['val']['sensitivity'])} and "
+                    f"specificity {fmt(t['val']['specificity'])}.")
+    return {"short": f"{t['threshold']:.3f}", "long": f"{t['threshold']:.4f}", "rule": str(t.get("rule")),
+            "how": str(t.get("how", "")), "chosen_on": str(t.get("chosen_on", "val")), "val_line": val_line}
+
+
+def _figures(ev: Evaluation, figures: dict[str, bytes | None]) -> list[_Figure]:
+    c = ev.confusion
+    captions = {
+        "roc": ("ROC", "Operating point in red."),
+        "pr": ("PR", "Dashed: a classifier without skill (the prevalence)."),
+        "calibration": ("Calibration", "Points on the diagonal: probabilities mean what they say."),
+        "thresholds": ("Thresholds", "Dotted: the operating threshold chosen on val."),
+        "confusion": ("Confusion", f"TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}."),
+    }
+    return [_figure(png, alt, caption) for key, (alt, caption) in captions.items()
+            if (png := figures.get(key)) is not None]
+
+
+def _gradcam_figures(ev: Evaluation) -> list[_Figure]:
+    names = _class_names(ev)
+    return [_figure(_gradcam_png(g["image"]), f"Grad-CAM {g['outcome']}",
+                    f"{g['outcome']}: p={g['probability']:.3f}, actual {names[g['label']]} - {Path(g['path']).name}")
+            for g in ev.gradcams]
+
+
+def _data_view(ev: Evaluation) -> dict[str, Any]:
+    counts, ext = ev.data.get("counts"), ev.data.get("external_counts")
+    view: dict[str, Any] = {"counts": None if counts is None else _frame_table(counts),
+                            "group_rule": str(ev.data.get("group_rule")),
+                            "external": None if ext is None else _frame_table(ext),
+                            "validation": ev.data.get("validation") or None, "rejects": None}
     rejects, by_reason = _reject_summary(ev)
     if rejects is not None:
-        parts.append(f"<h3>Quarantined files ({len(rejects)})</h3>")
-        if len(rejects):
-            parts.append(_html_table(["reason", "files"], list(by_reason.items())))
-            shown = rejects[["path", "reason", "detail"]].head(200)
-            parts.append(_html_table(*_frame_rows(shown), cls="rejects"))
-            if len(rejects) > len(shown):
-                parts.append(f"<p>... and {len(rejects) - len(shown)} more (see rejects.csv).</p>")
-        else:
-            parts.append("<p>None.</p>")
-    return "\n".join(parts)
+        shown = rejects[["path", "reason", "detail"]].head(_REJECTS_SHOWN) if len(rejects) else rejects
+        view["rejects"] = {"n": len(rejects), "by_reason": _Table(["reason", "files"], [[r, n] for r, n in
+                                                                                    by_reason.items()]),
+                           "shown": _frame_table(shown), "more": len(rejects) - len(shown)}
+    return view
 
 
-def _gradcam_html(ev: Evaluation) -> str:
-    if not ev.gradcams:
-        return "<p>No Grad-CAM overlays (none requested, or the model has no convolutional feature map).</p>"
-    names = _class_names(ev)
-    items = []
-    for g in ev.gradcams:
-        caption = (f"{g['outcome']}: p={g['probability']:.3f}, actual {names[g['label']]} - "
-                   f"{Path(g['path']).name}")
-        items.append(_img(_gradcam_png(g["image"]), f"Grad-CAM {g['outcome']}", caption))
-    return ('<p>Grad-CAM of the positive-class logit on the most confident examples of each outcome '
-            '(red: regions that raise the probability).</p><div class="cams">' + "".join(items) + "</div>")
+def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) -> str:
+    """The whole report as one HTML string (templates/report.html.j2; no external resources)."""
+    history = figures.get("history")
+    return _templates().get_template("report.html.j2").render(
+        title=ev.title, source=ev.source, n=len(ev.scores.y), n_positive=int(np.sum(ev.scores.y)),
+        generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), ci_label=_ci_label(ev),
+        ci_level=ci_level(ev.confidence), headline=_headline(ev), threshold=_threshold_view(ev),
+        metrics=_Table(metrics_header(ev), [list(r) for r in metrics_rows(ev)]), figures=_figures(ev, figures),
+        history=None if history is None else _figure(
+            history, "training curves", "Per-epoch loss and metrics; dotted: the epoch whose weights were kept."),
+        gradcams=_gradcam_figures(ev), data=_data_view(ev), model_card=Markup(markdown_html(card_md)),
+    )
 
 
 def markdown_html(text: str) -> str:
@@ -388,52 +406,6 @@ def markdown_html(text: str) -> str:
     for level in (4, 3, 2, 1):
         out = out.replace(f"<h{level}>", f"<h{level + 2}>").replace(f"</h{level}>", f"</h{level + 2}>")
     return out
-
-
-def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) -> str:
-    """The whole report as one HTML string (no external resources)."""
-    t = ev.threshold
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    c = ev.confusion
-    fig_html = "".join(_img(png, name, caption) for name, (png, caption) in (
-        ("ROC", (figures["roc"], "Operating point in red.")),
-        ("PR", (figures["pr"], "Dashed: a classifier without skill (the prevalence).")),
-        ("Calibration", (figures["calibration"], "Points on the diagonal: probabilities mean what they say.")),
-        ("Thresholds", (figures["thresholds"], "Dotted: the operating threshold chosen on val.")),
-        ("Confusion", (figures["confusion"], f"TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}.")),
-    ) if png is not None)
-    history = figures.get("history")
-    val_line = ""
-    if t.get("val"):
-        val_line = (f" On val ({t['val']['n']} images) it gives sensitivity {fmt(t['val']['sensitivity'])} and "
-                    f"specificity {fmt(t['val']['specificity'])}.")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>medflow report: {html.escape(ev.title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{html.escape(ev.title)}</h1>
-<div class="meta">Evaluated on the {html.escape(ev.source)} ({len(ev.scores.y)} images,
-{int(np.sum(ev.scores.y))} positive) on {now}. {html.escape(_ci_label(ev))}.</div>
-{_headline_cards(ev)}
-<h2>Operating threshold</h2>
-<p>Threshold <b>{t['threshold']:.4f}</b>, rule <code>{html.escape(str(t.get('rule')))}</code>:
-{html.escape(str(t.get('how', '')))}. Chosen on the {html.escape(str(t.get('chosen_on', 'val')))} split;
-the test split is scored once, here.{html.escape(val_line)}</p>
-<h2>Metrics</h2>
-{_html_table(["metric", "value", "95% CI low", "95% CI high"], metrics_rows(ev), cls="metrics")}
-<h2>Figures</h2>
-<div class="figs">{fig_html}</div>
-<h2>Training</h2>
-{_img(history, "training curves", "Per-epoch loss and metrics; dotted: the epoch whose weights were kept.")
- if history else "<p>No training history.</p>"}
-<h2>Grad-CAM</h2>
-{_gradcam_html(ev)}
-<h2>Data</h2>
-{_data_html(ev)}
-<h2>Model card</h2>
-<div class="modelcard">{markdown_html(card_md)}</div>
-</body></html>
-"""
 
 
 # --- Markdown summary, metrics and plot data -------------------------------------------------------------
@@ -446,7 +418,7 @@ def summary_markdown(ev: Evaluation) -> str:
              f"Test images: {len(ev.scores.y)} ({int(np.sum(ev.scores.y))} positive). {_ci_label(ev)}.", "",
              f"Operating threshold **{t['threshold']:.4f}** ({t.get('rule')}, chosen on "
              f"{t.get('chosen_on', 'val')}): {t.get('how', '')}.", "",
-             _md_table(["metric", "value", "low", "high"], metrics_rows(ev)), "",
+             _md_table(metrics_header(ev), metrics_rows(ev)), "",
              f"Confusion at the threshold: TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}.", "",
              *_data_markdown(ev), f"Full report: [{REPORT}]({REPORT}); model card: [{MODEL_CARD}]({MODEL_CARD}).",
              ""]

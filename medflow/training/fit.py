@@ -1,11 +1,10 @@
-"""Train: a Keras 3 binary classifier on the validated split, on any backend, resumable.
+"""Training a Keras 3 binary classifier on the validated split, on any backend, resumable.
 
-Reads ``images.npy`` (uint8, memory-mapped) and ``split.csv``; trains on ``train``, selects on ``val``
-(checkpoints, early stopping and learning-rate reduction all watch validation loss, never training
-accuracy); never reads ``test``. Writes ``model.keras`` (best validation loss, weights restored),
-``metadata.json`` (what inference needs to preprocess exactly as in training, the data fingerprint, params,
-package versions), ``history.csv``, and per-epoch metrics through DVCLive for ``dvc plots`` /
-``dvc exp show``.
+:func:`train_model` trains on ``train`` and selects on ``val`` (checkpoints, early stopping and learning-rate
+reduction all watch validation loss, never training accuracy); it never reads ``test``. Per-epoch metrics go
+to DVCLive (for ``dvc plots`` / ``dvc exp show``) and to the history. :func:`metadata` is what inference
+needs to preprocess exactly as in training, plus the data fingerprint, params and package versions. The
+train step (``tasks/train.py``) reads the inputs, calls these, and writes the model folder.
 
 A run killed mid-way resumes: every epoch ends by atomically writing ``checkpoints/last.keras`` (model and
 optimizer state) and ``checkpoints/state.json`` (epoch, best loss, patience counters, fingerprint). A new run
@@ -33,7 +32,7 @@ from medflow.config import Config, TrainConfig
 from medflow.errors import StepError
 from medflow.io import atomic_path, write_json
 from medflow.training import inputs, models
-from medflow.training.distribute import Placement, place
+from medflow.training.distribute import Placement
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ class _Checkpointer(keras.callbacks.Callback):
                 self.model.save_weights(tmp)
         with atomic_path(self.folder / "last.keras", suffix=".keras") as tmp:
             self.model.save(tmp)
-        _write_history(self.folder / "history.csv", self.history)
+        write_history(self.folder / "history.csv", self.history)
         write_json(self.folder / "state.json", asdict(st))  # last: it vouches for the files above
 
 
@@ -272,7 +271,8 @@ def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Pla
               class_weight=weights, callbacks=callbacks, shuffle=False)  # batches() shuffles, seeded
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch rows as CSV, ``epoch`` first, written atomically (a reader never sees half a file)."""
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -287,9 +287,41 @@ def _read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _metadata(cfg: Config, data: inputs.SplitData, placement: Placement, state: RunState, fingerprint: str,
-              seconds: float) -> dict[str, Any]:
+def run_fingerprint(cfg: Config, images: Path, split: Path) -> str:
+    """The identity of a training run: the data, the train params and the flip rule.
+
+    A checkpoint is resumed only under the same fingerprint, so changed params or data start afresh; it is
+    also stored in the metadata as ``data_fingerprint``.
+    """
+    key = fingerprint_data(Path(images), Path(split)) + cfg.train.model_dump_json() + json.dumps(
+        cfg.dataset.allow_flips)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the model with its best validation-loss weights restored, and how it got there."""
+
+    model: keras.Model
+    state: RunState
+    history: list[dict[str, float]]
+    placement: Placement
+    global_batch: int
+    seconds: float
+    resumed_from_epoch: int  # 0 for a run from scratch
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures (JSON-ready), for logs and callers."""
+        st = self.state
+        return {"best_epoch": st.best_epoch + 1, "best_val_loss": st.best_loss, "epochs_run": st.epoch + 1,
+                "seconds": self.seconds, "global_batch": self.global_batch,
+                "resumed_from_epoch": self.resumed_from_epoch}
+
+
+def metadata(cfg: Config, data: inputs.SplitData, result: TrainResult, fingerprint: str) -> dict[str, Any]:
+    """``metadata.json``: what inference needs to preprocess exactly as in training, and how the model came to be."""
     neg, pos = data.class_counts("train")
+    state, placement = result.state, result.placement
     return {
         "task": cfg.dataset.name,
         "input_shape": list(data.input_shape),
@@ -308,90 +340,82 @@ def _metadata(cfg: Config, data: inputs.SplitData, placement: Placement, state: 
         "epochs_run": state.epoch + 1,
         "early_stopped": state.stopped,
         "placement": {"strategy": placement.kind, "replicas": placement.replicas,
-                      "global_batch": placement.global_batch(cfg.train.batch_size)},
+                      "global_batch": result.global_batch},
         "params": {"train": cfg.train.model_dump(), "resize": cfg.resize.model_dump(),
                    "dataset": {"name": cfg.dataset.name, "allow_flips": cfg.dataset.allow_flips}},
         "versions": package_versions(),
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(result.seconds, 1),
     }
 
 
-def _fresh(folder: Path) -> None:
+def clear_checkpoints(folder: Path) -> None:
+    """Empty the checkpoint folder (it must exist: dvc.yaml declares it as a persistent output)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
 
 
-def run(cfg: Config, *, images: Path, split: Path, model_dir: Path, live_dir: Path) -> dict[str, Any]:
-    """Train on the train split, select on val; write the model folder and DVCLive metrics."""
-    return train_model(cfg, images=images, split=split, model_dir=model_dir, live_dir=live_dir)[1]
+def _resume_state(folder: Path, fingerprint: str) -> tuple[RunState, bool]:
+    """(the state to continue from, whether it is a resume): a fresh state, and an emptied folder, unless
+    ``folder`` holds this run's state and last model."""
+    state = RunState.load(folder / "state.json", fingerprint)
+    if state is not None and (folder / "last.keras").exists():
+        return state, True
+    clear_checkpoints(folder)
+    return RunState(fingerprint), False
 
 
-def train_model(cfg: Config, *, images: Path, split: Path, model_dir: Path,
-                live_dir: Path) -> tuple[keras.Model, dict[str, Any]]:
-    """:func:`run`, also returning the trained model (best weights restored)."""
+def _train_epochs(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
+                  global_batch: int, checkpoints: Path, live_dir: Path, resuming: bool,
+                  history: list[dict[str, float]]) -> list[Any] | None:
+    """Run the remaining epochs with checkpointing and DVCLive; return the best weights seen (None if no epoch
+    improved on the resumed best)."""
+    live = _open_live(live_dir, resuming, placement.is_chief)
+    callbacks = _callbacks(cfg, checkpoints, state, placement, live, history)
+    try:
+        _fit(cfg, model, data, placement, state, global_batch, callbacks)
+    finally:
+        if live is not None:
+            live.end()
+    return next((c.best_weights for c in callbacks if isinstance(c, _Checkpointer)), None)
+
+
+def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fingerprint: str, checkpoints: Path,
+                live_dir: Path) -> TrainResult:
+    """Train on ``data``'s train split, selecting on val; continue from ``checkpoints`` if it holds this run.
+
+    ``placement`` must come from :func:`~medflow.training.distribute.place` before any other TensorFlow work
+    (multi-worker collectives start there). Every epoch is checkpointed into ``checkpoints`` (by the chief) and
+    logged to DVCLive in ``live_dir``; the returned model carries the best validation-loss weights. Saving the
+    model folder is the caller's job (the train step's), so that it happens once, on the chief.
+    """
     train = cfg.train
-    placement = place(train.strategy)  # first: multi-worker collectives must start before other TF work
     keras.utils.set_random_seed(train.seed)
     _set_precision(train)
-    data = inputs.load_split_data(Path(images), Path(split))
     global_batch = placement.global_batch(train.batch_size)
     n_train = len(data.rows["train"])
     steps = inputs.steps(n_train, global_batch, drop_remainder=n_train >= global_batch)
-    fingerprint = hashlib.sha256((fingerprint_data(Path(images), Path(split)) + train.model_dump_json()
-                                  + json.dumps(cfg.dataset.allow_flips)).encode()).hexdigest()
-
-    ckpt = Path(model_dir) / "checkpoints"
-    state = RunState.load(ckpt / "state.json", fingerprint)
-    resuming = state is not None and (ckpt / "last.keras").exists()
-    if not resuming:
-        state = RunState(fingerprint)
-        _fresh(ckpt)
-    assert state is not None
-    history = _read_history(ckpt / "history.csv") if resuming else []
+    checkpoints = Path(checkpoints)
+    state, resuming = _resume_state(checkpoints, fingerprint)
+    history = _read_history(checkpoints / "history.csv") if resuming else []
     log.info("train: %s on %d images (neg %d, pos %d), val %d; global batch %d = %d x %d replica(s); %s",
-             train.model, len(data.rows["train"]), *data.class_counts("train"), len(data.rows["val"]),
-             global_batch, train.batch_size, placement.replicas,
+             train.model, n_train, *data.class_counts("train"), len(data.rows["val"]), global_batch,
+             train.batch_size, placement.replicas,
              f"resuming after epoch {state.epoch + 1}" if resuming else "from scratch")
-
     resumed_from = state.epoch + 1
-    model = _build(cfg, data, placement, steps, ckpt / "last.keras" if resuming else None)
+    model = _build(cfg, data, placement, steps, checkpoints / "last.keras" if resuming else None)
     start = time.perf_counter()
-    ran = not state.stopped and state.epoch + 1 < train.epochs
-    callbacks: list[keras.callbacks.Callback] = []
-    if ran:
-        live = _open_live(Path(live_dir), resuming, placement.is_chief)
-        callbacks = _callbacks(cfg, ckpt, state, placement, live, history)
-        try:
-            _fit(cfg, model, data, placement, state, global_batch, callbacks)
-        finally:
-            if live is not None:
-                live.end()
+    best = None
+    if not state.stopped and state.epoch + 1 < train.epochs:
+        best = _train_epochs(cfg, model, data, placement, state, global_batch, checkpoints, Path(live_dir),
+                             resuming, history)
     seconds = time.perf_counter() - start
-    best = next((c.best_weights for c in callbacks if isinstance(c, _Checkpointer)), None) if ran else None
     if best is not None:
         model.set_weights(best)
-    elif (ckpt / "best.weights.h5").exists():  # resumed, and no better epoch since: the chief's file
-        model.load_weights(ckpt / "best.weights.h5")
-    summary = _save_outputs(cfg, model, data, placement, state, fingerprint, seconds, Path(model_dir), history)
-    summary["resumed_from_epoch"] = resumed_from
-    if placement.is_chief:
-        _fresh(ckpt)  # checkpoints only serve a crashed run; a finished one starts afresh next time
-    return model, summary
-
-
-def _save_outputs(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
-                  fingerprint: str, seconds: float, model_dir: Path,
-                  history: list[dict[str, float]]) -> dict[str, Any]:
-    meta = _metadata(cfg, data, placement, state, fingerprint, seconds)
-    if placement.is_chief:
-        with atomic_path(model_dir / "model.keras", suffix=".keras") as tmp:
-            model.save(tmp)
-        write_json(model_dir / "metadata.json", meta)
-        _write_history(model_dir / "history.csv", history or [{"epoch": 0.0}])
-    log.info("train: best val_loss %.4f at epoch %d of %d run (%.0f s) -> %s", state.best_loss,
-             state.best_epoch + 1, state.epoch + 1, seconds, model_dir / "model.keras")
-    return {"best_epoch": state.best_epoch + 1, "best_val_loss": state.best_loss, "epochs_run": state.epoch + 1,
-            "seconds": seconds, "global_batch": meta["placement"]["global_batch"]}
+    elif (checkpoints / "best.weights.h5").exists():  # resumed, and no better epoch since: the chief's file
+        model.load_weights(checkpoints / "best.weights.h5")
+    log.info("train: best val_loss %.4f at epoch %d of %d run (%.0f s)", state.best_loss, state.best_epoch + 1,
+             state.epoch + 1, seconds)
+    return TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -26,15 +26,15 @@ def main() -> None:
     import numpy as np
 
     from medflow.config import parse_config
-    from medflow.training import fit as train
+    from tasks import train
 
     cfg = parse_config({"dataset": {"name": "t", "labels": {"NEG": 0, "POS": 1}}, "resize": {"size": 32},
                         "train": {"model": "medflow_cnn", "epochs": int(os.environ.get("EPOCHS", "2")),
                                   "batch_size": 4, "strategy": strategy,
                                   "early_stopping_patience": 0, "reduce_lr_patience": 0}})
-    model, summary = train.train_model(cfg, images=work / "images.npy", split=work / "split.csv",
-                                       model_dir=out.parent / f"model-{out.stem}",
-                                       live_dir=out.parent / f"live-{out.stem}")
+    result = train.run(cfg, images=work / "images.npy", split=work / "split.csv",
+                       model_dir=out.parent / f"model-{out.stem}", live_dir=out.parent / f"live-{out.stem}")
+    model, summary = result.model, result.summary()
     # Trainable weights: they are all-reduced and must agree. BatchNorm moving statistics are each worker's own
     # (computed on its shard; the chief's are saved with the model).
     np.savez(out, *[np.asarray(v.numpy()) for v in model.trainable_weights])
