@@ -28,8 +28,8 @@ from medflow.lifecycle.watch import InboxWatcher, watch
 
 
 @pytest.fixture
-def cfg() -> Config:
-    return load_config(ROOT / "params.yaml")
+def cfg(shipped_params: Path) -> Config:
+    return load_config(shipped_params, "pneumonia")
 
 
 # --------------------------------------------------------------------------------------- DVC stages
