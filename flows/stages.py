@@ -79,7 +79,7 @@ def pipeline(project: Path, dataset: str | None = None) -> list[Stage]:
     ``datasets:`` are already expanded, and the dependency graph is the one ``dvc repro`` follows. So the
     flows take every path from the stage commands DVC will run, and stages added later join by themselves.
     """
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import CyclicGraphError, DvcException
     from dvc.repo import Repo
 
     path = Path(project) / DVC_YAML
@@ -91,12 +91,11 @@ def pipeline(project: Path, dataset: str | None = None) -> list[Stage]:
             graph = repo.index.graph
             found = [_stage(s, {n.name for n in graph.successors(s)}, Path(project)) for s in resolved]
     except DvcException as e:
-        kind = "cycle or overlap between stages" if type(e).__name__ == "CyclicGraphError" else "cannot resolve"
+        kind = "cycle or overlap between stages" if isinstance(e, CyclicGraphError) else "cannot resolve"
         raise StageFailed(f"{path}: {kind}: {e}") from None
     by_name = {s.name: s for s in found}
     order = _toposort([s.name for s in found], {s.name: set(s.needs) for s in found}, path)
-    chosen = [by_name[n] for n in order if dataset is None or by_name[n].dataset == dataset]
-    return chosen
+    return [by_name[n] for n in order if dataset is None or by_name[n].dataset == dataset]
 
 
 def _stage(resolved: Any, needs: set[str], project: Path) -> Stage:
