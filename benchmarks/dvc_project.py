@@ -15,14 +15,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `dvc repro` reads: the pipeline, its params, the step code it hashes, DVC's config, the inbox folder.
-FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", ".dvc/config", ".dvc/.gitignore",
-         "data/inbox"]
+FILES = ["dvc.yaml", "params.yaml", "datasets", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
+         ".dvc/.gitignore", "data/inbox"]
 BIN = Path(sys.executable).parent  # this environment's `dvc` and `medflow`
 DVC = str(BIN / "dvc")
 
 
 def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None) -> None:
-    """Copy the pipeline into ``dest`` (a new git repository) with ``dataset.sources: []`` and edited params."""
+    """Copy the pipeline into ``dest`` (a new git repository) building pneumonia alone, from its inbox only
+    (``sources: []``), with edited params."""
     for name in FILES:
         src, dst = ROOT / name, dest / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -30,8 +31,14 @@ def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = la
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+    entry = yaml.safe_load((dest / "datasets/pneumonia.yaml").read_text())
+    entry["dataset"]["sources"] = []  # the inbox only: nothing to download
+    (dest / "datasets/pneumonia.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
+    for other in (dest / "datasets").glob("*.yaml"):
+        if other.stem != "pneumonia":
+            other.unlink()
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["dataset"]["sources"] = []  # the inbox only: nothing to download
+    params["datasets"] = ["pneumonia"]  # `dvc repro` builds this dataset only
     edit_params(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -1,8 +1,9 @@
 """Prefect tasks shared by the train and retrain flows: DVC stages, champion/challenger, artifacts.
 
-Thin wrappers: the logic lives in ``flows/stages.py`` (DVC), ``tasks/retrain.py`` and ``tasks/registry.py``.
-Each DVC stage is one Prefect task named after the stage, with a timeout, and (download only) retries
-with exponential backoff; every line the stage prints goes to the task's log in the Prefect UI.
+Thin wrappers: the logic lives in ``flows/stages.py`` (DVC), ``medflow.lifecycle.retrain`` and
+``medflow.lifecycle.registry``. Each DVC stage (``train@malaria``) is one Prefect task named after it, with
+its step's timeout, and (download only) retries with exponential backoff; every line the stage prints goes
+to the task's log in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -24,29 +25,26 @@ from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
 
 DEFAULT_TIMEOUT_S = 4 * 3600
-STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per stage; the rest get DEFAULT_TIMEOUT_S
+STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per step; the rest get DEFAULT_TIMEOUT_S
 STAGE_RETRIES = {"download": 3}  # network: retried after 10, 20, 40 s (+-50% jitter); others are deterministic
 MAX_TABLE_ROWS = 500
 
 
-class DatasetNotActive(RuntimeError):
-    """The deployment's dataset is not the one params.yaml selects."""
-
-
 @dataclass(frozen=True)
 class Project:
-    """A medflow checkout and the paths of one dataset in it (read from dvc.yaml's stage commands)."""
+    """A medflow checkout and one dataset of its catalog: its config and its stages as DVC resolves them."""
 
     root: Path
     dataset: str
     cfg: Config
-    flags: dict[str, dict[str, Path]]
+    stages: tuple[stages.Stage, ...]  # this dataset's, in dependency order ("download@<dataset>", ...)
 
     def path(self, step: str, flag: str) -> Path:
-        try:
-            return self.flags[step][flag]
-        except KeyError:
-            raise RuntimeError(f"{self.root / 'dvc.yaml'}: no 'medflow {step}' stage with {flag}") from None
+        """The path ``flag`` of the dataset's ``medflow STEP`` stage, as written in dvc.yaml (``${item}`` filled)."""
+        for stage in self.stages:
+            if stage.step == step and flag in stage.flags:
+                return stage.flags[flag]
+        raise RuntimeError(f"{self.root / 'dvc.yaml'}: no 'medflow {step}' stage for {self.dataset} with {flag}")
 
     @property
     def model_root(self) -> Path:
@@ -54,48 +52,51 @@ class Project:
 
 
 def open_project(project_dir: str | None, dataset: str) -> Project:
-    """Resolve the project (parameter, ``$MEDFLOW_PROJECT`` or the working directory); check the dataset.
+    """Resolve the project (parameter, ``$MEDFLOW_PROJECT`` or the working directory) and one of its datasets.
 
-    One checkout has one active dataset (params.yaml's ``dataset:`` block; dvc.yaml and dvc.lock are per
-    checkout). A deployment for another dataset refuses to run rather than rewrite params.yaml: serve a
-    checkout per dataset, or switch the block (see datasets/README.md) first.
+    Every dataset of the catalog (params.yaml's ``datasets:``) has its own stages in the one dvc.yaml
+    (``train@malaria``) and its own paths, so one checkout serves them all. An unknown dataset is a
+    ConfigError listing the catalog.
     """
     root = Path(project_dir or os.environ.get("MEDFLOW_PROJECT") or Path.cwd()).resolve()
-    cfg = load_config(root / "params.yaml")
-    if cfg.dataset.name != dataset:
-        raise DatasetNotActive(
-            f"{root / 'params.yaml'} selects dataset {cfg.dataset.name!r}, but this run is for {dataset!r}. "
-            f"Copy the dataset block of datasets/{dataset}.yaml into params.yaml (or serve a checkout whose "
-            f"params.yaml selects {dataset!r}) and run again.")
-    return Project(root=root, dataset=dataset, cfg=cfg, flags=stages.stage_flags(root, dataset))
+    cfg = load_config(root / "params.yaml", dataset)
+    found = tuple(stages.pipeline(root, dataset))
+    if not found:
+        raise stages.StageFailed(f"{root / 'dvc.yaml'}: no stage for dataset {dataset!r} (dvc.yaml's stages run "
+                                 "foreach: ${datasets}, the list in params.yaml)")
+    return Project(root=root, dataset=dataset, cfg=cfg, stages=found)
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
-def run_stage(project: str, stage: str, up_to_date: bool = False) -> dict[str, Any]:
+def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = False) -> dict[str, Any]:
     """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log.
 
     ``up_to_date``: ``dvc status`` (run once by the flow, see ``stages.plan``) found this stage and all it
     depends on unchanged, so DVC would skip it: the task records that without starting DVC again.
+    ``stale``: that status found this stage itself changed (so it runs; see ``stages.repro_stage``).
     """
     logger = get_run_logger()
     if up_to_date:
         logger.info("stage %s is up to date (dvc status): skipped", stage)
         return {"stage": stage, "ran": False, "seconds": 0.0}
-    result = stages.repro_stage(Path(project), stage, on_line=logger.info,
-                                timeout_s=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S))
+    step = stage.split("@", 1)[0]
+    result = stages.repro_stage(Path(project), stage, stale=stale, on_line=logger.info,
+                                timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S))
     logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date (skipped)",
                 result.seconds)
     return {"stage": stage, "ran": result.ran, "seconds": round(result.seconds, 2)}
 
 
 def stage_task(stage: str) -> Any:
-    """The Prefect task for one DVC stage: readable name, timeout and (download) retries with backoff."""
-    retries = STAGE_RETRIES.get(stage, 0)
+    """The Prefect task for one DVC stage (``train@malaria``): readable name, the step's timeout and
+    (download) retries with backoff."""
+    step = stage.split("@", 1)[0]
+    retries = STAGE_RETRIES.get(step, 0)
     options: dict[str, Any] = {"retries": retries}
     if retries:
         options.update(retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
     return run_stage.with_options(name=stage, task_run_name=stage,
-                                  timeout_seconds=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S) + 60, **options)
+                                  timeout_seconds=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S) + 60, **options)
 
 
 @task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
@@ -144,7 +145,7 @@ def headline(metrics_json: Path) -> list[tuple[str, str]]:
 
 def evaluation_outputs(project: Project) -> dict[str, Path]:
     """metrics.json / report.html / summary.md of the evaluate stage (its ``--out`` folder in dvc.yaml)."""
-    out = project.flags.get("evaluate", {}).get("--out", project.root / "reports" / project.dataset / "evaluation")
+    out = project.path("evaluate", "--out")
     return {name: out / name for name in ("metrics.json", "report.html", "summary.md")}
 
 

@@ -6,10 +6,10 @@
 - ``medflow-retrain/retrain-<ds>``: on the ``retrain.cron`` schedule (``retrain.timezone``), and on every
   ``medflow.data.landed`` event for that dataset and checkout (``medflow watch``).
 
-A checkout runs one dataset (params.yaml's ``dataset:`` block): the deployments of other datasets are
-listed, and a run of one of them fails at once with a message saying how to switch (see
-``flows.common.open_project``). Each deployment runs one flow run at a time; on top of that, the dataset
-lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one dataset from overlapping.
+Every dataset of params.yaml's ``datasets:`` gets both deployments, each runnable from this one checkout
+(dvc.yaml has its own stages and paths per dataset). Each deployment runs one flow run at a time; on top
+of that, the dataset lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one
+dataset from overlapping. Runs of different datasets may overlap: they share no output.
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ from typing import Any
 
 import yaml
 
+from medflow.catalog import listed_datasets
 from medflow.config import load_config
 
 log = logging.getLogger(__name__)
 
 
 def catalog(project: Path) -> list[str]:
-    """Dataset names of the catalog (``datasets/*.yaml``) plus the active one, sorted, active first."""
-    active = load_config(Path(project) / "params.yaml").dataset.name
-    names = {active}
-    for path in sorted((Path(project) / "datasets").glob("*.yaml")):
-        block = (yaml.safe_load(path.read_text()) or {}).get("dataset") or {}
-        if block.get("name"):
-            names.add(str(block["name"]))
-    return [active, *sorted(names - {active})]
+    """The datasets the checkout builds: params.yaml's ``datasets:``, checked against datasets/*.yaml."""
+    params = Path(project) / "params.yaml"
+    return listed_datasets(yaml.safe_load(params.read_text()) or {}, params)
 
 
 def build_deployments(project: Path) -> list[Any]:
@@ -46,9 +42,9 @@ def build_deployments(project: Path) -> list[Any]:
     from flows.train import train_flow
 
     project = Path(project).resolve()
-    retrain = load_config(project / "params.yaml").retrain
     out = []
     for ds in catalog(project):
+        retrain = load_config(project / "params.yaml", ds).retrain  # a dataset may have its own schedule
         params = {"dataset": ds, "project_dir": str(project)}
         out.append(train_flow.to_deployment(
             name=f"train-{ds}", parameters=params, tags=["medflow", ds], concurrency_limit=1,

@@ -1,4 +1,4 @@
-"""DVC side of orchestration: the stage list (read from dvc.yaml) and running one stage through DVC.
+"""DVC side of orchestration: the stages as DVC resolves them (per dataset) and running one through DVC.
 
 No Prefect here. DVC owns caching: every stage runs as ``dvc repro --single-item <stage>``, which runs the
 exact ``medflow <step>`` command written in dvc.yaml, skips a stage whose deps, params and outs are
@@ -29,12 +29,36 @@ import yaml
 log = logging.getLogger(__name__)
 
 DVC_YAML = "dvc.yaml"
+DVC_LOCK = "dvc.lock"
 _ERROR_LINE = re.compile(r"^(medflow \w+: error: .*|ERROR: .*)$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 
+_NOT_PATHS = {"--dataset", "--params"}  # stage command options that name something other than a path
+
+
 class StageFailed(RuntimeError):
     """A DVC stage failed; the message carries the step's own error line (e.g. the failed expectations)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage as DVC resolves it (templating and ``foreach`` applied): ``train@malaria``."""
+
+    name: str  # the stage key DVC uses (dvc repro NAME, dvc.lock): "train@malaria"
+    step: str  # the medflow command it runs ("train"), or "" for a command that is not ``medflow STEP``
+    dataset: str | None  # the foreach key ("malaria"); None for a stage that is not templated per dataset
+    flags: dict[str, Path]  # its command's ``--flag value`` arguments, paths resolved against the project
+    needs: frozenset[str]  # the stages whose outputs it depends on (DVC's graph)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One stage of a flow's plan: whether it must go through ``dvc repro`` and whether DVC found it stale."""
+
+    stage: str
+    check: bool  # stale, or downstream of a stage that must be checked
+    stale: bool  # ``dvc status`` reported it changed before the run
 
 
 @dataclass(frozen=True)
@@ -47,52 +71,56 @@ class StageResult:
     output: str
 
 
-def _dep_paths(spec: dict[str, Any], key: str) -> list[str]:
-    """Paths of a stage's deps or outs (entries are strings or one-key mappings with options)."""
-    paths = []
-    for entry in spec.get(key) or []:
-        paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
-    return [p.split("#")[0].strip().rstrip("/") for p in paths]
+def pipeline(project: Path, dataset: str | None = None) -> list[Stage]:
+    """The stages of ``project/dvc.yaml`` as DVC resolves them, in dependency order (file order among
+    independent stages); with ``dataset``, only that dataset's (``<step>@<dataset>``).
 
-
-def _outputs(spec: dict[str, Any]) -> list[str]:
-    return [p for key in ("outs", "metrics", "plots") for p in _dep_paths(spec, key)]
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root + "/")
-
-
-def stage_order(project: Path) -> list[str]:
-    """Stage names of ``project/dvc.yaml`` in dependency order (file order among independent stages).
-
-    Read from the file rather than hard-coded, so stages added later (e.g. ``evaluate``) join the flows
-    by themselves. A stage depends on another when one of its deps lies in (or is) one of the other's outs.
+    DVC's own index, not a reading of the YAML: ``${item}`` and the ``foreach`` over params.yaml's
+    ``datasets:`` are already expanded, and the dependency graph is the one ``dvc repro`` follows. So the
+    flows take every path from the stage commands DVC will run, and stages added later join by themselves.
     """
-    return stage_graph(project)[0]
+    from dvc.exceptions import CyclicGraphError, DvcException
+    from dvc.repo import Repo
 
-
-def stage_graph(project: Path) -> tuple[list[str], dict[str, set[str]]]:
-    """(stages in dependency order, stage -> the stages it directly depends on)."""
     path = Path(project) / DVC_YAML
+    if not path.is_file():
+        raise StageFailed(f"{path}: not found; is {project} a medflow project?")
     try:
-        stages: dict[str, dict[str, Any]] = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-    except FileNotFoundError:
-        raise StageFailed(f"{path}: not found; is {project} a medflow project?") from None
-    outs = {name: _outputs(spec) for name, spec in stages.items()}
-    needs = {name: {other for dep in _dep_paths(spec, "deps") for other, o in outs.items()
-                    if other != name and any(_under(dep, out) or _under(out, dep) for out in o)}
-             for name, spec in stages.items()}
-    return _toposort(list(stages), needs, path), needs
+        with Repo(str(project), uninitialized=True) as repo:
+            resolved = [s for s in repo.index.stages if Path(s.path).resolve().parent == Path(project).resolve()]
+            graph = repo.index.graph
+            found = [_stage(s, {n.name for n in graph.successors(s)}, Path(project)) for s in resolved]
+    except DvcException as e:
+        kind = "cycle or overlap between stages" if isinstance(e, CyclicGraphError) else "cannot resolve"
+        raise StageFailed(f"{path}: {kind}: {e}") from None
+    by_name = {s.name: s for s in found}
+    order = _toposort([s.name for s in found], {s.name: set(s.needs) for s in found}, path)
+    return [by_name[n] for n in order if dataset is None or by_name[n].dataset == dataset]
 
 
-def stale_stages(project: Path) -> set[str] | None:
+def _stage(resolved: Any, needs: set[str], project: Path) -> Stage:
+    words = shlex.split(str(resolved.cmd or ""))
+    step = words[1] if len(words) >= 2 and words[0] == "medflow" else ""
+    flags = {w: project / v for w, v in zip(words[2:], words[3:], strict=False)
+             if w.startswith("--") and not v.startswith("--") and w not in _NOT_PATHS}
+    key = str(resolved.name)
+    return Stage(name=key, step=step, dataset=key.split("@", 1)[1] if "@" in key else None, flags=flags,
+                 needs=frozenset(needs))
+
+
+def step_flags(stages: Iterable[Stage]) -> dict[str, dict[str, Path]]:
+    """Per ``medflow`` step, its ``--flag path`` arguments (one dataset's stages: one entry per step)."""
+    return {s.step: s.flags for s in stages if s.step}
+
+
+def stale_stages(project: Path, names: Iterable[str] = ()) -> set[str] | None:
     """Stages ``dvc status`` reports as changed (deps, params or outs), or None when it cannot tell.
 
-    One DVC start-up for the whole pipeline instead of one per stage: the flows run only these stages
-    and those downstream of them through ``dvc repro``; the rest are up to date by DVC's own account.
+    One DVC start-up for the whole plan instead of one per stage (``names``: only these, each on its own;
+    all when empty): the flows run only these stages and those downstream of them through ``dvc repro``;
+    the rest are up to date by DVC's own account.
     """
-    code, output = dvc(project, "status", "--json")
+    code, output = dvc(project, "status", "--json", *names)
     start = output.find("{")
     if code != 0 or start < 0:
         return None
@@ -103,16 +131,19 @@ def stale_stages(project: Path) -> set[str] | None:
     return {str(name).rsplit(":", 1)[-1] for name in report}
 
 
-def plan(project: Path) -> list[tuple[str, bool]]:
-    """(stage, must_check) in dependency order: a stage must go through ``dvc repro`` when ``dvc status``
-    reports it changed or any stage it depends on (transitively) must; every stage does when status fails."""
-    order, needs = stage_graph(project)
-    stale = stale_stages(project)
+def plan(project: Path, dataset: str | None = None) -> list[Planned]:
+    """The flow's plan over the stages of ``dataset`` (all stages when None), in dependency order.
+
+    A stage must go through ``dvc repro`` when ``dvc status`` reports it changed or any stage it depends on
+    (transitively) must; every stage must when status fails.
+    """
+    order = pipeline(project, dataset)
+    stale = stale_stages(project, [s.name for s in order] if dataset is not None else [])
     check: set[str] = set()
-    for name in order:
-        if stale is None or name in stale or needs[name] & check:
-            check.add(name)
-    return [(name, name in check) for name in order]
+    for s in order:
+        if stale is None or s.name in stale or s.needs & check:
+            check.add(s.name)
+    return [Planned(s.name, s.name in check, stale is not None and s.name in stale) for s in order]
 
 
 def _toposort(names: list[str], needs: dict[str, set[str]], path: Path) -> list[str]:
@@ -127,23 +158,18 @@ def _toposort(names: list[str], needs: dict[str, set[str]], path: Path) -> list[
     return order
 
 
-def stage_flags(project: Path, dataset: str) -> dict[str, dict[str, Path]]:
-    """Per ``medflow`` step (the word after ``medflow`` in a stage's cmd), its ``--flag path`` arguments.
+def lock_entry(project: Path, stage: str) -> dict[str, Any] | None:
+    """The stage's record in dvc.lock (cmd, deps, params and outs with their hashes), or None if absent.
 
-    Paths are written once, in dvc.yaml; the flows read them from there (``${dataset.name}`` filled in)
-    instead of repeating them. Relative paths are resolved against ``project``.
+    DVC rewrites it whenever it runs the stage, so comparing it before and after ``dvc repro`` tells
+    whether the stage ran.
     """
-    path = Path(project) / DVC_YAML
-    stages: dict[str, dict[str, Any]] = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-    out: dict[str, dict[str, Path]] = {}
-    for name, spec in stages.items():
-        words = shlex.split(str(spec.get("cmd", "")).replace("${dataset.name}", dataset))
-        if len(words) < 2 or words[0] != "medflow":
-            continue
-        flags = {w: Path(project) / v for w, v in zip(words[2:], words[3:], strict=False) if w.startswith("--")}
-        out[words[1]] = flags
-        out.setdefault(f"stage:{name}", flags)
-    return out
+    try:
+        lock = yaml.safe_load((Path(project) / DVC_LOCK).read_text()) or {}
+    except FileNotFoundError:
+        return None
+    entry = (lock.get("stages") or {}).get(stage)
+    return entry if isinstance(entry, dict) else None
 
 
 def dvc_executable() -> str:
@@ -192,18 +218,21 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def repro_stage(project: Path, stage: str, on_line: Callable[[str], None] | None = None,
+def repro_stage(project: Path, stage: str, *, stale: bool = False, on_line: Callable[[str], None] | None = None,
                 timeout_s: float | None = None) -> StageResult:
     """``dvc repro --single-item STAGE``: run it if anything it depends on changed, else skip it.
 
-    Raises StageFailed with the step's error line(s) (e.g. ``medflow validate: error: ...``) on failure.
+    Whether it ran comes from DVC, not its console text: ``dvc status`` found it stale before (``stale``,
+    from the flow's plan), or its dvc.lock entry changed. Raises StageFailed with the step's error line(s)
+    (e.g. ``medflow validate: error: ...``) on failure.
     """
+    before = lock_entry(project, stage)
     start = time.perf_counter()
     code, output = dvc(project, "repro", "--single-item", stage, on_line=on_line, timeout_s=timeout_s)
     seconds = time.perf_counter() - start
     if code != 0:
         raise StageFailed(f"stage {stage!r} failed: {failure_reason(output)}")
-    ran = f"Running stage '{stage}'" in output
+    ran = stale or lock_entry(project, stage) != before
     return StageResult(stage=stage, ran=ran, seconds=seconds, output=output)
 
 
@@ -219,9 +248,3 @@ def failure_reason(output: str) -> str:
     if lines:
         return "; ".join(lines)
     return output.strip().splitlines()[-1] if output.strip() else "no output"
-
-
-def status_clean(project: Path, stages: Iterable[str] = ()) -> tuple[bool, str]:
-    """(True, output) when ``dvc status`` reports every stage up to date."""
-    code, output = dvc(project, "status", *stages)
-    return code == 0 and "up to date" in output, output

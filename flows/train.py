@@ -1,10 +1,11 @@
 """The train flow (Prefect flow ``medflow``; deployments ``train-<dataset>``): the DVC pipeline as Prefect tasks.
 
-``prefect deployment run medflow/train-pneumonia`` runs every stage of dvc.yaml, in dependency order, as one
-Prefect task each (``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and
-dvc.lock stays true). Then it registers the trained model (the first one becomes champion; a later one
-must beat the champion, see ``tasks/retrain.py``) and posts two artifacts: a Markdown summary (stages,
-headline metrics, link to the HTML report, champion) and a table of quarantined files.
+``prefect deployment run medflow/train-pneumonia`` runs the dataset's stages of dvc.yaml
+(``download@pneumonia`` ... ``evaluate@pneumonia``), in dependency order, as one Prefect task each
+(``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and dvc.lock stays true).
+Then it registers the trained model (the first one becomes champion; a later one must beat the champion,
+see ``medflow.lifecycle.retrain``) and posts two artifacts: a Markdown summary (stages, headline metrics,
+link to the HTML report, champion) and a table of quarantined files.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ FLOW_NAME = "medflow"
 
 
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
-    """Run every dvc.yaml stage (or those up to ``until``) as a Prefect task; a failure stops the rest."""
+    """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
+    dependency order; a failure stops the rest. Other datasets' stages are not touched."""
     results = []
-    for stage, must_check in stages.plan(project.root):
-        results.append(stage_task(stage)(str(project.root), stage, up_to_date=not must_check))
-        if stage == until:
+    for item in stages.plan(project.root, project.dataset):
+        results.append(stage_task(item.stage)(str(project.root), item.stage, up_to_date=not item.check,
+                                              stale=item.stale))
+        if item.stage.split("@", 1)[0] == until:
             break
     return results
 

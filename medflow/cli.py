@@ -1,7 +1,9 @@
 """`medflow` command line: one sub-command per pipeline step, each calling that step's ``run`` entry.
 
-dvc.yaml calls these with explicit paths (the one place paths are written down); ``medflow STEP --help``
-lists each step's arguments.
+dvc.yaml calls these with explicit paths (the one place paths are written down) and ``--dataset NAME``, a
+dataset of the catalog (``datasets/NAME.yaml``, merged over params.yaml's shared defaults); ``medflow STEP
+--help`` lists each step's arguments. A self-contained params file (its own ``dataset:`` block) passed with
+``--params`` and no ``--dataset`` works too, as step tests and benchmarks write them.
 
 Library commands (``predict``, ``evaluate --images``) work anywhere. Step and orchestration commands load
 ``tasks/<step>.py`` and ``flows/`` from the project root (the nearest folder above the working directory
@@ -18,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medflow.config import DEFAULT_PARAMS, ConfigError, load_config
+import yaml
+
+from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config
 from medflow.errors import StepError
 
 log = logging.getLogger("medflow")
@@ -85,7 +89,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, (_, help_text, flags) in STEPS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        _add_config_args(p, "the dataset of the catalog (datasets/NAME.yaml); needed unless --params holds its "
+                            "own dataset: block")
         for flag, flag_help in flags:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
     _add_model_commands(sub)
@@ -99,27 +104,38 @@ EVALUATE_HELP = ("report on a trained model: with --split, the evaluate stage (t
                  "(class subfolders) at the model's stored threshold")
 
 
+def _add_config_args(p: argparse.ArgumentParser, dataset_help: str) -> None:
+    p.add_argument("--dataset", metavar="NAME", help=dataset_help)
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                   help="params file: shared defaults beside the datasets/ catalog (default: params.yaml)")
+
+
+MODEL_DATASET_HELP = ("the dataset of the catalog whose model and config to use (models/NAME); default: the "
+                      "dataset recorded in --model's metadata.json")
+
+
 def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_HELP)
-    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    _add_config_args(p, MODEL_DATASET_HELP)
     p.add_argument("--model", type=Path, help="model folder (default: the champion registered in "
-                   "models/<dataset.name>, else models/<dataset.name>)")
+                   "models/<dataset>, else models/<dataset>)")
     p.add_argument("--images", type=Path, required=True,
                    help="images.npy of the pipeline (with --split), or a folder with class subfolders")
     p.add_argument("--split", type=Path, help="split manifest CSV (the evaluate stage)")
     p.add_argument("--rejects", type=Path, help="filter rejects CSV, listed in the report")
     p.add_argument("--validation", type=Path, help="Great Expectations result JSON, summarised in the report")
     p.add_argument("--sources", type=Path, help="resolved sources JSON (provenance in the model card)")
-    p.add_argument("--out", type=Path, help="report folder (default: reports/<dataset.name>/evaluation, or "
-                   "reports/<dataset.name>/external/<folder name> for a folder)")
+    p.add_argument("--out", type=Path, help="report folder (default: reports/<dataset>/evaluation, or "
+                   "reports/<dataset>/external/<folder name> for a folder)")
     p = sub.add_parser("predict", help="score image files, folders, globs or archives with a trained model",
                        description="score image files, folders (recursively), globs or archives (.zip, .tar, "
                        ".tar.gz, .tgz) with a trained model; writes path, probability and label at the model's "
                        "threshold; an unreadable file gets a row with its error")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or archive")
-    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    _add_config_args(p, "the dataset of the catalog whose model to use (models/NAME: its champion, else the "
+                        "model the train stage wrote); needed unless --model is given")
     p.add_argument("--model", type=Path, help="model folder (default: the champion registered in "
-                   "models/<dataset.name>, else models/<dataset.name>)")
+                   "models/<dataset>, else models/<dataset>)")
     p.add_argument("--out", type=Path, help="predictions CSV (default: standard output)")
     p.add_argument("--threshold", type=float, help="override the model's stored operating threshold")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
@@ -139,8 +155,37 @@ def _default_model(dataset: str, stage: bool = False) -> Path:
     return chosen or root
 
 
+def _recorded_dataset(model: Path | None) -> str | None:
+    """The dataset a model was trained on, as its metadata.json records it (``task``), or None."""
+    meta = None if model is None else Path(model) / "metadata.json"
+    if meta is None or not meta.is_file():
+        return None
+    from medflow.io import read_json
+
+    task = read_json(meta).get("task")
+    return str(task) if task else None
+
+
+def _self_contained(params: Path) -> bool:
+    """Whether the params file holds its own ``dataset:`` block (the step tests' and benchmarks' form)."""
+    try:
+        data = yaml.safe_load(Path(params).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports the problem, naming the file
+    return isinstance(data, dict) and "dataset" in data
+
+
+def _model_config(args: argparse.Namespace) -> Config:
+    """The config for a model command: ``--dataset``, else the params file's own block, else the dataset
+    recorded with ``--model``; with none of them, load_config's error lists the catalog."""
+    dataset = args.dataset
+    if dataset is None and not _self_contained(args.params):
+        dataset = _recorded_dataset(args.model)
+    return load_config(args.params, dataset)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
-    cfg = load_config(args.params)
+    cfg = _model_config(args)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
         load_project_module("tasks.evaluate").run(
@@ -157,11 +202,25 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    model = args.model or _default_model(load_config(args.params).dataset.name)
+    """Score files with ``--model``, or with the model of ``--dataset`` (a name of the catalog, checked)."""
+    model = args.model
+    if model is None:
+        if args.dataset is None and not _self_contained(args.params):
+            raise ConfigError("predict: name the model: --dataset NAME (its models/NAME) or --model DIR; "
+                              + _catalog_hint(args.params))
+        model = _default_model(load_config(args.params, args.dataset).dataset.name)
     from medflow import inference as predict
 
     predict.run(args.paths, model=model, out=args.out, threshold=args.threshold, batch_size=args.batch_size,
                 workers=args.workers, progress=not args.no_progress)
+
+
+def _catalog_hint(params: Path) -> str:
+    """``the catalog: a, b`` for an error message (what ``--dataset`` may name beside ``params``)."""
+    from medflow.catalog import catalog_dir, catalog_names
+
+    names = catalog_names(catalog_dir(Path(params)))
+    return f"the catalog ({catalog_dir(Path(params))}/): {', '.join(names) or 'empty'}"
 
 
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
@@ -171,8 +230,8 @@ def _add_orchestration(sub: Any) -> None:
     p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
     p = sub.add_parser("serve", help="serve the train-<ds> and retrain-<ds> deployments of this checkout")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
-    p = sub.add_parser("watch", help="poll the dataset's inbox; emit a medflow.data.landed event on new data")
-    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p = sub.add_parser("watch", help="poll a dataset's inbox; emit a medflow.data.landed event on new data")
+    p.add_argument("--dataset", metavar="NAME", help="the dataset of the catalog to watch (required)")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--interval", type=float, default=None, help="seconds between polls (default: retrain.poll_s)")
     p.add_argument("--once", action="store_true", help="check once and exit (exit code 0 either way)")
@@ -191,12 +250,15 @@ def _orchestrate(args: argparse.Namespace) -> int:
         load_project_module("flows.deploy", args.project).serve(args.project)
         return 0
     emit_data_landed = load_project_module("flows.events", args.project).emit_data_landed
-    stage_flags = load_project_module("flows.stages", args.project).stage_flags
+    stages = load_project_module("flows.stages", args.project)
     from medflow.lifecycle.watch import watch
 
     project = args.project.resolve()
-    cfg = load_config(project / args.params)
-    flags = stage_flags(project, cfg.dataset.name)
+    cfg = load_config(project / DEFAULT_PARAMS, args.dataset)
+    try:
+        flags = stages.step_flags(stages.pipeline(project, cfg.dataset.name))
+    except stages.StageFailed as e:
+        raise StepError(str(e)) from None
     n = watch(cfg, flags["download"]["--inbox"], flags["train"]["--model-dir"],
               lambda payload: emit_data_landed(cfg.dataset.name, project, payload),
               interval_s=args.interval or cfg.retrain.poll_s, once=args.once)
@@ -240,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.step in ("server", "serve", "watch"):
         try:
             return _orchestrate(args)
-        except StepError as e:
+        except (ConfigError, StepError) as e:
             print(f"medflow {args.step}: error: {e}", file=sys.stderr)
             return 2
     if args.step in MODEL_COMMANDS:
@@ -250,9 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medflow {args.step}: error: {e}", file=sys.stderr)
             return 2
         return 0
-    paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose"}}
+    paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose", "dataset"}}
     try:
-        cfg = load_config(args.params)
+        cfg = load_config(args.params, args.dataset)
         _entry(args.step)(cfg, **paths)
     except (ConfigError, StepError) as e:
         print(f"medflow {args.step}: error: {e}", file=sys.stderr)

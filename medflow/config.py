@@ -1,25 +1,28 @@
-"""Typed, validated configuration: params.yaml is read once here and passed down.
+"""Typed, validated configuration: params.yaml and one catalog entry are read once here and passed down.
 
-Unknown keys and bad values raise :class:`ConfigError` naming the offending key, e.g.
-``params.yaml: split.train: Input should be greater than or equal to 0``.
+params.yaml holds the shared stage defaults; ``datasets/<name>.yaml`` (see :mod:`medflow.catalog`)
+describes one dataset and overrides those defaults. :func:`load_config` merges the two and validates the
+result once into :class:`Config`. Unknown keys and bad values raise :class:`ConfigError` naming the file
+that set the offending key, e.g. ``datasets/malaria.yaml: resize.size: Input should be greater than or
+equal to 8``.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medflow.catalog import STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
 from medflow.data.patients import GROUP_RULES
+from medflow.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ConfigError(ValueError):
-    """A parameter is missing, unknown or invalid; the message names the key."""
 
 
 class _Strict(BaseModel):
@@ -227,17 +230,37 @@ class Config(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError, override: tuple[str, dict[str, Any]] | None = None) -> str:
+    """One line per error, ``<file>: <key>: <message>``; with ``override`` (catalog file, its data), an error
+    whose key that file sets is attributed to it, the rest to ``source``."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{source}: {key}: {msg}")
+        where = source
+        if override is not None and _sets(override[1], loc):
+            where = override[0]
+        lines.append(f"{where}: {key}: {msg}")
     return "\n".join(lines)
 
 
+def _sets(data: dict[str, Any], loc: list[str]) -> bool:
+    """Whether the mapping ``data`` holds the key path ``loc`` (``validate`` stands for ``validate_``)."""
+    node: Any = data
+    for part in loc:
+        part = "validate" if part == "validate_" else part
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
 def parse_config(data: object, source: str = "params") -> Config:
-    """Validate a params mapping; raise ConfigError naming every bad key."""
+    """Validate a params mapping that holds its own ``dataset:`` block; raise ConfigError naming every bad key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
@@ -246,9 +269,37 @@ def parse_config(data: object, source: str = "params") -> Config:
         raise ConfigError(_format_errors(source, e)) from None
 
 
-def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
-    """Read and validate params.yaml (or another params file)."""
-    path = Path(path)
+def load_config(params: Path | str = DEFAULT_PARAMS, dataset: str | None = None) -> Config:
+    """The typed config of one dataset: params.yaml's shared defaults merged with its catalog entry.
+
+    ``dataset`` names an entry of the catalog beside ``params`` (``datasets/<dataset>.yaml``, listed in
+    params.yaml's ``datasets:``); its sections override params.yaml's, key by key (mappings merge, lists
+    and values replace). Without ``dataset``, ``params`` must be self-contained (its own ``dataset:``
+    block with a ``name``), as the step tests and benchmarks write them.
+    """
+    params = Path(params)
+    data = _read_params(params)
+    if dataset is None:
+        if "dataset" not in data:
+            raise ConfigError(f"{params}: no dataset: block; name a dataset of the catalog (--dataset NAME): "
+                              f"{', '.join(_listed_or_empty(data, params))}")
+        return parse_config(data, str(params))
+    if "dataset" in data:
+        raise ConfigError(f"{params}: holds its own dataset: block ({data['dataset'].get('name', '?')!r}) and a "
+                          f"catalog dataset ({dataset!r}) was named as well: use one or the other")
+    check_name(dataset, "--dataset")
+    listed_datasets(data, params)  # the list matches the catalog, so an entry that exists is one dvc.yaml builds
+    entry = read_entry(catalog_dir(params), dataset)
+    merged = {section: _deep_merge(data.get(section) or {}, entry.overrides[section]) for section in STAGE_SECTIONS}
+    unknown = {k: v for k, v in data.items() if k not in (*STAGE_SECTIONS, "datasets")}
+    try:
+        return Config.model_validate({"dataset": entry.dataset, **merged, **unknown})
+    except ValidationError as e:
+        raw = {"dataset": entry.dataset, **entry.overrides}
+        raise ConfigError(_format_errors(str(params), e, (str(entry.path), raw))) from None
+
+
+def _read_params(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -257,4 +308,24 @@ def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _listed_or_empty(data: dict[str, Any], params: Path) -> list[str]:
+    try:
+        return listed_datasets(data, params)
+    except ConfigError:
+        return ["(none: params.yaml has no valid datasets: list)"]
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: nested mappings merge key by key; anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

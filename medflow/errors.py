@@ -3,3 +3,7 @@
 
 class StepError(RuntimeError):
     """A pipeline step failed for a reason the user can act on; the message names the file or key."""
+
+
+class ConfigError(ValueError):
+    """A parameter or catalog entry is missing, unknown or invalid; the message names the file and key."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,39 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Step commands load tasks/ from the project root; tests run them from scratch folders, so they name this one.
 os.environ.setdefault("MEDFLOW_PROJECT", str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+SHIPPED = ("params.yaml", "datasets")  # the checkout's shared params and dataset catalog
+
+
+def copy_shipped(dest: Path, paths: Sequence[str] = SHIPPED) -> Path:
+    """Copy ``paths`` as committed (``git show HEAD:<path>``) into ``dest``; returns ``dest/params.yaml``.
+
+    Tests read the shipped params and catalog, not the working tree, so a user's edits (``dvc exp run -S``,
+    a changed dataset file) cannot fail them. Outside a git checkout (an sdist) the working tree is used.
+    """
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD", "--", *paths], cwd=ROOT,
+                            capture_output=True, text=True)
+    names = listed.stdout.split() if listed.returncode == 0 and listed.stdout.strip() else None
+    for name in names or [str(f.relative_to(ROOT)) for p in paths for f in _files(ROOT / p)]:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if names is None:
+            target.write_bytes((ROOT / name).read_bytes())
+        else:
+            target.write_bytes(subprocess.run(["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True,
+                                              check=True).stdout)
+    return dest / "params.yaml"
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+
+
+@pytest.fixture
+def shipped_params(tmp_path: Path) -> Path:
+    """params.yaml (beside datasets/) as committed, in a fresh folder."""
+    return copy_shipped(tmp_path / "shipped")
 
 
 def shared_dataset(name: str) -> Path:

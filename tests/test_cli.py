@@ -1,13 +1,35 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
+from medflow.catalog import STAGE_SECTIONS
 from medflow.cli import STEPS, main
 
 MEDFLOW = [sys.executable, "-m", "medflow.cli"]
+
+
+def _catalog(tmp_path: Path) -> Path:
+    """A checkout's params.yaml beside a two-dataset catalog: xray (A 0, B 1) and cells (C 0, D 1)."""
+    (tmp_path / "datasets").mkdir()
+    for name, labels in (("xray", {"A": 0, "B": 1}), ("cells", {"C": 0, "D": 1})):
+        entry = {"dataset": {"sources": [], "labels": labels, "group_rule": "filename", "channels": 1,
+                             "allow_flips": False, "card": {}}, **{s: {} for s in STAGE_SECTIONS}}
+        (tmp_path / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(entry))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": ["xray", "cells"]}))
+    return params
+
+
+def _medflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MEDFLOW, *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
@@ -15,7 +37,74 @@ def test_every_step_has_help(step: str, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as e:
         main([step, "--help"])
     assert e.value.code == 0
-    assert "--params" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--params" in out and "--dataset" in out
+
+
+def test_dataset_picks_the_catalog_entry(tmp_path: Path) -> None:
+    params = _catalog(tmp_path)
+    for cls in "ABCD":
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "images" / cls / f"{cls.lower()}1.png"), np.full((40, 40), 100, np.uint8))
+    (tmp_path / "roots.json").write_text(json.dumps([{"root": str(tmp_path / "images")}]))
+    run = _medflow("manifest", "--dataset", "cells", "--params", str(params), "--roots-json", "roots.json",
+                   "--out", "m.csv", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = pd.read_csv(tmp_path / "m.csv")
+    assert dict(zip(manifest["class_name"], manifest["label"], strict=True)) == {"C": 0, "D": 1}
+
+
+def test_unknown_dataset_lists_the_catalog(tmp_path: Path) -> None:
+    params = _catalog(tmp_path)
+    run = _medflow("split", "--dataset", "xrya", "--params", str(params), "--clean", "c.csv", "--out", "o.csv",
+                   "--summary", "s.json", cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "unknown dataset 'xrya'" in run.stderr and "describes: cells, xray" in run.stderr
+
+
+def test_step_without_a_dataset_names_the_choices(tmp_path: Path) -> None:
+    params = _catalog(tmp_path)
+    run = _medflow("split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv", "--summary", "s.json",
+                   cwd=tmp_path)
+    assert run.returncode == 2
+    assert "name a dataset of the catalog (--dataset NAME): xray, cells" in run.stderr
+
+
+def test_self_contained_params_with_dataset_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("dataset: {name: t, labels: {A: 0, B: 1}}\n")
+    run = _medflow("manifest", "--params", "p.yaml", "--dataset", "t", "--roots-json", "r.json", "--out", "m.csv",
+                   cwd=tmp_path)
+    assert run.returncode == 2 and "holds its own dataset: block" in run.stderr and "use one or the other" in (
+        run.stderr)
+
+
+def test_predict_needs_a_dataset_or_a_model(tmp_path: Path) -> None:
+    params = _catalog(tmp_path)
+    run = _medflow("predict", "x.png", "--params", str(params), cwd=tmp_path)
+    assert run.returncode == 2
+    assert "--dataset NAME" in run.stderr and "cells, xray" in run.stderr
+    run = _medflow("predict", "x.png", "--params", str(params), "--dataset", "nope", cwd=tmp_path)
+    assert run.returncode == 2 and "unknown dataset 'nope'" in run.stderr
+
+
+def test_evaluate_takes_the_dataset_recorded_with_the_model(tmp_path: Path) -> None:
+    from medflow.cli import _build_parser, _model_config
+
+    params = _catalog(tmp_path)
+    model = tmp_path / "models" / "cells"
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text(json.dumps({"task": "cells"}))
+    args = _build_parser().parse_args(["evaluate", "--params", str(params), "--model", str(model), "--images", "d"])
+    assert _model_config(args).dataset.labels == {"C": 0, "D": 1}
+    args = _build_parser().parse_args(["evaluate", "--params", str(params), "--model", str(model), "--images", "d",
+                                       "--dataset", "xray"])
+    assert _model_config(args).dataset.name == "xray"  # --dataset wins
+
+
+def test_watch_without_a_dataset_lists_the_catalog(tmp_path: Path) -> None:
+    run = subprocess.run([*MEDFLOW, "watch", "--once"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2 and "name a dataset of the catalog (--dataset NAME)" in run.stderr
 
 
 def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:

@@ -1,10 +1,18 @@
+"""The typed config: params.yaml's shared defaults merged with one catalog entry (datasets/<name>.yaml)."""
+
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from medflow.catalog import DATASET_KEYS, STAGE_SECTIONS, catalog_names
 from medflow.config import ConfigError, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parents[1]
+DATASET = {"sources": ["x.zip"], "labels": {"A": 0, "B": 1}, "group_rule": "filename", "channels": 1,
+           "allow_flips": False, "card": {}}
 
 
 def _minimal(**overrides: object) -> dict:
@@ -13,12 +21,156 @@ def _minimal(**overrides: object) -> dict:
     return data
 
 
-def test_project_params_load() -> None:
-    cfg = load_config(ROOT / "params.yaml")
-    assert cfg.dataset.name == "pneumonia"
-    assert cfg.dataset.channels == 1 and not cfg.dataset.allow_flips
-    assert cfg.resize.size == 224
-    assert cfg.split.train + cfg.split.val + cfg.split.test == pytest.approx(1.0)
+def _entry(**sections: Any) -> dict[str, Any]:
+    """A catalog file's content: the dataset block and every stage section (empty unless given)."""
+    return {"dataset": dict(DATASET), **{s: {} for s in STAGE_SECTIONS}, **sections}
+
+
+def _checkout(tmp_path: Path, entries: dict[str, dict[str, Any]], listed: list[str] | None = None,
+              **params: Any) -> Path:
+    """params.yaml (shared defaults + ``datasets:``) beside a datasets/ catalog folder; returns params.yaml."""
+    (tmp_path / "datasets").mkdir()
+    for name, entry in entries.items():
+        (tmp_path / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(entry))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"datasets": listed if listed is not None else list(entries),
+                                    "train": {"epochs": 30, "augment": {"zoom": 0.1, "rotation_deg": 15}},
+                                    **params}))
+    return path
+
+
+# ------------------------------------------------------------------------------ the shipped catalog
+def test_shipped_catalog_loads_every_listed_dataset(shipped_params: Path) -> None:
+    listed = yaml.safe_load(shipped_params.read_text())["datasets"]
+    assert listed == ["pneumonia", "malaria", "melanoma", "covid_ct"]
+    assert sorted(listed) == catalog_names(shipped_params.parent / "datasets")
+    configs = {name: load_config(shipped_params, name) for name in listed}
+    assert {name: cfg.dataset.name for name, cfg in configs.items()} == {n: n for n in listed}
+    pneumonia = configs["pneumonia"]
+    assert pneumonia.dataset.channels == 1 and not pneumonia.dataset.allow_flips
+    assert pneumonia.dataset.group_rule == "kermany" and pneumonia.resize.size == 224
+    assert pneumonia.split.train + pneumonia.split.val + pneumonia.split.test == pytest.approx(1.0)
+    assert configs["malaria"].resize.size == 128 and configs["malaria"].dataset.channels == 3  # its one override
+    assert configs["melanoma"].resize.size == 224 and configs["melanoma"].dataset.allow_flips
+
+
+def test_shipped_params_hold_no_dataset_block(shipped_params: Path) -> None:
+    params = yaml.safe_load(shipped_params.read_text())
+    assert "dataset" not in params
+    with pytest.raises(ConfigError, match="no dataset: block; name a dataset of the catalog.*pneumonia, malaria"):
+        load_config(shipped_params)
+
+
+# ----------------------------------------------------------------------------------------- merging
+def test_overrides_merge_key_by_key(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"cells": _entry(train={"augment": {"zoom": 0.3}}, resize={"size": 96}),
+                                  "plain": _entry()})
+    cells, plain = load_config(params, "cells"), load_config(params, "plain")
+    assert cells.train.augment.zoom == 0.3 and cells.train.augment.rotation_deg == 15  # the rest kept
+    assert cells.train.epochs == 30 and cells.resize.size == 96
+    assert plain.train.augment.zoom == 0.1 and plain.resize.size == 224
+    assert cells.dataset.name == "cells"  # the file stem
+
+
+def test_override_lists_replace(tmp_path: Path) -> None:
+    entry = _entry()
+    entry["dataset"]["sources"] = ["a.zip", "b.zip"]
+    cfg = load_config(_checkout(tmp_path, {"d": entry}), "d")
+    assert [s.url for s in cfg.dataset.sources] == ["a.zip", "b.zip"]
+
+
+def test_unknown_override_key_names_the_catalog_file(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"d": _entry(resize={"sise": 3})})
+    with pytest.raises(ConfigError, match=r"datasets/d\.yaml: resize\.sise: unknown key"):
+        load_config(params, "d")
+
+
+def test_bad_override_value_names_the_catalog_file_and_a_bad_default_params(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"d": _entry(split={"train": -1})}, split={"seed": "x"})
+    with pytest.raises(ConfigError) as e:
+        load_config(params, "d")
+    lines = str(e.value).splitlines()
+    assert any(line.startswith(f"{tmp_path / 'datasets' / 'd.yaml'}: split.train") for line in lines), lines
+    assert any(line.startswith(f"{params}: split.seed") for line in lines), lines
+
+
+def test_unknown_params_section_is_named(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"d": _entry()}, trian={"epochs": 1})
+    with pytest.raises(ConfigError, match=r"params\.yaml: trian: unknown key"):
+        load_config(params, "d")
+
+
+# ------------------------------------------------------------------------------ catalog structure
+@pytest.mark.parametrize("section", ["resize", "retrain"])
+def test_missing_section_names_file_and_section(tmp_path: Path, section: str) -> None:
+    entry = _entry()
+    del entry[section]
+    params = _checkout(tmp_path, {"d": entry})
+    with pytest.raises(ConfigError, match=rf"datasets/d\.yaml: missing section\(s\) {section}: .*{section}: {{}}"):
+        load_config(params, "d")
+
+
+@pytest.mark.parametrize("key", DATASET_KEYS)
+def test_dataset_keys_dvc_lists_must_be_stated(tmp_path: Path, key: str) -> None:
+    entry = _entry()
+    del entry["dataset"][key]
+    with pytest.raises(ConfigError, match=rf"datasets/d\.yaml: dataset\.{key}: missing"):
+        load_config(_checkout(tmp_path, {"d": entry}), "d")
+
+
+def test_unknown_top_level_key_and_non_mapping_section(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"d": _entry(manifest={}), "e": _entry(train=[1])})
+    with pytest.raises(ConfigError, match=r"datasets/d\.yaml: manifest: unknown key"):
+        load_config(params, "d")
+    with pytest.raises(ConfigError, match=r"datasets/e\.yaml: train: expected a mapping"):
+        load_config(params, "e")
+
+
+def test_name_in_the_file_must_be_its_stem(tmp_path: Path) -> None:
+    ok, bad = _entry(), _entry()
+    ok["dataset"]["name"], bad["dataset"]["name"] = "same", "other"
+    params = _checkout(tmp_path, {"same": ok, "d": bad})
+    assert load_config(params, "same").dataset.name == "same"
+    with pytest.raises(ConfigError, match=r"datasets/d\.yaml: dataset\.name: 'other' differs from the file name"):
+        load_config(params, "d")
+
+
+@pytest.mark.parametrize("name", ["Upper", "-dash", "a.b", "a/b", ""])
+def test_bad_dataset_names_are_refused_before_use(tmp_path: Path, name: str) -> None:
+    params = _checkout(tmp_path, {"d": _entry()})
+    with pytest.raises(ConfigError, match="is not a dataset name"):
+        load_config(params, name)
+
+
+def test_unknown_dataset_lists_the_catalog(tmp_path: Path) -> None:
+    params = _checkout(tmp_path, {"b": _entry(), "a": _entry()})
+    with pytest.raises(ConfigError, match=r"unknown dataset 'c': no .*datasets/c\.yaml .*describes: a, b\)"):
+        load_config(params, "c")
+
+
+def test_datasets_list_must_match_the_catalog(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    unlisted = _checkout(tmp_path / "one", {"a": _entry(), "b": _entry()}, listed=["a"])
+    with pytest.raises(ConfigError, match=r"datasets: b described in .* but not listed"):
+        load_config(unlisted, "a")
+    (tmp_path / "two").mkdir()
+    missing = _checkout(tmp_path / "two", {"a": _entry()}, listed=["a", "zz"])
+    with pytest.raises(ConfigError, match=r"datasets: no catalog file for zz"):
+        load_config(missing, "a")
+    (tmp_path / "three").mkdir()
+    twice = _checkout(tmp_path / "three", {"a": _entry()}, listed=["a", "a"])
+    with pytest.raises(ConfigError, match="appear twice"):
+        load_config(twice, "a")
+
+
+# ------------------------------------------------------------------ self-contained params files
+def test_self_contained_params_file_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(_minimal(resize={"size": 32})))
+    cfg = load_config(path)
+    assert cfg.dataset.name == "t" and cfg.resize.size == 32
+    with pytest.raises(ConfigError, match="holds its own dataset: block .* and a catalog dataset .* use one"):
+        load_config(path, "t")
 
 
 def test_string_sources_become_urls() -> None:
@@ -69,18 +221,3 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("dataset: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
-
-
-@pytest.mark.parametrize("preset", sorted((ROOT / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
-def test_presets_parse(preset: Path) -> None:
-    import yaml
-
-    cfg = parse_config(yaml.safe_load(preset.read_text()), str(preset))
-    assert cfg.dataset.name == preset.stem
-
-
-def test_pneumonia_preset_matches_params() -> None:
-    import yaml
-
-    preset = yaml.safe_load((ROOT / "datasets" / "pneumonia.yaml").read_text())["dataset"]
-    assert preset == yaml.safe_load((ROOT / "params.yaml").read_text())["dataset"]

@@ -1,9 +1,10 @@
 """Flow tests under Prefect's test harness (a temporary local API): the train and retrain flows on a real
 DVC project copy. Training is tiny (medflow CNN, 64 px, 6 epochs; the tutorial CNN does not learn at all in so few).
 
-- train flow: every dvc.yaml stage as a task; afterwards `dvc status` is clean and `dvc repro` has nothing
-  to do; a second run recomputes nothing; artifacts are posted; a failed validation fails the run with
-  the reason and nothing after it runs.
+- train flow: every dvc.yaml stage of the dataset (download@pneumonia ...) as a task, and no other dataset's;
+  afterwards `dvc status` is clean, `dvc repro` has nothing to do and `git status` is clean; a second run
+  recomputes nothing; artifacts are posted (the quarantine table lists the rejected files); a failed
+  validation fails the run with the reason and nothing after it runs; every catalog dataset opens.
 - retrain flow (real Kermany images from ../shared/data): unchanged source -> "no new data"; new images ->
   split extended (old assignments kept), challenger trained and promoted; a deliberately worse challenger
   (one epoch at a learning rate of 1e-7: effectively untrained) -> not promoted, champion unchanged.
@@ -11,6 +12,7 @@ DVC project copy. Training is tiny (medflow CNN, 64 px, 6 epochs; the tutorial C
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,19 +26,27 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, shared_dataset
+from conftest import ROOT, copy_shipped, shared_dataset
 
 pytestmark = [pytest.mark.slow]
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "datasets",
-                 ".dvc/config", ".dvc/.gitignore", "data/inbox"]
+PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
+                 ".dvc/.gitignore", "data/inbox"]  # + params.yaml and datasets/ as committed (copy_shipped)
 TINY_TRAIN = {"model": "medflow_cnn", "epochs": 6, "batch_size": 16, "early_stopping_patience": 0,
               "reduce_lr_patience": 0}
+SMALL_RUN: dict[str, dict[str, Any]] = {
+    "resize": {"size": 64},
+    "validate": {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25},
+    "train": TINY_TRAIN,
+    "evaluate": {"bootstrap": 1000, "gradcam_examples": 0},
+    "retrain": {"tolerance": 0.25, "bootstrap": 1000},  # ~30 test images: wide intervals
+}
 
 
 # ------------------------------------------------------------------------------------------ helpers
 def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
-    """A fresh git + DVC checkout of the pipeline files with small-run params (sources: the inbox only)."""
+    """A fresh git + DVC checkout of the pipeline with small-run shared params; every dataset of the catalog
+    reads its inbox only (``sources: []``). The code is this checkout's (dvc.yaml hashes medflow/ and tasks/)."""
     dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -45,16 +55,15 @@ def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    copy_shipped(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["dataset"]["sources"] = []
-    params["resize"]["size"] = 64
-    params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
-    params["train"].update(TINY_TRAIN)
-    params["evaluate"].update(bootstrap=1000, gradcam_examples=0)
-    params["retrain"].update(tolerance=0.25, bootstrap=1000)  # ~30 test images: wide intervals
-    for section, values in overrides.items():
-        params[section].update(values)
+    for section, values in [*SMALL_RUN.items(), *overrides.items()]:
+        params[section] = {**params[section], **values}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for entry_file in (dest / "datasets").glob("*.yaml"):
+        entry = yaml.safe_load(entry_file.read_text())
+        entry["dataset"]["sources"] = []
+        entry_file.write_text(yaml.safe_dump(entry, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
@@ -74,11 +83,27 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=1200)
 
 
-def assert_dvc_clean(project: Path) -> None:
-    status = dvc(project, "status")
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
-    again = dvc(project, "repro")
-    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout[-3000:]
+def assert_dvc_clean(project: Path, dataset: str = "pneumonia") -> None:
+    """DVC agrees with the run: the dataset's stages are up to date, `dvc repro` changes nothing in dvc.lock,
+    and git sees no change (every derived file is a DVC output or ignored)."""
+    status = dvc(project, "status", "--json", *(f"{s}@{dataset}" for s in STEPS))
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
+    lock = (project / "dvc.lock").read_bytes()
+    again = dvc(project, "repro", f"evaluate@{dataset}")
+    assert again.returncode == 0 and (project / "dvc.lock").read_bytes() == lock, again.stdout[-3000:]
+    assert_git_clean(project)
+
+
+def assert_git_clean(project: Path) -> None:
+    """git sees nothing but dvc.lock (the run's record, committed with the code): every file a run derives is
+    a DVC output or git-ignored."""
+    porcelain = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=project,
+                               capture_output=True, text=True, check=True).stdout
+    changes = [line for line in porcelain.splitlines() if line[3:] != "dvc.lock"]
+    assert changes == [], "untracked or changed after the run:\n" + "\n".join(changes[:50])
+
+
+STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate"]
 
 
 def generated_images(inbox: Path, n_patients: int = 24, per_patient: int = 2, seed: int = 0) -> None:
@@ -136,13 +161,29 @@ def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) ->
         "c": {"cmd": "cp other.txt c.txt", "deps": ["other.txt"], "outs": ["c.txt"]}}}))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     assert dvc(tmp_path, "init", "-q").returncode == 0
-    assert stages.plan(tmp_path) == [("a", True), ("b", True), ("c", True)]
+
+    def plan() -> list[tuple[str, bool, bool]]:
+        return [(p.stage, p.check, p.stale) for p in stages.plan(tmp_path)]
+
+    assert plan() == [("a", True, True), ("b", True, True), ("c", True, True)]
     assert dvc(tmp_path, "repro").returncode == 0
-    assert stages.plan(tmp_path) == [("a", False), ("b", False), ("c", False)]
+    assert plan() == [("a", False, False), ("b", False, False), ("c", False, False)]
     (tmp_path / "in.txt").write_text("2")
-    assert stages.plan(tmp_path) == [("a", True), ("b", True), ("c", False)]
-    result = stages.repro_stage(tmp_path, "a")
+    assert plan() == [("a", True, True), ("b", True, False), ("c", False, False)]  # b: only downstream of a
+    result = stages.repro_stage(tmp_path, "a")  # ran: its dvc.lock entry changed
     assert result.ran and not stages.repro_stage(tmp_path, "a").ran
+    (tmp_path / "a.txt").unlink()  # rebuilt identical, so dvc.lock stays the same: the plan's status tells
+    (first,) = [p for p in stages.plan(tmp_path) if p.stage == "a"]
+    lock = stages.lock_entry(tmp_path, "a")
+    assert first.stale and stages.repro_stage(tmp_path, "a", stale=first.stale).ran
+    assert (tmp_path / "a.txt").read_text() == "2" and stages.lock_entry(tmp_path, "a") == lock
+
+
+def _quarantine_rows() -> list[dict[str, str]]:
+    artifact = _artifact("pneumonia-quarantine")
+    assert artifact is not None
+    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return list(data)
 
 
 def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harness: None) -> None:
@@ -150,17 +191,26 @@ def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harn
     from medflow.lifecycle import registry
 
     project = make_project(tmp_path / "project")
-    generated_images(project / "data/inbox/pneumonia/batch1")
+    inbox = project / "data/inbox/pneumonia/batch1"
+    generated_images(inbox)
+    kept = inbox / "PNEUMONIA" / "person1_bacteria_0.jpeg"
+    (inbox / "PNEUMONIA" / "person900_bacteria_0.jpeg").write_bytes(kept.read_bytes()[:kept.stat().st_size * 6 // 10])
+    (inbox / "PNEUMONIA" / "person901_bacteria_0.jpeg").write_bytes(kept.read_bytes())  # exact duplicate
     result = train_flow(dataset="pneumonia", project_dir=str(project))
-    stages_run = [r["stage"] for r in result["stages"] if r["ran"]]
-    assert stages_run[:2] == ["download", "extract"] and "train" in stages_run
+    assert [r["stage"] for r in result["stages"]] == [f"{s}@pneumonia" for s in STEPS]  # this dataset only
+    assert all(r["ran"] for r in result["stages"]), result["stages"]
     assert result["decision"]["promote"]  # the first model becomes champion
     champ = registry.champion(project / "models/pneumonia")
     assert champ and (project / "models/pneumonia/versions" / champ["version"] / "model.keras").is_file()
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == {f"{s}@pneumonia" for s in STEPS}
     assert_dvc_clean(project)
     summary = _artifact("pneumonia-train-summary")
-    assert summary is not None and "Headline metrics" in summary.data and "| train | ran |" in summary.data
-    assert _artifact("pneumonia-quarantine") is not None
+    assert summary is not None and "Headline metrics" in summary.data and "| train@pneumonia | ran |" in summary.data
+    rows = {Path(r["path"]).name: r["reason"] for r in _quarantine_rows()}
+    assert result["quarantined"] == 2
+    assert rows["person900_bacteria_0.jpeg"] == "truncated"
+    assert {rows.get("person901_bacteria_0.jpeg"), rows.get(kept.name)} >= {"duplicate"}  # one of the pair kept
+    assert len(rows) == 2
 
     start = time.perf_counter()
     again = train_flow(dataset="pneumonia", project_dir=str(project))
@@ -180,13 +230,25 @@ def test_failed_validation_fails_the_run_with_the_reason(tmp_path: Path, harness
     assert not (project / "models/pneumonia/model.keras").exists()  # nothing downstream ran
 
 
-def test_deployment_for_another_dataset_refuses_with_a_clear_message(tmp_path: Path, harness: None) -> None:
+def test_every_catalog_dataset_opens_with_its_own_paths(tmp_path: Path) -> None:
+    from flows.common import open_project
+
+    project = make_project(tmp_path / "project")
+    for ds in yaml.safe_load((project / "params.yaml").read_text())["datasets"]:
+        opened = open_project(str(project), ds)
+        assert opened.cfg.dataset.name == ds and [s.name for s in opened.stages] == [f"{s}@{ds}" for s in STEPS]
+        assert opened.model_root == project / "models" / ds
+        assert opened.path("download", "--inbox") == project / "data/inbox" / ds
+        assert opened.path("evaluate", "--out") == project / "reports" / ds / "evaluation"
+
+
+def test_unknown_dataset_fails_the_run_listing_the_catalog(tmp_path: Path, harness: None) -> None:
     from flows.train import train_flow
 
     project = make_project(tmp_path / "project")
-    state = train_flow(dataset="malaria", project_dir=str(project), return_state=True)
-    assert state.is_failed() and "selects dataset 'pneumonia'" in state.message and "datasets/malaria.yaml" in (
-        state.message)
+    state = train_flow(dataset="pneumonia2", project_dir=str(project), return_state=True)
+    assert state.is_failed() and "unknown dataset 'pneumonia2'" in state.message
+    assert "covid_ct, malaria, melanoma, pneumonia" in state.message
 
 
 def test_retrain_is_skipped_while_another_run_holds_the_dataset(tmp_path: Path, harness: None) -> None:

@@ -2,7 +2,8 @@
 
 Then new files land in the dataset's inbox (a truncated copy, an exact duplicate, a re-encoded near
 duplicate and two new images): they are quarantined, grouped and, with everything else cached, only they
-are decoded.
+are decoded. Two datasets of the catalog (pneumonia, malaria) run through `dvc repro evaluate@<ds>` in one
+checkout, each into its own outputs. After every run `git status` shows nothing but dvc.lock.
 """
 
 from __future__ import annotations
@@ -14,23 +15,26 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, shared_dataset
+from conftest import ROOT, copy_shipped, shared_dataset
 
 from medflow.io import read_csv, sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", ".dvc/config",
-                 ".dvc/.gitignore", "data/inbox"]
+STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate"]
+
+PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
+                 ".dvc/.gitignore", "data/inbox"]  # + params.yaml and datasets/ as committed (copy_shipped)
 
 
 def _make_project(dest: Path) -> Path:
-    """A fresh git + DVC checkout of the pipeline files (the code runs from the installed package)."""
+    """A fresh git + DVC checkout of the pipeline files (dvc.yaml hashes this checkout's medflow/ and tasks/)."""
     dest.mkdir()
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -39,11 +43,30 @@ def _make_project(dest: Path) -> Path:
         else:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    copy_shipped(dest)
+    _commit(dest)
+    return dest
+
+
+def _commit(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
                    check=True)
-    return dest
+
+
+def _git_changes(project: Path) -> list[str]:
+    """What `git status` reports besides dvc.lock (the run's record, committed with the code by the user):
+    every derived file must be a DVC output or git-ignored, so this is empty after a run."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=project,
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line[3:] != "dvc.lock"]
+
+
+def _edit_yaml(path: Path, edit: Any) -> None:
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -60,9 +83,8 @@ def _zip_folder(src: Path, dest: Path) -> None:
 
 
 def _set_source(project: Path, url: str, sha256: str) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dataset"]["sources"] = [{"url": url, "sha256": sha256}]
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _edit_yaml(project / "datasets/pneumonia.yaml",
+               lambda entry: entry["dataset"].update(sources=[{"url": url, "sha256": sha256}]))
 
 
 def _json(path: Path) -> dict:
@@ -78,8 +100,10 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     project = _make_project(tmp_path / "project")
     _set_source(project, f"{base_url}/chest_xray.zip", archive_sha)
 
-    run = _dvc(project, "repro", "validate")
+    _commit(project)  # the source is part of the checkout
+    run = _dvc(project, "repro", "validate@pneumonia")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert _git_changes(project) == []
 
     interim, processed = project / "data/interim/pneumonia", project / "data/processed/pneumonia"
     filt = _json(interim / "filter.json")
@@ -94,7 +118,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert set(split["split"]) == {"train", "val", "test"}
     assert _json(processed / "resize.json")["shape"] == [1564, 224, 224, 1]
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
-    status = _dvc(project, "status", "validate")
+    status = _dvc(project, "status", "validate@pneumonia")
     assert "up to date" in status.stdout, status.stdout
 
     # New data lands in the inbox: a truncated copy, an exact duplicate, a re-encoded near duplicate.
@@ -113,8 +137,9 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         cv2.imwrite(str(landed.parent / "NORMAL" / f"NORMAL9-IM-900{i}-0001.jpeg"), cv2.flip(img, 0))
 
-    run = _dvc(project, "repro", "validate")
+    run = _dvc(project, "repro", "validate@pneumonia")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert _git_changes(project) == []  # the landed files are inbox data (git-ignored)
 
     filt = _json(interim / "filter.json")
     assert filt["in"] == 1566 + 5
@@ -132,27 +157,45 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     near = split[split["name"].isin([first.name, "person90003_bacteria_1.jpeg"])]
     assert len(near) == 2 and near["dup_group"].nunique() == 1 and near["split"].nunique() == 1
     assert (split.groupby("group")["split"].nunique() == 1).all()
-    assert isinstance(pd.read_json(project / "reports/pneumonia/validation.json", typ="series"), pd.Series)
+    validation = _json(project / "reports/pneumonia/validation.json")
+    assert validation["success"] is True and validation["failed"] == [], validation["failed"]
+    assert set(validation["suites"]) == {"manifest", "splits", "images"}
+    for name, suite in validation["suites"].items():
+        stats = suite["statistics"]
+        assert suite["success"] and stats["unsuccessful_expectations"] == 0, (name, stats)
+        assert stats["evaluated_expectations"] == stats["successful_expectations"] >= 3, (name, stats)
+
+
+SMALL_RUN = {"resize": {"size": 64}, "validate": {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25},
+             "train": {"epochs": 2, "batch_size": 16}}
+
+
+def _small_project(tmp_path: Path) -> Path:
+    """A checkout whose datasets read their inbox only, with small-run shared params."""
+    project = _make_project(tmp_path / "project")
+    for entry in (project / "datasets").glob("*.yaml"):
+        _edit_yaml(entry, lambda e: e["dataset"].update(sources=[]))
+    _edit_yaml(project / "params.yaml", lambda p: [p[k].update(v) for k, v in SMALL_RUN.items()])
+    _commit(project)
+    return project
+
+
+def _copy_images(src: Path, dest: Path, counts: dict[str, int]) -> None:
+    for cls, n in counts.items():
+        (dest / cls).mkdir(parents=True)
+        for path in sorted((src / cls).iterdir())[:n]:
+            shutil.copy(path, dest / cls / path.name)
 
 
 def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
     """The whole DAG on 120 real images dropped into the inbox: model, report, metrics, plots, clean status."""
     src = shared_dataset("chest_xray")
-    project = _make_project(tmp_path / "project")
-    inbox = project / "data/inbox/pneumonia/small"
-    for cls, n in (("NORMAL", 40), ("PNEUMONIA", 80)):
-        (inbox / cls).mkdir(parents=True)
-        for path in sorted((src / cls).iterdir())[:n]:
-            shutil.copy(path, inbox / cls / path.name)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dataset"]["sources"] = []
-    params["resize"]["size"] = 64
-    params["validate"] = {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25}
-    params["train"].update(epochs=2, batch_size=16)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project = _small_project(tmp_path)
+    _copy_images(src, project / "data/inbox/pneumonia/small", {"NORMAL": 40, "PNEUMONIA": 80})
 
-    run = _dvc(project, "repro")
+    run = _dvc(project, "repro", "evaluate@pneumonia")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert _git_changes(project) == []
     meta = _json(project / "models/pneumonia/metadata.json")
     assert meta["input_shape"] == [64, 64, 1] and meta["epochs_run"] == 2
     assert (project / "models/pneumonia/model.keras").stat().st_size > 0
@@ -166,9 +209,48 @@ def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
     assert "data:image/png;base64," in (evaluation / "report.html").read_text()
     plots = _dvc(project, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr[-2000:]
-    for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv", "Sensitivity and specificity"):
+    for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv",
+                 "pneumonia, sensitivity and specificity"):
         assert name in plots.stdout, name
-    status = _dvc(project, "status")
-    assert "up to date" in status.stdout, status.stdout
-    again = _dvc(project, "repro")
-    assert again.returncode == 0 and "Running stage" not in again.stdout
+    assert _git_changes(project) == []  # dvc_plots/ and every report is ignored
+    stages = [f"{s}@pneumonia" for s in STEPS]
+    status = _dvc(project, "status", "--json", *stages)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    lock = (project / "dvc.lock").read_bytes()
+    again = _dvc(project, "repro", "evaluate@pneumonia")
+    assert again.returncode == 0 and (project / "dvc.lock").read_bytes() == lock
+
+
+def test_two_datasets_of_the_catalog_in_one_checkout(tmp_path: Path) -> None:
+    """malaria (3 channels, 128 px from its catalog file, shrunk to 64 here) beside pneumonia: each stage
+    writes its own dataset's outputs, and one dataset's run leaves the other's stages alone."""
+    cells, xrays = shared_dataset("malaria_cells"), shared_dataset("chest_xray")
+    project = _small_project(tmp_path)
+    _copy_images(cells, project / "data/inbox/malaria/slice", {"Parasitized": 60, "Uninfected": 60})
+    _copy_images(xrays, project / "data/inbox/pneumonia/small", {"NORMAL": 40, "PNEUMONIA": 80})
+    _edit_yaml(project / "datasets/malaria.yaml", lambda e: e["resize"].update(size=48))
+    _commit(project)
+
+    run = _dvc(project, "repro", "evaluate@malaria")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    locked = set(yaml.safe_load((project / "dvc.lock").read_text())["stages"])
+    assert locked == {f"{s}@malaria" for s in STEPS}  # pneumonia's stages did not run
+    assert not (project / "data/processed/pneumonia").exists()
+    run = _dvc(project, "repro", "evaluate@pneumonia")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert _git_changes(project) == []
+
+    malaria, pneumonia = (_json(project / f"models/{d}/metadata.json") for d in ("malaria", "pneumonia"))
+    assert malaria["input_shape"] == [48, 48, 3] and pneumonia["input_shape"] == [64, 64, 1]
+    assert malaria["task"] == "malaria" and pneumonia["task"] == "pneumonia"
+    split = read_csv(project / "data/processed/malaria/split.csv")
+    assert len(split) == 120 and set(split["class_name"]) == {"Parasitized", "Uninfected"}
+    assert (split.groupby("group")["split"].nunique() == 1).all()  # NIH patients P<n> stay in one split
+    assert split["group"].str.fullmatch(r"P\d+").all()
+    for ds in ("malaria", "pneumonia"):
+        report = _json(project / f"reports/{ds}/evaluation/metrics.json")
+        assert report["n"] > 0 and "roc_auc" in json.dumps(report)
+    status = _dvc(project, "status", "--json")  # both datasets up to date; the other two never ran
+    assert status.returncode == 0
+    stale = set(json.loads(status.stdout))
+    assert not any(s.endswith(("@malaria", "@pneumonia")) for s in stale), stale

@@ -1,8 +1,10 @@
 """End to end against a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME, SQLite, a free port).
 
 Starts ``medflow server`` and ``medflow serve`` in a fresh project with real Kermany images in its inbox,
-then: ``prefect deployment run medflow/train-pneumonia --watch`` completes, the model is champion and
-``dvc status`` is clean; a retrain run completes; ``medflow watch --once`` on newly landed images emits a
+then: the train and retrain deployments of all four catalog datasets are served;
+``prefect deployment run medflow/train-pneumonia --watch`` completes, the model is champion and
+``dvc status`` and ``git status`` are clean; a retrain run completes; ``medflow watch --dataset pneumonia
+--once`` on newly landed images emits a
 data-landed event that starts a retrain run by itself; two retrain runs triggered at once leave the outputs
 intact. The server and the runner are always shut down.
 """
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+DATASETS = ("pneumonia", "malaria", "melanoma", "covid_ct")  # the shipped catalog: each gets both deployments
 
 
 def _free_port() -> int:
@@ -87,7 +90,7 @@ class Server:
                                  self.logs[1]))
         self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
                                            self.logs)
-                           for name in ("medflow/train-pneumonia", "medflow-retrain/retrain-pneumonia")}
+                           for ds in DATASETS for name in (f"medflow/train-{ds}", f"medflow-retrain/retrain-{ds}")}
 
     def _deployment_id(self, name: str) -> str | None:
         r = httpx.get(f"{self.api}/deployments/name/{name}", timeout=5)
@@ -141,8 +144,8 @@ def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
     real_images(project / "data/inbox/pneumonia/batch2", shared_dataset("chest_xray"), 40,
                 {"NORMAL": 20, "PNEUMONIA": 40})
     n_before = len(server.manual_runs(retrain))
-    watch = subprocess.run([str(BIN / "medflow"), "watch", "--once"], cwd=project, env=server.env,
-                           capture_output=True, text=True, timeout=120)
+    watch = subprocess.run([str(BIN / "medflow"), "watch", "--dataset", "pneumonia", "--once"], cwd=project,
+                           env=server.env, capture_output=True, text=True, timeout=120)
     assert watch.returncode == 0, watch.stderr[-3000:]
     assert "1 data-landed event" in watch.stderr, watch.stderr[-3000:]
     triggered = _wait_for(lambda: len(server.manual_runs(retrain)) > n_before and all(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, copy_shipped
 
 from flows import stages
 from medflow.config import Config, RetrainConfig, load_config
@@ -32,37 +32,47 @@ from medflow.lifecycle.watch import InboxWatcher, watch
 
 
 @pytest.fixture
-def cfg() -> Config:
-    return load_config(ROOT / "params.yaml")
+def cfg(shipped_params: Path) -> Config:
+    return load_config(shipped_params, "pneumonia")
 
 
 # --------------------------------------------------------------------------------------- DVC stages
 def test_stage_order_follows_dependencies_not_file_order(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("datasets: [pneumonia, malaria]\n")
+    per_dataset = {
+        "evaluate": {"cmd": "medflow evaluate --dataset ${item} --model-dir m/${item}",
+                     "deps": ["m/${item}/model.keras"], "outs": ["r/${item}/eval"]},
+        "train": {"cmd": "medflow train --split d/${item}/split.csv", "deps": ["d/${item}/split.csv"],
+                  "outs": ["m/${item}/model.keras", {"m/${item}/metadata.json": {"cache": False}}]},
+        "split": {"cmd": "medflow split --out d/${item}/split.csv", "deps": ["d/${item}/clean.csv"],
+                  "outs": ["d/${item}/split.csv"]},
+    }
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "evaluate": {"cmd": "medflow evaluate --model-dir m/${dataset.name}", "deps": ["m/${dataset.name}/model.keras"],
-                     "outs": ["r/eval"]},
-        "train": {"cmd": "medflow train --split d/split.csv", "deps": ["d/split.csv"],
-                  "outs": ["m/${dataset.name}/model.keras", {"m/${dataset.name}/metadata.json": {"cache": False}}]},
-        "split": {"cmd": "medflow split --out d/split.csv", "deps": ["d/clean.csv"], "outs": ["d/split.csv"]},
-    }}))
-    assert stages.stage_order(tmp_path) == ["split", "train", "evaluate"]
-    flags = stages.stage_flags(tmp_path, "pneumonia")
-    assert flags["evaluate"]["--model-dir"] == tmp_path / "m/pneumonia"
+        name: {"foreach": "${datasets}", "do": spec} for name, spec in per_dataset.items()}}))
+    malaria = stages.pipeline(tmp_path, "malaria")
+    assert [s.name for s in malaria] == ["split@malaria", "train@malaria", "evaluate@malaria"]
+    assert malaria[1].needs == {"split@malaria"} and malaria[0].dataset == "malaria"
+    flags = stages.step_flags(stages.pipeline(tmp_path, "pneumonia"))
+    assert flags["evaluate"] == {"--model-dir": tmp_path / "m/pneumonia"}  # --dataset is not a path
+    assert len(stages.pipeline(tmp_path)) == 6
 
 
-def test_stage_order_of_the_project_starts_at_download_and_ends_after_train() -> None:
-    order = stages.stage_order(ROOT)
-    assert order[0] == "download" and order.index("split") < order.index("validate") < order.index("train")
+def test_stage_order_of_the_project_starts_at_download_and_ends_after_train(tmp_path: Path) -> None:
+    copy_shipped(tmp_path)
+    (tmp_path / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())
+    order = [s.name for s in stages.pipeline(tmp_path, "melanoma")]
+    assert order[0] == "download@melanoma" and order[-1] == "evaluate@melanoma"
+    assert order.index("split@melanoma") < order.index("validate@melanoma") < order.index("train@melanoma")
 
 
 def test_stage_cycle_and_missing_file_are_errors(tmp_path: Path) -> None:
     with pytest.raises(stages.StageFailed, match="not found"):
-        stages.stage_order(tmp_path)
+        stages.pipeline(tmp_path)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
         "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}}))
     with pytest.raises(stages.StageFailed, match="cycle"):
-        stages.stage_order(tmp_path)
+        stages.pipeline(tmp_path)
 
 
 def test_failure_reason_prefers_the_steps_own_error() -> None:

@@ -1,0 +1,145 @@
+"""The dataset catalog: ``datasets/<name>.yaml`` is the one place a dataset is described.
+
+Each catalog file holds the dataset's ``dataset:`` block (sources, labels, group_rule, channels,
+allow_flips, card) and one section per stage of params.yaml (``download:`` ... ``retrain:``) with that
+dataset's overrides of params.yaml's shared defaults. Every section must be present, even empty
+(``resize: {}``): each dvc.yaml stage lists its section of ``datasets/${item}.yaml`` as a parameter, and
+DVC fails a stage whose listed key is missing. The dataset's name is the file stem.
+
+params.yaml's ``datasets:`` list names the datasets the checkout builds (dvc.yaml's ``foreach``); it must
+match the catalog folder, so a dataset is never described but silently not built, or the other way round.
+
+This module reads and checks the catalog's structure; :func:`medflow.config.load_config` merges an entry
+with params.yaml and validates the result into the typed ``Config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CATALOG_DIR = "datasets"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# params.yaml's stage sections: each catalog file overrides them (and must hold each one, even empty).
+STAGE_SECTIONS = ("download", "extract", "filter", "resize", "split", "validate", "train", "evaluate", "retrain")
+# dataset keys that dvc.yaml stages list as params: DVC fails a stage whose listed key is missing, so a
+# catalog file states each one even where the config has a default.
+DATASET_KEYS = ("sources", "labels", "group_rule", "channels", "allow_flips", "card")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One dataset of the catalog: its ``dataset:`` block and its overrides of params.yaml's sections."""
+
+    name: str
+    path: Path
+    dataset: dict[str, Any]
+    overrides: dict[str, dict[str, Any]]
+
+
+def check_name(name: str, where: str = "dataset name") -> str:
+    """Return ``name`` if it can name a dataset (it becomes a path segment and a DVC stage key), else raise."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} is not a dataset name (lower-case letters, digits, '_' and '-', "
+                          f"starting with a letter or digit)")
+    return name
+
+
+def catalog_dir(params: Path) -> Path:
+    """The catalog folder of a checkout: ``datasets/`` beside its params.yaml."""
+    return Path(params).parent / CATALOG_DIR
+
+
+def catalog_names(folder: Path) -> list[str]:
+    """Names of the datasets described in ``folder`` (``<name>.yaml`` files), sorted."""
+    return sorted(path.stem for path in Path(folder).glob("*.yaml"))
+
+
+def listed_datasets(params_data: dict[str, Any], params: Path) -> list[str]:
+    """params.yaml's ``datasets:`` list, checked against the catalog folder beside it.
+
+    Raises ConfigError when the list is missing or malformed, names a dataset without a catalog file, or
+    leaves out one the catalog describes.
+    """
+    listed = params_data.get("datasets")
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(f"{params}: datasets: expected a list of dataset names (the files of "
+                          f"{catalog_dir(params)}/), got {listed!r}")
+    for i, name in enumerate(listed):
+        check_name(name, f"{params}: datasets.{i}")
+    if len(set(listed)) != len(listed):
+        raise ConfigError(f"{params}: datasets: names appear twice: {listed}")
+    described = catalog_names(catalog_dir(params))
+    missing = [n for n in listed if n not in described]
+    if missing:
+        raise ConfigError(f"{params}: datasets: no catalog file for {', '.join(missing)} "
+                          f"(expected {', '.join(str(catalog_dir(params) / f'{n}.yaml') for n in missing)})")
+    unlisted = [n for n in described if n not in listed]
+    if unlisted:
+        raise ConfigError(f"{params}: datasets: {', '.join(unlisted)} described in {catalog_dir(params)}/ but "
+                          "not listed: add it to the list (or remove its file)")
+    return list(listed)
+
+
+def read_entry(folder: Path, name: str) -> CatalogEntry:
+    """Read ``folder/<name>.yaml`` and check its structure (not its values: ``load_config`` validates those).
+
+    Raises ConfigError naming the file for an unknown dataset, invalid YAML, a missing or malformed section,
+    an unknown top-level key, or a ``dataset.name`` that differs from the file stem.
+    """
+    check_name(name)
+    path = Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(catalog_names(folder)) or "none"
+        raise ConfigError(f"unknown dataset {name!r}: no {path} (the catalog {folder}/ describes: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with dataset: and the stage sections, got "
+                          f"{type(data).__name__}")
+    return CatalogEntry(name=name, path=path, dataset=_dataset_block(path, data, name),
+                        overrides=_stage_sections(path, data))
+
+
+def _dataset_block(path: Path, data: dict[str, Any], name: str) -> dict[str, Any]:
+    block = data.get("dataset")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: dataset: missing, or not a mapping ({', '.join(DATASET_KEYS)})")
+    missing = [k for k in DATASET_KEYS if k not in block]
+    if missing:
+        raise ConfigError(f"{path}: dataset.{missing[0]}: missing (every one of {', '.join(DATASET_KEYS)} must be "
+                          "stated: dvc.yaml stages list them as params, and DVC fails on a missing one)")
+    if "name" in block and block["name"] != name:
+        raise ConfigError(f"{path}: dataset.name: {block['name']!r} differs from the file name; the name is the "
+                          f"file stem ({name!r}): drop the key or rename the file")
+    return {**block, "name": name}
+
+
+def _stage_sections(path: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    unknown = [k for k in data if k != "dataset" and k not in STAGE_SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: {', '.join(map(str, unknown))}: unknown key (expected dataset and the stage "
+                          f"sections {', '.join(STAGE_SECTIONS)})")
+    missing = [s for s in STAGE_SECTIONS if s not in data]
+    if missing:
+        raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}: every stage section must be present, "
+                          f"even empty ({missing[0]}: {{}}), because each dvc.yaml stage lists it as a parameter")
+    sections = {}
+    for section in STAGE_SECTIONS:
+        values = data[section]
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping of overrides ({section}: {{}} for none), "
+                              f"got {values!r}")
+        sections[section] = values
+    return sections
