@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medflow.catalog import STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
-from medflow.data.patients import GROUP_RULES
 from medflow.errors import ConfigError
+from medflow.patients import GROUP_RULES
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 

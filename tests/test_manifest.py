@@ -13,9 +13,9 @@ from conftest import shared_dataset
 
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest, class_of, iter_images, source_split_of
-from medflow.data.patients import GROUP_RULES, RULES, group_of
 from medflow.errors import StepError
 from medflow.io import read_csv, sha256_file, write_json
+from medflow.patients import GROUP_RULES, RULES, group_of
 from medflow.schema import MANIFEST_COLUMNS
 from tasks.manifest import run
 

@@ -1,7 +1,7 @@
 """Manifest: one row per image found under the image roots (see schema.MANIFEST_COLUMNS).
 
 Labels come from the nearest ancestor folder that is a key of ``dataset.labels``; the patient/group id
-from the dataset's rule applied to the file name (medflow.data.patients); the source's own split from an
+from the dataset's rule applied to the file name (medflow.patients); the source's own split from an
 ancestor folder named train/val/test. Headers are read (size, mode, format) but images are not decoded:
 that is the filter's job. Files outside any labelled folder are skipped and counted; nothing is ever
 modified. The manifest step (tasks/manifest.py) reads the roots and writes the CSV.
@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from medflow.data.patients import group_of
 from medflow.io import sha256_file
+from medflow.patients import group_of
 from medflow.schema import IMAGE_EXTENSIONS, JUNK_DIRS, JUNK_FILES, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
                    workers: int = 8) -> tuple[pd.DataFrame, dict[str, int]]:
     """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
 
-    ``pattern`` is the dataset's patient/group rule (medflow.data.patients); a file name it does not match
+    ``pattern`` is the dataset's patient/group rule (medflow.patients); a file name it does not match
     becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. Returns the
     manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
     ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written.

@@ -30,12 +30,12 @@ import pandas as pd
 
 from medflow.config import Config, EvaluateConfig
 from medflow.data.manifest import class_of, iter_images
-from medflow.data.patients import group_of
 from medflow.errors import StepError
 from medflow.evaluation import gradcam, metrics, report
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging.decode import load_resized
 from medflow.io import n_workers, open_images, read_csv, read_json
+from medflow.patients import group_of
 from medflow.schema import SPLITS
 from medflow.training.models import custom_objects
 
