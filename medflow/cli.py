@@ -185,6 +185,8 @@ def _model_config(args: argparse.Namespace) -> Config:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    if args.split is None and args.images.suffix == ".npy":  # arguments first, before any config is read
+        raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
     cfg = _model_config(args)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
@@ -195,8 +197,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     else:
         from medflow.evaluation import assess
 
-        if args.images.suffix == ".npy":
-            raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
         out = args.out or Path("reports") / cfg.dataset.name / "external" / args.images.resolve().name
         assess.evaluate_folder(cfg, images=args.images, model=model, out=out)
 
