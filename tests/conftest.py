@@ -57,6 +57,18 @@ def shipped_params(tmp_path: Path) -> Path:
     return copy_shipped(tmp_path / "shipped")
 
 
+# End-to-end tests train real models and start real servers: on a loaded 2-core machine one took 18 min.
+SLOW_TEST_TIMEOUT_S = 2400
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Integration and slow tests get a larger timeout than the unit tier's (pyproject: timeout), unless
+    they set their own with ``@pytest.mark.timeout``."""
+    for item in items:
+        slow = item.get_closest_marker("integration") or item.get_closest_marker("slow")
+        if slow and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
 def shared_dataset(name: str) -> Path:
     """Path of a real dataset under ../shared/data, or skip the test cleanly when it is absent."""
     path = SHARED_DATA / name

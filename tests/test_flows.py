@@ -72,9 +72,12 @@ def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
 
 
 def set_params(project: Path, section: str, **values: Any) -> None:
+    """Change shared params and commit them, as a user does (git status then shows only what runs change)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", f"params: {section}"],
+                   cwd=project, check=True)
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
