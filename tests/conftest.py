@@ -6,6 +6,8 @@ import functools
 import http.server
 import os
 import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -119,3 +121,15 @@ def write_split_csv(dest: Path, *, paths: Sequence[str], labels: Sequence[object
     df["split"] = list(splits)
     df.to_csv(dest, index=False)
     return dest
+
+
+def run_caller_script(tmp_path: Path, body: str) -> None:
+    """Run ``body`` as a user's script without a ``__main__`` guard (the project root on sys.path), and assert
+    that it succeeds and that its top level ran exactly once: worker processes must not re-run it."""
+    marker = tmp_path / "imported.txt"
+    script = tmp_path / "caller.py"
+    header = f"import sys\nsys.path[:0] = {[str(ROOT)]!r}\nwith open({str(marker)!r}, 'a') as f:\n    f.write('x')\n"
+    script.write_text(header + textwrap.dedent(body))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.read_text() == "x"

@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_caller_script, shared_dataset
 from PIL import Image
 
 from medflow.config import Config, parse_config
@@ -26,10 +24,6 @@ from medflow.imaging import phash, quality, verdict
 from medflow.io import read_csv, read_json, sha256_file, write_csv
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 from tasks import filter as step
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
-
 
 # ------------------------------------------------------------------------------------------------
 # Fixture helpers
@@ -533,9 +527,7 @@ def test_components_match_a_reference_on_random_graphs() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_real_chest_xrays_have_no_corrupt_files(tmp_path: Path) -> None:
-    root = SHARED_DATA / "chest_xray"
-    if not root.is_dir():
-        pytest.skip(f"{root} is absent")
+    root = shared_dataset("chest_xray")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png"})
     assert len(paths) == 1566
     df = _manifest(paths, root)
@@ -562,13 +554,7 @@ def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
     paths = [_write(raw / "AB"[i % 2] / f"{i}.png", _image(40 + i)) for i in range(4)]
     out = _outputs(tmp_path / "out")
     write_csv(out["manifest"], _manifest(paths, raw))
-    marker = tmp_path / "imported.txt"
-    script = tmp_path / "caller.py"
-    script.write_text(f"""
-import sys
-sys.path[:0] = {[str(ROOT)]!r}
-with open({str(marker)!r}, "a") as f:
-    f.write("x")
+    run_caller_script(tmp_path, f"""
 from pathlib import Path
 from tasks import filter as step
 from medflow.config import parse_config
@@ -579,6 +565,3 @@ cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"A"
 s = step.run(cfg, **{{k: Path(v) for k, v in {({k: str(v) for k, v in out.items()})!r}.items()}})
 assert s["decoded"] == 4 and s["clean"] == 4, s
 """)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert marker.read_text() == "x"

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_caller_script
 from resize_helpers import POOL, assert_no_output, config_for, image_set, run_step, write_clean
 
 from medflow.errors import StepError
 from medflow.imaging import cache, decode, parallel
 from medflow.imaging.workers import PRELOAD
 from tasks import resize
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -74,13 +73,7 @@ def test_workers_do_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
     """The caller's script runs once, even without a __main__ guard (see medflow.imaging.workers.main_hidden)."""
     files = image_set(tmp_path, POOL)
     clean = write_clean(tmp_path / "clean.csv", files)
-    marker = tmp_path / "imported.txt"
-    script = tmp_path / "caller.py"
-    script.write_text(f"""
-import sys
-sys.path[:0] = {[str(ROOT)]!r}
-with open({str(marker)!r}, "a") as f:
-    f.write("x")
+    run_caller_script(tmp_path, f"""
 from medflow.imaging import parallel
 from tasks import resize
 from medflow.config import parse_config
@@ -91,9 +84,6 @@ s = resize.run(cfg, clean={str(clean)!r}, out={str(tmp_path / "o.npy")!r}, stats
                cache={str(tmp_path / "cache")!r})
 assert s["workers"] == 2 and s["decoded"] == {len(files)}, s
 """)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert marker.read_text() == "x"
     assert np.load(tmp_path / "o.npy").shape == (len(files), 16, 16, 1)
 
 
