@@ -63,12 +63,18 @@ def shipped_params(tmp_path: Path) -> Path:
 SLOW_TEST_TIMEOUT_S = 2400
 
 
+def _slow(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker("integration") or item.get_closest_marker("slow"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Integration and slow tests get a larger timeout than the unit tier's (pyproject: timeout), unless
-    they set their own with ``@pytest.mark.timeout``."""
+    """Integration and slow tests run first, so that pytest-xdist's workers share them out and fill the gaps
+    with the quick unit tier, instead of one worker starting a long test at the end. They also get a larger
+    timeout than the unit tier's (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``.
+    The order is deterministic (every xdist worker must collect the same list)."""
+    items.sort(key=lambda item: not _slow(item))  # stable: file order within each tier
     for item in items:
-        slow = item.get_closest_marker("integration") or item.get_closest_marker("slow")
-        if slow and item.get_closest_marker("timeout") is None:
+        if _slow(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
 
 def shared_dataset(name: str) -> Path:

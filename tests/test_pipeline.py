@@ -2,8 +2,8 @@
 
 Then new files land in the dataset's inbox (a truncated copy, an exact duplicate, a re-encoded near
 duplicate and two new images): they are quarantined, grouped and, with everything else cached, only they
-are decoded. Two datasets of the catalog (pneumonia, malaria) run through `dvc repro evaluate@<ds>` in one
-checkout, each into its own outputs. After every run `git status` shows nothing but dvc.lock.
+are decoded. All four datasets of the catalog, each on a small slice of its shared folder, run through `dvc repro`
+in one checkout, each into its own outputs. After every run `git status` shows nothing but dvc.lock.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, copy_shipped, shared_dataset
@@ -183,77 +182,75 @@ def _small_project(tmp_path: Path) -> Path:
     return project
 
 
-def _copy_images(src: Path, dest: Path, counts: dict[str, int]) -> None:
+def _copy_images(src: Path, dest: Path, counts: dict[str, int | None]) -> None:
+    """Copy the first ``n`` files (sorted by name) of each class folder; ``None`` copies the whole folder."""
     for cls, n in counts.items():
         (dest / cls).mkdir(parents=True)
         for path in sorted((src / cls).iterdir())[:n]:
             shutil.copy(path, dest / cls / path.name)
 
 
-def test_repro_through_training_on_a_small_local_folder(tmp_path: Path) -> None:
-    """The whole DAG on 120 real images dropped into the inbox: model, report, metrics, plots, clean status."""
-    src = shared_dataset("chest_xray")
-    project = _small_project(tmp_path)
-    _copy_images(src, project / "data/inbox/pneumonia/small", {"NORMAL": 40, "PNEUMONIA": 80})
+# A small slice of each task's shared folder: (shared folder, images per class, image size here). COVID-CT is
+# whole (203 images in 92 paper/patient groups: a slice would leave too few groups for a grouped split).
+SLICES: dict[str, tuple[str, dict[str, int | None], int]] = {
+    "pneumonia": ("chest_xray", {"NORMAL": 40, "PNEUMONIA": 80}, 64),
+    "malaria": ("malaria_cells", {"Parasitized": 60, "Uninfected": 60}, 48),
+    "melanoma": ("skin_lesions", {"melanoma": 40, "nevus": 40, "seborrheic_keratosis": 40}, 48),
+    "covid_ct": ("covid_ct", {"CT_COVID": None, "CT_NonCOVID": None}, 48),
+}
+CHANNELS = {"pneumonia": 1, "malaria": 3, "melanoma": 3, "covid_ct": 1}
 
-    run = _dvc(project, "repro", "evaluate@pneumonia")
+
+def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path) -> None:
+    """All four tasks of the catalog, each on a small slice of its real folder dropped into its inbox, through
+    `dvc repro` in one checkout: each stage writes its own dataset's outputs, one dataset's run leaves the
+    others alone, and afterwards every dataset has a model, report, metrics and plots, and status is clean."""
+    folders = {ds: shared_dataset(folder) for ds, (folder, _, _) in SLICES.items()}
+    project = _small_project(tmp_path)
+    for ds, (_, counts, size) in SLICES.items():
+        _copy_images(folders[ds], project / f"data/inbox/{ds}/slice", counts)
+        _edit_yaml(project / f"datasets/{ds}.yaml", lambda e, s=size: e["resize"].update(size=s))
+    _commit(project)
+
+    run = _dvc(project, "repro", "evaluate@malaria")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    locked = set(yaml.safe_load((project / "dvc.lock").read_text())["stages"])
+    assert locked == {f"{s}@malaria" for s in STEPS}  # no other dataset's stages ran
+    assert not (project / "data/processed/pneumonia").exists()
+    run = _dvc(project, "repro")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert _git_changes(project) == []
-    meta = _json(project / "models/pneumonia/metadata.json")
-    assert meta["input_shape"] == [64, 64, 1] and meta["epochs_run"] == 2
-    assert (project / "models/pneumonia/model.keras").stat().st_size > 0
+
+    for ds, (_, counts, size) in SLICES.items():
+        meta = _json(project / f"models/{ds}/metadata.json")
+        assert meta["task"] == ds and meta["input_shape"] == [size, size, CHANNELS[ds]], (ds, meta["input_shape"])
+        assert meta["epochs_run"] == 2 and (project / f"models/{ds}/model.keras").stat().st_size > 0
+        split = read_csv(project / f"data/processed/{ds}/split.csv")
+        assert set(split["class_name"]) == set(counts), ds  # the source classes stay in the split
+        assert (split.groupby("group")["split"].nunique() == 1).all(), f"{ds}: a patient is in two splits"
+        assert set(split["split"]) == {"train", "val", "test"}, ds
+        evaluation = project / f"reports/{ds}/evaluation"
+        report = _json(evaluation / "metrics.json")
+        assert report["n"] == int((split["split"] == "test").sum()) > 0, ds
+        assert report["threshold"] == _json(project / f"models/{ds}/threshold.json")["threshold"]
+        assert 0.0 <= report["test"]["roc_auc"]["value"] <= 1.0, ds
+        assert "data:image/png;base64," in (evaluation / "report.html").read_text(), ds
+    malaria = read_csv(project / "data/processed/malaria/split.csv")
+    assert len(malaria) == 120 and malaria["group"].str.fullmatch(r"P\d+").all()  # NIH patients P<n>
+
     metrics = _dvc(project, "metrics", "show", "--json")
-    assert metrics.returncode == 0 and "val" in metrics.stdout and "auc" in metrics.stdout
-    evaluation = project / "reports/pneumonia/evaluation"
-    report = _json(evaluation / "metrics.json")
-    assert report["n"] == int((pd.read_csv(project / "data/processed/pneumonia/split.csv")["split"] == "test").sum())
-    assert report["threshold"] == _json(project / "models/pneumonia/threshold.json")["threshold"]
+    assert metrics.returncode == 0, metrics.stderr[-2000:]
+    for ds in SLICES:
+        assert f"reports/{ds}/evaluation/metrics.json" in metrics.stdout, ds
     assert "roc_auc" in metrics.stdout and "threshold" in metrics.stdout
-    assert "data:image/png;base64," in (evaluation / "report.html").read_text()
     plots = _dvc(project, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr[-2000:]
     for name in ("roc.csv", "pr.csv", "calibration.csv", "predictions.csv",
                  "pneumonia, sensitivity and specificity"):
         assert name in plots.stdout, name
     assert _git_changes(project) == []  # dvc_plots/ and every report is ignored
-    stages = [f"{s}@pneumonia" for s in STEPS]
-    status = _dvc(project, "status", "--json", *stages)
+    status = _dvc(project, "status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
     lock = (project / "dvc.lock").read_bytes()
-    again = _dvc(project, "repro", "evaluate@pneumonia")
-    assert again.returncode == 0 and (project / "dvc.lock").read_bytes() == lock
-
-
-def test_two_datasets_of_the_catalog_in_one_checkout(tmp_path: Path) -> None:
-    """malaria (3 channels, 128 px from its catalog file, shrunk to 64 here) beside pneumonia: each stage
-    writes its own dataset's outputs, and one dataset's run leaves the other's stages alone."""
-    cells, xrays = shared_dataset("malaria_cells"), shared_dataset("chest_xray")
-    project = _small_project(tmp_path)
-    _copy_images(cells, project / "data/inbox/malaria/slice", {"Parasitized": 60, "Uninfected": 60})
-    _copy_images(xrays, project / "data/inbox/pneumonia/small", {"NORMAL": 40, "PNEUMONIA": 80})
-    _edit_yaml(project / "datasets/malaria.yaml", lambda e: e["resize"].update(size=48))
-    _commit(project)
-
-    run = _dvc(project, "repro", "evaluate@malaria")
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    locked = set(yaml.safe_load((project / "dvc.lock").read_text())["stages"])
-    assert locked == {f"{s}@malaria" for s in STEPS}  # pneumonia's stages did not run
-    assert not (project / "data/processed/pneumonia").exists()
-    run = _dvc(project, "repro", "evaluate@pneumonia")
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert _git_changes(project) == []
-
-    malaria, pneumonia = (_json(project / f"models/{d}/metadata.json") for d in ("malaria", "pneumonia"))
-    assert malaria["input_shape"] == [48, 48, 3] and pneumonia["input_shape"] == [64, 64, 1]
-    assert malaria["task"] == "malaria" and pneumonia["task"] == "pneumonia"
-    split = read_csv(project / "data/processed/malaria/split.csv")
-    assert len(split) == 120 and set(split["class_name"]) == {"Parasitized", "Uninfected"}
-    assert (split.groupby("group")["split"].nunique() == 1).all()  # NIH patients P<n> stay in one split
-    assert split["group"].str.fullmatch(r"P\d+").all()
-    for ds in ("malaria", "pneumonia"):
-        report = _json(project / f"reports/{ds}/evaluation/metrics.json")
-        assert report["n"] > 0 and "roc_auc" in json.dumps(report)
-    status = _dvc(project, "status", "--json")  # both datasets up to date; the other two never ran
-    assert status.returncode == 0
-    stale = set(json.loads(status.stdout))
-    assert not any(s.endswith(("@malaria", "@pneumonia")) for s in stale), stale
+    again = _dvc(project, "repro")
+    assert again.returncode == 0 and (project / "dvc.lock").read_bytes() == lock, again.stdout[-3000:]
