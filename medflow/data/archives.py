@@ -199,6 +199,17 @@ def _zip_kind(zf: zipfile.ZipFile, info: zipfile.ZipInfo, rel: PurePosixPath | N
     return "dir" if info.is_dir() else "file"
 
 
+def _file_target(dest: Path, tally: _Tally, rel: PurePosixPath | None, kind: EntryKind, name: str) -> Path | None:
+    """Where a file entry is written; None for a skipped entry or a directory (created here)."""
+    if _skip(tally, rel, kind, name) or rel is None:
+        return None
+    target = dest.joinpath(*rel.parts)
+    if kind == "dir":
+        target.mkdir(parents=True, exist_ok=True)
+        return None
+    return target
+
+
 def _extract_zip(archive: Path, dest: Path, tally: _Tally) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
@@ -214,11 +225,8 @@ def _extract_zip(archive: Path, dest: Path, tally: _Tally) -> None:
         with _progress(archive.name, len(plan)) as bar:
             for info, rel, kind in plan:
                 bar.update(1)
-                if _skip(tally, rel, kind, info.filename) or rel is None:
-                    continue
-                target = dest.joinpath(*rel.parts)
-                if kind == "dir":
-                    target.mkdir(parents=True, exist_ok=True)
+                target = _file_target(dest, tally, rel, kind, info.filename)
+                if target is None:
                     continue
                 with zf.open(info) as src:
                     _write_member(src, target, info.file_size, tally, info.filename)
@@ -248,12 +256,8 @@ def _extract_tar(archive: Path, dest: Path, tally: _Tally) -> None:
             bar.update(1)
             tally.count_member(member.name)
             rel = safe_relpath(member.name, archive)
-            kind = _tar_kind(member, rel, archive)
-            if _skip(tally, rel, kind, member.name) or rel is None:
-                continue
-            target = dest.joinpath(*rel.parts)
-            if kind == "dir":
-                target.mkdir(parents=True, exist_ok=True)
+            target = _file_target(dest, tally, rel, _tar_kind(member, rel, archive), member.name)
+            if target is None:
                 continue
             tally.declare(member.size, member.name)
             src = tf.extractfile(member)
