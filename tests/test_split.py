@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_dataset
+from PIL import Image
 
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest
@@ -20,6 +21,7 @@ from medflow.imaging import quality, verdict
 from medflow.io import read_csv, write_csv
 from medflow.patients import RUN_GAP, join_runs
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from tasks import manifest
 from tasks.split import run
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
@@ -317,6 +319,20 @@ def test_join_runs_joins_running_numbers_of_one_folder() -> None:
         "30"]
     assert join_runs(names, folders, groups, "kermany") == groups  # a rule without runs
     assert join_runs(names, folders, groups, r"^(\d+)") == groups  # a custom regex
+
+
+def test_manifest_step_joins_the_runs_of_its_rule(tmp_path: Path) -> None:
+    for rel in ("CT_NonCOVID/10.png", "CT_NonCOVID/11.png", "CT_NonCOVID/20.png", "CT_COVID/12.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 40), len(rel)).save(tmp_path / rel)
+    (tmp_path / "roots.json").write_text(json.dumps([{"root": str(tmp_path)}]))
+    cfg = parse_config({"dataset": {"name": "covid_ct", "labels": {"CT_NonCOVID": 0, "CT_COVID": 1},
+                                    "group_rule": "covid_ct"}})
+    summary = manifest.run(cfg, roots_json=tmp_path / "roots.json", out=tmp_path / "manifest.csv")
+    groups = dict(zip(*read_csv(tmp_path / "manifest.csv")[["relpath", "group"]].T.to_numpy(), strict=True))
+    assert groups == {"CT_NonCOVID/10.png": "10-11", "CT_NonCOVID/11.png": "10-11", "CT_NonCOVID/20.png": "20",
+                      "CT_COVID/12.png": "12"}  # 12.png is in the other class folder
+    assert summary["patients"] == 3
 
 
 # Real COVID-CT NonCOVID slices: adjacent ones of one scan (checked by eye), and unrelated ones: other
