@@ -7,6 +7,10 @@ is the id. Where a name carries no patient id, the rule falls back to the coarse
 and lists real names from that source with the id they get; tests check the examples and run every rule
 over the real folders of ../shared/data, requiring that every name gets an id.
 
+A rule may also name *runs* (:attr:`GroupRule.runs`, :func:`join_runs`): file names that carry only a running
+number, where consecutive numbers in one folder are adjacent slices of one scan. A regex on one name cannot
+see its neighbours, so the manifest step joins them over the whole folder.
+
 A custom rule (any other ``dataset.group_rule``) is a regex with one capturing group; a name it does not
 match becomes a group of its own, which the manifest step counts and warns about.
 """
@@ -14,6 +18,8 @@ match becomes a group of its own, which the manifest step counts and warns about
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -24,6 +30,13 @@ class GroupRule:
     pattern: str
     doc: str
     examples: tuple[tuple[str, str], ...]
+    # A regex on the file name whose group 1 is a running number: such files of one folder whose numbers
+    # follow each other (gaps up to RUN_GAP) are one case (join_runs). Empty: no runs.
+    runs: str = ""
+
+
+# Largest step between the numbers of a run: 2 lets one missing slice (658, 660, 661 are one scan).
+RUN_GAP = 2
 
 
 RULES: dict[str, GroupRule] = {
@@ -66,8 +79,14 @@ RULES: dict[str, GroupRule] = {
         doc="COVID-CT: the slices of one case share the stem before '%<N>' (1%0.jpg, 1%1.jpg -> 1); COVID "
             "images cut from papers are grouped by paper, the stem before '-p<page>' or a trailing "
             "'_<figure>' (2020.03.12.20034686-p17-91-1.png -> 2020.03.12.20034686; "
-            "PIIS0140673620301549_0%0.png and PIIS0140673620301549_1.png -> PIIS0140673620301549). Other "
-            "NonCOVID names (1046.png, 1047.png) are one case each: the names say no more.",
+            "PIIS0140673620301549_0%0.png and PIIS0140673620301549_1.png -> PIIS0140673620301549). "
+            "NonCOVID PNGs named by a bare running number are adjacent slices of one scan when their numbers "
+            "follow each other (1497.png ... 1501.png; 658.png, 660.png with one number missing): runs with "
+            "steps of at most RUN_GAP (2) are one case, id '<first>-<last>' (1497-1501); the regex alone "
+            "gives each its number. Checked by eye on the 105 NonCOVID images of shared/data/covid_ct: "
+            "every pair 1-2 apart shows one patient, pairs 7 or more apart different ones; their pHashes "
+            "cannot tell (adjacent slices 4-26 bits apart, unrelated slices of the two classes from 6). "
+            "Bare-number JPEGs (7.jpg, 8.jpg) are case numbers like 7%0.jpg, not slices: never joined.",
         examples=(("1%0.jpg", "1"), ("1%2.jpg", "1"), ("1046.png", "1046"), ("0.jpg", "0"),
                   ("2020.03.12.20034686-p17-91-1.png", "2020.03.12.20034686"),
                   ("kjr-21-e25-p1-6.png", "kjr-21-e25"), ("bmj.m606.full-p4-22%0.png", "bmj.m606.full"),
@@ -76,6 +95,7 @@ RULES: dict[str, GroupRule] = {
                   ("PIIS0140673620303603%8.png", "PIIS0140673620303603"),
                   ("2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour-p3-89%0.png",
                    "2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour")),
+        runs=r"^(\d+)\.png$",
     ),
     "filename": GroupRule(
         pattern=r"^(.+?)(?:\.[^.]*)?$",
@@ -93,3 +113,40 @@ def group_of(filename: str, pattern: re.Pattern[str]) -> str | None:
     """Patient/group id: group 1 of ``pattern`` searched in the file name, or None when it does not match."""
     m = pattern.search(filename)
     return m.group(1) if m and m.group(1) else None
+
+
+def join_runs(names: Sequence[str], folders: Sequence[str], groups: Sequence[str], rule: str) -> list[str]:
+    """The group ids with the runs of the named ``rule`` joined (:attr:`GroupRule.runs`); ``groups`` as they
+    are for a rule without runs or a custom regex.
+
+    ``names[i]`` is the file name of row i, ``folders[i]`` its folder (runs never cross folders: another
+    class or source), ``groups[i]`` its id from the rule's regex. Files whose name matches the run regex
+    are sorted by number per folder; a step of more than :data:`RUN_GAP` ends a run. Every member of a run
+    of two or more gets the id ``<first>-<last>``; a lone number keeps its id.
+    """
+    out = list(groups)
+    runs = RULES[rule].runs if rule in RULES else ""
+    if not runs:
+        return out
+    pattern = re.compile(runs)
+    numbered: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, (name, folder) in enumerate(zip(names, folders, strict=True)):
+        if m := pattern.search(name):
+            numbered[folder].append((int(m.group(1)), i))
+    for members in numbered.values():
+        for run in _runs(sorted(members)):
+            if len(run) > 1:
+                for _, i in run:
+                    out[i] = f"{run[0][0]}-{run[-1][0]}"
+    return out
+
+
+def _runs(members: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """(number, row) pairs sorted by number, cut where the number steps by more than RUN_GAP."""
+    runs: list[list[tuple[int, int]]] = []
+    for number, row in members:
+        if runs and number - runs[-1][-1][0] <= RUN_GAP:
+            runs[-1].append((number, row))
+        else:
+            runs.append([(number, row)])
+    return runs

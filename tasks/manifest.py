@@ -51,7 +51,7 @@ def _warn_skipped(skipped: dict[str, int], cfg: Config) -> None:
 def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
     """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary."""
     roots = _read_roots(roots_json)
-    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern)
+    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern, rule=cfg.dataset.group_rule)
     if df.empty:
         raise StepError(f"no images of classes {sorted(cfg.dataset.labels)} found under "
                         f"{', '.join(map(str, roots))} (check dataset.labels in params.yaml)")

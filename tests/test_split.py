@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_dataset
+from PIL import Image
 
 from medflow.config import Config, parse_config
+from medflow.data.manifest import build_manifest
 from medflow.data.split import assign_splits, check_none_moved, extend_split, split_units
 from medflow.errors import StepError
+from medflow.imaging import quality, verdict
 from medflow.io import read_csv, write_csv
+from medflow.patients import RUN_GAP, join_runs
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from tasks import manifest
 from tasks.split import run
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
@@ -297,3 +303,85 @@ def test_run_splits_from_scratch_when_split_params_change(tmp_path: Path) -> Non
     assert not json.loads(summary.read_text())["extended"]
     expected = assign_splits(read_csv(clean), _cfg(seed=7).split)
     assert (read_csv(out)["split"] == expected["split"]).all()
+
+
+# ------------------------------------------------------------------------------------------ COVID-CT cases
+def test_join_runs_joins_running_numbers_of_one_folder() -> None:
+    names = ["1497.png", "1498.png", "1500.png", "1504.png", "7.jpg", "8.jpg", "1%0.jpg", "1499.png", "30.png"]
+    folders = ["N"] * 7 + ["C", "N"]  # 1499.png lies in another class folder
+    groups = ["1497", "1498", "1500", "1504", "7", "8", "1", "1499", "30"]
+    assert RUN_GAP == 2
+    assert join_runs(names, folders, groups, "covid_ct") == [
+        "1497-1500", "1497-1500", "1497-1500",  # 1498 -> 1500 is a step of 2: one missing slice
+        "1504",  # a step of 4 ends the run
+        "7", "8", "1",  # case numbers (JPEG, '%'): never joined
+        "1499",  # runs never cross folders
+        "30"]
+    assert join_runs(names, folders, groups, "kermany") == groups  # a rule without runs
+    assert join_runs(names, folders, groups, r"^(\d+)") == groups  # a custom regex
+
+
+def test_manifest_step_joins_the_runs_of_its_rule(tmp_path: Path) -> None:
+    for rel in ("CT_NonCOVID/10.png", "CT_NonCOVID/11.png", "CT_NonCOVID/20.png", "CT_COVID/12.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 40), len(rel)).save(tmp_path / rel)
+    (tmp_path / "roots.json").write_text(json.dumps([{"root": str(tmp_path)}]))
+    cfg = parse_config({"dataset": {"name": "covid_ct", "labels": {"CT_NonCOVID": 0, "CT_COVID": 1},
+                                    "group_rule": "covid_ct"}})
+    summary = manifest.run(cfg, roots_json=tmp_path / "roots.json", out=tmp_path / "manifest.csv")
+    groups = dict(zip(*read_csv(tmp_path / "manifest.csv")[["relpath", "group"]].T.to_numpy(), strict=True))
+    assert groups == {"CT_NonCOVID/10.png": "10-11", "CT_NonCOVID/11.png": "10-11", "CT_NonCOVID/20.png": "20",
+                      "CT_COVID/12.png": "12"}  # 12.png is in the other class folder
+    assert summary["patients"] == 3
+
+
+# Real COVID-CT NonCOVID slices: adjacent ones of one scan (checked by eye), and unrelated ones: other
+# patients 7-20 numbers apart, and bare-number JPEGs, which are case numbers. Their pHashes cannot tell
+# them apart: the adjacent pairs are 4-26 bits apart, slices of the two classes come as close as 6.
+_ADJACENT = [("1497.png", "1498.png"), ("996.png", "997.png"), ("1212.png", "1213.png"), ("658.png", "660.png"),
+             ("1046.png", "1050.png")]
+_UNRELATED = [("166.png", "176.png"), ("1218.png", "1238.png"), ("969.png", "996.png"), ("583.png", "590.png"),
+              ("7.jpg", "8.jpg"), ("12.jpg", "13.jpg")]
+
+
+@pytest.fixture(scope="module")
+def covid_clean() -> pd.DataFrame:
+    """The real COVID-CT folder as the pipeline's clean table: manifest (covid_ct rule, runs joined), the
+    filter's pHashes and near-duplicate groups at the default distance."""
+    root = shared_dataset("covid_ct")
+    cfg = parse_config({"dataset": {"name": "covid_ct", "labels": {"CT_NonCOVID": 0, "CT_COVID": 1},
+                                    "group_rule": "covid_ct"}})
+    df, _ = build_manifest([root], cfg.dataset.labels, cfg.dataset.group_pattern, workers=2, rule="covid_ct")
+    limits = verdict.Limits(max_pixels=cfg.filter.max_pixels, min_side=cfg.filter.min_side)
+    df["phash"] = [verdict.verdict((root / rel).read_bytes(), limits).phash for rel in df["relpath"]]
+    df["dup_group"] = quality.near_duplicate_groups(df["sha256"], df["phash"], cfg.filter.near_duplicate_distance)
+    return df[CLEAN_COLUMNS].assign(name=df["relpath"].str.rsplit("/", n=1).str[-1])
+
+
+def _group(clean: pd.DataFrame, name: str) -> str:
+    return str(clean.loc[clean["name"] == name, "group"].item())
+
+
+def test_covid_ct_adjacent_slices_are_one_case_and_unrelated_slices_are_not(covid_clean: pd.DataFrame) -> None:
+    assert all(_group(covid_clean, a) == _group(covid_clean, b) for a, b in _ADJACENT)
+    assert all(_group(covid_clean, a) != _group(covid_clean, b) for a, b in _UNRELATED)
+    assert _group(covid_clean, "1497.png") == "1497-1501"
+    assert (covid_clean.groupby("group")["label"].nunique() == 1).all()  # no case of both classes
+    assert (covid_clean.groupby("dup_group")["label"].nunique() == 1).all()  # the hash joins none either
+    assert covid_clean.groupby("class_name")["group"].nunique().to_dict() == {"CT_COVID": 20, "CT_NonCOVID": 42}
+
+
+def test_covid_ct_figures_of_one_paper_are_one_case(covid_clean: pd.DataFrame) -> None:
+    piis = covid_clean.loc[covid_clean["name"].str.startswith("PIIS0140673620302117"), "group"]
+    assert len(piis) == 2 and set(piis) == {"PIIS0140673620302117"}  # _1 and _2: one paper
+    assert {_group(covid_clean, n) for n in ("PIIS0140673620301549_0%0.png", "PIIS0140673620301549_1.png",
+                                             "PIIS0140673620301549_2.png")} == {"PIIS0140673620301549"}
+
+
+def test_covid_ct_cases_never_straddle_splits(covid_clean: pd.DataFrame) -> None:
+    frame = covid_clean[CLEAN_COLUMNS]
+    for seed in range(10):
+        split = assign_splits(frame, _cfg(seed=seed).split).assign(name=covid_clean["name"].to_numpy())
+        assert _leaks(split, "group") == [] and _leaks(split, "dup_group") == []
+        where = dict(zip(split["name"], split["split"], strict=True))
+        assert all(where[a] == where[b] for a, b in _ADJACENT), seed

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from medflow.io import sha256_file
-from medflow.patients import group_of
+from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, JUNK_DIRS, JUNK_FILES, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,12 @@ def _file_facts(path: Path) -> dict[str, Any]:
 
 
 def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
-                   workers: int = 8) -> tuple[pd.DataFrame, dict[str, int]]:
+                   workers: int = 8, rule: str = "") -> tuple[pd.DataFrame, dict[str, int]]:
     """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
 
     ``pattern`` is the dataset's patient/group rule (medflow.patients); a file name it does not match
-    becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. Returns the
+    becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. ``rule`` is the
+    rule's name (``dataset.group_rule``): a named rule with runs joins them (:func:`join_runs`). Returns the
     manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
     ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written.
     """
@@ -103,6 +104,10 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
             rows.append({"path": _display_path(path), "relpath": rel.as_posix(), "root": str(root),
                          "class_name": cls, "label": labels[cls], "group": group,
                          "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
+    groups = join_runs([Path(r["relpath"]).name for r in rows],
+                       [f"{r['root']}/{Path(r['relpath']).parent}" for r in rows], [r["group"] for r in rows], rule)
+    for r, group in zip(rows, groups, strict=True):
+        r["group"] = group
     with ThreadPoolExecutor(max_workers=workers) as pool:
         facts = list(pool.map(_file_facts, [r.pop("_abs") for r in rows]))
     df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)

@@ -4,16 +4,20 @@ The one preprocessing of the project: the resize step (through :mod:`medflow.ima
 evaluation (``evaluate --images``) and ``medflow predict`` all go through :func:`load_resized` (a file) or
 :func:`decode_resized` (bytes, an upload say), so a model sees at inference exactly what it saw in training.
 
-- JPEG in mode L or RGB is decoded by libjpeg-turbo (through simplejpeg, its TurboJPEG API) in the DCT
-  domain at the smallest of the scales 1/8, 2/8, ..., 8/8 that leaves both sides at least ``size``
-  (:func:`jpeg_scale`), so nothing is upsampled afterwards. The entropy decoding still runs in full, the
-  inverse DCT and colour conversion on up to 64 times fewer pixels, and the area resize that follows
-  shrinks by less than 8/7 per side. (OpenCV's ``IMREAD_REDUCED_*`` only offers 1/2, 1/4 and 1/8, so a
-  600 px X-ray is decoded at 300 px instead of 225; its ``imdecode`` is also slower at equal scale.) The
-  EXIF orientation is read from the APP1 segment (:func:`jpeg_orientation`) and applied to the decoded
-  pixels. DCT scaling is a slightly different low-pass than a box average: on the 120 full-resolution
-  Kermany X-rays the result is on average 0.7 grey levels from a full decode + INTER_AREA (3.0 for the
-  worst image; single pixels on burned-in text up to 150).
+- Large images are first shrunk by a whole factor ``k`` of 2, 4 or 8 (the largest that leaves both sides at
+  least ``size``, :func:`jpeg_scale`): each ``k x k`` block (edge pixels replicated into a partial block)
+  becomes its mean, then the area resize to ``size`` follows. A JPEG in mode L or RGB does this inside
+  libjpeg-turbo (through simplejpeg, its TurboJPEG API): decoded in the DCT domain at scale 1/k, which is
+  that block mean up to rounding; the entropy decoding still runs in full, the inverse DCT and colour
+  conversion on up to 64 times fewer pixels. Every other decoder takes the block means of its full decode
+  (:func:`block_reduce`). So a JPEG and a PNG of the same pixels give the same input up to JPEG
+  quantisation, whatever their size. Only whole factors: libjpeg's other scales (3/8, 5/8, 6/8, 7/8) are
+  a sharper low-pass than any box average, and a JPEG decoded at them is 2.7 grey levels on average
+  (single pixels up to 191) from the PNG of the same COVID-CT slice; measured with a full decode as the
+  reference, 1/k is 0.06-0.14 grey levels from the block mean (single pixels at most 3) on the Kermany
+  X-rays, up to 0.45 (at most 5) on a colour 4:2:0 JPEG through the chroma upsampling. The EXIF
+  orientation is read from the APP1 segment (:func:`jpeg_orientation`), and every decoder applies it
+  after the block reduction, so the blocks are aligned alike.
 - Everything else (PNG, BMP, TIFF, GIF, WebP, CMYK or 12-bit JPEG, ...) is decoded by Pillow and
   normalised: EXIF orientation applied; 16-bit and 32-bit modes (``I;16``, ``I``, ``F``) scaled to 8 bits
   by the image's own range (min -> 0, max -> 255; a constant image -> 0), because 12-bit data stored in
@@ -44,12 +48,12 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps
+from PIL import Image
 
 from medflow.errors import StepError
 
 # Part of every resize cache key: bump it when anything in the preprocessing below changes.
-RESIZE_VERSION = "2"
+RESIZE_VERSION = "3"  # 3: whole-factor block reduction for every format (was: any DCT scale, JPEG only)
 
 # EXIF orientation (1-8) -> how to turn the stored pixels upright (what Pillow's exif_transpose does).
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -60,6 +64,7 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: JPEG + appended pictures (libjpeg decodes the first)
 _JPEG_DIRECT_MODES = frozenset({"L", "RGB"})  # other JPEG modes (CMYK, I;16) go through Pillow
+_WHOLE_EIGHTHS = (1, 2, 4)  # DCT scales m/8 that are block means (8 // m whole): see the module docstring
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"  # JPEG start-of-scan and end-of-image markers
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -81,14 +86,31 @@ class Decoded(NamedTuple):
 
 
 def jpeg_scale(width: int, height: int, size: int) -> int:
-    """The DCT scale, in eighths, that a JPEG of ``width x height`` is decoded at for a ``size`` output.
+    """The scale, in eighths (1, 2, 4 or 8), that an image of ``width x height`` is reduced to for ``size``.
 
-    The smallest ``m`` in 1..8 with both ``ceil(width * m / 8)`` and ``ceil(height * m / 8)`` at least
-    ``size`` (8, a full decode, for images smaller than that): the reduced decode never has to be upsampled
-    back to ``size``, so no resolution is lost. This is the scale libjpeg-turbo picks when asked for a
-    minimum output size, which is how :func:`_decode_jpeg` asks for it.
+    The smallest of 1/8, 2/8 and 4/8 that leaves both ``ceil(width * m / 8)`` and ``ceil(height * m / 8)``
+    at least ``size``; 8 (no reduction) when none does. A JPEG is decoded at that DCT scale, any other
+    image block-averaged by ``8 // m`` (:func:`block_reduce`): the reduced image is never upsampled back to
+    ``size``, so no resolution is lost.
     """
-    return next((m for m in range(1, 8) if -(-width * m // 8) >= size and -(-height * m // 8) >= size), 8)
+    fits = (m for m in _WHOLE_EIGHTHS if -(-width * m // 8) >= size and -(-height * m // 8) >= size)
+    return next(fits, 8)
+
+
+def block_reduce(img: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of every ``factor x factor`` block, the last partial row and column of blocks padded by
+    replicating the edge pixels (as a JPEG encoder pads its blocks): ``ceil(h / factor) x ceil(w / factor)``.
+
+    What libjpeg's DCT-domain decode at scale ``1 / factor`` computes, up to rounding.
+    """
+    if factor == 1:
+        return img
+    h, w = img.shape[:2]
+    pad_h, pad_w = -h % factor, -w % factor
+    padded = cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE) if pad_h or pad_w else img
+    # INTER_AREA by a whole factor is the exact block mean (rounded); OpenCV drops a single channel axis
+    out = cv2.resize(padded, ((w + pad_w) // factor, (h + pad_h) // factor), interpolation=cv2.INTER_AREA)
+    return out if out.ndim == img.ndim else out[:, :, None]
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -173,11 +195,13 @@ def decode_image(data: bytes, *, size: int, channels: int, info: ImageInfo | Non
     if info.fmt in _JPEG_FORMATS and info.mode in _JPEG_DIRECT_MODES:
         # A grayscale JPEG is decoded and resized as one channel and replicated at the end (exactly what
         # libjpeg's gray -> colour conversion gives, on size**2 pixels instead of the source's).
-        decoded = _decode_jpeg(data, 1 if info.mode == "L" else channels, size, name)
-        reduced = decoded.shape[0] * decoded.shape[1] < info.width * info.height
-        img = _resize_square(_ORIENT.get(jpeg_orientation(data), _upright)(decoded), size)
-        return Decoded(_to_channels(img, channels), reduced)
-    return Decoded(_resize_square(_decode_pillow(data, channels, name), size), False)
+        stored, reduced = _decode_jpeg(data, 1 if info.mode == "L" else channels, size, name)
+        orientation = jpeg_orientation(data)
+    else:
+        full, orientation = _decode_pillow(data, channels, name)
+        stored, reduced = block_reduce(full, 8 // jpeg_scale(full.shape[1], full.shape[0], size)), False
+    img = _resize_square(_ORIENT.get(orientation, _upright)(stored), size)
+    return Decoded(_to_channels(img, channels), reduced)
 
 
 def _info_or_none(width: int | None, height: int | None, fmt: str | None,
@@ -211,8 +235,9 @@ def _jpeg_complete(data: bytes) -> bool:
     return last_sos >= 0 and data.find(_EOI, last_sos) >= 0
 
 
-def _decode_jpeg(data: bytes, channels: int, size: int, name: str) -> np.ndarray:
-    """libjpeg-turbo decode at the scale of :func:`jpeg_scale`, stored orientation; gray (H, W, 1) or RGB.
+def _decode_jpeg(data: bytes, channels: int, size: int, name: str) -> tuple[np.ndarray, bool]:
+    """libjpeg-turbo decode at the scale of :func:`jpeg_scale` (of the JPEG's own header), stored
+    orientation; gray (H, W, 1) or RGB, and whether the scale was reduced.
 
     Not strict: like OpenCV and Pillow, libjpeg's recoverable warnings (extraneous bytes before a marker,
     say) do not fail the image; a truncated one is caught by :func:`_jpeg_complete` first.
@@ -220,19 +245,30 @@ def _decode_jpeg(data: bytes, channels: int, size: int, name: str) -> np.ndarray
     if not _jpeg_complete(data):
         raise StepError(f"{name}: truncated JPEG (no end-of-image marker after the last scan)")
     try:
-        return simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB", min_height=size,
-                                      min_width=size, strict=False)
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        m = jpeg_scale(width, height, size)
+        want = (-(-height * m // 8), -(-width * m // 8))
+        # TurboJPEG decodes at the smallest of its scales reaching min_height x min_width: m/8 itself, as
+        # the next smaller one loses a pixel on sides of 8 or more; 0 (no minimum) is a full decode.
+        low = want if m < 8 else (0, 0)
+        img = simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB", min_height=low[0],
+                                     min_width=low[1], strict=False)
     except Exception as e:  # simplejpeg raises ValueError (and RuntimeError) on undecodable data
         raise StepError(f"{name}: cannot decode JPEG: {e}") from e
+    if img.shape[:2] != want:
+        raise StepError(f"{name}: libjpeg-turbo decoded {img.shape[1]}x{img.shape[0]} at scale {m}/8, "
+                        f"expected {want[1]}x{want[0]}")
+    return img, m < 8
 
 
-def _decode_pillow(data: bytes, channels: int, name: str) -> np.ndarray:
-    """Pillow decode + normalisation (orientation, bit depth, palette, alpha, colour space)."""
+def _decode_pillow(data: bytes, channels: int, name: str) -> tuple[np.ndarray, int]:
+    """Pillow decode + normalisation (bit depth, palette, alpha, colour space), stored orientation; the
+    pixels (H, W) or (H, W, 3) and the EXIF orientation (what ``ImageOps.exif_transpose`` would apply)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            upright = ImageOps.exif_transpose(im)
-            img = _to_8bit_l_or_rgb(upright).convert("L" if channels == 1 else "RGB")
-            return np.asarray(img)
+            img = _to_8bit_l_or_rgb(im).convert("L" if channels == 1 else "RGB")
+            orientation = im.getexif().get(0x0112, 1)
+            return np.asarray(img), orientation if isinstance(orientation, int) else 1
     except Exception as e:  # Pillow raises many types on bad data; all mean "cannot decode"
         raise StepError(f"{name}: cannot decode image: {e}") from e
 
