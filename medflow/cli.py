@@ -243,6 +243,9 @@ def _orchestrate(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.step == "server":
         os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+        # The UI calls the API at this URL (/ui-settings); Prefect's default is port 4200 whatever --port says.
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        os.environ.setdefault("PREFECT_SERVER_UI_API_URL", f"http://{host}:{args.port}/api")
         exe = Path(sys.executable).parent / "prefect"
         os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")

@@ -84,9 +84,12 @@ class Server:
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("PREFECT_API_KEY", None)
         self.logs = [tmp / "server.log", tmp / "serve.log"]
-        self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, self.env, self.logs[0])]
+        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}  # as a user starts it
+        self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, server_env, self.logs[0])]
         _wait_for(lambda: httpx.get(f"{self.api}/health", timeout=5).status_code == 200, 180, "the server",
                   self.logs)
+        ui = httpx.get(f"{self.api.removesuffix('/api')}/ui-settings", timeout=10).json()
+        assert ui["api_url"] == self.api, ui  # the UI calls this server, not port 4200
         self.procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
                                  self.logs[1]))
         self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
