@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 DVC_YAML = "dvc.yaml"
 DVC_LOCK = "dvc.lock"
-_ERROR_LINE = re.compile(r"^(medflow \w+: error: .*|ERROR: .*)$", re.MULTILINE)
+# A step's error line with its indented continuation lines (validate lists one failed expectation per line).
+_ERROR_LINE = re.compile(r"^(medflow \w+: error: .*(?:\n[ \t]+\S.*)*|ERROR: .*)$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 

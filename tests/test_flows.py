@@ -229,7 +229,8 @@ def test_failed_validation_fails_the_run_with_the_reason(tmp_path: Path, harness
     generated_images(project / "data/inbox/pneumonia/batch1", n_patients=13, per_patient=3)
     state = train_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
     assert state.is_failed()
-    assert "medflow validate: error" in state.message, state.message
+    assert "medflow validate: error: validation failed" in state.message, state.message
+    assert "\n  - splits: " in state.message, state.message  # the failed expectation itself, not only a count
     assert not (project / "models/pneumonia/model.keras").exists()  # nothing downstream ran
 
 

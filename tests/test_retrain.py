@@ -81,6 +81,22 @@ def test_failure_reason_prefers_the_steps_own_error() -> None:
            "ERROR: failed to reproduce 'validate': failed to run: medflow validate, exited with 2\n")
     assert stages.failure_reason(out) == "medflow validate: error: 2 expectations failed: split shares"
     assert stages.failure_reason("ERROR: boom\n") == "ERROR: boom"
+
+
+def test_failure_reason_keeps_each_failed_expectation() -> None:
+    """validate's real message (expectations.error_message) ends its first line at a colon and lists the
+    failed expectations on the lines below: the reason carries them."""
+    from medflow.data.expectations import Outcome, error_message
+
+    failed = [Outcome(table="splits", expectation="ExpectColumnValuesToBeBetween", args="column=share",
+                      description="split shares within tolerance", passed=False, unexpected_count=1,
+                      offending=["test"])]
+    message = error_message(failed, 32, Path("reports/pneumonia/validation.md"))
+    out = (f"Running stage 'validate@pneumonia':\n> medflow validate ...\nmedflow validate: error: {message}\n"
+           "ERROR: failed to reproduce 'validate@pneumonia': failed to run: medflow validate, exited with 2\n")
+    reason = stages.failure_reason(out)
+    assert reason == f"medflow validate: error: {message}"
+    assert reason.splitlines()[-1].startswith("  - splits: ExpectColumnValuesToBeBetween(column=share)")
     crash = "Traceback (most recent call last):\n  File x\nscmrepo.exceptions.SCMError: Empty git repo\nERROR: failed\n"
     assert stages.failure_reason(crash) == "scmrepo.exceptions.SCMError: Empty git repo; ERROR: failed"
 
