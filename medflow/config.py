@@ -202,8 +202,8 @@ class TrainConfig(_Strict):
     early_stopping_patience: Annotated[int, Field(ge=0)] = 8  # on select_on, best weights restored; 0 = off
     class_weights: bool = True  # weight_c = n / (2 * n_c), the tutorial's formula
     # The val figure that picks the kept epoch, stops early and lowers the lr (medflow/training/selection.py):
-    # val_loss = the training objective on val (class-weighted like training) | val_bce (unweighted) | val_auc
-    select_on: Literal["val_loss", "val_bce", "val_auc"] = "val_loss"
+    # val_loss = the training objective on val (class-weighted like training) | val_auc | val_pr_auc
+    select_on: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     output_bias: bool = True  # initialise the output bias to log(pos / neg)
     augment: AugmentConfig = AugmentConfig()
     mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"

@@ -216,7 +216,7 @@ def _selection_line(meta: dict[str, Any]) -> str:
     if not sel:
         return f"{trained}, best val loss {fmt(meta.get('best_val_loss'), 4)}."
     val = sel.get("val_at_best") or {}
-    also = ", ".join(f"{k} {fmt(val[k], 4)}" for k in ("val_loss", "val_bce", "val_auc")
+    also = ", ".join(f"{k} {fmt(val[k], 4)}" for k in ("val_loss", "val_auc", "val_pr_auc")
                      if k in val and k != sel.get("select_on"))
     return (f"{trained}, selected on `{sel.get('select_on')}`, {sel.get('criterion')}: "
             f"{fmt(sel.get('best_value'), 4)}" + (f" ({also} there)" if also else "") + ".")

@@ -37,7 +37,7 @@ from medflow.training.distribute import Placement
 
 log = logging.getLogger(__name__)
 
-METRICS = ("loss", "bce", "auc", "precision", "recall", "accuracy")
+METRICS = ("loss", "auc", "pr_auc", "precision", "recall", "accuracy")
 STATE_VERSION = 2  # 2: best_value/monitor (train.select_on) instead of best_loss
 
 
@@ -88,9 +88,8 @@ def make_optimizer(train: TrainConfig, lr: Any) -> keras.optimizers.Optimizer:
 
 
 def make_metrics() -> list[keras.metrics.Metric]:
-    """Unweighted metrics (Keras applies no sample weights to ``metrics``): ``bce`` is the plain cross-entropy
-    beside ``loss``, which carries the class weights."""
-    return [keras.metrics.BinaryCrossentropy(name="bce"), keras.metrics.AUC(name="auc"),
+    """Unweighted metrics (Keras applies no sample weights to ``metrics``; ``loss`` carries the class weights)."""
+    return [keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc"),
             keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
             keras.metrics.BinaryAccuracy(name="accuracy")]
 

@@ -345,7 +345,7 @@ def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, 
                 deterministic=True)
     if class_weight is not None:
         table = tf.constant([class_weight[0], class_weight[1]], tf.float32)
-        ds = ds.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))), deterministic=True)
+        ds = ds.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))))
     options = tf.data.Options()
     options.deterministic = True
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

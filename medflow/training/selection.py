@@ -7,9 +7,12 @@
   from validation batches that carry those weights as sample weights, the multi-worker loop by hand, so
   training and selection optimise the same thing: a near-untrained model that predicts the prevalence
   scores about ln 2 or worse here on imbalanced data, however low its unweighted loss;
-- ``val_bce``: the plain, unweighted cross-entropy on val (what ``val_loss`` was before class weights
-  reached the val split); it favours predicting the majority class on imbalanced data;
-- ``val_auc``: the val ROC AUC (higher is better), which ignores calibration and class balance.
+- ``val_auc`` / ``val_pr_auc``: the val ROC AUC / PR AUC (higher is better): ranking only, blind to
+  calibration and to class balance.
+
+The plain, unweighted val cross-entropy (what ``val_loss`` was before the class weights reached the val
+split) is not offered: on imbalanced data it favours an untrained model that predicts the prevalence.
+Who wants an unweighted criterion turns ``train.class_weights`` off, so that training is unweighted too.
 
 This module is small and pure (numpy only, no TensorFlow, no config), so the callbacks, the custom loop and
 the model card agree.
@@ -44,15 +47,15 @@ class Criterion:
 
 def criterion(select_on: str) -> Criterion:
     """The criterion of a ``train.select_on`` value (medflow.config checks the value)."""
-    return Criterion(select_on, "max" if select_on == "val_auc" else "min")
+    return Criterion(select_on, "min" if select_on == "val_loss" else "max")
 
 
 def describe(select_on: str, class_weight: dict[int, float] | None) -> str:
     """The criterion in words, for the metadata and the model card."""
     if select_on == "val_auc":
         return "val ROC AUC (highest)"
-    if select_on == "val_bce":
-        return "val binary cross-entropy, unweighted (lowest)"
+    if select_on == "val_pr_auc":
+        return "val PR AUC (highest)"
     if class_weight is None:
         return "val loss: the training objective, binary cross-entropy, unweighted as train.class_weights is off " \
                "(lowest)"

@@ -4,7 +4,7 @@ Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/ke
 ``multi_worker`` strategy trains here: Keras layers and optimizer, a ``strategy.run`` step with the loss
 averaged over the *global* batch, class weights applied per example, metrics computed on all replicas'
 predictions. As in ``fit`` (whose val batches carry the class weights as sample weights), ``val_loss`` is
-the class-weighted cross-entropy, the training objective, and ``bce`` / ``val_bce`` the unweighted one.
+the class-weighted cross-entropy, the training objective.
 BatchNorm moving statistics stay each worker's own (from its shard of the data); the chief's
 are saved with the model. It drives the same callbacks as ``fit`` (checkpointing, early stopping, DVCLive), so the rest
 of the trainer does not care which loop ran.
@@ -17,7 +17,7 @@ from typing import Any
 
 import keras
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflow.training.selection import cross_entropy
 
@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 def _metrics(prefix: str, loss: float, y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     pred = p >= 0.5
     tp = float(np.sum(pred & (y == 1)))
-    out = {"loss": loss, "bce": cross_entropy(y, p), "accuracy": float(np.mean(pred == (y == 1))),
+    both = len(np.unique(y)) == 2
+    out = {"loss": loss, "accuracy": float(np.mean(pred == (y == 1))),
            "precision": tp / max(1.0, float(np.sum(pred))), "recall": tp / max(1.0, float(np.sum(y == 1))),
-           "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")}
+           "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+           "pr_auc": float(average_precision_score(y, p)) if both else float("nan")}
     return {prefix + k: v for k, v in out.items()}
 
 
