@@ -62,9 +62,10 @@ class DatasetConfig(_Strict):
     # Remote or local inputs; archives and folders dropped into data/inbox/<name>/ are added to these.
     sources: list[Source] = []
     labels: dict[str, Literal[0, 1]]
-    # The binary classes' own names (metadata, model card, report, `medflow predict`): required where a label
-    # has several source classes; else each label's single source class (labels stay the folder names).
-    class_names: dict[Literal[0, 1], str] = Field(default_factory=dict, validate_default=True)
+    # The binary classes' own names, [label 0's, label 1's] (metadata, model card, report, `medflow predict`):
+    # required where a label has several source classes; [] = each label's single source class. A list, not
+    # {0: .., 1: ..}: DVC cannot read integer keys in a params file.
+    class_names: list[str] = Field(default_factory=list, validate_default=True)
     group_rule: str = "filename"
     channels: Literal[1, 3] = 1
     allow_flips: bool = False
@@ -90,18 +91,16 @@ class DatasetConfig(_Strict):
 
     @field_validator("class_names")
     @classmethod
-    def _binary_names(cls, v: dict[int, str], info: ValidationInfo) -> dict[int, str]:
+    def _binary_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
         labels = info.data.get("labels")
         if labels is None:  # labels failed validation: that error is reported
             return v
         if not v:
             return default_class_names(labels)
-        if set(v) != {0, 1}:
-            raise ValueError(f"needs a name for label 0 and for label 1, got labels {sorted(v)}")
-        names = {k: str(name).strip() for k, name in v.items()}
-        if not all(names.values()) or names[0] == names[1]:
-            raise ValueError(f"the two names must be non-empty and differ, got {v}")
-        return dict(sorted(names.items()))
+        names = [name.strip() for name in v]
+        if len(names) != 2 or not all(names) or names[0] == names[1]:
+            raise ValueError(f"expected two different names, [label 0's, label 1's], e.g. [benign, melanoma], got {v}")
+        return names
 
     @field_validator("group_rule")
     @classmethod
@@ -120,15 +119,15 @@ class DatasetConfig(_Strict):
         return re.compile(GROUP_RULES.get(self.group_rule, self.group_rule))
 
 
-def default_class_names(labels: dict[str, int]) -> dict[int, str]:
+def default_class_names(labels: dict[str, int]) -> list[str]:
     """Each label's single source class as its name; ValueError where a label has several (name them)."""
     sources = {value: [k for k, v in labels.items() if v == value] for value in (0, 1)}
     several = {value: names for value, names in sources.items() if len(names) > 1}
     if several:
         which = "; ".join(f"label {value} has {', '.join(names)}" for value, names in several.items())
-        raise ValueError(f"required: {which}, so the binary classes need names of their own, e.g. "
-                         f"class_names: {{0: benign, 1: malignant}} (the source classes stay in the manifest)")
-    return {value: names[0] for value, names in sources.items()}
+        raise ValueError(f"required: {which}, so the binary classes need names of their own, [label 0's, "
+                         "label 1's], e.g. class_names: [benign, malignant] (the source classes stay in the manifest)")
+    return [sources[0][0], sources[1][0]]
 
 
 class DownloadConfig(_Strict):

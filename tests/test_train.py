@@ -309,7 +309,7 @@ def test_binary_class_names_reach_metadata_predict_and_report(tmp_path: Path) ->
     splits = ["train", "train", "train", "val", "test"] * 18
     images, split = _write_dataset(tmp_path / "data", x, y, splits)
     cfg = parse_config({"dataset": {"name": "skin", "labels": {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0},
-                                    "class_names": {0: "benign", 1: "melanoma"}, "channels": 1},
+                                    "class_names": ["benign", "melanoma"], "channels": 1},
                         "resize": {"size": 32},
                         "train": {"epochs": 4, "batch_size": 16, "learning_rate": 0.003, "early_stopping_patience": 0,
                                   "reduce_lr_patience": 0,

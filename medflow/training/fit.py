@@ -360,7 +360,7 @@ def metadata(cfg: Config, data: inputs.SplitData, result: TrainResult, fingerpri
         "task": cfg.dataset.name,
         "input_shape": list(data.input_shape),
         "channels": cfg.dataset.channels,
-        "class_names": {str(k): v for k, v in sorted(cfg.dataset.class_names.items())},
+        "class_names": {str(label): name for label, name in enumerate(cfg.dataset.class_names)},
         "labels": dict(cfg.dataset.labels),
         "positive_class": [k for k, v in cfg.dataset.labels.items() if v == 1],
         "preprocessing": {"size": cfg.resize.size, "channels": cfg.dataset.channels, "interpolation": "area",
