@@ -263,7 +263,7 @@ def test_weighted_val_loss_is_the_hand_computed_objective_and_selects(tmp_path: 
     assert sel["select_on"] == select_on and sel["best_epoch"] == meta["best_epoch"] == best + 1
     assert sel["best_value"] == pytest.approx(values[best])
     assert sel["class_weights"] == pytest.approx({"0": 40 / 60, "1": 40 / 20})  # n / (2 n_c) on train
-    words = {"val_loss": "weighted by the training class weights (negative 0.667, positive 2.000)",
+    words = {"val_loss": "weighted by the training class weights, negative 0.667, positive 2.000",
              "val_auc": "val ROC AUC"}
     assert words[select_on] in sel["criterion"]
     # The kept weights are the best epoch's: their class-weighted val loss by hand is that epoch's val_loss.
@@ -329,6 +329,7 @@ def test_binary_class_names_reach_metadata_predict_and_report(tmp_path: Path) ->
     card = (tmp_path / "report" / "model_card.md").read_text()
     assert "probability of **melanoma** (label 1) vs benign (label 0)" in card
     assert "benign (0): nevus, seborrheic_keratosis" in card
+    assert "selected on `val_loss` = " in card and "weighted by the training class weights" in card
 
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(tmp_path / "raw"), "--model", str(model_dir), "--out", str(out),

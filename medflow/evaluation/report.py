@@ -218,8 +218,8 @@ def _selection_line(meta: dict[str, Any]) -> str:
     val = sel.get("val_at_best") or {}
     also = ", ".join(f"{k} {fmt(val[k], 4)}" for k in ("val_loss", "val_auc", "val_pr_auc")
                      if k in val and k != sel.get("select_on"))
-    return (f"{trained}, selected on `{sel.get('select_on')}`, {sel.get('criterion')}: "
-            f"{fmt(sel.get('best_value'), 4)}" + (f" ({also} there)" if also else "") + ".")
+    return (f"{trained}, selected on `{sel.get('select_on')}` = {fmt(sel.get('best_value'), 4)}, "
+            f"{sel.get('criterion')}" + (f"; there {also}" if also else "") + ".")
 
 
 def _gradcam_png(image: np.ndarray) -> bytes:

@@ -53,14 +53,13 @@ def criterion(select_on: str) -> Criterion:
 def describe(select_on: str, class_weight: dict[int, float] | None) -> str:
     """The criterion in words, for the metadata and the model card."""
     if select_on == "val_auc":
-        return "val ROC AUC (highest)"
+        return "the val ROC AUC (highest)"
     if select_on == "val_pr_auc":
-        return "val PR AUC (highest)"
+        return "the val PR AUC (highest)"
     if class_weight is None:
-        return "val loss: the training objective, binary cross-entropy, unweighted as train.class_weights is off " \
-               "(lowest)"
-    return (f"val loss: the training objective, binary cross-entropy weighted by the training class weights "
-            f"(negative {class_weight[0]:.3f}, positive {class_weight[1]:.3f}) (lowest)")
+        return "the training objective on val (lowest): binary cross-entropy, unweighted (train.class_weights off)"
+    return (f"the training objective on val (lowest): binary cross-entropy weighted by the training class weights, "
+            f"negative {class_weight[0]:.3f}, positive {class_weight[1]:.3f}")
 
 
 def sample_weights(y: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray:
