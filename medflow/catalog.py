@@ -1,8 +1,8 @@
 """The dataset catalog: ``datasets/<name>.yaml`` is the one place a dataset is described.
 
-Each catalog file holds the dataset's ``dataset:`` block (sources, labels, group_rule, channels,
-allow_flips, card) and one section per stage of params.yaml (``download:`` ... ``retrain:``) with that
-dataset's overrides of params.yaml's shared defaults. Every section must be present, even empty
+Each catalog file holds the dataset's ``dataset:`` block (sources, labels, class_names, group_rule,
+channels, allow_flips, card) and one section per stage of params.yaml (``download:`` ... ``retrain:``) with
+that dataset's overrides of params.yaml's shared defaults. Every section must be present, even empty
 (``resize: {}``): each dvc.yaml stage lists its section of ``datasets/${item}.yaml`` as a parameter, and
 DVC fails a stage whose listed key is missing. The dataset's name is the file stem.
 
@@ -33,7 +33,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 STAGE_SECTIONS = ("download", "extract", "filter", "resize", "split", "validate", "train", "evaluate", "retrain")
 # dataset keys that dvc.yaml stages list as params: DVC fails a stage whose listed key is missing, so a
 # catalog file states each one even where the config has a default.
-DATASET_KEYS = ("sources", "labels", "group_rule", "channels", "allow_flips", "card")
+DATASET_KEYS = ("sources", "labels", "class_names", "group_rule", "channels", "allow_flips", "card")
 
 
 @dataclass(frozen=True)

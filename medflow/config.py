@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from medflow.catalog import STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
 from medflow.errors import ConfigError
@@ -62,6 +62,10 @@ class DatasetConfig(_Strict):
     # Remote or local inputs; archives and folders dropped into data/inbox/<name>/ are added to these.
     sources: list[Source] = []
     labels: dict[str, Literal[0, 1]]
+    # The binary classes' own names, [label 0's, label 1's] (metadata, model card, report, `medflow predict`):
+    # required where a label has several source classes; [] = each label's single source class. A list, not
+    # {0: .., 1: ..}: DVC cannot read integer keys in a params file.
+    class_names: list[str] = Field(default_factory=list, validate_default=True)
     group_rule: str = "filename"
     channels: Literal[1, 3] = 1
     allow_flips: bool = False
@@ -85,6 +89,19 @@ class DatasetConfig(_Strict):
             raise ValueError("needs at least one class mapped to 0 and one mapped to 1")
         return v
 
+    @field_validator("class_names")
+    @classmethod
+    def _binary_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        labels = info.data.get("labels")
+        if labels is None:  # labels failed validation: that error is reported
+            return v
+        if not v:
+            return default_class_names(labels)
+        names = [name.strip() for name in v]
+        if len(names) != 2 or not all(names) or names[0] == names[1]:
+            raise ValueError(f"expected two different names, [label 0's, label 1's], e.g. [benign, melanoma], got {v}")
+        return names
+
     @field_validator("group_rule")
     @classmethod
     def _valid_rule(cls, v: str) -> str:
@@ -100,6 +117,17 @@ class DatasetConfig(_Strict):
     @property
     def group_pattern(self) -> re.Pattern[str]:
         return re.compile(GROUP_RULES.get(self.group_rule, self.group_rule))
+
+
+def default_class_names(labels: dict[str, int]) -> list[str]:
+    """Each label's single source class as its name; ValueError where a label has several (name them)."""
+    sources = {value: [k for k, v in labels.items() if v == value] for value in (0, 1)}
+    several = {value: names for value, names in sources.items() if len(names) > 1}
+    if several:
+        which = "; ".join(f"label {value} has {', '.join(names)}" for value, names in several.items())
+        raise ValueError(f"required: {which}, so the binary classes need names of their own, [label 0's, "
+                         "label 1's], e.g. class_names: [benign, malignant] (the source classes stay in the manifest)")
+    return [sources[0][0], sources[1][0]]
 
 
 class DownloadConfig(_Strict):
@@ -169,9 +197,12 @@ class TrainConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4  # adamw only
     schedule: Literal["constant", "exponential", "cosine"] = "constant"
     decay_rate: Annotated[float, Field(gt=0, le=1)] = 0.96  # exponential: per epoch
-    reduce_lr_patience: Annotated[int, Field(ge=0)] = 3  # ReduceLROnPlateau on val_loss; 0 = off
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 8  # on val_loss, best weights restored; 0 = off
+    reduce_lr_patience: Annotated[int, Field(ge=0)] = 3  # ReduceLROnPlateau on select_on; 0 = off
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 8  # on select_on, best weights restored; 0 = off
     class_weights: bool = True  # weight_c = n / (2 * n_c), the tutorial's formula
+    # The val figure that picks the kept epoch, stops early and lowers the lr (medflow/training/selection.py):
+    # val_loss = the training objective on val (class-weighted like training) | val_auc | val_pr_auc
+    select_on: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     output_bias: bool = True  # initialise the output bias to log(pos / neg)
     augment: AugmentConfig = AugmentConfig()
     mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"

@@ -20,8 +20,9 @@ def _catalog(tmp_path: Path) -> Path:
     """A checkout's params.yaml beside a two-dataset catalog: xray (A 0, B 1) and cells (C 0, D 1)."""
     (tmp_path / "datasets").mkdir()
     for name, labels in (("xray", {"A": 0, "B": 1}), ("cells", {"C": 0, "D": 1})):
-        entry = {"dataset": {"sources": [], "labels": labels, "group_rule": "filename", "channels": 1,
-                             "allow_flips": False, "card": {}}, **{s: {} for s in STAGE_SECTIONS}}
+        entry = {"dataset": {"sources": [], "labels": labels, "class_names": list(labels),
+                             "group_rule": "filename", "channels": 1, "allow_flips": False, "card": {}},
+                 **{s: {} for s in STAGE_SECTIONS}}
         (tmp_path / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(entry))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"datasets": ["xray", "cells"]}))

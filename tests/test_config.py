@@ -11,8 +11,9 @@ import yaml
 from medflow.catalog import DATASET_KEYS, STAGE_SECTIONS, catalog_names
 from medflow.config import ConfigError, load_config, parse_config
 
-DATASET = {"sources": ["x.zip"], "labels": {"A": 0, "B": 1}, "group_rule": "filename", "channels": 1,
-           "allow_flips": False, "card": {}}
+DATASET = {"sources": ["x.zip"], "labels": {"A": 0, "B": 1}, "class_names": ["A", "B"],
+           "group_rule": "filename", "channels": 1, "allow_flips": False, "card": {}}
+MELANOMA_LIKE = {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}
 
 
 def _minimal(**overrides: object) -> dict:
@@ -52,6 +53,9 @@ def test_shipped_catalog_loads_every_listed_dataset(shipped_params: Path) -> Non
     assert pneumonia.split.train + pneumonia.split.val + pneumonia.split.test == pytest.approx(1.0)
     assert configs["malaria"].resize.size == 128 and configs["malaria"].dataset.channels == 3  # its one override
     assert configs["melanoma"].resize.size == 224 and configs["melanoma"].dataset.allow_flips
+    assert {name: cfg.dataset.class_names for name, cfg in configs.items()} == {
+        "pneumonia": ["NORMAL", "PNEUMONIA"], "malaria": ["Uninfected", "Parasitized"],
+        "melanoma": ["benign", "melanoma"], "covid_ct": ["CT_NonCOVID", "CT_COVID"]}
 
 
 def test_shipped_params_hold_no_dataset_block(shipped_params: Path) -> None:
@@ -221,3 +225,44 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("dataset: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# --------------------------------------------------------------------------------- binary class names
+def test_class_names_default_to_the_single_source_class_per_label() -> None:
+    assert parse_config(_minimal()).dataset.class_names == ["A", "B"]
+    data = _minimal()
+    data["dataset"]["class_names"] = ["healthy", "sick"]
+    assert parse_config(data).dataset.class_names == ["healthy", "sick"]
+
+
+def test_two_source_classes_on_one_label_need_class_names(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"dataset": {"name": "t", "labels": MELANOMA_LIKE}}))
+    with pytest.raises(ConfigError, match=r"p\.yaml: dataset\.class_names: .*required: label 0 has nevus, "
+                                          r"seborrheic_keratosis"):
+        load_config(path)
+    named = {"dataset": {"name": "t", "labels": MELANOMA_LIKE, "class_names": ["benign", "melanoma"]}}
+    assert parse_config(named).dataset.class_names == ["benign", "melanoma"]
+
+
+def test_catalog_entry_with_two_source_classes_and_no_names_is_named(tmp_path: Path) -> None:
+    entry = _entry()
+    entry["dataset"].update(labels=MELANOMA_LIKE, class_names=[])  # []: take them from the labels
+    with pytest.raises(ConfigError, match=r"datasets/d\.yaml: dataset\.class_names: .*label 0 has nevus"):
+        load_config(_checkout(tmp_path, {"d": entry}), "d")
+
+
+@pytest.mark.parametrize("names", [["benign"], ["a", "b", "c"], ["same", "same"], [" ", "b"], {0: "a", 1: "b"}])
+def test_bad_class_names_are_named(names: object) -> None:
+    data = _minimal()
+    data["dataset"]["class_names"] = names
+    with pytest.raises(ConfigError, match=r"dataset\.class_names"):
+        parse_config(data)
+
+
+# ----------------------------------------------------------------------------------- model selection
+def test_select_on_defaults_to_the_class_weighted_val_loss_and_is_checked() -> None:
+    assert parse_config(_minimal()).train.select_on == "val_loss"
+    assert parse_config(_minimal(train={"select_on": "val_auc"})).train.select_on == "val_auc"
+    with pytest.raises(ConfigError, match=r"train\.select_on"):
+        parse_config(_minimal(train={"select_on": "train_accuracy"}))

@@ -311,3 +311,47 @@ def test_pydataset_resumes_with_the_uninterrupted_order(data: SplitData) -> None
                       start_epoch=2)
     assert [_check_batch(*full[i]) for i in range(len(full))] == [_check_batch(*resumed[i])
                                                                   for i in range(len(resumed))]
+
+
+# ------------------------------------------------------------------------------------- class-weighted val
+WEIGHTS = {0: 0.75, 1: 1.5}
+
+
+def _hand_loss(model: keras.Model, data: SplitData, split: str, weights: dict[int, float] | None) -> float:
+    """mean(w_y * binary cross-entropy) over the split, from the model's probabilities, in numpy."""
+    x, y = inputs.gather(data, split, np.arange(len(data.rows[split])), sort=False)
+    p = np.clip(model.predict(x, verbose=0).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
+    w = np.array([1.0 if weights is None else weights[int(v)] for v in y])
+    return float(np.mean(w * -(y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy"])
+def test_weighted_batches_carry_each_example_class_weight(data: SplitData, backend: str) -> None:
+    ds = batches(data, "val", batch_size=3, shuffle=False, seed=0, backend=backend, class_weight=WEIGHTS)
+    triples = [tuple(np.asarray(t) for t in b) for b in ds] if backend == "tensorflow" else \
+        [ds[i] for i in range(len(ds))]
+    assert all(len(t) == 3 for t in triples)
+    for x, y, w in triples:
+        _check_batch(x, y)
+        assert w.dtype == np.float32 and w.tolist() == [WEIGHTS[int(v)] for v in y]
+    plain = batches(data, "val", batch_size=3, shuffle=False, seed=0, backend=backend)
+    first = next(iter(plain)) if backend == "tensorflow" else plain[0]
+    assert len(first) == 2  # without class_weight: (images, labels), as before
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy"])
+def test_keras_val_loss_on_weighted_batches_is_the_hand_computed_weighted_loss(data: SplitData,
+                                                                               backend: str) -> None:
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("runs under the TensorFlow backend (the PyDataset branch is fed to it too)")
+    keras.utils.set_random_seed(3)
+    model = _tiny_model()
+    model.layers[-1].set_weights([np.linspace(-4, 4, SIZE * SIZE).reshape(-1, 1).astype("float32"),
+                                  np.array([0.3], "float32")])  # a spread of probabilities, not all 0.5
+    val = batches(data, "val", batch_size=3, shuffle=False, seed=0, backend=backend, class_weight=WEIGHTS)
+    weighted = model.evaluate(val, verbose=0, return_dict=True)["loss"]
+    unweighted = model.evaluate(batches(data, "val", batch_size=3, shuffle=False, seed=0, backend=backend),
+                                verbose=0, return_dict=True)["loss"]
+    assert weighted == pytest.approx(_hand_loss(model, data, "val", WEIGHTS), rel=1e-5)
+    assert unweighted == pytest.approx(_hand_loss(model, data, "val", None), rel=1e-5)
+    assert abs(weighted - unweighted) > 1e-3  # the weights matter on this imbalanced split

@@ -168,6 +168,7 @@ def test_dvc_resolves_one_stage_per_step_and_dataset(tmp_path: Path) -> None:
     train = stages["train@malaria"]
     assert "--model-dir models/malaria" in train["cmd"] and "--dataset malaria" in train["cmd"]
     assert train["params"] == {"params.yaml": ["train"],
-                               "datasets/malaria.yaml": ["dataset.allow_flips", "dataset.labels", "train"]}
+                               "datasets/malaria.yaml": ["dataset.allow_flips", "dataset.labels",
+                                                         "dataset.class_names", "train"]}
     assert {"models/malaria/model.keras", "models/malaria/checkpoints"} <= set(train["outs"])
     assert set(resolved["artifacts"]) == {f"models/{d}/model.keras" for d in datasets}

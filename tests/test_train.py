@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,169 @@ def test_fine_tuning_lowers_the_learning_rate() -> None:
     assert train_mod.base_lr(frozen) == pytest.approx(0.01)
     tuned = _cfg(model="resnet50", learning_rate=0.01, fine_tune="all", fine_tune_lr_factor=0.1).train
     assert train_mod.base_lr(tuned) == pytest.approx(0.001)
+
+
+# ------------------------------------------------------------------------------ model selection (select_on)
+LOGS = {"val_loss": [0.90, 0.70, 0.60, 0.65, 0.55], "val_auc": [0.70, 0.80, 0.75, 0.74, 0.73],
+        "val_pr_auc": [0.60, 0.50, 0.40, 0.30, 0.20]}
+
+
+@pytest.mark.parametrize(("select_on", "best", "stopped_at"), [("val_loss", 4, None), ("val_auc", 1, 3),
+                                                               ("val_pr_auc", 0, 2)])
+def test_checkpointer_keeps_and_stops_on_the_chosen_criterion(tmp_path: Path, select_on: str, best: int,
+                                                              stopped_at: int | None) -> None:
+    """Best epoch, best weights, early stopping (patience 2) and the saved state follow train.select_on."""
+    from medflow.training import selection
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    state = train_mod.RunState("f", monitor=select_on)
+    cb = train_mod._Checkpointer(tmp_path, state, patience=2, is_chief=True, history=[],
+                                 criterion=selection.criterion(select_on))
+    cb.set_model(model)
+    model.stop_training = False  # as fit (and the multi-worker loop) set it before the first epoch
+    for epoch in range(5):
+        model.set_weights([np.full((2, 1), epoch, "float32"), np.zeros(1, "float32")])  # marks the epoch
+        cb.on_epoch_end(epoch, {k: v[epoch] for k, v in LOGS.items()})
+        if model.stop_training:
+            break
+    assert state.best_epoch == best and state.best_value == LOGS[select_on][best]
+    assert cb.best_weights is not None and float(cb.best_weights[0][0, 0]) == best
+    assert state.stopped == (stopped_at is not None) and state.epoch == (4 if stopped_at is None else stopped_at)
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["monitor"] == select_on and saved["best_epoch"] == best
+
+
+def test_reduce_lr_on_plateau_watches_the_criterion(tmp_path: Path) -> None:
+    from medflow.training.distribute import place
+
+    for select_on, mode in (("val_loss", "min"), ("val_auc", "max")):
+        cfg = _cfg(select_on=select_on, reduce_lr_patience=2)
+        cbs = train_mod._callbacks(cfg, tmp_path, train_mod.RunState("f"), place("one_device"), None, [])
+        (plateau,) = [c for c in cbs if isinstance(c, keras.callbacks.ReduceLROnPlateau)]
+        assert (plateau.monitor, plateau.mode) == (select_on, mode)
+
+
+def _imbalanced(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, list[str]]:
+    """64 images, a quarter positive: train 40 (10 positive), val 16 (4 positive), test 8 (2 positive)."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 100, (64, 32, 32, 1), dtype=np.uint8)
+    y = (np.arange(64) % 4 == 0).astype(int)
+    x[y == 1, 8:16, 8:16] = 250
+    splits = ["train"] * 40 + ["val"] * 16 + ["test"] * 8
+    images, split = _write_dataset(tmp_path / "data", x, y, splits)
+    return images, split, x, y, splits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("select_on", ["val_loss", "val_auc"])
+def test_weighted_val_loss_is_the_hand_computed_objective_and_selects(tmp_path: Path, select_on: str) -> None:
+    images, split, x, y, splits = _imbalanced(tmp_path)
+    cfg = _cfg(epochs=3, select_on=select_on)
+    result = step.run(cfg, images=images, split=split, model_dir=tmp_path / "m", live_dir=tmp_path / "l")
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    history = pd.read_csv(tmp_path / "m" / "history.csv")
+    sel = meta["selection"]
+    values = history[select_on].to_numpy()
+    best = int(np.argmin(values) if select_on == "val_loss" else np.argmax(values))  # first best, as kept
+    assert sel["select_on"] == select_on and sel["best_epoch"] == meta["best_epoch"] == best + 1
+    assert sel["best_value"] == pytest.approx(values[best])
+    assert sel["class_weights"] == pytest.approx({"0": 40 / 60, "1": 40 / 20})  # n / (2 n_c) on train
+    words = {"val_loss": "weighted by the training class weights, negative 0.667, positive 2.000",
+             "val_auc": "val ROC AUC"}
+    assert words[select_on] in sel["criterion"]
+    # The kept weights are the best epoch's: their class-weighted val loss by hand is that epoch's val_loss.
+    val = np.array(splits) == "val"
+    p = np.clip(train_mod.predict_probabilities(result.model, x[val]), 1e-7, 1 - 1e-7)
+    yv = y[val]
+    bce = -(yv * np.log(p) + (1 - yv) * np.log(1 - p))
+    w = np.where(yv == 1, 40 / 20, 40 / 60)
+    assert history["val_loss"][best] == pytest.approx(np.mean(w * bce), rel=1e-4)
+    assert abs(np.mean(w * bce) - np.mean(bce)) > 1e-3  # not the unweighted loss
+    assert meta["best_val_loss"] == pytest.approx(history["val_loss"][best])
+
+
+# ------------------------------------------------------------------------ binary class names end to end
+def _write_pngs(folder: Path, n: int) -> list[tuple[Path, int]]:
+    """PNGs in melanoma/ (label 1, bright square), nevus/ and seborrheic_keratosis/ (label 0)."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    files = []
+    for i in range(n):
+        cls = ("melanoma", "nevus", "seborrheic_keratosis")[i % 3]
+        img = rng.integers(0, 90, (40, 40), dtype=np.uint8)
+        if cls == "melanoma":
+            img[10:26, 10:26] = 240
+        path = folder / cls / f"isic_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), img)
+        files.append((path, int(cls == "melanoma")))
+    return files
+
+
+@pytest.mark.slow
+def test_binary_class_names_reach_metadata_predict_and_report(tmp_path: Path) -> None:
+    """Two source classes on label 0 (melanoma-like): the negative class is 'benign' everywhere downstream."""
+    from medflow.cli import main
+    from medflow.imaging.decode import load_resized
+    from tasks import evaluate as evaluate_step
+
+    files = _write_pngs(tmp_path / "raw", 90)
+    x = np.stack([load_resized(p, size=32, channels=1) for p, _ in files])
+    y = np.array([label for _, label in files])
+    splits = ["train", "train", "train", "val", "test"] * 18
+    images, split = _write_dataset(tmp_path / "data", x, y, splits)
+    cfg = parse_config({"dataset": {"name": "skin", "labels": {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0},
+                                    "class_names": ["benign", "melanoma"], "channels": 1},
+                        "resize": {"size": 32},
+                        "train": {"epochs": 4, "batch_size": 16, "learning_rate": 0.003, "early_stopping_patience": 0,
+                                  "reduce_lr_patience": 0,
+                                  "augment": {"rotation_deg": 0, "zoom": 0, "translate": 0, "brightness": 0,
+                                              "contrast": 0}},
+                        "evaluate": {"bootstrap": 1000, "gradcam_examples": 1}})
+    model_dir = tmp_path / "model"
+    step.run(cfg, images=images, split=split, model_dir=model_dir, live_dir=tmp_path / "live")
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["class_names"] == {"0": "benign", "1": "melanoma"}
+    assert meta["labels"] == {"melanoma": 1, "nevus": 0, "seborrheic_keratosis": 0}  # the source classes stay
+
+    evaluate_step.run(cfg, model=model_dir, images=images, split=split, out=tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    actual = re.findall(r"<figcaption>[^<]*actual (\w+) - img", page)
+    assert actual and set(actual) <= {"benign", "melanoma"} and "benign" in actual
+    card = (tmp_path / "report" / "model_card.md").read_text()
+    assert "probability of **melanoma** (label 1) vs benign (label 0)" in card
+    assert "benign (0): nevus, seborrheic_keratosis" in card
+    assert "selected on `val_loss` = " in card and "weighted by the training class weights" in card
+
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(tmp_path / "raw"), "--model", str(model_dir), "--out", str(out),
+                 "--no-progress"]) == 0
+    preds = pd.read_csv(out)
+    assert len(preds) == 90 and set(preds["predicted"]) == {0, 1}
+    assert (preds["class_name"] == preds["predicted"].map({0: "benign", 1: "melanoma"})).all()
+
+
+def test_multi_worker_loop_weighs_the_val_loss_as_fit_does(tmp_path: Path) -> None:
+    """The custom tf.distribute loop's val_loss equals Keras' on the class-weighted val batches."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the custom loop is TensorFlow's")
+    import tensorflow as tf
+
+    from medflow.training import inputs
+    from medflow.training.tf_loop import DistributedLoop
+
+    images, split, *_ = _imbalanced(tmp_path)
+    data = inputs.load_split_data(images, split)
+    weights = train_mod.class_weights(*data.class_counts("train"))
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((32, 32, 1), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=train_mod.make_metrics())
+    val = inputs.batches(data, "val", batch_size=8, shuffle=False, seed=0, backend="tensorflow")
+    weighted = inputs.batches(data, "val", batch_size=8, shuffle=False, seed=0, backend="tensorflow",
+                              class_weight=weights)
+    ours = DistributedLoop(model, tf.distribute.get_strategy(), 8, weights)._evaluate(val)
+    keras_logs = model.evaluate(weighted, verbose=0, return_dict=True)
+    assert ours["val_loss"] == pytest.approx(keras_logs["loss"], rel=1e-5)
+    assert ours["val_auc"] == pytest.approx(keras_logs["auc"], abs=0.02)  # Keras' AUC is binned

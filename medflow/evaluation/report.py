@@ -194,8 +194,32 @@ def history_figure(ev: Evaluation) -> bytes | None:
 
 
 def _class_names(ev: Evaluation) -> dict[int, str]:
+    """The binary classes' names (``dataset.class_names``, recorded in the model's metadata)."""
     names = ev.metadata.get("class_names", {})
     return {0: str(names.get("0", "negative")), 1: str(names.get("1", "positive"))}
+
+
+def _source_classes(ev: Evaluation) -> str:
+    """Which source classes (class folders) make up each binary class, e.g. "benign (0): nevus, ..."."""
+    labels = ev.metadata.get("labels") or {}
+    names = _class_names(ev)
+    parts = [f"{names[v]} ({v}): {', '.join(sorted(k for k, lab in labels.items() if lab == v))}" for v in (0, 1)
+             if any(lab == v for lab in labels.values())]
+    return "; ".join(parts)
+
+
+def _selection_line(meta: dict[str, Any]) -> str:
+    """How the kept epoch was chosen (train.select_on), from the metadata; older models said val loss."""
+    sel = meta.get("selection")
+    trained = (f"- Trained {meta.get('epochs_run', '?')} epochs; kept epoch {meta.get('best_epoch', '?')} "
+               "(weights restored)")
+    if not sel:
+        return f"{trained}, best val loss {fmt(meta.get('best_val_loss'), 4)}."
+    val = sel.get("val_at_best") or {}
+    also = ", ".join(f"{k} {fmt(val[k], 4)}" for k in ("val_loss", "val_auc", "val_pr_auc")
+                     if k in val and k != sel.get("select_on"))
+    return (f"{trained}, selected on `{sel.get('select_on')}` = {fmt(sel.get('best_value'), 4)}, "
+            f"{sel.get('criterion')}" + (f"; there {also}" if also else "") + ".")
 
 
 def _gradcam_png(image: np.ndarray) -> bytes:
@@ -248,10 +272,10 @@ def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
     lines += ["## Model details", "",
               f"- Architecture: `{_model_name(ev)}` (Keras {meta.get('versions', {}).get('keras', '?')}), input "
               f"{'x'.join(map(str, meta.get('input_shape', [])))} uint8, scaled inside the model.",
-              f"- Output: probability of **{names[1]}** (label 1) vs {names[0]} (label 0).",
-              f"- Trained {meta.get('epochs_run', '?')} epochs; best val loss {fmt(meta.get('best_val_loss'), 4)} "
-              f"at epoch {meta.get('best_epoch', '?')} (weights restored). Data fingerprint "
-              f"`{str(meta.get('data_fingerprint', ''))[:16]}`.",
+              f"- Output: probability of **{names[1]}** (label 1) vs {names[0]} (label 0)"
+              + (f"; source classes {_source_classes(ev)}." if _source_classes(ev) else "."),
+              _selection_line(meta),
+              f"- Data fingerprint `{str(meta.get('data_fingerprint', ''))[:16]}`.",
               f"- Preprocessing: {meta.get('preprocessing', {}).get('decoder', '')}, "
               f"{meta.get('preprocessing', {}).get('size', '?')} px, area interpolation, "
               f"{meta.get('preprocessing', {}).get('channels', '?')} channel(s).", ""]

@@ -1,13 +1,15 @@
 """Training a Keras 3 binary classifier on the validated split, on any backend, resumable.
 
-:func:`train_model` trains on ``train`` and selects on ``val`` (checkpoints, early stopping and learning-rate
-reduction all watch validation loss, never training accuracy); it never reads ``test``. Per-epoch metrics go
+:func:`train_model` trains on ``train`` and selects on ``val``: checkpoints, early stopping and learning-rate
+reduction all watch ``train.select_on`` (:mod:`medflow.training.selection`; by default the val loss weighted
+by the training class weights, so selection and training optimise the same objective), never a training
+figure; it never reads ``test``. Per-epoch metrics go
 to DVCLive (for ``dvc plots`` / ``dvc exp show``) and to the history. :func:`metadata` is what inference
 needs to preprocess exactly as in training, plus the data fingerprint, params and package versions. The
 train step (``tasks/train.py``) reads the inputs, calls these, and writes the model folder.
 
 A run killed mid-way resumes: every epoch ends by atomically writing ``checkpoints/last.keras`` (model and
-optimizer state) and ``checkpoints/state.json`` (epoch, best loss, patience counters, fingerprint). A new run
+optimizer state) and ``checkpoints/state.json`` (epoch, best value, patience counters, fingerprint). A new run
 with the same params and data continues from the next epoch; anything else starts afresh.
 """
 
@@ -17,7 +19,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -31,13 +32,13 @@ import numpy as np
 from medflow.config import Config, TrainConfig
 from medflow.errors import StepError
 from medflow.io import atomic_path, write_json
-from medflow.training import inputs, models
+from medflow.training import inputs, models, selection
 from medflow.training.distribute import Placement
 
 log = logging.getLogger(__name__)
 
-METRICS = ("loss", "auc", "precision", "recall", "accuracy")
-STATE_VERSION = 1
+METRICS = ("loss", "auc", "pr_auc", "precision", "recall", "accuracy")
+STATE_VERSION = 2  # 2: best_value/monitor (train.select_on) instead of best_loss
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -49,6 +50,11 @@ def class_weights(neg: int, pos: int) -> dict[int, float]:
         raise StepError(f"the train split needs both classes (negatives {neg}, positives {pos})")
     n = neg + pos
     return {0: n / (2.0 * neg), 1: n / (2.0 * pos)}
+
+
+def train_class_weights(cfg: Config, data: inputs.SplitData) -> dict[int, float] | None:
+    """The class weights of training (and of the val loss), or None where ``train.class_weights`` is off."""
+    return class_weights(*data.class_counts("train")) if cfg.train.class_weights else None
 
 
 def learning_rate(train: TrainConfig, steps_per_epoch: int, base: float | None = None) -> Any:
@@ -82,8 +88,10 @@ def make_optimizer(train: TrainConfig, lr: Any) -> keras.optimizers.Optimizer:
 
 
 def make_metrics() -> list[keras.metrics.Metric]:
-    return [keras.metrics.AUC(name="auc"), keras.metrics.Precision(name="precision"),
-            keras.metrics.Recall(name="recall"), keras.metrics.BinaryAccuracy(name="accuracy")]
+    """Unweighted metrics (Keras applies no sample weights to ``metrics``; ``loss`` carries the class weights)."""
+    return [keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc"),
+            keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
+            keras.metrics.BinaryAccuracy(name="accuracy")]
 
 
 def fingerprint_data(images: Path, split: Path) -> str:
@@ -115,8 +123,9 @@ class RunState:
     """What a resumed run needs besides the model: where it was and what it had seen."""
 
     fingerprint: str
+    monitor: str = "val_loss"  # the logs key selected on (train.select_on)
     epoch: int = -1  # last finished epoch (0-based); -1 = none
-    best_loss: float = math.inf
+    best_value: float | None = None  # of monitor; None = no epoch has improved yet
     best_epoch: int = -1
     wait: int = 0  # epochs since the best, for early stopping
     stopped: bool = False
@@ -136,27 +145,29 @@ class RunState:
 
 
 class _Checkpointer(keras.callbacks.Callback):
-    """Per epoch: track the best val_loss (early stopping), save best weights, last model and state atomically.
+    """Per epoch: track the best ``criterion`` value (early stopping), save best weights, last model and state
+    atomically.
 
     Replaces Keras' EarlyStopping/ModelCheckpoint so that their counters survive a restart.
     """
 
     def __init__(self, folder: Path, state: RunState, patience: int, is_chief: bool,
-                 history: list[dict[str, float]]) -> None:
+                 history: list[dict[str, float]], criterion: selection.Criterion) -> None:
         super().__init__()
         self.folder, self.state, self.patience, self.is_chief = folder, state, patience, is_chief
-        self.history = history
+        self.history, self.criterion = history, criterion
         self.best_weights: list[Any] | None = None  # in memory on every worker, so all restore the same
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         logs = logs or {}
-        if "val_loss" not in logs:
-            raise StepError("no val_loss was computed: the validation split is empty or failed")
-        loss = float(logs["val_loss"])
+        key = self.criterion.monitor
+        if key not in logs:
+            raise StepError(f"no {key} was computed (train.select_on): the validation split is empty or failed")
+        value = float(logs[key])
         st = self.state
-        improved = loss < st.best_loss
+        improved = self.criterion.better(value, st.best_value)
         if improved:
-            st.best_loss, st.best_epoch, st.wait = loss, epoch, 0
+            st.best_value, st.best_epoch, st.wait = value, epoch, 0
             self.best_weights = self.model.get_weights()
         else:
             st.wait += 1
@@ -164,8 +175,8 @@ class _Checkpointer(keras.callbacks.Callback):
         if self.patience and st.wait >= self.patience:
             st.stopped = True
             self.model.stop_training = True
-            log.info("early stopping at epoch %d: val_loss has not improved for %d epochs (best %.4f at %d)",
-                     epoch + 1, st.wait, st.best_loss, st.best_epoch + 1)
+            log.info("early stopping at epoch %d: %s has not improved for %d epochs (best %s at %d)",
+                     epoch + 1, key, st.wait, _fmt(st.best_value), st.best_epoch + 1)
         if not self.is_chief:
             return
         if improved:
@@ -201,6 +212,10 @@ class _Live(keras.callbacks.Callback):
 # ------------------------------------------------------------------------------------------- the run
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _open_live(folder: Path, resume: bool, is_chief: bool) -> Any:
     if not is_chief:
         return None
@@ -233,11 +248,12 @@ def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int
 
 def _callbacks(cfg: Config, folder: Path, state: RunState, placement: Placement, live: Any,
                history: list[dict[str, float]]) -> list[keras.callbacks.Callback]:
+    crit = selection.criterion(cfg.train.select_on)
     cbs: list[keras.callbacks.Callback] = [_Live(live, history),
                                            _Checkpointer(folder, state, cfg.train.early_stopping_patience,
-                                                         placement.is_chief, history)]
+                                                         placement.is_chief, history, crit)]
     if cfg.train.reduce_lr_patience and cfg.train.schedule == "constant":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=crit.monitor, mode=crit.mode, factor=0.5,
                                                      patience=cfg.train.reduce_lr_patience, min_lr=1e-6))
     return cbs
 
@@ -254,12 +270,14 @@ def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Pla
     # An epoch-keyed stream (tf.data) or epoch counter (PyDataset) starting at the resumed epoch: a resumed run
     # sees the batches an uninterrupted run would. The custom multi-worker loop iterates whole datasets instead.
     start = None if placement.kind == "multi_worker" else state.epoch + 1
+    weights = train_class_weights(cfg, data)
+    custom_loop = placement.kind == "multi_worker"  # weighs the val loss itself
     train_ds = inputs.batches(data, "train", batch_size=global_batch, shuffle=True, seed=train.seed,
                               drop_remainder=drop, start_epoch=start)
+    # Validation batches carry the training class weights, so val_loss is the training objective on val.
     val_ds = inputs.batches(data, "val", batch_size=global_batch, shuffle=False, seed=train.seed,
-                            drop_remainder=whole)
-    weights = class_weights(*data.class_counts("train")) if train.class_weights else None
-    if placement.kind == "multi_worker":
+                            drop_remainder=whole, class_weight=None if custom_loop else weights)
+    if custom_loop:
         from medflow.training.tf_loop import DistributedLoop
 
         DistributedLoop(model, placement.tf_strategy, global_batch, weights).fit(
@@ -300,7 +318,7 @@ def run_fingerprint(cfg: Config, images: Path, split: Path) -> str:
 
 @dataclass
 class TrainResult:
-    """A finished run: the model with its best validation-loss weights restored, and how it got there."""
+    """A finished run: the model with its best weights (``train.select_on``) restored, and how it got there."""
 
     model: keras.Model
     state: RunState
@@ -310,12 +328,28 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int  # 0 for a run from scratch
 
+    def best_row(self) -> dict[str, float]:
+        """The history row of the kept epoch (empty when no epoch improved)."""
+        return next((row for row in self.history if int(row.get("epoch", 0)) == self.state.best_epoch + 1), {})
+
     def summary(self) -> dict[str, Any]:
         """The headline figures (JSON-ready), for logs and callers."""
         st = self.state
-        return {"best_epoch": st.best_epoch + 1, "best_val_loss": st.best_loss, "epochs_run": st.epoch + 1,
+        return {"best_epoch": st.best_epoch + 1, "select_on": st.monitor, "best_value": st.best_value,
+                "best_val_loss": self.best_row().get("val_loss"), "epochs_run": st.epoch + 1,
                 "seconds": self.seconds, "global_batch": self.global_batch,
                 "resumed_from_epoch": self.resumed_from_epoch}
+
+
+def selection_metadata(cfg: Config, data: inputs.SplitData, result: TrainResult) -> dict[str, Any]:
+    """How the kept epoch was chosen: the criterion (in words too), its best value, and val at that epoch."""
+    weights = train_class_weights(cfg, data)
+    crit = selection.criterion(cfg.train.select_on)
+    return {"select_on": crit.monitor, "mode": crit.mode,
+            "criterion": selection.describe(cfg.train.select_on, weights),
+            "class_weights": None if weights is None else {str(k): v for k, v in weights.items()},
+            "best_value": result.state.best_value, "best_epoch": result.state.best_epoch + 1,
+            "val_at_best": {k: v for k, v in result.best_row().items() if k.startswith("val_")}}
 
 
 def metadata(cfg: Config, data: inputs.SplitData, result: TrainResult, fingerprint: str) -> dict[str, Any]:
@@ -326,7 +360,7 @@ def metadata(cfg: Config, data: inputs.SplitData, result: TrainResult, fingerpri
         "task": cfg.dataset.name,
         "input_shape": list(data.input_shape),
         "channels": cfg.dataset.channels,
-        "class_names": {str(v): k for k, v in sorted(cfg.dataset.labels.items(), key=lambda kv: kv[1])},
+        "class_names": {str(label): name for label, name in enumerate(cfg.dataset.class_names)},
         "labels": dict(cfg.dataset.labels),
         "positive_class": [k for k, v in cfg.dataset.labels.items() if v == 1],
         "preprocessing": {"size": cfg.resize.size, "channels": cfg.dataset.channels, "interpolation": "area",
@@ -336,7 +370,8 @@ def metadata(cfg: Config, data: inputs.SplitData, result: TrainResult, fingerpri
         "train_counts": {"negative": neg, "positive": pos},
         "val_counts": dict(zip(("negative", "positive"), data.class_counts("val"), strict=True)),
         "best_epoch": state.best_epoch + 1,
-        "best_val_loss": state.best_loss,
+        "best_val_loss": result.best_row().get("val_loss"),
+        "selection": selection_metadata(cfg, data, result),
         "epochs_run": state.epoch + 1,
         "early_stopped": state.stopped,
         "placement": {"strategy": placement.kind, "replicas": placement.replicas,
@@ -354,14 +389,14 @@ def clear_checkpoints(folder: Path) -> None:
     folder.mkdir(parents=True)
 
 
-def _resume_state(folder: Path, fingerprint: str) -> tuple[RunState, bool]:
+def _resume_state(folder: Path, fingerprint: str, monitor: str) -> tuple[RunState, bool]:
     """(the state to continue from, whether it is a resume): a fresh state, and an emptied folder, unless
     ``folder`` holds this run's state and last model."""
     state = RunState.load(folder / "state.json", fingerprint)
-    if state is not None and (folder / "last.keras").exists():
+    if state is not None and state.monitor == monitor and (folder / "last.keras").exists():
         return state, True
     clear_checkpoints(folder)
-    return RunState(fingerprint), False
+    return RunState(fingerprint, monitor=monitor), False
 
 
 def _train_epochs(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
@@ -385,8 +420,8 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
 
     ``placement`` must come from :func:`~medflow.training.distribute.place` before any other TensorFlow work
     (multi-worker collectives start there). Every epoch is checkpointed into ``checkpoints`` (by the chief) and
-    logged to DVCLive in ``live_dir``; the returned model carries the best validation-loss weights. Saving the
-    model folder is the caller's job (the train step's), so that it happens once, on the chief.
+    logged to DVCLive in ``live_dir``; the returned model carries the weights of the best ``train.select_on``.
+    Saving the model folder is the caller's job (the train step's), so that it happens once, on the chief.
     """
     train = cfg.train
     keras.utils.set_random_seed(train.seed)
@@ -395,11 +430,11 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
     n_train = len(data.rows["train"])
     steps = inputs.steps(n_train, global_batch, drop_remainder=n_train >= global_batch)
     checkpoints = Path(checkpoints)
-    state, resuming = _resume_state(checkpoints, fingerprint)
+    state, resuming = _resume_state(checkpoints, fingerprint, train.select_on)
     history = _read_history(checkpoints / "history.csv") if resuming else []
-    log.info("train: %s on %d images (neg %d, pos %d), val %d; global batch %d = %d x %d replica(s); %s",
-             train.model, n_train, *data.class_counts("train"), len(data.rows["val"]), global_batch,
-             train.batch_size, placement.replicas,
+    log.info("train: %s on %d images (neg %d, pos %d), val %d; global batch %d = %d x %d replica(s); selecting on "
+             "%s; %s", train.model, n_train, *data.class_counts("train"), len(data.rows["val"]), global_batch,
+             train.batch_size, placement.replicas, selection.describe(train.select_on, train_class_weights(cfg, data)),
              f"resuming after epoch {state.epoch + 1}" if resuming else "from scratch")
     resumed_from = state.epoch + 1
     model = _build(cfg, data, placement, steps, checkpoints / "last.keras" if resuming else None)
@@ -413,8 +448,8 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
         model.set_weights(best)
     elif (checkpoints / "best.weights.h5").exists():  # resumed, and no better epoch since: the chief's file
         model.load_weights(checkpoints / "best.weights.h5")
-    log.info("train: best val_loss %.4f at epoch %d of %d run (%.0f s)", state.best_loss, state.best_epoch + 1,
-             state.epoch + 1, seconds)
+    log.info("train: best %s %s at epoch %d of %d run (%.0f s)", state.monitor, _fmt(state.best_value),
+             state.best_epoch + 1, state.epoch + 1, seconds)
     return TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
 
 

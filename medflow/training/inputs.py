@@ -55,6 +55,7 @@ import pandas as pd
 from medflow.errors import StepError
 from medflow.io import n_workers, open_images, read_csv
 from medflow.schema import SPLITS
+from medflow.training.selection import sample_weights
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def batches(
     num_parallel_calls: int | None = None,
     max_queue_size: int = DEFAULT_READ_AHEAD,
     start_epoch: int | None = None,
+    class_weight: dict[int, float] | None = None,
 ) -> Any:
     """Batches ``(uint8 images, float32 labels)`` of one split for ``model.fit`` under ``backend``.
 
@@ -174,6 +176,9 @@ def batches(
     ``start_epoch`` (training, resumable): the first epoch's order is ``epoch_order(..., epoch=start_epoch)``,
     exactly as in a run that started at epoch 0, so a resumed run sees the batches an uninterrupted one would.
     On tensorflow this makes the dataset an endless stream of epochs: pass ``steps_per_epoch`` to ``fit``.
+
+    ``class_weight`` ({0: w0, 1: w1}, validation): batches are ``(images, labels, sample weights)``, each
+    example weighted by its class, so Keras' ``val_loss`` is the class-weighted training objective.
     """
     backend = backend or keras.backend.backend()
     n = len(data.rows[_known(data, split)])
@@ -183,12 +188,14 @@ def batches(
     if backend == "tensorflow":
         return _tf_dataset(data, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                            epoch_seeded=epoch_seeded, drop_remainder=drop_remainder,
-                           num_parallel_calls=num_parallel_calls, start_epoch=start_epoch)
+                           num_parallel_calls=num_parallel_calls, start_epoch=start_epoch,
+                           class_weight=class_weight)
     if backend in PY_DATASET_BACKENDS:
         workers = min(MAX_DEFAULT_WORKERS, n_workers(0)) if num_parallel_calls is None else num_parallel_calls
         return MemmapBatches(data, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                              epoch_seeded=epoch_seeded, drop_remainder=drop_remainder, workers=workers,
-                             max_queue_size=max_queue_size, start_epoch=start_epoch or 0)
+                             max_queue_size=max_queue_size, start_epoch=start_epoch or 0,
+                             class_weight=class_weight)
     raise ValueError(f"unknown backend {backend!r}: expected tensorflow or one of {', '.join(PY_DATASET_BACKENDS)}")
 
 
@@ -199,17 +206,19 @@ class MemmapBatches(keras.utils.PyDataset):
     read up to ``max_queue_size`` batches ahead while Keras asks for them in order. Read-ahead only
     follows in-order access; any other access pattern is served on demand, still correct.
     :meth:`on_epoch_end` (Keras calls it after each epoch; call it yourself in a custom loop) moves to
-    the next epoch's order and drops what was read ahead for the previous one.
+    the next epoch's order and drops what was read ahead for the previous one. With ``class_weight`` a
+    batch is ``(images, labels, sample weights)``.
     """
 
     def __init__(self, data: SplitData, split: str, *, batch_size: int, shuffle: bool, seed: int,
                  epoch_seeded: bool = True, drop_remainder: bool = False, workers: int = 4,
-                 max_queue_size: int = DEFAULT_READ_AHEAD, start_epoch: int = 0) -> None:
+                 max_queue_size: int = DEFAULT_READ_AHEAD, start_epoch: int = 0,
+                 class_weight: dict[int, float] | None = None) -> None:
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
         self._data, self._split = data, _known(data, split)
         self._n = len(data.rows[split])
         self._batch_size, self._shuffle, self._seed = batch_size, shuffle, seed
-        self._epoch_seeded = epoch_seeded
+        self._epoch_seeded, self._class_weight = epoch_seeded, class_weight
         self._steps = steps(self._n, batch_size, drop_remainder)
         self._threads, self._ahead_depth = max(0, workers), max(0, max_queue_size)
         self._pool: ThreadPoolExecutor | None = None
@@ -221,12 +230,15 @@ class MemmapBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self._steps
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
         if not 0 <= index < self._steps:
             raise IndexError(f"batch {index} out of range for {self._steps} batches")
         future = self._ahead.pop(index, None)
         self._read_ahead(index)
-        return future.result() if future is not None else self._load(index)
+        x, y = future.result() if future is not None else self._load(index)
+        if self._class_weight is None:
+            return x, y
+        return x, y, sample_weights(y, self._class_weight)
 
     def on_epoch_end(self) -> None:
         """Next epoch: a new order (when shuffling per epoch); read-ahead of the old one is dropped."""
@@ -298,7 +310,7 @@ def _gather(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, positions:
 
 def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, seed: int,
                 epoch_seeded: bool, drop_remainder: bool, num_parallel_calls: int | None,
-                start_epoch: int | None = None) -> Any:
+                start_epoch: int | None = None, class_weight: dict[int, float] | None = None) -> Any:
     import tensorflow as tf  # only here: the other backends run without TensorFlow installed
 
     n = len(data.rows[split])
@@ -331,6 +343,9 @@ def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, 
         ds = tf.data.Dataset.range(start_epoch, 2**31 - 1).flat_map(one_epoch)
     ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls,
                 deterministic=True)
+    if class_weight is not None:
+        table = tf.constant([class_weight[0], class_weight[1]], tf.float32)
+        ds = ds.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))))
     options = tf.data.Options()
     options.deterministic = True
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -3,7 +3,9 @@
 Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras issue 20585), so the
 ``multi_worker`` strategy trains here: Keras layers and optimizer, a ``strategy.run`` step with the loss
 averaged over the *global* batch, class weights applied per example, metrics computed on all replicas'
-predictions. BatchNorm moving statistics stay each worker's own (from its shard of the data); the chief's
+predictions. As in ``fit`` (whose val batches carry the class weights as sample weights), ``val_loss`` is
+the class-weighted cross-entropy, the training objective.
+BatchNorm moving statistics stay each worker's own (from its shard of the data); the chief's
 are saved with the model. It drives the same callbacks as ``fit`` (checkpointing, early stopping, DVCLive), so the rest
 of the trainer does not care which loop ran.
 """
@@ -15,7 +17,9 @@ from typing import Any
 
 import keras
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medflow.training.selection import cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +27,11 @@ log = logging.getLogger(__name__)
 def _metrics(prefix: str, loss: float, y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     pred = p >= 0.5
     tp = float(np.sum(pred & (y == 1)))
+    both = len(np.unique(y)) == 2
     out = {"loss": loss, "accuracy": float(np.mean(pred == (y == 1))),
            "precision": tp / max(1.0, float(np.sum(pred))), "recall": tp / max(1.0, float(np.sum(y == 1))),
-           "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")}
+           "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+           "pr_auc": float(average_precision_score(y, p)) if both else float("nan")}
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -37,6 +43,7 @@ class DistributedLoop:
         import tensorflow as tf
 
         self.tf, self.model, self.strategy, self.global_batch = tf, model, strategy, global_batch
+        self.class_weight_map = class_weight
         weights = [class_weight[0], class_weight[1]] if class_weight else [1.0, 1.0]
         with strategy.scope():
             self.class_weight = tf.constant(weights, tf.float32)
@@ -93,9 +100,7 @@ class DistributedLoop:
             ps.append(p.numpy())
             ys.append(yy.numpy())
         p, y = np.concatenate(ps), np.concatenate(ys).astype(int)
-        eps = 1e-7
-        loss = float(-np.mean(y * np.log(np.clip(p, eps, 1)) + (1 - y) * np.log(np.clip(1 - p, eps, 1))))
-        return _metrics("val_", loss, y, p)
+        return _metrics("val_", cross_entropy(y, p, self.class_weight_map), y, p)
 
     def fit(self, train_ds: Any, val_ds: Any, *, epochs: int, initial_epoch: int,
             callbacks: list[keras.callbacks.Callback]) -> None:
