@@ -415,7 +415,27 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
         model.load_weights(checkpoints / "best.weights.h5")
     log.info("train: best val_loss %.4f at epoch %d of %d run (%.0f s)", state.best_loss, state.best_epoch + 1,
              state.epoch + 1, seconds)
+    _log_chance(history, state.best_epoch + 1, data.class_counts("train"), data.class_counts("val"), cfg.train)
     return TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
+
+
+def _log_chance(history: list[dict[str, float]], best_epoch: int, train: tuple[int, int], val: tuple[int, int],
+                cfg: TrainConfig) -> None:
+    """Say whether the kept epoch's val_loss beats always predicting the training prevalence (the evaluate
+    stage's chance guard, medflow.evaluation.chance, gives the verdict on the model's val predictions)."""
+    row = next((r for r in history if int(r.get("epoch", 0)) == best_epoch and "val_loss" in r), None)
+    if row is None or 0 in train:
+        return
+    q = train[1] / sum(train)
+    baseline = -(val[1] * math.log(q) + val[0] * math.log(1 - q)) / max(sum(val), 1)
+    if row["val_loss"] < baseline:
+        log.info("train: val_loss %.4f beats %.4f, always predicting the training prevalence %.3f", row["val_loss"],
+                 baseline, q)
+        return
+    log.warning("train: AT CHANCE? val_loss %.4f is no better than %.4f, the loss of always predicting the training "
+                "prevalence %.3f%s", row["val_loss"], baseline, q,
+                " (val_loss is unweighted, training class-weighted: see the evaluate stage's chance check)"
+                if cfg.class_weights else ": the model has not learnt the task")
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
