@@ -127,8 +127,10 @@ def test_a_model_that_outputs_the_prevalence_is_at_chance() -> None:
     assert verdict.train_prevalence == 0.25
     assert verdict.val_loss == pytest.approx(verdict.baseline_loss)
     assert verdict.summary().startswith("the model does not beat chance on val: val loss")
-    weighted = chance.verdict(y, np.full(len(y), 0.5), (90, 30), weighted=True, ev=EV)  # its weighted twin
-    assert weighted.at_chance and weighted.baseline_loss == pytest.approx(np.log(2))
+    for constant in (0.25, 0.5):  # trained class-weighted: beats the prevalence in neither weighting
+        weighted = chance.verdict(y, np.full(len(y), constant), (90, 30), weighted=True, ev=EV)
+        assert weighted.at_chance and len(weighted.reasons) == 2, constant
+        assert weighted.baseline_loss_weighted == pytest.approx(np.log(2))
 
 
 def test_a_learnt_model_beats_chance() -> None:
@@ -140,17 +142,21 @@ def test_a_learnt_model_beats_chance() -> None:
     assert chance.verdict(y, 1 - p, (90, 30), weighted=False, ev=EV).at_chance  # ranks backwards: AUC < 0.5
 
 
-def test_a_class_weighted_model_is_judged_by_its_weighted_loss() -> None:
+def test_a_class_weighted_model_is_judged_by_its_weighted_loss_too() -> None:
     """Class weights pull probabilities towards 0.5: the unweighted loss then loses to the prevalence although
-    the model ranks well, and only the loss it was trained on says whether it beats a constant."""
+    the model ranks well; the loss it was trained on says it beats a constant."""
     rng = np.random.default_rng(2)
     y = (rng.random(2000) < 0.2).astype(np.int8)
     score = rng.normal(0, 1, len(y)) + 1.2 * y  # AUC about 0.8
     pulled = 1 / (1 + np.exp(-(1.2 * score - 0.72)))  # the posterior at a prior of 0.5, as class weights train
     assert chance.cross_entropy(y, pulled) > chance.cross_entropy(y, np.full(len(y), 0.2))
     verdict = chance.verdict(y, pulled, (1600, 400), weighted=True, ev=EV)
-    assert not verdict.at_chance and verdict.weighted and verdict.val_loss < verdict.baseline_loss
-    assert chance.verdict(y, pulled, (1600, 400), weighted=False, ev=EV).at_chance  # the unweighted view
+    assert not verdict.at_chance and verdict.weighted and verdict.val_loss > verdict.baseline_loss
+    assert verdict.val_loss_weighted < verdict.baseline_loss_weighted == pytest.approx(np.log(2))
+    unweighted = chance.verdict(y, pulled, (1600, 400), weighted=False, ev=EV)  # had it been trained unweighted
+    assert unweighted.at_chance and unweighted.reasons[0].startswith("val loss") and len(unweighted.reasons) == 1
+    calibrated = 1 / (1 + np.exp(-(1.2 * score - 0.72 + np.log(0.25))))  # the same ranking at the prevalence
+    assert not chance.verdict(y, calibrated, (1600, 400), weighted=True, ev=EV).at_chance
 
 
 def test_a_model_at_chance_is_said_so_at_the_top_of_every_file(tmp_path: Path) -> None:

@@ -253,7 +253,8 @@ def chance_metrics(ev: Evaluation) -> dict[str, Any] | None:
         return None
     auc = {"value": "val_auc", "low": "val_auc_low", "high": "val_auc_high"}
     return {"at_chance": bool(v.get("at_chance")), "weighted": bool(v.get("weighted")), "n_val": v.get("n_val"),
-            **{k: _round(v.get(k)) for k in ("val_loss", "baseline_loss", "train_prevalence")},
+            **{k: _round(v.get(k)) for k in ("val_loss", "baseline_loss", "val_loss_weighted",
+                                               "baseline_loss_weighted", "train_prevalence")},
             "val_auc": {k: _round(v.get(name)) for k, name in auc.items()}}
 
 
