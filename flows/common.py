@@ -149,10 +149,21 @@ def evaluation_outputs(project: Project) -> dict[str, Path]:
     return {name: out / name for name in ("metrics.json", "report.html", "summary.md")}
 
 
+def chance_warning(project: Project) -> str:
+    """'AT CHANCE: ...' when the evaluate stage found the trained model does not beat chance on val (its
+    verdict is stored with the threshold, models/<ds>/threshold.json), else ''."""
+    threshold = project.model_root / "threshold.json"
+    verdict = (read_json(threshold).get("chance") or {}) if threshold.exists() else {}
+    return f"AT CHANCE: {verdict.get('summary')}; it is never promoted" if verdict.get("at_chance") else ""
+
+
 def summary_markdown(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
                      title: str) -> str:
-    """The run's Markdown summary: stages (ran or cached), headline metrics, report link, champion."""
-    lines = [f"# {title}", "", f"Project `{project.root}`, dataset **{project.dataset}**.", "",
+    """The run's Markdown summary: a model at chance (first, loudly), stages (ran or cached), headline
+    metrics, report link, champion."""
+    warning = chance_warning(project)
+    lines = [f"# {title}", "", *([f"> **{warning}**", ""] if warning else []),
+             f"Project `{project.root}`, dataset **{project.dataset}**.", "",
              "| stage | result | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
               for r in results]

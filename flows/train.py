@@ -5,7 +5,9 @@
 (``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and dvc.lock stays true).
 Then it registers the trained model (the first one becomes champion; a later one must beat the champion,
 see ``medflow.lifecycle.retrain``) and posts two artifacts: a Markdown summary (stages, headline metrics,
-link to the HTML report, champion) and a table of quarantined files.
+link to the HTML report, champion) and a table of quarantined files. A model that does not beat chance on
+val (the evaluate stage's chance guard) is named first in the summary and in the run's state message, and
+is never promoted.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
 from flows import stages
-from flows.common import Project, challenge, open_project, post_quarantine, post_summary, stage_task
+from flows.common import (
+    Project,
+    challenge,
+    chance_warning,
+    open_project,
+    post_quarantine,
+    post_summary,
+    stage_task,
+)
 from medflow.lifecycle.retrain import Busy, dataset_lock
 
 log = logging.getLogger(__name__)
@@ -40,8 +51,12 @@ def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, A
 @flow(name=FLOW_NAME, flow_run_name="train-{dataset}", log_prints=True,
       description="Run the DVC pipeline (download ... train, evaluate) as Prefect tasks; promote a better model.")
 def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
-               on_busy: Literal["wait", "skip"] = "wait") -> dict[str, Any]:
-    """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory)."""
+               on_busy: Literal["wait", "skip"] = "wait") -> Any:
+    """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory).
+
+    Calling the flow returns the run's summary dict; a completed run ends in a Completed state carrying it,
+    whose message gives the decision, led by the chance warning when the model does not beat chance.
+    """
     logger = get_run_logger()
     project = open_project(project_dir, dataset)
     try:
@@ -58,8 +73,13 @@ def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
     ran = [r["stage"] for r in results if r["ran"]]
     logger.info("train %s: stages run %s, %d quarantined files; %s", dataset, ran or "none (all cached)",
                 n_rejects, decision.get("reason"))
-    return {"dataset": dataset, "status": "completed", "stages": results, "decision": decision,
-            "quarantined": n_rejects}
+    warning = chance_warning(project)
+    if warning:
+        logger.warning("train %s: %s", dataset, warning)
+    message = f"{warning + ' | ' if warning else ''}train {dataset}: {decision.get('reason')}"
+    return Completed(message=message, data={"dataset": dataset, "status": "completed", "stages": results,
+                                            "decision": decision, "quarantined": n_rejects,
+                                            "at_chance": bool(warning)})
 
 
 if __name__ == "__main__":  # pragma: no cover

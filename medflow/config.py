@@ -171,6 +171,8 @@ class SplitConfig(_Strict):
 class ValidateConfig(_Strict):
     split_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
     class_ratio_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.10
+    shortcut_auc_max: Annotated[float, Field(gt=0.5, le=1)] = 0.70  # metadata -> label AUC above this: warn/fail
+    fail_on_shortcut: bool = False  # true: a flagged shortcut check fails the validate step
 
 
 class AugmentConfig(_Strict):

@@ -1,7 +1,8 @@
 """The evaluate step (dvc.yaml stage ``evaluate``): the only place the test split is scored.
 
 1. scores the val split and chooses the operating threshold there (``evaluate.threshold_rule``), storing it
-   beside the model (``<model>/threshold.json``, read by ``medflow predict``);
+   beside the model (``<model>/threshold.json``, read by ``medflow predict``) with the chance verdict (does
+   the model beat always predicting the training prevalence on val? :mod:`medflow.evaluation.chance`);
 2. scores the test split once and assesses it (:func:`medflow.evaluation.assess.assess`: metrics with
    bootstrap CIs, curves, Grad-CAM);
 3. writes the report folder ``out`` (:func:`medflow.evaluation.report.write_all`: self-contained HTML,
@@ -46,9 +47,13 @@ def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejec
     trained = assess.load_trained(model)
     val = assess.score_split(model, images, split, "val", trained=trained, batch_size=ev.batch_size)
     threshold = assess.choose_threshold(val, ev)
+    verdict = assess.check_chance(trained, val, split, ev)
+    threshold["chance"] = verdict.as_dict()  # the model's val facts, with it wherever it goes (registry)
     write_json(model / THRESHOLD_FILE, threshold)
     log.info("evaluate: threshold %.4f (%s), val sensitivity %.3f specificity %.3f", threshold["threshold"],
              threshold["rule"], threshold["val"]["sensitivity"], threshold["val"]["specificity"])
+    (log.warning if verdict.at_chance else log.info)("evaluate: %s%s", "AT CHANCE: " if verdict.at_chance else "",
+                                                     verdict.summary())
     test = assess.score_split(model, images, split, "test", trained=trained, batch_size=ev.batch_size)
     evaluation = assess.assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on the test "
                                "split", cfg.dataset.name, f"test split of {split}", trained, test, threshold, ev,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import write_split_csv
 
@@ -21,6 +22,7 @@ from medflow.errors import StepError
 from medflow.io import read_json, sha256_file, write_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge
+from medflow.lifecycle.retrain import decide
 
 SIZE = 8
 N = 60  # images; every third is in the test split (20 test images, 10 per class)
@@ -41,12 +43,14 @@ def _cfg() -> Config:
                          "retrain": {"tolerance": 0.05, "bootstrap": 1000}})
 
 
-def _train(model_root: Path, slope: float) -> None:
-    """Write a trained model folder as the train stage does: model.keras and metadata.json."""
+def _train(model_root: Path, slope: float, bias: float | None = None) -> None:
+    """Write a trained model folder as the train stage does: model.keras and metadata.json (``slope`` 0: the
+    model outputs sigmoid(``bias``) whatever the image)."""
     inputs = keras.Input((SIZE, SIZE, 1))
     outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
     model = keras.Model(inputs, outputs)
-    model.layers[-1].set_weights([np.array([[slope]], dtype=np.float32), np.array([-125 * slope], dtype=np.float32)])
+    b = -125 * slope if bias is None else bias
+    model.layers[-1].set_weights([np.array([[slope]], dtype=np.float32), np.array([b], dtype=np.float32)])
     model_root.mkdir(parents=True, exist_ok=True)
     model.save(model_root / "model.keras")
     write_json(model_root / "metadata.json", {"input_shape": [SIZE, SIZE, 1],
@@ -89,9 +93,11 @@ def test_first_model_becomes_champion_and_a_rerun_decides_nothing(project: Proje
 def test_worse_challenger_is_not_promoted_and_better_one_is(project: Project) -> None:
     _train(project.model_root, slope=0.05)
     champion = _challenge(project)["challenger"]
-    _train(project.model_root, slope=-0.05)  # ranks every test image backwards
+    _train(project.model_root, slope=-0.05)  # ranks every image backwards: worse, and at chance on val
     worse = _challenge(project)
-    assert not worse["promote"] and "kept champion" in worse["reason"] and worse["champion"] == champion
+    assert not worse["promote"] and worse["champion"] == champion
+    assert worse["reason"].startswith("not promoted: the model does not beat chance on val")
+    assert worse["chance"]["at_chance"] and worse["chance"]["val_auc"] == 0.0
     assert worse["challenger_metrics"]["roc_auc"] == 0.0 and worse["champion_metrics"]["roc_auc"] == 1.0
     assert worse["difference"]["high"] < 0
     assert (registry.champion(project.model_root) or {}).get("version") == champion
@@ -137,3 +143,35 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
 def test_no_trained_model_is_an_error_naming_the_file(project: Project) -> None:
     with pytest.raises(StepError, match=f"{project.model_root / 'model.keras'}: no trained model"):
         _challenge(project)
+
+
+def test_a_model_that_outputs_the_prevalence_is_never_promoted(project: Project) -> None:
+    train = pd.read_csv(project.split).query("split == 'train'")["label"]
+    prevalence = float(train.mean())
+    _train(project.model_root, slope=0.0, bias=float(np.log(prevalence / (1 - prevalence))))
+    first = _challenge(project)  # no champion yet, and still not promoted
+    assert not first["promote"] and first["champion"] is None
+    assert first["reason"].startswith("not promoted: the model does not beat chance on val")
+    verdict = first["chance"]
+    assert verdict["at_chance"] and verdict["val_auc"] == 0.5 and len(verdict["reasons"]) == 2
+    assert verdict["train_prevalence"] == pytest.approx(prevalence)
+    assert registry.champion(project.model_root) is None
+    _train(project.model_root, slope=0.05)  # a learnt model: beats chance, becomes the first champion
+    learnt = _challenge(project)
+    assert learnt["promote"] and "no champion" in learnt["reason"] and not learnt["chance"]["at_chance"]
+    assert (registry.champion(project.model_root) or {}).get("version") == learnt["challenger"]
+
+
+def test_a_challenger_worse_beyond_tolerance_keeps_the_champion(project: Project) -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    p_old = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.1, 200), 0, 1)  # near perfect
+    p_new = np.clip(0.4 + 0.2 * y + rng.normal(0, 0.2, 200), 0, 1)  # learnt, but worse
+    beats = {"at_chance": False, "summary": "the model beats chance on val"}
+    d = decide(y, p_new, p_old, project.cfg.retrain, challenger="v2", champion="v1", chance=beats)
+    assert not d.promote and d.reason.startswith("kept champion") and d.chance == beats
+    same = decide(y, p_old, p_old, project.cfg.retrain, challenger="v2", champion="v1", chance=beats)
+    assert same.promote and same.reason.startswith("promoted")
+    refused = decide(y, p_old, p_old, project.cfg.retrain, challenger="v2", champion="v1",
+                     chance={"at_chance": True, "summary": "the model does not beat chance on val: ..."})
+    assert not refused.promote and refused.reason == "not promoted: the model does not beat chance on val: ..."

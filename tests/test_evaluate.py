@@ -198,6 +198,52 @@ def test_report_renders_in_headless_chromium(stage: Path, tmp_path: Path) -> Non
     assert (img < 200).any(axis=-1).mean() > 0.02, "the page is almost blank"
 
 
+# --- the chance guard ----------------------------------------------------------------------------------
+
+
+def test_the_learnt_model_beats_chance(stage: Path, trained: Trained) -> None:
+    verdict = read_json(trained.model / "threshold.json")["chance"]
+    assert not verdict["at_chance"] and verdict["val_loss"] < verdict["baseline_loss"] and verdict["val_auc_low"] > 0.5
+    assert verdict["weighted"] is True  # the default trains class-weighted, and the losses follow it
+    assert read_json(stage / "metrics.json")["chance"]["at_chance"] is False
+    assert "AT CHANCE" not in (stage / "report.html").read_text() + (stage / "model_card.md").read_text()
+
+
+def test_a_model_that_outputs_the_prevalence_is_flagged(trained: Trained, tmp_path: Path) -> None:
+    """A model folder like the train stage's whose network outputs the training prevalence for every image."""
+    import keras
+
+    folder = tmp_path / "constant"
+    shutil.copytree(trained.model, folder, ignore=shutil.ignore_patterns("checkpoints", "threshold.json"))
+    prevalence = float(pd.read_csv(trained.split).query("split == 'train'")["label"].mean())
+    inputs = keras.Input(tuple(read_json(folder / "metadata.json")["input_shape"]))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].set_weights([np.zeros((1, 1), np.float32), np.array([np.log(prevalence / (1 - prevalence))],
+                                                                          np.float32)])
+    model.save(folder / "model.keras")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--params", str(_params_file(tmp_path)), "--model", str(folder), "--images",
+                 str(trained.images), "--split", str(trained.split), "--out", str(out)]) == 0
+    m = read_json(out / "metrics.json")
+    assert m["chance"]["at_chance"] is True and m["chance"]["val_auc"]["value"] == 0.5
+    assert m["chance"]["train_prevalence"] == pytest.approx(prevalence)
+    stored = read_json(folder / "threshold.json")["chance"]
+    assert stored["at_chance"] and len(stored["reasons"]) == 2
+    page = (out / "report.html").read_text()
+    assert '<div class="banner" role="alert">AT CHANCE: the model does not beat chance on val' in page
+    for name in ("summary.md", "model_card.md"):
+        assert "> **AT CHANCE: the model does not beat chance on val" in (out / name).read_text(), name
+
+
+def _params_file(folder: Path) -> Path:
+    import yaml
+
+    params = folder / "params.yaml"
+    params.write_text(yaml.safe_dump(_params(folder)))
+    return params
+
+
 # --- Grad-CAM ------------------------------------------------------------------------------------------
 
 

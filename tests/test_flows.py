@@ -195,7 +195,7 @@ def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harn
 
     project = make_project(tmp_path / "project")
     inbox = project / "data/inbox/pneumonia/batch1"
-    generated_images(inbox)
+    generated_images(inbox, n_patients=60)  # a val split large enough to show the model beats chance
     kept = inbox / "PNEUMONIA" / "person1_bacteria_0.jpeg"
     (inbox / "PNEUMONIA" / "person900_bacteria_0.jpeg").write_bytes(kept.read_bytes()[:kept.stat().st_size * 6 // 10])
     (inbox / "PNEUMONIA" / "person901_bacteria_0.jpeg").write_bytes(kept.read_bytes())  # exact duplicate

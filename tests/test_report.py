@@ -12,12 +12,13 @@ import pytest
 
 from medflow.config import EvaluateConfig
 from medflow.evaluation import assess as evaluate
-from medflow.evaluation import report
+from medflow.evaluation import chance, report
 from medflow.evaluation.results import Evaluation, Scores
+from medflow.training.selection import cross_entropy
 
 
 def _evaluation(tmp_path: Path, n: int = 200, by: str = "image", confidence: float = 0.95,
-                class_names: tuple[str, str] = ("NORMAL", "PNEUMONIA")) -> Evaluation:
+                class_names: tuple[str, str] = ("NORMAL", "PNEUMONIA"), chance: dict | None = None) -> Evaluation:
     rng = np.random.default_rng(0)
     y = (np.arange(n) % 3 == 0).astype(np.int8)
     p = np.clip(0.5 * y + rng.normal(0.3, 0.2, n), 0, 1)
@@ -32,6 +33,8 @@ def _evaluation(tmp_path: Path, n: int = 200, by: str = "image", confidence: flo
                                                                                         range(n)]))
     ev = EvaluateConfig(bootstrap=1000, gradcam_examples=0, bootstrap_by=by, confidence=confidence)
     threshold = {"threshold": 0.45, "rule": "fixed", "chosen_on": "val", "how": "fixed in params"}
+    if chance is not None:
+        threshold["chance"] = chance
     out = evaluate.assess("toy", "toy", "test split", trained, scores, threshold, ev, np.zeros((n, 32, 32, 1)))
     out.data = {"counts": pd.DataFrame([{"split": "test", "images": n}]), "group_rule": "filename",
                 "rejects": pd.DataFrame([{"path": "a|b.png", "reason": "truncated", "detail": "<cut>"}]),
@@ -102,3 +105,97 @@ def test_the_template_ships_inside_the_package() -> None:
 
     folder = files("medflow.evaluation") / "templates"
     assert (folder / "report.html.j2").is_file() and (folder / "report.css").is_file()
+
+
+# --- the chance guard ------------------------------------------------------------------------------------
+
+EV = EvaluateConfig(bootstrap=1000)
+
+
+def _val(n: int = 120, prevalence: float = 0.25, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Val labels and the scores of a model that learnt something (AUC about 0.9, calibrated)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(np.int8)
+    logit = rng.normal(0, 1, n) + 1.8 * y + np.log(prevalence / (1 - prevalence)) - 0.8
+    return y, 1 / (1 + np.exp(-logit))
+
+
+def test_a_model_that_outputs_the_prevalence_is_at_chance() -> None:
+    y, _ = _val()
+    verdict = chance.verdict(y, np.full(len(y), 30 / 120), (90, 30), weighted=False, ev=EV)
+    assert verdict.at_chance and len(verdict.reasons) == 2  # no better loss, and AUC 0.5 exactly
+    assert verdict.val_auc == 0.5 and verdict.val_auc_low == verdict.val_auc_high == 0.5
+    assert verdict.train_prevalence == 0.25
+    assert verdict.val_loss == pytest.approx(verdict.baseline_loss)
+    assert verdict.summary().startswith("the model does not beat chance on val: val loss")
+    for constant in (0.25, 0.5):  # trained class-weighted: beats the prevalence in neither weighting
+        weighted = chance.verdict(y, np.full(len(y), constant), (90, 30), weighted=True, ev=EV)
+        assert weighted.at_chance and len(weighted.reasons) == 2, constant
+        # predicting 0.5, as Keras' val_loss weighs it (mean of w * loss): ln 2 times the mean val weight
+        assert weighted.baseline_loss_weighted == pytest.approx(np.log(2) * _mean_weight(y, (90, 30)))
+
+
+def _mean_weight(y: np.ndarray, train_counts: tuple[int, int]) -> float:
+    """Mean training class weight n / (2 n_c) over the val labels ``y``."""
+    neg, pos = train_counts
+    return float(np.mean(np.where(y == 1, (neg + pos) / (2 * pos), (neg + pos) / (2 * neg))))
+
+
+def test_a_learnt_model_beats_chance() -> None:
+    y, p = _val()
+    verdict = chance.verdict(y, p, (90, 30), weighted=False, ev=EV)
+    assert not verdict.at_chance and verdict.reasons == () and verdict.val_auc_low > 0.7
+    assert verdict.val_loss < verdict.baseline_loss
+    assert verdict.as_dict()["summary"].startswith("the model beats chance on val")
+    assert chance.verdict(y, 1 - p, (90, 30), weighted=False, ev=EV).at_chance  # ranks backwards: AUC < 0.5
+
+
+def test_a_class_weighted_model_is_judged_by_its_weighted_loss_too() -> None:
+    """Class weights pull probabilities towards 0.5: the unweighted loss then loses to the prevalence although
+    the model ranks well; the loss it was trained on says it beats a constant."""
+    rng = np.random.default_rng(2)
+    y = (rng.random(2000) < 0.2).astype(np.int8)
+    score = rng.normal(0, 1, len(y)) + 1.2 * y  # AUC about 0.8
+    pulled = 1 / (1 + np.exp(-(1.2 * score - 0.72)))  # the posterior at a prior of 0.5, as class weights train
+    assert cross_entropy(y, pulled) > cross_entropy(y, np.full(len(y), 0.2))
+    verdict = chance.verdict(y, pulled, (1600, 400), weighted=True, ev=EV)
+    assert not verdict.at_chance and verdict.weighted and verdict.val_loss > verdict.baseline_loss
+    baseline = np.log(2) * _mean_weight(y, (1600, 400))
+    assert verdict.val_loss_weighted < verdict.baseline_loss_weighted == pytest.approx(baseline)
+    unweighted = chance.verdict(y, pulled, (1600, 400), weighted=False, ev=EV)  # had it been trained unweighted
+    assert unweighted.at_chance and unweighted.reasons[0].startswith("val loss") and len(unweighted.reasons) == 1
+    calibrated = 1 / (1 + np.exp(-(1.2 * score - 0.72 + np.log(0.25))))  # the same ranking at the prevalence
+    assert not chance.verdict(y, calibrated, (1600, 400), weighted=True, ev=EV).at_chance
+
+
+def test_a_model_at_chance_is_said_so_at_the_top_of_every_file(tmp_path: Path) -> None:
+    y, _ = _val()
+    verdict = chance.verdict(y, np.full(len(y), 0.25), (90, 30), weighted=False, ev=EV).as_dict()
+    ev = _evaluation(tmp_path, chance=verdict)
+    files = _written(ev, tmp_path / "out")
+    page = files[report.REPORT]
+    banner = page.index('<div class="banner" role="alert">AT CHANCE: the model does not beat chance on val')
+    assert banner < page.index('<div class="meta">')  # first thing under the title
+    for name in (report.SUMMARY, report.MODEL_CARD):
+        assert files[name].splitlines()[2].startswith("> **AT CHANCE: the model does not beat chance on val"), name
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["chance"]["at_chance"] is True and m["chance"]["val_auc"] == {"value": 0.5, "low": 0.5, "high": 0.5}
+    assert m["chance"]["val_loss"] == pytest.approx(m["chance"]["baseline_loss"]) and m["chance"]["n_val"] == 120
+    assert all(not isinstance(v, str) for v in m["chance"].values())  # dvc metrics show: numbers and flags
+
+
+def test_a_learnt_model_gets_no_banner(tmp_path: Path) -> None:
+    y, p = _val()
+    ev = _evaluation(tmp_path, chance=chance.verdict(y, p, (90, 30), weighted=False, ev=EV).as_dict())
+    files = _written(ev, tmp_path / "out")
+    assert 'class="banner"' not in files[report.REPORT] and "AT CHANCE" not in "".join(files.values())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["chance"]["at_chance"] is False
+
+
+def test_a_flagged_shortcut_check_is_a_banner_too(tmp_path: Path) -> None:
+    ev = _evaluation(tmp_path)
+    ev.data["validation"]["shortcut"] = {"flagged": True, "message": "metadata alone predicts the label: AUC 0.907"}
+    files = _written(ev, tmp_path / "out")
+    assert '<div class="banner" role="alert">SHORTCUT IN THE DATA: metadata alone predicts' in files[report.REPORT]
+    assert "Shortcut check (file metadata alone against the label)" in files[report.REPORT]
+    assert "SHORTCUT IN THE DATA" in files[report.SUMMARY] and "AT CHANCE" not in files[report.REPORT]

@@ -13,6 +13,7 @@ import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_dataset
 
 from medflow.config import GROUP_RULES, Config, parse_config
 from medflow.data.expectations import (
@@ -25,6 +26,8 @@ from medflow.data.expectations import (
     target_shares,
     validate_tables,
 )
+from medflow.data.manifest import build_manifest
+from medflow.data.shortcuts import check_shortcuts, mode_facts
 from medflow.data.split import assign_splits
 from medflow.errors import StepError
 from medflow.io import read_csv, write_csv
@@ -276,3 +279,85 @@ def test_real_kermany_names_split_without_leaks_and_validate(tmp_path: Path) -> 
     assert summary["failed"] == 0
     assert re.search(r"# Validation PASSED", paths["summary"].read_text())
     assert read_csv(paths["split"])["row"].tolist() == list(range(len(split)))
+
+
+# ------------------------------------------------------------------------------------ shortcut check
+def _metadata_split(n: int = 200, seed: int = 3, leak: str | None = None) -> pd.DataFrame:
+    """A good split whose file metadata is drawn independently of the label, as in a well-made dataset;
+    ``leak`` names a column made to follow the label (format: positives PNG, negatives JPEG)."""
+    rng = np.random.default_rng(seed)
+    df = _good_split(n)
+    df["format"] = rng.choice(["PNG", "JPEG"], n)
+    df["mode"] = rng.choice(["L", "RGB", "RGBA"], n)
+    df["width"] = rng.integers(200, 900, n)
+    df["height"] = rng.integers(200, 900, n)
+    df["bytes"] = rng.integers(20_000, 400_000, n)
+    df["root"] = rng.choice(["data/inbox/t/a", "data/inbox/t/b"], n)
+    if leak == "format":
+        df["format"] = np.where(df["label"] == 1, "PNG", "JPEG")
+    return df
+
+
+def test_mode_facts_give_channels_and_bit_depth() -> None:
+    assert mode_facts("L") == (1, 8) and mode_facts("RGB") == (3, 8) and mode_facts("RGBA") == (4, 8)
+    assert mode_facts("I;16") == (1, 16) and mode_facts("1") == (1, 1) and mode_facts("LA") == (2, 8)
+    assert all(np.isnan(mode_facts(m)).all() for m in (None, "", "XYZ", float("nan")))
+
+
+def test_balanced_metadata_is_not_flagged(tmp_path: Path) -> None:
+    paths = _files(tmp_path, _metadata_split())
+    summary = run(_cfg(), **paths)
+    shortcut = summary["shortcut"]
+    assert shortcut["auc"] is not None and shortcut["auc"] < 0.62 and not shortcut["flagged"], shortcut
+    assert max(shortcut["feature_auc"].values()) < 0.62 and shortcut["folds"] == 5
+    md = paths["summary"].read_text()
+    assert md.startswith("# Validation PASSED") and "WARNING" not in md and "## Shortcut check" in md
+    result = json.loads(paths["result"].read_text())
+    assert result["success"] is True and result["shortcut"]["auc"] == shortcut["auc"]
+
+
+def test_a_label_that_follows_the_format_is_flagged_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = _files(tmp_path, _metadata_split(leak="format"))
+    with caplog.at_level("WARNING"):
+        summary = run(_cfg(), **paths)  # fail_on_shortcut defaults to false: a warning
+    shortcut = summary["shortcut"]
+    assert shortcut["flagged"] and not shortcut["failed"] and shortcut["auc"] > 0.95
+    assert shortcut["carriers"] == ["format"] and shortcut["feature_auc"]["format"] == 1.0
+    assert "SHORTCUT" in caplog.text and "format 1.00" in caplog.text
+    lines = paths["summary"].read_text().splitlines()
+    assert lines[0] == "# Validation PASSED" and lines[2].startswith("> **WARNING: shortcut in the data.**")
+    assert json.loads(paths["result"].read_text())["success"] is True
+
+
+def test_fail_on_shortcut_fails_naming_the_features(tmp_path: Path) -> None:
+    cfg = parse_config({**_cfg().model_dump(by_alias=True), "validate": {"fail_on_shortcut": True}})
+    message, result, md = _fails(tmp_path, _metadata_split(leak="format"), cfg=cfg)
+    assert "metadata alone predicts the label" in message and "features that carry it: format" in message
+    assert result["shortcut"]["failed"] and any(f.startswith("shortcut check:") for f in result["failed"])
+    assert md.startswith("# Validation FAILED (shortcut check)") and "validation FAILS" in md
+    off = parse_config({**cfg.model_dump(by_alias=True), "validate": {"fail_on_shortcut": True,
+                                                                      "shortcut_auc_max": 1.0}})
+    (tmp_path / "off").mkdir()
+    assert not run(off, **_files(tmp_path / "off", _metadata_split(leak="format")))["shortcut"]["flagged"]
+
+
+def test_shortcut_check_is_skipped_without_enough_groups() -> None:
+    df = _good_split(20).assign(split_group=lambda d: np.where(d["label"] == 1, "pos", d["split_group"]))
+    check = check_shortcuts(df)
+    assert check.auc is None and not check.flagged and "two groups per class" in check.skipped
+
+
+def test_real_covid_ct_metadata_predicts_the_label(tmp_path: Path) -> None:
+    """COVID-CT: 96 of 98 COVID images are PNG against 52 of 105 non-COVID (headers read, nothing decoded)."""
+    folder = shared_dataset("covid_ct")
+    cfg = parse_config({"dataset": {"name": "covid_ct", "labels": {"CT_NonCOVID": 0, "CT_COVID": 1},
+                                    "group_rule": "covid_ct"}, "resize": {"size": SIZE}})
+    manifest, _ = build_manifest([folder], cfg.dataset.labels, cfg.dataset.group_pattern, workers=2)
+    assert len(manifest) == 203
+    split = assign_splits(manifest.assign(phash="0" * 16, dup_group=manifest["sha256"]), cfg.split)
+    paths = _files(tmp_path, split)
+    shortcut = run(cfg, **paths)["shortcut"]
+    print(f"\ncovid_ct shortcut check: {shortcut['message']}; {shortcut['feature_auc']}")
+    assert shortcut["flagged"] and shortcut["auc"] > 0.80
+    assert {"format", "mode"} <= set(shortcut["carriers"]) and shortcut["feature_auc"]["format"] > 0.70
+    assert "WARNING: shortcut in the data" in paths["summary"].read_text()

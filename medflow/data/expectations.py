@@ -23,6 +23,10 @@ context (nothing written to disk by GX, no Data Docs, no analytics, no progress 
     n == number of manifest rows, shape (n, size, size, channels) with resize.size and dataset.channels,
     dtype uint8.
 
+Beside the suites, :func:`medflow.data.shortcuts.check_shortcuts` asks whether file metadata alone (format,
+mode, size, source folder) predicts the label; its AUC and verdict go into both files, flagged loudly at the
+top of the summary above ``validate.shortcut_auc_max`` (a failure where ``validate.fail_on_shortcut``).
+
 Failing rows are named by ``path`` (manifest), ``where`` (the group tables) or ``split`` (splits table).
 An expectation that raised an exception counts as failed, never as passed. Any failure stops the pipeline
 with a StepError that lists the failed expectations and offending rows, after the JSON result and the
@@ -55,6 +59,8 @@ from great_expectations.data_context.types.base import (  # noqa: E402
 from great_expectations.expectations.expectation import Expectation  # noqa: E402
 
 from medflow.config import Config  # noqa: E402
+from medflow.data import shortcuts  # noqa: E402
+from medflow.data.shortcuts import ShortcutCheck  # noqa: E402
 from medflow.schema import SPLIT_COLUMNS, SPLITS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -295,17 +301,25 @@ def _listed(o: Outcome) -> str:
     return ", ".join(o.offending[:MAX_LISTED]) + more
 
 
-def summary_markdown(outs: Sequence[Outcome], splits: pd.DataFrame, header: Mapping[str, Any]) -> str:
-    """Readable report: verdict, the per-split table, and one line per expectation."""
+def summary_markdown(outs: Sequence[Outcome], splits: pd.DataFrame, header: Mapping[str, Any],
+                     shortcut: ShortcutCheck | None = None) -> str:
+    """Readable report: verdict (a flagged shortcut check loudly under it), the per-split table, the shortcut
+    check and one line per expectation."""
     failed = [o for o in outs if not o.passed]
     verdict = "PASSED" if not failed else f"FAILED ({len(failed)} of {len(outs)} expectations)"
+    if shortcut is not None and shortcut.failed:
+        verdict = f"FAILED (shortcut check{'' if not failed else f'; {len(failed)} of {len(outs)} expectations'})"
     lines = [f"# Validation {verdict}", ""]
+    if shortcut is not None and shortcut.flagged:
+        lines += [shortcuts.banner(shortcut), ""]
     lines += [f"- {k}: {_cell(v)}" for k, v in header.items()]
     lines += ["", "## Splits", "", "| split | n | share | target | n_pos | n_neg | pos_share |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in splits.itertuples(index=False):
         lines.append(f"| {r.split} | {r.n} | {r.share:.3f} | {r.target:.3f} | {r.n_pos} | {r.n_neg} | "
                      f"{r.pos_share:.3f} |")
+    if shortcut is not None:
+        lines += ["", *shortcuts.markdown(shortcut)]
     lines += ["", "## Expectations", "", "| table | expectation | arguments | check | result | unexpected | "
               "offending rows / detail |", "|---|---|---|---|---|---:|---|"]
     for o in sorted(outs, key=lambda o: o.passed):  # failures first
@@ -348,9 +362,13 @@ def suite_tables(df: pd.DataFrame, shape: Sequence[int], dtype: np.dtype, cfg: C
     return tables
 
 
-def result_json(results: Mapping[str, Any], outs: Sequence[Outcome], seconds: float) -> dict[str, Any]:
-    """The validation result file: success, the failed expectations and every suite's GX result (strict JSON)."""
-    failed = [o for o in outs if not o.passed]
-    return _json_safe({"success": not failed, "seconds": seconds,
-                       "failed": [f"{o.table}: {o.expectation}({o.args})" for o in failed],
+def result_json(results: Mapping[str, Any], outs: Sequence[Outcome], seconds: float,
+                shortcut: ShortcutCheck | None = None) -> dict[str, Any]:
+    """The validation result file: success, the failed expectations (and a failed shortcut check), the
+    shortcut check and every suite's GX result (strict JSON)."""
+    failed = [f"{o.table}: {o.expectation}({o.args})" for o in outs if not o.passed]
+    if shortcut is not None and shortcut.failed:
+        failed.append(f"shortcut check: {shortcut.describe()}")
+    return _json_safe({"success": not failed, "seconds": seconds, "failed": failed,
+                       "shortcut": None if shortcut is None else shortcut.as_dict(),
                        "suites": {k: v.to_json_dict() for k, v in results.items()}})

@@ -3,6 +3,8 @@
 - :func:`load_trained` / :func:`score_split`: the model folder the train step wrote, and its probabilities on
   one split of ``images.npy`` (also used by the predict command and the champion/challenger flow);
 - :func:`choose_threshold`: the operating threshold, chosen on val scores (``evaluate.threshold_rule``);
+- :func:`check_chance`: whether the model beats always predicting the training prevalence on val (stored
+  with the threshold, shown at the top of the report; :mod:`medflow.evaluation.chance`);
 - :func:`assess`: every metric of :mod:`medflow.evaluation.metrics` with a stratified bootstrap CI, the
   confusion matrix, ROC / PR / reliability / threshold curves and Grad-CAM overlays of the most confident
   true and false positives and negatives, as one :class:`~medflow.evaluation.results.Evaluation`;
@@ -31,7 +33,8 @@ import pandas as pd
 from medflow.config import Config, EvaluateConfig
 from medflow.data.manifest import class_of, iter_images
 from medflow.errors import StepError
-from medflow.evaluation import gradcam, metrics, report
+from medflow.evaluation import chance, gradcam, metrics, report
+from medflow.evaluation.chance import ChanceVerdict
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging.decode import load_resized
 from medflow.io import n_workers, open_images, read_csv, read_json
@@ -233,6 +236,16 @@ def choose_threshold(val: Scores, ev: EvaluateConfig) -> dict[str, Any]:
                     "roc_auc": at["roc_auc"]}}
 
 
+def check_chance(trained: TrainedModel, val: Scores, split: Path | str, ev: EvaluateConfig) -> ChanceVerdict:
+    """Whether the model beats always predicting the training prevalence on ``val`` (the chance guard of
+    :mod:`medflow.evaluation.chance`): the train split's class counts from ``split``, the loss weighted as
+    the model was trained (its metadata's ``train.class_weights``), the AUC resampled by ``bootstrap_by``."""
+    labels = _split_frame(Path(split), "train")["label"].to_numpy()
+    weighted = bool(trained.metadata.get("params", {}).get("train", {}).get("class_weights", False))
+    return chance.verdict(val.y, val.p, (int((labels == 0).sum()), int((labels == 1).sum())), weighted=weighted,
+                          ev=ev, groups=val.patient if ev.bootstrap_by == "patient" else None)
+
+
 # --- data facts for the report -----------------------------------------------------------------------
 
 
@@ -259,7 +272,7 @@ def validation_summary(result: Mapping[str, Any], path: Path | str) -> dict[str,
     suites = result.get("suites", {})
     n = sum(len(s.get("results", [])) for s in suites.values())
     return {"success": bool(result.get("success")), "expectations": n, "failed": list(result.get("failed", [])),
-            "path": str(path)}
+            "path": str(path), "shortcut": result.get("shortcut")}
 
 
 # --- an external folder --------------------------------------------------------------------------------

@@ -260,6 +260,47 @@ def _reject_summary(ev: Evaluation) -> tuple[pd.DataFrame | None, dict[str, int]
     return rejects, rejects["reason"].value_counts().sort_index().to_dict()
 
 
+# --- warnings at the top ------------------------------------------------------------------------------------
+
+
+def chance_verdict(ev: Evaluation) -> dict[str, Any] | None:
+    """The chance guard's verdict on val (stored with the threshold by the evaluate stage), if there is one."""
+    verdict = ev.threshold.get("chance")
+    return verdict if isinstance(verdict, dict) else None
+
+
+def chance_metrics(ev: Evaluation) -> dict[str, Any] | None:
+    """The chance verdict's figures for metrics.json (numbers only: ``dvc metrics show`` prints every value;
+    the reasons are in threshold.json and the report)."""
+    v = chance_verdict(ev)
+    if v is None:
+        return None
+    auc = {"value": "val_auc", "low": "val_auc_low", "high": "val_auc_high"}
+    return {"at_chance": bool(v.get("at_chance")), "weighted": bool(v.get("weighted")), "n_val": v.get("n_val"),
+            **{k: _round(v.get(k)) for k in ("val_loss", "baseline_loss", "val_loss_weighted",
+                                               "baseline_loss_weighted", "train_prevalence")},
+            "val_auc": {k: _round(v.get(name)) for k, name in auc.items()}}
+
+
+def _round(v: Any) -> float | None:
+    return round(float(v), 6) if isinstance(v, int | float) else None
+
+
+def banners(ev: Evaluation) -> list[str]:
+    """What the report, the summary and the model card open with: a model that does not beat chance on val,
+    and a validation whose shortcut check was flagged."""
+    out = []
+    verdict = chance_verdict(ev)
+    if verdict and verdict.get("at_chance"):
+        out.append(f"AT CHANCE: {verdict['summary']}. Do not use this model: the figures below describe one that "
+                   "did not learn the task.")
+    shortcut = (ev.data.get("validation") or {}).get("shortcut") or {}
+    if shortcut.get("flagged"):
+        out.append(f"SHORTCUT IN THE DATA: {shortcut.get('message', '')} (validation). A model can score well by "
+                   "learning how the files were stored instead of what they show.")
+    return out
+
+
 # --- the model card ----------------------------------------------------------------------------------------
 
 
@@ -269,6 +310,7 @@ def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
     names = _class_names(ev)
     t = ev.threshold
     lines = [f"# Model card: {ev.dataset} / {_model_name(ev)}", ""]
+    lines += [line for text in banners(ev) for line in (f"> **{text}**", "")]
     lines += ["## Model details", "",
               f"- Architecture: `{_model_name(ev)}` (Keras {meta.get('versions', {}).get('keras', '?')}), input "
               f"{'x'.join(map(str, meta.get('input_shape', [])))} uint8, scaled inside the model.",
@@ -414,7 +456,7 @@ def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) 
     """The whole report as one HTML string (templates/report.html.j2; no external resources)."""
     history = figures.get("history")
     return _templates().get_template("report.html.j2").render(
-        title=ev.title, source=ev.source, n=len(ev.scores.y), n_positive=int(np.sum(ev.scores.y)),
+        title=ev.title, banners=banners(ev), source=ev.source, n=len(ev.scores.y), n_positive=int(np.sum(ev.scores.y)),
         generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), ci_label=_ci_label(ev),
         ci_level=ci_level(ev.confidence), headline=_headline(ev), threshold=_threshold_view(ev),
         metrics=_Table(metrics_header(ev), [list(r) for r in metrics_rows(ev)]), figures=_figures(ev, figures),
@@ -438,7 +480,7 @@ def markdown_html(text: str) -> str:
 def summary_markdown(ev: Evaluation) -> str:
     t = ev.threshold
     c = ev.confusion
-    lines = [f"# {ev.title}", "",
+    lines = [f"# {ev.title}", "", *[line for text in banners(ev) for line in (f"> **{text}**", "")],
              f"Test images: {len(ev.scores.y)} ({int(np.sum(ev.scores.y))} positive). {_ci_label(ev)}.", "",
              f"Operating threshold **{t['threshold']:.4f}** ({t.get('rule')}, chosen on "
              f"{t.get('chosen_on', 'val')}): {t.get('how', '')}.", "",
@@ -457,6 +499,7 @@ def metrics_json(ev: Evaluation) -> dict[str, Any]:
         "n": len(ev.scores.y), "n_positive": int(np.sum(ev.scores.y)),
         "test": {k: ev.intervals[k].as_dict() for k in METRICS},
         "confusion": c,
+        "chance": chance_metrics(ev),
         "bootstrap": {"resamples": ev.settings["bootstrap"], "by": ev.settings["bootstrap_by"],
                       "confidence": ev.settings["confidence"], "seed": ev.settings["seed"]},
     }

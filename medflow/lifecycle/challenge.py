@@ -8,8 +8,10 @@ see :mod:`medflow.lifecycle.registry` for its layout):
    registered and decided on (``versions/<id>/decision.json``): that decision is returned, not re-made.
 2. Otherwise it is registered as a version, and it and the champion are scored on the *same* test split
    (same images, same rows), each at its own operating threshold.
-3. :func:`medflow.lifecycle.retrain.decide` promotes it when there is no champion, or when the paired
-   bootstrap shows it is not worse beyond ``retrain.tolerance`` in test ROC AUC.
+3. :func:`medflow.lifecycle.retrain.decide` never promotes it when it does not beat chance on val (its val
+   split is scored and checked as the evaluate stage does, :mod:`medflow.evaluation.chance`); else it
+   promotes it when there is no champion, or when the paired bootstrap shows it is not worse beyond
+   ``retrain.tolerance`` in test ROC AUC.
 4. On promotion the champion pointer is replaced (atomically); then the decision is written.
 
 The pointer is written only in step 4, so a failure anywhere before it (a damaged model, images that do
@@ -44,10 +46,11 @@ def challenge(model_root: Path, images: Path, split: Path, cfg: Config, info: di
     """Decide whether the model trained into ``model_root`` replaces the champion; promote it if so.
 
     ``images`` and ``split`` are the train stage's images.npy and split.csv (its test rows are scored);
-    ``cfg`` gives ``retrain`` (tolerance, bootstrap) and ``evaluate.bootstrap_by`` (resample images or
-    patients); ``info`` is stored with a newly registered version (e.g. the flow's name). Returns the
-    decision as a dict (the fields of :class:`medflow.lifecycle.retrain.Decision`, or a short record
-    when there was nothing to decide). Raises StepError naming the file when a model or input is unusable.
+    ``cfg`` gives ``retrain`` (tolerance, bootstrap) and ``evaluate`` (``bootstrap_by``: resample images or
+    patients; the chance check's bootstrap); ``info`` is stored with a newly registered version (e.g. the
+    flow's name). Returns the decision as a dict (the fields of :class:`medflow.lifecycle.retrain.Decision`,
+    or a short record when there was nothing to decide). Raises StepError naming the file when a model or
+    input is unusable.
     """
     model_root = Path(model_root)
     previous = _previous_decision(model_root, _trained_digest(model_root), log)
@@ -56,12 +59,12 @@ def challenge(model_root: Path, images: Path, split: Path, cfg: Config, info: di
     version = registry.register(model_root, model_root, info)
     champion = registry.champion(model_root)
     champion_version = None if champion is None else str(champion["version"])
-    new = _score(model_root, version, images, split)
+    new, chance = _score_challenger(model_root, version, images, split, cfg)
     old = None if champion_version is None else _score(model_root, champion_version, images, split)
     decision = decide(new.y, new.p, None if old is None else old.p, cfg.retrain, challenger=version,
                       champion=champion_version, thresholds=_thresholds(model_root, version, champion_version),
-                      groups=new.patient if cfg.evaluate.bootstrap_by == "patient" else None)
-    log.info("%s", decision.reason)
+                      groups=new.patient if cfg.evaluate.bootstrap_by == "patient" else None, chance=chance)
+    (log.warning if decision.chance.get("at_chance") else log.info)("%s", decision.reason)
     if decision.promote:
         registry.promote(model_root, version, {"reason": decision.reason, "metrics": decision.challenger_metrics})
     write_decision(registry.versions_dir(model_root) / version / DECISION_FILE, decision)
@@ -94,6 +97,18 @@ def _previous_decision(model_root: Path, digest: str, log: Logger) -> dict[str, 
         return None  # registered by a run that failed before deciding: decide now
     log.info("model already registered as %s and decided on", known)
     return dict(read_json(path))
+
+
+def _score_challenger(model_root: Path, version: str, images: Path, split: Path,
+                      cfg: Config) -> tuple[Scores, dict[str, Any]]:
+    """Test-split scores of the challenger and its chance verdict on val (the evaluate stage's own check)."""
+    from medflow.evaluation.assess import check_chance, load_trained, score_split
+
+    folder = registry.versions_dir(model_root) / version
+    trained = load_trained(folder)
+    val = score_split(folder, images, split, "val", trained=trained)
+    return score_split(folder, images, split, "test", trained=trained), check_chance(trained, val, split,
+                                                                                      cfg.evaluate).as_dict()
 
 
 def _score(model_root: Path, version: str, images: Path, split: Path) -> Scores:

@@ -3,7 +3,8 @@
 - :func:`source_fingerprint`: what the pipeline reads as its source (the ``dataset.sources`` params and the
   name, size and modification time of every file in ``data/inbox/<ds>/``). Unchanged fingerprint = nothing
   new to train on; it is a stat walk, so the check takes milliseconds even for large inboxes.
-- :func:`decide`: promote a challenger only when it is *not worse* than the champion beyond
+- :func:`decide`: never promote a challenger that does not beat chance on val (the chance guard); else
+  promote it only when it is *not worse* than the champion beyond
   ``retrain.tolerance`` in test ROC AUC, shown by a paired bootstrap on the same test images: the lower
   bound of the interval of AUC(challenger) - AUC(champion) must be >= -tolerance (non-inferiority). A small
   test split gives a wide interval, and then even a good challenger is kept out: the champion only changes
@@ -24,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ class Decision:
     difference: dict[str, float] = field(default_factory=dict)  # AUC new - old: point, low, high, p_worse
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    chance: dict[str, Any] = field(default_factory=dict)  # the challenger's chance verdict on val, if checked
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,9 +122,22 @@ def headline_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> di
 
 def decide(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray | None, cfg: RetrainConfig, *, challenger: str,
            champion: str | None, thresholds: tuple[float, float] = (0.5, 0.5),
-           groups: np.ndarray | None = None) -> Decision:
-    """Promote ``challenger`` iff there is no champion, or the paired-bootstrap lower bound of
-    AUC(new) - AUC(old) on the same test images is >= -tolerance."""
+           groups: np.ndarray | None = None, chance: dict[str, Any] | None = None) -> Decision:
+    """Promote ``challenger`` iff it beats chance on val (``chance``, the verdict of
+    :mod:`medflow.evaluation.chance`) and there is no champion, or the paired-bootstrap lower bound of
+    AUC(new) - AUC(old) on the same test images is >= -tolerance. A model at chance is never promoted,
+    even where there is no champion: no model is better than a useless one."""
+    decision = _compare(y, p_new, p_old, cfg, challenger=challenger, champion=champion, thresholds=thresholds,
+                        groups=groups)
+    if chance and chance.get("at_chance"):
+        return replace(decision, promote=False, reason=f"not promoted: {chance.get('summary', 'at chance on val')}",
+                       chance=chance)
+    return replace(decision, chance=chance or {})
+
+
+def _compare(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray | None, cfg: RetrainConfig, *, challenger: str,
+             champion: str | None, thresholds: tuple[float, float], groups: np.ndarray | None) -> Decision:
+    """The champion/challenger comparison alone (see :func:`decide`)."""
     new_metrics = headline_metrics(y, p_new, thresholds[0])
     if p_old is None or champion is None:
         return Decision(True, "no champion yet: the first model becomes champion", challenger, None,

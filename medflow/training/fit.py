@@ -450,7 +450,31 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
         model.load_weights(checkpoints / "best.weights.h5")
     log.info("train: best %s %s at epoch %d of %d run (%.0f s)", state.monitor, _fmt(state.best_value),
              state.best_epoch + 1, state.epoch + 1, seconds)
+    _log_chance(history, state.best_epoch + 1, data.class_counts("train"), data.class_counts("val"),
+                train_class_weights(cfg, data))
     return TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
+
+
+def _log_chance(history: list[dict[str, float]], best_epoch: int, train: tuple[int, int], val: tuple[int, int],
+                class_weight: dict[int, float] | None) -> None:
+    """Say whether the kept epoch's val_loss beats always predicting the training prevalence, in val_loss's own
+    weighting (the training class weights; selection.cross_entropy). The evaluate stage's chance guard
+    (medflow.evaluation.chance) gives the verdict on the model's val predictions."""
+    row = next((r for r in history if int(r.get("epoch", 0)) == best_epoch and "val_loss" in r), None)
+    if row is None or 0 in train:
+        return
+    q = train[1] / sum(train)
+    w0, w1 = (class_weight[0], class_weight[1]) if class_weight else (1.0, 1.0)
+    constant = w1 * q / (w1 * q + w0 * (1 - q))  # the prevalence as the weighting counts it (0.5 when balanced)
+    y = np.repeat([0.0, 1.0], val)
+    baseline = selection.cross_entropy(y, np.full(len(y), constant), class_weight)
+    weighting = "class-weighted as trained" if class_weight else "unweighted"
+    if row["val_loss"] < baseline:
+        log.info("train: val_loss %.4f beats %.4f (%s), always predicting the training prevalence %.3f",
+                 row["val_loss"], baseline, weighting, q)
+        return
+    log.warning("train: AT CHANCE? val_loss %.4f is no better than %.4f (%s), the loss of always predicting the "
+                "training prevalence %.3f: the model has not learnt the task", row["val_loss"], baseline, weighting, q)
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
