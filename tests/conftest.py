@@ -67,12 +67,26 @@ def _slow(item: pytest.Item) -> bool:
     return bool(item.get_closest_marker("integration") or item.get_closest_marker("slow"))
 
 
+# The longest end-to-end files (3-5 min each on the 2-core VM), run first: a worker that starts one late
+# would run alone at the end.
+LONGEST_FIRST = ("test_prefect_server.py", "test_pipeline.py", "test_flows.py")
+
+
+def _order(item: pytest.Item) -> tuple[int, int]:
+    if not _slow(item):
+        return (1, 0)
+    name = item.path.name
+    return (0, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Integration and slow tests run first, so that pytest-xdist's workers share them out and fill the gaps
-    with the quick unit tier, instead of one worker starting a long test at the end. They also get a larger
-    timeout than the unit tier's (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``.
-    The order is deterministic (every xdist worker must collect the same list)."""
-    items.sort(key=lambda item: not _slow(item))  # stable: file order within each tier
+    """The longest tests first, then the other integration and slow tests, then the unit tier. pytest-xdist's
+    work-stealing scheduler (pyproject: ``--dist worksteal``) splits the list between the workers, and an
+    idle worker takes tests from the end of a busy one's queue, so the quick unit tier fills the gaps instead
+    of one worker starting a long test at the end. Slow tests also get a larger timeout than the unit tier's
+    (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``. The order is deterministic
+    (every xdist worker must collect the same list)."""
+    items.sort(key=_order)  # stable: file order within each rank
     for item in items:
         if _slow(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
