@@ -48,13 +48,23 @@ def _warn_skipped(skipped: dict[str, int], cfg: Config) -> None:
                     skipped["group_rule_fallback"], cfg.dataset.group_rule)
 
 
+def _no_images(roots: list[Path], cfg: Config) -> str:
+    """Why no image was indexed: class folders dropped straight into the inbox (each became a root of its
+    own, with no class folder below it), or labels that name no folder."""
+    found = f"no images of classes {sorted(cfg.dataset.labels)} found under {', '.join(map(str, roots))}"
+    loose = [r for r in roots if r.name in cfg.dataset.labels]
+    if loose:
+        return (f"{found}: {loose[0]} is itself a class folder; every inbox entry is one source with class "
+                f"folders inside it, so put them in one folder ({loose[0].parent / 'mydata' / loose[0].name}/...)")
+    return f"{found} (check dataset.labels in the dataset's catalog file)"
+
+
 def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
     """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary."""
     roots = _read_roots(roots_json)
     df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern, rule=cfg.dataset.group_rule)
     if df.empty:
-        raise StepError(f"no images of classes {sorted(cfg.dataset.labels)} found under "
-                        f"{', '.join(map(str, roots))} (check dataset.labels in params.yaml)")
+        raise StepError(_no_images(roots, cfg))
     _warn_skipped(skipped, cfg)
     write_csv(out, df)
     summary = _summary(df, skipped)

@@ -130,6 +130,19 @@ def test_no_images_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "m.csv").exists()
 
 
+def test_class_folders_dropped_straight_into_the_inbox_are_named(tmp_path: Path) -> None:
+    """Each inbox entry is a source with class folders inside; class folders dropped loose become roots of
+    their own, with nothing to index: the error says which one, and where it should go."""
+    inbox = tmp_path / "inbox"
+    _img(inbox / "NORMAL" / "IM-0001-0001.jpeg", 10)
+    _img(inbox / "PNEUMONIA" / "person1_bacteria_1.jpeg", 200)
+    roots = [{"root": str(inbox / c), "source": str(inbox / c), "kind": "folder"} for c in ("NORMAL", "PNEUMONIA")]
+    write_json(tmp_path / "r.json", roots)
+    with pytest.raises(StepError, match=re.escape(f"{inbox / 'NORMAL'} is itself a class folder")):
+        run(_cfg(tmp_path), roots_json=tmp_path / "r.json", out=tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
 def test_missing_roots_file(tmp_path: Path) -> None:
     with pytest.raises(StepError, match="r.json: not found"):
         run(_cfg(tmp_path), roots_json=tmp_path / "r.json", out=tmp_path / "m.csv")
