@@ -31,7 +31,7 @@ import numpy as np
 from medflow.config import EvaluateConfig
 from medflow.evaluation.metrics import bootstrap, check_inputs
 from medflow.training.fit import class_weights
-from medflow.training.selection import cross_entropy
+from medflow.training.selection import cross_entropy, prevalence_loss
 
 TOLERANCE = 1e-6  # a val loss must be lower than the baseline by more than this (float noise)
 
@@ -82,10 +82,8 @@ def _losses(y: np.ndarray, p: np.ndarray, prevalence: float,
             weights: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
     """(model loss, loss of always predicting the training prevalence), classes weighted (w0, w1); the
     constant is the prevalence as that weighting counts it (0.5 with the training's weights)."""
-    w0, w1 = weights
-    constant = w1 * prevalence / (w1 * prevalence + w0 * (1 - prevalence))
-    cw = {0: w0, 1: w1}  # the losses as Keras' val_loss (medflow.training.selection: mean of w * cross-entropy)
-    return cross_entropy(y, p, cw), cross_entropy(y, np.full(len(y), constant), cw)
+    cw = {0: weights[0], 1: weights[1]}  # as Keras' val_loss (medflow.training.selection: mean of w * loss)
+    return cross_entropy(y, p, cw), prevalence_loss(y, prevalence, cw)
 
 
 def verdict(y: np.ndarray, p: np.ndarray, train_counts: tuple[int, int], *, weighted: bool, ev: EvaluateConfig,

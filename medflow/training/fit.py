@@ -464,10 +464,7 @@ def _log_chance(history: list[dict[str, float]], best_epoch: int, train: tuple[i
     if row is None or 0 in train:
         return
     q = train[1] / sum(train)
-    w0, w1 = (class_weight[0], class_weight[1]) if class_weight else (1.0, 1.0)
-    constant = w1 * q / (w1 * q + w0 * (1 - q))  # the prevalence as the weighting counts it (0.5 when balanced)
-    y = np.repeat([0.0, 1.0], val)
-    baseline = selection.cross_entropy(y, np.full(len(y), constant), class_weight)
+    baseline = selection.prevalence_loss(np.repeat([0.0, 1.0], val), q, class_weight)
     weighting = "class-weighted as trained" if class_weight else "unweighted"
     if row["val_loss"] < baseline:
         log.info("train: val_loss %.4f beats %.4f (%s), always predicting the training prevalence %.3f",

@@ -76,3 +76,11 @@ def cross_entropy(y: np.ndarray, p: np.ndarray, class_weight: dict[int, float] |
     p = np.clip(np.asarray(p, dtype=np.float64).reshape(-1), _EPS, 1 - _EPS)
     per_example = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     return float(np.mean(sample_weights(y, class_weight) * per_example))
+
+
+def prevalence_loss(y: np.ndarray, prevalence: float, class_weight: dict[int, float] | None = None) -> float:
+    """:func:`cross_entropy` of always predicting the training ``prevalence``, as the weighting counts it
+    (0.5 with the balancing class weights ``n / (2 n_c)``): the loss a model must beat to have learnt anything."""
+    w0, w1 = (class_weight[0], class_weight[1]) if class_weight else (1.0, 1.0)
+    constant = w1 * prevalence / (w1 * prevalence + w0 * (1 - prevalence))
+    return cross_entropy(y, np.full(len(np.asarray(y).reshape(-1)), constant), class_weight)
