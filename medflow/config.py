@@ -183,6 +183,10 @@ class AugmentConfig(_Strict):
     translate: Annotated[float, Field(ge=0, lt=1)] = 0.1
     brightness: Annotated[float, Field(ge=0, le=1)] = 0.1
     contrast: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # acquisition shift (another scanner, exposure or encoder): Gaussian blur up to this sigma (px), and
+    # additive Gaussian noise of this standard deviation, as a fraction of the 0..255 range
+    blur_sigma: Annotated[float, Field(ge=0, le=5)] = 0.0
+    noise: Annotated[float, Field(ge=0, le=0.2)] = 0.0
 
 
 class TrainConfig(_Strict):
@@ -206,6 +210,9 @@ class TrainConfig(_Strict):
     # val_loss = the training objective on val (class-weighted like training) | val_auc | val_pr_auc
     select_on: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     output_bias: bool = True  # initialise the output bias to log(pos / neg)
+    # own CNNs' input scaling: scale = x / 255 | per_image = each image to zero mean and unit variance
+    # (LayerNormalization over height, width and channels), which removes exposure and contrast differences
+    normalize: Literal["scale", "per_image"] = "scale"
     augment: AugmentConfig = AugmentConfig()
     mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"
     jit_compile: bool = False  # XLA
@@ -218,6 +225,9 @@ class TrainConfig(_Strict):
             raise ValueError("fine_tune: last_n needs fine_tune_layers > 0")
         if self.model in ("tutorial_cnn", "medflow_cnn") and self.weights == "imagenet":
             raise ValueError(f"weights: imagenet needs a keras.applications backbone, not {self.model}")
+        if self.normalize != "scale" and self.model not in ("tutorial_cnn", "medflow_cnn"):
+            raise ValueError(f"normalize: {self.normalize} is for medflow's own CNNs; {self.model} takes its "
+                             "pretrained weights' own preprocessing")
         return self
 
 

@@ -194,6 +194,20 @@ def test_inference_is_deterministic_and_skips_augmentation(medflow: keras.Model)
     np.testing.assert_allclose(first, np.asarray(medflow(x, training=False)), rtol=1e-5, atol=1e-6)
 
 
+
+def test_acquisition_shift_augmentation_blurs_and_adds_noise_only_in_training() -> None:
+    cfg = NO_AUGMENT.model_copy(update={"blur_sigma": 1.5, "noise": 0.05})
+    aug = augmentation(cfg, False, 3)
+    assert [layer.name for layer in aug.layers] == ["blur", "noise"]
+    assert aug.get_layer("blur").kernel_size == (7, 7)  # covers 2 sigma either side
+    flat = np.full((2, 16, 16, 1), 128.0, dtype="float32")
+    noisy = np.asarray(augmentation(NO_AUGMENT.model_copy(update={"noise": 0.05}), False, 3)(flat, training=True))
+    assert noisy.std() == pytest.approx(0.05 * 255, rel=0.15)  # a fraction of the 0..255 range
+    x = _images(2, (16, 16, 1)).astype("float32")
+    blurred = np.asarray(augmentation(NO_AUGMENT.model_copy(update={"blur_sigma": 1.5}), False, 3)(x, training=True))
+    assert np.abs(np.diff(blurred, axis=1)).mean() < np.abs(np.diff(x, axis=1)).mean()  # smoother
+    np.testing.assert_allclose(np.asarray(aug(x, training=False)), x, atol=1e-3)
+
 # --- preprocessing ------------------------------------------------------------------------------
 
 
@@ -223,6 +237,23 @@ def test_gray_preprocessing_equals_rgb_preprocessing_of_the_repeated_channel(nam
     gray = _images(2, (8, 8, 1), seed=2).astype("float32")
     expected = _KERAS_PREPROCESS[name](np.repeat(gray, 3, axis=-1))
     np.testing.assert_allclose(np.asarray(_preprocessor(name, 1)(gray)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_per_image_normalization_gives_each_image_zero_mean_and_unit_variance(tmp_path: Path) -> None:
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, preprocess(inputs, "medflow_cnn", "per_image"))
+    dim = _images(1, (8, 8, 1), seed=4).astype("float32") * 0.5
+    x = np.concatenate([dim, dim * 1.5 + 40])  # the same image at another exposure and contrast
+    out = np.asarray(model(x))
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1, atol=0.02)
+    np.testing.assert_allclose(out[0], out[1], atol=0.02)  # exposure and contrast are gone
+    _check_save_and_load(model, tmp_path / "per_image.keras")
+
+
+def test_per_image_normalization_is_refused_for_pretrained_backbones() -> None:
+    with pytest.raises(ValueError, match="normalize: per_image is for medflow's own CNNs"):
+        TrainConfig(model=FAST_BACKBONE, normalize="per_image")
 
 
 @pytest.mark.parametrize("name", ["tutorial_cnn", "medflow_cnn"])

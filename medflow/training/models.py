@@ -115,22 +115,40 @@ def augmentation(cfg: AugmentConfig, allow_flips: bool, seed: int) -> keras.Sequ
             cfg.brightness, value_range=(0, 255), seed=s, dtype="float32", name="brightness")),
         (cfg.contrast > 0, lambda s: layers.RandomContrast(
             cfg.contrast, value_range=(0, 255), seed=s, dtype="float32", name="contrast")),
+        (cfg.blur_sigma > 0, lambda s: layers.RandomGaussianBlur(
+            1.0, kernel_size=2 * math.ceil(2 * cfg.blur_sigma) + 1, sigma=(0.0, cfg.blur_sigma),
+            value_range=(0, 255), seed=s, dtype="float32", name="blur")),
+        (cfg.noise > 0, lambda s: _noise(cfg.noise, s)),
     ]
     chosen = [make(seed + i) for i, (wanted, make) in enumerate(makers) if wanted]
     return keras.Sequential(chosen, name="augmentation")
 
 
-def preprocess(x: Any, model_name: str) -> Any:
+def _noise(fraction: float, seed: int) -> keras.Sequential:
+    """Additive Gaussian noise of ``fraction`` of the 0..255 range (GaussianNoise takes a stddev of at most 1,
+    so it runs between a rescale to 0..1 and back)."""
+    return keras.Sequential([layers.Rescaling(1.0 / 255, dtype="float32"),
+                             layers.GaussianNoise(fraction, seed=seed, dtype="float32"),
+                             layers.Rescaling(255.0, dtype="float32")], name="noise")
+
+
+def preprocess(x: Any, model_name: str, normalize: str = "scale") -> Any:
     """Apply ``model_name``'s deterministic preprocessing to a symbolic image tensor (values 0..255).
 
-    Own CNNs: Rescaling(1/255). Backbones: one-channel input is repeated to three channels
+    Own CNNs: Rescaling(1/255), then with ``normalize="per_image"`` each image to zero mean and unit
+    variance over height, width and channels (a LayerNormalization without learnt scale or offset:
+    ``tf.image.per_image_standardization`` as a built-in, serialisable layer). Backbones: one-channel input is repeated to three channels
     (Concatenate, serialisable, no Lambda), then ``keras.applications.<family>.preprocess_input``
     reproduced with built-in layers (see ``BACKBONES``), so it is saved in the .keras file and runs
     on every backend. The caffe mode's RGB->BGR swap is a frozen 1x1 convolution for three-channel
     input; for repeated grey channels it is a no-op and a per-channel Rescaling suffices.
     """
     if model_name in OWN_MODELS:
-        return layers.Rescaling(1.0 / 255, dtype="float32", name="rescale")(x)
+        x = layers.Rescaling(1.0 / 255, dtype="float32", name="rescale")(x)
+        if normalize == "per_image":
+            x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-4,
+                                          dtype="float32", name="per_image")(x)
+        return x
     mode = _backbone_spec(model_name).preprocess
     gray = x.shape[-1] == 1
     if gray:
@@ -183,7 +201,7 @@ def build_model(
     augment = augmentation(train.augment, allow_flips, train.seed)
     if augment.layers:
         x = augment(x)
-    x = preprocess(x, train.model)
+    x = preprocess(x, train.model, train.normalize)
     if train.model == "tutorial_cnn":
         x = _tutorial_cnn(x)
     elif train.model == "medflow_cnn":
