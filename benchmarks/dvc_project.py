@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # What `dvc repro` reads: the pipeline, its params, the step code it hashes, DVC's config, the inbox folder.
 FILES = ["dvc.yaml", "params.yaml", "datasets", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
-         ".dvc/.gitignore", "data/inbox"]
+         ".dvc/.gitignore", "data/inbox", "data/external"]
 BIN = Path(sys.executable).parent  # this environment's `dvc` and `medflow`
 DVC = str(BIN / "dvc")
 

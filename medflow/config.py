@@ -244,6 +244,9 @@ class EvaluateConfig(_Strict):
     gradcam_examples: Annotated[int, Field(ge=0, le=16)] = 2  # Grad-CAM overlays per outcome (TP, FP, TN, FN)
     batch_size: Annotated[int, Field(ge=1)] = 64
     seed: int = 42
+    # external validation sets: folders of class folders, or archives of them (relative to the project folder),
+    # scored by the evaluate stage at the val-chosen threshold; never used for training, selection or thresholds
+    external: list[str] = []
 
 
 class RetrainConfig(_Strict):

@@ -27,6 +27,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 SHIPPED = ("params.yaml", "datasets")  # the checkout's shared params and dataset catalog
+# What a scratch checkout of the pipeline needs besides SHIPPED: the pipeline, the step code it hashes, DVC's
+# config, and the inbox and external-set folders (with their .gitkeep files).
+PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
+                 ".dvc/.gitignore", "data/inbox", "data/external"]
 
 
 def copy_shipped(dest: Path, paths: Sequence[str] = SHIPPED) -> Path:

@@ -140,7 +140,8 @@ def test_threshold_is_chosen_on_val(stage: Path, trained: Trained) -> None:
 
 
 def test_metrics_json_matches_the_predictions(stage: Path, trained: Trained) -> None:
-    m = read_json(stage / "metrics.json")
+    m = read_json(stage / "details.json")
+    assert read_json(stage / "metrics.json")["test"]["roc_auc"] == m["test"]["roc_auc"]
     preds = pd.read_csv(stage / "predictions.csv")
     n_test = int((pd.read_csv(trained.split)["split"] == "test").sum())
     assert len(preds) == m["n"] == n_test
@@ -205,7 +206,7 @@ def test_the_learnt_model_beats_chance(stage: Path, trained: Trained) -> None:
     verdict = read_json(trained.model / "threshold.json")["chance"]
     assert not verdict["at_chance"] and verdict["val_loss"] < verdict["baseline_loss"] and verdict["val_auc_low"] > 0.5
     assert verdict["weighted"] is True  # the default trains class-weighted, and the losses follow it
-    assert read_json(stage / "metrics.json")["chance"]["at_chance"] is False
+    assert read_json(stage / "metrics.json")["at_chance"] is False
     assert "AT CHANCE" not in (stage / "report.html").read_text() + (stage / "model_card.md").read_text()
 
 
@@ -225,7 +226,8 @@ def test_a_model_that_outputs_the_prevalence_is_flagged(trained: Trained, tmp_pa
     out = tmp_path / "report"
     assert main(["evaluate", "--params", str(_params_file(tmp_path)), "--model", str(folder), "--images",
                  str(trained.images), "--split", str(trained.split), "--out", str(out)]) == 0
-    m = read_json(out / "metrics.json")
+    assert read_json(out / "metrics.json")["at_chance"] is True
+    m = read_json(out / "details.json")
     assert m["chance"]["at_chance"] is True and m["chance"]["val_auc"]["value"] == 0.5
     assert m["chance"]["train_prevalence"] == pytest.approx(prevalence)
     stored = read_json(folder / "threshold.json")["chance"]
@@ -323,8 +325,9 @@ def test_predict_archives_and_globs(trained: Trained, tmp_path: Path) -> None:
         f"{tmp_path / 'batch.tar.gz'}!scans/{src[0].name}"]
 
 
-def test_predict_errors_name_the_input(trained: Trained, tmp_path: Path,
+def test_predict_errors_name_the_input(stage: Path, trained: Trained, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``stage``: the evaluate stage has stored the threshold, so each error below is about the input."""
     assert main(["predict", str(tmp_path / "nowhere"), "--model", str(trained.model)]) == 2
     assert "nowhere: no such file or folder" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "*.png"), "--model", str(trained.model)]) == 2
@@ -396,3 +399,73 @@ def test_predict_defaults_to_the_champion(stage: Path, trained: Trained, tmp_pat
     assert main(["predict", str(trained.files[0]), "--model", str(latest), "--no-progress"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split(",")
     assert float(row[predict.COLUMNS.index("threshold")]) == 0.999
+
+
+# --- external validation in the evaluate stage (evaluate.external) -------------------------------------
+
+
+def _stage_with_external(trained: Trained, tmp_path: Path, external: list[str]) -> tuple[int, Path]:
+    import yaml
+
+    params = _params(tmp_path)
+    params["evaluate"] = {**params["evaluate"], "external": external}  # type: ignore[dict-item]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    model = tmp_path / "model"
+    shutil.copytree(trained.model, model, ignore=shutil.ignore_patterns("checkpoints"))
+    out = tmp_path / "report"
+    code = main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--model", str(model), "--images",
+                 str(trained.images), "--split", str(trained.split), "--out", str(out)])
+    return code, out
+
+
+def test_the_stage_scores_external_sets_beside_the_test_split(stage: Path, trained: Trained, tmp_path: Path) -> None:
+    later = tmp_path / "later_collection"
+    write_images(later, 40, seed=7)
+    split = pd.read_csv(trained.split)
+    for path in split.loc[split["split"] == "train", "path"].head(3):  # 3 images of training patients
+        shutil.copy(path, later / Path(path).parent.name / Path(path).name)
+    other = tmp_path / "other"
+    write_images(other / "hospital_b", 20, seed=8)
+    with zipfile.ZipFile(tmp_path / "hospital_b.zip", "w") as zf:
+        for f in sorted((other / "hospital_b").rglob("*.png")):
+            zf.write(f, f"hospital_b/{f.relative_to(other / 'hospital_b')}")
+    code, out = _stage_with_external(trained, tmp_path, [str(later), str(tmp_path / "hospital_b.zip")])
+    assert code == 0
+    m, details = read_json(out / "metrics.json"), read_json(out / "details.json")
+    assert set(m["external"]) == {"later_collection", "hospital_b"}
+    # the threshold is the one chosen on val, whatever the external sets are
+    assert read_json(tmp_path / "model" / "threshold.json")["threshold"] == pytest.approx(
+        read_json(stage / "metrics.json")["threshold"])
+    later_m = m["external"]["later_collection"]
+    assert later_m["n"] == 43 and later_m["train_patient_images"] == 3
+    assert later_m["auc_gap"] == pytest.approx(later_m["roc_auc"]["value"] - m["test"]["roc_auc"]["value"], abs=1e-5)
+    assert later_m["unseen_roc_auc"]["value"] is not None and m["external"]["hospital_b"]["train_patient_images"] == 0
+    assert [r["name"] for r in details["external"]] == ["later_collection", "hospital_b"]
+    for name, n in (("later_collection", 43), ("hospital_b", 20)):
+        preds = pd.read_csv(out / "external" / name / "predictions.csv")
+        assert len(preds) == n and (out / "external" / name / "report.html").is_file()
+        assert m["external"][name]["roc_auc"]["value"] == pytest.approx(
+            roc_auc_score(preds["label"], preds["probability"]), abs=1e-5)
+    page = (out / "report.html").read_text()
+    assert "Internal and external validation" in page and "hospital_b" in page
+    assert "3 images (AUC without them" in page
+    assert "patients also in training" in (out / "summary.md").read_text()
+    assert "3 image(s) of 3 patient(s) who also have training images" in (
+        out / "external" / "later_collection" / "summary.md").read_text()
+    assert "hospital_b.zip" in (out / "external" / "index.md").read_text()
+    assert not list(tmp_path.glob("medflow-external-*")), "the archive's temporary folder is removed"
+
+
+def test_external_sets_are_checked_before_anything_is_written(trained: Trained, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _stage_with_external(trained, tmp_path, [str(tmp_path / "nowhere")])
+    assert code == 2 and "evaluate.external: " in (err := capsys.readouterr().err) and "nowhere" in err
+    assert not out.exists()
+    stored = tmp_path / "model" / "threshold.json"
+    assert stored.exists() == (trained.model / "threshold.json").exists()  # not written: the copy's own, if any
+    twins = [tmp_path / "a" / "set", tmp_path / "b" / "set"]
+    for folder in twins:
+        write_images(folder, 4, seed=9)
+    code, _ = _stage_with_external(trained, tmp_path / "again", [str(t) for t in twins])
+    assert code == 2 and "two external sets are named 'set'" in capsys.readouterr().err

@@ -26,12 +26,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, copy_shipped, shared_dataset
+from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset
 
 pytestmark = [pytest.mark.slow]
 
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
-                 ".dvc/.gitignore", "data/inbox"]  # + params.yaml and datasets/ as committed (copy_shipped)
 TINY_TRAIN = {"model": "medflow_cnn", "epochs": 6, "batch_size": 16, "early_stopping_patience": 0,
               "reduce_lr_patience": 0}
 SMALL_RUN: dict[str, dict[str, Any]] = {

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import pytest
 import yaml
-from conftest import ROOT, copy_shipped, shared_dataset
+from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset
 
 from medflow.io import read_csv, sha256_file
 
@@ -28,8 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate"]
 
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
-                 ".dvc/.gitignore", "data/inbox"]  # + params.yaml and datasets/ as committed (copy_shipped)
 
 
 def _make_project(dest: Path) -> Path:

@@ -48,8 +48,11 @@ def test_write_all(tmp_path: Path, by: str) -> None:
     ev = _evaluation(tmp_path, by=by)
     headline = report.write_all(ev, tmp_path / "out")
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["bootstrap"]["by"] == by and m["threshold"] == 0.45
-    assert headline["roc_auc"] == m["test"]["roc_auc"]
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    assert details["bootstrap"]["by"] == by and m["threshold"] == details["threshold"] == 0.45
+    assert headline["roc_auc"] == m["test"]["roc_auc"] == details["test"]["roc_auc"]
+    assert set(m["test"]) == {"roc_auc", "sensitivity", "specificity", "ece"}  # dvc exp show: a few columns
+    assert m["test"]["ece"] == details["test"]["ece"]["value"] and set(details["test"]) == set(report.METRICS)
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<img") == 6  # ROC, PR, reliability, thresholds, confusion, training curves
     assert "&lt;cut&gt;" in page and "<cut>" not in page  # file names and details are escaped
@@ -77,7 +80,7 @@ def test_interval_labels_follow_the_confidence(tmp_path: Path) -> None:
         assert "90% CI" in text, name
         assert "95%" not in text, name
     assert files[report.REPORT].count("90% CI") >= 3 + 2  # three headline cards, the metrics table's columns
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "out" / "details.json").read_text())
     assert m["bootstrap"]["confidence"] == 0.9
     assert [report.ci_level(c) for c in (0.95, 0.9, 0.975, 0.8)] == ["95%", "90%", "97.5%", "80%"]
 
@@ -178,7 +181,8 @@ def test_a_model_at_chance_is_said_so_at_the_top_of_every_file(tmp_path: Path) -
     assert banner < page.index('<div class="meta">')  # first thing under the title
     for name in (report.SUMMARY, report.MODEL_CARD):
         assert files[name].splitlines()[2].startswith("> **AT CHANCE: the model does not beat chance on val"), name
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["at_chance"] is True
+    m = json.loads((tmp_path / "out" / "details.json").read_text())
     assert m["chance"]["at_chance"] is True and m["chance"]["val_auc"] == {"value": 0.5, "low": 0.5, "high": 0.5}
     assert m["chance"]["val_loss"] == pytest.approx(m["chance"]["baseline_loss"]) and m["chance"]["n_val"] == 120
     assert all(not isinstance(v, str) for v in m["chance"].values())  # dvc metrics show: numbers and flags
@@ -189,7 +193,7 @@ def test_a_learnt_model_gets_no_banner(tmp_path: Path) -> None:
     ev = _evaluation(tmp_path, chance=chance.verdict(y, p, (90, 30), weighted=False, ev=EV).as_dict())
     files = _written(ev, tmp_path / "out")
     assert 'class="banner"' not in files[report.REPORT] and "AT CHANCE" not in "".join(files.values())
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["chance"]["at_chance"] is False
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["at_chance"] is False
 
 
 def test_a_flagged_shortcut_check_is_a_banner_too(tmp_path: Path) -> None:

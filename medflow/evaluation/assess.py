@@ -278,16 +278,17 @@ def validation_summary(result: Mapping[str, Any], path: Path | str) -> dict[str,
 # --- an external folder --------------------------------------------------------------------------------
 
 
-def _labelled_files(folder: Path, labels: Mapping[str, int]) -> list[tuple[Path, str]]:
+def labelled_files(folder: Path, labels: Mapping[str, int], where: str) -> list[tuple[Path, str]]:
+    """Images under class folders named as ``labels`` (at any depth), with their class; StepError if none."""
     if not folder.is_dir():
-        raise StepError(f"--images {folder}: not a folder")
+        raise StepError(f"{where}: not a folder")
     files = []
     for path in iter_images(folder):
         cls = class_of(path.relative_to(folder).parts[:-1], labels)
         if cls is not None:
             files.append((path, cls))
     if not files:
-        raise StepError(f"--images {folder}: no images under class folders named {', '.join(labels)}")
+        raise StepError(f"{where}: no images under class folders named {', '.join(labels)}")
     return files
 
 
@@ -313,28 +314,25 @@ def decode_files(paths: list[Path], size: int, channels: int,
     return out, errors
 
 
-def evaluate_folder(cfg: Config, *, images: Path, model: Path, out: Path) -> dict[str, Any]:
-    """Evaluate the model on an external labelled folder (class subfolders) at its stored threshold."""
-    trained = load_trained(model)
-    threshold = {**trained.threshold, "chosen_on": trained.threshold.get("chosen_on", "val"),
-                 "how": f"the model's stored threshold ({Path(model) / THRESHOLD_FILE}), not re-tuned"}
+def assess_folder(cfg: Config, trained: TrainedModel, folder: Path, threshold: dict[str, Any], source: str, *,
+                  where: str) -> Evaluation:
+    """Decode, score and assess a labelled folder (class subfolders) at ``threshold``: the evaluation, with the
+    class counts and unreadable files in its data. ``where`` names the folder in errors."""
     labels = dict(cfg.dataset.labels)
-    files = _labelled_files(Path(images), labels)
+    files = labelled_files(Path(folder), labels, where)
     decoded, errors = decode_files([f for f, _ in files], trained.size, trained.channels)
     ok = np.array([e is None for e in errors])
     if not ok.any():
-        raise StepError(f"--images {images}: no readable image")
-    pattern = cfg.dataset.group_pattern
+        raise StepError(f"{where}: no readable image")
     names = [f.name for f, _ in files]
     scores = Scores(
         y=np.array([labels[c] for _, c in files], dtype=np.int8)[ok],
         p=predict_array(trained.model, decoded[ok], batch_size=cfg.evaluate.batch_size),
-        patient=np.array([group_of(n, pattern) or n for n in names])[ok],
+        patient=np.array([group_of(n, cfg.dataset.group_pattern) or n for n in names])[ok],
         path=np.array([str(f) for f, _ in files])[ok],
     )
-    evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on {images}",
-                        cfg.dataset.name, f"external folder {images}", trained, scores, threshold, cfg.evaluate,
-                        decoded[ok])
+    evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on {source}",
+                        cfg.dataset.name, source, trained, scores, threshold, cfg.evaluate, decoded[ok])
     counts = pd.DataFrame([{"class": c, "label": labels[c], "images": sum(1 for _, k in files if k == c)}
                            for c in labels])
     unreadable = pd.DataFrame([{"path": str(f), "reason": "unreadable", "detail": e}
@@ -342,4 +340,18 @@ def evaluate_folder(cfg: Config, *, images: Path, model: Path, out: Path) -> dic
                               columns=["path", "reason", "detail"])
     evaluation.data = {"external_counts": counts, "rejects": unreadable, "labels": labels,
                        "group_rule": cfg.dataset.group_rule, "card": cfg.dataset.card.model_dump()}
+    return evaluation
+
+
+def stored_threshold(trained: TrainedModel) -> dict[str, Any]:
+    """The model's stored operating threshold (chosen on val by the evaluate stage), as applied elsewhere."""
+    return {**trained.threshold, "chosen_on": trained.threshold.get("chosen_on", "val"),
+            "how": f"the model's stored threshold ({trained.folder / THRESHOLD_FILE}), not re-tuned"}
+
+
+def evaluate_folder(cfg: Config, *, images: Path, model: Path, out: Path) -> dict[str, Any]:
+    """Evaluate the model on an external labelled folder (class subfolders) at its stored threshold."""
+    trained = load_trained(model)
+    evaluation = assess_folder(cfg, trained, Path(images), stored_threshold(trained), f"external folder {images}",
+                               where=f"--images {images}")
     return report.write_all(evaluation, Path(out))

@@ -41,6 +41,7 @@ REPORT = "report.html"
 SUMMARY = "summary.md"
 MODEL_CARD = "model_card.md"
 METRICS_FILE = "metrics.json"
+DETAILS_FILE = "details.json"
 PREDICTIONS = "predictions.csv"
 PLOTS_DIR = "plots"
 
@@ -243,6 +244,51 @@ def metrics_rows(ev: Evaluation) -> list[tuple[str, str, str, str]]:
             for k in METRICS]
 
 
+def external_rows(ev: Evaluation) -> list[dict[str, Any]]:
+    """The external sets scored beside this (test) evaluation: their metrics.json blocks, with name and path."""
+    return list(ev.data.get("external_results") or [])
+
+
+def _iv_text(block: dict[str, Any] | None) -> str:
+    if not block:
+        return "n/a"
+    return f"{fmt(block.get('value'))} ({fmt(block.get('low'))}-{fmt(block.get('high'))})"
+
+
+def comparison_header(ev: Evaluation) -> list[str]:
+    level = ci_level(ev.confidence)
+    return ["set", "kind", "images", "positive", f"ROC AUC ({level} CI)", f"sensitivity ({level} CI)",
+            f"specificity ({level} CI)", "ECE", "AUC gap", "patients also in training"]
+
+
+def comparison_rows(ev: Evaluation) -> list[list[str]]:
+    """Internal (the test split) and each external set side by side, at the one stored threshold; the gap is the
+    external ROC AUC minus the test split's."""
+    iv = ev.intervals
+    rows = [["test split", "internal", str(int(np.sum(ev.scores.y))), fmt_interval(iv["roc_auc"]),
+             fmt_interval(iv["sensitivity"]), fmt_interval(iv["specificity"]), fmt(iv["ece"].value), "",
+             "none (split by patient)"]]
+    for r in external_rows(ev):
+        unseen = r.get("unseen_roc_auc")
+        overlap = str(r["train_patient_images"]) + (f" images (AUC without them {_iv_text(unseen)})"
+                                                      if r["train_patient_images"] else "")
+        rows.append([f"{r['name']}", "external", str(r["n_positive"]), _iv_text(r["roc_auc"]),
+                     _iv_text(r["sensitivity"]), _iv_text(r["specificity"]), fmt(r["ece"]),
+                     f"{r['auc_gap']:+.3f}", overlap])
+    sizes = [len(ev.scores.y), *(r["n"] for r in external_rows(ev))]
+    return [[row[0], row[1], str(n), *row[2:]] for n, row in zip(sizes, rows, strict=True)]
+
+
+def comparison_markdown(ev: Evaluation) -> list[str]:
+    """The internal-vs-external section of the summary and the model card (nothing without external sets)."""
+    if not external_rows(ev):
+        return []
+    return ["## Internal and external validation", "",
+            "The test split and each external set (`evaluate.external`), at the threshold chosen on val. An external "
+            "set comes from another collection: the gap is what the test split does not show. Full reports in "
+            "`external/<set>/`.", "", _md_table(comparison_header(ev), comparison_rows(ev)), ""]
+
+
 def _md_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -333,7 +379,7 @@ def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
         lines += [f"- On val ({t['val']['n']} images): sensitivity {fmt(t['val']['sensitivity'])}, specificity "
                   f"{fmt(t['val']['specificity'])}."]
     lines += ["", f"## Performance ({ev.source}, {len(ev.scores.y)} images)", "", _ci_label(ev) + ".", "",
-              _md_table(metrics_header(ev), metrics_rows(ev)), ""]
+              _md_table(metrics_header(ev), metrics_rows(ev)), "", *comparison_markdown(ev)]
     limitations = list(card.get("limitations") or [])
     limitations.append(f"Confidence intervals reflect sampling of {len(ev.scores.y)} test images "
                        f"(resampled by {ev.settings['bootstrap_by']}); they do not cover shifts in population, "
@@ -353,6 +399,8 @@ def _data_markdown(ev: Evaluation) -> list[str]:
     if ext is not None:
         header, rows = _frame_rows(ext)
         lines += [_md_table(header, rows), ""]
+    if ev.data.get("external_overlap"):
+        lines += [f"Patients shared with the training split: {ev.data['external_overlap']}.", ""]
     rejects, by_reason = _reject_summary(ev)
     if rejects is not None:
         what = ", ".join(f"{n} {r}" for r, n in by_reason.items()) or "none"
@@ -442,7 +490,8 @@ def _data_view(ev: Evaluation) -> dict[str, Any]:
     view: dict[str, Any] = {"counts": None if counts is None else _frame_table(counts),
                             "group_rule": str(ev.data.get("group_rule")),
                             "external": None if ext is None else _frame_table(ext),
-                            "validation": ev.data.get("validation") or None, "rejects": None}
+                            "validation": ev.data.get("validation") or None, "rejects": None,
+                            "overlap": str(ev.data.get("external_overlap") or "")}
     rejects, by_reason = _reject_summary(ev)
     if rejects is not None:
         shown = rejects[["path", "reason", "detail"]].head(_REJECTS_SHOWN) if len(rejects) else rejects
@@ -463,6 +512,7 @@ def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) 
         history=None if history is None else _figure(
             history, "training curves", "Per-epoch loss and metrics; dotted: the epoch whose weights were kept."),
         gradcams=_gradcam_figures(ev), data=_data_view(ev), model_card=Markup(markdown_html(card_md)),
+        comparison=_Table(comparison_header(ev), comparison_rows(ev)) if external_rows(ev) else None,
     )
 
 
@@ -486,20 +536,38 @@ def summary_markdown(ev: Evaluation) -> str:
              f"{t.get('chosen_on', 'val')}): {t.get('how', '')}.", "",
              _md_table(metrics_header(ev), metrics_rows(ev)), "",
              f"Confusion at the threshold: TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}.", "",
-             *_data_markdown(ev), f"Full report: [{REPORT}]({REPORT}); model card: [{MODEL_CARD}]({MODEL_CARD}).",
+             *comparison_markdown(ev), *_data_markdown(ev),
+             f"Full report: [{REPORT}]({REPORT}); model card: [{MODEL_CARD}]({MODEL_CARD}).",
              ""]
     return "\n".join(lines)
 
 
 def metrics_json(ev: Evaluation) -> dict[str, Any]:
-    c = ev.confusion
+    """The headline for ``dvc metrics show`` / ``dvc exp show`` (a few columns per dataset): the threshold, the
+    test split's AUC, sensitivity and specificity with CIs and its ECE, the chance verdict, and one block per
+    external set. Everything else is in details.json."""
+    verdict = chance_verdict(ev)
+    return {
+        "threshold": round(float(ev.threshold["threshold"]), 6),
+        "n": len(ev.scores.y),
+        "test": {**{k: ev.intervals[k].as_dict() for k in HEADLINE}, "ece": ev.intervals["ece"].as_dict()["value"]},
+        **({"at_chance": bool(verdict.get("at_chance"))} if verdict is not None else {}),
+        **({"external": {r["name"]: {k: v for k, v in r.items() if k not in ("name", "path")}
+                         for r in external_rows(ev)}} if external_rows(ev) else {}),
+    }
+
+
+def details_json(ev: Evaluation) -> dict[str, Any]:
+    """Every figure of the evaluation (details.json): all metrics with CIs, the confusion matrix, the chance
+    verdict's numbers, the bootstrap settings and the external sets' blocks with their paths."""
     return {
         "threshold": float(ev.threshold["threshold"]),
         "threshold_rule": ev.threshold.get("rule"),
         "n": len(ev.scores.y), "n_positive": int(np.sum(ev.scores.y)),
         "test": {k: ev.intervals[k].as_dict() for k in METRICS},
-        "confusion": c,
+        "confusion": ev.confusion,
         "chance": chance_metrics(ev),
+        "external": external_rows(ev),
         "bootstrap": {"resamples": ev.settings["bootstrap"], "by": ev.settings["bootstrap_by"],
                       "confidence": ev.settings["confidence"], "seed": ev.settings["seed"]},
     }
@@ -525,6 +593,7 @@ def write_all(ev: Evaluation, out: Path, card: dict[str, Any] | None = None) -> 
     with atomic_open(out / MODEL_CARD, encoding="utf-8") as f:
         f.write(card_md)
     write_json(out / METRICS_FILE, metrics_json(ev))
+    write_json(out / DETAILS_FILE, details_json(ev))
     write_csv(out / PREDICTIONS, predictions_frame(ev))
     for name in ("roc", "pr", "calibration", "thresholds"):
         write_csv(out / PLOTS_DIR / f"{name}.csv", ev.curves[name].round(6))

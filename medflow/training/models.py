@@ -137,11 +137,12 @@ def preprocess(x: Any, model_name: str, normalize: str = "scale") -> Any:
 
     Own CNNs: Rescaling(1/255), then with ``normalize="per_image"`` each image to zero mean and unit
     variance over height, width and channels (a LayerNormalization without learnt scale or offset:
-    ``tf.image.per_image_standardization`` as a built-in, serialisable layer). Backbones: one-channel input is repeated to three channels
-    (Concatenate, serialisable, no Lambda), then ``keras.applications.<family>.preprocess_input``
-    reproduced with built-in layers (see ``BACKBONES``), so it is saved in the .keras file and runs
-    on every backend. The caffe mode's RGB->BGR swap is a frozen 1x1 convolution for three-channel
-    input; for repeated grey channels it is a no-op and a per-channel Rescaling suffices.
+    ``tf.image.per_image_standardization`` as a built-in, serialisable layer). Backbones: one-channel
+    input is repeated to three channels (Concatenate, serialisable, no Lambda), then
+    ``keras.applications.<family>.preprocess_input`` reproduced with built-in layers (see ``BACKBONES``),
+    so it is saved in the .keras file and runs on every backend. The caffe mode's RGB->BGR swap is a
+    frozen 1x1 convolution for three-channel input; for repeated grey channels it is a no-op and a
+    per-channel Rescaling suffices.
     """
     if model_name in OWN_MODELS:
         x = layers.Rescaling(1.0 / 255, dtype="float32", name="rescale")(x)
