@@ -159,7 +159,13 @@ class SplitConfig(_Strict):
     train: Annotated[float, Field(gt=0, lt=1)] = 0.70
     val: Annotated[float, Field(gt=0, lt=1)] = 0.15
     test: Annotated[float, Field(gt=0, lt=1)] = 0.15
-    keep_source_test: bool = False
+    # the source's own test split (a folder named test/testing, e.g. Kermany's chest_xray/test/): auto = kept as
+    # the test split where the source has one, else carved by the ratios; true = required; false = ignored
+    keep_source_test: Literal["auto"] | bool = "auto"
+
+    def keeps_source_test(self, has_source_test: bool) -> bool:
+        """Whether the split keeps the source's test split, given whether any image has one."""
+        return has_source_test if self.keep_source_test == "auto" else bool(self.keep_source_test)
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitConfig:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from medflow.config import Config, SplitConfig
-from medflow.data.split import assign_splits, extend_split, split_summary
+from medflow.data.split import assign_splits, extend_split, source_test_summary, split_summary
 from medflow.errors import StepError
 from medflow.io import read_csv, read_json, write_csv, write_json
 from medflow.schema import SPLITS
@@ -66,7 +66,11 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]
     write_csv(out, result)
     counts = split_summary(result)
     kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
-    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "params": cfg.split.model_dump()})
-    log.info("split %s -> %s (%s): %s", clean, out, f"extended, {kept} images kept" if previous is not None
-             else "from scratch", _format(counts))
+    source_test = source_test_summary(result, cfg.split)
+    write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "source_test": source_test,
+                         "params": cfg.split.model_dump()})
+    log.info("split %s -> %s (%s): %s; test: %s%s", clean, out, f"extended, {kept} images kept"
+             if previous is not None else "from scratch", _format(counts), source_test["how"],
+             f" ({source_test['moved_into_test']} images of other source splits moved in)" if source_test["kept"]
+             else "")
     return counts

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest
-from medflow.data.split import assign_splits, check_none_moved, extend_split, split_units
+from medflow.data.split import assign_splits, check_none_moved, extend_split, source_test_summary, split_units
 from medflow.errors import StepError
 from medflow.imaging import quality, verdict
 from medflow.io import read_csv, write_csv
@@ -170,6 +170,24 @@ def test_keep_source_test_pulls_whole_unit_into_test_with_warning(caplog: pytest
     by_group = split.groupby("group")["split"].first()
     assert by_group[["person1", "person2", "person3"]].tolist() == ["test"] * 3
     assert "2 rows outside the source test set" in caplog.text
+
+
+def test_auto_keeps_a_source_test_split_where_there_is_one_and_says_so() -> None:
+    df = _with_source_test(_skewed(400))
+    kept = assign_splits(df, _cfg().split)  # the default, keep_source_test: auto
+    assert _cfg().split.keep_source_test == "auto"
+    pd.testing.assert_frame_equal(kept, assign_splits(df, _cfg(keep_source_test=True).split))
+    summary = source_test_summary(kept, _cfg().split)
+    assert summary["kept"] is True and summary["source_test_images"] == int((df["source_split"] == "test").sum())
+    ignored = assign_splits(df, _cfg(keep_source_test=False).split)
+    assert (ignored.loc[ignored["source_split"] == "test", "split"] != "test").any()
+    assert "ignores the source's test folder" in source_test_summary(ignored, _cfg(keep_source_test=False).split)["how"]
+    plain = _skewed(400)  # no test folder: carved by the ratios
+    pd.testing.assert_frame_equal(assign_splits(plain, _cfg().split),
+                                  assign_splits(plain, _cfg(keep_source_test=False).split))
+    assert source_test_summary(assign_splits(plain, _cfg().split), _cfg().split) == {
+        "kept": False, "source_test_images": 0, "moved_into_test": 0,
+        "how": "carved by split.test (the source has no test folder)"}
 
 
 def test_keep_source_test_without_source_test_rows_fails() -> None:

@@ -231,6 +231,9 @@ def test_keep_source_test_uses_the_source_test_share() -> None:
     assert shares["train"] == pytest.approx(0.60 * 0.70 / 0.85)
     table = split_table(df, _cfg(keep_source_test=True)).set_index("split")
     assert (table["share_deviation"].abs() <= 0.05).all()
+    # auto: the source's share where split.csv says the source had a test folder, else the ratios
+    assert target_shares(df["split"], _cfg(), pd.Series(["test"] * 40 + ["train"] * 60)) == shares
+    assert target_shares(df["split"], _cfg(), pd.Series(["train"] * 100))["test"] == pytest.approx(0.15)
 
 
 def test_missing_inputs_name_the_file(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ context (nothing written to disk by GX, no Data Docs, no analytics, no progress 
 ``splits`` (one row per split, from :func:`split_table`)
     both classes in every split (n_pos >= 1, n_neg >= 1); ``|share - target| <= validate.split_tolerance``;
     ``|positive share - overall positive share| <= validate.class_ratio_tolerance``. Targets are
-    split.train/val/test; with ``split.keep_source_test`` the test share is the source's own (so the test
-    share check always passes) and train/val targets are the rest in the ratio train : val.
+    split.train/val/test; where ``split.keep_source_test`` keeps the source's test split the test share is the
+    source's own (so the test share check always passes) and train/val targets are the rest in the ratio train
+    : val.
 ``images`` (one row from the images.npy header, read memory-mapped)
     n == number of manifest rows, shape (n, size, size, channels) with resize.size and dataset.channels,
     dtype uint8.
@@ -76,10 +77,11 @@ _NULL = "<null>"
 
 
 # ------------------------------------------------------------------------------------------ tables
-def target_shares(split: pd.Series, cfg: Config) -> dict[str, float]:
+def target_shares(split: pd.Series, cfg: Config, source_split: pd.Series | None = None) -> dict[str, float]:
     """Expected share of images per split (see the module docstring for ``keep_source_test``)."""
     s = cfg.split
-    if not s.keep_source_test:
+    has_test = source_split is not None and bool((source_split == "test").any())
+    if not s.keeps_source_test(has_test):
         return {"train": s.train, "val": s.val, "test": s.test}
     test = float((split == "test").mean()) if len(split) else 0.0
     rest = (1.0 - test) / (s.train + s.val)
@@ -94,7 +96,7 @@ def split_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     split = df["split"] if "split" in df.columns else pd.Series(index=df.index, dtype=object)
     label = df["label"] if "label" in df.columns else pd.Series(index=df.index, dtype=float)
     total, overall_pos = len(df), float((label == 1).mean()) if len(df) else math.nan
-    targets = target_shares(split, cfg)
+    targets = target_shares(split, cfg, df["source_split"] if "source_split" in df.columns else None)
     rows = []
     for name in SPLITS:
         part = label[split == name]

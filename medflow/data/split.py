@@ -19,9 +19,10 @@ Assignment (stratified by label, seeded by ``split.seed``):
    first keeps both the split sizes and each split's positive share close to target even when patients
    have very different numbers of images.
 
-``split.keep_source_test``: every unit with at least one row whose ``source_split`` is ``test`` goes to
-test, whole (rows of such a unit from outside the source test set follow it, with a warning); val is then
-carved out of the remaining units with ratio ``val / (train + val)``.
+``split.keep_source_test`` (``auto``: where any row has ``source_split`` test; ``true``: required; ``false``:
+ignored): every unit with at least one row whose ``source_split`` is ``test`` goes to test, whole (rows of
+such a unit from outside the source test set follow it, with a warning); val is then carved out of the
+remaining units with ratio ``val / (train + val)``.
 
 :func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
 only the new units by the rule above. The split step (tasks/split.py) extends its own previous output
@@ -143,11 +144,11 @@ def _counts_of(units: pd.DataFrame, assigned: Mapping[str, str], splits: tuple[s
     return np.array([units.loc[where == s, ["n0", "n1"]].sum().to_numpy(dtype=float) for s in splits])
 
 
-def _place(units: pd.DataFrame, fixed: Mapping[str, str], cfg: SplitConfig) -> dict[str, str]:
+def _place(units: pd.DataFrame, fixed: Mapping[str, str], cfg: SplitConfig, keep_test: bool) -> dict[str, str]:
     """Split per unit: ``fixed`` units keep theirs; the rest follow the rule in the module docstring."""
     assigned = dict(fixed)
     free = units.loc[[u for u in units.index if u not in assigned]]
-    if cfg.keep_source_test:
+    if keep_test:
         assigned.update({str(u): "test" for u in free.index[free["is_test"]]})
         free = free.loc[~free["is_test"]]
         splits: tuple[str, ...] = ("train", "val")
@@ -173,6 +174,26 @@ def _warn_pulled_into_test(df: pd.DataFrame, assigned: Mapping[str, str]) -> Non
                     int(pulled.sum()), df.loc[pulled, "path"].head(5).tolist())
 
 
+def source_test_summary(result: pd.DataFrame, cfg: SplitConfig) -> dict[str, Any]:
+    """What split.json says about the source's own test split: kept or not, its images, and the images of
+    other source splits that joined test because they share a patient (or near-duplicate group) with it."""
+    has = bool((result["source_split"] == "test").any())
+    kept = cfg.keeps_source_test(has)
+    pulled = (result["split"] == "test") & (result["source_split"] != "test")
+    return {"kept": kept, "source_test_images": int((result["source_split"] == "test").sum()),
+            "moved_into_test": int(pulled.sum()) if kept else 0,
+            "how": ("the source's own test split, whole patients moved in with it" if kept else
+                    "carved by split.test (the source has no test folder)" if not has else
+                    "carved by split.test (split.keep_source_test: false ignores the source's test folder)")}
+
+
+def _keeps_test(clean: pd.DataFrame, cfg: SplitConfig) -> bool:
+    has = bool((clean["source_split"] == "test").any())
+    if cfg.keep_source_test is True and not has:
+        _require_source_test(clean)
+    return cfg.keeps_source_test(has)
+
+
 def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
     out = df.copy()
     out["row"] = np.arange(len(out), dtype=np.int64)
@@ -183,7 +204,7 @@ def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
 def _require_source_test(df: pd.DataFrame) -> None:
     if not (df["source_split"] == "test").any():
         raise StepError("split.keep_source_test is true, but no row has source_split 'test' (the source has "
-                        "no test folder); set split.keep_source_test: false in params.yaml")
+                        "no test folder); set split.keep_source_test: auto or false in params.yaml")
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -196,10 +217,9 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """
     clean = _check_input(df)
     clean["split_group"] = split_units(clean["group"], clean["dup_group"])
-    if cfg.keep_source_test:
-        _require_source_test(clean)
-    assigned = _place(_unit_table(clean), {}, cfg)
-    if cfg.keep_source_test:
+    keep_test = _keeps_test(clean, cfg)
+    assigned = _place(_unit_table(clean), {}, cfg, keep_test)
+    if keep_test:
         _warn_pulled_into_test(clean, assigned)
     return _finish(clean, assigned)
 
@@ -244,9 +264,7 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
     old = _old_splits(clean, previous)
     _raise_on_merged(clean, old)
     fixed = {str(u): next(iter(s)) for u, s in old.items()}
-    if cfg.keep_source_test:
-        _require_source_test(clean)
-    assigned = _place(_unit_table(clean), fixed, cfg)
+    assigned = _place(_unit_table(clean), fixed, cfg, _keeps_test(clean, cfg))
     log.info("extend_split: %d units kept from the previous split, %d new",
              len(fixed), len(assigned) - len(fixed))
     result = _finish(clean, assigned)
