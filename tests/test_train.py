@@ -118,6 +118,54 @@ def test_same_seed_same_initial_weights_and_batches(tmp_path: Path) -> None:
         np.testing.assert_allclose(w1, w2, rtol=1e-5, atol=1e-6)
 
 
+def _flipped_val(folder: Path, n: int = 48) -> tuple[Path, Path]:
+    """Val labels the other way round: the better the model fits train, the worse its val loss, so the kept
+    epoch (train.select_on val_loss) is an early one, not the last."""
+    x, y = _synthetic(n)
+    splits = ["train"] * (n - 16) + ["val"] * 8 + ["test"] * 8
+    val = np.array(splits) == "val"
+    y[val] = 1 - y[val]
+    return _write_dataset(folder, x, y, splits)
+
+
+def _assert_live_is_the_kept_epoch(live_dir: Path, history_csv: Path, epochs_run: int) -> int:
+    """metrics.json holds the kept epoch's headline figures, equal to its history.csv row; returns that epoch."""
+    live = json.loads((live_dir / "metrics.json").read_text())
+    history = pd.read_csv(history_csv)
+    kept = int(history["val_loss"].idxmin())  # the first lowest, as kept (select_on: val_loss)
+    row = history.iloc[kept]
+    assert live == {"epoch": kept + 1, "epochs_run": epochs_run,
+                    "train": {"loss": pytest.approx(row["loss"])},
+                    "val": {"loss": pytest.approx(row["val_loss"]), "auc": pytest.approx(row["val_auc"])}}
+    assert len(history) == epochs_run
+    steps = pd.read_csv(live_dir / "plots" / "metrics" / "val" / "loss.tsv", sep="\t")
+    assert list(steps["step"]) == list(range(epochs_run))  # the per-epoch plots keep every epoch, in order
+    np.testing.assert_allclose(steps["loss"], history["val_loss"], rtol=1e-6)
+    return kept + 1
+
+
+@pytest.mark.slow
+def test_live_metrics_report_the_kept_epoch_also_on_resume(tmp_path: Path) -> None:
+    """metrics.json (dvc exp show) is the kept epoch, not the last; a resumed run with no better epoch keeps it."""
+    from medflow.training import inputs
+    from medflow.training.distribute import place
+
+    images, split = _flipped_val(tmp_path / "data")
+    cfg = _cfg(epochs=3, learning_rate=3e-3)
+    placement, data = place("one_device"), inputs.load_split_data(images, split)
+    args = {"placement": placement, "fingerprint": train_mod.run_fingerprint(cfg, images, split),
+            "checkpoints": tmp_path / "ckpt", "live_dir": tmp_path / "live"}
+    first = train_mod.train_model(cfg, data, **args)  # leaves its checkpoints, as a run killed before the step's end
+    kept = _assert_live_is_the_kept_epoch(tmp_path / "live", tmp_path / "ckpt" / "history.csv", 3)
+    assert kept == first.state.best_epoch + 1 < 3, "the premise: the kept epoch is not the last"
+    assert first.live_metrics() == json.loads((tmp_path / "live" / "metrics.json").read_text())
+
+    (tmp_path / "live" / "metrics.json").write_text('{"step": 2, "val": {"loss": 9.0}}')  # DVCLive's last write
+    again = train_mod.train_model(cfg, data, **args)
+    assert again.resumed_from_epoch == 3 and again.state.best_epoch + 1 == kept
+    assert _assert_live_is_the_kept_epoch(tmp_path / "live", tmp_path / "ckpt" / "history.csv", 3) == kept
+
+
 def test_missing_class_in_train_is_an_error(tmp_path: Path) -> None:
     x, _ = _synthetic(24)
     y = np.zeros(24, dtype=int)
@@ -160,8 +208,7 @@ def test_resume_after_a_crash(tmp_path: Path) -> None:
     """Kill a training process after its second epoch; the next run continues from the checkpoint."""
     from medflow.config import load_config
 
-    x, y = _synthetic(48)
-    images, split = _write_dataset(tmp_path / "data", x, y, ["train"] * 32 + ["val"] * 8 + ["test"] * 8)
+    images, split = _flipped_val(tmp_path / "data")  # the kept epoch comes early: before the crash
     params = _params_file(tmp_path, epochs=30)
     cmd = [sys.executable, "-m", "medflow.cli", "train", "--params", str(params), "--images", str(images),
            "--split", str(split), "--model-dir", str(tmp_path / "m"), "--live-dir", str(tmp_path / "l")]
@@ -188,6 +235,29 @@ def test_resume_after_a_crash(tmp_path: Path) -> None:
     history = pd.read_csv(tmp_path / "m" / "history.csv")
     assert list(history["epoch"]) == list(range(1, 31))
     assert summary["epochs_run"] == 30
+    kept = _assert_live_is_the_kept_epoch(tmp_path / "l", tmp_path / "m" / "history.csv", 30)
+    assert kept == summary["best_epoch"] <= done  # the resumed run found no better epoch, and says so
+
+
+def test_a_resumed_live_plots_each_checkpointed_epoch_once(tmp_path: Path) -> None:
+    """Killed after DVCLive logged epoch 3 but before its checkpoint: the resumed run plots epoch 3 once."""
+    from dvclive import Live
+
+    def live(resume: bool) -> Live:
+        return Live(dir=str(tmp_path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    first = live(False)
+    for loss in (0.9, 0.8, 0.7):
+        first.log_metric("val/loss", loss)
+        first.next_step()  # metrics.json: step 2, one epoch ahead of the checkpoint below
+    resumed = live(True)
+    train_mod._resume_live(resumed, train_mod.RunState("f", epoch=1))
+    resumed.log_metric("val/loss", 0.75)  # epoch 3 (0-based 2) again, then 4
+    resumed.next_step()
+    resumed.log_metric("val/loss", 0.6)
+    resumed.next_step()
+    rows = pd.read_csv(tmp_path / "plots" / "metrics" / "val" / "loss.tsv", sep="\t")
+    assert list(rows["step"]) == [0, 1, 2, 3] and list(rows["loss"]) == [0.9, 0.8, 0.75, 0.6]
 
 
 def test_fine_tuning_lowers_the_learning_rate() -> None:

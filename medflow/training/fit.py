@@ -4,7 +4,8 @@
 reduction all watch ``train.select_on`` (:mod:`medflow.training.selection`; by default the val loss weighted
 by the training class weights, so selection and training optimise the same objective), never a training
 figure; it never reads ``test``. Per-epoch metrics go
-to DVCLive (for ``dvc plots`` / ``dvc exp show``) and to the history. :func:`metadata` is what inference
+to DVCLive's plots (``dvc plots``) and to the history; DVCLive's ``metrics.json`` (``dvc exp show``) ends up
+holding the kept epoch's headline figures (:meth:`TrainResult.live_metrics`). :func:`metadata` is what inference
 needs to preprocess exactly as in training, plus the data fingerprint, params and package versions. The
 train step (``tasks/train.py``) reads the inputs, calls these, and writes the model folder.
 
@@ -38,6 +39,8 @@ from medflow.training.distribute import Placement
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "auc", "pr_auc", "precision", "recall", "accuracy")
+LIVE_HEADLINE = ("loss", "val_loss", "val_auc")  # history keys of the kept epoch in metrics.json (and select_on)
+LIVE_METRICS = "metrics.json"  # DVCLive's summary file in the live folder
 STATE_VERSION = 2  # 2: best_value/monitor (train.select_on) instead of best_loss
 
 
@@ -189,7 +192,10 @@ class _Checkpointer(keras.callbacks.Callback):
 
 
 class _Live(keras.callbacks.Callback):
-    """Per-epoch metrics into DVCLive (for `dvc plots`, `dvc exp show`) and a history list."""
+    """Per-epoch metrics into DVCLive (its plots, for `dvc plots`) and a history list.
+
+    DVCLive's metrics.json holds the latest epoch while training runs; train_model replaces it with the kept
+    epoch's figures at the end."""
 
     def __init__(self, live: Any, history: list[dict[str, float]]) -> None:
         super().__init__()
@@ -225,6 +231,29 @@ def _open_live(folder: Path, resume: bool, is_chief: bool) -> Any:
         log.warning("dvclive is not installed: per-epoch metrics go to history.csv only")
         return None
     return Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _resume_live(live: Any, state: RunState) -> None:
+    """Continue DVCLive's plots after the last checkpointed epoch of ``state``.
+
+    DVCLive would take its step from metrics.json, which holds the kept epoch's summary after a finished run;
+    and a run killed between DVCLive's write and the checkpoint's logged one epoch more than it saved, which the
+    resumed run trains again: its rows go, so that every epoch is plotted once.
+    """
+    if live is None:
+        return
+    live.step = state.epoch + 1
+    for tsv in sorted(Path(live.plots_dir, "metrics").rglob("*.tsv")):
+        with open(tsv, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            fields, rows = reader.fieldnames, list(reader)
+        kept = [row for row in rows if int(row["step"]) <= state.epoch]
+        if fields is None or len(kept) == len(rows):
+            continue
+        with atomic_path(tsv) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)
 
 
 def _set_precision(train: TrainConfig) -> None:
@@ -332,6 +361,21 @@ class TrainResult:
         """The history row of the kept epoch (empty when no epoch improved)."""
         return next((row for row in self.history if int(row.get("epoch", 0)) == self.state.best_epoch + 1), {})
 
+    def live_metrics(self) -> dict[str, Any]:
+        """DVCLive's ``metrics.json`` (``dvc exp show``, ``dvc metrics show``): the kept epoch's headline figures.
+
+        A few numbers, so that ``dvc exp show`` fits a terminal: the kept epoch (1-based) and the epochs run,
+        the train loss, the val loss and ROC AUC, and the ``train.select_on`` figure where it is another. Every
+        epoch's every metric is in ``history.csv`` and DVCLive's plots.
+        """
+        st, row = self.state, self.best_row()
+        out: dict[str, Any] = {"epoch": st.best_epoch + 1, "epochs_run": st.epoch + 1}
+        for key in dict.fromkeys((*LIVE_HEADLINE, st.monitor)):
+            if key in row:
+                split, name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+                out.setdefault(split, {})[name] = row[key]
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The headline figures (JSON-ready), for logs and callers."""
         st = self.state
@@ -405,6 +449,8 @@ def _train_epochs(cfg: Config, model: keras.Model, data: inputs.SplitData, place
     """Run the remaining epochs with checkpointing and DVCLive; return the best weights seen (None if no epoch
     improved on the resumed best)."""
     live = _open_live(live_dir, resuming, placement.is_chief)
+    if resuming:
+        _resume_live(live, state)
     callbacks = _callbacks(cfg, checkpoints, state, placement, live, history)
     try:
         _fit(cfg, model, data, placement, state, global_batch, callbacks)
@@ -452,7 +498,10 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
              state.best_epoch + 1, state.epoch + 1, seconds)
     _log_chance(history, state.best_epoch + 1, data.class_counts("train"), data.class_counts("val"),
                 train_class_weights(cfg, data))
-    return TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
+    result = TrainResult(model, state, history, placement, global_batch, seconds, resumed_from)
+    if placement.is_chief:  # last: DVCLive wrote the latest epoch's figures there after every epoch
+        write_json(Path(live_dir) / LIVE_METRICS, result.live_metrics())
+    return result
 
 
 def _log_chance(history: list[dict[str, float]], best_epoch: int, train: tuple[int, int], val: tuple[int, int],
