@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import stages
+from medflow.catalog import preflight
 from medflow.config import Config, load_config
 from medflow.io import read_csv, read_json
 from medflow.lifecycle import registry
@@ -56,9 +57,11 @@ def open_project(project_dir: str | None, dataset: str) -> Project:
 
     Every dataset of the catalog (params.yaml's ``datasets:``) has its own stages in the one dvc.yaml
     (``train@malaria``) and its own paths, so one checkout serves them all. An unknown dataset is a
-    ConfigError listing the catalog.
+    ConfigError listing the catalog. Pre-flight: every name of params.yaml's ``datasets:`` and of the catalog
+    is checked before DVC resolves dvc.yaml with them (a hostile name is a ConfigError naming the entry).
     """
     root = Path(project_dir or os.environ.get("MEDFLOW_PROJECT") or Path.cwd()).resolve()
+    preflight(root / "params.yaml")
     cfg = load_config(root / "params.yaml", dataset)
     found = tuple(stages.pipeline(root, dataset))
     if not found:

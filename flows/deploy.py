@@ -18,18 +18,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from medflow.catalog import listed_datasets
+from medflow.catalog import preflight
 from medflow.config import load_config
 
 log = logging.getLogger(__name__)
 
 
 def catalog(project: Path) -> list[str]:
-    """The datasets the checkout builds: params.yaml's ``datasets:``, checked against datasets/*.yaml."""
-    params = Path(project) / "params.yaml"
-    return listed_datasets(yaml.safe_load(params.read_text()) or {}, params)
+    """The datasets the checkout builds: params.yaml's ``datasets:``, checked against datasets/*.yaml (the
+    pre-flight: every name checked before a deployment or DVC sees it)."""
+    return preflight(Path(project) / "params.yaml")
 
 
 def build_deployments(project: Path) -> list[Any]:

@@ -100,13 +100,20 @@ def pipeline(project: Path, dataset: str | None = None) -> list[Stage]:
 
 
 def _stage(resolved: Any, needs: set[str], project: Path) -> Stage:
-    words = shlex.split(str(resolved.cmd or ""))
+    words = _step_words(resolved.cmd)
     step = words[1] if len(words) >= 2 and words[0] == "medflow" else ""
     flags = {w: project / v for w, v in zip(words[2:], words[3:], strict=False)
              if w.startswith("--") and not v.startswith("--") and w not in _NOT_PATHS}
     key = str(resolved.name)
     return Stage(name=key, step=step, dataset=key.split("@", 1)[1] if "@" in key else None, flags=flags,
                  needs=frozenset(needs))
+
+
+def _step_words(cmd: Any) -> list[str]:
+    """The words of a stage's ``medflow STEP`` command: its cmd, or for a list of commands (the download
+    stage's ``medflow preflight`` first) the last one."""
+    commands = [str(c) for c in cmd] if isinstance(cmd, list) else [str(cmd or "")]
+    return shlex.split(commands[-1]) if commands else []
 
 
 def step_flags(stages: Iterable[Stage]) -> dict[str, dict[str, Path]]:

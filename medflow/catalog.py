@@ -11,6 +11,12 @@ match the catalog folder, so a dataset is never described but silently not built
 
 This module reads and checks the catalog's structure; :func:`medflow.config.load_config` merges an entry
 with params.yaml and validates the result into the typed ``Config``.
+
+Names are checked before any shell sees them: dvc.yaml pastes ``${item}`` (each name of ``datasets:``) into
+the stage commands DVC runs through a shell, and DVC's templating cannot check a value. :func:`preflight`
+checks the list and the catalog's file names; the download stage runs it (``medflow preflight``) as its first
+command, before the command that holds the name, and the flows and ``medflow serve`` run it before they
+call DVC (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,25 @@ def check_name(name: str, where: str = "dataset name") -> str:
     return name
 
 
+def preflight(params: Path) -> list[str]:
+    """The datasets of ``params`` (its ``datasets:`` list), once every name there and in the catalog beside it
+    is a dataset name and the two match: run before DVC sees the names.
+
+    Raises ConfigError naming the file and the offending entry (``params.yaml: datasets.1: 'x;id' is not a
+    dataset name ...``).
+    """
+    params = Path(params)
+    try:
+        data = yaml.safe_load(params.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{params}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{params}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{params}: expected a mapping at the top level, got {type(data).__name__}")
+    return listed_datasets(data, params)
+
+
 def catalog_dir(params: Path) -> Path:
     """The catalog folder of a checkout: ``datasets/`` beside its params.yaml."""
     return Path(params).parent / CATALOG_DIR
@@ -67,8 +92,8 @@ def catalog_names(folder: Path) -> list[str]:
 def listed_datasets(params_data: dict[str, Any], params: Path) -> list[str]:
     """params.yaml's ``datasets:`` list, checked against the catalog folder beside it.
 
-    Raises ConfigError when the list is missing or malformed, names a dataset without a catalog file, or
-    leaves out one the catalog describes.
+    Raises ConfigError when the list is missing or malformed, holds or the catalog holds a name that is not a
+    dataset name, names a dataset without a catalog file, or leaves out one the catalog describes.
     """
     listed = params_data.get("datasets")
     if not isinstance(listed, list) or not listed:
@@ -79,6 +104,8 @@ def listed_datasets(params_data: dict[str, Any], params: Path) -> list[str]:
     if len(set(listed)) != len(listed):
         raise ConfigError(f"{params}: datasets: names appear twice: {listed}")
     described = catalog_names(catalog_dir(params))
+    for name in described:
+        check_name(name, f"{catalog_dir(params) / name}.yaml: file name")
     missing = [n for n in listed if n not in described]
     if missing:
         raise ConfigError(f"{params}: datasets: no catalog file for {', '.join(missing)} "

@@ -95,7 +95,22 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
     _add_model_commands(sub)
     _add_orchestration(sub)
+    p = sub.add_parser("preflight", help=PREFLIGHT_HELP, description=PREFLIGHT_HELP)
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     return parser
+
+
+PREFLIGHT_HELP = ("check params.yaml's datasets: list and the datasets/ catalog before DVC sees them: every name a "
+                  "dataset name (the download stage runs this first; see SECURITY.md)")
+
+
+def _preflight(params: Path) -> list[str]:
+    """The checked dataset names of ``params`` (:func:`medflow.catalog.preflight`), logged."""
+    from medflow.catalog import preflight
+
+    names = preflight(params)
+    log.debug("preflight: %s: datasets %s", params, ", ".join(names))
+    return names
 
 
 # --- using a trained model: the evaluate stage / an external folder, and predict ---------------------------
@@ -249,6 +264,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
         exe = Path(sys.executable).parent / "prefect"
         os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    _preflight(args.project / DEFAULT_PARAMS)  # names checked before any DVC call resolves dvc.yaml with them
     if args.step == "serve":
         load_project_module("flows.deploy", args.project).serve(args.project)
         return 0
@@ -302,6 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.step == "preflight":
+        try:
+            _preflight(args.params)
+        except ConfigError as e:
+            print(f"medflow preflight: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.step in ("server", "serve", "watch"):
         try:
             return _orchestrate(args)

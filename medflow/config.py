@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from medflow.catalog import STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
+from medflow.catalog import NAME_PATTERN, STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
 from medflow.errors import ConfigError
 from medflow.patients import GROUP_RULES
 
@@ -58,7 +58,8 @@ class DatasetCard(_Strict):
 
 
 class DatasetConfig(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # a path segment and a DVC stage key: the catalog's pattern (no '.', '..', '/', upper case or shell syntax)
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
     # Remote or local inputs; archives and folders dropped into data/inbox/<name>/ are added to these.
     sources: list[Source] = []
     labels: dict[str, Literal[0, 1]]

@@ -90,7 +90,8 @@ def test_stage_deps_cover_the_code_it_runs(step: str) -> None:
 def test_every_stage_runs_per_dataset_with_its_own_paths(step: str) -> None:
     stage = SPEC["stages"][step]
     assert stage["foreach"] == "${datasets}" and set(stage) == {"foreach", "do"}
-    words = stage["do"]["cmd"].split()
+    cmd = stage["do"]["cmd"]
+    words = (cmd[-1] if isinstance(cmd, list) else cmd).split()  # download: `medflow preflight` first
     assert words[:4] == ["medflow", step, "--dataset", "${item}"]
     paths = [w for w in words[4:] if not w.startswith("--")]
     outs = [_entry_path(o) for key in ("outs", "metrics", "plots") for o in stage["do"].get(key, [])]

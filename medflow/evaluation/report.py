@@ -16,6 +16,7 @@ import functools
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ def _selection_line(meta: dict[str, Any]) -> str:
     val = sel.get("val_at_best") or {}
     also = ", ".join(f"{k} {fmt(val[k], 4)}" for k in ("val_loss", "val_auc", "val_pr_auc")
                      if k in val and k != sel.get("select_on"))
-    return (f"{trained}, selected on `{sel.get('select_on')}` = {fmt(sel.get('best_value'), 4)}, "
+    return (f"{trained}, selected on {md_code(sel.get('select_on'))} = {fmt(sel.get('best_value'), 4)}, "
             f"{sel.get('criterion')}" + (f"; there {also}" if also else "") + ".")
 
 
@@ -290,8 +291,8 @@ def comparison_markdown(ev: Evaluation) -> list[str]:
 
 
 def _md_table(header: list[str], rows: list[list[Any]] | list[tuple[Any, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(md_text(h).replace("|", "\\|") for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_text(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -349,28 +350,44 @@ def banners(ev: Evaluation) -> list[str]:
 
 # --- the model card ----------------------------------------------------------------------------------------
 
+_MD_ACTIVE = re.compile(r"([\\`\[\]<>])")  # what turns text into HTML, an image, a link or a code span
+
+
+def md_text(value: Any) -> str:
+    """Text from users or data (card text, class, set and file names) as literal Markdown, on one line: raw
+    HTML, images, links and code spans are escaped, so model_card.md and summary.md stay inert in any viewer."""
+    return _MD_ACTIVE.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def md_code(value: Any) -> str:
+    """``value`` as one inline code span that no backtick in it can close (CommonMark's longer fence)."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
 
 def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
     """The model card (Mitchell et al. 2019) as Markdown."""
     meta = ev.metadata
     names = _class_names(ev)
     t = ev.threshold
-    lines = [f"# Model card: {ev.dataset} / {_model_name(ev)}", ""]
-    lines += [line for text in banners(ev) for line in (f"> **{text}**", "")]
+    lines = [f"# Model card: {md_text(ev.dataset)} / {md_text(_model_name(ev))}", ""]
+    lines += [line for text in banners(ev) for line in (f"> **{md_text(text)}**", "")]
     lines += ["## Model details", "",
-              f"- Architecture: `{_model_name(ev)}` (Keras {meta.get('versions', {}).get('keras', '?')}), input "
+              f"- Architecture: {md_code(_model_name(ev))} (Keras {meta.get('versions', {}).get('keras', '?')}), input "
               f"{'x'.join(map(str, meta.get('input_shape', [])))} uint8, scaled inside the model.",
-              f"- Output: probability of **{names[1]}** (label 1) vs {names[0]} (label 0)"
-              + (f"; source classes {_source_classes(ev)}." if _source_classes(ev) else "."),
+              f"- Output: probability of **{md_text(names[1])}** (label 1) vs {md_text(names[0])} (label 0)"
+              + (f"; source classes {md_text(_source_classes(ev))}." if _source_classes(ev) else "."),
               _selection_line(meta),
               f"- Data fingerprint `{str(meta.get('data_fingerprint', ''))[:16]}`.",
               f"- Preprocessing: {meta.get('preprocessing', {}).get('decoder', '')}, "
               f"{meta.get('preprocessing', {}).get('size', '?')} px, area interpolation, "
               f"{meta.get('preprocessing', {}).get('channels', '?')} channel(s).", ""]
-    lines += ["## Intended use", "", card.get("intended_use") or "Not stated.", ""]
+    lines += ["## Intended use", "", md_text(card.get("intended_use") or "Not stated."), ""]
     lines += ["## Data", ""]
     if card.get("title"):
-        lines += [f"**{card['title']}.** {card.get('provenance', '')}".strip(), ""]
+        lines += [f"**{md_text(card['title'])}.** {md_text(card.get('provenance', ''))}".strip(), ""]
     lines += _data_markdown(ev)
     lines += ["## Operating threshold", "",
               f"- Threshold **{t['threshold']:.4f}**, rule `{t.get('rule')}`: {t.get('how', '')}; chosen on the "
@@ -378,13 +395,13 @@ def model_card(ev: Evaluation, card: dict[str, Any]) -> str:
     if t.get("val"):
         lines += [f"- On val ({t['val']['n']} images): sensitivity {fmt(t['val']['sensitivity'])}, specificity "
                   f"{fmt(t['val']['specificity'])}."]
-    lines += ["", f"## Performance ({ev.source}, {len(ev.scores.y)} images)", "", _ci_label(ev) + ".", "",
+    lines += ["", f"## Performance ({md_text(ev.source)}, {len(ev.scores.y)} images)", "", _ci_label(ev) + ".", "",
               _md_table(metrics_header(ev), metrics_rows(ev)), "", *comparison_markdown(ev)]
     limitations = list(card.get("limitations") or [])
     limitations.append(f"Confidence intervals reflect sampling of {len(ev.scores.y)} test images "
                        f"(resampled by {ev.settings['bootstrap_by']}); they do not cover shifts in population, "
                        "scanner or labelling.")
-    lines += ["## Limitations", "", *[f"- {x}" for x in limitations], ""]
+    lines += ["## Limitations", "", *[f"- {md_text(x)}" for x in limitations], ""]
     return "\n".join(lines)
 
 
@@ -414,7 +431,7 @@ def _data_markdown(ev: Evaluation) -> list[str]:
     if sources:
         for src in sources if isinstance(sources, list) else sources.get("sources", []):
             digest = f"sha256 `{src['sha256']}`" if src.get("sha256") else f"a {src.get('kind', 'local')} (no digest)"
-            lines.append(f"- Source `{src.get('url') or src.get('path')}`: {digest}")
+            lines.append(f"- Source {md_code(src.get('url') or src.get('path'))}: {digest}")
         lines.append("")
     return lines
 
@@ -517,8 +534,9 @@ def render_html(ev: Evaluation, card_md: str, figures: dict[str, bytes | None]) 
 
 
 def markdown_html(text: str) -> str:
-    """Markdown (CommonMark + tables) as HTML, raw HTML in the text escaped; headings moved down two levels."""
-    out = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    """Markdown (CommonMark + tables) as HTML, raw HTML in the text escaped and no images (nothing the page
+    would fetch); headings moved down two levels."""
+    out = MarkdownIt("commonmark", {"html": False}).enable("table").disable("image").render(text)
     for level in (4, 3, 2, 1):
         out = out.replace(f"<h{level}>", f"<h{level + 2}>").replace(f"</h{level}>", f"</h{level + 2}>")
     return out
@@ -530,7 +548,7 @@ def markdown_html(text: str) -> str:
 def summary_markdown(ev: Evaluation) -> str:
     t = ev.threshold
     c = ev.confusion
-    lines = [f"# {ev.title}", "", *[line for text in banners(ev) for line in (f"> **{text}**", "")],
+    lines = [f"# {md_text(ev.title)}", "", *[line for text in banners(ev) for line in (f"> **{md_text(text)}**", "")],
              f"Test images: {len(ev.scores.y)} ({int(np.sum(ev.scores.y))} positive). {_ci_label(ev)}.", "",
              f"Operating threshold **{t['threshold']:.4f}** ({t.get('rule')}, chosen on "
              f"{t.get('chosen_on', 'val')}): {t.get('how', '')}.", "",

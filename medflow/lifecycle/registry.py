@@ -7,8 +7,10 @@ Layout (next to the train stage's own outputs, which DVC owns and which always h
                                                    threshold.json (if evaluated), version.json
     models/<ds>/champion.json                      {"version": <id>, ...}: the model to serve
 
-A version id is ``<UTC time>-<sha256 of model.keras, 10 hex>``; registering the same model file twice
-returns the existing version. Versions are written whole (a temporary folder renamed into place) and the
+A version id is ``<UTC time>-<sha256 of model.keras, 10 hex>`` (``20260101T120000Z-0123456789``); registering
+the same model file twice returns the existing version. champion.json is data, not a path: a version it
+names must be such an id, and its folder must resolve inside ``versions/`` (no absolute path, ``..`` or
+link out of the registry). Versions are written whole (a temporary folder renamed into place) and the
 champion pointer is replaced atomically, so a crash or a failed run never leaves the champion half
 written or pointing at a half-copied model. Nothing here deletes a version.
 """
@@ -16,6 +18,7 @@ written or pointing at a half-copied model. Nothing here deletes a version.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -29,22 +32,40 @@ log = logging.getLogger(__name__)
 MODEL_FILES = ("model.keras", "metadata.json", "threshold.json", "history.csv")
 CHAMPION = "champion.json"
 VERSION_INFO = "version.json"
+VERSION_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{10}")  # what register() creates
 
 
 def versions_dir(model_root: Path) -> Path:
     return Path(model_root) / "versions"
 
 
+def version_dir(model_root: Path, version: Any) -> Path:
+    """``versions/<version>``, for a version id of this registry whose folder lies inside ``versions/``.
+
+    Raises StepError for anything else: another form, an absolute path, ``..``, or a folder that is a link
+    out of the registry.
+    """
+    folder = versions_dir(model_root)
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
+        raise StepError(f"{version!r} is not a version id of {folder} (<UTC time>-<10 hex>, e.g. "
+                        "20260101T120000Z-0123456789)")
+    path = folder / version
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()):
+        raise StepError(f"{path}: resolves to {path.resolve()}, outside {folder}")
+    return path
+
+
 def list_versions(model_root: Path) -> list[str]:
-    """Registered version ids, oldest first (ids start with their UTC time)."""
+    """Registered version ids, oldest first (ids start with their UTC time); other folders are ignored."""
     folder = versions_dir(model_root)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / VERSION_INFO).exists())
+    return sorted(p.name for p in folder.iterdir()
+                  if VERSION_ID.fullmatch(p.name) and p.is_dir() and (p / VERSION_INFO).exists())
 
 
 def version_info(model_root: Path, version: str) -> dict[str, Any]:
-    path = versions_dir(model_root) / version / VERSION_INFO
+    path = version_dir(model_root, version) / VERSION_INFO
     try:
         return dict(read_json(path))
     except FileNotFoundError:
@@ -86,20 +107,26 @@ def champion(model_root: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     record = dict(read_json(path))
-    if not (versions_dir(model_root) / str(record.get("version")) / "model.keras").is_file():
+    try:
+        folder = version_dir(model_root, record.get("version"))
+    except StepError as e:
+        raise StepError(f"{path}: points at version {record.get('version')!r}, which is refused: {e}") from None
+    if not (folder / "model.keras").is_file():
         raise StepError(f"{path}: points at version {record.get('version')!r}, which has no model.keras")
     return record
 
 
 def champion_dir(model_root: Path) -> Path | None:
+    """The champion's version folder (checked: a version id of this registry, inside ``versions/``), or None."""
     record = champion(model_root)
-    return None if record is None else versions_dir(model_root) / record["version"]
+    return None if record is None else version_dir(model_root, record["version"])
 
 
 def promote(model_root: Path, version: str, record: dict[str, Any] | None = None) -> None:
     """Point the champion at ``version`` (atomic replace of champion.json)."""
     if not (versions_dir(model_root) / version / "model.keras").is_file():
         raise StepError(f"cannot promote {version!r}: {versions_dir(model_root) / version} holds no model.keras")
+    version_dir(model_root, version)  # a version id of this registry, not a path that happens to hold a model
     previous = champion(model_root)
     write_json(Path(model_root) / CHAMPION, {"version": version, "promoted_at": _now(),
                                              "previous": previous["version"] if previous else None,
