@@ -89,7 +89,8 @@ def load_trained(folder: Path | str) -> TrainedModel:
         if not (folder / name).is_file():
             raise StepError(f"{folder / name}: not found (train a model first: dvc repro train)")
     try:
-        model = keras.saving.load_model(folder / MODEL_FILE, custom_objects=custom_objects(), compile=False)
+        model = keras.saving.load_model(folder / MODEL_FILE, custom_objects=custom_objects(), compile=False,
+                                         safe_mode=True)  # never run code from a model file (SECURITY.md)
     except Exception as e:  # Keras raises many types for a damaged or foreign file
         raise StepError(f"{folder / MODEL_FILE}: cannot load the model ({type(e).__name__}: {e})") from e
     meta = read_json(folder / METADATA_FILE)

@@ -265,7 +265,7 @@ def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int
     neg, pos = data.class_counts("train")
     with placement.scope():
         if resume_from is not None:
-            model = keras.saving.load_model(resume_from, custom_objects=models.custom_objects())
+            model = keras.saving.load_model(resume_from, custom_objects=models.custom_objects(), safe_mode=True)
         else:
             model = models.build_model(cfg.train, input_shape=data.input_shape, allow_flips=cfg.dataset.allow_flips,
                                        pos=pos, neg=neg)

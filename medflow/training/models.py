@@ -393,7 +393,7 @@ def _load_weights(target: keras.Model, path: Path, train: TrainConfig, *, full_m
 
 
 def _weights_from_saved_model(path: Path, full_model: bool) -> list[Any]:
-    saved = keras.saving.load_model(path, compile=False, custom_objects=custom_objects())
+    saved = keras.saving.load_model(path, compile=False, custom_objects=custom_objects(), safe_mode=True)
     if not full_model:
         try:
             return list(saved.get_layer(BACKBONE_NAME).get_weights())
