@@ -38,9 +38,17 @@ def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = la
         if other.stem != "pneumonia":
             other.unlink()
     params = yaml.safe_load((dest / "params.yaml").read_text())
+    shipped = yaml.safe_load((dest / "params.yaml").read_text())
     params["datasets"] = ["pneumonia"]  # `dvc repro` builds this dataset only
     edit_params(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # an edited key that the catalog entry overrides takes the edited value there too (the entry would win)
+    for section, values in entry.items():
+        if section != "dataset" and isinstance(values, dict):
+            for key in values:
+                if params.get(section, {}).get(key) != shipped.get(section, {}).get(key):
+                    values[key] = params[section][key]
+    (dest / "datasets/pneumonia.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 

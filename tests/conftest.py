@@ -9,11 +9,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from medflow.schema import SPLIT_COLUMNS
 
@@ -51,6 +53,18 @@ def copy_shipped(dest: Path, paths: Sequence[str] = SHIPPED) -> Path:
             target.write_bytes(subprocess.run(["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True,
                                               check=True).stdout)
     return dest / "params.yaml"
+
+
+def small_run_catalog(datasets_dir: Path, small_run: Mapping[str, Mapping[str, Any]]) -> None:
+    """Make a scratch checkout's small-run params hold against the catalog: a catalog entry's override of a
+    key that ``small_run`` sets (e.g. pneumonia's ``resize.size``) takes the small-run value. Keys the entries
+    leave to params.yaml stay there, so a test that edits params.yaml still changes them."""
+    for path in sorted(Path(datasets_dir).glob("*.yaml")):
+        entry = yaml.safe_load(path.read_text())
+        for section, values in small_run.items():
+            own = entry.get(section) or {}
+            entry[section] = {**own, **{k: v for k, v in values.items() if k in own}}
+        path.write_text(yaml.safe_dump(entry, sort_keys=False))
 
 
 def _files(path: Path) -> list[Path]:

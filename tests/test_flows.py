@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset
+from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset, small_run_catalog
 
 pytestmark = [pytest.mark.slow]
 
@@ -62,6 +62,7 @@ def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
         entry = yaml.safe_load(entry_file.read_text())
         entry["dataset"]["sources"] = []
         entry_file.write_text(yaml.safe_dump(entry, sort_keys=False))
+    small_run_catalog(dest / "datasets", {**SMALL_RUN, **overrides})
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,

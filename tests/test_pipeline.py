@@ -20,8 +20,9 @@ from typing import Any
 import cv2
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset
+from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset, small_run_catalog
 
+from medflow.config import load_config
 from medflow.io import read_csv, sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,7 +114,8 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert (split.groupby("group")["split"].nunique() == 1).all(), "a patient is in two splits"
     assert (split.groupby("dup_group")["split"].nunique() == 1).all()
     assert set(split["split"]) == {"train", "val", "test"}
-    assert _json(processed / "resize.json")["shape"] == [1564, 224, 224, 1]
+    size = load_config(project / "params.yaml", "pneumonia").resize.size  # the shipped default
+    assert _json(processed / "resize.json")["shape"] == [1564, size, size, 1]
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
     status = _dvc(project, "status", "validate@pneumonia")
     assert "up to date" in status.stdout, status.stdout
@@ -176,6 +178,7 @@ def _small_project(tmp_path: Path) -> Path:
     for entry in (project / "datasets").glob("*.yaml"):
         _edit_yaml(entry, lambda e: e["dataset"].update(sources=[]))
     _edit_yaml(project / "params.yaml", lambda p: [p[k].update(v) for k, v in SMALL_RUN.items()])
+    small_run_catalog(project / "datasets", SMALL_RUN)
     _commit(project)
     return project
 
