@@ -144,7 +144,7 @@ class ExtractConfig(_Strict):
 
 class FilterConfig(_Strict):
     min_side: Annotated[int, Field(ge=1)] = 32
-    max_pixels: Annotated[int, Field(gt=0)] = 178_956_970
+    max_pixels: Annotated[int, Field(gt=0)] = 89_478_485  # Pillow's MAX_IMAGE_PIXELS
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 4
     workers: Annotated[int, Field(ge=0)] = 0
 
