@@ -35,6 +35,7 @@ class Source(_Strict):
     url: str
     filename: str | None = None  # name to save a download under (default: last URL path segment)
     sha256: str | None = None  # pinned digest of the archive; None = record and warn
+    insecure: bool = False  # allow plain http:// (and redirects to it); https only otherwise
 
     @field_validator("sha256")
     @classmethod
