@@ -68,8 +68,8 @@ def _failed(name: str, error: StepError) -> Item:
 def _archive_items(path: Path, limits: InputLimits) -> list[Item]:
     """Image members of an archive, after the extract step's checks (members, declared bytes, ratio) over
     the whole archive; an archive that fails them, or cannot be read, is one error item naming the limit."""
-    tally = _Tally(archive=path, limits=limits.extract, compressed=path.stat().st_size)
     try:
+        tally = _Tally(archive=path, limits=limits.extract, compressed=path.stat().st_size)
         return (_zip_items if path.name.lower().endswith(".zip") else _tar_items)(path, tally, limits.max_bytes)
     except StepError as e:
         return [_failed(str(path), e)]
