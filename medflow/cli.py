@@ -219,15 +219,19 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     """Score files with ``--model``, or with the model of ``--dataset`` (a name of the catalog, checked)."""
     model = args.model
+    configured = args.dataset is not None or _self_contained(args.params)
+    cfg = load_config(args.params, args.dataset) if configured else None
     if model is None:
-        if args.dataset is None and not _self_contained(args.params):
+        if cfg is None:
             raise ConfigError("predict: name the model: --dataset NAME (its models/NAME) or --model DIR; "
                               + _catalog_hint(args.params))
-        model = _default_model(load_config(args.params, args.dataset).dataset.name)
+        model = _default_model(cfg.dataset.name)
     from medflow import inference as predict
+    from medflow.imaging.limits import InputLimits
 
+    limits = InputLimits.of(cfg.extract, cfg.filter) if cfg else InputLimits()  # input caps: config, else defaults
     predict.run(args.paths, model=model, out=args.out, threshold=args.threshold, batch_size=args.batch_size,
-                workers=args.workers, progress=not args.no_progress)
+                workers=args.workers, progress=not args.no_progress, limits=limits)
 
 
 def _catalog_hint(params: Path) -> str:

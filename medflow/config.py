@@ -35,6 +35,7 @@ class Source(_Strict):
     url: str
     filename: str | None = None  # name to save a download under (default: last URL path segment)
     sha256: str | None = None  # pinned digest of the archive; None = record and warn
+    insecure: bool = False  # allow plain http:// (and redirects to it); https only otherwise
 
     @field_validator("sha256")
     @classmethod
@@ -145,7 +146,7 @@ class ExtractConfig(_Strict):
 
 class FilterConfig(_Strict):
     min_side: Annotated[int, Field(ge=1)] = 32
-    max_pixels: Annotated[int, Field(gt=0)] = 178_956_970
+    max_pixels: Annotated[int, Field(gt=0)] = 89_478_485  # Pillow's MAX_IMAGE_PIXELS
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 4
     workers: Annotated[int, Field(ge=0)] = 0
 

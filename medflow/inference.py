@@ -5,6 +5,13 @@ Inputs may be files, folders (searched recursively for images), glob patterns an
 own decoder (:func:`medflow.imaging.decode.decode_resized`) at the model's size and channels, exactly the training
 preprocessing. Decoding runs in a thread pool one batch ahead of the model. A file that cannot be read or
 decoded gets a row with its error and the rest are scored; the run never stops on one bad file.
+
+Inputs are bounded as the pipeline bounds its own (:mod:`medflow.imaging.limits`): archives get the extract
+step's checks (``extract.max_members``, ``max_total_bytes``, ``max_ratio``; a refused archive is one error
+row), images the filter's pixel cap (``filter.max_pixels``, from the header, before decoding) and a byte
+cap; only regular files are read, ``**`` and folder walks do not follow symlinked folders, and the bytes and
+pixels held by the decoding threads at once are capped. The limits are the config's where the command has
+one (``--dataset``, ``--params``), else the params.yaml defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -27,11 +35,11 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from medflow.data.archives import is_junk
+from medflow.data.archives import _Tally, is_junk
 from medflow.data.manifest import iter_images
 from medflow.errors import StepError
 from medflow.evaluation.assess import TrainedModel, load_trained
-from medflow.imaging.decode import decode_resized
+from medflow.imaging.limits import MAX_IMAGE_BYTES, Decoder, InputLimits, Item, file_item
 from medflow.io import atomic_open, n_workers
 from medflow.schema import IMAGE_EXTENSIONS
 
@@ -39,24 +47,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["path", "probability", "predicted", "class_name", "threshold", "error"]
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-MAX_MEMBER_BYTES = 1 << 30  # an archive member larger than this is reported, not read
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to score: a display name and how to get its bytes."""
-
-    name: str
-    read: Callable[[], bytes]
-
-
-def _read_file(path: Path) -> Callable[[], bytes]:
-    def read() -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            raise StepError(f"cannot read: {e.strerror or e}") from e
-    return read
+MAX_MEMBER_BYTES = MAX_IMAGE_BYTES  # an image file or archive member larger than this is an error, not read
 
 
 def _is_archive(path: Path) -> bool:
@@ -67,25 +58,46 @@ def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _archive_items(path: Path) -> Iterator[Item]:
-    """Image members of an archive; their bytes are read when the batch is decoded (main thread)."""
-    if path.name.lower().endswith(".zip"):
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise StepError(f"{path}: not a readable zip archive ({e})") from e
-        for info in sorted(zf.infolist(), key=lambda i: i.filename):
-            rel = PurePosixPath(info.filename)
-            if info.is_dir() or is_junk(rel) or not _is_image_name(info.filename):
-                continue
-            yield Item(f"{path}!{info.filename}", _member_reader(path, info.filename, info.file_size,
-                                                                   partial(zf.read, info.filename)))
-        return
-    try:  # kept open while its members are read (the process ends it)
-        tf = tarfile.open(path)  # noqa: SIM115
-    except (tarfile.TarError, OSError) as e:
-        raise StepError(f"{path}: not a readable tar archive ({e})") from e
-    for member in tf.getmembers():  # archive order: a compressed tar is read forwards only once
+def _failed(name: str, error: StepError) -> Item:
+    """An input that failed before any image was read (an archive refused whole): one error row."""
+    def read() -> bytes:
+        raise error
+    return Item(name, read)
+
+
+def _archive_items(path: Path, limits: InputLimits) -> list[Item]:
+    """Image members of an archive, after the extract step's checks (members, declared bytes, ratio) over
+    the whole archive; an archive that fails them, or cannot be read, is one error item naming the limit."""
+    try:
+        tally = _Tally(archive=path, limits=limits.extract, compressed=path.stat().st_size)
+        return (_zip_items if path.name.lower().endswith(".zip") else _tar_items)(path, tally, limits.max_bytes)
+    except StepError as e:
+        return [_failed(str(path), e)]
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        return [_failed(str(path), StepError(f"{path}: not a readable archive ({e})"))]
+
+
+def _zip_items(path: Path, tally: _Tally, max_bytes: int) -> list[Item]:
+    zf = zipfile.ZipFile(path)  # noqa: SIM115 - kept open while its members are read (the process ends it)
+    infos = zf.infolist()
+    for info in infos:  # the whole central directory first, as extract does
+        tally.count_member(info.filename)
+    tally.declare(sum(i.file_size for i in infos), infos[-1].filename if infos else "")
+    return [Item(f"{path}!{info.filename}", _member_reader(path, info.filename, info.file_size, max_bytes,
+                                                         partial(zf.read, info.filename)), info.file_size)
+            for info in sorted(infos, key=lambda i: i.filename)
+            if not info.is_dir() and not is_junk(PurePosixPath(info.filename)) and _is_image_name(info.filename)]
+
+
+def _tar_items(path: Path, tally: _Tally, max_bytes: int) -> list[Item]:
+    """Listed in one forward pass (a compressed tar is read forwards only once); tarfile's own list of
+    members is emptied as it goes, so a tar of many tiny members costs only the image members kept."""
+    tf = tarfile.open(path)  # noqa: SIM115 - kept open while its members are read (the process ends it)
+    items: list[Item] = []
+    while (member := tf.next()) is not None:
+        tf.members.clear()  # type: ignore[attr-defined]  # tarfile's list of seen members
+        tally.count_member(member.name)
+        tally.declare(member.size, member.name)
         if not member.isfile() or is_junk(PurePosixPath(member.name)) or not _is_image_name(member.name):
             continue
 
@@ -94,37 +106,57 @@ def _archive_items(path: Path) -> Iterator[Item]:
             if f is None:
                 raise StepError("not a regular file")
             return f.read()
-        yield Item(f"{path}!{member.name}", _member_reader(path, member.name, member.size, read_member))
+        items.append(Item(f"{path}!{member.name}", _member_reader(path, member.name, member.size, max_bytes,
+                                                                 read_member), member.size))
+    return items
 
 
-def _member_reader(archive: Path, name: str, size: int, read: Callable[[], bytes]) -> Callable[[], bytes]:
+def _member_reader(archive: Path, name: str, size: int, max_bytes: int,
+                   read: Callable[[], bytes]) -> Callable[[], bytes]:
     def checked() -> bytes:
-        if size > MAX_MEMBER_BYTES:
-            raise StepError(f"member is {size} bytes, over {MAX_MEMBER_BYTES} (not read)")
+        if size > max_bytes:
+            raise StepError(f"{archive}!{name}: member is {size} bytes, over the {max_bytes}-byte cap per "
+                            "image; not read")
         try:
             return read()
-        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
             raise StepError(f"cannot read member of {archive}: {e}") from e
     return checked
 
 
-def collect(specs: list[str]) -> list[Item]:
+def _glob(spec: str) -> list[str]:
+    """Matches of a glob pattern, sorted. ``**`` never descends into a symlinked folder (pathlib's rule), so
+    a folder holding links to itself cannot make the expansion endless."""
+    if "**" not in spec:
+        return sorted(glob.glob(spec))
+    parts = Path(spec).parts
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    pattern = str(Path(*parts[fixed:]))
+    return sorted(str(p) for p in base.glob(pattern))
+
+
+def collect(specs: list[str], limits: InputLimits | None = None) -> list[Item]:
     """Expand PATH arguments into images, in the order given (folders and globs sorted).
 
-    A spec that names nothing (no such file or folder, no glob match) is an error naming it.
+    A spec that names nothing (no such file or folder, no glob match) is an error naming it. Folders are
+    walked without following symlinked folders (:func:`medflow.data.manifest.iter_images`).
     """
+    limits = limits or InputLimits()
     items: list[Item] = []
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            items += [Item(str(p), _read_file(p)) for p in iter_images(path)]
-        elif path.is_file():
-            items += list(_archive_items(path)) if _is_archive(path) else [Item(str(path), _read_file(path))]
+            items += [file_item(p, limits.max_bytes) for p in iter_images(path)]
+        elif path.is_file() and _is_archive(path):
+            items += _archive_items(path, limits)
+        elif path.exists() or path.is_symlink():  # a file, or something that is not one: its row says which
+            items.append(file_item(path, limits.max_bytes))
         elif glob.has_magic(spec):
-            matches = sorted(glob.glob(spec, recursive=True))
+            matches = _glob(spec)
             if not matches:
                 raise StepError(f"{spec}: the pattern matches no file")
-            items += collect(matches)
+            items += collect(matches, limits)
         else:
             raise StepError(f"{spec}: no such file or folder")
     return items
@@ -137,28 +169,11 @@ class Timing:
     total_s: float = 0.0
 
 
-def _decode_batch(items: list[Item], size: int, channels: int,
-                  pool: ThreadPoolExecutor) -> tuple[np.ndarray, list[str | None], float]:
+def _decode_batch(items: list[Item], decoder: Decoder) -> tuple[np.ndarray, list[str | None], float]:
     start = time.perf_counter()
-    data: list[bytes | StepError] = []
-    for item in items:  # archive members are read here, in one thread (tarfile is not thread-safe)
-        try:
-            data.append(item.read())
-        except StepError as e:
-            data.append(e)
-
-    def one(pair: tuple[Item, bytes | StepError]) -> tuple[np.ndarray | None, str | None]:
-        item, raw = pair
-        if isinstance(raw, StepError):
-            return None, str(raw)
-        try:
-            return decode_resized(raw, size=size, channels=channels, name=item.name), None
-        except StepError as e:
-            return None, str(e)
-
-    batch = np.zeros((len(items), size, size, channels), dtype=np.uint8)
+    batch = np.zeros((len(items), decoder.size, decoder.size, decoder.channels), dtype=np.uint8)
     errors: list[str | None] = []
-    for i, (img, err) in enumerate(pool.map(one, zip(items, data, strict=True))):
+    for i, (img, err) in enumerate(decoder.decode(items)):
         if img is not None:
             batch[i] = img
         errors.append(err)
@@ -166,8 +181,10 @@ def _decode_batch(items: list[Item], size: int, channels: int,
 
 
 def predict_items(trained: TrainedModel, items: list[Item], threshold: float, *, batch_size: int = 64,
-                  workers: int = 0, progress: bool = True) -> tuple[list[dict[str, Any]], Timing]:
-    """Score ``items``; one row per item (errors included), in input order."""
+                  workers: int = 0, progress: bool = True,
+                  limits: InputLimits | None = None) -> tuple[list[dict[str, Any]], Timing]:
+    """Score ``items``; one row per item (errors included), in input order. Decoding stays within
+    ``limits`` (default: the params.yaml defaults), see :mod:`medflow.imaging.limits`."""
     names = trained.metadata.get("class_names", {})
     rows: list[dict[str, Any]] = []
     timing = Timing()
@@ -175,14 +192,13 @@ def predict_items(trained: TrainedModel, items: list[Item], threshold: float, *,
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(n_workers(workers)) as pool, ThreadPoolExecutor(1) as ahead, \
             tqdm(total=len(items), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
-        pending: Future[Any] | None = ahead.submit(_decode_batch, batches[0], trained.size, trained.channels,
-                                                    pool) if batches else None
+        decoder = Decoder(trained.size, trained.channels, limits or InputLimits(), pool)
+        pending: Future[Any] | None = ahead.submit(_decode_batch, batches[0], decoder) if batches else None
         for k, batch_items in enumerate(batches):
             assert pending is not None
             batch, errors, decode_s = pending.result()
             timing.decode_s += decode_s
-            pending = (ahead.submit(_decode_batch, batches[k + 1], trained.size, trained.channels, pool)
-                       if k + 1 < len(batches) else None)
+            pending = ahead.submit(_decode_batch, batches[k + 1], decoder) if k + 1 < len(batches) else None
             ok = np.array([e is None for e in errors])
             probs = np.full(len(batch_items), np.nan)
             if ok.any():
@@ -212,16 +228,20 @@ def _write(rows: list[dict[str, Any]], f: IO[str]) -> None:
 
 
 def run(specs: list[str], *, model: Path, out: Path | None, threshold: float | None = None,
-        batch_size: int = 64, workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Score ``specs``; write the CSV to ``out`` (atomically) or to stdout. Returns counts and timings."""
+        batch_size: int = 64, workers: int = 0, progress: bool = True,
+        limits: InputLimits | None = None) -> dict[str, Any]:
+    """Score ``specs``; write the CSV to ``out`` (atomically) or to stdout. Returns counts and timings.
+
+    ``limits``: the caps on inputs (the config's extract and filter parameters; default: params.yaml's)."""
     trained = load_trained(model)
     if threshold is not None and not 0 <= threshold <= 1:
         raise StepError(f"--threshold: must be in [0, 1], got {threshold}")
     t = float(threshold if threshold is not None else trained.threshold["threshold"])
-    items = collect(specs)
+    items = collect(specs, limits)
     if not items:
         raise StepError(f"{' '.join(specs)}: no images found")
-    rows, timing = predict_items(trained, items, t, batch_size=batch_size, workers=workers, progress=progress)
+    rows, timing = predict_items(trained, items, t, batch_size=batch_size, workers=workers, progress=progress,
+                                 limits=limits)
     if out is None:
         buf = io.StringIO()
         _write(rows, buf)

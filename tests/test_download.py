@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from medflow.config import Config, parse_config
-from medflow.data.fetch import FetchError, archive_suffix, default_filename, fetch
+from medflow.data.fetch import FetchError, archive_suffix, default_filename, fetch, redact
 from medflow.errors import StepError
 from tasks import download
 
@@ -58,6 +58,7 @@ class ServerState:
     retry_after: str | None = None  # Retry-After header sent with the failures
     honor_range: bool = True  # False: answer 200 with the whole body even to a Range request
     content_encoding: str | None = None  # a Content-Encoding label sent with the (unchanged) body
+    redirect_to: str | None = None  # answer /files/ requests for anything else with a 302 to this URL
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +94,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self.path.startswith("/files/"):
             self.send_error(404)
+            return
+        if st.redirect_to and not st.redirect_to.endswith(self.path):
+            self.send_response(302)
+            self.send_header("Location", st.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         body, start = st.payload, 0
         m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
@@ -142,8 +149,9 @@ def dl_refused_url() -> str:
 
 
 @pytest.fixture
-def tls_url(tmp_path: Path) -> Iterator[str]:
-    """An https URL on 127.0.0.1 served with a freshly made self-signed certificate (trusted by nobody)."""
+def tls_server(tmp_path: Path) -> Iterator[Server]:
+    """The loopback server over https, with a freshly made self-signed certificate (trusted by nobody:
+    a test that wants it trusted names it in REQUESTS_CA_BUNDLE, ``tmp_path / "cert.pem"``)."""
     cert, key = _self_signed(tmp_path)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.state = ServerState()  # type: ignore[attr-defined]
@@ -153,10 +161,22 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
-        yield f"https://127.0.0.1:{httpd.server_address[1]}/files/a.zip"
+        yield Server(f"https://127.0.0.1:{httpd.server_address[1]}", httpd.state)  # type: ignore[attr-defined]
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def tls_url(tls_server: Server) -> str:
+    return tls_server.url("a.zip")
+
+
+@pytest.fixture
+def trusted(tmp_path: Path, tls_server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """``tls_server`` with its certificate trusted the documented way: REQUESTS_CA_BUNDLE."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+    return tls_server
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -181,7 +201,17 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_pem, key_pem
 
 
-def _cfg(*sources: Any, retries: int = 2, timeout_s: float = 5.0) -> Config:
+def fetch_http(url: str, dest: Path, **kwargs: Any) -> str:
+    """:func:`fetch` of the plain-http loopback server (``insecure``: http is refused otherwise)."""
+    return fetch(url, dest, insecure=True, **kwargs)
+
+
+def _cfg(*sources: Any, retries: int = 2, timeout_s: float = 5.0, insecure: bool = True) -> Config:
+    """A config of ``sources``; an http:// one (the loopback server) says ``insecure: true`` unless told not to."""
+    def plain(src: Any) -> bool:
+        return str(src["url"] if isinstance(src, dict) else src).startswith("http://")
+    sources = tuple({**(s if isinstance(s, dict) else {"url": s}), "insecure": True} if insecure and plain(s)
+                    else s for s in sources)
     return parse_config({
         "dataset": {"name": "t", "sources": list(sources), "labels": {"NORMAL": 0, "PNEUMONIA": 1}},
         "download": {"retries": retries, "backoff_s": 0.01, "timeout_s": timeout_s},
@@ -210,7 +240,7 @@ def test_pinned_download_writes_verified_file_and_record(tmp_path: Path, dl_serv
 def test_cut_stream_resumes_with_range(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.cut_first = True
     dest = tmp_path / "a.zip"
-    digest = fetch(dl_server.url(), dest, sha256=DIGEST, timeout_s=5, retries=2, backoff_s=0)
+    digest = fetch_http(dl_server.url(), dest, sha256=DIGEST, timeout_s=5, retries=2, backoff_s=0)
     assert digest == DIGEST and dest.read_bytes() == PAYLOAD
     first, second = dl_server.state.requests
     assert first["range"] is None
@@ -219,27 +249,27 @@ def test_cut_stream_resumes_with_range(tmp_path: Path, dl_server: Server) -> Non
 
 def test_partial_from_earlier_run_is_resumed(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD[:1000])
-    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert [r["range"] for r in dl_server.state.requests] == ["bytes=1000-"]
 
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.honor_range = False
     (tmp_path / "a.zip.part").write_bytes(b"garbage that must not stay in front")
-    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
     assert dl_server.state.requests[0]["range"] is not None
 
 
 def test_complete_part_answered_416_is_accepted(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD)
-    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
 
 
 def test_oversized_part_answered_416_restarts(tmp_path: Path, dl_server: Server) -> None:
     (tmp_path / "a.zip.part").write_bytes(PAYLOAD + b"extra")
-    digest = fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=1, backoff_s=0)
+    digest = fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=1, backoff_s=0)
     assert digest == DIGEST
     assert [r["range"] for r in dl_server.state.requests] == [f"bytes={len(PAYLOAD) + 5}-", None]
 
@@ -309,7 +339,7 @@ def test_503_beyond_retries_fails_with_reason(tmp_path: Path, dl_server: Server)
 def test_retry_after_is_honoured(tmp_path: Path, dl_server: Server, caplog: pytest.LogCaptureFixture) -> None:
     dl_server.state.fail_first, dl_server.state.retry_after = 1, "1"
     with caplog.at_level(logging.WARNING, logger="medflow.data.fetch"):
-        assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0.01) == DIGEST
+        assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0.01) == DIGEST
     assert "HTTP 503 for /files/ChestXRay2017.zip; retry 1 of up to 2 after Retry-After: 1 s" in caplog.text
     first, second = dl_server.state.requests
     # urllib3's own first retry is immediate (and backoff_s is 0.01): only Retry-After explains the wait
@@ -318,14 +348,14 @@ def test_retry_after_is_honoured(tmp_path: Path, dl_server: Server, caplog: pyte
 
 def test_429_is_retried(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.fail_first, dl_server.state.fail_status = 2, 429
-    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0) == DIGEST
+    assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=2, backoff_s=0) == DIGEST
     assert len(dl_server.state.requests) == 3
 
 
 def test_429_beyond_retries_names_the_status(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.fail_first, dl_server.state.fail_status = 5, 429
     with pytest.raises(FetchError, match=rf"{re.escape(dl_server.url())} \(3 attempts\): HTTP 429 Too Many"):
-        fetch(dl_server.url(), tmp_path / "a.zip", retries=2, backoff_s=0)
+        fetch_http(dl_server.url(), tmp_path / "a.zip", retries=2, backoff_s=0)
     assert len(dl_server.state.requests) == 3
     assert not (tmp_path / "a.zip").exists()
 
@@ -333,18 +363,18 @@ def test_429_beyond_retries_names_the_status(tmp_path: Path, dl_server: Server) 
 def test_cut_on_every_attempt_keeps_the_part_for_the_next_run(tmp_path: Path, dl_server: Server) -> None:
     dl_server.state.cut_all = True
     with pytest.raises(FetchError, match=r"\(2 attempts\): stream (cut short|interrupted) after"):
-        fetch(dl_server.url(), tmp_path / "a.zip", retries=1, backoff_s=0)
+        fetch_http(dl_server.url(), tmp_path / "a.zip", retries=1, backoff_s=0)
     kept = (tmp_path / "a.zip.part").stat().st_size
     assert kept == len(PAYLOAD) // 2 + (len(PAYLOAD) - len(PAYLOAD) // 2) // 2
     dl_server.state.cut_all = False
-    assert fetch(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
+    assert fetch_http(dl_server.url(), tmp_path / "a.zip", sha256=DIGEST, retries=0) == DIGEST
     assert dl_server.state.requests[-1]["range"] == f"bytes={kept}-"
 
 
 def test_body_is_stored_as_sent_whatever_its_content_encoding(tmp_path: Path, dl_server: Server) -> None:
     tgz = gzip.compress(b"a tar archive's bytes " * 1000)  # a .tar.gz some servers label Content-Encoding: gzip
     dl_server.state.payload, dl_server.state.content_encoding = tgz, "gzip"
-    digest = fetch(dl_server.url("x.tar.gz"), tmp_path / "x.tar.gz", retries=0)
+    digest = fetch_http(dl_server.url("x.tar.gz"), tmp_path / "x.tar.gz", retries=0)
     assert (tmp_path / "x.tar.gz").read_bytes() == tgz and digest == hashlib.sha256(tgz).hexdigest()
     assert dl_server.state.requests[0]["accept_encoding"] == "identity"
 
@@ -382,7 +412,7 @@ def test_timeout_is_transient(tmp_path: Path) -> None:
         srv.listen(4)
         url = f"http://127.0.0.1:{srv.getsockname()[1]}/a.zip"
         with pytest.raises(FetchError, match="timed out") as e:
-            fetch(url, tmp_path / "a.zip", timeout_s=0.2, retries=1, backoff_s=0)
+            fetch_http(url, tmp_path / "a.zip", timeout_s=0.2, retries=1, backoff_s=0)
     assert e.value.attempts == 2
 
 
@@ -499,3 +529,66 @@ def test_no_sources_at_all_is_an_error(tmp_path: Path) -> None:
     cfg = parse_config({"dataset": {"name": "t", "labels": {"A": 0, "B": 1}}})
     with pytest.raises(StepError, match="no sources"):
         download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "s.json", inbox=tmp_path / "inbox")
+
+
+# --------------------------------------------------------------------------------------------- https only
+
+
+def test_plain_http_is_refused_unless_the_source_says_insecure(tmp_path: Path, dl_server: Server) -> None:
+    with pytest.raises(StepError, match=r"dataset.sources\[0\].url: http://127.0.0.1:\d+/files/ChestXRay2017.zip: "
+                       r"plain http:// is not encrypted .*dataset.sources\[0\].insecure: true"):
+        _run(tmp_path, _cfg({"url": dl_server.url(), "sha256": DIGEST}, insecure=False))
+    with pytest.raises(FetchError, match="plain http:// is not encrypted"):
+        fetch(dl_server.url(), tmp_path / "a.zip")
+    assert dl_server.state.requests == [] and not (tmp_path / "sources.json").exists()
+    _, records = _run(tmp_path, _cfg({"url": dl_server.url(), "sha256": DIGEST, "insecure": True}, insecure=False))
+    assert records[0]["sha256"] == DIGEST
+
+
+def test_https_with_a_ca_named_in_requests_ca_bundle(tmp_path: Path, trusted: Server) -> None:
+    summary, records = _run(tmp_path, _cfg({"url": trusted.url(), "sha256": DIGEST}, insecure=False))
+    assert records[0]["url"] == trusted.url() and summary["downloaded"] == 1
+    assert (tmp_path / "raw" / "ChestXRay2017.zip").read_bytes() == PAYLOAD
+
+
+def test_https_to_http_redirect_is_refused(tmp_path: Path, trusted: Server, dl_server: Server) -> None:
+    trusted.state.redirect_to = dl_server.url()
+    src = {"url": trusted.url("a.zip"), "sha256": DIGEST}
+    with pytest.raises(StepError, match=rf"could not fetch {re.escape(trusted.url('a.zip'))} .*redirected to "
+                       rf"{re.escape(dl_server.url())}, which is not https; refusing the downgrade"):
+        _run(tmp_path, _cfg(src, insecure=False))
+    assert dl_server.state.requests == [], "the http server was contacted"
+    _, records = _run(tmp_path, _cfg({**src, "insecure": True}))
+    assert records[0]["sha256"] == DIGEST and len(dl_server.state.requests) == 1
+
+
+def test_https_to_https_redirect_is_followed(tmp_path: Path, trusted: Server) -> None:
+    trusted.state.redirect_to = trusted.url("elsewhere.zip")
+    _, records = _run(tmp_path, _cfg({"url": trusted.url(), "sha256": DIGEST}, insecure=False))
+    assert records[0]["sha256"] == DIGEST
+    assert [r["path"] for r in trusted.state.requests] == ["/files/ChestXRay2017.zip", "/files/elsewhere.zip"]
+
+
+def test_signed_url_is_used_but_redacted_everywhere(tmp_path: Path, trusted: Server,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    secret = "X-Amz-Signature=SECRET0123&X-Amz-Credential=AKIAEXAMPLE"
+    url = f"{trusted.url()}?{secret}"
+    caplog.set_level(logging.INFO)
+    summary, records = _run(tmp_path, _cfg({"url": url}))  # unpinned: the warning names the source too
+    assert trusted.state.requests[0]["path"].endswith(secret), "the download must use the real URL"
+    assert records[0]["url"] == f"{trusted.url()}?<redacted>"
+    assert "SECRET0123" not in (tmp_path / "sources.json").read_text()
+    assert "SECRET0123" not in caplog.text and "<redacted>" in caplog.text
+    trusted.state.fail_first, trusted.state.fail_status = 99, 404
+    with pytest.raises(StepError) as e:
+        _run(tmp_path / "again", _cfg({"url": url}))
+    assert "HTTP 404" in str(e.value) and "SECRET0123" not in str(e.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://h.example/a.zip", "https://h.example/a.zip"),
+    ("https://h.example/a.zip?sig=1&exp=2", "https://h.example/a.zip?<redacted>"),
+    ("https://user:pw@h.example:8443/a.zip#frag", "https://<redacted>@h.example:8443/a.zip#<redacted>"),
+])
+def test_redact(url: str, shown: str) -> None:
+    assert redact(url) == shown

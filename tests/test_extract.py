@@ -62,7 +62,7 @@ def _special(name: str, type_: bytes, linkname: str = "") -> tuple[tarfile.TarIn
     return info, None
 
 
-def _run(tmp_path: Path, *sources: str | Path | dict[str, str],
+def _run(tmp_path: Path, *sources: str | Path | dict[str, Any],
          cfg: Config | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Resolve sources (paths, or source mappings with url and sha256) with the real download step; extract."""
     listed = [s if isinstance(s, dict) else str(s) for s in sources]
@@ -134,7 +134,7 @@ def test_archive_downloaded_over_http_is_extracted(tmp_path: Path, file_server: 
     base, served = file_server
     archive = _zip(served / "ChestXRay2017.zip", {"chest_xray/NORMAL/IM-0001-0001.jpeg": IMG})
     digest = _sha(archive)
-    summary, roots = _run(tmp_path, {"url": f"{base}/ChestXRay2017.zip", "sha256": digest})
+    summary, roots = _run(tmp_path, {"url": f"{base}/ChestXRay2017.zip", "sha256": digest, "insecure": True})
     root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
     assert roots == [{"root": str(root), "source": f"{base}/ChestXRay2017.zip", "kind": "archive"}]
     assert (root / "chest_xray/NORMAL/IM-0001-0001.jpeg").read_bytes() == IMG
@@ -147,7 +147,8 @@ def test_real_images_survive_http_download_and_extract(tmp_path: Path, file_serv
     base, served = file_server
     with tarfile.open(served / "cells.tar.gz", "w:gz") as tf:
         tf.add(cells, arcname="cells")
-    _, roots = _run(tmp_path, {"url": f"{base}/cells.tar.gz", "sha256": _sha(served / "cells.tar.gz")})
+    _, roots = _run(tmp_path, {"url": f"{base}/cells.tar.gz", "sha256": _sha(served / "cells.tar.gz"),
+                               "insecure": True})  # the loopback server speaks plain http
     root = Path(roots[0]["root"]) / "cells"
     originals = {p.relative_to(cells).as_posix(): _sha(p) for p in cells.rglob("*") if p.is_file()}
     assert originals, f"{cells} holds no files"

@@ -82,7 +82,8 @@ def _zip_folder(src: Path, dest: Path) -> None:
 
 def _set_source(project: Path, url: str, sha256: str) -> None:
     _edit_yaml(project / "datasets/pneumonia.yaml",
-               lambda entry: entry["dataset"].update(sources=[{"url": url, "sha256": sha256}]))
+               lambda entry: entry["dataset"].update(sources=[{"url": url, "sha256": sha256,
+                                                               "insecure": url.startswith("http://")}]))
 
 
 def _json(path: Path) -> dict:

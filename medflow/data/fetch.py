@@ -20,7 +20,13 @@ What medflow keeps, because neither library does it:
   certificate that fails verification are not retried (retrying cannot fix them), nor is a 404;
 - ``file://`` URLs: requests has no file:// adapter, and a local copy needs neither retries nor Range, so
   :func:`_copy_file_url` copies the file through the same ``.part`` and verification;
-- local paths (archives or folders) are used in place, never copied (:func:`resolve_local`).
+- local paths (archives or folders) are used in place, never copied (:func:`resolve_local`);
+- https only: a plain ``http://`` source, or a redirect from https to anything but https, is refused unless
+  the source says ``insecure: true``. Certificates are verified against certifi's bundle, or the one that
+  ``REQUESTS_CA_BUNDLE`` names (requests' own variable: a private CA, the tests' loopback server);
+- signed URLs: logs, errors and ``sources.json`` (so roots.json and the model card too) show a URL with its
+  query string, fragment and credentials replaced by ``<redacted>`` (:func:`redact`); the download uses
+  the real URL. dvc.lock records params.yaml as written, which medflow cannot redact (see README).
 
 Unpinned sources (``sha256: null``) log a WARNING with the digest seen, so it can be pinned in params.yaml.
 A sidecar ``<filename>.sha256`` (JSON: sha256, bytes, mtime_ns) lets a later run skip an unpinned download
@@ -70,7 +76,7 @@ class SourceRecord(TypedDict):
     """One resolved source in sources.json (the contract between download and extract)."""
 
     index: int  # position in dataset.sources
-    url: str  # as written in params.yaml
+    url: str  # as written in params.yaml, redacted (:func:`redact`: no query string, no credentials)
     path: str  # local archive or folder (as given if relative, else absolute)
     kind: Literal["archive", "folder"]
     sha256: str | None  # archives only
@@ -81,8 +87,9 @@ class FetchError(StepError):
     """A URL could not be fetched (after retries, or for a permanent reason such as HTTP 404)."""
 
     def __init__(self, url: str, reason: str, attempts: int) -> None:
-        super().__init__(f"could not fetch {url} ({attempts} attempt{'s' * (attempts != 1)}): {reason}")
-        self.url = url
+        reason = _scrub(reason, url)
+        super().__init__(f"could not fetch {redact(url)} ({attempts} attempt{'s' * (attempts != 1)}): {reason}")
+        self.url = url  # the real URL (a signed one included): never log it, log redact(url)
         self.reason = reason
         self.attempts = attempts
 
@@ -103,6 +110,26 @@ def archive_suffix(name: str) -> str | None:
     """The archive suffix of a file name (``.zip``, ``.tar``, ``.tar.gz``, ``.tgz``; any case), else None."""
     lower = name.lower()
     return next((s for s in ARCHIVE_SUFFIXES if lower.endswith(s)), None)
+
+
+def redact(url: str) -> str:
+    """``url`` fit to log or store: a query string (the signature of a signed URL), a fragment and any
+    ``user:password@`` replaced by ``<redacted>``; a URL without them is returned as is."""
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.query or parts.fragment or "@" in parts.netloc):
+        return url
+    netloc = f"<redacted>@{parts.netloc.rpartition('@')[2]}" if "@" in parts.netloc else parts.netloc
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "<redacted>" if parts.query else "",
+                                    "<redacted>" if parts.fragment else ""))
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (an error from requests, which may quote the URL) without ``url``'s query and credentials."""
+    parts = urllib.parse.urlsplit(url)
+    secrets = [parts.query, parts.fragment, parts.netloc.rpartition("@")[0]]
+    for secret in (x for x in secrets if x):
+        text = text.replace(secret, "<redacted>")
+    return text
 
 
 def default_filename(url: str) -> str:
@@ -144,7 +171,8 @@ class _Retry(Retry):
         """Wait as urllib3 does (Retry-After, else backoff); log retries a status caused (urllib3 logs the rest)."""
         if response is not None:
             after = response.headers.get("Retry-After")
-            log.warning("HTTP %d for %s; retry %d of up to %d%s", response.status, self.history[-1].url,
+            log.warning("HTTP %d for %s; retry %d of up to %d%s", response.status,
+                        redact(self.history[-1].url or ""),
                         len(self.history), len(self.history) + (self.total or 0),
                         f" after Retry-After: {after} s" if after else "")
         super().sleep(response)
@@ -161,9 +189,27 @@ def retry_policy(retries: int, backoff_s: float) -> Retry:
                   respect_retry_after_header=True, raise_on_status=False)
 
 
-def _session(retries: int, backoff_s: float) -> requests.Session:
-    """A Session retrying per :func:`retry_policy` and asking for the bytes as stored (no content coding)."""
-    session = requests.Session()
+class _Session(requests.Session):
+    """A Session that refuses, unless ``insecure``, a redirect to anything but https (a downgrade to http)."""
+
+    def __init__(self, insecure: bool) -> None:
+        super().__init__()
+        self.insecure = insecure
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target is not None and not self.insecure:
+            to = urllib.parse.urljoin(resp.url, target)
+            if urllib.parse.urlsplit(to).scheme.lower() != "https":
+                raise FetchError(resp.url, f"redirected to {redact(to)}, which is not https; refusing the "
+                                 "downgrade (set insecure: true on the source to allow http)", 1)
+        return target
+
+
+def _session(retries: int, backoff_s: float, insecure: bool = False) -> requests.Session:
+    """A Session retrying per :func:`retry_policy`, asking for the bytes as stored (no content coding) and,
+    unless ``insecure``, following redirects to https only."""
+    session = _Session(insecure)
     adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff_s))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -227,8 +273,12 @@ def _attempts(response: requests.Response) -> int:
 
 
 def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout_s: float = 60.0, retries: int = 5,
-          backoff_s: float = 1.0) -> str:
-    """Download ``url`` (http, https or file) to ``dest`` through ``dest.part``; return the sha256 written.
+          backoff_s: float = 1.0, insecure: bool = False) -> str:
+    """Download ``url`` (https or file; http too if ``insecure``) to ``dest`` through ``dest.part``; return the
+    sha256 written.
+
+    Without ``insecure`` a plain http URL, or a redirect to one, is a FetchError. Logs and errors show the
+    URL redacted (:func:`redact`).
 
     Each request is retried by urllib3 (:func:`retry_policy`); a body cut short is resumed with a Range
     request up to ``retries`` times, after ``backoff_s * 2**k`` seconds. ``timeout_s`` bounds each connect
@@ -236,18 +286,21 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout_s: float =
     when no pin is given. Raises :class:`FetchError` when the URL cannot be fetched and :class:`StepError`
     on a checksum mismatch (the bad file is kept as ``dest.mismatch``).
     """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "http" and not insecure:
+        raise FetchError(url, "plain http:// is not encrypted; use https:// (or set insecure: true on the source)", 0)
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    if urllib.parse.urlsplit(url).scheme.lower() == "file":
+    if scheme == "file":
         _copy_file_url(url, part)
     else:
-        with _session(retries, backoff_s) as session:
+        with _session(retries, backoff_s, insecure) as session:
             _download(session, url, part, timeout_s=timeout_s, resumes=retries, backoff_s=backoff_s)
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
         aside = dest.with_name(dest.name + ".mismatch")
         os.replace(part, aside)
-        raise StepError(f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {digest} "
+        raise StepError(f"checksum mismatch for {redact(url)}: expected sha256 {sha256.lower()}, got {digest} "
                         f"({aside.stat().st_size} bytes, kept as {aside} for inspection; {dest} not written)")
     os.replace(part, dest)
     return digest
@@ -261,7 +314,7 @@ def _download(session: requests.Session, url: str, part: Path, *, timeout_s: flo
     for resume in range(resumes + 1):
         if resume:
             delay = backoff_s * 2 ** (resume - 1)
-            log.warning("%s: %s; resuming in %.1f s (%d of %d)", url, reason, delay, resume, resumes)
+            log.warning("%s: %s; resuming in %.1f s (%d of %d)", redact(url), reason, delay, resume, resumes)
             time.sleep(delay)
         try:
             sent += _get_once(session, url, part, timeout_s=timeout_s)
@@ -290,7 +343,7 @@ def _get_once(session: requests.Session, url: str, part: Path, *, timeout_s: flo
         attempts = _attempts(response)
         if response.status_code == 416 and offset:
             if _range_total(response.headers.get("Content-Range")) == offset:
-                log.info("%s: %s already holds all %d bytes", url, part.name, offset)
+                log.info("%s: %s already holds all %d bytes", redact(url), part.name, offset)
                 return attempts
             part.unlink()
             raise _StreamCut(f"server refused to resume at byte {offset} (HTTP 416); restarting", attempts)
@@ -307,7 +360,8 @@ def _receive(response: requests.Response, part: Path, offset: int, url: str) -> 
     """Write the body to ``part``: appended after a 206 starting at ``offset``, else from byte zero."""
     if offset and not (response.status_code == 206
                        and _range_start(response.headers.get("Content-Range")) == offset):
-        log.info("%s ignored the Range request (HTTP %s); restarting from byte 0", url, response.status_code)
+        log.info("%s ignored the Range request (HTTP %s); restarting from byte 0", redact(url),
+                 response.status_code)
         offset = 0
     length = response.headers.get("Content-Length", "")
     expected = int(length) if length.isdigit() else None
@@ -413,19 +467,23 @@ def resolve_remote(index: int, src: Source, out_dir: Path, dl: DownloadConfig) -
     Returns its record and whether it was fetched now. Raises :class:`FetchError` when the URL cannot be
     fetched (the step adds what to do about it) and :class:`StepError` on a checksum mismatch.
     """
+    if urllib.parse.urlsplit(src.url).scheme.lower() == "http" and not src.insecure:
+        raise StepError(f"dataset.sources[{index}].url: {redact(src.url)}: plain http:// is not encrypted (the "
+                        f"archive could be swapped on the way); use https://, or set dataset.sources[{index}]."
+                        "insecure: true to download it anyway")
     dest = out_dir / (src.filename or default_filename(src.url))
     digest = _current_digest(dest, src.sha256)
     fetched = digest is None
     if digest is None:
         digest = fetch(src.url, dest, sha256=src.sha256, timeout_s=dl.timeout_s, retries=dl.retries,
-                       backoff_s=dl.backoff_s)
+                       backoff_s=dl.backoff_s, insecure=src.insecure)
         _write_sidecar(dest, digest)
-        log.info("downloaded %s -> %s (sha256 %s)", src.url, dest, digest)
+        log.info("downloaded %s -> %s (sha256 %s)", redact(src.url), dest, digest)
     else:
         log.info("%s already downloaded and unchanged (sha256 %s); skipping", dest, digest)
     _warn_unpinned(index, src, digest)
-    record = SourceRecord(index=index, url=src.url, path=_display_path(dest), kind="archive", sha256=digest,
-                          bytes=dest.stat().st_size)
+    record = SourceRecord(index=index, url=redact(src.url), path=_display_path(dest), kind="archive",
+                          sha256=digest, bytes=dest.stat().st_size)
     return record, fetched
 
 
@@ -456,7 +514,7 @@ def _warn_unpinned(index: int, src: Source, digest: str) -> None:
     if src.sha256 is None:
         log.warning("dataset.sources[%d] (%s) is not pinned; the archive's sha256 is %s. Pin it with "
                     "dataset.sources[%d].sha256 in params.yaml to verify future downloads",
-                    index, src.url, digest, index)
+                    index, redact(src.url), digest, index)
 
 
 def check_filenames(sources: list[Source]) -> None:

@@ -12,8 +12,8 @@
   the model's stored threshold, report included.
 
 The evaluate step (``tasks/evaluate.py``) is the only place the test split is scored. Images of a folder
-are preprocessed by the resize step's own decoder (:func:`medflow.imaging.decode.load_resized`), exactly as
-for training.
+are preprocessed by the resize step's own decoder (:func:`medflow.imaging.decode.decode_image`), exactly as
+for training, within the pipeline's limits on inputs (:mod:`medflow.imaging.limits`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from medflow.errors import StepError
 from medflow.evaluation import chance, gradcam, metrics, report
 from medflow.evaluation.chance import ChanceVerdict
 from medflow.evaluation.results import Evaluation, Scores
-from medflow.imaging.decode import load_resized
+from medflow.imaging.limits import Decoder, InputLimits, file_item
 from medflow.io import n_workers, open_images, read_csv, read_json
 from medflow.patients import group_of
 from medflow.schema import SPLITS
@@ -280,7 +280,9 @@ def validation_summary(result: Mapping[str, Any], path: Path | str) -> dict[str,
 
 
 def labelled_files(folder: Path, labels: Mapping[str, int], where: str) -> list[tuple[Path, str]]:
-    """Images under class folders named as ``labels`` (at any depth), with their class; StepError if none."""
+    """Images under class folders named as ``labels`` (at any depth), with their class; StepError if none.
+
+    Symlinked folders are not followed (:func:`medflow.data.manifest.iter_images`)."""
     if not folder.is_dir():
         raise StepError(f"{where}: not a folder")
     files = []
@@ -293,25 +295,23 @@ def labelled_files(folder: Path, labels: Mapping[str, int], where: str) -> list[
     return files
 
 
-def decode_files(paths: list[Path], size: int, channels: int,
-                 workers: int = 0) -> tuple[np.ndarray, list[str | None]]:
+def decode_files(paths: list[Path], size: int, channels: int, workers: int = 0,
+                 limits: InputLimits | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Preprocess ``paths`` as for training, in threads; (uint8 array, per-file error or None).
 
-    An unreadable file gets a zero image and its error message, so callers can report it and go on.
+    An unreadable file gets a zero image and its error message, so callers can report it and go on. Only
+    regular files are read, within ``limits`` (byte and pixel caps, memory held while decoding; default:
+    the params.yaml defaults), see :mod:`medflow.imaging.limits`.
     """
-    def one(path: Path) -> tuple[np.ndarray | None, str | None]:
-        try:
-            return load_resized(path, size=size, channels=channels), None
-        except StepError as e:
-            return None, str(e)
-
+    limits = limits or InputLimits()
     out = np.zeros((len(paths), size, size, channels), dtype=np.uint8)
     errors: list[str | None] = []
     with ThreadPoolExecutor(n_workers(workers)) as pool:
-        for i, (img, err) in enumerate(pool.map(one, paths)):
-            if img is not None:
-                out[i] = img
-            errors.append(err)
+        decoded = Decoder(size, channels, limits, pool).decode([file_item(p, limits.max_bytes) for p in paths])
+    for i, (img, err) in enumerate(decoded):
+        if img is not None:
+            out[i] = img
+        errors.append(err)
     return out, errors
 
 
@@ -321,7 +321,8 @@ def assess_folder(cfg: Config, trained: TrainedModel, folder: Path, threshold: d
     class counts and unreadable files in its data. ``where`` names the folder in errors."""
     labels = dict(cfg.dataset.labels)
     files = labelled_files(Path(folder), labels, where)
-    decoded, errors = decode_files([f for f, _ in files], trained.size, trained.channels)
+    decoded, errors = decode_files([f for f, _ in files], trained.size, trained.channels,
+                                   limits=InputLimits.of(cfg.extract, cfg.filter))
     ok = np.array([e is None for e in errors])
     if not ok.any():
         raise StepError(f"{where}: no readable image")

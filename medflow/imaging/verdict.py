@@ -88,11 +88,18 @@ def _gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    """The decompression-bomb check on header dimensions: what is wrong (for a detail), or "" when within
+    ``max_pixels``. The filter's check, also applied by predict and ``evaluate --images`` before decoding."""
+    n = width * height
+    return f"{width}x{height} = {n} pixels > max_pixels {max_pixels}" if n > max_pixels else ""
+
+
 def _header_reason(im: Image.Image, limits: Limits) -> tuple[str, str] | None:
     """Checks that need only the header: pixel cap, mode, minimum side; None when all pass."""
     w, h = im.size
-    if w * h > limits.max_pixels:
-        return "too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {limits.max_pixels}"
+    if excess := too_many_pixels(w, h, limits.max_pixels):
+        return "too_many_pixels", excess
     if im.mode not in SUPPORTED_MODES:
         return "unsupported_mode", f"mode {im.mode}"
     if min(w, h) < limits.min_side:

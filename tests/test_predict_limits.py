@@ -1,0 +1,215 @@
+"""predict and ``evaluate --images`` on hostile inputs: the extract and filter limits, regular files only, no
+endless globs, and bounded peak memory (issue 18, defect 3).
+
+Each hostile input is one error row naming the file and the limit; the memory test runs ``medflow predict``
+in a subprocess on all of them at once and compares its peak RSS with a run on one small image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from medflow.config import ExtractConfig, FilterConfig
+from medflow.evaluation.assess import decode_files, labelled_files
+from medflow.imaging.limits import Decoder, InputLimits
+from medflow.inference import collect
+
+SIZE = 16
+HUGE = 13_300  # 13,300 x 13,300 = 176.9 M pixels, over filter.max_pixels
+
+
+def _errors(items: list, limits: InputLimits | None = None) -> dict[str, str | None]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        decoded = Decoder(SIZE, 1, limits or InputLimits(), pool).decode(items)
+    return {item.name: err for item, (_, err) in zip(items, decoded, strict=True)}
+
+
+def _small_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((40, 40), 90, np.uint8))
+    return path
+
+
+def zip_bomb(path: Path, members: int = 8, size: int = 256 << 20) -> Path:
+    """``members`` members of ``size`` zero bytes each, deflated (about 2 MB for 8 x 256 MiB)."""
+    chunk = bytes(16 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(members):
+            with zf.open(f"scan_{i}.png", "w", force_zip64=True) as f:
+                for _ in range(size // len(chunk)):
+                    f.write(chunk)
+    return path
+
+
+def many_members(path: Path, n: int) -> Path:
+    """A .tgz of ``n`` empty members named like images."""
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        info = tarfile.TarInfo()
+        for i in range(n):
+            info.name = f"m/{i}.png"
+            tf.addfile(info, io.BytesIO(b""))
+    return path
+
+
+def huge_png(path: Path, dtype: type = np.uint8) -> Path:
+    """A HUGE x HUGE PNG of zeros: a few hundred KB on disk, 177 M pixels decoded."""
+    cv2.imwrite(str(path), np.zeros((HUGE, HUGE), dtype), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return path
+
+
+def link_loop(folder: Path) -> Path:
+    """A folder with one image and two symlinks to itself."""
+    _small_png(folder / "a.png")
+    (folder / "l1").symlink_to(".")
+    (folder / "l2").symlink_to(".")
+    return folder
+
+
+# --- each limit, one error row -----------------------------------------------------------------------
+
+
+def test_zip_bomb_is_one_error_row_naming_the_ratio(tmp_path: Path) -> None:
+    bomb = zip_bomb(tmp_path / "bomb.zip")
+    assert bomb.stat().st_size < 8 << 20
+    items = collect([str(bomb)])
+    assert [i.name for i in items] == [str(bomb)]
+    err = _errors(items)[str(bomb)]
+    assert err and "extract.max_ratio" in err and str(bomb) in err
+
+
+def test_member_cap_of_a_tgz(tmp_path: Path) -> None:
+    tgz = many_members(tmp_path / "many.tgz", 200_000)
+    limits = InputLimits(extract=ExtractConfig(max_members=100_000))
+    items = collect([str(tgz)], limits)
+    assert len(items) == 1
+    err = _errors(items, limits)[str(tgz)]
+    assert err and "extract.max_members (100000)" in err
+    # under the cap the members are listed (each empty one is its own error row)
+    assert len(collect([str(many_members(tmp_path / "few.tgz", 50))])) == 50
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_huge_png_is_refused_before_decoding(tmp_path: Path, dtype: type) -> None:
+    assert FilterConfig().max_pixels < HUGE * HUGE
+    png = huge_png(tmp_path / "huge.png", dtype)
+    err = _errors(collect([str(png)]))[str(png)]
+    assert err and "filter.max_pixels" in err and "not decoded" in err
+    # a config's own cap applies: a lower one refuses an ordinary image too
+    small = _small_png(tmp_path / "small.png")
+    assert _errors(collect([str(small)]))[str(small)] is None
+    err = _errors(collect([str(small)]), InputLimits(max_pixels=1000))[str(small)]
+    assert err and "1600 pixels > max_pixels 1000" in err
+
+
+def test_glob_and_walk_do_not_follow_symlink_loops(tmp_path: Path) -> None:
+    d = link_loop(tmp_path / "d")
+    assert [i.name for i in collect([f"{d}/**/*.png"])] == [str(d / "a.png")]
+    assert [i.name for i in collect([str(d)])] == [str(d / "a.png")]
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    (tmp_path / "x.png").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.png")
+    errors = _errors(collect([str(tmp_path / "x.png"), str(tmp_path / "fifo.png"), f"{tmp_path}/*.png"]))
+    assert len(errors) == 2
+    for name, err in errors.items():
+        assert err and name in err and "not a regular file" in err
+
+
+def test_byte_cap_per_image(tmp_path: Path) -> None:
+    png = _small_png(tmp_path / "a.png")
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.write(png, "a.png")
+    limits = InputLimits(max_bytes=100)
+    errors = _errors(collect([str(png), str(tmp_path / "a.zip")], limits), limits)
+    assert all(e and "100-byte cap per image" in e for e in errors.values()), errors
+
+
+def test_evaluate_images_applies_the_same_limits(tmp_path: Path) -> None:
+    folder = tmp_path / "ext"
+    good = _small_png(folder / "POS" / "good.png")
+    (folder / "NEG").mkdir()
+    (folder / "NEG" / "zero.png").symlink_to("/dev/zero")
+    huge = huge_png(folder / "NEG" / "huge.png")
+    link_loop(folder / "POS" / "loop")
+    files = labelled_files(folder, {"NEG": 0, "POS": 1}, "--images ext")
+    paths = [f for f, _ in files]
+    assert sorted(paths) == sorted([good, folder / "POS" / "loop" / "a.png", folder / "NEG" / "zero.png", huge])
+    _, errors = decode_files(paths, SIZE, 1)
+    by_path = dict(zip(paths, errors, strict=True))
+    assert by_path[good] is None
+    assert "not a regular file" in str(by_path[folder / "NEG" / "zero.png"])
+    assert "filter.max_pixels" in str(by_path[huge])
+
+
+# --- peak memory -------------------------------------------------------------------------------------
+
+
+def _model(folder: Path) -> Path:
+    """A real (untrained) Keras model folder as the train step writes it, sized for SIZE x SIZE gray images."""
+    import json
+
+    import keras
+
+    folder.mkdir()
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.save(folder / "model.keras")
+    (folder / "metadata.json").write_text(json.dumps({"preprocessing": {"size": SIZE, "channels": 1},
+                                                      "class_names": {"0": "NEG", "1": "POS"}}))
+    return folder
+
+
+_MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def _peak_mb(args: list[str]) -> float:
+    """Peak RSS (MB) of ``medflow ARGS`` in a fresh child process."""
+    medflow = str(Path(sys.executable).with_name("medflow"))
+    out = subprocess.run([sys.executable, "-c", _MEASURE, medflow, *args], check=True, capture_output=True,
+                         text=True).stdout
+    return int(out.split()[-1]) / 1024
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_bounded_on_hostile_inputs(tmp_path: Path) -> None:
+    model = _model(tmp_path / "model")
+    params = tmp_path / "params.yaml"  # a config of its own: its extract and filter limits apply
+    params.write_text(yaml.safe_dump({"dataset": {"name": "toy", "labels": {"NEG": 0, "POS": 1}, "channels": 1},
+                                      "extract": {"max_members": 100_000}}))
+    small = _small_png(tmp_path / "small.png")
+    common = ["--model", str(model), "--params", str(params), "--threshold", "0.5", "--no-progress"]
+    base = _peak_mb(["predict", str(small), "--out", str(tmp_path / "base.csv"), *common])
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "zero.png").symlink_to("/dev/zero")
+    inputs = [str(zip_bomb(tmp_path / "bomb.zip")), str(many_members(tmp_path / "many.tgz", 200_000)),
+              str(huge_png(hostile / "huge16.png", np.uint16)), str(huge_png(hostile / "huge8.png")),
+              f"{link_loop(hostile / 'loop')}/**/*.png", str(hostile / "zero.png"), str(small)]
+    out = tmp_path / "hostile.csv"
+    peak = _peak_mb(["predict", *inputs, "--out", str(out), *common])
+    with open(out, newline="") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {inputs[0], inputs[1], str(hostile / "huge16.png"), str(hostile / "huge8.png"),
+                         str(hostile / "loop" / "a.png"), str(hostile / "zero.png"), str(small)}
+    failed = {p: r["error"] for p, r in rows.items() if r["error"]}
+    assert set(failed) == set(rows) - {str(small), str(hostile / "loop" / "a.png")}, failed
+    assert "extract.max_ratio" in failed[inputs[0]] and "extract.max_members" in failed[inputs[1]]
+    print(f"medflow predict peak RSS: {base:.0f} MB on one small image, {peak:.0f} MB on the hostile inputs")
+    assert peak < 1500 and peak - base < 500, f"peak {peak:.0f} MB, baseline {base:.0f} MB"
