@@ -34,8 +34,9 @@ STAGES = ["download", "extract", "manifest", "filter", "resize", "split", "valid
 # the training defaults before issue 11, where this checkout's differ
 BASELINE: dict[str, dict[str, Any]] = {
     "resize": {"size": 224},
-    "train": {"epochs": 30, "normalize": "scale", "augment": {"rotation_deg": 15, "zoom": 0.1, "translate": 0.1, "brightness": 0.1,
-                                                "contrast": 0.1, "blur_sigma": 0.0, "noise": 0.0}},
+    "train": {"epochs": 30, "normalize": "scale",
+              "augment": {"rotation_deg": 15, "zoom": 0.1, "translate": 0.1, "brightness": 0.1, "contrast": 0.1,
+                          "blur_sigma": 0.0, "noise": 0.0}},
 }
 
 
