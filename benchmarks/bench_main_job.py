@@ -61,6 +61,9 @@ def _project(dest: Path, data: Path, external: Path | None, variant: str) -> Non
         shutil.copytree(external, dest / "data/external/pneumonia" / external.name)
         entry["evaluate"] = {**(entry.get("evaluate") or {}), "external": [f"data/external/pneumonia/{external.name}"]}
     entry_path.write_text(yaml.safe_dump(entry, sort_keys=False))
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit",
+                                        "-qm", "bench"]):  # DVCLive needs a commit to start from
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
 
 
 def _run_stages(project: Path) -> dict[str, float]:
@@ -68,8 +71,10 @@ def _run_stages(project: Path) -> dict[str, float]:
     seconds = {}
     for stage in STAGES:
         start = time.perf_counter()
-        subprocess.run([DVC, "repro", "--single-item", f"{stage}@pneumonia"], cwd=project, env=env, check=True,
-                       capture_output=True, text=True)
+        run = subprocess.run([DVC, "repro", "--single-item", f"{stage}@pneumonia"], cwd=project, env=env,
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{stage} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         seconds[stage] = time.perf_counter() - start
         print(f"  {stage}: {seconds[stage]:.1f} s", file=sys.stderr, flush=True)
     return seconds
