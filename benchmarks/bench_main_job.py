@@ -80,13 +80,23 @@ def _run_stages(project: Path) -> dict[str, float]:
     return seconds
 
 
-def _quality(project: Path) -> dict[str, Any]:
+def _value(x: Any) -> float:
+    return float(x["value"] if isinstance(x, dict) else x)
+
+
+def _block(name: str, block: dict[str, Any]) -> str:
+    auc = block["roc_auc"]
+    return (f"{name} AUC {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}), sensitivity "
+            f"{_value(block['sensitivity']):.3f}, specificity {_value(block['specificity']):.3f}, ECE "
+            f"{_value(block['ece']):.3f}")
+
+
+def _quality(project: Path) -> list[str]:
     m = json.loads((project / "reports/pneumonia/evaluation/metrics.json").read_text())
     train = json.loads((project / "reports/pneumonia/train/metrics.json").read_text())
-    out = {"test AUC": m["test"]["roc_auc"]["value"], "kept epoch": f"{train.get('epoch')}/{train.get('epochs_run')}"}
-    for name, block in (m.get("external") or {}).items():
-        out[f"{name} AUC"] = block["roc_auc"]["value"]
-    return out
+    lines = [f"kept epoch {train.get('epoch')} of {train.get('epochs_run')}, val loss {train['val']['loss']:.6f}",
+             _block("test", m["test"])]
+    return lines + [_block(name, block) for name, block in (m.get("external") or {}).items()]
 
 
 def main() -> None:
@@ -111,7 +121,7 @@ def main() -> None:
         for stage, s in seconds.items():
             print(f"| {stage} | {s:.1f} |")
         print(f"| **total** | **{totals[variant]:.1f}** ({totals[variant] / 60:.1f} min; goal <= 10 min) |")
-        print("\n" + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in quality.items()))
+        print("\n" + "\n".join(f"- {line}" for line in quality))
     if len(totals) == 2:
         print(f"\nratio baseline / ours (total wall time): {totals['baseline'] / totals['ours']:.2f}x")
 
