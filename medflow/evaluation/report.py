@@ -566,7 +566,7 @@ def metrics_json(ev: Evaluation) -> dict[str, Any]:
     external set. Everything else is in details.json."""
     verdict = chance_verdict(ev)
     return {
-        "threshold": round(float(ev.threshold["threshold"]), 6),
+        "threshold": float(ev.threshold["threshold"]),  # exactly threshold.json's
         "n": len(ev.scores.y),
         "test": {**{k: ev.intervals[k].as_dict() for k in HEADLINE}, "ece": ev.intervals["ece"].as_dict()["value"]},
         **({"at_chance": bool(verdict.get("at_chance"))} if verdict is not None else {}),
