@@ -149,6 +149,16 @@ def test_server_needs_the_auth_string_and_refuses_other_origins(tmp_path: Path) 
         own = preflight(origin)  # the UI's own origin is allowed: the check above can fail
         assert own.status_code == 200 and own.headers["access-control-allow-origin"] == origin, own.headers
 
+        # A Prefect client with the string gets through (the events websocket `medflow watch` uses).
+        emit = subprocess.run([sys.executable, "-c", "from pathlib import Path; from flows.events import "
+                               "emit_data_landed; emit_data_landed('pneumonia', Path('.'), {'new_files': ['x']})"],
+                              cwd=ROOT, env={**env, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": SECRET},
+                              capture_output=True, text=True, timeout=120)
+        assert emit.returncode == 0, emit.stderr[-3000:]
+        events = {"filter": {"event": {"name": ["medflow.data.landed"]}}}
+        _wait_for(lambda: httpx.post(f"{api}/events/filter", json=events, headers={"Authorization": basic},
+                                     timeout=10).json()["total"] == 1, 60, "the event", [log])
+
         cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _group(proc.pid)]
         assert cmdlines and not any(SECRET.encode() in c for c in cmdlines)
     finally:
