@@ -245,8 +245,8 @@ def _catalog_hint(params: Path) -> str:
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
 AUTH_FILE_ENV = "MEDFLOW_AUTH_STRING_FILE"  # the default of --auth-string-file, for server, serve and watch alike
 CORS_ENV = ("PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS")  # Prefect's aliases
-AUTH_HELP = ("file holding the Prefect API's basic-auth string, one line 'user:password' (default: "
-             f"${AUTH_FILE_ENV}); never pass the secret itself on a command line")
+AUTH_HELP = ("file holding the Prefect API's basic-auth string, one line 'user:password' (the secret never goes "
+             f"on a command line); default: ${AUTH_FILE_ENV}, else Prefect's ")
 
 
 def _add_orchestration(sub: Any) -> None:
@@ -255,18 +255,18 @@ def _add_orchestration(sub: Any) -> None:
                    help="bind address (default: 127.0.0.1); any other needs an auth string (see SECURITY.md)")
     p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
     p.add_argument("--auth-string-file", type=Path, metavar="FILE",
-                   help=AUTH_HELP + "; else Prefect's server.api.auth_string or api.auth_string setting")
+                   help=AUTH_HELP + "server.api.auth_string or api.auth_string setting")
     p = sub.add_parser("serve", help="serve the train-<ds> and retrain-<ds> deployments of this checkout")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--auth-string-file", type=Path, metavar="FILE",
-                   help=AUTH_HELP + "; else Prefect's api.auth_string setting (PREFECT_API_AUTH_STRING)")
+                   help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
     p = sub.add_parser("watch", help="poll a dataset's inbox; emit a medflow.data.landed event on new data")
     p.add_argument("--dataset", metavar="NAME", help="the dataset of the catalog to watch (required)")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--interval", type=float, default=None, help="seconds between polls (default: retrain.poll_s)")
     p.add_argument("--once", action="store_true", help="check once and exit (exit code 0 either way)")
     p.add_argument("--auth-string-file", type=Path, metavar="FILE",
-                   help=AUTH_HELP + "; else Prefect's api.auth_string setting (PREFECT_API_AUTH_STRING)")
+                   help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
 
 
 def read_auth_string(path: Path) -> str:
