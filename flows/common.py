@@ -20,7 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import stages
 from medflow.catalog import preflight
-from medflow.config import Config, load_config
+from medflow.config import Config, ConfigError, load_config
 from medflow.io import read_csv, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
@@ -52,15 +52,38 @@ class Project:
         return self.path("train", "--model-dir")
 
 
+SERVED_PROJECT_ENV = "MEDFLOW_SERVED_PROJECT"  # set by ``medflow serve``: the one checkout its runs may open
+
+
+def project_root(project_dir: str | None) -> Path:
+    """The checkout a flow run works in: the parameter, ``$MEDFLOW_PROJECT`` or the working directory; under
+    ``medflow serve`` (``$MEDFLOW_SERVED_PROJECT``) always the served checkout.
+
+    A served deployment is pinned to its checkout: a run whose ``project_dir`` resolves elsewhere (anyone who
+    can reach the Prefect API can set parameters) is refused here, before anything of that folder is read and
+    before any DVC call. The message names the pinned checkout by its folder name only.
+    """
+    pinned = os.environ.get(SERVED_PROJECT_ENV)
+    if not pinned:
+        return Path(project_dir or os.environ.get("MEDFLOW_PROJECT") or Path.cwd()).resolve()
+    root = Path(pinned).resolve()
+    if project_dir and Path(project_dir).resolve() != root:
+        raise ConfigError(f"project_dir {project_dir!r} refused: this deployment is pinned to the checkout "
+                          f"`medflow serve` serves ({root.name}/); run `medflow serve` in the other checkout "
+                          "to run its pipeline")
+    return root
+
+
 def open_project(project_dir: str | None, dataset: str) -> Project:
-    """Resolve the project (parameter, ``$MEDFLOW_PROJECT`` or the working directory) and one of its datasets.
+    """Resolve the project (:func:`project_root`: parameter, ``$MEDFLOW_PROJECT`` or the working directory;
+    the served checkout under ``medflow serve``, which refuses any other) and one of its datasets.
 
     Every dataset of the catalog (params.yaml's ``datasets:``) has its own stages in the one dvc.yaml
     (``train@malaria``) and its own paths, so one checkout serves them all. An unknown dataset is a
     ConfigError listing the catalog. Pre-flight: every name of params.yaml's ``datasets:`` and of the catalog
     is checked before DVC resolves dvc.yaml with them (a hostile name is a ConfigError naming the entry).
     """
-    root = Path(project_dir or os.environ.get("MEDFLOW_PROJECT") or Path.cwd()).resolve()
+    root = project_root(project_dir)
     preflight(root / "params.yaml")
     cfg = load_config(root / "params.yaml", dataset)
     found = tuple(stages.pipeline(root, dataset))

@@ -10,11 +10,17 @@ Every dataset of params.yaml's ``datasets:`` gets both deployments, each runnabl
 (dvc.yaml has its own stages and paths per dataset). Each deployment runs one flow run at a time; on top
 of that, the dataset lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one
 dataset from overlapping. Runs of different datasets may overlap: they share no output.
+
+Every deployment is pinned to the checkout it was built from: its parameters hold the dataset only (no
+``project_dir``, which is also dropped from the parameter schema the UI shows), and ``medflow serve`` sets
+``$MEDFLOW_SERVED_PROJECT``, so a run asking for another ``project_dir`` (anyone who reaches the API can ask) fails
+in :func:`flows.common.project_root` before anything of that folder is read or run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +49,42 @@ def build_deployments(project: Path) -> list[Any]:
     out = []
     for ds in catalog(project):
         retrain = load_config(project / "params.yaml", ds).retrain  # a dataset may have its own schedule
-        params = {"dataset": ds, "project_dir": str(project)}
-        out.append(train_flow.to_deployment(
+        params = {"dataset": ds}  # the project is the served checkout (pinned), never a parameter
+        out.append(_pinned(train_flow.to_deployment(
             name=f"train-{ds}", parameters=params, tags=["medflow", ds], concurrency_limit=1,
-            description=f"Run the DVC pipeline for {ds} in {project} as Prefect tasks."))
+            description=f"Run the DVC pipeline for {ds} in this checkout ({project.name}/) as Prefect tasks.")))
         resource = dataset_resource(ds, project)
         trigger = DeploymentEventTrigger(
             name=f"{ds} data landed", expect={DATA_LANDED},
             match={"prefect.resource.id": resource["prefect.resource.id"],
                    "medflow.project": resource["medflow.project"]},
             parameters=params)
-        out.append(retrain_flow.to_deployment(
+        out.append(_pinned(retrain_flow.to_deployment(
             name=f"retrain-{ds}", parameters=params, tags=["medflow", ds, "retrain"], concurrency_limit=1,
             schedules=[Cron(retrain.cron, timezone=retrain.timezone)], triggers=[trigger],
             description=f"Retrain {ds} when new data lands (cron {retrain.cron} {retrain.timezone}, "
-                        f"or a {DATA_LANDED} event); promote only a challenger that is not worse."))
+                        f"or a {DATA_LANDED} event); promote only a challenger that is not worse.")))
     return out
+
+
+def _pinned(deployment: Any) -> Any:
+    """Drop ``project_dir`` from the deployment's parameter schema, so the UI and the CLI do not offer it.
+
+    Convenience only: a client may switch schema enforcement off per run, so the guard is in the flow
+    (:func:`flows.common.project_root`)."""
+    schema = getattr(deployment, "_parameter_openapi_schema", None)
+    if schema is not None:
+        schema.properties.pop("project_dir", None)
+    return deployment
 
 
 def serve(project: Path, limit: int | None = None) -> None:
     """Serve every deployment of ``project`` until interrupted (runs execute in this process's machine)."""
     from prefect import serve as prefect_serve
 
+    from flows.common import SERVED_PROJECT_ENV
+
+    os.environ[SERVED_PROJECT_ENV] = str(Path(project).resolve())  # the runs' pin (flow runs inherit it)
     deployments = build_deployments(project)
     log.info("serving %s", ", ".join(d.name for d in deployments))
     prefect_serve(*deployments, limit=limit)

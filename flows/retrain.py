@@ -55,8 +55,8 @@ def fingerprint(project: Project) -> dict[str, Any]:
 def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
                  on_busy: Literal["wait", "skip"] = "skip") -> dict[str, Any]:
     """Retrain ``dataset`` if its source changed since the last ingestion (see the module docstring)."""
+    project = open_project(project_dir, dataset)  # first: a foreign project_dir is refused before all else
     logger = get_run_logger()
-    project = open_project(project_dir, dataset)
     try:
         with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
             fp = fingerprint(project)

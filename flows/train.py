@@ -52,13 +52,14 @@ def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, A
       description="Run the DVC pipeline (download ... train, evaluate) as Prefect tasks; promote a better model.")
 def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
                on_busy: Literal["wait", "skip"] = "wait") -> Any:
-    """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory).
+    """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory; under ``medflow
+    serve`` the served checkout, and no other: see :func:`flows.common.project_root`).
 
     Calling the flow returns the run's summary dict; a completed run ends in a Completed state carrying it,
     whose message gives the decision, led by the chance warning when the model does not beat chance.
     """
+    project = open_project(project_dir, dataset)  # first: a foreign project_dir is refused before all else
     logger = get_run_logger()
-    project = open_project(project_dir, dataset)
     try:
         with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
             results = run_pipeline(project)

@@ -243,31 +243,132 @@ def _catalog_hint(params: Path) -> str:
 
 
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
+AUTH_FILE_ENV = "MEDFLOW_AUTH_STRING_FILE"  # the default of --auth-string-file, for server, serve and watch alike
+CORS_ENV = ("PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS")  # Prefect's aliases
+AUTH_HELP = ("file holding the Prefect API's basic-auth string, one line 'user:password' (the secret never goes "
+             f"on a command line); default: ${AUTH_FILE_ENV}, else Prefect's ")
+
+
 def _add_orchestration(sub: Any) -> None:
     p = sub.add_parser("server", help="start a local Prefect server (SQLite in $PREFECT_HOME, default .prefect/)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default: 127.0.0.1); any other needs an auth string (see SECURITY.md)")
     p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
+    p.add_argument("--auth-string-file", type=Path, metavar="FILE",
+                   help=AUTH_HELP + "server.api.auth_string or api.auth_string setting")
     p = sub.add_parser("serve", help="serve the train-<ds> and retrain-<ds> deployments of this checkout")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
+    p.add_argument("--auth-string-file", type=Path, metavar="FILE",
+                   help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
     p = sub.add_parser("watch", help="poll a dataset's inbox; emit a medflow.data.landed event on new data")
     p.add_argument("--dataset", metavar="NAME", help="the dataset of the catalog to watch (required)")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--interval", type=float, default=None, help="seconds between polls (default: retrain.poll_s)")
     p.add_argument("--once", action="store_true", help="check once and exit (exit code 0 either way)")
+    p.add_argument("--auth-string-file", type=Path, metavar="FILE",
+                   help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
+
+
+def read_auth_string(path: Path) -> str:
+    """The basic-auth string ``user:password`` in ``path`` (one line; surrounding white space dropped)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the auth string file ({e})") from None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password) or "\n" in text:
+        raise ConfigError(f"{path}: not an auth string: one line 'user:password' expected, neither part empty")
+    if mode & 0o077:
+        log.warning("%s: the auth string file is readable by other users (chmod 600 it)", path)
+    return text
+
+
+def _auth_file(args: argparse.Namespace) -> Path | None:
+    import os
+
+    value = args.auth_string_file or os.environ.get(AUTH_FILE_ENV)
+    return Path(value) if value else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or name) is this machine only: localhost, 127.0.0.0/8, ::1."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_origins(ui_api_url: str) -> list[str]:
+    """The origins the UI is served from (the UI's API URL's scheme, host and port; both loopback names)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(ui_api_url)
+    origins = [f"{url.scheme}://{url.netloc}"]
+    aliases = {"127.0.0.1": "localhost", "localhost": "127.0.0.1"}
+    if url.hostname in aliases:
+        origins.append(f"{url.scheme}://{aliases[url.hostname]}{f':{url.port}' if url.port else ''}")
+    return origins
+
+
+def _configured_auth_string() -> str | None:
+    """The auth string Prefect's own settings give (environment, profile, prefect.toml): the server's, else
+    the clients' (the server's own services call the API as clients too)."""
+    from prefect.settings import Settings
+
+    settings = Settings()
+    for secret in (settings.server.api.auth_string, settings.api.auth_string):
+        if secret is not None and secret.get_secret_value():
+            return secret.get_secret_value()
+    return None
+
+
+def prepare_server(host: str, port: int, auth_file: Path | None) -> None:
+    """Set the environment ``prefect server start`` runs with: home, the UI's API URL, CORS limited to the UI's
+    own origin, and the basic-auth string (server and clients) from ``auth_file`` or Prefect's settings.
+
+    A ``host`` other than loopback warns, and is refused (StepError) unless an auth string is set. The secret
+    goes through the environment only (readable by this user alone), never the command line.
+    """
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    # The UI calls the API at this URL (/ui-settings); Prefect's default is port 4200 whatever --port says.
+    ui_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    ui_host = f"[{ui_host}]" if ":" in ui_host else ui_host
+    os.environ.setdefault("PREFECT_SERVER_UI_API_URL", f"http://{ui_host}:{port}/api")
+    if not any(name in os.environ for name in CORS_ENV):  # Prefect's default is "*": any web page may call it
+        os.environ[CORS_ENV[0]] = ",".join(ui_origins(os.environ["PREFECT_SERVER_UI_API_URL"]))
+    secret = read_auth_string(auth_file) if auth_file else _configured_auth_string()
+    if secret:
+        os.environ["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"] = secret
+    if is_loopback(host):
+        return
+    if not secret:
+        raise StepError(f"--host {host} is not loopback: anyone who reaches it could start runs as you; set an "
+                        f"auth string first (--auth-string-file FILE, ${AUTH_FILE_ENV}, or Prefect's "
+                        "server.api.auth_string), see SECURITY.md")
+    log.warning("binding %s: the Prefect API is reachable from the network, behind basic auth; over plain http "
+                "the auth string travels in clear, so put TLS (a reverse proxy) in front or use an SSH tunnel",
+                host)
 
 
 def _orchestrate(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    auth_file = _auth_file(args)
     if args.step == "server":
-        os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
-        # The UI calls the API at this URL (/ui-settings); Prefect's default is port 4200 whatever --port says.
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        os.environ.setdefault("PREFECT_SERVER_UI_API_URL", f"http://{host}:{args.port}/api")
+        prepare_server(args.host, args.port, auth_file)
         exe = Path(sys.executable).parent / "prefect"
         os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    if auth_file:  # the runner, its flow runs and the watcher's events send it (PREFECT_API_AUTH_STRING)
+        os.environ["PREFECT_API_AUTH_STRING"] = read_auth_string(auth_file)
     _preflight(args.project / DEFAULT_PARAMS)  # names checked before any DVC call resolves dvc.yaml with them
     if args.step == "serve":
         load_project_module("flows.deploy", args.project).serve(args.project)

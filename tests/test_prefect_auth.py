@@ -1,0 +1,179 @@
+"""Issue 18 item 2: who can make the Prefect API run what.
+
+- A served deployment is pinned to its checkout: a run asking for another ``project_dir`` is refused before
+  anything of that folder is read or run (the flow functions in-process; no server).
+- ``medflow server`` refuses a non-loopback ``--host`` without an auth string, and limits CORS to the UI.
+- One real ``medflow server`` with an auth string file: 401 without it, 200 with it, the UI asks for it, a
+  cross-origin preflight from another site is not allowed, and the secret is on no command line or log.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, copy_shipped
+from test_prefect_server import _free_port, _start, _stop, _wait_for
+
+from flows.common import SERVED_PROJECT_ENV, project_root
+from medflow.cli import CORS_ENV, prepare_server
+from medflow.errors import ConfigError, StepError
+
+BIN = Path(sys.executable).parent
+SECRET = f"medflow:{secrets.token_urlsafe(18)}"
+EVIL = "https://evil.example"
+AUTH_ENV = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "MEDFLOW_AUTH_STRING_FILE",
+            "PREFECT_API_KEY")
+
+
+def _hostile_project(dest: Path) -> Path:
+    """A checkout-shaped folder (params, catalog, DVC) whose dvc.yaml writes a marker: ``id > pwned``."""
+    copy_shipped(dest)
+    (dest / "dvc.yaml").write_text("stages:\n  download:\n    foreach: ${datasets}\n    do:\n"
+                                   "      cmd: id > pwned\n")
+    (dest / ".dvc").mkdir()
+    (dest / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")  # what `dvc init --no-scm` writes
+    return dest
+
+
+def _auth_file(folder: Path, text: str = SECRET + "\n") -> Path:
+    path = folder / "auth"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_served_deployment_refuses_a_foreign_project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.retrain import retrain_flow
+    from flows.train import train_flow
+
+    foreign = _hostile_project(tmp_path / "foreign")
+    monkeypatch.setenv(SERVED_PROJECT_ENV, str(ROOT))  # as `medflow serve` in this checkout sets it
+    for flow in (train_flow, retrain_flow):
+        with pytest.raises(ConfigError, match=rf"project_dir '.*foreign' refused: this deployment is pinned to "
+                                              rf"the checkout `medflow serve` serves \({re.escape(ROOT.name)}/\)"
+                           ) as refused:
+            flow.fn(dataset="pneumonia", project_dir=str(foreign))  # the flow body, before any Prefect call
+        assert str(ROOT) not in str(refused.value)  # the pinned checkout by its folder name only
+    assert not (foreign / "pwned").exists()
+    assert not (foreign / "dvc.lock").exists() and not (foreign / ".dvc" / "tmp" / "medflow").exists()
+    # The served checkout itself: by default, and by its own path (as deployments made before the pin pass it).
+    assert project_root(None) == ROOT.resolve() == project_root(str(ROOT))
+    # Without the pin (in-process calls, tests) project_dir is honoured, and the folder is hostile indeed.
+    monkeypatch.delenv(SERVED_PROJECT_ENV)
+    assert project_root(str(foreign)) == foreign.resolve()
+    subprocess.run([str(BIN / "dvc"), "repro", "-q"], cwd=foreign, check=True, capture_output=True)
+    assert "uid=" in (foreign / "pwned").read_text()
+
+
+def test_deployments_carry_no_project_dir() -> None:
+    from flows.deploy import build_deployments
+
+    deployments = build_deployments(ROOT)
+    assert deployments
+    for d in deployments:
+        assert d.parameters == {"dataset": d.parameters["dataset"]}, d.name
+        assert "project_dir" not in d._parameter_openapi_schema.properties, d.name
+        assert all("project_dir" not in (t.parameters or {}) for t in d.triggers), d.name
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """No auth, CORS or UI setting from the caller's environment; a fresh PREFECT_HOME; restored afterwards."""
+    for name in (*AUTH_ENV, *CORS_ENV, "PREFECT_SERVER_UI_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.chdir(home.parent)  # no prefect.toml or .env of the working directory
+
+
+def test_server_refuses_an_open_host_without_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_env(monkeypatch, tmp_path / "home")
+    with pytest.raises(StepError, match=r"--host 0\.0\.0\.0 is not loopback: .* set an auth string first"):
+        prepare_server("0.0.0.0", 4300, None)
+    for bad in ("no-colon\n", ":password\n", "user:\n", "user:pw\nsecond:line\n"):
+        with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'auth'}: not an auth string")):
+            prepare_server("0.0.0.0", 4300, _auth_file(tmp_path, bad))
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'absent'}: cannot read the auth string file")):
+        prepare_server("127.0.0.1", 4300, tmp_path / "absent")
+    prepare_server("0.0.0.0", 4300, _auth_file(tmp_path))  # allowed with auth (and warned about)
+    assert os.environ["PREFECT_SERVER_API_AUTH_STRING"] == os.environ["PREFECT_API_AUTH_STRING"] == SECRET
+    assert os.environ[CORS_ENV[0]] == "http://127.0.0.1:4300,http://localhost:4300"
+
+    _clean_env(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", SECRET)  # Prefect's own setting counts too
+    prepare_server("192.0.2.7", 4300, None)
+    assert os.environ["PREFECT_SERVER_API_AUTH_STRING"] == SECRET
+    assert os.environ[CORS_ENV[0]] == "http://192.0.2.7:4300"
+
+
+@pytest.mark.integration
+def test_server_needs_the_auth_string_and_refuses_other_origins(tmp_path: Path) -> None:
+    port = _free_port()
+    api, origin = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in {*AUTH_ENV, *CORS_ENV, "PREFECT_API_URL",
+                                                            "PREFECT_SERVER_UI_API_URL"}}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    log = tmp_path / "server.log"
+    proc = _start([str(BIN / "medflow"), "server", "--port", str(port), "--auth-string-file",
+                   str(_auth_file(tmp_path))], tmp_path, env, log)
+    try:
+        _wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the server", [log])
+        ui = httpx.get(f"{origin}/ui-settings", timeout=10).json()
+        assert ui["auth"] == "BASIC" and ui["api_url"] == api, ui  # the UI asks for the auth string
+
+        def post(path: str, **headers: str) -> httpx.Response:
+            return httpx.post(f"{api}{path}", json={}, headers=headers, timeout=10)
+
+        basic = "Basic " + base64.b64encode(SECRET.encode()).decode()
+        wrong = "Basic " + base64.b64encode(b"medflow:guess").decode()
+        assert post("/flows/filter").status_code == 401
+        assert post("/flows/filter", Authorization=wrong).status_code == 401
+        assert post("/flows/filter", Authorization=basic).status_code == 200
+        run = "/deployments/00000000-0000-0000-0000-000000000000/create_flow_run"
+        blind = post(run, Origin=EVIL)  # what a web page can send without a preflight
+        assert blind.status_code == 401 and "access-control-allow-origin" not in blind.headers
+
+        def preflight(from_origin: str) -> httpx.Response:
+            return httpx.options(f"{api}{run}", timeout=10, headers={
+                "Origin": from_origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+
+        evil = preflight(EVIL)
+        assert evil.status_code >= 400 and "access-control-allow-origin" not in evil.headers, evil.headers
+        own = preflight(origin)  # the UI's own origin is allowed: the check above can fail
+        assert own.status_code == 200 and own.headers["access-control-allow-origin"] == origin, own.headers
+
+        # A Prefect client with the string gets through (the events websocket `medflow watch` uses).
+        emit = subprocess.run([sys.executable, "-c", "from pathlib import Path; from flows.events import "
+                               "emit_data_landed; emit_data_landed('pneumonia', Path('.'), {'new_files': ['x']})"],
+                              cwd=ROOT, env={**env, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": SECRET},
+                              capture_output=True, text=True, timeout=120)
+        assert emit.returncode == 0, emit.stderr[-3000:]
+        events = {"filter": {"event": {"name": ["medflow.data.landed"]}}}
+        _wait_for(lambda: httpx.post(f"{api}/events/filter", json=events, headers={"Authorization": basic},
+                                     timeout=10).json()["total"] == 1, 60, "the event", [log])
+
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _group(proc.pid)]
+        assert cmdlines and not any(SECRET.encode() in c for c in cmdlines)
+    finally:
+        _stop(proc)
+    assert SECRET not in log.read_text(errors="replace")
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group (the server and what it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
