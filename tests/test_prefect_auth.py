@@ -3,13 +3,13 @@
 - A served deployment is pinned to its checkout: a run asking for another ``project_dir`` is refused before
   anything of that folder is read or run (the flow functions in-process; no server).
 - ``medflow server`` refuses a non-loopback ``--host`` without an auth string, and limits CORS to the UI.
-- One real ``medflow server`` with an auth string file: 401 without it, 200 with it, the UI asks for it, a
-  cross-origin preflight from another site is not allowed, and the secret is on no command line or log.
+- The real server with an auth string file (401 without it, the UI asks for it, another site's preflight
+  refused, the secret on no command line or log) is checked in tests/test_prefect_server.py, whose one
+  server, runner and watcher all run with it.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import secrets
@@ -17,10 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import ROOT, copy_shipped
-from test_prefect_server import _free_port, _start, _stop, _wait_for
 
 from flows.common import SERVED_PROJECT_ENV, project_root
 from medflow.cli import CORS_ENV, prepare_server
@@ -110,70 +108,3 @@ def test_server_refuses_an_open_host_without_auth(tmp_path: Path, monkeypatch: p
     prepare_server("192.0.2.7", 4300, None)
     assert os.environ["PREFECT_SERVER_API_AUTH_STRING"] == SECRET
     assert os.environ[CORS_ENV[0]] == "http://192.0.2.7:4300"
-
-
-@pytest.mark.integration
-def test_server_needs_the_auth_string_and_refuses_other_origins(tmp_path: Path) -> None:
-    port = _free_port()
-    api, origin = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k not in {*AUTH_ENV, *CORS_ENV, "PREFECT_API_URL",
-                                                            "PREFECT_SERVER_UI_API_URL"}}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    log = tmp_path / "server.log"
-    proc = _start([str(BIN / "medflow"), "server", "--port", str(port), "--auth-string-file",
-                   str(_auth_file(tmp_path))], tmp_path, env, log)
-    try:
-        _wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the server", [log])
-        ui = httpx.get(f"{origin}/ui-settings", timeout=10).json()
-        assert ui["auth"] == "BASIC" and ui["api_url"] == api, ui  # the UI asks for the auth string
-
-        def post(path: str, **headers: str) -> httpx.Response:
-            return httpx.post(f"{api}{path}", json={}, headers=headers, timeout=10)
-
-        basic = "Basic " + base64.b64encode(SECRET.encode()).decode()
-        wrong = "Basic " + base64.b64encode(b"medflow:guess").decode()
-        assert post("/flows/filter").status_code == 401
-        assert post("/flows/filter", Authorization=wrong).status_code == 401
-        assert post("/flows/filter", Authorization=basic).status_code == 200
-        run = "/deployments/00000000-0000-0000-0000-000000000000/create_flow_run"
-        blind = post(run, Origin=EVIL)  # what a web page can send without a preflight
-        assert blind.status_code == 401 and "access-control-allow-origin" not in blind.headers
-
-        def preflight(from_origin: str) -> httpx.Response:
-            return httpx.options(f"{api}{run}", timeout=10, headers={
-                "Origin": from_origin, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})
-
-        evil = preflight(EVIL)
-        assert evil.status_code >= 400 and "access-control-allow-origin" not in evil.headers, evil.headers
-        own = preflight(origin)  # the UI's own origin is allowed: the check above can fail
-        assert own.status_code == 200 and own.headers["access-control-allow-origin"] == origin, own.headers
-
-        # A Prefect client with the string gets through (the events websocket `medflow watch` uses).
-        emit = subprocess.run([sys.executable, "-c", "from pathlib import Path; from flows.events import "
-                               "emit_data_landed; emit_data_landed('pneumonia', Path('.'), {'new_files': ['x']})"],
-                              cwd=ROOT, env={**env, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": SECRET},
-                              capture_output=True, text=True, timeout=120)
-        assert emit.returncode == 0, emit.stderr[-3000:]
-        events = {"filter": {"event": {"name": ["medflow.data.landed"]}}}
-        _wait_for(lambda: httpx.post(f"{api}/events/filter", json=events, headers={"Authorization": basic},
-                                     timeout=10).json()["total"] == 1, 60, "the event", [log])
-
-        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _group(proc.pid)]
-        assert cmdlines and not any(SECRET.encode() in c for c in cmdlines)
-    finally:
-        _stop(proc)
-    assert SECRET not in log.read_text(errors="replace")
-
-
-def _group(pgid: int) -> list[int]:
-    """The live processes of a process group (the server and what it started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids

@@ -1,7 +1,9 @@
 """End to end against a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME, SQLite, a free port).
 
 Starts ``medflow server`` and ``medflow serve`` in a fresh project with real Kermany images in its inbox,
-then: the train and retrain deployments of all four catalog datasets are served;
+with an auth string file (issue 18): the API answers 401 without it, another site's preflight is refused
+and the UI's own origin allowed, and the secret is on no command line or log. Then: the train and retrain
+deployments of all four catalog datasets are served;
 ``prefect deployment run medflow/train-pneumonia --watch`` completes, the model is champion and
 ``dvc status`` and ``git status`` are clean; a retrain run completes; on newly landed images, ``medflow watch
 --dataset pneumonia --once`` emits a data-landed event that starts a retrain run by itself while a manual
@@ -11,8 +13,10 @@ runner are always shut down.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,6 +37,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+AUTH_ENV = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "MEDFLOW_AUTH_STRING_FILE",
+            "PREFECT_API_KEY", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS")
+EVIL = "https://evil.example"
 DATASETS = ("pneumonia", "malaria", "melanoma", "covid_ct")  # the shipped catalog: each gets both deployments
 
 
@@ -76,20 +83,30 @@ class Server:
 
     def __init__(self, tmp: Path, project: Path) -> None:
         port = _free_port()
-        self.api = f"http://127.0.0.1:{port}/api"
+        self.origin = f"http://127.0.0.1:{port}"
+        self.api = f"{self.origin}/api"
         self.project = project
-        self.env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect_home"), "PREFECT_API_URL": self.api,
+        self.secret = f"medflow:{secrets.token_urlsafe(18)}"
+        auth_file = tmp / "auth"
+        auth_file.write_text(self.secret + "\n")
+        auth_file.chmod(0o600)
+        # medflow server, serve and watch read the auth string file; the prefect CLI reads its own setting.
+        self.env = {**{k: v for k, v in os.environ.items() if k not in AUTH_ENV},
+                    "PREFECT_HOME": str(tmp / "prefect_home"), "PREFECT_API_URL": self.api,
+                    "MEDFLOW_AUTH_STRING_FILE": str(auth_file),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
                     "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # the runner picks up a new run within 2 s, not 10
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        self.env.pop("PREFECT_API_KEY", None)
+        self.http = httpx.Client(headers={"Authorization": "Basic " + base64.b64encode(self.secret.encode()).decode()},
+                                 timeout=10)
         self.logs = [tmp / "server.log", tmp / "serve.log"]
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}  # as a user starts it
         self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, server_env, self.logs[0])]
         _wait_for(lambda: httpx.get(f"{self.api}/health", timeout=5).status_code == 200, 180, "the server",
                   self.logs)
-        ui = httpx.get(f"{self.api.removesuffix('/api')}/ui-settings", timeout=10).json()
+        ui = httpx.get(f"{self.origin}/ui-settings", timeout=10).json()
         assert ui["api_url"] == self.api, ui  # the UI calls this server, not port 4200
+        assert ui["auth"] == "BASIC", ui  # and asks for the auth string
         self.procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
                                  self.logs[1]))
         self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
@@ -97,16 +114,17 @@ class Server:
                            for ds in DATASETS for name in (f"medflow/train-{ds}", f"medflow-retrain/retrain-{ds}")}
 
     def _deployment_id(self, name: str) -> str | None:
-        r = httpx.get(f"{self.api}/deployments/name/{name}", timeout=5)
+        r = self.http.get(f"{self.api}/deployments/name/{name}")
         return r.json()["id"] if r.status_code == 200 else None
 
     def run_cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "prefect"), *args], cwd=self.project, env=self.env, capture_output=True,
+        return subprocess.run([str(BIN / "prefect"), *args], cwd=self.project,
+                              env={**self.env, "PREFECT_API_AUTH_STRING": self.secret}, capture_output=True,
                               text=True, timeout=timeout)
 
     def flow_runs(self, deployment: str) -> list[dict[str, Any]]:
         body = {"deployments": {"id": {"any_": [self.deployment[deployment]]}}, "sort": "EXPECTED_START_TIME_ASC"}
-        r = httpx.post(f"{self.api}/flow_runs/filter", json=body, timeout=10)
+        r = self.http.post(f"{self.api}/flow_runs/filter", json=body)
         r.raise_for_status()
         return list(r.json())
 
@@ -117,6 +135,7 @@ class Server:
     def close(self) -> None:
         for proc in reversed(self.procs):
             _stop(proc)
+        self.http.close()
 
 
 @pytest.fixture
@@ -131,8 +150,47 @@ def server(tmp_path: Path) -> Iterator[Server]:
         srv.close()
 
 
+def _check_the_api_is_closed(server: Server) -> None:
+    """Issue 18: 401 without the auth string or with a wrong one; another site's preflight is refused and the
+    UI's own origin allowed (so the check can fail); the secret is on no command line of the server or runner."""
+    run = "/deployments/00000000-0000-0000-0000-000000000000/create_flow_run"
+    wrong = "Basic " + base64.b64encode(b"medflow:guess").decode()
+    assert httpx.post(f"{server.api}/flows/filter", json={}, timeout=10).status_code == 401
+    assert httpx.post(f"{server.api}/flows/filter", json={}, headers={"Authorization": wrong},
+                      timeout=10).status_code == 401
+    assert server.http.post(f"{server.api}/flows/filter", json={}).status_code == 200
+    blind = httpx.post(f"{server.api}{run}", json={}, headers={"Origin": EVIL}, timeout=10)  # no preflight needed
+    assert blind.status_code == 401 and "access-control-allow-origin" not in blind.headers
+
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(f"{server.api}{run}", timeout=10, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    evil = preflight(EVIL)
+    assert evil.status_code >= 400 and "access-control-allow-origin" not in evil.headers, evil.headers
+    own = preflight(server.origin)
+    assert own.status_code == 200 and own.headers["access-control-allow-origin"] == server.origin, own.headers
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for proc in server.procs for pid in _group(proc.pid)]
+    assert cmdlines and not any(server.secret.encode() in c for c in cmdlines)
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group (the server, the runner and what they started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
     project, models = server.project, server.project / "models/pneumonia"
+    _check_the_api_is_closed(server)
     run = server.run_cli("deployment", "run", "medflow/train-pneumonia", "--watch", "--watch-timeout", "900")
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     first = registry.champion(models)
@@ -165,3 +223,5 @@ def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
     assert decision["champion"] == first["version"]
     assert registry.champion(models) is not None
     assert_dvc_clean(project)
+    for log in server.logs:
+        assert server.secret not in log.read_text(errors="replace"), log.name
