@@ -10,7 +10,8 @@ Inputs are bounded as the pipeline bounds its own (:mod:`medflow.imaging.limits`
 step's checks (``extract.max_members``, ``max_total_bytes``, ``max_ratio``; a refused archive is one error
 row), images the filter's pixel cap (``filter.max_pixels``, from the header, before decoding) and a byte
 cap; only regular files are read, ``**`` does not follow symlinked folders, folder walks follow them with a
-loop guard (:mod:`medflow.data.walk`), and the bytes and pixels held by the decoding threads at once are capped. The limits are the config's where the command has
+loop guard (:mod:`medflow.data.walk`), and the bytes and pixels held by the decoding threads at once are
+capped. The limits are the config's where the command has
 one (``--dataset``, ``--params``), else the params.yaml defaults.
 """
 
