@@ -38,6 +38,9 @@ _EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)
 _NOT_PATHS = {"--dataset", "--params"}  # stage command options that name something other than a path
 
 
+ALWAYS_CHANGED = "always changed"  # what ``dvc status`` says of an ``always_changed`` stage with nothing else new
+
+
 class StageFailed(RuntimeError):
     """A DVC stage failed; the message carries the step's own error line (e.g. the failed expectations)."""
 
@@ -58,8 +61,9 @@ class Planned:
     """One stage of a flow's plan: whether it must go through ``dvc repro`` and whether DVC found it stale."""
 
     stage: str
-    check: bool  # stale, or downstream of a stage that must be checked
-    stale: bool  # ``dvc status`` reported it changed before the run
+    check: bool  # stale, or downstream of a stage that must be checked, or always run (``always_changed``)
+    stale: bool  # ``dvc status`` reported it changed before the run ("always changed" alone does not count)
+    needs: frozenset[str] = frozenset()  # the stages it depends on: one that ran makes it be checked too
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,15 @@ def stale_stages(project: Path, names: Iterable[str] = ()) -> set[str] | None:
 
     One DVC start-up for the whole plan instead of one per stage (``names``: only these, each on its own;
     all when empty): the flows run only these stages and those downstream of them through ``dvc repro``;
-    the rest are up to date by DVC's own account.
+    the rest are up to date by DVC's own account. A stage reported only as "always changed" (dvc.yaml
+    ``always_changed``: download, which lists the inbox each time) is not stale: see :func:`plan`.
     """
+    report = _status(project, names)
+    return None if report is None else {name for name, why in report.items() if why != [ALWAYS_CHANGED]}
+
+
+def _status(project: Path, names: Iterable[str]) -> dict[str, Any] | None:
+    """``dvc status --json`` by stage name (``download@malaria``), or None when it cannot tell."""
     code, output = dvc(project, "status", "--json", *names)
     start = output.find("{")
     if code != 0 or start < 0:
@@ -136,22 +147,27 @@ def stale_stages(project: Path, names: Iterable[str] = ()) -> set[str] | None:
         report = json.loads(output[start:output.rfind("}") + 1])
     except json.JSONDecodeError:
         return None
-    return {str(name).rsplit(":", 1)[-1] for name in report}
+    return {str(name).rsplit(":", 1)[-1]: why for name, why in report.items()}
 
 
 def plan(project: Path, dataset: str | None = None) -> list[Planned]:
     """The flow's plan over the stages of ``dataset`` (all stages when None), in dependency order.
 
     A stage must go through ``dvc repro`` when ``dvc status`` reports it changed or any stage it depends on
-    (transitively) must; every stage must when status fails.
+    (transitively) must; every stage must when status fails. A stage DVC always runs (``always_changed``)
+    goes through ``dvc repro`` too, but its dependents only when it ran (its dvc.lock entry changed), which
+    the flow finds out as it goes (``Planned.needs``).
     """
     order = pipeline(project, dataset)
-    stale = stale_stages(project, [s.name for s in order] if dataset is not None else [])
+    report = _status(project, [s.name for s in order] if dataset is not None else [])
+    stale = None if report is None else {name for name, why in report.items() if why != [ALWAYS_CHANGED]}
+    always = set() if report is None or stale is None else set(report) - stale
     check: set[str] = set()
     for s in order:
         if stale is None or s.name in stale or s.needs & check:
             check.add(s.name)
-    return [Planned(s.name, s.name in check, stale is not None and s.name in stale) for s in order]
+    return [Planned(s.name, s.name in check or s.name in always, stale is not None and s.name in stale, s.needs)
+            for s in order]
 
 
 def _toposort(names: list[str], needs: dict[str, set[str]], path: Path) -> list[str]:

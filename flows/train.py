@@ -40,9 +40,12 @@ def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, A
     """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
     dependency order; a failure stops the rest. Other datasets' stages are not touched."""
     results = []
+    ran: set[str] = set()  # a stage downstream of one that ran is checked (download always runs: see plan)
     for item in stages.plan(project.root, project.dataset):
-        results.append(stage_task(item.stage)(str(project.root), item.stage, up_to_date=not item.check,
-                                              stale=item.stale))
+        results.append(stage_task(item.stage)(str(project.root), item.stage,
+                                              up_to_date=not (item.check or item.needs & ran), stale=item.stale))
+        if results[-1]["ran"]:
+            ran.add(item.stage)
         if item.stage.split("@", 1)[0] == until:
             break
     return results

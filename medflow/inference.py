@@ -9,8 +9,9 @@ decoded gets a row with its error and the rest are scored; the run never stops o
 Inputs are bounded as the pipeline bounds its own (:mod:`medflow.imaging.limits`): archives get the extract
 step's checks (``extract.max_members``, ``max_total_bytes``, ``max_ratio``; a refused archive is one error
 row), images the filter's pixel cap (``filter.max_pixels``, from the header, before decoding) and a byte
-cap; only regular files are read, ``**`` and folder walks do not follow symlinked folders, and the bytes and
-pixels held by the decoding threads at once are capped. The limits are the config's where the command has
+cap; only regular files are read, ``**`` does not follow symlinked folders, folder walks follow them with a
+loop guard (:mod:`medflow.data.walk`), and the bytes and pixels held by the decoding threads at once are
+capped. The limits are the config's where the command has
 one (``--dataset``, ``--params``), else the params.yaml defaults.
 """
 
@@ -140,7 +141,8 @@ def collect(specs: list[str], limits: InputLimits | None = None) -> list[Item]:
     """Expand PATH arguments into images, in the order given (folders and globs sorted).
 
     A spec that names nothing (no such file or folder, no glob match) is an error naming it. Folders are
-    walked without following symlinked folders (:func:`medflow.data.manifest.iter_images`).
+    walked as the manifest walks them (:func:`medflow.data.manifest.iter_images`: symlinked folders followed
+    with a loop guard, hidden entries skipped).
     """
     limits = limits or InputLimits()
     items: list[Item] = []

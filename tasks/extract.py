@@ -3,7 +3,9 @@
 Reads ``sources.json`` (written by download) and ``extract.*`` limits; each archive is extracted safely into a
 content-addressed folder under ``out_dir`` (:func:`medflow.data.archives.extract_into`: no path escapes,
 links, devices or bombs; reused when already there); folder sources are listed in place. ``roots.json`` (a
-list of :class:`medflow.data.archives.RootRecord`) names the folders manifest indexes.
+list of :class:`medflow.data.archives.RootRecord`) names the folders manifest indexes, each with the digest of
+its content (a folder source's listing digest from sources.json), so the manifest stage re-runs when a file
+is added to, changed in or removed from a folder source.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run(cfg: Config, *, sources_json: Path, out_dir: Path, roots_json: Path) -> 
             log.warning("%s is listed twice in %s; indexing it once", root, sources_json)
             continue
         counts[key] += 1
-        roots.append(RootRecord(root=root, source=rec["url"], kind=rec["kind"]))
+        digest = rec.get("digest") if rec["kind"] == "folder" else rec.get("sha256")
+        roots.append(RootRecord(root=root, source=rec["url"], kind=rec["kind"], digest=digest))
     write_json(roots_json, roots)
     log.info("wrote %d root(s) to %s", len(roots), roots_json)
     return {"roots": len(roots), **counts}
@@ -61,7 +64,8 @@ def _read_sources(sources_json: Path) -> list[SourceRecord]:
     for n, rec in enumerate(data):
         ok = (isinstance(rec, dict) and rec.get("kind") in ("archive", "folder")
               and isinstance(rec.get("path"), str) and isinstance(rec.get("url"), str)
-              and (rec.get("sha256") is None or isinstance(rec.get("sha256"), str)))
+              and (rec.get("sha256") is None or isinstance(rec.get("sha256"), str))
+              and (rec.get("digest") is None or isinstance(rec.get("digest"), str)))
         if not ok:
             raise StepError(f"{sources_json}: entry {n} is not a source record "
                             "(needs url, path, kind archive|folder, sha256)")

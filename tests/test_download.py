@@ -26,6 +26,7 @@ import pytest
 
 from medflow.config import Config, parse_config
 from medflow.data.fetch import FetchError, archive_suffix, default_filename, fetch, redact
+from medflow.data.walk import listing_digest
 from medflow.errors import StepError
 from tasks import download
 
@@ -233,7 +234,7 @@ def test_pinned_download_writes_verified_file_and_record(tmp_path: Path, dl_serv
     assert final.read_bytes() == PAYLOAD
     assert not (tmp_path / "raw" / "ChestXRay2017.zip.part").exists()
     assert records == [{"index": 0, "url": dl_server.url(), "path": str(final), "kind": "archive",
-                        "sha256": DIGEST, "bytes": len(PAYLOAD)}]
+                        "sha256": DIGEST, "bytes": len(PAYLOAD), "digest": None}]
     assert summary == {"sources": 1, "archives": 1, "folders": 0, "downloaded": 1, "unpinned": []}
 
 
@@ -466,9 +467,9 @@ def test_local_archive_and_folder_are_used_in_place(tmp_path: Path, monkeypatch:
         summary, records = _run(tmp_path, _cfg("inbox/A.ZIP", {"url": str(tmp_path / "inbox" / "xrays")}))
     assert records == [
         {"index": 0, "url": "inbox/A.ZIP", "path": "inbox/A.ZIP", "kind": "archive", "sha256": DIGEST,
-         "bytes": len(PAYLOAD)},
+         "bytes": len(PAYLOAD), "digest": None},
         {"index": 1, "url": str(tmp_path / "inbox" / "xrays"), "path": str(tmp_path / "inbox" / "xrays"),
-         "kind": "folder", "sha256": None, "bytes": None},
+         "kind": "folder", "sha256": None, "bytes": None, "digest": listing_digest([])},  # an empty folder
     ]
     assert summary == {"sources": 2, "archives": 1, "folders": 1, "downloaded": 0, "unpinned": [0]}
     assert not any((tmp_path / "raw").iterdir())  # nothing copied

@@ -19,6 +19,7 @@ from conftest import shared_dataset
 
 from medflow.config import Config, parse_config
 from medflow.data import archives
+from medflow.data.walk import folder_listing, listing_digest
 from medflow.errors import StepError
 from tasks import download, extract
 
@@ -100,7 +101,7 @@ def test_zip_is_extracted_to_content_addressed_folder(tmp_path: Path) -> None:
     digest = _sha(archive)
     summary, roots = _run(tmp_path, archive)
     root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
-    assert roots == [{"root": str(root), "source": str(archive), "kind": "archive"}]
+    assert roots == [{"root": str(root), "source": str(archive), "kind": "archive", "digest": digest}]
     assert _files(root) == {"chest_xray/train/NORMAL/IM-0001-0001.jpeg",
                             "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg"}
     assert (root / "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg").read_bytes() == IMG[::-1]
@@ -136,7 +137,7 @@ def test_archive_downloaded_over_http_is_extracted(tmp_path: Path, file_server: 
     digest = _sha(archive)
     summary, roots = _run(tmp_path, {"url": f"{base}/ChestXRay2017.zip", "sha256": digest, "insecure": True})
     root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
-    assert roots == [{"root": str(root), "source": f"{base}/ChestXRay2017.zip", "kind": "archive"}]
+    assert roots == [{"root": str(root), "source": f"{base}/ChestXRay2017.zip", "kind": "archive", "digest": digest}]
     assert (root / "chest_xray/NORMAL/IM-0001-0001.jpeg").read_bytes() == IMG
     assert summary["extracted"] == 1
 
@@ -169,8 +170,10 @@ def test_rerun_reuses_existing_folder(tmp_path: Path) -> None:
 def test_folder_source_is_listed_in_place(tmp_path: Path) -> None:
     folder = tmp_path / "inbox" / "xrays"
     (folder / "NORMAL").mkdir(parents=True)
+    (folder / "NORMAL" / "1.png").write_bytes(IMG)
     summary, roots = _run(tmp_path, folder)
-    assert roots == [{"root": str(folder), "source": str(folder), "kind": "folder"}]
+    assert roots == [{"root": str(folder), "source": str(folder), "kind": "folder",
+                      "digest": listing_digest(folder_listing(folder))}]  # the content: manifest re-runs on change
     assert summary["folders"] == 1 and not any((tmp_path / "ex").iterdir())
 
 

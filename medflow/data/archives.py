@@ -60,6 +60,7 @@ class RootRecord(TypedDict):
     root: str  # extracted folder, or a folder source in place
     source: str  # the source's url as written in params.yaml
     kind: Literal["archive", "folder"]
+    digest: str | None  # the content it holds: a folder source's listing digest, an archive's sha256
 
 
 @dataclass

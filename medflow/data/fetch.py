@@ -20,7 +20,8 @@ What medflow keeps, because neither library does it:
   certificate that fails verification are not retried (retrying cannot fix them), nor is a 404;
 - ``file://`` URLs: requests has no file:// adapter, and a local copy needs neither retries nor Range, so
   :func:`_copy_file_url` copies the file through the same ``.part`` and verification;
-- local paths (archives or folders) are used in place, never copied (:func:`resolve_local`);
+- local paths (archives or folders) are used in place, never copied (:func:`resolve_local`); a folder's record
+  carries the digest of its listing (:mod:`medflow.data.walk`), so a change inside it changes sources.json;
 - https only: a plain ``http://`` source, or a redirect from https to anything but https, is refused unless
   the source says ``insecure: true``. Certificates are verified against certifi's bundle, or the one that
   ``REQUESTS_CA_BUNDLE`` names (requests' own variable: a private CA, the tests' loopback server);
@@ -60,6 +61,7 @@ from urllib3.util import Retry
 
 import medflow
 from medflow.config import DownloadConfig, Source
+from medflow.data.walk import WalkReport, folder_listing, listing_digest
 from medflow.errors import StepError
 from medflow.io import CHUNK, sha256_file, write_json
 from medflow.schema import JUNK_DIRS, JUNK_FILES
@@ -81,6 +83,9 @@ class SourceRecord(TypedDict):
     kind: Literal["archive", "folder"]
     sha256: str | None  # archives only
     bytes: int | None  # archives only
+    # folders only: :func:`medflow.data.walk.listing_digest` of the folder's files (names, sizes, mtimes, links
+    # followed), so a file added, changed or removed changes sources.json and re-runs extract and manifest
+    digest: str | None
 
 
 class FetchError(StepError):
@@ -483,7 +488,7 @@ def resolve_remote(index: int, src: Source, out_dir: Path, dl: DownloadConfig) -
         log.info("%s already downloaded and unchanged (sha256 %s); skipping", dest, digest)
     _warn_unpinned(index, src, digest)
     record = SourceRecord(index=index, url=redact(src.url), path=_display_path(dest), kind="archive",
-                          sha256=digest, bytes=dest.stat().st_size)
+                          sha256=digest, bytes=dest.stat().st_size, digest=None)
     return record, fetched
 
 
@@ -497,7 +502,7 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
         if src.sha256 is not None:
             raise StepError(f"dataset.sources[{index}].sha256: {path} is a folder; only archives can be pinned")
         return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="folder", sha256=None,
-                            bytes=None)
+                            bytes=None, digest=folder_digest(path))
     if archive_suffix(path.name) is None:
         raise StepError(f"dataset.sources[{index}].url: {path} is neither a folder nor an archive "
                         f"({', '.join(ARCHIVE_SUFFIXES)})")
@@ -507,7 +512,17 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
                         f"got {digest}")
     _warn_unpinned(index, src, digest)
     return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="archive", sha256=digest,
-                        bytes=path.stat().st_size)
+                        bytes=path.stat().st_size, digest=None)
+
+
+def folder_digest(path: Path) -> str:
+    """The content digest of a folder source (:mod:`medflow.data.walk`); what the walk left out is logged."""
+    report = WalkReport()
+    listing = folder_listing(path, report)
+    report.log(path)
+    digest = listing_digest(listing)
+    log.info("%s: %d file(s), digest %s", path, len(listing), digest[:12])
+    return digest
 
 
 def _warn_unpinned(index: int, src: Source, digest: str) -> None:
@@ -540,8 +555,10 @@ def check_filenames(sources: list[Source]) -> None:
 def inbox_sources(inbox: Path) -> list[Source]:
     """Archives and folders dropped into a dataset's inbox, in name order, as local sources.
 
-    The inbox is where local copies and newly landed data go (``data/inbox/<dataset>/``); DVC tracks it as a
-    dependency, so anything added there re-runs the pipeline. Hidden files and OS junk are ignored.
+    The inbox is where local copies and newly landed data go (``data/inbox/<dataset>/``). The download stage
+    runs on every ``dvc repro`` (``always_changed``: DVC sees nothing inside a symlinked folder), and each
+    folder's record carries its content digest, so a file added, changed or removed anywhere below re-runs
+    extract and manifest. Hidden entries and OS junk are ignored.
     """
     if not inbox.is_dir():
         return []

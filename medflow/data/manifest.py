@@ -10,7 +10,6 @@ modified. The manifest step (tasks/manifest.py) reads the roots and writes the C
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -20,22 +19,22 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from medflow.data.walk import WalkReport, walk_files
 from medflow.io import sha256_file
 from medflow.patients import group_of, join_runs
-from medflow.schema import IMAGE_EXTENSIONS, JUNK_DIRS, JUNK_FILES, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
+from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
 
 
 def iter_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` in sorted order, skipping OS junk and hidden AppleDouble files."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in JUNK_DIRS and not d.startswith("."))
-        for name in sorted(filenames):
-            if name in JUNK_FILES or name.startswith("._"):
-                continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath) / name
+    """Image files under ``root`` in sorted order: :func:`medflow.data.walk.walk_files` (hidden files and
+    folders skipped alike, OS junk skipped, symlinked folders followed with a loop guard), logged once."""
+    report = WalkReport()
+    for path in walk_files(root, report):
+        if Path(path.name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield path
+    report.log(root)
 
 
 def class_of(parts: tuple[str, ...], labels: Mapping[str, int]) -> str | None:

@@ -282,7 +282,8 @@ def validation_summary(result: Mapping[str, Any], path: Path | str) -> dict[str,
 def labelled_files(folder: Path, labels: Mapping[str, int], where: str) -> list[tuple[Path, str]]:
     """Images under class folders named as ``labels`` (at any depth), with their class; StepError if none.
 
-    Symlinked folders are not followed (:func:`medflow.data.manifest.iter_images`)."""
+    Walked as the manifest walks (:func:`medflow.data.manifest.iter_images`: symlinked folders followed with
+    a loop guard, hidden entries skipped)."""
     if not folder.is_dir():
         raise StepError(f"{where}: not a folder")
     files = []

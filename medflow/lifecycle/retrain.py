@@ -1,8 +1,10 @@
 """Retraining logic (no Prefect here): source fingerprints, champion/challenger decision, lock.
 
 - :func:`source_fingerprint`: what the pipeline reads as its source (the ``dataset.sources`` params and the
-  name, size and modification time of every file in ``data/inbox/<ds>/``). Unchanged fingerprint = nothing
-  new to train on; it is a stat walk, so the check takes milliseconds even for large inboxes.
+  name, size and modification time of every file in ``data/inbox/<ds>/`` and in the local folders that
+  ``dataset.sources`` lists, symlinked folders followed: the download step's own walk,
+  :mod:`medflow.data.walk`). Unchanged fingerprint = nothing new to train on; it is a stat walk, so the check
+  takes milliseconds even for large inboxes.
 - :func:`decide`: never promote a challenger that does not beat chance on val (the chance guard); else
   promote it only when it is *not worse* than the champion beyond
   ``retrain.tolerance`` in test ROC AUC, shown by a paired bootstrap on the same test images: the lower
@@ -33,6 +35,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from medflow.config import Config, RetrainConfig
+from medflow.data.walk import Listing, folder_listing
 from medflow.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -41,26 +44,45 @@ STATE_FILE = "retrain.json"  # in models/<ds>/: the fingerprint of the last inge
 
 
 # ---------------------------------------------------------------------------------------- fingerprint
-def inbox_files(inbox: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under ``inbox``, sorted; hidden files are ignored."""
-    inbox = Path(inbox)
-    if not inbox.is_dir():
-        return []
-    out = []
-    for path in inbox.rglob("*"):
-        rel = path.relative_to(inbox)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        st = path.stat()
-        out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
+def inbox_files(inbox: Path) -> Listing:
+    """(relative path, size, mtime_ns) of every file under ``inbox``, sorted: the walk of the download and
+    manifest steps (:func:`medflow.data.walk.folder_listing`: hidden files and folders skipped, symlinked
+    folders followed with a loop guard), so a linked folder's files count like any other."""
+    return folder_listing(Path(inbox))
+
+
+def source_files(cfg: Config, project: Path) -> Listing:
+    """The files of the local sources of ``dataset.sources`` (paths relative to ``project``), named
+    ``dataset.sources[i]/<relative path>`` (a folder) or ``dataset.sources[i]`` (an archive), sorted."""
+    out: Listing = []
+    for i, src in enumerate(cfg.dataset.sources):
+        if src.is_remote:
+            continue  # its url and sha256 are in the fingerprint; download re-verifies the file
+        path = Path(project) / Path(src.url).expanduser()
+        if path.is_dir():
+            out += [(f"dataset.sources[{i}]/{rel}", size, mtime) for rel, size, mtime in folder_listing(path)]
+        elif path.exists():
+            st = path.stat()
+            out.append((f"dataset.sources[{i}]", st.st_size, st.st_mtime_ns))
     return sorted(out)
 
 
-def source_fingerprint(cfg: Config, inbox: Path, listing: list[tuple[str, int, int]] | None = None) -> str:
-    """sha256 over the configured sources and the inbox listing (names, sizes, mtimes; read if not given)."""
+def project_of(inbox: Path) -> Path:
+    """The project an inbox belongs to (the nearest folder above it with dvc.yaml), else the working directory:
+    what relative paths of ``dataset.sources`` are relative to (DVC runs the steps there)."""
+    here = Path(os.path.abspath(inbox))
+    return next((p for p in here.parents if (p / "dvc.yaml").is_file()), Path.cwd())
+
+
+def source_fingerprint(cfg: Config, inbox: Path, listing: Listing | None = None,
+                       sources: Listing | None = None) -> str:
+    """sha256 over the configured sources, the inbox listing and the listing of the local sources
+    (names, sizes, mtimes; :func:`inbox_files` and :func:`source_files`, read if not given)."""
     h = hashlib.sha256()
     h.update(json.dumps([s.model_dump() for s in cfg.dataset.sources], sort_keys=True).encode())
-    for rel, size, mtime in inbox_files(inbox) if listing is None else listing:
+    if sources is None:
+        sources = source_files(cfg, project_of(inbox))
+    for rel, size, mtime in [*(inbox_files(inbox) if listing is None else listing), *sources]:
         h.update(f"{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 

@@ -1,9 +1,12 @@
-"""Inbox watcher behind ``medflow watch``: polls ``data/inbox/<ds>/`` and reports when new data has landed.
+"""Inbox watcher behind ``medflow watch``: polls ``data/inbox/<ds>/`` (and the local folders of
+``dataset.sources``) and reports when new data has landed, changed or gone.
 
 No Prefect here: the caller passes ``emit`` (the CLI sends a ``medflow.data.landed`` Prefect event with it,
 see ``flows/events.py``). Data counts as landed when the source fingerprint (``medflow.lifecycle.retrain``) differs both
 from the last ingested one (``models/<ds>/retrain.json``) and from the last one reported, and the inbox
-listing has been the same for two polls in a row, so a file still being copied is not reported half-way.
+listing has been the same for two polls in a row, so a file still being copied is not reported half-way. The
+listing is the download step's own walk (:mod:`medflow.data.walk`: symlinked folders followed, hidden entries
+skipped), so the watcher sees exactly the changes that re-run the pipeline.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import Config
-from medflow.lifecycle.retrain import inbox_files, ingested_files, last_fingerprint, source_fingerprint
+from medflow.data.walk import Listing
+from medflow.lifecycle.retrain import (
+    inbox_files,
+    ingested_files,
+    last_fingerprint,
+    project_of,
+    source_files,
+    source_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +38,7 @@ class InboxWatcher:
 
     def __init__(self, cfg: Config, inbox: Path, model_root: Path) -> None:
         self.cfg, self.inbox, self.model_root = cfg, Path(inbox), Path(model_root)
-        self._listing: list[tuple[str, int, int]] | None = None
+        self._listing: tuple[Listing, Listing] | None = None
         self._reported: str | None = None
         # New files are counted against the last ingestion (else against the inbox as first seen)
         known = ingested_files(self.model_root)
@@ -35,11 +46,12 @@ class InboxWatcher:
 
     def check(self, settle: bool = True) -> dict[str, Any] | None:
         listing = inbox_files(self.inbox)
-        stable = listing == self._listing
-        self._listing = listing
+        sources = source_files(self.cfg, project_of(self.inbox))
+        stable = (listing, sources) == self._listing
+        self._listing = listing, sources
         if settle and not stable:
             return None
-        fp = source_fingerprint(self.cfg, self.inbox, listing)
+        fp = source_fingerprint(self.cfg, self.inbox, listing, sources)
         if fp in (self._reported, last_fingerprint(self.model_root)):
             return None
         self._reported = fp
