@@ -231,7 +231,8 @@ def test_summary_counts_and_file(mixed: dict[str, Any]) -> None:
     assert s == read_json(mixed["out"] / "summary.json")
     assert s["in"] == len(mixed["manifest"]) == s["clean"] + s["rejected"]
     assert s["by_reason"] == {"zero_bytes": 1, "not_an_image": 1, "truncated": 2, "decode_error": 1,
-                              "too_many_pixels": 0, "too_small": 1, "unsupported_mode": 1, "duplicate": 1}
+                              "too_many_pixels": 0, "too_small": 1, "unsupported_mode": 1, "no_pixel_data": 0,
+                              "multi_frame": 0, "unsupported_syntax": 0, "duplicate": 1}
     assert s["decoded"] == len(mixed["manifest"]) - 1  # the exact duplicate is decoded once
     assert s["cached"] == 0
 
