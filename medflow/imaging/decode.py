@@ -314,16 +314,7 @@ def _to_8bit_l_or_rgb(im: Image.Image) -> Image.Image:
 
 def _stretch_to_8bit(im: Image.Image) -> Image.Image:
     """Map the image's own value range linearly onto 0..255 (constant images -> 0)."""
-    return Image.fromarray(stretch_to_uint8(np.asarray(im)), "L")
-
-
-def stretch_to_uint8(a: np.ndarray) -> np.ndarray:
-    """The array's own value range linearly onto 0..255 as uint8 (a constant array -> 0), in float32: the
-    one scaling of 16-bit PNGs and TIFFs and of DICOM without a window."""
-    a = np.asarray(a, dtype=np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.rint(scaled).astype(np.uint8)
+    return Image.fromarray(dicom.stretch_to_uint8(np.asarray(im)), "L")
 
 
 def _over_black(im: Image.Image) -> Image.Image:

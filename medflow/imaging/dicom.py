@@ -17,7 +17,7 @@
   the LUT sequence), then the VOI: the VOI LUT sequence if present, else the first window centre/width
   (LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2.1.2) mapped onto 0..255; without either, 8-bit
   samples without rescale are kept as they are (as an 8-bit PNG), deeper ones have the image's own range
-  stretched onto 0..255 exactly as a 16-bit PNG (:func:`medflow.imaging.decode.stretch_to_uint8`).
+  stretched onto 0..255 exactly as a 16-bit PNG (:func:`stretch_to_uint8`).
   MONOCHROME1 is inverted last, on the 8-bit values, so it is exactly ``255 -`` the MONOCHROME2 image of
   the same samples. Colour: YBR converted to RGB by pydicom, palettes applied; deeper colour stretched.
 - Patients (:func:`patient_key`): PatientID, else StudyInstanceUID (one study is one patient); returned
@@ -237,7 +237,7 @@ def _to_8bit(arr: np.ndarray, ds: Any) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
     if photometric not in _GREY:
-        return arr if arr.dtype == np.uint8 else _stretch(arr)
+        return arr if arr.dtype == np.uint8 else stretch_to_uint8(arr)
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     unit = _voi(values, ds)
     if unit is not None:
@@ -245,15 +245,18 @@ def _to_8bit(arr: np.ndarray, ds: Any) -> np.ndarray:
     elif arr.dtype == np.uint8 and np.array_equal(values, arr):  # 8-bit, no rescale: as an 8-bit PNG
         out = arr
     else:
-        out = _stretch(values)
+        out = stretch_to_uint8(values)
     return 255 - out if photometric == "MONOCHROME1" else out
 
 
-def _stretch(a: np.ndarray) -> np.ndarray:
-    """The image's own range onto 0..255 (a constant image -> 0), exactly as 16-bit PNGs are scaled."""
-    from medflow.imaging.decode import stretch_to_uint8  # decode imports this module
-
-    return stretch_to_uint8(a)
+def stretch_to_uint8(a: np.ndarray) -> np.ndarray:
+    """The array's own value range linearly onto 0..255 as uint8 (a constant array -> 0), in float32: the
+    one scaling of deep images, 16-bit PNGs and TIFFs (:mod:`medflow.imaging.decode`) as DICOM without a
+    window. Here rather than in decode so that the manifest step, which reads DICOM headers, needs no decoder."""
+    a = np.asarray(a, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.rint(scaled).astype(np.uint8)
 
 
 def _first(value: Any) -> float:
