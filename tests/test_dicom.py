@@ -21,7 +21,7 @@ from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
 from medflow.config import parse_config
-from medflow.data.manifest import iter_images
+from medflow.data.manifest import file_groups, iter_images
 from medflow.errors import StepError
 from medflow.imaging import decode, dicom, quality
 from medflow.imaging.limits import Decoder, InputLimits, file_item
@@ -196,7 +196,8 @@ def test_reject_reasons_name_the_problem(tmp_path: Path) -> None:
 
 
 def _project(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
-    """Patient A (a1, an extensionless a2, and the multi-frame m), patient B, one file without PatientID."""
+    """Patient A (a1, an extensionless a2, the multi-frame m, nopix without pixels), patient B, one file
+    without PatientID, and pydicom's JPEG-LS file (a patient of its own)."""
     root = tmp_path / "inbox" / "src"
     study = generate_uid()
     files = {
@@ -206,8 +207,14 @@ def _project(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
                           syntax=RLELossless),
         "s1": write_dicom(root / "PNEUMONIA" / "s1.dcm", xray(9), patient_id=None, study=study),
         "m": write_dicom(root / "PNEUMONIA" / "m.dcm", np.stack([xray(10)] * 3), frames=3),
+        "nopix": write_dicom(root / "NORMAL" / "nopix.dcm", xray(11), with_pixels=False),
+        "jls": root / "NORMAL" / "jls.dcm",
     }
+    files["jls"].write_bytes(shipped("MR_small_jpeg_ls_lossless.dcm").read_bytes())
     return root, files
+
+
+REJECTED = {"m": "multi_frame", "nopix": "no_pixel_data", "jls": "unsupported_syntax"}
 
 
 def _no_phi(*texts: str) -> None:
@@ -239,16 +246,24 @@ def test_manifest_filter_resize_on_dicom(tmp_path: Path, monkeypatch: pytest.Mon
     salt = project_salt(tmp_path)
     assert len(salt) == 64 and stat.S_IMODE((tmp_path / SALT_FILE).stat().st_mode) == 0o600
     df = read_csv(out / "manifest.csv").set_index("relpath")
-    assert summary["images"] == 5 and summary["patients"] == 3 and summary["dicom_patient_from_study"] == 1
+    assert summary["images"] == 7 and summary["patients"] == 4 and summary["dicom_patient_from_study"] == 1
     assert set(df["format"]) == {"DICOM"}
     group = {k: df.loc[p.relative_to(root).as_posix(), "group"] for k, p in files.items()}
     assert group["a1"] == group["a2"] == group["m"] == dicom.hashed("PatientID", PHI[2], salt) != group["b1"]
     ds = pydicom.dcmread(files["s1"], stop_before_pixels=True)
     assert group["s1"] == dicom.hashed("StudyInstanceUID", str(ds.StudyInstanceUID), salt)
     assert dicom.hashed("PatientID", PHI[2], b"another project") != group["a1"]
+    # evaluate --images and external sets give an image the id the manifest gave it
+    assert file_groups(list(files.values()), cfg.dataset.group_pattern, "dicom", salt) == list(group.values())
     assert any("no PatientID" in r.getMessage() and "StudyInstanceUID" in r.getMessage() for r in caplog.records)
 
-    assert filt["clean"] == 4 and filt["by_reason"]["multi_frame"] == 1
+    assert filt["clean"] == 4 and all(filt["by_reason"][r] == 1 for r in REJECTED.values())
+    rejects = read_csv(out / "rejects.csv").set_index("path")
+    listed = {k: df.loc[files[k].relative_to(root).as_posix(), "path"] for k in REJECTED}
+    assert {k: rejects.loc[path, "reason"] for k, path in listed.items()} == REJECTED
+    again = filter_step.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv", rejects=out / "rejects.csv",
+                            summary=out / "filter2.json", cache=tmp_path / "cache")  # verdicts from the index
+    assert (again["decoded"], again["cached"]) == (0, 7) and again["by_reason"] == filt["by_reason"]
     images = np.load(out / "images.npy")
     clean = read_csv(out / "clean.csv")
     assert resized["images"] == len(clean) == images.shape[0] == 4 and images.shape[1:] == (32, 32, 1)
@@ -283,4 +298,4 @@ def test_predict_and_evaluate_images_read_dicom(tmp_path: Path) -> None:
     assert sorted(paths) == sorted(files.values())
     pixels, errors = decode_files(paths, 16, 1)
     ok = [p for p, e in zip(paths, errors, strict=True) if e is None]
-    assert sorted(ok) == sorted(v for k, v in files.items() if k != "m")
+    assert sorted(ok) == sorted(v for k, v in files.items() if k not in REJECTED)

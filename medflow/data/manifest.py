@@ -94,6 +94,18 @@ def _file_facts(path: Path, salt: bytes = b"") -> dict[str, Any]:
     return facts
 
 
+def file_groups(paths: list[Path], pattern: re.Pattern[str], rule: str, salt: bytes | None) -> list[str]:
+    """Per file, its patient/group id as the manifest step gives it (no runs joined): under the ``dicom``
+    rule a DICOM file's hashed patient (``salt``: the project's), else the rule on the file name, else the
+    name itself. For images outside the pipeline (``evaluate --images``, external sets) to meet the training
+    split's ids."""
+    out = []
+    for path in paths:
+        read = dicom.read_patient(path, salt or b"") if rule == "dicom" and dicom.is_dicom_file(path) else None
+        out.append(read[1] if read and read[1] else group_of(path.name, pattern) or path.name)
+    return out
+
+
 def _dicom_group(row: dict[str, Any], patient: str, tag: str, skipped: dict[str, int]) -> None:
     """Under the dicom rule: the row's group is its hashed patient; the counts say where it came from."""
     if patient:
