@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_found_by_the_marker_whatever_the_name(tmp_path: Path) -> None:
     named = [write_dicom(tmp_path / n, img) for n in ("IM0001", "1.2.840.113619.2.55", "scan.dcm")]
     (tmp_path / "README").write_text("not an image, no extension")
     (tmp_path / "notes.txt").write_text("x" * 200)
+    os.mkfifo(tmp_path / "fifo")  # never opened for a blocking read while looking for the marker
+    (tmp_path / "zero").symlink_to("/dev/zero")
     assert list(iter_images(tmp_path)) == sorted(named)
     assert all(dicom.is_dicom(p.read_bytes()) for p in named)
     bare = tmp_path / "bare" / "nopreamble.dcm"  # a data set without preamble and DICM: not read, and said so

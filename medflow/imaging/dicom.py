@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,12 +79,17 @@ def is_dicom(data: bytes) -> bool:
 
 
 def is_dicom_file(path: Path | str) -> bool:
-    """True if the file at ``path`` carries the DICM marker at offset 128; False when it cannot be read."""
+    """True if the file at ``path`` is a regular file with the DICM marker at offset 128; False when it
+    cannot be read. Opened non-blocking and checked on the descriptor: a FIFO or device is never read."""
     try:
-        with open(path, "rb") as f:
-            return is_dicom(f.read(DICM_OFFSET + 4))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode) and is_dicom(f.read(DICM_OFFSET + 4))
+        except OSError:
+            return False
 
 
 @contextmanager
