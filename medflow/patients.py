@@ -13,14 +13,21 @@ see its neighbours, so the manifest step joins them over the whole folder.
 
 A custom rule (any other ``dataset.group_rule``) is a regex with one capturing group; a name it does not
 match becomes a group of its own, which the manifest step counts and warns about.
+
+The ``dicom`` rule reads no name: the manifest step takes the patient from each DICOM file's PatientID, or
+its StudyInstanceUID where PatientID is missing (counted and warned about), and stores it only hashed with
+the project's salt (:func:`project_salt`, :func:`medflow.imaging.dicom.hashed`).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,15 @@ RULES: dict[str, GroupRule] = {
                    "2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour")),
         runs=r"^(\d+)\.png$",
     ),
+    "dicom": GroupRule(
+        pattern=r"^(.+?)(?:\.[^.]*)?$",
+        doc="DICOM: the patient is the file's PatientID tag, else its StudyInstanceUID (the manifest step "
+            "counts those under dicom_patient_from_study and warns), stored as 'dcm-' and 16 hex digits of a "
+            "SHA-256 salted per project, never in clear. The regex (the stem, as the filename rule) only "
+            "serves files that are not DICOM, or DICOM files with neither tag: each is then its own group, "
+            "counted under group_rule_fallback.",
+        examples=(("IM-0001-0001.dcm", "IM-0001-0001"), ("1.2.840.113619.2.55.3.604", "1.2.840.113619.2.55.3")),
+    ),
     "filename": GroupRule(
         pattern=r"^(.+?)(?:\.[^.]*)?$",
         doc="Every file its own group (the stem): for sources whose names carry no patient id.",
@@ -107,6 +123,35 @@ RULES: dict[str, GroupRule] = {
 
 # Rule name -> regex: what dataset.group_rule names (medflow.config validates against it).
 GROUP_RULES: dict[str, str] = {name: rule.pattern for name, rule in RULES.items()}
+
+
+SALT_FILE = Path(".dvc") / "tmp" / "medflow" / "salt"  # under the project root; ignored by git and DVC
+
+
+def project_salt(root: Path | str) -> bytes:
+    """The project's secret salt for pseudonymised ids (the DICOM patient hashes), created on first use.
+
+    32 random bytes (hex) in :data:`SALT_FILE` under ``root``, never committed: a hash cannot be reversed by
+    trying the likely ids without it. Created exclusively (a hard link of a complete temporary file), so
+    two runs starting at once agree on one salt. Losing the file changes every hash at the next manifest run
+    (each patient still gets one id, so splits stay patient-disjoint, but the split assignment may change).
+    """
+    path = Path(root) / SALT_FILE
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".salt.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp.write_text(secrets.token_hex(32))
+    os.chmod(tmp, 0o600)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another run created it first: use that one
+    finally:
+        tmp.unlink()
+    return path.read_bytes().strip()
 
 
 def group_of(filename: str, pattern: re.Pattern[str]) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"})
+# A file with any other name is an image too when it carries DICOM's DICM marker at offset 128
+# (medflow.imaging.dicom.is_dicom_file): DICOM files often have no extension, or a number after a dot.
 
 # OS junk never indexed or extracted.
 JUNK_DIRS = frozenset({"__MACOSX", ".Trash", ".Trashes", ".Spotlight-V100", ".fseventsd", "@eaDir"})
@@ -33,7 +35,7 @@ CLEAN_COLUMNS = [*MANIFEST_COLUMNS, "phash", "dup_group"]
 
 # rejects.csv: one row per quarantined file (never deleted).
 #   reason: zero_bytes | not_an_image | truncated | decode_error | too_many_pixels | too_small |
-#           unsupported_mode | duplicate
+#           unsupported_mode | no_pixel_data | multi_frame | unsupported_syntax (the last three: DICOM) | duplicate
 REJECT_COLUMNS = ["path", "reason", "detail", "sha256", "bytes"]
 
 # split.csv = clean rows plus:

@@ -16,6 +16,7 @@ from medflow.config import Config
 from medflow.data.manifest import build_manifest
 from medflow.errors import StepError
 from medflow.io import read_json, write_csv
+from medflow.patients import project_salt
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ def _warn_skipped(skipped: dict[str, int], cfg: Config) -> None:
     if skipped["group_rule_fallback"]:
         log.warning("%d file names do not match dataset.group_rule %r; each is its own group",
                     skipped["group_rule_fallback"], cfg.dataset.group_rule)
+    if skipped.get("dicom_patient_from_study"):
+        log.warning("%d DICOM files have no PatientID; each is grouped by its StudyInstanceUID (one study = one "
+                    "patient: two studies of one patient may then land in different splits)",
+                    skipped["dicom_patient_from_study"])
 
 
 def _no_images(roots: list[Path], cfg: Config) -> str:
@@ -62,7 +67,9 @@ def _no_images(roots: list[Path], cfg: Config) -> str:
 def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
     """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary."""
     roots = _read_roots(roots_json)
-    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern, rule=cfg.dataset.group_rule)
+    rule = cfg.dataset.group_rule
+    salt = project_salt(Path.cwd()) if rule == "dicom" else None  # DVC runs the step in the project root
+    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern, rule=rule, salt=salt)
     if df.empty:
         raise StepError(_no_images(roots, cfg))
     _warn_skipped(skipped, cfg)

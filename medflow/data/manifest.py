@@ -3,8 +3,11 @@
 Labels come from the nearest ancestor folder that is a key of ``dataset.labels``; the patient/group id
 from the dataset's rule applied to the file name (medflow.patients); the source's own split from an
 ancestor folder named train/val/test. Headers are read (size, mode, format) but images are not decoded:
-that is the filter's job. Files outside any labelled folder are skipped and counted; nothing is ever
-modified. The manifest step (tasks/manifest.py) reads the roots and writes the CSV.
+that is the filter's job. DICOM files are found by their ``DICM`` marker whatever their name, their header
+is read by pydicom (format ``DICOM``), and under the ``dicom`` group rule their patient is the hashed
+PatientID (or StudyInstanceUID) of :mod:`medflow.imaging.dicom`; no other tag is read into the manifest.
+Files outside any labelled folder are skipped and counted; nothing is ever modified. The manifest step
+(tasks/manifest.py) reads the roots and writes the CSV.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from medflow.data.walk import WalkReport, walk_files
+from medflow.imaging import dicom
 from medflow.io import sha256_file
 from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
@@ -29,10 +33,11 @@ log = logging.getLogger(__name__)
 
 def iter_images(root: Path) -> Iterator[Path]:
     """Image files under ``root`` in sorted order: :func:`medflow.data.walk.walk_files` (hidden files and
-    folders skipped alike, OS junk skipped, symlinked folders followed with a loop guard), logged once."""
+    folders skipped alike, OS junk skipped, symlinked folders followed with a loop guard), logged once; the files
+    with an image extension (schema.IMAGE_EXTENSIONS), and any other file with the DICM marker."""
     report = WalkReport()
     for path in walk_files(root, report):
-        if Path(path.name).suffix.lower() in IMAGE_EXTENSIONS:
+        if Path(path.name).suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
             yield path
     report.log(root)
 
@@ -65,10 +70,20 @@ def _display_path(path: Path) -> str:
         return str(path.resolve())
 
 
-def _file_facts(path: Path) -> dict[str, Any]:
-    """sha256, size and header facts of one file; header fields are None when it is not a readable image."""
+def _file_facts(path: Path, salt: bytes = b"") -> dict[str, Any]:
+    """sha256, size and header facts of one file; header fields are None when it is not a readable image.
+
+    A DICOM file also gets ``_patient`` (its hashed patient id with ``salt``, '' when it has none) and
+    ``_patient_tag`` (the tag it came from), which the caller pops."""
     facts: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size,
                              "width": None, "height": None, "mode": None, "format": None}
+    if dicom.is_dicom_file(path):
+        read = dicom.read_patient(path, salt)
+        if read is not None:
+            head, patient, tag = read
+            facts.update(width=head.width or None, height=head.height or None, mode=head.mode,
+                         format=dicom.FORMAT, _patient=patient, _patient_tag=tag)
+        return facts
     try:
         with Image.open(path) as im:
             facts.update(width=im.width, height=im.height, mode=im.mode, format=im.format)
@@ -77,8 +92,30 @@ def _file_facts(path: Path) -> dict[str, Any]:
     return facts
 
 
+def file_groups(paths: list[Path], pattern: re.Pattern[str], rule: str, salt: bytes | None) -> list[str]:
+    """Per file, its patient/group id as the manifest step gives it (no runs joined): under the ``dicom``
+    rule a DICOM file's hashed patient (``salt``: the project's), else the rule on the file name, else the
+    name itself. For images outside the pipeline (``evaluate --images``, external sets) to meet the training
+    split's ids."""
+    out = []
+    for path in paths:
+        read = dicom.read_patient(path, salt or b"") if rule == "dicom" and dicom.is_dicom_file(path) else None
+        out.append(read[1] if read and read[1] else group_of(path.name, pattern) or path.name)
+    return out
+
+
+def _dicom_group(row: dict[str, Any], patient: str, tag: str, skipped: dict[str, int]) -> None:
+    """Under the dicom rule: the row's group is its hashed patient; the counts say where it came from."""
+    if patient:
+        row["group"] = patient
+        skipped["dicom_patient_from_study"] += tag == "StudyInstanceUID"
+    else:
+        row["group"] = row["group"] or Path(row["relpath"]).stem
+        skipped["group_rule_fallback"] += 1
+
+
 def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
-                   workers: int = 8, rule: str = "") -> tuple[pd.DataFrame, dict[str, int]]:
+                   workers: int = 8, rule: str = "", salt: bytes | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
 
     ``pattern`` is the dataset's patient/group rule (medflow.patients); a file name it does not match
@@ -86,9 +123,18 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
     rule's name (``dataset.group_rule``): a named rule with runs joins them (:func:`join_runs`). Returns the
     manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
     ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written.
+
+    ``rule == "dicom"``: each DICOM file's group is its hashed patient (``salt``: the project's,
+    :func:`medflow.patients.project_salt`; required), and the count ``dicom_patient_from_study`` says how
+    many had no PatientID and were grouped by StudyInstanceUID. Files that are not DICOM, or DICOM files
+    without either tag, keep the regex's group (their stem) and count under ``group_rule_fallback``.
     """
+    if rule == "dicom" and not salt:
+        raise ValueError("build_manifest: the dicom group rule needs the project salt")
     rows: list[dict[str, Any]] = []
     skipped = {"no_class_folder": 0, "group_rule_fallback": 0}
+    if rule == "dicom":
+        skipped["dicom_patient_from_study"] = 0
     for root in roots:
         for path in iter_images(root):
             rel = path.relative_to(root)
@@ -97,7 +143,9 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
                 skipped["no_class_folder"] += 1
                 continue
             group = group_of(path.name, pattern)
-            if group is None:
+            if rule == "dicom":
+                pass  # counted below, once the header says whether the file names its patient
+            elif group is None:
                 skipped["group_rule_fallback"] += 1
                 group = path.stem
             rows.append({"path": _display_path(path), "relpath": rel.as_posix(), "root": str(root),
@@ -108,6 +156,10 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
     for r, group in zip(rows, groups, strict=True):
         r["group"] = group
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        facts = list(pool.map(_file_facts, [r.pop("_abs") for r in rows]))
+        facts = list(pool.map(lambda p: _file_facts(p, salt or b""), [r.pop("_abs") for r in rows]))
+    for r, f in zip(rows, facts, strict=True):
+        patient, tag = f.pop("_patient", ""), f.pop("_patient_tag", "")
+        if rule == "dicom":
+            _dicom_group(r, patient, tag, skipped)
     df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)
     return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"}), skipped

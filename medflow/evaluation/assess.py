@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 
 from medflow.config import Config, EvaluateConfig
-from medflow.data.manifest import class_of, iter_images
+from medflow.data.manifest import class_of, file_groups, iter_images
 from medflow.errors import StepError
 from medflow.evaluation import chance, gradcam, metrics, report
 from medflow.evaluation.chance import ChanceVerdict
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging.limits import Decoder, InputLimits, file_item
 from medflow.io import n_workers, open_images, read_csv, read_json
-from medflow.patients import group_of
+from medflow.patients import project_salt
 from medflow.schema import SPLITS
 from medflow.training.models import custom_objects
 
@@ -327,11 +327,11 @@ def assess_folder(cfg: Config, trained: TrainedModel, folder: Path, threshold: d
     ok = np.array([e is None for e in errors])
     if not ok.any():
         raise StepError(f"{where}: no readable image")
-    names = [f.name for f, _ in files]
     scores = Scores(
         y=np.array([labels[c] for _, c in files], dtype=np.int8)[ok],
         p=predict_array(trained.model, decoded[ok], batch_size=cfg.evaluate.batch_size),
-        patient=np.array([group_of(n, cfg.dataset.group_pattern) or n for n in names])[ok],
+        patient=np.array(file_groups([f for f, _ in files], cfg.dataset.group_pattern, cfg.dataset.group_rule,
+                                     project_salt(Path.cwd()) if cfg.dataset.group_rule == "dicom" else None))[ok],
         path=np.array([str(f) for f, _ in files])[ok],
     )
     evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on {source}",

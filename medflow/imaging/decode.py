@@ -23,6 +23,11 @@ evaluation (``evaluate --images``) and ``medflow predict`` all go through :func:
   by the image's own range (min -> 0, max -> 255; a constant image -> 0), because 12-bit data stored in
   16-bit PNGs would come out nearly black with a fixed ``>> 8``; palette -> RGB (RGBA if it has a
   transparent colour); any alpha composited over black; CMYK, YCbCr, LAB, HSV -> RGB.
+- DICOM (the ``DICM`` marker at offset 128, any file name) is decoded by pydicom in
+  :mod:`medflow.imaging.dicom`: Modality LUT, then VOI LUT or window (else the image's own range, as a
+  16-bit PNG), MONOCHROME1 inverted; then block reduction and resize as for every other format. A DICOM
+  file that is not one usable image (multi-frame, no pixel data, a transfer syntax no installed plugin
+  decodes) raises :class:`medflow.imaging.dicom.Reject`, a StepError naming the file, the reason and the syntax.
 - Channels: 1 -> ITU-R 601 luma (what JPEG's Y, Pillow's ``L`` and ``cv2.COLOR_BGR2GRAY`` compute);
   3 -> RGB order (never OpenCV's BGR); grayscale sources are replicated into three channels when asked.
 - Geometry: stretched to ``size x size`` (aspect ratio not kept, the common practice for these datasets;
@@ -32,10 +37,10 @@ evaluation (``evaluate --images``) and ``medflow predict`` all go through :func:
 - Any file that cannot be decoded (a JPEG truncated after its last scan included) raises
   :class:`StepError` naming it: the filter step should have quarantined it.
 
-The format dispatch is :func:`decode_image`: one branch per decoder (libjpeg-turbo direct, Pillow for the
-rest). Bump :data:`RESIZE_VERSION` whenever anything here changes what an image decodes to: it is part of
-every resize cache key (:func:`medflow.imaging.cache.cache_key`). This module imports neither pandas nor
-pydantic: the resize worker processes import it.
+The format dispatch is :func:`decode_image`: one branch per decoder (libjpeg-turbo direct, pydicom for
+DICOM, Pillow for the rest). Bump :data:`RESIZE_VERSION` whenever anything here changes what an image
+decodes to: it is part of every resize cache key (:func:`medflow.imaging.cache.cache_key`). This module
+imports neither pandas nor pydantic: the resize worker processes import it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import simplejpeg
 from PIL import Image
 
 from medflow.errors import StepError
+from medflow.imaging import dicom
 
 # Part of every resize cache key: bump it when anything in the preprocessing below changes.
 RESIZE_VERSION = "3"  # 3: whole-factor block reduction for every format (was: any DCT scale, JPEG only)
@@ -152,7 +158,15 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 
 def probe_header(data: bytes, name: str = "<bytes>") -> ImageInfo:
-    """Width, height, format and mode from the image header, without decoding the pixels."""
+    """Width, height, format and mode from the image header, without decoding the pixels.
+
+    DICOM: format ``DICOM`` and a Pillow-like mode (:mod:`medflow.imaging.dicom`); a DICOM file that is not
+    one usable image raises :class:`medflow.imaging.dicom.Reject` naming the reason."""
+    if dicom.is_dicom(data):
+        head = dicom.read_header(data, name)
+        if head.problem:
+            raise dicom.Reject(name, *head.problem)
+        return ImageInfo(head.width, head.height, dicom.FORMAT, head.mode)
     try:
         with Image.open(io.BytesIO(data)) as im:
             return ImageInfo(im.width, im.height, im.format or "", im.mode)
@@ -197,6 +211,9 @@ def decode_image(data: bytes, *, size: int, channels: int, info: ImageInfo | Non
         # libjpeg's gray -> colour conversion gives, on size**2 pixels instead of the source's).
         stored, reduced = _decode_jpeg(data, 1 if info.mode == "L" else channels, size, name)
         orientation = jpeg_orientation(data)
+    elif info.fmt == dicom.FORMAT:
+        full, orientation = _decode_dicom(data, channels, name), 1
+        stored, reduced = block_reduce(full, 8 // jpeg_scale(full.shape[1], full.shape[0], size)), False
     else:
         full, orientation = _decode_pillow(data, channels, name)
         stored, reduced = block_reduce(full, 8 // jpeg_scale(full.shape[1], full.shape[0], size)), False
@@ -261,6 +278,15 @@ def _decode_jpeg(data: bytes, channels: int, size: int, name: str) -> tuple[np.n
     return img, m < 8
 
 
+def _decode_dicom(data: bytes, channels: int, name: str) -> np.ndarray:
+    """pydicom decode with the LUTs applied (:func:`medflow.imaging.dicom.decode_pixels`): (H, W) grey or
+    (H, W, 3) RGB, as :func:`_decode_pillow` gives; colour -> ITU-R 601 luma (Pillow's ``L``) for one channel."""
+    img = dicom.decode_pixels(data, name)
+    if img.ndim == 3 and channels == 1:
+        img = np.asarray(Image.fromarray(img, "RGB").convert("L"))
+    return np.ascontiguousarray(img)
+
+
 def _decode_pillow(data: bytes, channels: int, name: str) -> tuple[np.ndarray, int]:
     """Pillow decode + normalisation (bit depth, palette, alpha, colour space), stored orientation; the
     pixels (H, W) or (H, W, 3) and the EXIF orientation (what ``ImageOps.exif_transpose`` would apply)."""
@@ -288,10 +314,7 @@ def _to_8bit_l_or_rgb(im: Image.Image) -> Image.Image:
 
 def _stretch_to_8bit(im: Image.Image) -> Image.Image:
     """Map the image's own value range linearly onto 0..255 (constant images -> 0)."""
-    a = np.asarray(im, dtype=np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+    return Image.fromarray(dicom.stretch_to_uint8(np.asarray(im)), "L")
 
 
 def _over_black(im: Image.Image) -> Image.Image:

@@ -24,6 +24,12 @@ Checks, per distinct file content, in this order (the first failing one is the r
    truncated JPEG (it only warns), and a JPEG missing just its last bytes decodes without complaint.
 7. ``decode_error``: any other decode failure.
 
+A DICOM file (the ``DICM`` marker at offset 128, :mod:`medflow.imaging.dicom`) is checked by pydicom instead
+of Pillow: ``too_many_pixels`` from its header, then ``no_pixel_data`` (a report, a plan: not an image),
+``multi_frame`` (more than one frame), ``unsupported_mode`` (a photometric interpretation medflow does not
+convert, or float pixels), ``unsupported_syntax`` (no installed pixel-data plugin decodes its transfer
+syntax; the detail names it), ``too_small``, then ``decode_error`` when the full decode with the LUTs fails.
+
 Then ``duplicate``: files with the same sha256 as a good one; the first in manifest order is kept (sources
 in their configured order, then the inbox: data already in the dataset wins over a copy that lands later), the
 others are listed with detail "duplicate of <kept path>". Copies of a bad file get the bad file's reason.
@@ -71,10 +77,10 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a change to this module or to medflow.imaging.verdict could change a verdict or a pHash: it
 # invalidates the cache.
-FILTER_VERSION = "filter-1"
+FILTER_VERSION = "filter-2"  # 2: DICOM (a DICOM file under an image extension was not_an_image)
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
-           "unsupported_mode", "duplicate")
+           "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate")
 
 # This many files or fewer are decoded in-process: the fork server takes about 0.4 s to start in a fresh
 # process (then 5-15 ms per worker), what one of two cores saves on 100-200 typical X-rays (3-11 ms each).

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from medflow.imaging import phash
+from medflow.errors import StepError
+from medflow.imaging import dicom, phash
 
 # Pillow modes accepted after opening. Each converts without judgement calls: 1/L/P/PA/LA/RGB/RGBA/RGBX/
 # CMYK through Pillow's own conversions, 16- and 32-bit integer grayscale (I;16*, I) by rescaling.
@@ -111,11 +112,14 @@ def verdict(data: bytes, limits: Limits) -> Verdict:
     """Verdict for one file's bytes; never raises for bad image data."""
     if not data:
         return Verdict("zero_bytes", "empty file")
+    if dicom.is_dicom(data):
+        return dicom_verdict(data, limits)
     with _pil_guards(limits.max_pixels):
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            return Verdict("not_an_image", "not a format Pillow can identify")
+            return Verdict("not_an_image", "not a format Pillow can identify, nor DICOM (no DICM marker at "
+                                           "offset 128)")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return Verdict("too_many_pixels", str(e))
         except Exception as e:  # any header failure is this file's verdict
@@ -130,6 +134,32 @@ def verdict(data: bytes, limits: Limits) -> Verdict:
             except Exception as e:  # a decoded image whose pixels cannot be converted
                 detail = f"pixels unusable: {type(e).__name__}: {e}"
                 return replace(head, reason="decode_error", detail=detail)
+
+
+def dicom_verdict(data: bytes, limits: Limits) -> Verdict:
+    """Verdict for a DICOM file (:mod:`medflow.imaging.dicom`): the header checks (pixel cap, no pixel data,
+    multi-frame, photometric interpretation, transfer syntax, minimum side), then the full decode with the
+    LUTs applied, whose 8-bit image is pHashed."""
+    try:
+        head = dicom.read_header(data)
+    except StepError as e:
+        return Verdict("decode_error", str(e).removeprefix("<bytes>: "))
+    found = Verdict(mode=head.mode, format=dicom.FORMAT, width=head.width, height=head.height)
+    if excess := too_many_pixels(head.width, head.height, limits.max_pixels):
+        return replace(found, reason="too_many_pixels", detail=excess)
+    if head.problem:
+        return replace(found, reason=head.problem[0], detail=head.problem[1])
+    if min(head.width, head.height) < limits.min_side:
+        return replace(found, reason="too_small",
+                       detail=f"{head.width}x{head.height}: shorter side < min_side {limits.min_side}")
+    try:
+        pixels = dicom.decode_pixels(data)
+    except dicom.Reject as e:
+        return replace(found, reason=e.reason, detail=e.detail)
+    except StepError as e:
+        return replace(found, reason="decode_error", detail=str(e).removeprefix("<bytes>: "))
+    gray = pixels if pixels.ndim == 2 else np.asarray(Image.fromarray(pixels, "RGB").convert("L"))
+    return replace(found, phash=phash.phash_hex(gray))
 
 
 def _load_reason(im: Image.Image, data: bytes) -> tuple[str, str]:
