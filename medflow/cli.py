@@ -12,18 +12,22 @@ holding ``dvc.yaml`` and ``tasks/``), as dvc and kedro find theirs; outside a pr
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+import os
 
-import yaml
+_STARTED_BY = os.getppid()  # read first: the parent to die with (medflow.lifeline), before the slow imports
 
-from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config
-from medflow.errors import StepError
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config  # noqa: E402
+from medflow.errors import StepError  # noqa: E402
 
 log = logging.getLogger("medflow")
 
@@ -318,8 +322,23 @@ def _entry(step: str) -> Callable[..., Any]:
     return module.run  # type: ignore[no-any-return]
 
 
+DAEMONS = ("server", "serve", "watch")  # long-lived services: they outlive the shell that started them
+
+
+def _die_with_parent(step: str) -> None:
+    """Step and model commands end when the process that started them dies (:mod:`medflow.lifeline`)."""
+    from medflow import lifeline
+
+    if step not in DAEMONS and lifeline.enabled():
+        lifeline.exit_on_sigterm()
+        lifeline.die_with_parent(parent=_STARTED_BY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``medflow`` command; ``argv`` given (a caller in Python): no signal handling is installed."""
     args = _build_parser().parse_args(argv)
+    if argv is None:
+        _die_with_parent(args.step)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step == "preflight":
@@ -329,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medflow preflight: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.step in ("server", "serve", "watch"):
+    if args.step in DAEMONS:
         try:
             return _orchestrate(args)
         except (ConfigError, StepError) as e:

@@ -34,7 +34,7 @@ import cv2
 from medflow.errors import StepError
 from medflow.imaging.cache import ShardAppender, Task, open_fd, pwrite_all
 from medflow.imaging.decode import decode_image, read_image
-from medflow.imaging.workers import main_hidden, mp_context
+from medflow.imaging.workers import main_hidden, mp_context, worker_started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,6 +123,7 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
 
 def _worker_init() -> None:
     """Initialiser of each worker process."""
+    worker_started()
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
 
 

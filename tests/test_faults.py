@@ -1,0 +1,120 @@
+"""Faults injected for real (issue 19): a SIGKILLed DVC, a full disk (a small tmpfs), a damaged champion.
+
+Each test checks what the user reads, that no process is left, and that the next plain run reaches the
+state an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import yaml
+from resize_helpers import image_set
+
+from medflow.io import write_csv
+from medflow.schema import CLEAN_COLUMNS
+
+BIN = Path(sys.executable).parent  # medflow and dvc of this environment
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _clean_csv(dest: Path, paths: list[Path]) -> Path:
+    """A clean.csv naming ``paths`` with distinct digests and no header facts (the step probes them)."""
+    rows = [{"path": str(p), "relpath": p.name, "root": str(p.parent), "class_name": "a", "label": 0,
+             "group": p.stem, "source_split": "", "sha256": f"{i:064x}", "bytes": 1, "width": "",
+             "height": "", "mode": "", "format": "", "phash": "0" * 16, "dup_group": ""}
+            for i, p in enumerate(paths)]
+    write_csv(dest, pd.DataFrame(rows, columns=CLEAN_COLUMNS))
+    return dest
+
+
+def _params(dest: Path, workers: int) -> Path:
+    dest.write_text(yaml.safe_dump({"dataset": {"name": "t", "sources": ["x"], "labels": {"a": 0, "b": 1},
+                                                "channels": 1}, "resize": {"size": 16, "workers": workers}}))
+    return dest
+
+
+# --- a SIGKILLed DVC takes its stage's command and that command's worker processes with it ------------------
+N_POOL = 70  # over parallel.POOL_MIN_IMAGES: the step starts worker processes
+
+
+def _dvc_project(root: Path, images: list[Path]) -> Path:
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=_env())
+    _clean_csv(root / "clean.csv", images)
+    _params(root / "params.yaml", workers=2)
+    cmd = ("medflow resize --params params.yaml --clean clean.csv --out images.npy --stats stats.json "
+           "--cache cache")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"resize": {
+        "cmd": cmd, "deps": ["clean.csv"], "params": [{"params.yaml": ["resize"]}],
+        "outs": ["images.npy", "stats.json"]}}}))
+    return root
+
+
+def _wait_for_decoders(dvc: psutil.Process) -> list[psutil.Process]:
+    """DVC's descendants once the step's worker process has started: medflow, its resource tracker and fork
+    server, and the worker (the fork server's child)."""
+    while True:
+        procs = dvc.children(recursive=True)
+        if len(procs) >= 4:
+            return procs
+        with contextlib.suppress(psutil.TimeoutExpired):
+            dvc.wait(0.2)
+            raise AssertionError("dvc repro ended before the step started its workers")
+
+
+@pytest.mark.slow  # two dvc repro runs and a worker pool: about 25 s on 2 busy cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_dvc_kills_the_step_and_its_workers_and_a_rerun_completes(tmp_path: Path) -> None:
+    fifos = [tmp_path / "in" / f"img_{i:03d}.png" for i in range(N_POOL)]
+    fifos[0].parent.mkdir()
+    for f in fifos:
+        os.mkfifo(f)  # reading blocks: the step hangs in its decoders until it is killed
+    project = _dvc_project(tmp_path / "p", fifos)
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dvc = psutil.Process(proc.pid)
+        procs = _wait_for_decoders(dvc)
+        step = next(p for p in procs if p.ppid() == dvc.pid)
+        assert "resize" in " ".join(step.cmdline()), "the shell execs the stage's single command"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(procs, timeout=60)  # bounded, so that a regression fails, not hangs
+        assert not alive, f"left running after dvc was killed: {[p.cmdline() for p in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (project / "images.npy").exists()  # (a decoder blocked in a read keeps the SIGTERM cleanup
+    # from finishing: the step kills itself after lifeline.GRACE_S, leaving its .images.npy.tmp.* file)
+    for f, src in zip(fifos, image_set(tmp_path / "real", N_POOL), strict=True):
+        f.unlink()
+        f.write_bytes(src.read_bytes())
+    rerun = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert np.load(project / "images.npy").shape == (N_POOL, 16, 16, 1)
+    assert "resize" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def test_every_stage_command_is_one_command_the_shell_execs() -> None:
+    """DVC runs ``$SHELL -c CMD``: a single command replaces the shell, so medflow is DVC's child and dies
+    with it; ``a && b`` or a pipe would leave a shell between them that survives DVC's death."""
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        body = stage.get("do", stage)
+        for cmd in body["cmd"] if isinstance(body["cmd"], list) else [body["cmd"]]:
+            assert cmd.startswith("medflow "), (name, cmd)
+            assert not any(op in cmd for op in ("&&", "||", ";", "|", "&", "$(", "`")), (name, cmd)
