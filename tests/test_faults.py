@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from resize_helpers import image_set
+from resize_helpers import config_for, save_image, texture
 
+from medflow.errors import StepError
 from medflow.io import write_csv
 from medflow.schema import CLEAN_COLUMNS
+from tasks import resize
 
 BIN = Path(sys.executable).parent  # medflow and dvc of this environment
 
@@ -38,6 +41,11 @@ def _clean_csv(dest: Path, paths: list[Path]) -> Path:
             for i, p in enumerate(paths)]
     write_csv(dest, pd.DataFrame(rows, columns=CLEAN_COLUMNS))
     return dest
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    """``n`` distinct small PNGs."""
+    return [save_image(folder / f"img_{i:03d}.png", texture(40, 48, seed=i)) for i in range(n)]
 
 
 def _params(dest: Path, workers: int) -> Path:
@@ -100,7 +108,7 @@ def test_killing_dvc_kills_the_step_and_its_workers_and_a_rerun_completes(tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (project / "images.npy").exists()  # (a decoder blocked in a read keeps the SIGTERM cleanup
     # from finishing: the step kills itself after lifeline.GRACE_S, leaving its .images.npy.tmp.* file)
-    for f, src in zip(fifos, image_set(tmp_path / "real", N_POOL), strict=True):
+    for f, src in zip(fifos, _images(tmp_path / "real", N_POOL), strict=True):
         f.unlink()
         f.write_bytes(src.read_bytes())
     rerun = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), capture_output=True, text=True)
@@ -118,3 +126,38 @@ def test_every_stage_command_is_one_command_the_shell_execs() -> None:
         for cmd in body["cmd"] if isinstance(body["cmd"], list) else [body["cmd"]]:
             assert cmd.startswith("medflow "), (name, cmd)
             assert not any(op in cmd for op in ("&&", "||", ";", "|", "&", "$(", "`")), (name, cmd)
+
+
+# --- a full disk (a small tmpfs: real ENOSPC) names its cause and the path --------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only: skipped where mounting is not permitted), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _resize(tmp_path: Path, out_dir: Path, files: list[Path], cache: Path) -> None:
+    """The resize step in this process (what ``medflow resize`` runs; the CLI prints its StepError)."""
+    resize.run(config_for(size=128, channels=3), clean=_clean_csv(tmp_path / "clean.csv", files),
+               out=out_dir / "images.npy", stats=out_dir / "stats.json", cache=cache)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "decoded"])
+def test_resize_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path, small_disk: Path,
+                                                                  cached: bool) -> None:
+    files = _images(tmp_path / "img", 30)  # 30 x 128 x 128 x 3 bytes: 1.4 MiB, over the 1 MiB disk
+    cache = tmp_path / "cache"
+    if cached:  # every image in the cache: the rows are copied from its shards (it used to be a BufferError)
+        _resize(tmp_path, tmp_path / "first", files, cache)
+    with pytest.raises(StepError, match=f"^{small_disk}/.*: cannot write the output: No space left on device"):
+        _resize(tmp_path, small_disk, files, cache)
+    assert not any(small_disk.iterdir()), "nothing is left on the full disk"
+    _resize(tmp_path, tmp_path / "again", files, cache)  # space again: the run completes
+    assert np.load(tmp_path / "again" / "images.npy").shape == (30, 128, 128, 3)

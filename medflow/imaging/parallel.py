@@ -114,7 +114,7 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
                     for pos in task.offsets:
                         pwrite_all(out_fd, data, pos)
                 except OSError as e:
-                    raise StepError(f"{out}: cannot write the output: {e}") from e
+                    raise StepError(f"{out}: cannot write the output: {e.strerror or e}") from e
                 results.append(Written(job.key, reduced, shard.name, shard.append(data)))
     finally:
         os.close(out_fd)
