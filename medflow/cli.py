@@ -98,6 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
         for flag, flag_help in flags:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
     _add_model_commands(sub)
+    _add_registry(sub)
     _add_orchestration(sub)
     p = sub.add_parser("preflight", help=PREFLIGHT_HELP, description=PREFLIGHT_HELP)
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
@@ -246,6 +247,48 @@ def _catalog_hint(params: Path) -> str:
     return f"the catalog ({catalog_dir(Path(params))}/): {', '.join(names) or 'empty'}"
 
 
+# --- the model registry: check every version, point the champion at one ----------------------------------
+REGISTRY_HELP = ("the model registry of a dataset (models/NAME/versions): `verify` checks every version's "
+                 "model.keras against its recorded sha256; `promote VERSION` makes an intact version champion")
+
+
+def _add_registry(sub: Any) -> None:
+    p = sub.add_parser("registry", help=REGISTRY_HELP, description=REGISTRY_HELP)
+    p.add_argument("action", choices=("verify", "promote"), help="verify: check every version; promote: "
+                   "point champion.json at VERSION")
+    p.add_argument("version", nargs="?", help="the version id to promote (see `medflow registry verify`)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", metavar="NAME", help="the dataset whose registry it is (models/NAME)")
+    where.add_argument("--model-root", type=Path, help="the registry's folder (the train stage's --model-dir)")
+
+
+def _registry(args: argparse.Namespace) -> None:
+    """``verify``: one line per version (``ok``/``DAMAGED``, ``*`` the champion); StepError when any is
+    damaged. ``promote VERSION``: the champion pointer replaced (the version must be intact)."""
+    from medflow.catalog import check_name
+    from medflow.lifecycle import registry
+
+    root = args.model_root or Path("models") / check_name(args.dataset)
+    if args.action == "promote":
+        if not args.version:
+            raise StepError("registry promote: name the VERSION to promote (see `medflow registry verify`)")
+        registry.promote(root, args.version, {"reason": "promoted by hand (medflow registry promote)"})
+        print(f"champion of {root}: {args.version}")
+        return
+    record = registry.champion(root, verify=False)
+    champ = None if record is None else record.get("version")
+    results = registry.verify(root)
+    if not results:
+        raise StepError(f"{registry.versions_dir(root)}: no registered versions")
+    for version, problem in results:
+        mark = "*" if version == champ else " "
+        print(f"{mark} {version}  {'ok' if problem is None else 'DAMAGED: ' + problem}")
+    damaged = [v for v, problem in results if problem is not None]
+    if damaged:
+        raise StepError(f"{len(damaged)} of {len(results)} version(s) damaged"
+                        + (", the champion among them" if champ in damaged else "") + f"; {registry.recovery(root)}")
+
+
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
 def _add_orchestration(sub: Any) -> None:
     p = sub.add_parser("server", help="start a local Prefect server (SQLite in $PREFECT_HOME, default .prefect/)")
@@ -293,7 +336,8 @@ def _orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict}
+MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict,
+                                                                   "registry": _registry}
 
 
 def find_project(start: Path | None = None) -> Path:
