@@ -210,3 +210,31 @@ def test_a_challenger_worse_beyond_tolerance_keeps_the_champion(project: Project
     refused = decide(y, p_old, p_old, project.cfg.retrain, challenger="v2", champion="v1",
                      chance={"at_chance": True, "summary": "the model does not beat chance on val: ..."})
     assert not refused.promote and refused.reason == "not promoted: the model does not beat chance on val: ..."
+
+
+def test_registry_verify_lists_the_damaged_champion_and_promote_recovers(
+        project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from medflow.cli import main
+
+    _train(project.model_root, slope=0.05)
+    first = _challenge(project)["challenger"]
+    _train(project.model_root, slope=0.1)
+    second = _challenge(project)["challenger"]
+    _cut(project.model_root / "versions" / second / "model.keras")
+    root = ["--model-root", str(project.model_root)]
+    capsys.readouterr()
+    assert main(["registry", "verify", *root]) == 2
+    out, err = capsys.readouterr()
+    assert f"  {first}  ok" in out and f"* {second}  DAMAGED: " in out
+    assert "1 of 2 version(s) damaged, the champion among them" in err and "registry promote" in err
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((SIZE, SIZE), 200, np.uint8)).save(image)
+    assert main(["predict", "--model", str(project.model_root / "versions" / second), str(image)]) == 2
+    assert "model.keras: damaged: its sha256" in capsys.readouterr().err  # not Keras's "File not found"
+    assert main(["registry", "promote", first, *root]) == 0
+    record = registry.champion(project.model_root)
+    assert record is not None and record["version"] == first and record["previous"] == second
+    assert main(["predict", "--model", str(registry.champion_dir(project.model_root)), str(image),
+                 "--threshold", "0.5", "--no-progress"]) == 0
