@@ -17,6 +17,7 @@ import os
 _STARTED_BY = os.getppid()  # read first: the parent to die with (medflow.lifeline), before the slow imports
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -411,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _entry(args.step)(cfg, **paths)
     except (ConfigError, StepError) as e:
         print(f"medflow {args.step}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"medflow {args.step}: error: {e.filename or 'a write of this step'}: {e.strerror} (free space "
+              "and run it again)", file=sys.stderr)
         return 2
     return 0
 

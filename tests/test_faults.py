@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import pytest
 import yaml
 from resize_helpers import config_for, save_image, texture
 
+from medflow.config import parse_config
 from medflow.errors import StepError
-from medflow.io import write_csv
-from medflow.schema import CLEAN_COLUMNS
+from medflow.io import sha256_file, write_csv, write_json
+from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS
 from tasks import resize
 
 BIN = Path(sys.executable).parent  # medflow and dvc of this environment
@@ -161,3 +163,51 @@ def test_resize_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path
     assert not any(small_disk.iterdir()), "nothing is left on the full disk"
     _resize(tmp_path, tmp_path / "again", files, cache)  # space again: the run completes
     assert np.load(tmp_path / "again" / "images.npy").shape == (30, 128, 128, 3)
+
+
+def _fill(disk: Path) -> None:
+    """Take every free byte of ``disk``."""
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (2 << 20))
+
+
+def test_extract_on_a_full_disk_says_no_space_and_names_the_folder(tmp_path: Path, small_disk: Path) -> None:
+    from tasks import extract
+
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # stored: 1.5 MiB to write, over the 1 MiB disk
+        for i in range(3):
+            zf.writestr(f"set/A/img_{i}.png", rng.integers(0, 256, 500_000, dtype=np.uint8).tobytes())
+    sources = tmp_path / "sources.json"
+    write_json(sources, [{"url": str(archive), "path": str(archive), "kind": "archive", "index": 0,
+                          "sha256": sha256_file(archive)}])
+    cfg = parse_config({"dataset": {"name": "t", "sources": [str(archive)], "labels": {"A": 0, "B": 1}}})
+    with pytest.raises(StepError, match=f"^{small_disk}/.*: cannot write: No space left on device"):
+        extract.run(cfg, sources_json=sources, out_dir=small_disk / "ex", roots_json=tmp_path / "roots.json")
+    assert list((small_disk / "ex").iterdir()) == [], "the half-extracted folder is removed"
+    summary = extract.run(cfg, sources_json=sources, out_dir=tmp_path / "ex", roots_json=tmp_path / "roots.json")
+    assert summary["extracted"] == 1  # with space again the step completes
+
+
+def test_filter_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path, small_disk: Path) -> None:
+    from tasks import filter as step
+
+    files = _images(tmp_path / "raw" / "A", 4)
+    manifest = tmp_path / "manifest.csv"
+    write_csv(manifest, pd.DataFrame([{"path": str(p), "relpath": f"A/{p.name}", "root": str(tmp_path / "raw"),
+                                       "class_name": "A", "label": 0, "group": p.stem, "source_split": None,
+                                       "sha256": sha256_file(p), "bytes": p.stat().st_size, "width": 48,
+                                       "height": 40, "mode": "RGB", "format": "PNG"} for p in files],
+                                     columns=MANIFEST_COLUMNS))
+    cfg = parse_config({"dataset": {"name": "t", "sources": ["x"], "labels": {"A": 0, "B": 1}},
+                        "filter": {"workers": 1}})
+
+    def run(out: Path) -> dict[str, object]:
+        return step.run(cfg, manifest=manifest, clean=out / "clean.csv", rejects=out / "rejects.csv",
+                        summary=out / "filter.json", cache=out / "cache")
+    _fill(small_disk)
+    with pytest.raises(StepError, match=f"^{small_disk}/.*No space left on device"):
+        run(small_disk)
+    assert [p.name for p in small_disk.iterdir() if p.name != "cache"] == ["filler"]
+    assert run(tmp_path / "out")["clean"] == 4
