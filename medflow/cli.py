@@ -176,6 +176,13 @@ def _default_model(dataset: str, stage: bool = False) -> Path:
     return chosen or root
 
 
+def _check_registered(model: Path) -> None:
+    """A registry version folder (with version.json): its model.keras must be the registered file."""
+    from medflow.lifecycle.registry import check_model
+
+    check_model(model)
+
+
 def _recorded_dataset(model: Path | None) -> str | None:
     """The dataset a model was trained on, as its metadata.json records it (``task``), or None."""
     meta = None if model is None else Path(model) / "metadata.json"
@@ -210,6 +217,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
     cfg = _model_config(args)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
+    _check_registered(model)
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
         load_project_module("tasks.evaluate").run(
             cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
@@ -232,6 +240,7 @@ def _predict(args: argparse.Namespace) -> None:
             raise ConfigError("predict: name the model: --dataset NAME (its models/NAME) or --model DIR; "
                               + _catalog_hint(args.params))
         model = _default_model(cfg.dataset.name)
+    _check_registered(model)
     from medflow import inference as predict
     from medflow.imaging.limits import InputLimits
 

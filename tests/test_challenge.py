@@ -146,10 +146,12 @@ def test_a_damaged_champion_is_never_loaded_and_says_how_to_recover(project: Pro
     folder = project.model_root / "versions" / champion
     _cut(folder / "model.keras")
     for load in (lambda: registry.champion(project.model_root), lambda: registry.champion_dir(project.model_root),
-                 lambda: load_trained(folder)):
+                 lambda: registry.check_model(folder)):
         with pytest.raises(registry.DamagedModel, match=f"{folder / 'model.keras'}: damaged: its sha256 .* is not "
                            "the registered .* cut short.*medflow registry verify --model-root"):
             load()
+    with pytest.raises(StepError, match=f"{folder / 'model.keras'}: damaged: not a complete .keras"):
+        load_trained(folder)  # any model folder: Keras would say "File not found"
     with pytest.raises(registry.DamagedModel, match="cannot promote"):
         registry.promote(project.model_root, champion)
     # The train stage's model is that version: the next run restores the file and decides nothing new.

@@ -211,3 +211,29 @@ def test_filter_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path
         run(small_disk)
     assert [p.name for p in small_disk.iterdir() if p.name != "cache"] == ["filler"]
     assert run(tmp_path / "out")["clean"] == 4
+
+
+def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, small_disk: Path) -> None:
+    from conftest import write_split_csv
+
+    from tasks import train
+
+    rng = np.random.default_rng(0)
+    n = 32
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8))
+    split = write_split_csv(tmp_path / "split.csv", paths=[f"img{i}.png" for i in range(n)],
+                            labels=[i % 2 for i in range(n)], splits=["train"] * 16 + ["val"] * 8 + ["test"] * 8,
+                            groups=[f"p{i}" for i in range(n)])
+    cfg = parse_config({"dataset": {"name": "t", "labels": {"NEG": 0, "POS": 1}, "channels": 1},
+                        "resize": {"size": 32},
+                        "train": {"model": "medflow_cnn", "epochs": 1, "batch_size": 8,
+                                  "early_stopping_patience": 0, "reduce_lr_patience": 0}})
+
+    def run(model_dir: Path) -> object:
+        return train.run(cfg, images=tmp_path / "images.npy", split=split, model_dir=model_dir,
+                         live_dir=tmp_path / "live")
+    _fill(small_disk)
+    with pytest.raises(StepError, match=f"^{small_disk}/.*No space left on device"):
+        run(small_disk / "model")
+    run(tmp_path / "model")  # with space again the step completes
+    assert (tmp_path / "model" / "model.keras").is_file()

@@ -135,6 +135,7 @@ def _score_challenger(model_root: Path, version: str, images: Path, split: Path,
     from medflow.evaluation.assess import check_chance, load_trained, score_split
 
     folder = registry.versions_dir(model_root) / version
+    registry.check_model(folder)
     trained = load_trained(folder)
     val = score_split(folder, images, split, "val", trained=trained)
     return score_split(folder, images, split, "test", trained=trained), check_chance(trained, val, split,
@@ -145,6 +146,7 @@ def _score(model_root: Path, version: str, images: Path, split: Path) -> Scores:
     """Test-split scores of one registered version."""
     from medflow.evaluation.assess import score_split  # TensorFlow/Keras: imported when a model is scored
 
+    registry.check_model(registry.versions_dir(model_root) / version)
     return score_split(registry.versions_dir(model_root) / version, images, split, "test")
 
 

@@ -202,9 +202,9 @@ def champion_dir(model_root: Path) -> Path | None:
 
 def promote(model_root: Path, version: str, record: dict[str, Any] | None = None) -> None:
     """Point the champion at ``version`` (atomic replace of champion.json); it must be intact."""
+    if not (versions_dir(model_root) / version / "model.keras").is_file():
+        raise StepError(f"cannot promote {version!r}: {versions_dir(model_root) / version} holds no model.keras")
     folder = version_dir(model_root, version)  # a version id of this registry, not a path that holds a model
-    if not (folder / "model.keras").is_file():
-        raise StepError(f"cannot promote {version!r}: {folder} holds no model.keras")
     problem = model_problem(folder)
     if problem is not None:
         raise DamagedModel(f"cannot promote {version!r}: {problem}")
