@@ -425,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"medflow {args.step}: error: {e.filename or 'a write of this step'}: {e.strerror} (free space "
+        print(f"medflow {args.step}: error: {e.filename or 'a write of this step'}: {os.strerror(e.errno)} (free space "
               "and run it again)", file=sys.stderr)
         return 2
     return 0

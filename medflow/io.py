@@ -101,7 +101,8 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
 def _raise_if_full(error: BaseException, dest: Path) -> None:
     """A full disk (or quota) while ``dest`` was written: StepError naming it and the cause, not a traceback."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise StepError(f"{dest}: cannot write: {error.strerror} (the temporary file was removed)") from error
+        raise StepError(f"{dest}: cannot write: {os.strerror(error.errno)} (the temporary file was removed)") \
+            from error
 
 
 def write_json(path: Path | str, data: Any, *, fsync: bool = True) -> None:

@@ -213,6 +213,7 @@ def test_filter_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path
     assert run(tmp_path / "out")["clean"] == 4
 
 
+@pytest.mark.slow  # trains (1 epoch, 32 images): TensorFlow's start dominates
 def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, small_disk: Path) -> None:
     from conftest import write_split_csv
 
