@@ -12,18 +12,23 @@ holding ``dvc.yaml`` and ``tasks/``), as dvc and kedro find theirs; outside a pr
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+import os
 
-import yaml
+_STARTED_BY = os.getppid()  # read first: the parent to die with (medflow.lifeline), before the slow imports
 
-from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config
-from medflow.errors import StepError
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config  # noqa: E402
+from medflow.errors import StepError  # noqa: E402
 
 log = logging.getLogger("medflow")
 
@@ -94,6 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
         for flag, flag_help in flags:
             p.add_argument(flag, type=Path, required=True, help=flag_help)
     _add_model_commands(sub)
+    _add_registry(sub)
     _add_orchestration(sub)
     p = sub.add_parser("preflight", help=PREFLIGHT_HELP, description=PREFLIGHT_HELP)
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
@@ -170,6 +176,13 @@ def _default_model(dataset: str, stage: bool = False) -> Path:
     return chosen or root
 
 
+def _check_registered(model: Path) -> None:
+    """A registry version folder (with version.json): its model.keras must be the registered file."""
+    from medflow.lifecycle.registry import check_model
+
+    check_model(model)
+
+
 def _recorded_dataset(model: Path | None) -> str | None:
     """The dataset a model was trained on, as its metadata.json records it (``task``), or None."""
     meta = None if model is None else Path(model) / "metadata.json"
@@ -204,6 +217,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
     cfg = _model_config(args)
     model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
+    _check_registered(model)
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
         load_project_module("tasks.evaluate").run(
             cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
@@ -226,6 +240,7 @@ def _predict(args: argparse.Namespace) -> None:
             raise ConfigError("predict: name the model: --dataset NAME (its models/NAME) or --model DIR; "
                               + _catalog_hint(args.params))
         model = _default_model(cfg.dataset.name)
+    _check_registered(model)
     from medflow import inference as predict
     from medflow.imaging.limits import InputLimits
 
@@ -240,6 +255,48 @@ def _catalog_hint(params: Path) -> str:
 
     names = catalog_names(catalog_dir(Path(params)))
     return f"the catalog ({catalog_dir(Path(params))}/): {', '.join(names) or 'empty'}"
+
+
+# --- the model registry: check every version, point the champion at one ----------------------------------
+REGISTRY_HELP = ("the model registry of a dataset (models/NAME/versions): `verify` checks every version's "
+                 "model.keras against its recorded sha256; `promote VERSION` makes an intact version champion")
+
+
+def _add_registry(sub: Any) -> None:
+    p = sub.add_parser("registry", help=REGISTRY_HELP, description=REGISTRY_HELP)
+    p.add_argument("action", choices=("verify", "promote"), help="verify: check every version; promote: "
+                   "point champion.json at VERSION")
+    p.add_argument("version", nargs="?", help="the version id to promote (see `medflow registry verify`)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", metavar="NAME", help="the dataset whose registry it is (models/NAME)")
+    where.add_argument("--model-root", type=Path, help="the registry's folder (the train stage's --model-dir)")
+
+
+def _registry(args: argparse.Namespace) -> None:
+    """``verify``: one line per version (``ok``/``DAMAGED``, ``*`` the champion); StepError when any is
+    damaged. ``promote VERSION``: the champion pointer replaced (the version must be intact)."""
+    from medflow.catalog import check_name
+    from medflow.lifecycle import registry
+
+    root = args.model_root or Path("models") / check_name(args.dataset)
+    if args.action == "promote":
+        if not args.version:
+            raise StepError("registry promote: name the VERSION to promote (see `medflow registry verify`)")
+        registry.promote(root, args.version, {"reason": "promoted by hand (medflow registry promote)"})
+        print(f"champion of {root}: {args.version}")
+        return
+    record = registry.champion(root, verify=False)
+    champ = None if record is None else record.get("version")
+    results = registry.verify(root)
+    if not results:
+        raise StepError(f"{registry.versions_dir(root)}: no registered versions")
+    for version, problem in results:
+        mark = "*" if version == champ else " "
+        print(f"{mark} {version}  {'ok' if problem is None else 'DAMAGED: ' + problem}")
+    damaged = [v for v, problem in results if problem is not None]
+    if damaged:
+        raise StepError(f"{len(damaged)} of {len(results)} version(s) damaged"
+                        + (", the champion among them" if champ in damaged else "") + f"; {registry.recovery(root)}")
 
 
 # --- orchestration commands (Prefect is imported only when one of them runs; steps never import it) ----
@@ -390,7 +447,8 @@ def _orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict}
+MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _evaluate, "predict": _predict,
+                                                                   "registry": _registry}
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -419,8 +477,23 @@ def _entry(step: str) -> Callable[..., Any]:
     return module.run  # type: ignore[no-any-return]
 
 
+DAEMONS = ("server", "serve", "watch")  # long-lived services: they outlive the shell that started them
+
+
+def _die_with_parent(step: str) -> None:
+    """Step and model commands end when the process that started them dies (:mod:`medflow.lifeline`)."""
+    from medflow import lifeline
+
+    if step not in DAEMONS and lifeline.enabled():
+        lifeline.exit_on_sigterm()
+        lifeline.die_with_parent(parent=_STARTED_BY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``medflow`` command; ``argv`` given (a caller in Python): no signal handling is installed."""
     args = _build_parser().parse_args(argv)
+    if argv is None:
+        _die_with_parent(args.step)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step == "preflight":
@@ -430,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medflow preflight: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.step in ("server", "serve", "watch"):
+    if args.step in DAEMONS:
         try:
             return _orchestrate(args)
         except (ConfigError, StepError) as e:
@@ -449,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _entry(args.step)(cfg, **paths)
     except (ConfigError, StepError) as e:
         print(f"medflow {args.step}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"medflow {args.step}: error: {e.filename or 'a write of this step'}: {os.strerror(e.errno)} (free space "
+              "and run it again)", file=sys.stderr)
         return 2
     return 0
 

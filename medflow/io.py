@@ -7,6 +7,7 @@ crash never leaves a half-written file behind under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -53,9 +54,10 @@ def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _raise_if_full(e, dest)
         raise
 
 
@@ -90,9 +92,17 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_full(e, dest)
         raise
+
+
+def _raise_if_full(error: BaseException, dest: Path) -> None:
+    """A full disk (or quota) while ``dest`` was written: StepError naming it and the cause, not a traceback."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StepError(f"{dest}: cannot write: {os.strerror(error.errno)} (the temporary file was removed)") \
+            from error
 
 
 def write_json(path: Path | str, data: Any, *, fsync: bool = True) -> None:

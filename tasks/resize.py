@@ -57,9 +57,32 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     # Not fsynced (like medflow.io.atomic_path): the rename already keeps a crash of this process from
     # leaving a partial array under its name; after a power loss DVC's hash check catches a damaged one.
     header = _npy_header(shape)
+    try:
+        counts, workers = _fill(jobs, header, out, Path(cache), size=size, channels=channels, nbytes=nbytes,
+                                workers=cfg.resize.workers)
+    except OSError as e:  # the temporary array's header and size, and what the cache writes, on a full disk
+        raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
+    seconds = time.perf_counter() - start
+    summary = {"images": len(jobs), "decoded": counts.decoded, "cached": len(jobs) - counts.decoded,
+               "shape": list(shape), "seconds": round(seconds, 3),
+               "images_per_s": round(len(jobs) / seconds, 1), "workers": workers,
+               "reduced_decodes": counts.reduced}
+    try:
+        write_json(stats, summary, fsync=False)  # like the array, see above: DVC's hash check guards both
+    except OSError as e:
+        raise StepError(f"{stats}: cannot write the statistics: {e.strerror or e}") from e
+    log.info("resize: %d images -> %s %s: %d decoded (%d reduced), %d cached, %.2f s, %.0f images/s, "
+             "%d worker(s)", len(jobs), out, shape, counts.decoded, counts.reduced, summary["cached"],
+             seconds, summary["images_per_s"], workers)
+    return summary
+
+
+def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, channels: int, nbytes: int,
+          workers: int) -> tuple[_Counts, int]:
+    """Write the array: cached rows copied, the others decoded; (counts, decoding workers used)."""
     with open_index(cache, (job.key for job in jobs)) as (db, found):
         plan = plan_run(jobs, found, start=len(header), nbytes=nbytes)
-        workers = min(n_workers(cfg.resize.workers), len(plan.todo))
+        workers = min(n_workers(workers), len(plan.todo))
         with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, index_writer(db, str(cache)) as index:
             f.write(header)
             f.truncate(len(header) + len(jobs) * nbytes)
@@ -67,18 +90,9 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
             # the workers write the decoded rows while this process copies the cached ones
             with decoding(plan.todo, size=size, channels=channels, workers=workers, out=str(tmp),
                           cache=str(cache), run_id=uuid.uuid4().hex) as results:
-                copy_cached(f.fileno(), plan.hits, start=len(header), nbytes=nbytes)
+                copy_cached(f.fileno(), plan.hits, start=len(header), nbytes=nbytes, out=str(out))
                 counts = _collect(results, index, nbytes=nbytes, expected=len(plan.todo))
-    seconds = time.perf_counter() - start
-    summary = {"images": len(jobs), "decoded": counts.decoded, "cached": len(jobs) - counts.decoded,
-               "shape": list(shape), "seconds": round(seconds, 3),
-               "images_per_s": round(len(jobs) / seconds, 1), "workers": workers,
-               "reduced_decodes": counts.reduced}
-    write_json(stats, summary, fsync=False)  # like the array, see above: DVC's hash check guards both
-    log.info("resize: %d images -> %s %s: %d decoded (%d reduced), %d cached, %.2f s, %.0f images/s, "
-             "%d worker(s)", len(jobs), out, shape, counts.decoded, counts.reduced, summary["cached"],
-             seconds, summary["images_per_s"], workers)
-    return summary
+    return counts, workers
 
 
 def _read_jobs(clean: Path, size: int, channels: int) -> list[Job]:

@@ -115,29 +115,66 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
     champion = _challenge(project)["challenger"]
     pointer = project.model_root / "champion.json"
     before = pointer.read_bytes()
-    # The champion's stored model is damaged: the challenger is registered, then scoring the champion fails.
-    stored = project.model_root / "versions" / champion / "model.keras"
-    intact = stored.read_bytes()
-    stored.write_bytes(b"not a keras archive")
+    # Images that do not fit the models: the challenger is registered, then scoring fails; nothing is decided.
     _train(project.model_root, slope=0.1)
-    with pytest.raises(StepError, match=f"{stored}: cannot load the model"):
+    good_images = project.images.read_bytes()
+    np.save(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
+    with pytest.raises(StepError, match="images are"):
         _challenge(project)
     assert pointer.read_bytes() == before
     challenger = registry.find_by_sha(project.model_root, sha256_file(project.model_root / "model.keras"))
     assert challenger is not None and challenger != champion
     assert not (project.model_root / "versions" / challenger / "decision.json").exists()
-    # Images that do not fit the models: nothing is decided either.
-    good_images = project.images.read_bytes()
-    np.save(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
-    stored.write_bytes(intact)
-    with pytest.raises(StepError, match="images are"):
-        _challenge(project)
-    assert pointer.read_bytes() == before
     # Once the inputs are whole again, the registered challenger is decided on (not registered twice).
     project.images.write_bytes(good_images)
     decided = _challenge(project)
     assert decided["promote"] and decided["challenger"] == challenger and decided["champion"] == champion
     assert len(registry.list_versions(project.model_root)) == 2
+
+
+def _cut(path: Path) -> None:
+    """Truncate a file to half its size (a copy cut short, a disk that filled up)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_a_damaged_champion_is_never_loaded_and_says_how_to_recover(project: Project) -> None:
+    from medflow.evaluation.assess import load_trained
+
+    _train(project.model_root, slope=0.05)
+    champion = _challenge(project)["challenger"]
+    folder = project.model_root / "versions" / champion
+    _cut(folder / "model.keras")
+    for load in (lambda: registry.champion(project.model_root), lambda: registry.champion_dir(project.model_root),
+                 lambda: registry.check_model(folder)):
+        with pytest.raises(registry.DamagedModel, match=f"{folder / 'model.keras'}: damaged: its sha256 .* is not "
+                           "the registered .* cut short.*medflow registry verify --model-root"):
+            load()
+    with pytest.raises(StepError, match=f"{folder / 'model.keras'}: damaged: not a complete .keras"):
+        load_trained(folder)  # any model folder: Keras would say "File not found"
+    with pytest.raises(registry.DamagedModel, match="cannot promote"):
+        registry.promote(project.model_root, champion)
+    # The train stage's model is that version: the next run restores the file and decides nothing new.
+    again = _challenge(project)
+    assert again["reason"].startswith("unchanged") and registry.model_problem(folder) is None
+    assert load_trained(folder).metadata["preprocessing"]["size"] == SIZE
+
+
+def test_a_valid_challenger_replaces_a_damaged_champion_and_says_so(project: Project) -> None:
+    _train(project.model_root, slope=0.05)
+    champion = _challenge(project)["challenger"]
+    _train(project.model_root, slope=-0.05)  # at chance on val: never promoted, even over a damaged champion
+    assert not _challenge(project)["promote"]
+    _cut(project.model_root / "versions" / champion / "model.keras")
+    useless = _challenge(project)  # decided again now that the champion is damaged, still not promoted
+    assert not useless["promote"] and useless["reason"].startswith("not promoted (the champion stays damaged")
+    _train(project.model_root, slope=0.1)
+    decided = _challenge(project)
+    assert decided["promote"] and decided["champion"] == champion
+    assert decided["reason"].startswith(f"promoted over the damaged champion {champion}") and "cut short" in \
+        decided["reason"]
+    record = registry.champion(project.model_root)
+    assert record is not None and record["version"] == decided["challenger"] and record["previous"] == champion
 
 
 def test_no_trained_model_is_an_error_naming_the_file(project: Project) -> None:
@@ -175,3 +212,31 @@ def test_a_challenger_worse_beyond_tolerance_keeps_the_champion(project: Project
     refused = decide(y, p_old, p_old, project.cfg.retrain, challenger="v2", champion="v1",
                      chance={"at_chance": True, "summary": "the model does not beat chance on val: ..."})
     assert not refused.promote and refused.reason == "not promoted: the model does not beat chance on val: ..."
+
+
+def test_registry_verify_lists_the_damaged_champion_and_promote_recovers(
+        project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from medflow.cli import main
+
+    _train(project.model_root, slope=0.05)
+    first = _challenge(project)["challenger"]
+    _train(project.model_root, slope=0.1)
+    second = _challenge(project)["challenger"]
+    _cut(project.model_root / "versions" / second / "model.keras")
+    root = ["--model-root", str(project.model_root)]
+    capsys.readouterr()
+    assert main(["registry", "verify", *root]) == 2
+    out, err = capsys.readouterr()
+    assert f"  {first}  ok" in out and f"* {second}  DAMAGED: " in out
+    assert "1 of 2 version(s) damaged, the champion among them" in err and "registry promote" in err
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((SIZE, SIZE), 200, np.uint8)).save(image)
+    assert main(["predict", "--model", str(project.model_root / "versions" / second), str(image)]) == 2
+    assert "model.keras: damaged: its sha256" in capsys.readouterr().err  # not Keras's "File not found"
+    assert main(["registry", "promote", first, *root]) == 0
+    record = registry.champion(project.model_root)
+    assert record is not None and record["version"] == first and record["previous"] == second
+    assert main(["predict", "--model", str(registry.champion_dir(project.model_root)), str(image),
+                 "--threshold", "0.5", "--no-progress"]) == 0

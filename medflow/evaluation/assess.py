@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ def load_trained(folder: Path | str) -> TrainedModel:
     for name in (MODEL_FILE, METADATA_FILE):
         if not (folder / name).is_file():
             raise StepError(f"{folder / name}: not found (train a model first: dvc repro train)")
+    if not zipfile.is_zipfile(folder / MODEL_FILE):  # Keras would say "File not found" about it
+        raise StepError(f"{folder / MODEL_FILE}: damaged: not a complete .keras (zip) file, e.g. cut short "
+                        f"({(folder / MODEL_FILE).stat().st_size} bytes); train it again: dvc repro train")
     try:
         model = keras.saving.load_model(folder / MODEL_FILE, custom_objects=custom_objects(), compile=False,
                                          safe_mode=True)  # never run code from a model file (SECURITY.md)

@@ -316,11 +316,13 @@ class ShardAppender:
         return offset
 
 
-def copy_cached(fd: int, rows: list[tuple[int, CacheEntry]], *, start: int, nbytes: int) -> None:
-    """Copy cached rows (row index, entry) into the output at ``start + row * nbytes``.
+def copy_cached(fd: int, rows: list[tuple[int, CacheEntry]], *, start: int, nbytes: int,
+                out: str = "the output") -> None:
+    """Copy cached rows (row index, entry) into the output ``out`` (open as ``fd``) at ``start + row * nbytes``.
 
     Rows that follow each other in the output and in one shard (a decoder's chunk of an earlier run over
-    the same manifest) are copied with one large call.
+    the same manifest) are copied with one large call. StepError ``"<out>: cannot write the output: <reason>"``
+    when the output cannot be written (a full disk: ``No space left on device``).
     """
     shards: dict[str, int] = {}
     try:
@@ -328,6 +330,8 @@ def copy_cached(fd: int, rows: list[tuple[int, CacheEntry]], *, start: int, nbyt
             if entry.shard not in shards:
                 shards[entry.shard] = open_fd(entry.shard, os.O_RDONLY, "cannot read the resize cache")
             _copy(fd, shards[entry.shard], count * nbytes, entry.offset, start + row * nbytes)
+    except OSError as e:
+        raise StepError(f"{out}: cannot write the output: {e.strerror or e}") from None
     finally:
         for src in shards.values():
             os.close(src)
@@ -363,8 +367,8 @@ def _copy(dst: int, src: int, nbytes: int, src_pos: int, dst_pos: int) -> None:
     except ValueError:  # mmap checks the file's size itself: "mmap length is greater than file size"
         raise StepError(f"a resize cache shard shrank after the index lookup (it needs {src_pos + nbytes} "
                         "bytes): re-run the step") from None
-    with mapped, memoryview(mapped) as view:
-        pwrite_all(dst, view[src_pos - start:], dst_pos)
+    with mapped, memoryview(mapped) as view, view[src_pos - start:] as part:
+        pwrite_all(dst, part, dst_pos)  # every view released before the map closes, also on an OSError
 
 
 def open_fd(path: str, flags: int, what: str) -> int:
@@ -376,14 +380,21 @@ def open_fd(path: str, flags: int, what: str) -> int:
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    """Write all of ``data`` at ``pos`` of ``fd`` (``os.pwrite`` may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
+    """Write all of ``data`` at ``pos`` of ``fd`` (``os.pwrite`` may write less than asked).
+
+    Its views of ``data`` are released on return, also when a write fails: a memory map that ``data`` views
+    can then be closed (else ``BufferError: cannot close exported pointers exist`` hides the OSError).
+    """
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                done += os.pwrite(fd, rest, pos + done)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                done += os.write(fd, rest)

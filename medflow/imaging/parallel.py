@@ -34,7 +34,7 @@ import cv2
 from medflow.errors import StepError
 from medflow.imaging.cache import ShardAppender, Task, open_fd, pwrite_all
 from medflow.imaging.decode import decode_image, read_image
-from medflow.imaging.workers import main_hidden, mp_context
+from medflow.imaging.workers import main_hidden, mp_context, worker_started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,7 +114,7 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
                     for pos in task.offsets:
                         pwrite_all(out_fd, data, pos)
                 except OSError as e:
-                    raise StepError(f"{out}: cannot write the output: {e}") from e
+                    raise StepError(f"{out}: cannot write the output: {e.strerror or e}") from e
                 results.append(Written(job.key, reduced, shard.name, shard.append(data)))
     finally:
         os.close(out_fd)
@@ -123,6 +123,7 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
 
 def _worker_init() -> None:
     """Initialiser of each worker process."""
+    worker_started()
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
 
 

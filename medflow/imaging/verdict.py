@@ -184,4 +184,7 @@ def inspect_file(path: str, limits: Limits) -> tuple[str, Verdict]:
 
 
 def worker_init() -> None:
+    from medflow.imaging.workers import worker_started
+
+    worker_started()  # dies with the step's process
     cv2.setNumThreads(1)  # one process per core already; no nested thread pools

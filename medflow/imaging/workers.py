@@ -5,17 +5,25 @@ from the caller: a forked copy of a process whose OpenCV thread pool has started
 OpenCV threading call (seen here in ``cv2.setNumThreads``), and Prefect callers run other threads too.
 The server starts once per process (about 0.4 s here: the preloaded modules import NumPy, OpenCV and
 Pillow, not pandas or pydantic); each worker then starts in about 5-15 ms instead of the 1.5-2 s a
-``spawn`` child needs to import its step. This module imports only the standard library.
+``spawn`` child needs to import its step. Each worker calls :func:`worker_started` first: it is SIGKILLed
+when the step's process dies, so a killed step leaves no decoder behind (and the fork server and
+resource tracker, which wait for the workers, exit after them). This module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import signal
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from multiprocessing.context import ForkServerContext
+
+from medflow import lifeline
 
 # What the fork server imports once, for every worker it forks. One list for every step: the server is
 # one per process and takes its preload list when it starts, whichever step starts it first.
@@ -27,6 +35,25 @@ def mp_context() -> ForkServerContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def worker_started() -> None:
+    """First call of a worker process's initialiser: die (SIGKILL) with the step's process.
+
+    The fork server is the worker's parent and waits for its workers before it exits, so a parent-death
+    signal alone would wait for it: a daemon thread also waits on the multiprocessing sentinel of the
+    process that created the pool (readable once that process is gone, also when it already was).
+    """
+    lifeline.die_with_parent(signal.SIGKILL)
+    parent = mp.parent_process()
+    if parent is not None and parent.sentinel is not None and lifeline.enabled():
+        threading.Thread(target=_kill_self_after, args=(parent.sentinel,), name="die-with-step",
+                         daemon=True).start()
+
+
+def _kill_self_after(sentinel: int) -> None:
+    mp_connection.wait([sentinel])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
