@@ -227,7 +227,7 @@ def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, s
                             groups=[f"p{i}" for i in range(n)])
     cfg = parse_config({"dataset": {"name": "t", "labels": {"NEG": 0, "POS": 1}, "channels": 1},
                         "resize": {"size": 32},
-                        "train": {"model": "medflow_cnn", "epochs": 1, "batch_size": 8,
+                        "train": {"model": "tutorial_cnn", "epochs": 1, "batch_size": 8,  # the smaller graph
                                   "early_stopping_patience": 0, "reduce_lr_patience": 0}})
 
     def run(model_dir: Path) -> object:
