@@ -40,7 +40,7 @@ from medflow.data.manifest import iter_images
 from medflow.errors import StepError
 from medflow.evaluation.assess import TrainedModel, load_trained
 from medflow.imaging.limits import MAX_IMAGE_BYTES, Decoder, InputLimits, Item, file_item
-from medflow.io import atomic_open, n_workers
+from medflow.io import atomic_open, display_path, n_workers
 from medflow.schema import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -212,12 +212,19 @@ def predict_items(trained: TrainedModel, items: list[Item], threshold: float, *,
     return rows, timing
 
 
+def shown_name(name: str) -> str:
+    """An input as predictions.csv shows it: relative to the working directory (``../`` above it; links kept),
+    never absolute; an archive member stays ``<archive>!<member>``."""
+    path, sep, member = name.partition("!")
+    return display_path(path) + sep + member
+
+
 def _row(item: Item, p: float, error: str | None, threshold: float, names: dict[str, str]) -> dict[str, Any]:
     if error is not None:
-        return {"path": item.name, "probability": "", "predicted": "", "class_name": "", "threshold": threshold,
-                "error": error}
+        return {"path": shown_name(item.name), "probability": "", "predicted": "", "class_name": "",
+                "threshold": threshold, "error": error}
     pred = int(p >= threshold)
-    return {"path": item.name, "probability": round(p, 6), "predicted": pred,
+    return {"path": shown_name(item.name), "probability": round(p, 6), "predicted": pred,
             "class_name": names.get(str(pred), str(pred)), "threshold": threshold, "error": ""}
 
 

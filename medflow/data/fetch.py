@@ -61,7 +61,7 @@ from urllib3.util import Retry
 import medflow
 from medflow.config import DownloadConfig, Source
 from medflow.errors import StepError
-from medflow.io import CHUNK, sha256_file, write_json
+from medflow.io import CHUNK, display_path, sha256_file, write_json
 from medflow.schema import JUNK_DIRS, JUNK_FILES
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class SourceRecord(TypedDict):
 
     index: int  # position in dataset.sources
     url: str  # as written in params.yaml, redacted (:func:`redact`: no query string, no credentials)
-    path: str  # local archive or folder (as given if relative, else absolute)
+    path: str  # local archive or folder, relative to the project root (medflow.io.display_path)
     kind: Literal["archive", "folder"]
     sha256: str | None  # archives only
     bytes: int | None  # archives only
@@ -138,8 +138,8 @@ def default_filename(url: str) -> str:
 
 
 def _display_path(path: Path) -> str:
-    """Relative paths stay as given (portable across machines); others are made absolute."""
-    return str(path) if not path.is_absolute() else str(path.resolve())
+    """``path`` relative to the project root, links kept (:func:`medflow.io.display_path`): never absolute."""
+    return display_path(path)
 
 
 # --------------------------------------------------------------------------------------------- transport
