@@ -30,14 +30,21 @@ def dataset_resource(dataset: str, project: Path) -> dict[str, str]:
             "medflow.project": project_id(project)}
 
 
+def landed_event(dataset: str, project: Path, payload: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The resource and payload of a data-landed event: no absolute path (the inbox as the project sees it,
+    ``data/inbox/<ds>``; the checkout by :func:`project_id`)."""
+    if "inbox" in payload:
+        payload = {**payload, "inbox": display_path(payload["inbox"], project)}
+    return dataset_resource(dataset, project), payload
+
+
 def emit_data_landed(dataset: str, project: Path, payload: dict[str, Any]) -> None:
     """Send one data-landed event to the Prefect API (``PREFECT_API_URL``) and wait until it is delivered."""
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    if "inbox" in payload:  # the inbox as the project sees it (data/inbox/<ds>), never an absolute path
-        payload = {**payload, "inbox": display_path(payload["inbox"], project)}
-    event = emit_event(event=DATA_LANDED, resource=dataset_resource(dataset, project), payload=payload)
+    resource, payload = landed_event(dataset, project, payload)
+    event = emit_event(event=DATA_LANDED, resource=resource, payload=payload)
     EventsWorker.drain_all()
     if event is None:
         raise RuntimeError("the event was not sent: no Prefect API is configured (set PREFECT_API_URL)")
