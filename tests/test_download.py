@@ -468,7 +468,7 @@ def test_local_archive_and_folder_are_used_in_place(tmp_path: Path, monkeypatch:
     assert records == [
         {"index": 0, "url": "inbox/A.ZIP", "path": "inbox/A.ZIP", "kind": "archive", "sha256": DIGEST,
          "bytes": len(PAYLOAD)},
-        {"index": 1, "url": str(tmp_path / "inbox" / "xrays"), "path": "inbox/xrays",  # project-relative
+        {"index": 1, "url": "inbox/xrays", "path": "inbox/xrays",  # project-relative, though written absolute
          "kind": "folder", "sha256": None, "bytes": None},
     ]
     assert summary == {"sources": 2, "archives": 1, "folders": 1, "downloaded": 0, "unpinned": [0]}

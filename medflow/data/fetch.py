@@ -76,7 +76,8 @@ class SourceRecord(TypedDict):
     """One resolved source in sources.json (the contract between download and extract)."""
 
     index: int  # position in dataset.sources
-    url: str  # as written in params.yaml, redacted (:func:`redact`: no query string, no credentials)
+    url: str  # remote: as written in params.yaml, redacted (:func:`redact`: no query string, no credentials);
+    #           local: its path, as ``path`` (what the user wrote may be absolute; params.yaml keeps it)
     path: str  # local archive or folder, relative to the project root (medflow.io.display_path)
     kind: Literal["archive", "folder"]
     sha256: str | None  # archives only
@@ -496,7 +497,7 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
     if path.is_dir():
         if src.sha256 is not None:
             raise StepError(f"dataset.sources[{index}].sha256: {path} is a folder; only archives can be pinned")
-        return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="folder", sha256=None,
+        return SourceRecord(index=index, url=_display_path(path), path=_display_path(path), kind="folder", sha256=None,
                             bytes=None)
     if archive_suffix(path.name) is None:
         raise StepError(f"dataset.sources[{index}].url: {path} is neither a folder nor an archive "
@@ -506,7 +507,7 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
         raise StepError(f"dataset.sources[{index}]: checksum mismatch for {path}: expected sha256 {src.sha256}, "
                         f"got {digest}")
     _warn_unpinned(index, src, digest)
-    return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="archive", sha256=digest,
+    return SourceRecord(index=index, url=_display_path(path), path=_display_path(path), kind="archive", sha256=digest,
                         bytes=path.stat().st_size)
 
 
