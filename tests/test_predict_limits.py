@@ -24,7 +24,7 @@ import yaml
 from medflow.config import ExtractConfig, FilterConfig
 from medflow.evaluation.assess import decode_files, labelled_files
 from medflow.imaging.limits import Decoder, InputLimits
-from medflow.inference import collect
+from medflow.inference import collect, shown_name
 
 SIZE = 16
 HUGE = 13_300  # 13,300 x 13,300 = 176.9 M pixels, over filter.max_pixels
@@ -206,10 +206,12 @@ def test_peak_memory_stays_bounded_on_hostile_inputs(tmp_path: Path) -> None:
     peak = _peak_mb(["predict", *inputs, "--out", str(out), *common])
     with open(out, newline="") as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {inputs[0], inputs[1], str(hostile / "huge16.png"), str(hostile / "huge8.png"),
-                         str(hostile / "loop" / "a.png"), str(hostile / "zero.png"), str(small)}
+    shown = {str(p): shown_name(str(p), p) for p in (*inputs[:2], hostile / "huge16.png", hostile / "huge8.png",
+                                                     hostile / "zero.png", small)}
+    shown[str(hostile / "loop" / "a.png")] = shown_name(str(hostile / "loop" / "a.png"), hostile / "loop" / "a.png")
+    assert set(rows) == set(shown.values())
     failed = {p: r["error"] for p, r in rows.items() if r["error"]}
-    assert set(failed) == set(rows) - {str(small), str(hostile / "loop" / "a.png")}, failed
-    assert "extract.max_ratio" in failed[inputs[0]] and "extract.max_members" in failed[inputs[1]]
+    assert set(failed) == set(rows) - {shown[str(small)], shown[str(hostile / "loop" / "a.png")]}, failed
+    assert "extract.max_ratio" in failed[shown[inputs[0]]] and "extract.max_members" in failed[shown[inputs[1]]]
     print(f"medflow predict peak RSS: {base:.0f} MB on one small image, {peak:.0f} MB on the hostile inputs")
     assert peak < 1500 and peak - base < 500, f"peak {peak:.0f} MB, baseline {base:.0f} MB"
