@@ -21,7 +21,8 @@ from prefect.tasks import exponential_backoff
 from flows import stages
 from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
-from medflow.io import read_csv, read_json
+from medflow.evaluation.pseudonym import pseudonymizer
+from medflow.io import display_path, read_csv, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
 
@@ -189,7 +190,7 @@ def summary_markdown(project: Project, results: list[dict[str, Any]], decision: 
     metrics, report link, champion."""
     warning = chance_warning(project)
     lines = [f"# {title}", "", *([f"> **{warning}**", ""] if warning else []),
-             f"Project `{project.root}`, dataset **{project.dataset}**.", "",
+             f"Project `{project.root.name}`, dataset **{project.dataset}**.", "",
              "| stage | result | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
               for r in results]
@@ -199,7 +200,8 @@ def summary_markdown(project: Project, results: list[dict[str, Any]], decision: 
         lines += ["", "## Headline metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
     if ev["report.html"].exists():
-        lines += ["", f"Full report: [{ev['report.html'].name}]({ev['report.html'].resolve().as_uri()})"]
+        report = display_path(ev["report.html"], project.root)  # project-relative: no home folder in the artifact
+        lines += ["", f"Full report: [{report}]({report})"]
     if decision:
         lines += ["", "## Champion / challenger", "", f"**{decision.get('reason', '')}**"]
     champ = registry.champion(project.model_root)
@@ -221,9 +223,13 @@ def post_quarantine(project: Project) -> int:
     df = read_csv(rejects)
     cols = [c for c in ("path", "reason", "detail") if c in df.columns]
     table = df[cols].head(MAX_TABLE_ROWS).fillna("").astype(str).to_dict(orient="records")
+    pz = pseudonymizer(project.cfg.evaluate.pseudonymize, project.root)
+    for row in table:  # evaluate.pseudonymize: file names as salted hashes, in the path and in the detail
+        row.update({k: pz.text(row[k], [row.get("path", "")]) for k in ("path", "detail") if k in row})
     create_table_artifact(table or [{"path": "", "reason": "no file was quarantined", "detail": ""}],
                           key=f"{project.dataset}-quarantine",
-                          description=f"{len(df)} quarantined files (first {MAX_TABLE_ROWS} shown): {rejects}")
+                          description=f"{len(df)} quarantined files (first {MAX_TABLE_ROWS} shown): "
+                                      f"{display_path(rejects, project.root)}")
     return len(df)
 
 

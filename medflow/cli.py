@@ -57,13 +57,15 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         "decode every image; quarantine corrupt ones, drop exact duplicates, group near duplicates",
         [("--manifest", "manifest CSV (input)"), ("--clean", "clean manifest CSV (output)"),
          ("--rejects", "rejects CSV, one reason per file (output)"),
-         ("--summary", "filter summary JSON (output)"), ("--cache", "decode cache folder (persistent)")],
+         ("--summary", "filter summary JSON (output)"), ("--cache", "decode cache folder (persistent)"),
+         ("--roots-json", "image roots (input): where the paths under a source root outside the project lie")],
     ),
     "resize": (
         "tasks.resize",
         "resize clean images in parallel into one uint8 array (N, size, size, channels)",
         [("--clean", "clean manifest CSV (input)"), ("--out", "images .npy (output)"),
-         ("--stats", "resize statistics JSON (output)"), ("--cache", "content-addressed cache folder")],
+         ("--stats", "resize statistics JSON (output)"), ("--cache", "content-addressed cache folder"),
+         ("--roots-json", "image roots (input): where the paths under a source root outside the project lie")],
     ),
     "split": (
         "tasks.split",

@@ -255,6 +255,9 @@ class EvaluateConfig(_Strict):
     # external validation sets: folders of class folders, or archives of them (relative to the project folder),
     # scored by the evaluate stage at the val-chosen threshold; never used for training, selection or thresholds
     external: list[str] = []
+    # file names and patient ids as salted hashes in the report, model card, predictions and Prefect artifacts
+    # (key per checkout in .dvc/tmp/medflow/salt; medflow.evaluation.pseudonym)
+    pseudonymize: bool = False
 
 
 class RetrainConfig(_Strict):

@@ -21,6 +21,7 @@ import csv
 import glob
 import io
 import logging
+import os
 import sys
 import tarfile
 import time
@@ -28,7 +29,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -41,7 +42,7 @@ from medflow.data.manifest import iter_images
 from medflow.errors import StepError
 from medflow.evaluation.assess import TrainedModel, load_trained
 from medflow.imaging.limits import MAX_IMAGE_BYTES, Decoder, InputLimits, Item, file_item
-from medflow.io import atomic_open, n_workers
+from medflow.io import atomic_open, display_path, is_outside, n_workers
 from medflow.schema import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,17 @@ def collect(specs: list[str], limits: InputLimits | None = None) -> list[Item]:
     items: list[Item] = []
     for spec in specs:
         path = Path(spec)
+        found: list[Item] = []
         if path.is_dir():
-            items += [file_item(p, limits.max_bytes) for p in iter_images(path)]
+            found = [file_item(p, limits.max_bytes) for p in iter_images(path)]
         elif path.is_file() and _is_archive(path):
-            items += _archive_items(path, limits)
+            found = _archive_items(path, limits)
         elif path.exists() or path.is_symlink():  # a file, or something that is not one: its row says which
-            items.append(file_item(path, limits.max_bytes))
-        elif glob.has_magic(spec):
+            found = [file_item(path, limits.max_bytes)]
+        items += [replace(i, name=shown_name(i.name, path)) for i in found]
+        if found or path.exists() or path.is_symlink():
+            continue
+        if glob.has_magic(spec):
             matches = _glob(spec)
             if not matches:
                 raise StepError(f"{spec}: the pattern matches no file")
@@ -214,10 +219,21 @@ def predict_items(trained: TrainedModel, items: list[Item], threshold: float, *,
     return rows, timing
 
 
+def shown_name(name: str, spec: Path) -> str:
+    """An input as the CSV shows it, never absolute: relative to the working directory when inside it (links
+    kept), else to the folder holding the argument it came from (``scans/a.png`` for ``/data/scans``); an
+    archive member stays ``<archive>!<member>``."""
+    path, sep, member = name.partition("!")
+    shown = display_path(path)
+    if is_outside(shown):
+        shown = display_path(path, Path(os.path.abspath(spec)).parent)
+    return shown + sep + member
+
+
 def _row(item: Item, p: float, error: str | None, threshold: float, names: dict[str, str]) -> dict[str, Any]:
     if error is not None:
-        return {"path": item.name, "probability": "", "predicted": "", "class_name": "", "threshold": threshold,
-                "error": error}
+        return {"path": item.name, "probability": "", "predicted": "", "class_name": "",
+                "threshold": threshold, "error": error}
     pred = int(p >= threshold)
     return {"path": item.name, "probability": round(p, 6), "predicted": pred,
             "class_name": names.get(str(pred), str(pred)), "threshold": threshold, "error": ""}

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -25,6 +25,68 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CHUNK = 1 << 20
+
+
+# A manifest path under a source root outside the project: "@<label>/<path under the root>" (label: the
+# root folder's name). roots.json, which the extract step writes and the steps that open files read, maps
+# labels to the folders on this machine (:func:`source_roots`, :func:`readable_path`).
+SOURCE_ROOT = "@"
+
+
+def is_outside(shown: str) -> bool:
+    """Whether a :func:`display_path` result lies outside its root (climbs with ``..`` or stayed absolute)."""
+    return shown == ".." or shown.startswith("../") or Path(shown).is_absolute()
+
+
+def root_labels(roots: Iterable[str]) -> dict[str, str]:
+    """Root (as in roots.json) -> label, for the roots outside the project: the folder's name, with a short
+    hash of the root added where two outside roots share a name. The one mapping manifest writes with and
+    :func:`source_roots` reads with."""
+    outside = [r for r in dict.fromkeys(roots) if is_outside(display_path(r))]
+    names = [Path(r).name or "root" for r in outside]
+    return {r: n if names.count(n) == 1 else f"{n}-{hashlib.sha256(Path(r).as_posix().encode()).hexdigest()[:8]}"
+            for r, n in zip(outside, names, strict=True)}
+
+
+def source_roots(roots_json: Path | str | None) -> dict[str, Path]:
+    """Label -> folder of the outside source roots listed in ``roots_json`` (none when it is None)."""
+    if roots_json is None:
+        return {}
+    try:
+        entries = read_json(roots_json)
+        return {label: Path(root) for root, label in root_labels(str(e["root"]) for e in entries).items()}
+    except FileNotFoundError:
+        raise StepError(f"{roots_json}: not found (run the extract step first)") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise StepError(f"{roots_json}: not a list of image roots ({e})") from None
+
+
+def readable_path(path: str, roots: Mapping[str, Path]) -> str:
+    """A manifest path as a path this machine can open: ``@<label>/<rest>`` through ``roots``
+    (:func:`source_roots`); any other path is project-relative already."""
+    if not path.startswith(SOURCE_ROOT):
+        return path
+    label, _, rest = path[len(SOURCE_ROOT):].partition("/")
+    if label not in roots:
+        known = ", ".join(roots) or "none outside the project"
+        raise StepError(f"{path}: source root {label!r} is not in roots.json ({known}); re-run the manifest step")
+    return str(roots[label] / rest)
+
+
+def display_path(path: Path | str, root: Path | str | None = None) -> str:
+    """``path`` relative to ``root`` (default: the working directory, the project root under DVC), POSIX style.
+
+    Lexical: symbolic links are not resolved, so a folder linked into the inbox stays
+    ``data/inbox/<ds>/<link>/...``, not its target. A path outside ``root`` climbs with ``..`` from it (still
+    readable by every step, and the part of the path both share, the home folder among it, never shows);
+    only a path on another drive (Windows) stays absolute.
+    """
+    base = os.path.abspath(root if root is not None else os.getcwd())
+    full = os.path.abspath(os.path.join(base, os.fspath(path)))
+    try:
+        return Path(os.path.relpath(full, base)).as_posix()
+    except ValueError:
+        return Path(full).as_posix()
 
 
 def _umask() -> int:

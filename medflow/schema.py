@@ -16,9 +16,9 @@ SOURCE_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "vali
                       "validation": "val", "test": "test", "testing": "test"}
 
 # manifest.csv: one row per image file found under the roots.
-#   path          readable path (relative to the project when inside it, else absolute)
+#   path          readable path, relative to the project root (``../`` for a folder outside it; links kept)
 #   relpath       path relative to its root (stable across machines)
-#   root          the root folder it was found under
+#   root          the root folder it was found under (relative to the project root, like path)
 #   class_name    nearest ancestor folder that is a key of dataset.labels
 #   label         dataset.labels[class_name]
 #   group         patient/group id from dataset.group_rule applied to the file name

@@ -17,25 +17,28 @@ import pandas as pd
 from medflow.config import Config
 from medflow.errors import StepError
 from medflow.imaging import quality
-from medflow.io import read_csv, write_csv, write_json
+from medflow.io import read_csv, readable_path, source_roots, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Path,
-        cache: Path) -> dict[str, Any]:
+        cache: Path, roots_json: Path | None = None) -> dict[str, Any]:
     """Decode every image in ``manifest``; write clean.csv, rejects.csv and the summary JSON.
 
-    ``cache`` is the folder of the verdict index (persistent across runs). Returns the summary dict
+    ``cache`` is the folder of the verdict index (persistent across runs); ``roots_json`` (the extract step's)
+    locates the paths under a source root outside the project. Returns the summary dict
     (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate groups). Raises StepError for
     a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk.
     """
     started = time.perf_counter()
     manifest, fcfg = Path(manifest), cfg.filter
     df = quality.check_manifest(_read_manifest(manifest), manifest)
-    shas = quality.checked_shas(df, manifest)
+    roots = source_roots(roots_json)  # paths under a source root outside the project: @<label>/...
+    files = df.assign(path=[readable_path(p, roots) for p in df["path"]])
+    shas = quality.checked_shas(files, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
-    verdicts, decoded = quality.content_verdicts(shas, df["path"], fcfg, index, manifest)
+    verdicts, decoded = quality.content_verdicts(shas, files["path"], fcfg, index, manifest)
     status = quality.classify(df["path"], shas, verdicts)
     clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
     rejects_df = quality.rejects_table(df, shas, status)

@@ -17,7 +17,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +29,7 @@ from medflow.errors import StepError
 from medflow.imaging.cache import IndexWriter, Job, cache_key, copy_cached, index_writer, open_index, plan_run
 from medflow.imaging.decode import ImageInfo
 from medflow.imaging.parallel import Written, decoding
-from medflow.io import atomic_path, n_workers, write_json
+from medflow.io import atomic_path, n_workers, readable_path, source_roots, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,12 @@ class _Counts(NamedTuple):
     reduced: int
 
 
-def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dict[str, Any]:
+def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path,
+        roots_json: Path | None = None) -> dict[str, Any]:
     """Resize every clean.csv image into ``out`` (uint8 ``(N, size, size, channels)`` .npy); write ``stats``.
 
-    Only images missing from the content-addressed ``cache`` are decoded (in parallel processes).
+    Only images missing from the content-addressed ``cache`` are decoded (in parallel processes). ``roots_json``
+    (the extract step's) locates the paths under a source root outside the project.
     Returns the statistics also written to ``stats``: images, decoded, cached (= images - decoded),
     shape, seconds, images_per_s (images / seconds), workers (decoding processes, or threads for a
     handful of images; 0 when everything was cached) and reduced_decodes (JPEGs decoded at a reduced DCT scale).
@@ -52,7 +54,7 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path) -> dic
     start = time.perf_counter()
     size, channels = cfg.resize.size, cfg.dataset.channels
     nbytes = size * size * channels
-    jobs = _read_jobs(Path(clean), size, channels)
+    jobs = _read_jobs(Path(clean), size, channels, source_roots(roots_json))
     shape = (len(jobs), size, size, channels)
     # Not fsynced (like medflow.io.atomic_path): the rename already keeps a crash of this process from
     # leaving a partial array under its name; after a power loss DVC's hash check catches a damaged one.
@@ -95,7 +97,7 @@ def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, 
     return counts, workers
 
 
-def _read_jobs(clean: Path, size: int, channels: int) -> list[Job]:
+def _read_jobs(clean: Path, size: int, channels: int, roots: Mapping[str, Path]) -> list[Job]:
     """One job per clean.csv row, in row order; StepError on a missing column or an empty table.
 
     Read with the csv module, columns by position: a few thousand rows and seven columns do not need
@@ -109,7 +111,7 @@ def _read_jobs(clean: Path, size: int, channels: int) -> list[Job]:
             if missing:
                 raise StepError(f"{clean}: missing column(s) {', '.join(missing)}")
             columns = [header.index(c) for c in _REQUIRED_COLUMNS]
-            jobs = [_job([row[i] if i < len(row) else "" for i in columns], line, clean, size, channels)
+            jobs = [_job([row[i] if i < len(row) else "" for i in columns], line, clean, size, channels, roots)
                     for line, row in enumerate(reader, start=2)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise StepError(f"{clean}: cannot read clean manifest: {e}") from e
@@ -118,7 +120,7 @@ def _read_jobs(clean: Path, size: int, channels: int) -> list[Job]:
     return jobs
 
 
-def _job(values: list[str], line: int, clean: Path, size: int, channels: int) -> Job:
+def _job(values: list[str], line: int, clean: Path, size: int, channels: int, roots: Mapping[str, Path]) -> Job:
     """The job of one row; ``values`` in the order of ``_REQUIRED_COLUMNS``."""
     path, sha, w, h, fmt, mode = values
     if not path or not sha:
@@ -127,7 +129,7 @@ def _job(values: list[str], line: int, clean: Path, size: int, channels: int) ->
         info = ImageInfo(int(float(w)), int(float(h)), fmt, mode) if w and h and fmt and mode else None
     except ValueError:
         raise StepError(f"{clean}: row {line}: width/height {w!r}/{h!r} are not numbers") from None
-    return Job(cache_key(sha, size, channels), path, info)
+    return Job(cache_key(sha, size, channels), readable_path(path, roots), info)
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:

@@ -28,6 +28,7 @@ from medflow.config import Config, parse_config
 from medflow.data.fetch import FetchError, archive_suffix, default_filename, fetch, redact
 from medflow.data.walk import listing_digest
 from medflow.errors import StepError
+from medflow.io import display_path
 from tasks import download
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -233,7 +234,7 @@ def test_pinned_download_writes_verified_file_and_record(tmp_path: Path, dl_serv
     final = tmp_path / "raw" / "ChestXRay2017.zip"
     assert final.read_bytes() == PAYLOAD
     assert not (tmp_path / "raw" / "ChestXRay2017.zip.part").exists()
-    assert records == [{"index": 0, "url": dl_server.url(), "path": str(final), "kind": "archive",
+    assert records == [{"index": 0, "url": dl_server.url(), "path": display_path(final), "kind": "archive",
                         "sha256": DIGEST, "bytes": len(PAYLOAD), "digest": None}]
     assert summary == {"sources": 1, "archives": 1, "folders": 0, "downloaded": 1, "unpinned": []}
 
@@ -421,7 +422,7 @@ def test_default_filename_is_decoded_last_segment(tmp_path: Path, dl_server: Ser
     url = dl_server.url("Chest%20X%2Bray.tar.gz") + "?token=1"
     assert default_filename(url) == "Chest X+ray.tar.gz"
     _, records = _run(tmp_path, _cfg({"url": url}))
-    assert records[0]["path"] == str(tmp_path / "raw" / "Chest X+ray.tar.gz")
+    assert records[0]["path"] == display_path(tmp_path / "raw" / "Chest X+ray.tar.gz")
 
 
 def test_remote_name_that_is_not_an_archive_is_refused_before_fetching(tmp_path: Path,
@@ -468,7 +469,7 @@ def test_local_archive_and_folder_are_used_in_place(tmp_path: Path, monkeypatch:
     assert records == [
         {"index": 0, "url": "inbox/A.ZIP", "path": "inbox/A.ZIP", "kind": "archive", "sha256": DIGEST,
          "bytes": len(PAYLOAD), "digest": None},
-        {"index": 1, "url": str(tmp_path / "inbox" / "xrays"), "path": str(tmp_path / "inbox" / "xrays"),
+        {"index": 1, "url": "inbox/xrays", "path": "inbox/xrays",  # project-relative, though written absolute
          "kind": "folder", "sha256": None, "bytes": None, "digest": listing_digest([])},  # an empty folder
     ]
     assert summary == {"sources": 2, "archives": 1, "folders": 1, "downloaded": 0, "unpinned": [0]}

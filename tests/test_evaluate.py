@@ -316,13 +316,13 @@ def test_predict_archives_and_globs(trained: Trained, tmp_path: Path) -> None:
                              str(trained.files[0].parent / "s1_00*.png")])
     names = [i.name for i in items]
     assert len(items) == 4 + 4 + len(list(trained.files[0].parent.glob("s1_00*.png")))
-    assert f"{tmp_path / 'batch.zip'}!scans/{src[0].name}" in names
+    zipped = predict.shown_name(f"{tmp_path / 'batch.zip'}!scans/{src[0].name}", tmp_path / "batch.zip")
+    assert zipped in names and not any(Path(n).is_absolute() for n in names)  # never an absolute path
     rows, _ = predict.predict_items(evaluate.load_trained(trained.model), items, 0.5, batch_size=3,
                                     progress=False)
     by_name = {r["path"]: r["probability"] for r in rows}
     assert not [r for r in rows if r["error"]]
-    assert by_name[f"{tmp_path / 'batch.zip'}!scans/{src[0].name}"] == by_name[
-        f"{tmp_path / 'batch.tar.gz'}!scans/{src[0].name}"]
+    assert by_name[zipped] == by_name[zipped.replace("batch.zip", "batch.tar.gz")]
 
 
 def test_predict_errors_name_the_input(stage: Path, trained: Trained, tmp_path: Path,

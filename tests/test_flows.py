@@ -152,6 +152,34 @@ def _artifact(key: str) -> Any:
     return found[0] if found else None
 
 
+MARKER = "MARKER_home_x"  # in the path of a test project: no shared output may name it
+
+
+def assert_no_marker_in_artifacts_or_events(project: Path) -> None:
+    """Every artifact on the Prefect API (read back through its client) and a data-landed event of ``project``
+    name no folder above the project (issue 18: no absolute path in what users share)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.events import landed_event
+    from medflow.config import load_config
+    from medflow.lifecycle.watch import InboxWatcher
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    assert artifacts
+    for a in artifacts:
+        text = json.dumps([a.key, a.description, a.data], default=str)
+        assert MARKER not in text and str(project.parent) not in text, (a.key, text[:2000])
+    watcher = InboxWatcher(load_config(project / "params.yaml", "pneumonia"), project / "data/inbox/pneumonia",
+                           project / "models/pneumonia")
+    (project / "data/inbox/pneumonia/batch1/NORMAL/new.jpeg").write_bytes(b"not yet an image")
+    payload = watcher.check(settle=False)
+    (project / "data/inbox/pneumonia/batch1/NORMAL/new.jpeg").unlink()
+    assert payload is not None and MARKER in payload["inbox"]  # what the watcher has ...
+    event = json.dumps(landed_event("pneumonia", project, payload))
+    assert MARKER not in event and '"inbox": "data/inbox/pneumonia"' in event, event  # ... is not what it sends
+
+
 # ------------------------------------------------------------------------------------------- tests
 def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) -> None:
     from flows import stages
@@ -199,7 +227,7 @@ def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harn
     from flows.train import train_flow
     from medflow.lifecycle import registry
 
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / MARKER / "project")  # a home folder: it must show in no artifact or event
     inbox = project / "data/inbox/pneumonia/batch1"
     generated_images(inbox, n_patients=60)  # a val split large enough to show the model beats chance
     kept = inbox / "PNEUMONIA" / "person1_bacteria_0.jpeg"
@@ -220,6 +248,7 @@ def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harn
     assert rows["person900_bacteria_0.jpeg"] == "truncated"
     assert {rows.get("person901_bacteria_0.jpeg"), rows.get(kept.name)} >= {"duplicate"}  # one of the pair kept
     assert len(rows) == 2
+    assert_no_marker_in_artifacts_or_events(project)
 
     start = time.perf_counter()
     again = train_flow(dataset="pneumonia", project_dir=str(project))

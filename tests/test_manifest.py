@@ -14,7 +14,7 @@ from conftest import shared_dataset
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest, class_of, iter_images, source_split_of
 from medflow.errors import StepError
-from medflow.io import read_csv, sha256_file, write_json
+from medflow.io import display_path, is_outside, read_csv, readable_path, sha256_file, source_roots, write_json
 from medflow.patients import GROUP_RULES, RULES, group_of
 from medflow.schema import MANIFEST_COLUMNS
 from tasks.manifest import run
@@ -167,3 +167,46 @@ def test_manifest_of_shared_malaria_has_one_group_per_slide() -> None:
     assert len(df) == 1200 and skipped == {"no_class_folder": 0, "group_rule_fallback": 0}
     assert df["group"].nunique() == 195
     assert df.loc[df["relpath"].str.contains("/C213ThinF_"), "group"].unique().tolist() == ["C213"]
+
+
+# ------------------------------------------------------------------------------------------ shared paths
+def test_display_path_keeps_links_and_climbs_out_without_absolute_paths(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "MARKER_home_x"
+    project, outside = home / "project", home / "hospital" / "chest_xray"
+    (project / "data/inbox/pneumonia").mkdir(parents=True)
+    outside.mkdir(parents=True)
+    (project / "data/inbox/pneumonia/chest_xray").symlink_to(outside)
+    monkeypatch.chdir(project)
+    assert display_path(project / "data/inbox/pneumonia/chest_xray/a.jpeg") == "data/inbox/pneumonia/chest_xray/a.jpeg"
+    assert display_path("data/x/../y.png") == "data/y.png"
+    assert display_path(outside / "a.jpeg") == "../hospital/chest_xray/a.jpeg"  # the home folder never shows
+    assert display_path(outside, root=home) == "hospital/chest_xray"
+    assert is_outside("../hospital") and not is_outside("data/inbox")
+
+
+def test_outside_roots_are_labelled_and_read_back_through_roots_json(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "MARKER_home_x" / "project"
+    linked, far, twin = tmp_path / "linked", tmp_path / "a" / "chest_xray", tmp_path / "b" / "chest_xray"
+    for root in (linked, far, twin):
+        _img(root / "train" / "NORMAL" / "IM-0001-0001.jpeg", 10)
+    (project / "data/inbox").mkdir(parents=True)
+    (project / "data/inbox/linked").symlink_to(linked)
+    monkeypatch.chdir(project)
+    roots = ["data/inbox/linked", display_path(far), str(twin)]  # inbox link, relative outside, absolute outside
+    write_json("roots.json", [{"root": r, "source": r, "kind": "folder"} for r in roots])
+    run(_cfg(far), roots_json=Path("roots.json"), out=Path("m.csv"))
+    df = read_csv("m.csv")
+
+    shown = sorted(set(df["root"]))
+    assert len(shown) == 3 and shown[2] == "data/inbox/linked"
+    assert all(re.fullmatch(r"@chest_xray-[0-9a-f]{8}", s) for s in shown[:2])  # one name twice: hashed apart
+    assert "data/inbox/linked/train/NORMAL/IM-0001-0001.jpeg" in set(df["path"])
+    assert not df["path"].str.contains("MARKER|^/|\\.\\./", regex=True).any(), df["path"].tolist()
+    found = source_roots("roots.json")
+    assert sorted(found.values()) == sorted([Path(display_path(far)), twin])
+    for path, sha in zip(df["path"], df["sha256"], strict=True):
+        assert sha256_file(readable_path(path, found)) == sha  # every row opens where it was indexed
+    with pytest.raises(StepError, match="source root 'gone' is not in roots.json"):
+        readable_path("@gone/x.png", found)

@@ -203,15 +203,51 @@ SLICES: dict[str, tuple[str, dict[str, int | None], int]] = {
 CHANNELS = {"pneumonia": 1, "malaria": 3, "melanoma": 3, "covid_ct": 1}
 
 
+MARKER = "MARKER_home_x"
+
+
+def _slice_folder(project: Path, home: Path, ds: str) -> Path:
+    """Where a dataset's slice is copied: pneumonia and covid_ct into the inbox; malaria outside the project,
+    linked into the inbox (the README recipe); melanoma outside, named by dataset.sources."""
+    if ds == "melanoma":
+        return home / "hospital" / "melanoma"
+    if ds == "malaria":
+        (project / "data/inbox/malaria").mkdir(parents=True, exist_ok=True)
+        (project / "data/inbox/malaria/slice").symlink_to(home / "elsewhere" / "malaria")
+        return home / "elsewhere" / "malaria"
+    return project / f"data/inbox/{ds}/slice"
+
+
+def _assert_no_marker(project: Path) -> None:
+    """No file the run wrote (data/ but the inbox, reports/, models/, metrics, dvc.lock) names a folder above
+    the project. dvc.lock's params keep what the user wrote in dataset.sources (an absolute path here)."""
+    found = []
+    for top in ("data", "reports", "models"):
+        for dirpath, dirnames, filenames in os.walk(project / top):
+            dirnames[:] = [d for d in dirnames if Path(dirpath, d) != project / "data/inbox"]
+            found += [Path(dirpath, f) for f in filenames if MARKER.encode() in Path(dirpath, f).read_bytes()]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    for stage in lock["stages"].values():
+        for params in stage.get("params", {}).values():
+            params.pop("dataset.sources", None)
+    assert MARKER in (project / "dvc.lock").read_text()  # the melanoma source, as written: the test can fail
+    assert MARKER not in yaml.safe_dump(lock), "dvc.lock names the home folder outside dataset.sources"
+    assert not found, [str(f.relative_to(project)) for f in found]
+
+
 def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path) -> None:
     """All four tasks of the catalog, each on a small slice of its real folder dropped into its inbox, through
     `dvc repro` in one checkout: each stage writes its own dataset's outputs, one dataset's run leaves the
     others alone, and afterwards every dataset has a model, report, metrics and plots, and status is clean."""
     folders = {ds: shared_dataset(folder) for ds, (folder, _, _) in SLICES.items()}
-    project = _small_project(tmp_path)
+    home = tmp_path / MARKER  # stands for the user's home folder: no output may name it (issue 18)
+    home.mkdir()
+    project = _small_project(home)
     for ds, (_, counts, size) in SLICES.items():
-        _copy_images(folders[ds], project / f"data/inbox/{ds}/slice", counts)
+        _copy_images(folders[ds], _slice_folder(project, home, ds), counts)
         _edit_yaml(project / f"datasets/{ds}.yaml", lambda e, s=size: e["resize"].update(size=s))
+    outside = home / "hospital" / "melanoma"  # a folder source outside the project, written absolute
+    _edit_yaml(project / "datasets/melanoma.yaml", lambda e: e["dataset"].update(sources=[{"url": str(outside)}]))
     _commit(project)
 
     run = _dvc(project, "repro", "evaluate@malaria")
@@ -257,3 +293,8 @@ def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path
     lock = (project / "dvc.lock").read_bytes()
     again = _dvc(project, "repro")
     assert again.returncode == 0 and (project / "dvc.lock").read_bytes() == lock, again.stdout[-3000:]
+    _assert_no_marker(project)
+    split = read_csv(project / "data/processed/melanoma/split.csv")
+    assert split["path"].str.startswith("@melanoma/").all() and set(split["root"]) == {"@melanoma"}
+    assert read_csv(project / "data/processed/malaria/split.csv")["path"].str.startswith(
+        "data/inbox/malaria/slice/").all()  # through the link, not its target

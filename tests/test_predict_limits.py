@@ -24,7 +24,7 @@ import yaml
 from medflow.config import ExtractConfig, FilterConfig
 from medflow.evaluation.assess import decode_files, labelled_files
 from medflow.imaging.limits import Decoder, InputLimits
-from medflow.inference import collect
+from medflow.inference import collect, shown_name
 
 SIZE = 16
 HUGE = 13_300  # 13,300 x 13,300 = 176.9 M pixels, over filter.max_pixels
@@ -86,8 +86,8 @@ def test_zip_bomb_is_one_error_row_naming_the_ratio(tmp_path: Path) -> None:
     bomb = zip_bomb(tmp_path / "bomb.zip")
     assert bomb.stat().st_size < 8 << 20
     items = collect([str(bomb)])
-    assert [i.name for i in items] == [str(bomb)]
-    err = _errors(items)[str(bomb)]
+    assert [i.name for i in items] == [shown_name(str(bomb), bomb)] == ["bomb.zip"]  # never absolute
+    err = _errors(items)["bomb.zip"]
     assert err and "extract.max_ratio" in err and str(bomb) in err
 
 
@@ -96,7 +96,7 @@ def test_member_cap_of_a_tgz(tmp_path: Path) -> None:
     limits = InputLimits(extract=ExtractConfig(max_members=100_000))
     items = collect([str(tgz)], limits)
     assert len(items) == 1
-    err = _errors(items, limits)[str(tgz)]
+    err = _errors(items, limits)[shown_name(str(tgz), tgz)]
     assert err and "extract.max_members (100000)" in err
     # under the cap the members are listed (each empty one is its own error row)
     assert len(collect([str(many_members(tmp_path / "few.tgz", 50))])) == 50
@@ -106,19 +106,19 @@ def test_member_cap_of_a_tgz(tmp_path: Path) -> None:
 def test_huge_png_is_refused_before_decoding(tmp_path: Path, dtype: type) -> None:
     assert FilterConfig().max_pixels < HUGE * HUGE
     png = huge_png(tmp_path / "huge.png", dtype)
-    err = _errors(collect([str(png)]))[str(png)]
+    err = _errors(collect([str(png)]))[png.name]
     assert err and "filter.max_pixels" in err and "not decoded" in err
     # a config's own cap applies: a lower one refuses an ordinary image too
     small = _small_png(tmp_path / "small.png")
-    assert _errors(collect([str(small)]))[str(small)] is None
-    err = _errors(collect([str(small)]), InputLimits(max_pixels=1000))[str(small)]
+    assert _errors(collect([str(small)]))[small.name] is None
+    err = _errors(collect([str(small)]), InputLimits(max_pixels=1000))[small.name]
     assert err and "1600 pixels > max_pixels 1000" in err
 
 
 def test_glob_and_walk_do_not_follow_symlink_loops(tmp_path: Path) -> None:
     d = link_loop(tmp_path / "d")
-    assert [i.name for i in collect([f"{d}/**/*.png"])] == [str(d / "a.png")]
-    assert [i.name for i in collect([str(d)])] == [str(d / "a.png")]
+    assert [i.name for i in collect([f"{d}/**/*.png"])] == ["a.png"]  # outside the working directory: its name
+    assert [i.name for i in collect([str(d)])] == ["d/a.png"]  # under the folder given
 
 
 def test_only_regular_files_are_read(tmp_path: Path) -> None:
@@ -206,10 +206,12 @@ def test_peak_memory_stays_bounded_on_hostile_inputs(tmp_path: Path) -> None:
     peak = _peak_mb(["predict", *inputs, "--out", str(out), *common])
     with open(out, newline="") as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {inputs[0], inputs[1], str(hostile / "huge16.png"), str(hostile / "huge8.png"),
-                         str(hostile / "loop" / "a.png"), str(hostile / "zero.png"), str(small)}
+    shown = {str(p): shown_name(str(p), p) for p in (*inputs[:2], hostile / "huge16.png", hostile / "huge8.png",
+                                                     hostile / "zero.png", small)}
+    shown[str(hostile / "loop" / "a.png")] = shown_name(str(hostile / "loop" / "a.png"), hostile / "loop" / "a.png")
+    assert set(rows) == set(shown.values())
     failed = {p: r["error"] for p, r in rows.items() if r["error"]}
-    assert set(failed) == set(rows) - {str(small), str(hostile / "loop" / "a.png")}, failed
-    assert "extract.max_ratio" in failed[inputs[0]] and "extract.max_members" in failed[inputs[1]]
+    assert set(failed) == set(rows) - {shown[str(small)], shown[str(hostile / "loop" / "a.png")]}, failed
+    assert "extract.max_ratio" in failed[shown[inputs[0]]] and "extract.max_members" in failed[shown[inputs[1]]]
     print(f"medflow predict peak RSS: {base:.0f} MB on one small image, {peak:.0f} MB on the hostile inputs")
     assert peak < 1500 and peak - base < 500, f"peak {peak:.0f} MB, baseline {base:.0f} MB"

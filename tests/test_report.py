@@ -12,7 +12,7 @@ import pytest
 
 from medflow.config import EvaluateConfig
 from medflow.evaluation import assess as evaluate
-from medflow.evaluation import chance, report
+from medflow.evaluation import chance, pseudonym, report
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.training.selection import cross_entropy
 
@@ -203,3 +203,28 @@ def test_a_flagged_shortcut_check_is_a_banner_too(tmp_path: Path) -> None:
     assert '<div class="banner" role="alert">SHORTCUT IN THE DATA: metadata alone predicts' in files[report.REPORT]
     assert "Shortcut check (file metadata alone against the label)" in files[report.REPORT]
     assert "SHORTCUT IN THE DATA" in files[report.SUMMARY] and "AT CHANCE" not in files[report.REPORT]
+
+
+def test_pseudonymize_hashes_file_names_and_patients_stably_per_project(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the project: its key is made in .dvc/tmp on first use
+    ev = _evaluation(tmp_path)
+    ev.settings = {**ev.settings, "pseudonymize": True}
+    ev.data["rejects"] = pd.DataFrame([{"path": "data/inbox/MRN123456.png", "reason": "truncated",
+                                        "detail": "MRN123456.png: image file is truncated"}])
+    ev.gradcams = [{"outcome": "TP", "path": "data/MRN777.png", "label": 1, "probability": 0.9,
+                    "image": np.zeros((8, 8, 3), dtype=np.uint8)}]
+    files = _written(ev, tmp_path / "out")
+    files["predictions.csv"] = (tmp_path / "out" / "predictions.csv").read_text()
+    for name, text in files.items():
+        assert not re.search(r"MRN\d|img\d+\.png|\bp\d+\b", text), name
+    preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert preds["path"].str.fullmatch(r"img-[0-9a-f]{12}\.png").all() and preds["path"].is_unique
+    assert preds["patient"].str.fullmatch(r"pt-[0-9a-f]{12}").all() and preds["patient"].nunique() == 100
+    key = (tmp_path / pseudonym.KEY_FILE).read_bytes()
+    assert pseudonym.pseudonymizer(True, tmp_path).path("img0.png") == preds["path"][0]  # stable across runs
+    assert (tmp_path / pseudonym.KEY_FILE).read_bytes() == key
+    other, off = tmp_path / "other", tmp_path / "off"
+    other.mkdir(), off.mkdir()
+    assert pseudonym.pseudonymizer(True, other).path("img0.png") != preds["path"][0]  # another project: unlinkable
+    assert pseudonym.pseudonymizer(False, off).patient("p1") == "p1" and not (off / ".dvc").exists()

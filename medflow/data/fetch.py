@@ -63,7 +63,7 @@ import medflow
 from medflow.config import DownloadConfig, Source
 from medflow.data.walk import WalkReport, folder_listing, listing_digest
 from medflow.errors import StepError
-from medflow.io import CHUNK, sha256_file, write_json
+from medflow.io import CHUNK, display_path, sha256_file, write_json
 from medflow.schema import JUNK_DIRS, JUNK_FILES
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ class SourceRecord(TypedDict):
     """One resolved source in sources.json (the contract between download and extract)."""
 
     index: int  # position in dataset.sources
-    url: str  # as written in params.yaml, redacted (:func:`redact`: no query string, no credentials)
-    path: str  # local archive or folder (as given if relative, else absolute)
+    url: str  # remote: as written in params.yaml, redacted (:func:`redact`: no query string, no credentials);
+    #           local: its path, as ``path`` (what the user wrote may be absolute; params.yaml keeps it)
+    path: str  # local archive or folder, relative to the project root (medflow.io.display_path)
     kind: Literal["archive", "folder"]
     sha256: str | None  # archives only
     bytes: int | None  # archives only
@@ -143,8 +144,8 @@ def default_filename(url: str) -> str:
 
 
 def _display_path(path: Path) -> str:
-    """Relative paths stay as given (portable across machines); others are made absolute."""
-    return str(path) if not path.is_absolute() else str(path.resolve())
+    """``path`` relative to the project root, links kept (:func:`medflow.io.display_path`): never absolute."""
+    return display_path(path)
 
 
 # --------------------------------------------------------------------------------------------- transport
@@ -501,8 +502,8 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
     if path.is_dir():
         if src.sha256 is not None:
             raise StepError(f"dataset.sources[{index}].sha256: {path} is a folder; only archives can be pinned")
-        return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="folder", sha256=None,
-                            bytes=None, digest=folder_digest(path))
+        return SourceRecord(index=index, url=_display_path(path), path=_display_path(path), kind="folder",
+                            sha256=None, bytes=None, digest=folder_digest(path))
     if archive_suffix(path.name) is None:
         raise StepError(f"dataset.sources[{index}].url: {path} is neither a folder nor an archive "
                         f"({', '.join(ARCHIVE_SUFFIXES)})")
@@ -511,8 +512,8 @@ def resolve_local(index: int, src: Source) -> SourceRecord:
         raise StepError(f"dataset.sources[{index}]: checksum mismatch for {path}: expected sha256 {src.sha256}, "
                         f"got {digest}")
     _warn_unpinned(index, src, digest)
-    return SourceRecord(index=index, url=src.url, path=_display_path(path), kind="archive", sha256=digest,
-                        bytes=path.stat().st_size, digest=None)
+    return SourceRecord(index=index, url=_display_path(path), path=_display_path(path), kind="archive",
+                        sha256=digest, bytes=path.stat().st_size, digest=None)
 
 
 def folder_digest(path: Path) -> str:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from medflow.data.walk import WalkReport, walk_files
 from medflow.imaging import dicom
-from medflow.io import sha256_file
+from medflow.io import SOURCE_ROOT, display_path, root_labels, sha256_file
 from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
@@ -63,11 +63,16 @@ def source_split_of(parts: tuple[str, ...]) -> str:
 
 
 def _display_path(path: Path) -> str:
-    """``path`` relative to the working directory (the project root under DVC) when inside it, else absolute."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
+    """``path`` relative to the working directory (the project root under DVC), links kept
+    (:func:`medflow.io.display_path`)."""
+    return display_path(path)
+
+
+def _shown(path: Path, rel: Path, root: str) -> str:
+    """The manifest's ``path`` of an image: project-relative, or ``@<label>/<rel>`` under a source root outside
+    the project (``root`` is then ``@<label>``): never absolute, never a home folder. The manifest, clean.csv,
+    split.csv and the reports are shared; the steps that open files resolve it (:func:`medflow.io.readable_path`)."""
+    return f"{root}/{rel.as_posix()}" if root.startswith(SOURCE_ROOT) else _display_path(path)
 
 
 def _file_facts(path: Path, salt: bytes = b"") -> dict[str, Any]:
@@ -135,7 +140,9 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
     skipped = {"no_class_folder": 0, "group_rule_fallback": 0}
     if rule == "dicom":
         skipped["dicom_patient_from_study"] = 0
+    labels_of = root_labels(str(r) for r in roots)
     for root in roots:
+        shown = f"{SOURCE_ROOT}{labels_of[str(root)]}" if str(root) in labels_of else _display_path(root)
         for path in iter_images(root):
             rel = path.relative_to(root)
             cls = class_of(rel.parts[:-1], labels)
@@ -148,7 +155,7 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
             elif group is None:
                 skipped["group_rule_fallback"] += 1
                 group = path.stem
-            rows.append({"path": _display_path(path), "relpath": rel.as_posix(), "root": str(root),
+            rows.append({"path": _shown(path, rel, shown), "relpath": rel.as_posix(), "root": shown,
                          "class_name": cls, "label": labels[cls], "group": group,
                          "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
     groups = join_runs([Path(r["relpath"]).name for r in rows],

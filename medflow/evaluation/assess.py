@@ -320,6 +320,12 @@ def decode_files(paths: list[Path], size: int, channels: int, workers: int = 0,
     return out, errors
 
 
+def _in_set(path: Path, folder: Path) -> str:
+    """A file of an external set, relative to the set's folder (an archive's is a temporary folder): reports
+    never show where the set lies on this machine."""
+    return Path(path).relative_to(folder).as_posix()
+
+
 def assess_folder(cfg: Config, trained: TrainedModel, folder: Path, threshold: dict[str, Any], source: str, *,
                   where: str) -> Evaluation:
     """Decode, score and assess a labelled folder (class subfolders) at ``threshold``: the evaluation, with the
@@ -336,13 +342,13 @@ def assess_folder(cfg: Config, trained: TrainedModel, folder: Path, threshold: d
         p=predict_array(trained.model, decoded[ok], batch_size=cfg.evaluate.batch_size),
         patient=np.array(file_groups([f for f, _ in files], cfg.dataset.group_pattern, cfg.dataset.group_rule,
                                      project_salt(Path.cwd()) if cfg.dataset.group_rule == "dicom" else None))[ok],
-        path=np.array([str(f) for f, _ in files])[ok],
+        path=np.array([_in_set(f, folder) for f, _ in files])[ok],
     )
     evaluation = assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on {source}",
                         cfg.dataset.name, source, trained, scores, threshold, cfg.evaluate, decoded[ok])
     counts = pd.DataFrame([{"class": c, "label": labels[c], "images": sum(1 for _, k in files if k == c)}
                            for c in labels])
-    unreadable = pd.DataFrame([{"path": str(f), "reason": "unreadable", "detail": e}
+    unreadable = pd.DataFrame([{"path": _in_set(f, folder), "reason": "unreadable", "detail": e}
                                for (f, _), e in zip(files, errors, strict=True) if e is not None],
                               columns=["path", "reason", "detail"])
     evaluation.data = {"external_counts": counts, "rejects": unreadable, "labels": labels,

@@ -32,6 +32,7 @@ from medflow.evaluation import assess, metrics, report
 from medflow.evaluation.assess import TrainedModel
 from medflow.evaluation.metrics import Interval
 from medflow.evaluation.results import Evaluation, Scores
+from medflow.io import display_path
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,11 @@ def evaluate_sets(cfg: Config, sets: list[ExternalSet], trained: TrainedModel, t
     results = []
     for s in sets:
         with opened(s, cfg) as folder:
-            evaluation = assess.assess_folder(cfg, trained, folder, threshold, f"external set {s.name} ({s.path})",
+            source = f"external set {s.name} ({display_path(s.path)})"
+            evaluation = assess.assess_folder(cfg, trained, folder, threshold, source,
                                               where=f"evaluate.external: {s.path}")
         seen = patients_in_training(evaluation.scores, train)
-        result = ExternalResult(s.name, str(s.path), evaluation, int(seen.sum()),
+        result = ExternalResult(s.name, display_path(s.path), evaluation, int(seen.sum()),
                                 len(set(evaluation.scores.patient[seen])),
                                 unseen_auc(evaluation.scores, seen, float(threshold["threshold"]), cfg.evaluate))
         evaluation.data["external_overlap"] = result.overlap_line()

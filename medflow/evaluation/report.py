@@ -17,7 +17,7 @@ import io
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
 from medflow.evaluation.metrics import METRICS, Interval  # noqa: E402
+from medflow.evaluation.pseudonym import Pseudonymizer, pseudonymizer  # noqa: E402
 from medflow.evaluation.results import Evaluation  # noqa: E402
-from medflow.io import atomic_open, write_csv, write_json  # noqa: E402
+from medflow.io import atomic_open, is_outside, write_csv, write_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -431,9 +432,37 @@ def _data_markdown(ev: Evaluation) -> list[str]:
     if sources:
         for src in sources if isinstance(sources, list) else sources.get("sources", []):
             digest = f"sha256 `{src['sha256']}`" if src.get("sha256") else f"a {src.get('kind', 'local')} (no digest)"
-            lines.append(f"- Source {md_code(src.get('url') or src.get('path'))}: {digest}")
+            lines.append(f"- Source {md_code(source_text(src))}: {digest}")
         lines.append("")
     return lines
+
+
+def source_text(src: dict[str, Any]) -> str:
+    """How a source of sources.json is shown: a URL (redacted) as is; a local archive or folder by its
+    project-relative path (its url is the text the user wrote, which may be absolute); one outside the project
+    by its name only."""
+    url, path = str(src.get("url") or ""), str(src.get("path") or "")
+    if "://" in url or not path:
+        return url
+    return f"(outside the project)/{Path(path).name}" if is_outside(path) else path
+
+
+def pseudonymized(ev: Evaluation, pz: Pseudonymizer) -> Evaluation:
+    """``ev`` with its file paths and patient ids (scores, Grad-CAM examples, quarantined files) as salted
+    hashes (``evaluate.pseudonymize``); ``ev`` itself when ``pz`` is off."""
+    if not pz.on:
+        return ev
+    scores = replace(ev.scores, path=np.array([pz.path(p) for p in ev.scores.path], dtype=object),
+                     patient=np.array([pz.patient(p) for p in ev.scores.patient], dtype=object))
+    gradcams = [{**g, "path": pz.path(g["path"])} for g in ev.gradcams]
+    data = dict(ev.data)
+    rejects = data.get("rejects")
+    if rejects is not None and len(rejects):
+        paths = rejects["path"].fillna("").astype(str)
+        data["rejects"] = rejects.assign(
+            path=[pz.path(p) for p in paths],
+            detail=[pz.text(d, [p]) for d, p in zip(rejects["detail"].fillna("").astype(str), paths, strict=True)])
+    return replace(ev, scores=scores, gradcams=gradcams, data=data)
 
 
 # --- HTML --------------------------------------------------------------------------------------------------
@@ -600,6 +629,7 @@ def predictions_frame(ev: Evaluation) -> pd.DataFrame:
 def write_all(ev: Evaluation, out: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write every report file into ``out``; return the headline metrics."""
     out = Path(out)
+    ev = pseudonymized(ev, pseudonymizer(bool(ev.settings.get("pseudonymize")), Path.cwd()))
     card = card if card is not None else ev.data.get("card", {})
     figures = {"roc": roc_figure(ev), "pr": pr_figure(ev), "calibration": calibration_figure(ev),
                "thresholds": threshold_figure(ev), "confusion": confusion_figure(ev), "history": history_figure(ev)}
