@@ -293,8 +293,9 @@ def test_predict_and_evaluate_images_read_dicom(tmp_path: Path) -> None:
                             progress=False)
     rows = read_csv(tmp_path / "preds.csv").set_index("path")
     assert summary["images"] == 3 and summary["errors"] == 1  # IM0002 (no extension) found by its marker
-    assert rows.loc[str(files["a2"]), "probability"] == rows.loc[str(files["a2"]), "probability"]  # scored
-    assert "multi frame" in rows.loc[str(files["m"]), "error"]
+    shown = {k: inference.shown_name(str(f), root / "PNEUMONIA") for k, f in files.items()}
+    assert rows.loc[shown["a2"], "probability"] == rows.loc[shown["a2"], "probability"]  # scored
+    assert "multi frame" in rows.loc[shown["m"], "error"]
     _no_phi((tmp_path / "preds.csv").read_text())
     labelled = labelled_files(root, {"NORMAL": 0, "PNEUMONIA": 1}, "--images")
     paths = [p for p, _ in labelled]

@@ -21,6 +21,7 @@ from medflow.config import Config, parse_config
 from medflow.data import archives
 from medflow.data.walk import folder_listing, listing_digest
 from medflow.errors import StepError
+from medflow.io import display_path
 from tasks import download, extract
 
 _RNG = random.Random(0)
@@ -101,7 +102,7 @@ def test_zip_is_extracted_to_content_addressed_folder(tmp_path: Path) -> None:
     digest = _sha(archive)
     summary, roots = _run(tmp_path, archive)
     root = tmp_path / "ex" / f"ChestXRay2017-{digest[:12]}"
-    assert roots == [{"root": str(root), "source": str(archive), "kind": "archive", "digest": digest}]
+    assert roots == [{"root": str(root), "source": display_path(archive), "kind": "archive", "digest": digest}]
     assert _files(root) == {"chest_xray/train/NORMAL/IM-0001-0001.jpeg",
                             "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg"}
     assert (root / "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg").read_bytes() == IMG[::-1]
@@ -172,7 +173,7 @@ def test_folder_source_is_listed_in_place(tmp_path: Path) -> None:
     (folder / "NORMAL").mkdir(parents=True)
     (folder / "NORMAL" / "1.png").write_bytes(IMG)
     summary, roots = _run(tmp_path, folder)
-    assert roots == [{"root": str(folder), "source": str(folder), "kind": "folder",
+    assert roots == [{"root": display_path(folder), "source": display_path(folder), "kind": "folder",
                       "digest": listing_digest(folder_listing(folder))}]  # the content: manifest re-runs on change
     assert summary["folders"] == 1 and not any((tmp_path / "ex").iterdir())
 
