@@ -390,7 +390,8 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # epoch stays an integer, so a resumed run's history.csv reads as an uninterrupted run's
+        return [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def run_fingerprint(cfg: Config, images: Path, split: Path) -> str:
