@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 DVC_YAML = "dvc.yaml"
 DVC_LOCK = "dvc.lock"
 # A step's error line with its indented continuation lines (validate lists one failed expectation per line).
-_ERROR_LINE = re.compile(r"^(medflow \w+: error: .*(?:\n[ \t]+\S.*)*|ERROR: .*)$", re.MULTILINE)
+# DVC's own ERROR keeps its indented lines and its closing paragraph: "'x' is busy, it is being blocked by:",
+# "  (PID 123): dvc repro", "", "If there are no processes with such PIDs, ..." (dvc/rwlock.py).
+_ERROR_LINE = re.compile(r"^(medflow \w+: error: .*(?:\n[ \t]+\S.*)*"
+                         r"|ERROR: .*(?:\n[ \t]+\S.*)*(?:\n\n(?=If there are no processes)\S.*)?)$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
 

@@ -17,6 +17,7 @@ import os
 _STARTED_BY = os.getppid()  # read first: the parent to die with (medflow.lifeline), before the slow imports
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import errno  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
@@ -27,7 +28,7 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-from medflow.config import DEFAULT_PARAMS, Config, ConfigError, load_config  # noqa: E402
+from medflow.config import DEFAULT_PARAMS, Config, ConfigError, changed_params, load_config  # noqa: E402
 from medflow.errors import StepError  # noqa: E402
 
 log = logging.getLogger("medflow")
@@ -217,17 +218,22 @@ def _model_config(args: argparse.Namespace) -> Config:
 def _evaluate(args: argparse.Namespace) -> None:
     if args.split is None and args.images.suffix == ".npy":  # arguments first, before any config is read
         raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
-    cfg = _model_config(args)
-    model = args.model or _default_model(cfg.dataset.name, stage=args.split is not None)
-    _check_registered(model)
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
-        load_project_module("tasks.evaluate").run(
-            cfg, model=model, images=args.images, split=args.split, rejects=args.rejects,
-            validation=args.validation, sources=args.sources,
-            out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
+        def stage(cfg: Config) -> None:
+            model = args.model or _default_model(cfg.dataset.name, stage=True)
+            _check_registered(model)
+            load_project_module("tasks.evaluate").run(
+                cfg, model=model, images=args.images,
+                split=args.split, rejects=args.rejects, validation=args.validation, sources=args.sources,
+                out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
+
+        run_as_stage("evaluate", args.dataset, lambda: _model_config(args), stage)
     else:
         from medflow.evaluation import assess
 
+        cfg = _model_config(args)
+        model = args.model or _default_model(cfg.dataset.name)
+        _check_registered(model)
         out = args.out or Path("reports") / cfg.dataset.name / "external" / args.images.resolve().name
         assess.evaluate_folder(cfg, images=args.images, model=model, out=out)
 
@@ -491,6 +497,53 @@ def _die_with_parent(step: str) -> None:
         lifeline.die_with_parent(parent=_STARTED_BY)
 
 
+# --- a step as a DVC stage: under the dataset's lock, and true to the params DVC will record ------------
+def run_as_stage(step: str, dataset: str | None, load: Callable[[], Config], call: Callable[[Config], Any]) -> None:
+    """Run ``call(load())`` as the stage ``step``: under the lock of ``dataset`` (a catalog name; none for a
+    self-contained params file), failing if the params the stage lists changed before it finished.
+
+    DVC records the params in dvc.lock after the command exits 0, from the files as they are then; a step
+    reads them once, at its start. An edit made while it ran would be recorded beside outputs made with the
+    old values, so the step fails instead (dvc.lock untouched; ``dvc repro`` re-runs it with the new ones).
+    """
+    from medflow.lifecycle.retrain import Busy, stage_lock
+
+    lock = contextlib.nullcontext() if dataset is None else stage_lock(find_project(), dataset)
+    try:
+        with lock:
+            cfg = load()
+            call(cfg)
+            try:
+                now = load()
+            except ConfigError as e:
+                raise StepError(f"the params changed while the step ran and no longer load ({e}): re-run "
+                                "the step once they are fixed") from None
+    except Busy as e:
+        raise StepError(f"dataset {dataset} is busy: {e}; this stage did not run (dvc.lock is unchanged): re-run "
+                        "it (dvc repro) when that run has finished") from None
+    changed = changed_params(cfg, now, stage_params(step))
+    if changed:
+        edits = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise StepError(f"the params changed while the step ran: {edits}; its outputs were made with the old "
+                        "values, so DVC must not record the new ones: re-run the step (dvc repro re-runs it)")
+
+
+def stage_params(step: str) -> list[str] | None:
+    """The params keys and sections the ``step`` stage of the project's dvc.yaml lists (from params.yaml and
+    from the dataset's catalog file alike: they merge into the one config), or None (compare everything)
+    where the project has no such stage."""
+    try:
+        spec = yaml.safe_load((find_project() / "dvc.yaml").read_text()) or {}
+        stage = spec["stages"][step]
+        entries = (stage.get("do") or stage)["params"]
+    except (OSError, StepError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    keys: list[str] = []
+    for entry in entries:
+        keys += [str(k) for v in entry.values() for k in (v or [])] if isinstance(entry, dict) else [str(entry)]
+    return keys
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``medflow`` command; ``argv`` given (a caller in Python): no signal handling is installed."""
     args = _build_parser().parse_args(argv)
@@ -520,8 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose", "dataset"}}
     try:
-        cfg = load_config(args.params, args.dataset)
-        _entry(args.step)(cfg, **paths)
+        run_as_stage(args.step, args.dataset, lambda: load_config(args.params, args.dataset),
+                     lambda cfg: _entry(args.step)(cfg, **paths))
     except (ConfigError, StepError) as e:
         print(f"medflow {args.step}: error: {e}", file=sys.stderr)
         return 2

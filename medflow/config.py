@@ -386,3 +386,25 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
+
+
+def changed_params(before: Config, after: Config, keys: list[str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys (``train.epochs``) whose value differs between two configs, with (old, new) values.
+
+    ``keys``: only these keys or sections (``train``, ``resize.size``: what a dvc.yaml stage lists under
+    ``params``); None compares everything.
+    """
+    old, new = _flat(before.model_dump(mode="json")), _flat(after.model_dump(mode="json"))
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if keys is not None:
+        differing = [k for k in differing if any(k == s or k.startswith(s + ".") for s in keys)]
+    return {k: (old.get(k), new.get(k)) for k in differing}
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}

@@ -204,40 +204,78 @@ def _params_file(tmp_path: Path, **train: object) -> Path:
     return path
 
 
+def _train_cmd(params: Path, images: Path, split: Path, folder: Path) -> list[str]:
+    return [sys.executable, "-m", "medflow.cli", "train", "--params", str(params), "--images", str(images),
+            "--split", str(split), "--model-dir", str(folder / "m"), "--live-dir", str(folder / "l")]
+
+
+def _wait_for_epoch(state_file: Path, epoch: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until the run's checkpoint has epoch ``epoch`` (0-based) done; fails if the run ends first."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= epoch:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before epoch {epoch + 1} was checkpointed")
+        time.sleep(0.05)
+    pytest.fail("no checkpoint was written in time")
+
+
 @pytest.mark.slow
-def test_resume_after_a_crash(tmp_path: Path) -> None:
-    """Kill a training process after its second epoch; the next run continues from the checkpoint."""
+def test_resume_after_a_crash_is_exact(tmp_path: Path) -> None:
+    """SIGKILL a training run after its second epoch; the next run continues from that epoch boundary and ends
+    with the very weights and history of an uninterrupted run (bitwise: the same seed, CPU, thread pool).
+
+    The resumed run also meets an edited params.yaml (a key the train stage lists, edited while it trains): it
+    fails naming the key, old -> new, so DVC records nothing; the re-run with the new params is the
+    uninterrupted run it is compared with (the edit does not change the training).
+    """
     from medflow.config import load_config
 
-    images, split = _flipped_val(tmp_path / "data")  # the kept epoch comes early: before the crash
-    params = _params_file(tmp_path, epochs=30)
-    cmd = [sys.executable, "-m", "medflow.cli", "train", "--params", str(params), "--images", str(images),
-           "--split", str(split), "--model-dir", str(tmp_path / "m"), "--live-dir", str(tmp_path / "l")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "m" / "checkpoints" / "state.json"
-    deadline = time.monotonic() + 240
+    images, split = _flipped_val(tmp_path / "data")  # val_loss worsens: ReduceLROnPlateau acts, after the crash
+    params = _params_file(tmp_path, epochs=8, reduce_lr_patience=1)
+    run = tmp_path / "run"
+    state_file = run / "m" / "checkpoints" / "state.json"
+    killed = subprocess.Popen(_train_cmd(params, images, split, run), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
-        while time.monotonic() < deadline:
-            if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint was written in time")
+        _wait_for_epoch(state_file, 1, killed)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
     done = json.loads(state_file.read_text())["epoch"] + 1
-    assert 2 <= done < 30, "the run finished before it could be killed"
-    assert not (tmp_path / "m" / "model.keras").exists()  # nothing written under the final name yet
+    assert 2 <= done < 8, "the run finished before it could be killed"
+    assert not (run / "m" / "model.keras").exists()  # nothing written under the final name yet
 
-    summary = step.run(load_config(params), images=images, split=split, model_dir=tmp_path / "m",
-                       live_dir=tmp_path / "l").summary()
-    assert summary["resumed_from_epoch"] >= done  # continued, not restarted
-    history = pd.read_csv(tmp_path / "m" / "history.csv")
-    assert list(history["epoch"]) == list(range(1, 31))
-    assert summary["epochs_run"] == 30
-    kept = _assert_live_is_the_kept_epoch(tmp_path / "l", tmp_path / "m" / "history.csv", 30)
-    assert kept == summary["best_epoch"] <= done  # the resumed run found no better epoch, and says so
+    log_file = tmp_path / "resumed.log"
+    with open(log_file, "wb") as log_out:
+        resumed = subprocess.Popen(_train_cmd(params, images, split, run), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=log_out)
+        try:
+            _wait_for_epoch(state_file, done, resumed)  # it read its params, and trains on
+            edited = yaml.safe_load(params.read_text())
+            edited["dataset"]["class_names"] = ["negative", "positive"]
+            params.write_text(yaml.safe_dump(edited))
+            assert resumed.wait(240) == 2
+        finally:
+            resumed.kill()
+            resumed.wait()
+    log = log_file.read_text()
+    assert f"resuming after epoch {done}" in log  # continued, not restarted
+    assert ("medflow train: error: the params changed while the step ran: dataset.class_names ['NEG', 'POS'] -> "
+            "['negative', 'positive']") in log and "re-run the step" in log, log[-2000:]
+
+    fresh = tmp_path / "fresh"
+    step.run(load_config(params), images=images, split=split, model_dir=fresh / "m", live_dir=fresh / "l")
+    history, uninterrupted = pd.read_csv(run / "m" / "history.csv"), pd.read_csv(fresh / "m" / "history.csv")
+    assert list(history["epoch"]) == list(range(1, 9))
+    assert history["lr"].iloc[-1] < history["lr"].iloc[0]  # the learning rate was reduced after the crash
+    pd.testing.assert_frame_equal(history, uninterrupted, check_exact=True)
+    resumed_model = keras.saving.load_model(run / "m" / "model.keras")
+    fresh_model = keras.saving.load_model(fresh / "m" / "model.keras")
+    for got, want in zip(resumed_model.get_weights(), fresh_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    _assert_live_is_the_kept_epoch(run / "l", run / "m" / "history.csv", 8)
 
 
 def test_a_resumed_live_plots_each_checkpointed_epoch_once(tmp_path: Path) -> None:

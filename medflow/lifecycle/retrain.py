@@ -16,6 +16,12 @@
   ``.dvc/tmp/medflow/<ds>.lock`` that the kernel drops when the holder exits or is killed, with the
   library's timeout and polling for "wait" and a single non-blocking try for "skip" (its ``Timeout``
   becomes :class:`Busy`). The file stays in place and names the current holder.
+  It covers every way in: the flows hold it around their ``dvc repro --single-item`` calls, and every stage
+  command (``medflow STEP --dataset NAME``, :func:`stage_lock`) takes it too, so a manual ``dvc repro`` and a
+  flow never interleave. The holder passes a token to its children (``$MEDFLOW_LOCK_<ds>``, also written in
+  the lock file): a stage a flow runs proceeds under its flow's lock. A stage run by a manual ``dvc repro``
+  records that dvc process in the file, and the lock stays its own until that dvc exits (its later stages
+  proceed; a flow waits or skips), so a trigger cannot slip in between two of its stages.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -198,6 +206,9 @@ def lock_path(project: Path, dataset: str) -> Path:
     return Path(project) / ".dvc" / "tmp" / "medflow" / f"{dataset}.lock"
 
 
+TOKEN_ENV = "MEDFLOW_LOCK_"  # + dataset: the token a holder passes to its children (the stages it runs)
+
+
 @contextlib.contextmanager
 def dataset_lock(project: Path, dataset: str, *, wait: bool, timeout_s: float = 24 * 3600,
                  poll_s: float = 1.0) -> Iterator[Path]:
@@ -205,34 +216,134 @@ def dataset_lock(project: Path, dataset: str, *, wait: bool, timeout_s: float = 
 
     ``wait=False``: raise :class:`Busy` at once when another process holds it. ``wait=True``: poll every
     ``poll_s`` until it is free, raising Busy after ``timeout_s``. The lock is a kernel ``flock``, so the OS
-    releases it when the holder dies (even by SIGKILL): a killed run never leaves a stale lock behind.
+    releases it when the holder dies (even by SIGKILL): a killed run never leaves a stale lock behind. It is
+    also busy while a ``dvc repro`` whose stage held it last is still running (see the module docstring).
+    While held, ``$MEDFLOW_LOCK_<dataset>`` carries the holder's token to its children (:func:`stage_lock`).
     """
     path = lock_path(project, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # on_acquired also keeps filelock on flock: it never falls back to a marker file a crash would leave.
-    lock = FileLock(path, timeout=timeout_s if wait else 0, blocking=wait, poll_interval=poll_s,
-                    on_acquired=_write_holder)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise Busy(f"another run holds {path} ({_holder(path)})") from None
+    token, deadline = secrets.token_hex(8), time.monotonic() + timeout_s
+    refused: list[str] = []
+    while True:
+        refused.clear()
+        # on_acquired also keeps filelock on flock: it never falls back to a marker file a crash would leave.
+        lock = FileLock(path, timeout=max(0.0, deadline - time.monotonic()) if wait else 0, blocking=wait,
+                        poll_interval=poll_s, on_acquired=lambda fd: _claim(fd, token, refused))
+        try:
+            lock.acquire()
+        except Timeout:
+            raise Busy(f"another run holds {path} ({_holder(path)})") from None
+        if not refused:
+            break
+        lock.release()
+        if not wait or time.monotonic() >= deadline:
+            raise Busy(f"another run holds {path} ({refused[0]})")
+        time.sleep(poll_s)
+    env, before = TOKEN_ENV + dataset, os.environ.get(TOKEN_ENV + dataset)
+    os.environ[env] = token
     try:
         yield path
     finally:
+        if before is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = before
         lock.release()
 
 
-def _write_holder(fd: int) -> None:
-    """Write who holds the lock into the (already locked) lock file, for the message of a skipped run."""
+@contextlib.contextmanager
+def stage_lock(project: Path, dataset: str) -> Iterator[Path]:
+    """The lock for one stage command: none needed under the flow (or stage) that holds it and passed its
+    token down; else taken without waiting (:class:`Busy` names the holder)."""
+    path = lock_path(project, dataset)
+    token = os.environ.get(TOKEN_ENV + dataset)
+    if token and _read_holder(path).get("token") == token and _locked(path):
+        log.debug("%s: held by our parent run (%s)", path, _holder(path))
+        yield path
+        return
+    with dataset_lock(project, dataset, wait=False) as held:
+        yield held
+
+
+def _claim(fd: int, token: str, refused: list[str]) -> None:
+    """On acquiring the flock: refuse it (``refused`` gets the reason) while the dvc repro that held it last
+    still runs and is not ours; else write who holds it now into the (locked) lock file."""
+    previous = _parse_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+    dvc_pid = previous.get("dvc_pid")
+    if isinstance(dvc_pid, int) and dvc_pid not in _ancestors() and _is_dvc(dvc_pid):
+        refused.append(f"dvc pid {dvc_pid} is still running the stages of {_describe(previous)}")
+        return
+    holder = {"pid": os.getpid(), "cmd": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)),
+              "since": time.strftime("%H:%M:%S"), "token": token}
+    if os.environ.get("DVC_STAGE"):  # a stage command DVC runs: the lock stays with that dvc until it exits
+        holder["dvc_pid"] = next((p for p in _ancestors() if _is_dvc(p)), None)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def _ancestors() -> list[int]:
+    """This process's parent, grandparent, ... (Linux /proc; empty elsewhere)."""
+    out: list[int] = []
+    pid = os.getppid()
+    while pid > 1 and len(out) < 64:
+        out.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _is_dvc(pid: int) -> bool:
+    """Whether ``pid`` is a running dvc (``dvc ...`` or ``python .../bin/dvc ...``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:2])
+
+
+def _locked(path: Path) -> bool:
+    """Whether some process holds the flock of ``path`` now."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the flock if we got it
+    return False
+
+
+def _parse_holder(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        return _parse_holder(path.read_text())
+    except OSError:
+        return {}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "unknown holder"
+    inside = f", inside dvc pid {holder['dvc_pid']}" if holder.get("dvc_pid") else ""
+    return f"pid {holder['pid']} ({holder.get('cmd', '?')}) since {holder.get('since', '?')}{inside}"
 
 
 def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip() or "unknown holder"
-    except OSError:
-        return "unknown holder"
+    return _describe(_read_holder(path))
 
 
 def write_decision(path: Path, decision: Decision) -> None:

@@ -9,9 +9,12 @@ holding the kept epoch's headline figures (:meth:`TrainResult.live_metrics`). :f
 needs to preprocess exactly as in training, plus the data fingerprint, params and package versions. The
 train step (``tasks/train.py``) reads the inputs, calls these, and writes the model folder.
 
-A run killed mid-way resumes: every epoch ends by atomically writing ``checkpoints/last.keras`` (model and
-optimizer state) and ``checkpoints/state.json`` (epoch, best value, patience counters, fingerprint). A new run
-with the same params and data continues from the next epoch; anything else starts afresh.
+A run killed mid-way resumes exactly: every epoch ends by atomically writing ``checkpoints/last.keras`` (model and
+optimizer state) and ``checkpoints/state.json`` (epoch, best value, patience counters, fingerprint, and the random
+state: every layer's Keras ``SeedGenerator`` state, which drives augmentation and Dropout and which a reloaded model
+would reset, plus ReduceLROnPlateau's counters). The data order is keyed by (seed, epoch), so a resumed run sees
+the batches an uninterrupted one would. A new run with the same params and data continues from the next epoch and
+ends with the weights an uninterrupted run would have; anything else starts afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 METRICS = ("loss", "auc", "pr_auc", "precision", "recall", "accuracy")
 LIVE_HEADLINE = ("loss", "val_loss", "val_auc")  # history keys of the kept epoch in metrics.json (and select_on)
 LIVE_METRICS = "metrics.json"  # DVCLive's summary file in the live folder
-STATE_VERSION = 2  # 2: best_value/monitor (train.select_on) instead of best_loss
+STATE_VERSION = 3  # 2: best_value/monitor (train.select_on) instead of best_loss; 3: rng and reduce_lr
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -132,6 +135,8 @@ class RunState:
     best_epoch: int = -1
     wait: int = 0  # epochs since the best, for early stopping
     stopped: bool = False
+    rng: dict[str, list[int]] = field(default_factory=dict)  # SeedGenerator states after ``epoch`` (rng_state)
+    reduce_lr: dict[str, Any] | None = None  # ReduceLROnPlateau's counters after ``epoch``
     version: int = STATE_VERSION
 
     @classmethod
@@ -147,18 +152,69 @@ class RunState:
         return state
 
 
+def _seed_generators(model: keras.Model) -> list[tuple[str, Any]]:
+    """Every layer's SeedGenerators, keyed by layer name and position (stable across save and reload; the
+    generators' own variable paths are global counters that a reloaded model numbers afresh)."""
+    return [(f"{layer.name}#{i}", gen) for layer in model._flatten_layers()
+            for i, gen in enumerate(getattr(layer, "_seed_generators", []))]
+
+
+def rng_state(model: keras.Model) -> dict[str, list[int]]:
+    """The state of every SeedGenerator of ``model`` (augmentation, Dropout, noise): seed and counter."""
+    return {key: [int(v) for v in keras.ops.convert_to_numpy(gen.state.value).reshape(-1)]
+            for key, gen in _seed_generators(model)}
+
+
+def restore_rng_state(model: keras.Model, states: dict[str, list[int]]) -> None:
+    """Put back what :func:`rng_state` saved, so that a reloaded model draws the random numbers an uninterrupted
+    run would draw next. A model whose generators do not match the saved ones is an error (the checkpoint's
+    fingerprint vouches for the same architecture, so this is a broken checkpoint)."""
+    found = _seed_generators(model)
+    if {key for key, _ in found} != set(states):
+        raise StepError(f"checkpoint random state names generators {sorted(states)}, the model has "
+                        f"{sorted(key for key, _ in found)}: delete the checkpoints folder to start afresh")
+    for key, gen in found:
+        gen.state.assign(np.asarray(states[key], dtype=gen.state.dtype).reshape(gen.state.shape))
+
+
+class _ReduceLR(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose counters (wait, cooldown, best) are checkpointed and restored on resume."""
+
+    def __init__(self, resume: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._resume = resume
+        self._apply()
+
+    def _apply(self) -> None:
+        if self._resume:
+            self.wait, self.cooldown_counter = int(self._resume["wait"]), int(self._resume["cooldown_counter"])
+            self.best = self._resume["best"]
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        super().on_train_begin(logs)  # resets the counters
+        self._apply()
+
+    def counters(self) -> dict[str, Any]:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter),
+                "best": best if best is None or np.isfinite(best) else None}
+
+
 class _Checkpointer(keras.callbacks.Callback):
     """Per epoch: track the best ``criterion`` value (early stopping), save best weights, last model and state
     atomically.
 
-    Replaces Keras' EarlyStopping/ModelCheckpoint so that their counters survive a restart.
+    Replaces Keras' EarlyStopping/ModelCheckpoint so that their counters survive a restart; it runs after
+    ReduceLROnPlateau (``reduce_lr``), so the saved optimizer has this epoch's learning rate, and it saves the
+    random state and that callback's counters with the model, so a resumed run continues exactly.
     """
 
     def __init__(self, folder: Path, state: RunState, patience: int, is_chief: bool,
-                 history: list[dict[str, float]], criterion: selection.Criterion) -> None:
+                 history: list[dict[str, float]], criterion: selection.Criterion,
+                 reduce_lr: _ReduceLR | None = None) -> None:
         super().__init__()
         self.folder, self.state, self.patience, self.is_chief = folder, state, patience, is_chief
-        self.history, self.criterion = history, criterion
+        self.history, self.criterion, self.reduce_lr = history, criterion, reduce_lr
         self.best_weights: list[Any] | None = None  # in memory on every worker, so all restore the same
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
@@ -175,6 +231,8 @@ class _Checkpointer(keras.callbacks.Callback):
         else:
             st.wait += 1
         st.epoch = epoch
+        st.rng = rng_state(self.model)
+        st.reduce_lr = None if self.reduce_lr is None else self.reduce_lr.counters()
         if self.patience and st.wait >= self.patience:
             st.stopped = True
             self.model.stop_training = True
@@ -283,13 +341,14 @@ def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int
 def _callbacks(cfg: Config, folder: Path, state: RunState, placement: Placement, live: Any,
                history: list[dict[str, float]]) -> list[keras.callbacks.Callback]:
     crit = selection.criterion(cfg.train.select_on)
-    cbs: list[keras.callbacks.Callback] = [_Live(live, history),
-                                           _Checkpointer(folder, state, cfg.train.early_stopping_patience,
-                                                         placement.is_chief, history, crit)]
+    reduce_lr = None
     if cfg.train.reduce_lr_patience and cfg.train.schedule == "constant":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=crit.monitor, mode=crit.mode, factor=0.5,
-                                                     patience=cfg.train.reduce_lr_patience, min_lr=1e-6))
-    return cbs
+        reduce_lr = _ReduceLR(state.reduce_lr, monitor=crit.monitor, mode=crit.mode, factor=0.5,
+                              patience=cfg.train.reduce_lr_patience, min_lr=1e-6)
+    checkpointer = _Checkpointer(folder, state, cfg.train.early_stopping_patience, placement.is_chief, history,
+                                 crit, reduce_lr)
+    # _Live first (the row keeps the epoch's own learning rate), the checkpoint last (it saves the reduced one)
+    return [_Live(live, history), *([reduce_lr] if reduce_lr else []), checkpointer]
 
 
 def _fit(cfg: Config, model: keras.Model, data: inputs.SplitData, placement: Placement, state: RunState,
@@ -336,7 +395,8 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # epoch stays an integer, so a resumed run's history.csv reads as an uninterrupted run's
+        return [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def run_fingerprint(cfg: Config, images: Path, split: Path) -> str:
@@ -489,6 +549,8 @@ def train_model(cfg: Config, data: inputs.SplitData, *, placement: Placement, fi
              f"resuming after epoch {state.epoch + 1}" if resuming else "from scratch")
     resumed_from = state.epoch + 1
     model = _build(cfg, data, placement, steps, checkpoints / "last.keras" if resuming else None)
+    if resuming:  # a reloaded model starts its SeedGenerators afresh: continue where the checkpoint left them
+        restore_rng_state(model, state.rng)
     start = time.perf_counter()
     best = None
     if not state.stopped and state.epoch + 1 < train.epochs:
