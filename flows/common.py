@@ -9,6 +9,7 @@ to the task's log in the Prefect UI.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows import stages
@@ -25,11 +27,13 @@ from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.io import display_path, read_csv, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
+from medflow.lifecycle.retrain import inbox_files, last_fingerprint, source_fingerprint
 
 DEFAULT_TIMEOUT_S = 4 * 3600
 STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per step; the rest get DEFAULT_TIMEOUT_S
 STAGE_RETRIES = {"download": 3}  # network: retried after 10, 20, 40 s (+-50% jitter); others are deterministic
 MAX_TABLE_ROWS = 500
+LOG_TAIL_LINES = 40  # of a failed stage's log, in its failure artifact
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,35 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
         logger.info("stage %s is up to date (dvc status): skipped", stage)
         return {"stage": stage, "ran": False, "seconds": 0.0}
     step = stage.split("@", 1)[0]
-    result = stages.repro_stage(Path(project), stage, stale=stale, on_line=logger.info,
-                                timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S))
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        logger.info(line)
+
+    try:
+        result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,
+                                    timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S))
+    except stages.StageFailed as e:
+        post_failure(stage, str(e), list(tail))
+        raise
     logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date (skipped)",
                 result.seconds)
     return {"stage": stage, "ran": result.ran, "seconds": round(result.seconds, 2)}
+
+
+def post_failure(stage: str, message: str, tail: list[str]) -> None:
+    """Markdown artifact of a failed stage: which one, DVC's and medflow's message, and the tail of its log."""
+    dataset = stage.split("@", 1)[-1]
+    body = "\n".join([f"# Failed: {stage}", "", "## Message", "", "```text", message.strip(), "```", "",
+                      f"## The last {len(tail)} lines of its log", "", "```text", *tail, "```"])
+    create_markdown_artifact(body, key=f"{artifact_key(dataset)}-failure",
+                             description=f"{stage} failed: {message.strip().splitlines()[0][:200] if message else ''}")
+
+
+def artifact_key(dataset: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes: a dataset name with its ``_`` as ``-``."""
+    return dataset.replace("_", "-")
 
 
 def stage_task(stage: str) -> Any:
@@ -127,6 +155,27 @@ def stage_task(stage: str) -> Any:
 
 
 @task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
+@task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
+def fingerprint(project: Project) -> dict[str, Any]:
+    """The source fingerprint now and at the last ingestion, and the inbox files it covers (both flows record
+    what they ingested, so the watcher counts new files against the last run of either)."""
+    inbox = project.path("download", "--inbox")
+    listing = inbox_files(inbox)  # one walk: the fingerprint and the recorded files agree
+    return {"now": source_fingerprint(project.cfg, inbox, listing), "last": last_fingerprint(project.model_root),
+            "files": [rel for rel, _, _ in listing]}
+
+
+def has_data(project: Project, fp: dict[str, Any]) -> bool:
+    """Whether the dataset has anything to ingest: a configured source or a file in its inbox."""
+    return bool(project.cfg.dataset.sources or fp["files"])
+
+
+def outcome(name: str, message: str, data: dict[str, Any]) -> State:
+    """A Completed state named for what happened (the runs list tells "Promoted", "Kept champion", "No new data",
+    "No data" and "Skipped: busy" apart), with the message and the run's summary dict as its result."""
+    return Completed(name=name, message=message, data=data)
+
+
 def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the trained model; score it and the champion on the same test split; promote if not worse.
 
@@ -227,7 +276,7 @@ def post_quarantine(project: Project) -> int:
     for row in table:  # evaluate.pseudonymize: file names as salted hashes, in the path and in the detail
         row.update({k: pz.text(row[k], [row.get("path", "")]) for k in ("path", "detail") if k in row})
     create_table_artifact(table or [{"path": "", "reason": "no file was quarantined", "detail": ""}],
-                          key=f"{project.dataset}-quarantine",
+                          key=f"{artifact_key(project.dataset)}-quarantine",
                           description=f"{len(df)} quarantined files (first {MAX_TABLE_ROWS} shown): "
                                       f"{display_path(rejects, project.root)}")
     return len(df)
@@ -247,5 +296,5 @@ def post_decision(project: Project, decision: dict[str, Any]) -> None:
     if diff:
         lines += ["", "AUC difference (challenger - champion): " + ", ".join(f"{k} {_fmt(v)}"
                                                                             for k, v in diff.items())]
-    create_markdown_artifact("\n".join(lines), key=f"{project.dataset}-retrain-decision",
+    create_markdown_artifact("\n".join(lines), key=f"{artifact_key(project.dataset)}-retrain-decision",
                              description="champion/challenger decision and both sets of test metrics")

@@ -48,4 +48,5 @@ def emit_data_landed(dataset: str, project: Path, payload: dict[str, Any]) -> No
     EventsWorker.drain_all()
     if event is None:
         raise RuntimeError("the event was not sent: no Prefect API is configured (set PREFECT_API_URL)")
-    log.info("emitted %s for %s (%d new files)", DATA_LANDED, dataset, len(payload.get("new_files", [])))
+    log.info("emitted %s for %s (%d new files)", DATA_LANDED, dataset,
+             payload.get("n_new_files", len(payload.get("new_files", []))))

@@ -2,7 +2,8 @@
 
 Started nightly (``retrain.cron``), by a ``medflow.data.landed`` event (``medflow watch``), or by hand:
 
-1. Take the dataset's lock (one run per dataset; a second trigger meanwhile is skipped, or waits).
+1. Take the dataset's lock (one run per dataset; a second trigger meanwhile waits for it, or is skipped with
+   ``on_busy="skip"``). Nothing to ingest (no source, empty inbox): complete at once with "no data".
 2. Fingerprint the source (``dataset.sources`` + inbox listing). Same as the last ingested one: complete at
    once with "no new data".
 3. Run the DVC stages (:func:`flows.train.run_pipeline`). Ingestion is incremental: download keeps
@@ -22,64 +23,77 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from flows.common import Project, challenge, open_project, post_decision, post_quarantine, post_summary
-from flows.train import run_pipeline
-from medflow.lifecycle.retrain import (
-    Busy,
-    dataset_lock,
-    inbox_files,
-    last_fingerprint,
-    record_fingerprint,
-    source_fingerprint,
+from flows.common import (
+    artifact_key,
+    challenge,
+    chance_warning,
+    fingerprint,
+    has_data,
+    open_project,
+    outcome,
+    post_decision,
+    post_quarantine,
+    post_summary,
 )
+from flows.train import decision_outcome, run_pipeline
+from medflow.lifecycle.retrain import Busy, dataset_lock, record_fingerprint
 
 FLOW_NAME = "medflow-retrain"
 NO_NEW_DATA = "no new data"
-
-
-@task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
-def fingerprint(project: Project) -> dict[str, Any]:
-    """The source fingerprint now and at the last ingestion, and the inbox files it covers."""
-    inbox = project.path("download", "--inbox")
-    listing = inbox_files(inbox)  # one walk: the fingerprint and the recorded files agree
-    return {"now": source_fingerprint(project.cfg, inbox, listing), "last": last_fingerprint(project.model_root),
-            "files": [rel for rel, _, _ in listing]}
+NO_DATA = "no data"
 
 
 @flow(name=FLOW_NAME, flow_run_name="retrain-{dataset}", log_prints=True,
       description="Retrain when the source changed; promote the challenger only if it is not worse.")
 def retrain_flow(dataset: str = "pneumonia", project_dir: str | None = None,
-                 on_busy: Literal["wait", "skip"] = "skip") -> dict[str, Any]:
-    """Retrain ``dataset`` if its source changed since the last ingestion (see the module docstring)."""
+                 on_busy: Literal["wait", "skip"] = "wait") -> Any:
+    """Retrain ``dataset`` if its source changed since the last ingestion (see the module docstring).
+
+    Ends in a Completed state named for what happened: "Promoted", "Kept champion", "Unchanged", "At chance",
+    "No new data", "No data" (nothing to ingest: no source, empty inbox) or "Skipped: busy" (``on_busy="skip"``
+    only: by default a trigger that finds the dataset busy waits for the lock, then finds out whether the run
+    that held it already ingested its data, so an event is never lost and never trains twice).
+    """
     project = open_project(project_dir, dataset)  # first: a foreign project_dir is refused before all else
     logger = get_run_logger()
+    key = f"{artifact_key(dataset)}-retrain-summary"
     try:
         with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
             fp = fingerprint(project)
+            if not has_data(project, fp):
+                message = (f"retrain {dataset}: no data (dataset.sources is empty and "
+                           f"{project.path('download', '--inbox').relative_to(project.root)}/ holds no file)")
+                logger.info(message)
+                create_markdown_artifact(f"# Retrain {dataset}: {NO_DATA}\n\n{message}; nothing was run.", key=key,
+                                         description=NO_DATA)
+                return outcome("No data", message, {"dataset": dataset, "status": NO_DATA})
             if fp["now"] == fp["last"]:
-                logger.info("%s: %s since the last ingestion (fingerprint %s)", dataset, NO_NEW_DATA,
-                            fp["now"][:12])
+                message = f"retrain {dataset}: {NO_NEW_DATA} since the last ingestion (fingerprint {fp['now'][:12]})"
+                logger.info(message)
                 create_markdown_artifact(f"# Retrain {dataset}: {NO_NEW_DATA}\n\nSource fingerprint `{fp['now']}` "
-                                         "is the one last ingested; nothing was run.",
-                                         key=f"{dataset}-retrain-summary", description=NO_NEW_DATA)
-                return {"dataset": dataset, "status": NO_NEW_DATA}
+                                         "is the one last ingested; nothing was run.", key=key,
+                                         description=NO_NEW_DATA)
+                return outcome("No new data", message, {"dataset": dataset, "status": NO_NEW_DATA})
             results = run_pipeline(project)
             decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
             record_fingerprint(project.model_root, fp["now"], files=fp["files"], decision=decision.get("reason"))
             post_decision(project, decision)
             post_quarantine(project)
-            post_summary(project, results, decision, f"medflow retrain: {dataset}", key=f"{dataset}-retrain-summary")
+            post_summary(project, results, decision, f"medflow retrain: {dataset}", key=key)
     except Busy as e:
         logger.warning("%s: skipped, another run is in progress: %s", dataset, e)
-        return {"dataset": dataset, "status": "skipped: busy"}
+        return outcome("Skipped: busy", f"retrain {dataset}: skipped, another run holds the dataset ({e})",
+                       {"dataset": dataset, "status": "skipped: busy"})
     status = ("promoted" if decision.get("promote") else
               "no new model" if str(decision.get("reason", "")).startswith("unchanged") else "not promoted")
     logger.info("retrain %s (%s): %s", dataset, status, decision.get("reason"))
-    return {"dataset": dataset, "status": status, "stages": results, "decision": decision}
+    warning = chance_warning(project)
+    return outcome(decision_outcome(decision, bool(warning)),
+                   f"{warning + ' | ' if warning else ''}retrain {dataset}: {decision.get('reason')}",
+                   {"dataset": dataset, "status": status, "stages": results, "decision": decision})
 
 
 if __name__ == "__main__":  # pragma: no cover

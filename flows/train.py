@@ -17,19 +17,21 @@ import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed
 
 from flows import stages
 from flows.common import (
     Project,
+    artifact_key,
     challenge,
     chance_warning,
+    fingerprint,
     open_project,
+    outcome,
     post_quarantine,
     post_summary,
     stage_task,
 )
-from medflow.lifecycle.retrain import Busy, dataset_lock
+from medflow.lifecycle.retrain import Busy, dataset_lock, record_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +40,32 @@ FLOW_NAME = "medflow"
 
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
     """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
-    dependency order; a failure stops the rest. Other datasets' stages are not touched."""
+    dependency order; a failure stops the rest. Other datasets' stages are not touched. Each task waits for the
+    tasks of the stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's."""
     results = []
+    done: dict[str, dict[str, Any]] = {}
     ran: set[str] = set()  # a stage downstream of one that ran is checked (download always runs: see plan)
     for item in stages.plan(project.root, project.dataset):
-        results.append(stage_task(item.stage)(str(project.root), item.stage,
-                                              up_to_date=not (item.check or item.needs & ran), stale=item.stale))
-        if results[-1]["ran"]:
+        upstream = [done[s] for s in sorted(item.needs) if s in done]
+        result = stage_task(item.stage)(str(project.root), item.stage,
+                                        up_to_date=not (item.check or item.needs & ran), stale=item.stale,
+                                        wait_for=upstream)
+        results.append(result)
+        done[item.stage] = result
+        if result["ran"]:
             ran.add(item.stage)
         if item.stage.split("@", 1)[0] == until:
             break
     return results
+
+
+def decision_outcome(decision: dict[str, Any], at_chance: bool) -> str:
+    """The run's state name: what the champion/challenger step did."""
+    if at_chance:
+        return "At chance"
+    if decision.get("promote"):
+        return "Promoted"
+    return "Unchanged" if str(decision.get("reason", "")).startswith("unchanged") else "Kept champion"
 
 
 @flow(name=FLOW_NAME, flow_run_name="train-{dataset}", log_prints=True,
@@ -58,22 +75,28 @@ def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
     """Train ``dataset`` in the project (default: $MEDFLOW_PROJECT or the working directory; under ``medflow
     serve`` the served checkout, and no other: see :func:`flows.common.project_root`).
 
-    Calling the flow returns the run's summary dict; a completed run ends in a Completed state carrying it,
-    whose message gives the decision, led by the chance warning when the model does not beat chance.
+    Calling the flow returns the run's summary dict; a completed run ends in a Completed state named for its
+    outcome ("Promoted", "Kept champion", "Unchanged", "At chance", "Skipped: busy") carrying it, whose message
+    gives the decision, led by the chance warning when the model does not beat chance. What the run ingested
+    (the source fingerprint) is recorded, so a retrain or ``medflow watch`` afterwards counts only newer files.
     """
     project = open_project(project_dir, dataset)  # first: a foreign project_dir is refused before all else
     logger = get_run_logger()
     try:
         with dataset_lock(project.root, dataset, wait=on_busy == "wait"):
+            fp = fingerprint(project)  # before the stages: files landing meanwhile count as new
             results = run_pipeline(project)
             start = time.perf_counter()
-            decision = challenge(project, {"flow": FLOW_NAME})
+            decision = challenge(project, {"flow": FLOW_NAME, "source_fingerprint": fp["now"]})
             decision["seconds"] = round(time.perf_counter() - start, 2)
+            record_fingerprint(project.model_root, fp["now"], files=fp["files"], decision=decision.get("reason"))
             n_rejects = post_quarantine(project)
-            post_summary(project, results, decision, f"medflow train: {dataset}", key=f"{dataset}-train-summary")
+            post_summary(project, results, decision, f"medflow train: {dataset}",
+                         key=f"{artifact_key(dataset)}-train-summary")
     except Busy as e:
         logger.warning("%s: skipped, another run is in progress: %s", dataset, e)
-        return {"dataset": dataset, "status": "skipped: busy"}
+        return outcome("Skipped: busy", f"train {dataset}: skipped, another run holds the dataset ({e})",
+                       {"dataset": dataset, "status": "skipped: busy"})
     ran = [r["stage"] for r in results if r["ran"]]
     logger.info("train %s: stages run %s, %d quarantined files; %s", dataset, ran or "none (all cached)",
                 n_rejects, decision.get("reason"))
@@ -81,9 +104,9 @@ def train_flow(dataset: str = "pneumonia", project_dir: str | None = None,
     if warning:
         logger.warning("train %s: %s", dataset, warning)
     message = f"{warning + ' | ' if warning else ''}train {dataset}: {decision.get('reason')}"
-    return Completed(message=message, data={"dataset": dataset, "status": "completed", "stages": results,
-                                            "decision": decision, "quarantined": n_rejects,
-                                            "at_chance": bool(warning)})
+    return outcome(decision_outcome(decision, bool(warning)), message,
+                   {"dataset": dataset, "status": "completed", "stages": results, "decision": decision,
+                    "quarantined": n_rejects, "at_chance": bool(warning)})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -152,6 +152,19 @@ def _artifact(key: str) -> Any:
     return found[0] if found else None
 
 
+def _upstream_of(flow_state: Any, stage: str) -> set[str]:
+    """The task runs a stage's task run waited for (its graph edges in the Prefect UI), by name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    by_id = {str(r.id): r.name for r in runs}
+    (run,) = [r for r in runs if r.name == stage]
+    return {by_id[str(i.id)] for i in run.task_inputs.get("wait_for", [])}
+
+
 MARKER = "MARKER_home_x"  # in the path of a test project: no shared output may name it
 
 
@@ -233,8 +246,12 @@ def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harn
     kept = inbox / "PNEUMONIA" / "person1_bacteria_0.jpeg"
     (inbox / "PNEUMONIA" / "person900_bacteria_0.jpeg").write_bytes(kept.read_bytes()[:kept.stat().st_size * 6 // 10])
     (inbox / "PNEUMONIA" / "person901_bacteria_0.jpeg").write_bytes(kept.read_bytes())  # exact duplicate
-    result = train_flow(dataset="pneumonia", project_dir=str(project))
+    state = train_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    result = state.result()
+    assert state.name == "Promoted", state  # the runs list says what happened
     assert [r["stage"] for r in result["stages"]] == [f"{s}@pneumonia" for s in STEPS]  # this dataset only
+    assert _upstream_of(state, "train@pneumonia") == {"resize@pneumonia", "split@pneumonia", "validate@pneumonia"}
+    assert _upstream_of(state, "download@pneumonia") == set()  # the UI's graph is dvc.yaml's
     assert all(r["ran"] for r in result["stages"]), result["stages"]
     assert result["decision"]["promote"]  # the first model becomes champion
     champ = registry.champion(project / "models/pneumonia")
@@ -267,6 +284,9 @@ def test_failed_validation_fails_the_run_with_the_reason(tmp_path: Path, harness
     assert "medflow validate: error: validation failed" in state.message, state.message
     assert "\n  - splits: " in state.message, state.message  # the failed expectation itself, not only a count
     assert not (project / "models/pneumonia/model.keras").exists()  # nothing downstream ran
+    failure = _artifact("pneumonia-failure")  # what failed, for the UI: the stage, its message, its log's tail
+    assert failure is not None and "# Failed: validate@pneumonia" in failure.data, failure
+    assert "validation failed" in failure.data and "splits" in failure.data and "lines of its log" in failure.data
 
 
 def test_every_catalog_dataset_opens_with_its_own_paths(tmp_path: Path) -> None:
@@ -297,9 +317,40 @@ def test_retrain_is_skipped_while_another_run_holds_the_dataset(tmp_path: Path, 
     project = make_project(tmp_path / "project")
     generated_images(project / "data/inbox/pneumonia/batch1")
     with dataset_lock(project, "pneumonia", wait=False):  # a run in progress
-        result = retrain_flow(dataset="pneumonia", project_dir=str(project))
-    assert result["status"] == "skipped: busy"
+        state = retrain_flow(dataset="pneumonia", project_dir=str(project), on_busy="skip", return_state=True)
+    assert state.name == "Skipped: busy" and state.result()["status"] == "skipped: busy", state
     assert not (project / "dvc.lock").exists() and not (project / "models").exists()  # nothing was touched
+
+
+def test_a_busy_retrain_waits_for_the_lock_and_a_scheduled_one_without_data_completes(tmp_path: Path,
+                                                                                        harness: None) -> None:
+    """The default: a trigger that finds the dataset busy waits for the lock (its event is not lost), then decides;
+    with no source and an empty inbox there is nothing to train, and the run completes with "no data"."""
+    import threading
+
+    from flows.retrain import NO_DATA, retrain_flow
+    from medflow.lifecycle.retrain import dataset_lock
+
+    project = make_project(tmp_path / "project")
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with dataset_lock(project, "pneumonia", wait=False):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    threading.Timer(3.0, release.set).start()
+    start = time.perf_counter()
+    state = retrain_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    waited = time.perf_counter() - start
+    thread.join()
+    assert state.is_completed() and state.name == "No data" and state.result()["status"] == NO_DATA, state
+    assert "no data" in state.message and "data/inbox/pneumonia/ holds no file" in state.message, state.message
+    assert waited >= 2.5, f"the run did not wait for the lock ({waited:.1f} s)"
+    assert not (project / "dvc.lock").exists()  # nothing ran
 
 
 @pytest.mark.integration
@@ -317,19 +368,20 @@ def test_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: None) -> No
     models = project / "models/pneumonia"
     first = registry.champion(models)["version"]
 
-    # Nothing new since training: the first retrain ingests (all cached), the second finds nothing new.
-    assert retrain_flow(dataset="pneumonia", project_dir=str(project))["status"] == "no new model"
+    # Nothing new since training: the train flow recorded what it ingested, so a retrain finds nothing new.
     lock = (project / "dvc.lock").read_bytes()
     start = time.perf_counter()
-    assert retrain_flow(dataset="pneumonia", project_dir=str(project))["status"] == NO_NEW_DATA
+    state = retrain_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    assert state.name == "No new data" and state.result()["status"] == NO_NEW_DATA, state
     print(f"retrain with no new data: {time.perf_counter() - start:.1f} s")
     assert (project / "dvc.lock").read_bytes() == lock and len(registry.list_versions(models)) == 1
 
     # New images land: old assignments kept, challenger trained and promoted.
     before = read_csv(project / "data/processed/pneumonia/split.csv")
     real_images(inbox / "batch2", src, 50, {"NORMAL": 20, "PNEUMONIA": 40})
-    result = retrain_flow(dataset="pneumonia", project_dir=str(project))
-    assert result["status"] == "promoted", result["decision"]
+    state = retrain_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    result = state.result()
+    assert result["status"] == "promoted" and state.name == "Promoted", (state, result["decision"])
     second = registry.champion(models)["version"]
     assert second != first and result["decision"]["champion"] == first
     after = read_csv(project / "data/processed/pneumonia/split.csv")

@@ -192,7 +192,8 @@ def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
     project, models = server.project, server.project / "models/pneumonia"
     _check_the_api_is_closed(server)
     run = server.run_cli("deployment", "run", "medflow/train-pneumonia", "--watch", "--watch-timeout", "900")
-    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and "finished successfully in 'Promoted'" in run.stdout, \
+        run.stdout[-3000:] + run.stderr[-3000:]  # the state names the outcome
     first = registry.champion(models)
     assert first is not None
     assert (project / "reports/pneumonia/validation.json").exists()
@@ -200,7 +201,8 @@ def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
 
     retrain = "medflow-retrain/retrain-pneumonia"
     run = server.run_cli("deployment", "run", retrain, "--watch", "--watch-timeout", "900")
-    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and "finished successfully in 'No new data'" in run.stdout, \
+        run.stdout[-3000:] + run.stderr[-3000:]  # the train run recorded what it ingested
 
     # New images land. The watcher's event starts a retrain run by itself, and a manual trigger at the same
     # moment makes a second one: one does the work, the other waits (the deployment's concurrency limit and
@@ -212,12 +214,16 @@ def test_deployments_end_to_end_on_a_real_server(server: Server) -> None:
                            env=server.env, capture_output=True, text=True, timeout=120)
     assert watch.returncode == 0, watch.stderr[-3000:]
     assert "1 data-landed event" in watch.stderr, watch.stderr[-3000:]
+    assert "60 new files" in watch.stderr, watch.stderr[-3000:]  # counted against what the last run ingested
     assert server.run_cli("deployment", "run", retrain).returncode == 0
     _wait_for(lambda: len(server.manual_runs(retrain)) == n_before + 2 and all(
         r["state_type"] in TERMINAL for r in server.manual_runs(retrain)), 900,
         "the event-triggered run and the manual one", server.logs)
-    assert all(r["state_type"] == "COMPLETED" for r in server.manual_runs(retrain)[-2:]), \
-        server.manual_runs(retrain)[-2:]
+    both = server.manual_runs(retrain)[-2:]
+    assert all(r["state_type"] == "COMPLETED" for r in both), both
+    names = [r["state_name"] for r in both]  # one trained and decided, the other waited and found it done
+    assert names.count("No new data") == 1, names
+    assert {n for n in names if n != "No new data"} <= {"Promoted", "Kept champion", "At chance"}, names
     assert len(registry.list_versions(models)) == 2  # exactly one challenger was trained and decided on
     decision = json.loads((models / "versions" / registry.list_versions(models)[-1] / "decision.json").read_text())
     assert decision["champion"] == first["version"]
