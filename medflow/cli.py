@@ -30,6 +30,7 @@ import yaml  # noqa: E402
 
 from medflow.config import DEFAULT_PARAMS, Config, ConfigError, changed_params, load_config  # noqa: E402
 from medflow.errors import StepError  # noqa: E402
+from medflow.io import remove_stale_temps  # noqa: E402
 
 log = logging.getLogger("medflow")
 
@@ -572,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose", "dataset"}}
+    for tmp in remove_stale_temps(v for v in paths.values() if isinstance(v, Path)):
+        log.info("removed %s, left by a killed run", tmp)
     try:
         run_as_stage(args.step, args.dataset, lambda: load_config(args.params, args.dataset),
                      lambda cfg: _entry(args.step)(cfg, **paths))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -104,12 +105,13 @@ _DIR_MODE = 0o777 & ~_umask()
 def atomic_path(dest: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
 
-    Temporary names start with ``.<name>.tmp.``, so leftovers of a killed process are easy to recognise.
+    Temporary names are ``.<name>.tmp.<pid>.<random>``: a killed process's leftovers are recognised, and
+    removed by the next step run (:func:`remove_stale_temps`) once that pid is gone.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # With a suffix (for writers that check the extension, e.g. ".keras") the name still ends in it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp.", suffix=suffix or ".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=suffix or ".tmp", dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, _FILE_MODE)
     tmp_path = Path(tmp)
@@ -142,7 +144,7 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; it replaces ``dest`` (whole) when the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
@@ -158,6 +160,41 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_full(e, dest)
         raise
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.tmp.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temps(paths: Iterable[Path | str]) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left beside ``paths`` (``.<name>.tmp.<pid>.*``
+    of :func:`atomic_path` / :func:`atomic_dir` whose pid no longer runs); return what was removed.
+
+    A step calls it for its outputs before it writes them, so a SIGKILL (which no cleanup can catch) costs
+    disk only until the next run. A live writer's temporary files are never touched.
+    """
+    removed: list[Path] = []
+    for dest in map(Path, paths):
+        if not dest.parent.is_dir():
+            continue
+        for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.tmp.*"):
+            pid = tmp.name[len(dest.name) + 6:].split(".", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def _raise_if_full(error: BaseException, dest: Path) -> None:

@@ -117,6 +117,7 @@ def test_killing_dvc_kills_the_step_and_its_workers_and_a_rerun_completes(tmp_pa
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert np.load(project / "images.npy").shape == (N_POOL, 16, 16, 1)
     assert "resize" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert not list(project.glob(".images.npy.tmp.*")), "the rerun removes what the killed step left"
 
 
 def test_every_stage_command_is_one_command_the_shell_execs() -> None:
@@ -238,3 +239,25 @@ def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, s
         run(small_disk / "model")
     run(tmp_path / "model")  # with space again the step completes
     assert (tmp_path / "model" / "model.keras").is_file()
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    from medflow.io import atomic_dir, atomic_path, remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dest = tmp_path / "images.npy"
+    left = tmp_path / f".images.npy.tmp.{dead}.abc.tmp"  # a SIGKILLed writer's file, as atomic_path names it
+    left.write_bytes(b"x" * 100)
+    left_dir = tmp_path / f".images.npy.tmp.{dead}.def.tmp"
+    (left_dir / "part").mkdir(parents=True)
+    other = tmp_path / f".other.npy.tmp.{dead}.x.tmp"  # another output's: only named outputs are cleaned
+    other.write_bytes(b"")
+    with atomic_dir(tmp_path / "extracted") as live_dir:
+        assert live_dir.name.startswith(f".extracted.tmp.{os.getpid()}.")  # folders are named alike
+    with atomic_path(dest) as live:
+        assert live.name.startswith(f".images.npy.tmp.{os.getpid()}.")
+        live.write_bytes(b"y")
+        assert sorted(remove_stale_temps([dest])) == sorted([left, left_dir])
+        assert live.exists() and other.exists()  # a live writer's file, and another output's, stay
+    assert dest.read_bytes() == b"y"
