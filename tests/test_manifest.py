@@ -167,3 +167,17 @@ def test_manifest_of_shared_malaria_has_one_group_per_slide() -> None:
     assert len(df) == 1200 and skipped == {"no_class_folder": 0, "group_rule_fallback": 0}
     assert df["group"].nunique() == 195
     assert df.loc[df["relpath"].str.contains("/C213ThinF_"), "group"].unique().tolist() == ["C213"]
+
+
+def test_a_class_folder_the_labels_do_not_know_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "src"
+    _img(root / "train" / "NORMAL" / "IM-0001-0001.jpeg", 10)
+    for i in range(3):
+        _img(root / "train" / "COVID19" / f"covid_{i}.jpeg", 20 + i)
+    _img(root / "stray.jpeg", 40)
+    with caplog.at_level("WARNING", logger="medflow.data.manifest"):
+        df, skipped = build_manifest([root], {"NORMAL": 0, "PNEUMONIA": 1}, re.compile(r"^(.*)$"))
+    assert len(df) == 1 and skipped["no_class_folder"] == 4
+    (msg,) = [r.getMessage() for r in caplog.records if "under no class folder" in r.getMessage()]
+    assert "4 image file(s)" in msg and "train/COVID19/ (3)" in msg and "(top level) (1)" in msg
+    assert "(NORMAL, PNEUMONIA)" in msg
