@@ -140,11 +140,15 @@ def atomic_open(dest: Path | str, mode: str = "w", *, fsync: bool = True, **kwar
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; it replaces ``dest`` (whole) when the block succeeds."""
+def atomic_dir(dest: Path | str, tmp_dir: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; it replaces ``dest`` (whole) when the block succeeds.
+
+    ``tmp_dir``: build it there instead (on the same filesystem, for the rename), named
+    ``<pid>.<dest name>.<random>.tmp`` so a later run can tell one left by a killed process."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
+    prefix = _temp_prefix(dest) if tmp_dir is None else f"{os.getpid()}.{dest.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=tmp_dir or dest.parent))
     os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp

@@ -5,7 +5,9 @@ content-addressed folder under ``out_dir`` (:func:`medflow.data.archives.extract
 links, devices or bombs; reused when already there); folder sources are listed in place. ``roots.json`` (a
 list of :class:`medflow.data.archives.RootRecord`) names the folders manifest indexes, each with the digest of
 its content (a folder source's listing digest from sources.json), so the manifest stage re-runs when a file
-is added to, changed in or removed from a folder source.
+is added to, changed in or removed from a folder source. Archives are built outside ``out_dir`` and renamed
+into place, so a killed run leaves nothing partial in it; the next run removes what it left
+(:func:`medflow.data.archives.remove_stale_partials`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import Config
-from medflow.data.archives import RootRecord, extract_into
+from medflow.data.archives import RootRecord, extract_into, remove_stale_partials
 from medflow.data.fetch import SourceRecord
 from medflow.errors import StepError
 from medflow.io import read_json, write_json
@@ -32,6 +34,7 @@ def run(cfg: Config, *, sources_json: Path, out_dir: Path, roots_json: Path) -> 
     roots: list[RootRecord] = []
     counts = {"extracted": 0, "reused": 0, "folders": 0}
     out_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, even when every source is a folder
+    remove_stale_partials(out_dir)  # left by a killed run (outside out_dir, or inside it by older versions)
     for rec in _read_sources(sources_json):
         if rec["kind"] == "folder":
             if not Path(rec["path"]).is_dir():

@@ -40,6 +40,8 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     index = quality.VerdictIndex.load(Path(cache), fcfg)
     verdicts, decoded = quality.content_verdicts(shas, files["path"], fcfg, index, manifest)
     status = quality.classify(df["path"], shas, verdicts)
+    status = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance)
+    _warn_conflicts(df["path"], status)
     clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
     rejects_df = quality.rejects_table(df, shas, status)
     result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
@@ -58,6 +60,16 @@ def _read_manifest(manifest: Path) -> pd.DataFrame:
         raise StepError(f"{manifest}: manifest not found (run the manifest step first)") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise StepError(f"{manifest}: cannot read manifest: {e}") from None
+
+
+def _warn_conflicts(paths: pd.Series, status: pd.DataFrame) -> None:
+    """One WARNING naming the files quarantined because their content carries two labels."""
+    bad = status["reason"] == quality.LABEL_CONFLICT
+    if bad.any():
+        i = bad.idxmax()
+        log.warning("%d file(s) carry two labels (the same or nearly the same image under two class folders) "
+                    "and are quarantined as %s, e.g. %s: %s", int(bad.sum()), quality.LABEL_CONFLICT,
+                    paths[i], status.loc[i, "detail"])
 
 
 def _log_summary(s: dict[str, Any], seconds: float) -> None:

@@ -6,10 +6,15 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
+import signal
 import stat
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from tasks import download, extract
 
 _RNG = random.Random(0)
 IMG = _RNG.randbytes(3000)  # incompressible stand-in for an image file
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**limits: Any) -> Config:
@@ -195,18 +201,158 @@ def test_junk_is_skipped(tmp_path: Path) -> None:
     assert not (root / "__MACOSX").exists()
 
 
-def test_tar_links_inside_are_skipped_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_tar_symlinks_inside_are_skipped_and_hard_links_copied(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     archive = _tar(tmp_path / "in" / "a.tar", [
         _file("d/NORMAL/1.png"), _special("d/NORMAL/2.png", tarfile.SYMTYPE, "1.png"),
         _special("d/PNEUMONIA/3.png", tarfile.SYMTYPE, "../NORMAL/1.png"),
-        _special("d/NORMAL/4.png", tarfile.LNKTYPE, "d/NORMAL/1.png"),
+        _special("d/NORMAL/4.png", tarfile.LNKTYPE, "d/NORMAL/1.png"),  # GNU tar: a hard-linked file
+        _special("d/PNEUMONIA/5.png", tarfile.LNKTYPE, "./d/NORMAL/4.png"),  # a link to a link
+        _file("d/NORMAL/._6.png", b"junk"), _special("d/NORMAL/7.png", tarfile.LNKTYPE, "d/NORMAL/._6.png"),
     ])
     with caplog.at_level(logging.WARNING, logger="medflow.data.archives"):
         _, roots = _run(tmp_path, archive)
     root = Path(roots[0]["root"])
-    assert _files(root) == {"d/NORMAL/1.png"}
+    assert _files(root) == {"d/NORMAL/1.png", "d/NORMAL/4.png", "d/PNEUMONIA/5.png"}
+    assert (root / "d/NORMAL/4.png").read_bytes() == (root / "d/PNEUMONIA/5.png").read_bytes() == IMG
+    assert (root / "d/NORMAL/4.png").stat().st_nlink == 1  # a copy, not a link
     assert not any(p.is_symlink() for p in root.rglob("*"))
-    assert sum("skipping link" in r.getMessage() for r in caplog.records) == 3
+    assert sum("skipping link" in r.getMessage() for r in caplog.records) == 2
+    assert any("hard link 'd/NORMAL/7.png'" in r.getMessage() and "not extracted" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_hard_link_copies_count_against_the_caps(tmp_path: Path) -> None:
+    links = [_special(f"d/NORMAL/{i}.png", tarfile.LNKTYPE, "d/NORMAL/0.png") for i in range(1, 5)]
+    archive = _tar(tmp_path / "in" / "a.tar", [_file("d/NORMAL/0.png"), *links])
+    with pytest.raises(StepError, match="max_total_bytes"):
+        _run(tmp_path, archive, cfg=_cfg(max_total_bytes=4 * len(IMG)))
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar"])
+def test_duplicate_member_names_are_all_extracted(tmp_path: Path, suffix: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    copies = [IMG, IMG[::-1], IMG[:1000]]
+    names = ["d/NORMAL/1.png", "d/NORMAL/1.png", "d/NORMAL/1.png", "d/NORMAL/1~2.png"]
+    datas = [*copies, b"real ~2"]
+    if suffix == ".zip":
+        path = tmp_path / "in" / "a.zip"
+        path.parent.mkdir(parents=True)
+        with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "w") as zf:
+            for name, data in zip(names, datas, strict=True):
+                zf.writestr(name, data)
+    else:
+        path = _tar(tmp_path / "in" / "a.tar", [_file(n, d) for n, d in zip(names, datas, strict=True)])
+    with caplog.at_level(logging.WARNING, logger="medflow.data.archives"):
+        _, roots = _run(tmp_path, path)
+    root = Path(roots[0]["root"]) / "d/NORMAL"
+    got = {p.name: p.read_bytes() for p in root.iterdir()}
+    # in archive order: the first keeps its name, later ones get ~2, ~3; a real "1~2.png" then gets ~2 itself
+    assert got == {"1.png": IMG, "1~2.png": IMG[::-1], "1~3.png": IMG[:1000], "1~2~2.png": b"real ~2"}
+    assert sum("appears more than once" in r.getMessage() for r in caplog.records) == 3
+
+
+def _zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar_gz_bytes(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_nested_archives_are_extracted_one_level(tmp_path: Path) -> None:
+    inner = _zip_bytes({"NORMAL/1.png": IMG, "PNEUMONIA/2.png": IMG[::-1]})
+    archive = _zip(tmp_path / "in" / "outer.zip", {
+        "ds/train.zip": inner, "ds/train/NORMAL/0.png": IMG[:500],  # the folder name is taken: train~2
+        "ds/test.tar.gz": _tar_gz_bytes({"NORMAL/3.png": IMG[:2000]}), "__MACOSX/ds/._x.zip": b"junk",
+    })
+    summary, roots = _run(tmp_path, archive)
+    root = Path(roots[0]["root"])
+    assert _files(root) == {"ds/train/NORMAL/0.png", "ds/train~2/NORMAL/1.png", "ds/train~2/PNEUMONIA/2.png",
+                            "ds/test/NORMAL/3.png"}  # the inner archives themselves are gone
+    assert (root / "ds/test/NORMAL/3.png").read_bytes() == IMG[:2000]
+    assert summary["extracted"] == 1
+
+
+@pytest.mark.parametrize(("inner", "limits", "match"), [
+    (_zip_bytes({"../evil.png": IMG}), {}, r"outer\.zip!ds/in\.zip: entry '\.\./evil\.png' escapes"),
+    (_zip_bytes({"a/in2.zip": _zip_bytes({"x.png": IMG})}), {}, "inside an archive inside an archive"),
+    (_zip_bytes({f"{i}.png": b"" for i in range(5)}), {"max_members": 5}, "max_members"),
+    (_zip_bytes({"z.png": bytes(900_000)}), {}, "max_ratio"),  # the ratio is over the outer archive's size
+    (b"not a zip at all", {}, r"outer\.zip!ds/in\.zip: corrupt"),
+])
+def test_nested_archive_keeps_the_outer_limits(tmp_path: Path, inner: bytes, limits: dict[str, Any],
+                                               match: str) -> None:
+    archive = _zip(tmp_path / "in" / "outer.zip", {"ds/in.zip": inner}, compression=zipfile.ZIP_STORED)
+    with pytest.raises(StepError, match=match):
+        _run(tmp_path, archive, cfg=_cfg(**limits))
+    _assert_nothing_extracted(tmp_path)
+
+
+def test_stale_partials_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    out = tmp_path / "proj" / "data/raw/t/extracted"
+    (tmp_path / "proj" / ".dvc").mkdir(parents=True)
+    staging = archives.staging_dir(out)
+    assert staging == (tmp_path / "proj/.dvc/tmp/medflow/extract").resolve()  # outside every DVC output
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale, live = staging / f"{dead}.a-0123.x.tmp", staging / f"{os.getpid()}.b-4567.y.tmp"
+    legacy = out / ".a-0123.zz.tmp"  # where earlier versions built it: inside the output
+    for folder in (stale, live, legacy):
+        (folder / "NORMAL").mkdir(parents=True)
+        (folder / "NORMAL/1.png").write_bytes(IMG)
+    assert set(archives.remove_stale_partials(out)) == {stale, legacy}
+    assert live.is_dir() and not stale.exists() and not legacy.exists()
+
+
+def test_staging_beside_the_output_outside_a_dvc_repo(tmp_path: Path) -> None:
+    assert archives.staging_dir(tmp_path / "ex") == tmp_path.resolve() / ".medflow-extract-tmp"
+
+
+def test_extract_killed_mid_way_leaves_nothing_partial(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real SIGKILL of ``medflow extract`` mid-archive; the re-run extracts exactly and removes the temp."""
+    proj = tmp_path / "proj"
+    (proj / ".dvc").mkdir(parents=True)
+    rng = random.Random(1)
+    members = {f"ds/NORMAL/{i:05d}.png": rng.randbytes(4096) for i in range(4000)}
+    archive = _zip(proj / "in" / "big.zip", members, compression=zipfile.ZIP_STORED)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"dataset": {"name": "t", "sources": [str(archive)],
+                                              "labels": {"NORMAL": 0, "PNEUMONIA": 1}}}))
+    cfg = parse_config(json.loads(params.read_text()))
+    sources, out = proj / "data/raw/t/sources.json", proj / "data/raw/t/extracted"
+    download.run(cfg, out_dir=proj / "data/raw/t/downloads", sources_json=sources, inbox=tmp_path / "no-inbox")
+    cmd = [sys.executable, "-m", "medflow.cli", "extract", "--params", str(params), "--sources-json",
+           str(sources), "--out-dir", str(out), "--roots-json", str(proj / "data/raw/t/roots.json")]
+    staging = proj / ".dvc/tmp/medflow/extract"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not any(staging.glob("*.tmp/ds/NORMAL/*.png")):
+            time.sleep(0.002)  # poll for the partial folder to fill, then kill it mid-way
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"extract finished before it was killed: {err.decode()[-2000:]}"
+    partial = list(staging.glob("*.tmp"))
+    assert len(partial) == 1 and len(_files(partial[0])) < len(members)  # killed mid-way, left outside
+    assert not out.exists() or list(out.iterdir()) == []  # nothing DVC would track
+    with caplog.at_level(logging.WARNING, logger="medflow.data.archives"):  # the next run, in-process
+        extract.run(cfg, sources_json=sources, out_dir=out, roots_json=proj / "data/raw/t/roots.json")
+    assert any("removed a partial extraction" in r.getMessage() for r in caplog.records)
+    assert list(staging.iterdir()) == []
+    (folder,) = out.iterdir()
+    assert _files(folder) == set(members)
+    assert all((folder / name).read_bytes() == data for name, data in members.items())
 
 
 # --------------------------------------------------------------------------------------------- hostile

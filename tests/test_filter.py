@@ -113,11 +113,20 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     files["good_16bit"] = _write(b / "good_5.png", _image(5).astype(np.uint16) * 257)
     files["cmyk"] = b / "good_6.jpeg"
     Image.fromarray(_image(6)).convert("CMYK").save(files["cmyk"], format="JPEG", quality=90)
-    # near duplicate: the same pixels as good_1, re-encoded as JPEG quality 60
-    files["reencoded"] = _write(b / "copy_of_1.jpeg", _image(1), cv2.IMWRITE_JPEG_QUALITY, 60)
-    # exact duplicate of good_2 under a later path
-    files["exact_dup"] = b / "zz_same_as_2.jpeg"
+    # near duplicate: the same pixels as good_1, re-encoded as JPEG quality 60, same class
+    files["reencoded"] = _write(a / "good_1_reencoded.jpeg", _image(1), cv2.IMWRITE_JPEG_QUALITY, 60)
+    # exact duplicate of good_2 under a later path, same class
+    files["exact_dup"] = a / "zz_same_as_2.jpeg"
     shutil.copyfile(files["good_jpg"], files["exact_dup"])
+    # label conflicts: one content under A and B (and a second copy under A); a near duplicate under both
+    files["conflict_a"] = _write(a / "both_1.png", _image(11))
+    files["conflict_a2"], files["conflict_b"] = a / "both_2.png", b / "both_3.png"
+    for copy in (files["conflict_a2"], files["conflict_b"]):
+        shutil.copyfile(files["conflict_a"], copy)
+    files["near_a"] = _write(a / "near_1.png", _image(12))
+    files["near_b"] = _write(b / "near_2.jpeg", _image(12), cv2.IMWRITE_JPEG_QUALITY, 60)
+    files["near_b2"] = b / "near_3.jpeg"  # an exact copy of a near-duplicate member: quarantined with it
+    shutil.copyfile(files["near_b"], files["near_b2"])
     full = _write(base / "full.jpeg", _image(7), cv2.IMWRITE_JPEG_QUALITY, 92).read_bytes()
     files["truncated"] = a / "cut_60.jpeg"
     files["truncated"].write_bytes(full[: int(len(full) * 0.6)])
@@ -195,6 +204,30 @@ def test_exact_duplicate_is_kept_once_and_names_the_kept_file(mixed: dict[str, A
     assert str(files["good_jpg"]) in set(clean["path"])
 
 
+def test_one_content_under_two_labels_quarantines_every_copy(mixed: dict[str, Any]) -> None:
+    files, rejects = mixed["files"], mixed["rejects"].set_index("path")
+    for key in ("conflict_a", "conflict_a2", "conflict_b"):
+        row = rejects.loc[str(files[key])]
+        assert row["reason"] == "label_conflict", key
+        others = [k for k in ("conflict_a", "conflict_a2", "conflict_b") if k != key]
+        assert row["detail"].startswith("same content as ")
+        for other in others:  # each copy names the others, with their labels
+            assert f"{files[other]} labelled {files[other].parent.name}" in row["detail"]
+    assert not set(map(str, (files["conflict_a"], files["conflict_b"]))) & set(mixed["clean"]["path"])
+
+
+def test_near_duplicate_under_two_labels_quarantines_the_group(mixed: dict[str, Any]) -> None:
+    files, rejects = mixed["files"], mixed["rejects"].set_index("path")
+    assert rejects.at[str(files["near_a"]), "detail"] == f"near duplicate of {files['near_b']} labelled B"
+    for key in ("near_b", "near_b2"):
+        assert rejects.at[str(files[key]), "reason"] == "label_conflict"
+        assert rejects.at[str(files[key]), "detail"] == f"near duplicate of {files['near_a']} labelled A"
+    assert rejects.at[str(files["near_a"]), "reason"] == "label_conflict"
+    # conflicts come first in rejects.csv, so the quarantine artifact and the report show them
+    reasons = list(mixed["rejects"]["reason"])
+    assert reasons[:6] == ["label_conflict"] * 6 and "label_conflict" not in reasons[6:]
+
+
 def test_supported_modes_are_kept(mixed: dict[str, Any]) -> None:
     clean = mixed["clean"].set_index("path")
     modes = {k: clean.at[str(mixed["files"][k]), "mode"] for k in
@@ -207,7 +240,7 @@ def test_reencoded_copy_shares_the_dup_group_and_others_do_not(mixed: dict[str, 
     files, clean = mixed["files"], mixed["clean"].set_index("path")
     first, copy = clean.loc[str(files["good_png"])], clean.loc[str(files["reencoded"])]
     assert phash.hamming(first["phash"], copy["phash"]) <= 4
-    # group id = sha256 of the first member by path (raw/A/good_1.png sorts before raw/B/copy_of_1.jpeg)
+    # group id = sha256 of the first member by path (raw/A/good_1.png sorts before raw/A/good_1_reencoded.jpeg)
     assert first["dup_group"] == copy["dup_group"] == first["sha256"]
     others = clean.drop(index=[str(files["good_png"]), str(files["reencoded"])])
     assert (others["dup_group"] == others["sha256"]).all()
@@ -232,8 +265,8 @@ def test_summary_counts_and_file(mixed: dict[str, Any]) -> None:
     assert s["in"] == len(mixed["manifest"]) == s["clean"] + s["rejected"]
     assert s["by_reason"] == {"zero_bytes": 1, "not_an_image": 1, "truncated": 2, "decode_error": 1,
                               "too_many_pixels": 0, "too_small": 1, "unsupported_mode": 1, "no_pixel_data": 0,
-                              "multi_frame": 0, "unsupported_syntax": 0, "duplicate": 1}
-    assert s["decoded"] == len(mixed["manifest"]) - 1  # the exact duplicate is decoded once
+                              "multi_frame": 0, "unsupported_syntax": 0, "duplicate": 1, "label_conflict": 6}
+    assert s["decoded"] == len(mixed["manifest"]) - 4  # each exact copy's content is decoded once
     assert s["cached"] == 0
 
 
@@ -293,7 +326,8 @@ def test_index_round_trips_every_verdict(mixed: dict[str, Any]) -> None:
     assert set(index.verdicts) == expected
     reasons = {v.reason for v in index.verdicts.values()}
     dicom_only = {"no_pixel_data", "multi_frame", "unsupported_syntax"}  # tests/test_dicom.py
-    assert reasons == set(quality.REASONS) - {"duplicate", "too_many_pixels", *dicom_only} | {""}
+    table_only = {"duplicate", "label_conflict"}  # decided over the rows, never cached
+    assert reasons == set(quality.REASONS) - {*table_only, "too_many_pixels", *dicom_only} | {""}
     rejects = mixed["rejects"].set_index("sha256")
     for sha, v in index.verdicts.items():  # the cached verdicts are the ones the outputs were made from
         if not v.ok:
@@ -533,7 +567,9 @@ def test_real_chest_xrays_have_no_corrupt_files(tmp_path: Path) -> None:
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png"})
     assert len(paths) == 1566
     df = _manifest(paths, root)
-    cfg = _cfg(workers=0)
+    # params.yaml's distance: at 4 (the code default) one transitive pHash group joins six distinct NORMAL
+    # X-rays and a PNEUMONIA one, all seven quarantined as label_conflict
+    cfg = _cfg(workers=0, near_duplicate_distance=2)
     started = time.perf_counter()
     summary, clean, rejects = _run(df, tmp_path / "out", cfg)
     cold = time.perf_counter() - started

@@ -210,3 +210,17 @@ def test_outside_roots_are_labelled_and_read_back_through_roots_json(tmp_path: P
         assert sha256_file(readable_path(path, found)) == sha  # every row opens where it was indexed
     with pytest.raises(StepError, match="source root 'gone' is not in roots.json"):
         readable_path("@gone/x.png", found)
+
+
+def test_a_class_folder_the_labels_do_not_know_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "src"
+    _img(root / "train" / "NORMAL" / "IM-0001-0001.jpeg", 10)
+    for i in range(3):
+        _img(root / "train" / "COVID19" / f"covid_{i}.jpeg", 20 + i)
+    _img(root / "stray.jpeg", 40)
+    with caplog.at_level("WARNING", logger="medflow.data.manifest"):
+        df, skipped = build_manifest([root], {"NORMAL": 0, "PNEUMONIA": 1}, re.compile(r"^(.*)$"))
+    assert len(df) == 1 and skipped["no_class_folder"] == 4
+    (msg,) = [r.getMessage() for r in caplog.records if "under no class folder" in r.getMessage()]
+    assert "4 image file(s)" in msg and "train/COVID19/ (3)" in msg and "(top level) (1)" in msg
+    assert "(NORMAL, PNEUMONIA)" in msg

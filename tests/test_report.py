@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -228,3 +229,19 @@ def test_pseudonymize_hashes_file_names_and_patients_stably_per_project(tmp_path
     other.mkdir(), off.mkdir()
     assert pseudonym.pseudonymizer(True, other).path("img0.png") != preds["path"][0]  # another project: unlinkable
     assert pseudonym.pseudonymizer(False, off).patient("p1") == "p1" and not (off / ".dvc").exists()
+
+
+def test_label_conflicts_are_named_in_the_data_section() -> None:
+    rows = [{"path": "raw/NORMAL/a.png", "reason": "truncated", "detail": "cut"}] * 3
+    rows += [{"path": "raw/NORMAL/x.png", "reason": "label_conflict",
+              "detail": "same content as raw/PNEUMONIA/y.png labelled PNEUMONIA"}]
+    ev = SimpleNamespace(data={"rejects": pd.DataFrame(rows)})  # the data section reads only ev.data
+    text = "\n".join(report._data_markdown(ev))  # type: ignore[arg-type]  # in summary.md and model_card.md
+    assert "Quarantined files (listed, never deleted): 4 (1 label_conflict, 3 truncated)." in text
+    assert "Label conflicts: 1 files" in text
+    assert "- `raw/NORMAL/x.png`: same content as raw/PNEUMONIA/y.png labelled PNEUMONIA" in text
+    shown, _ = report._reject_summary(ev)  # type: ignore[arg-type]  # the HTML table's rows
+    assert shown is not None and list(shown["reason"]) == ["label_conflict", *["truncated"] * 3]
+    from medflow.imaging import quality  # the report keeps the reason's name without the decoder imports
+
+    assert report._LABEL_CONFLICT == quality.LABEL_CONFLICT

@@ -6,7 +6,8 @@ ancestor folder named train/val/test. Headers are read (size, mode, format) but 
 that is the filter's job. DICOM files are found by their ``DICM`` marker whatever their name, their header
 is read by pydicom (format ``DICOM``), and under the ``dicom`` group rule their patient is the hashed
 PatientID (or StudyInstanceUID) of :mod:`medflow.imaging.dicom`; no other tag is read into the manifest.
-Files outside any labelled folder are skipped and counted; nothing is ever modified. The manifest step
+Files outside any labelled folder are skipped and counted, and a WARNING names their folders (e.g. a
+``COVID19/`` class that ``dataset.labels`` does not list); nothing is ever modified. The manifest step
 (tasks/manifest.py) reads the roots and writes the CSV.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
+_UNKNOWN_SHOWN = 10  # folders named in the warning about images under no class folder
 
 
 def iter_images(root: Path) -> Iterator[Path]:
@@ -119,6 +122,18 @@ def _dicom_group(row: dict[str, Any], patient: str, tag: str, skipped: dict[str,
         skipped["group_rule_fallback"] += 1
 
 
+def _warn_unknown_folders(root: Path, unknown: Counter[str], labels: Mapping[str, int]) -> None:
+    """One WARNING naming the folders (with their image counts) under no class folder of ``dataset.labels``:
+    a class the labels do not know (``COVID19/``) must be visible, not only counted."""
+    if not unknown:
+        return
+    named = [f"{'(top level)' if folder == '.' else folder + '/'} ({n})" for folder, n in sorted(unknown.items())]
+    shown = ", ".join(named[:_UNKNOWN_SHOWN]) + (f", and {len(named) - _UNKNOWN_SHOWN} more folders"
+                                                 if len(named) > _UNKNOWN_SHOWN else "")
+    log.warning("%s: %d image file(s) are under no class folder of dataset.labels (%s) and were skipped: %s",
+                root, sum(unknown.values()), ", ".join(labels), shown)
+
+
 def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
                    workers: int = 8, rule: str = "", salt: bytes | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
@@ -143,11 +158,13 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
     labels_of = root_labels(str(r) for r in roots)
     for root in roots:
         shown = f"{SOURCE_ROOT}{labels_of[str(root)]}" if str(root) in labels_of else _display_path(root)
+        unknown: Counter[str] = Counter()
         for path in iter_images(root):
             rel = path.relative_to(root)
             cls = class_of(rel.parts[:-1], labels)
             if cls is None:
                 skipped["no_class_folder"] += 1
+                unknown[rel.parent.as_posix()] += 1
                 continue
             group = group_of(path.name, pattern)
             if rule == "dicom":
@@ -158,6 +175,7 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
             rows.append({"path": _shown(path, rel, shown), "relpath": rel.as_posix(), "root": shown,
                          "class_name": cls, "label": labels[cls], "group": group,
                          "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
+        _warn_unknown_folders(root, unknown, labels)
     groups = join_runs([Path(r["relpath"]).name for r in rows],
                        [f"{r['root']}/{Path(r['relpath']).parent}" for r in rows], [r["group"] for r in rows], rule)
     for r, group in zip(rows, groups, strict=True):

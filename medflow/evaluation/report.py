@@ -56,6 +56,8 @@ LABELS = {
 HEADLINE = ("roc_auc", "sensitivity", "specificity")
 _DPI = 110
 _REJECTS_SHOWN = 200  # quarantined files listed one by one; the rest are counted
+_CONFLICTS_SHOWN = 10  # label conflicts named in the data section's text
+_LABEL_CONFLICT = "label_conflict"  # medflow.imaging.quality.LABEL_CONFLICT (not imported: no decoder imports here)
 
 
 # --- formatting ------------------------------------------------------------------------------------------
@@ -302,10 +304,24 @@ def _frame_rows(df: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
 
 
 def _reject_summary(ev: Evaluation) -> tuple[pd.DataFrame | None, dict[str, int]]:
+    """The quarantined files, label conflicts first (they are what the listed rows must show), and counts."""
     rejects = ev.data.get("rejects")
     if rejects is None or len(rejects) == 0:
         return rejects, {}
+    rejects = rejects.sort_values("reason", key=lambda r: r != _LABEL_CONFLICT, kind="stable")
     return rejects, rejects["reason"].value_counts().sort_index().to_dict()
+
+
+def _conflict_lines(rejects: pd.DataFrame) -> list[str]:
+    """Markdown lines naming the files whose content carried two labels (the filter's ``label_conflict``)."""
+    rows = rejects[rejects["reason"] == _LABEL_CONFLICT]
+    if rows.empty:
+        return []
+    named = [f"- {md_code(p)}: {md_text(d)}" for p, d in
+             zip(rows["path"].head(_CONFLICTS_SHOWN), rows["detail"].fillna("").head(_CONFLICTS_SHOWN), strict=True)]
+    more = [f"- and {len(rows) - _CONFLICTS_SHOWN} more (rejects.csv)"] if len(rows) > _CONFLICTS_SHOWN else []
+    return [f"Label conflicts: {len(rows)} files whose image is (nearly) the same as one under another class; "
+            "all copies are quarantined:", "", *named, *more, ""]
 
 
 # --- warnings at the top ------------------------------------------------------------------------------------
@@ -423,6 +439,7 @@ def _data_markdown(ev: Evaluation) -> list[str]:
     if rejects is not None:
         what = ", ".join(f"{n} {r}" for r, n in by_reason.items()) or "none"
         lines += [f"Quarantined files (listed, never deleted): {len(rejects)} ({what}).", ""]
+        lines += _conflict_lines(rejects)
     val = ev.data.get("validation")
     if val:
         state = "passed" if val["success"] else "FAILED"

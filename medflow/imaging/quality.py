@@ -34,7 +34,13 @@ Then ``duplicate``: files with the same sha256 as a good one; the first in manif
 in their configured order, then the inbox: data already in the dataset wins over a copy that lands later), the
 others are listed with detail "duplicate of <kept path>". Copies of a bad file get the bad file's reason.
 
-Near duplicates are kept, not rejected: images whose pHashes (medflow.imaging.phash) differ in at most
+Then ``label_conflict``: content that carries two labels is quarantined, every copy of it, since no file
+order can say which label is right: a good content whose copies lie under two class folders (the detail
+names the other copies, "same content as <path> labelled <cls>"), and every member (and copy) of a
+near-duplicate group (below) whose members span two classes ("near duplicate of <path> labelled <cls>").
+Label conflicts come first in the rejects table, then the rest in manifest order.
+
+Other near duplicates are kept, not rejected: images whose pHashes (medflow.imaging.phash) differ in at most
 ``filter.near_duplicate_distance`` bits are joined (transitively) into one ``dup_group``, named by the
 sha256 of the group's first member in manifest order, so the split can keep them on one side.
 
@@ -80,7 +86,11 @@ log = logging.getLogger(__name__)
 FILTER_VERSION = "filter-2"  # 2: DICOM (a DICOM file under an image extension was not_an_image)
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
-           "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate")
+           "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate", "label_conflict")
+LABEL_CONFLICT = "label_conflict"
+# Decided on the table (copies, labels), never one content's verdict: not valid in the verdict cache.
+_TABLE_REASONS = frozenset({"duplicate", LABEL_CONFLICT})
+_NAMED_MAX = 5  # other copies named in one label_conflict detail
 
 # This many files or fewer are decoded in-process: the fork server takes about 0.4 s to start in a fresh
 # process (then 5-15 ms per worker), what one of two cores saves on 100-200 typical X-rays (3-11 ms each).
@@ -233,7 +243,7 @@ def _record(sha: str, values: Any) -> Verdict:
             or not all(type(v) is t for v, t in zip(values, _FIELD_TYPES, strict=True))):
         raise ValueError(f"malformed record for {sha}: {str(values)[:120]}")
     verdict = Verdict(*values)
-    if verdict.reason not in ("", *REASONS) or verdict.reason == "duplicate":
+    if verdict.reason not in ("", *REASONS) or verdict.reason in _TABLE_REASONS:
         raise ValueError(f"unknown reason {verdict.reason!r} for {sha}")
     if verdict.ok and len(verdict.phash) != 16:
         raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
@@ -342,6 +352,38 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
     return pd.DataFrame({"reason": reasons, "detail": details}, index=paths.index)
 
 
+def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
+                    max_distance: int) -> pd.DataFrame:
+    """``status`` (from :func:`classify`) with every copy of a good content that carries two labels made
+    ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash, as
+    :func:`near_duplicate_groups`) whose members span two classes. The detail names the other paths."""
+    out = status.copy()
+    paths, classes = df["path"].astype(str), df["class_name"].astype(str)
+    good = pd.Series([verdicts[s].ok for s in shas], index=df.index)
+    n_classes = classes[good].groupby(shas[good]).nunique()
+    for sha in n_classes.index[n_classes > 1]:
+        rows = df.index[shas == sha]
+        for i in rows:
+            named = [f"{paths[j]} labelled {classes[j]}" for j in rows if j != i][:_NAMED_MAX]
+            out.loc[i, ["reason", "detail"]] = [LABEL_CONFLICT, "same content as " + "; ".join(named)]
+    kept = out["reason"] == ""
+    if kept.sum() < 2:
+        return out
+    keepers = df.index[kept]
+    groups = near_duplicate_groups(shas[kept], pd.Series([verdicts[s].phash for s in shas[kept]], index=keepers),
+                                   max_distance)
+    for _, members in groups.groupby(groups):
+        if classes[members.index].nunique() < 2:
+            continue
+        for i in members.index:
+            named = [f"near duplicate of {paths[j]} labelled {classes[j]}" for j in members.index
+                     if classes[j] != classes[i]][:_NAMED_MAX]
+            copies = df.index[(shas == shas[i]) & (out["reason"].isin(["", "duplicate"]))]
+            out.loc[copies, "reason"] = LABEL_CONFLICT
+            out.loc[copies, "detail"] = "; ".join(named)
+    return out
+
+
 def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int) -> pd.Series:
     """``dup_group`` per row: the sha256 of the first row (in the given order) of its near-duplicate group.
 
@@ -384,11 +426,13 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
 
 
 def rejects_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame) -> pd.DataFrame:
-    """The quarantined rows (schema.REJECT_COLUMNS) in manifest order, each with its reason and detail."""
+    """The quarantined rows (schema.REJECT_COLUMNS), each with its reason and detail: label conflicts first (so
+    the quarantine artifact and the report, which show the first rows, always show them), then manifest order."""
     bad = status["reason"] != ""
     rejects = pd.DataFrame({"path": df.loc[bad, "path"], "reason": status.loc[bad, "reason"],
                             "detail": status.loc[bad, "detail"], "sha256": shas[bad],
                             "bytes": df.loc[bad, "bytes"]})
+    rejects = rejects.sort_values("reason", key=lambda r: r != LABEL_CONFLICT, kind="stable")
     return _as_ints(rejects[REJECT_COLUMNS].reset_index(drop=True), ["bytes"])
 
 
