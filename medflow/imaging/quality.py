@@ -35,8 +35,10 @@ in their configured order, then the inbox: data already in the dataset wins over
 others are listed with detail "duplicate of <kept path>". Copies of a bad file get the bad file's reason.
 
 Near duplicates are kept, not rejected: images whose pHashes (medflow.imaging.phash) differ in at most
-``filter.near_duplicate_distance`` bits are joined (transitively) into one ``dup_group``, named by the
-sha256 of the group's first member in manifest order, so the split can keep them on one side.
+``filter.near_duplicate_distance`` bits and whose 16x16 grey thumbnails (stored with the verdict) correlate at
+least ``filter.near_duplicate_min_correlation`` are joined (transitively) into one ``dup_group``, named by the
+sha256 of the group's first member in manifest order, so the split can keep them on one side. The pixel check
+is what keeps distinct look-alikes (cells, CT slices) that collide in 64 bits out of one group.
 
 Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:class:`VerdictIndex`),
 where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
@@ -77,7 +79,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a change to this module or to medflow.imaging.verdict could change a verdict or a pHash: it
 # invalidates the cache.
-FILTER_VERSION = "filter-2"  # 2: DICOM (a DICOM file under an image extension was not_an_image)
+FILTER_VERSION = "filter-3"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
            "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate")
@@ -237,6 +239,8 @@ def _record(sha: str, values: Any) -> Verdict:
         raise ValueError(f"unknown reason {verdict.reason!r} for {sha}")
     if verdict.ok and len(verdict.phash) != 16:
         raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
+    if verdict.ok and len(verdict.thumb) != phash.THUMB_CHARS:
+        raise ValueError(f"good verdict without a thumbnail for {sha}")
     return verdict
 
 
@@ -342,12 +346,17 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
     return pd.DataFrame({"reason": reasons, "detail": details}, index=paths.index)
 
 
-def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int) -> pd.Series:
+def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
+                          thumbs: pd.Series | None = None, min_correlation: float = -1.0) -> pd.Series:
     """``dup_group`` per row: the sha256 of the first row (in the given order) of its near-duplicate group.
 
-    Groups are the connected components of "pHash distance <= max_distance" (transitive closure).
+    Groups are the connected components (transitive closure) of the links "pHash distance <= max_distance
+    and, where ``thumbs`` are given, thumbnail correlation >= min_correlation" (medflow.imaging.phash).
     """
-    roots = phash.components(len(hashes), phash.near_pairs(phash.pack(hashes), max_distance))
+    pairs = phash.near_pairs(phash.pack(hashes), max_distance)
+    if thumbs is not None:
+        pairs = phash.confirmed(pairs, phash.thumbnails(list(thumbs)), min_correlation)
+    roots = phash.components(len(hashes), pairs)
     return pd.Series(shas.to_numpy()[roots], index=shas.index, name="dup_group", dtype=str)
 
 
@@ -371,7 +380,7 @@ def _fill_header(df: pd.DataFrame, verdicts: list[Verdict]) -> pd.DataFrame:
 
 
 def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
-                max_distance: int) -> pd.DataFrame:
+                max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
     """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and near-duplicate group."""
     good = status["reason"] == ""
     clean = df.loc[good].copy()
@@ -379,7 +388,9 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     row_verdicts = [verdicts[s] for s in clean["sha256"]]
     clean = _fill_header(clean, row_verdicts)
     clean["phash"] = [v.phash for v in row_verdicts]
-    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance)
+    thumbs = pd.Series([v.thumb for v in row_verdicts], index=clean.index)
+    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
+                                               min_correlation)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 
@@ -405,5 +416,6 @@ def summarize(n_in: int, clean: pd.DataFrame, rejects: pd.DataFrame, decoded: in
         "largest_near_dup_group": int(multi.max()) if len(multi) else 1,
         "filter_version": FILTER_VERSION,
         "params": {"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
-                   "near_duplicate_distance": cfg.near_duplicate_distance},
+                   "near_duplicate_distance": cfg.near_duplicate_distance,
+                   "near_duplicate_min_correlation": cfg.near_duplicate_min_correlation},
     }
