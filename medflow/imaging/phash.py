@@ -50,7 +50,7 @@ def _small(gray: npt.ArrayLike) -> npt.NDArray[np.float32]:
     img = np.asarray(gray, dtype=np.float32)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ValueError(f"phash needs a non-empty 2-D grayscale array, got shape {img.shape}")
-    return cv2.resize(img, (_SIDE, _SIDE), interpolation=cv2.INTER_AREA)  # type: ignore[no-any-return]
+    return np.asarray(cv2.resize(img, (_SIDE, _SIDE), interpolation=cv2.INTER_AREA), dtype=np.float32)
 
 
 def _hash_small(small: npt.NDArray[np.float32]) -> int:
