@@ -147,7 +147,8 @@ class ExtractConfig(_Strict):
 class FilterConfig(_Strict):
     min_side: Annotated[int, Field(ge=1)] = 32
     max_pixels: Annotated[int, Field(gt=0)] = 89_478_485  # Pillow's MAX_IMAGE_PIXELS
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 4
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 2
+    near_duplicate_min_correlation: Annotated[float, Field(ge=-1, le=1)] = 0.97
     workers: Annotated[int, Field(ge=0)] = 0
 
 

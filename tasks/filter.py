@@ -40,9 +40,11 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     index = quality.VerdictIndex.load(Path(cache), fcfg)
     verdicts, decoded = quality.content_verdicts(shas, files["path"], fcfg, index, manifest)
     status = quality.classify(df["path"], shas, verdicts)
-    status = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance)
+    status = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance,
+                                     fcfg.near_duplicate_min_correlation)
     _warn_conflicts(df["path"], status)
-    clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
+    clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance,
+                                   fcfg.near_duplicate_min_correlation)
     rejects_df = quality.rejects_table(df, shas, status)
     result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
     write_csv(clean, clean_df)

@@ -41,8 +41,10 @@ near-duplicate group (below) whose members span two classes ("near duplicate of 
 Label conflicts come first in the rejects table, then the rest in manifest order.
 
 Other near duplicates are kept, not rejected: images whose pHashes (medflow.imaging.phash) differ in at most
-``filter.near_duplicate_distance`` bits are joined (transitively) into one ``dup_group``, named by the
-sha256 of the group's first member in manifest order, so the split can keep them on one side.
+``filter.near_duplicate_distance`` bits and whose 16x16 grey thumbnails (stored with the verdict) correlate at
+least ``filter.near_duplicate_min_correlation`` are joined (transitively) into one ``dup_group``, named by the
+sha256 of the group's first member in manifest order, so the split can keep them on one side. The pixel check
+is what keeps distinct look-alikes (cells, CT slices) that collide in 64 bits out of one group.
 
 Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:class:`VerdictIndex`),
 where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
@@ -83,7 +85,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a change to this module or to medflow.imaging.verdict could change a verdict or a pHash: it
 # invalidates the cache.
-FILTER_VERSION = "filter-2"  # 2: DICOM (a DICOM file under an image extension was not_an_image)
+FILTER_VERSION = "filter-3"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
            "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate", "label_conflict")
@@ -247,6 +249,8 @@ def _record(sha: str, values: Any) -> Verdict:
         raise ValueError(f"unknown reason {verdict.reason!r} for {sha}")
     if verdict.ok and len(verdict.phash) != 16:
         raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
+    if verdict.ok and len(verdict.thumb) != phash.THUMB_CHARS:
+        raise ValueError(f"good verdict without a thumbnail for {sha}")
     return verdict
 
 
@@ -353,10 +357,11 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
 
 
 def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
-                    max_distance: int) -> pd.DataFrame:
+                    max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
     """``status`` (from :func:`classify`) with every copy of a good content that carries two labels made
-    ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash, as
-    :func:`near_duplicate_groups`) whose members span two classes. The detail names the other paths."""
+    ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash and
+    thumbnails, as :func:`near_duplicate_groups`) whose members span two classes. The detail names the other
+    paths."""
     out = status.copy()
     paths, classes = df["path"].astype(str), df["class_name"].astype(str)
     good = pd.Series([verdicts[s].ok for s in shas], index=df.index)
@@ -371,7 +376,8 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
         return out
     keepers = df.index[kept]
     groups = near_duplicate_groups(shas[kept], pd.Series([verdicts[s].phash for s in shas[kept]], index=keepers),
-                                   max_distance)
+                                   max_distance, pd.Series([verdicts[s].thumb for s in shas[kept]], index=keepers),
+                                   min_correlation)
     for _, members in groups.groupby(groups):
         if classes[members.index].nunique() < 2:
             continue
@@ -384,12 +390,17 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     return out
 
 
-def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int) -> pd.Series:
+def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
+                          thumbs: pd.Series | None = None, min_correlation: float = -1.0) -> pd.Series:
     """``dup_group`` per row: the sha256 of the first row (in the given order) of its near-duplicate group.
 
-    Groups are the connected components of "pHash distance <= max_distance" (transitive closure).
+    Groups are the connected components (transitive closure) of the links "pHash distance <= max_distance
+    and, where ``thumbs`` are given, thumbnail correlation >= min_correlation" (medflow.imaging.phash).
     """
-    roots = phash.components(len(hashes), phash.near_pairs(phash.pack(hashes), max_distance))
+    pairs = phash.near_pairs(phash.pack(hashes), max_distance)
+    if thumbs is not None:
+        pairs = phash.confirmed(pairs, phash.thumbnails(list(thumbs)), min_correlation)
+    roots = phash.components(len(hashes), pairs)
     return pd.Series(shas.to_numpy()[roots], index=shas.index, name="dup_group", dtype=str)
 
 
@@ -413,7 +424,7 @@ def _fill_header(df: pd.DataFrame, verdicts: list[Verdict]) -> pd.DataFrame:
 
 
 def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
-                max_distance: int) -> pd.DataFrame:
+                max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
     """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and near-duplicate group."""
     good = status["reason"] == ""
     clean = df.loc[good].copy()
@@ -421,7 +432,9 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     row_verdicts = [verdicts[s] for s in clean["sha256"]]
     clean = _fill_header(clean, row_verdicts)
     clean["phash"] = [v.phash for v in row_verdicts]
-    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance)
+    thumbs = pd.Series([v.thumb for v in row_verdicts], index=clean.index)
+    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
+                                               min_correlation)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 
@@ -449,5 +462,6 @@ def summarize(n_in: int, clean: pd.DataFrame, rejects: pd.DataFrame, decoded: in
         "largest_near_dup_group": int(multi.max()) if len(multi) else 1,
         "filter_version": FILTER_VERSION,
         "params": {"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
-                   "near_duplicate_distance": cfg.near_duplicate_distance},
+                   "near_duplicate_distance": cfg.near_duplicate_distance,
+                   "near_duplicate_min_correlation": cfg.near_duplicate_min_correlation},
     }

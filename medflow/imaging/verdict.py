@@ -47,6 +47,7 @@ class Verdict:
     reason: str = ""  # "" = good, else one of medflow.imaging.quality.REASONS
     detail: str = ""
     phash: str = ""  # 16 hex digits, good images only
+    thumb: str = ""  # good images only: phash.THUMB_SIDE^2 grey pixels (base64), for the near-duplicate pixel check
     mode: str = ""  # Pillow mode as opened
     format: str = ""
     width: int = 0
@@ -130,7 +131,8 @@ def verdict(data: bytes, limits: Limits) -> Verdict:
             if reason:
                 return replace(head, reason=reason, detail=detail)
             try:
-                return replace(head, phash=phash.phash_hex(_gray(im)))
+                hashed, thumb = phash.fingerprint(_gray(im))
+                return replace(head, phash=hashed, thumb=thumb)
             except Exception as e:  # a decoded image whose pixels cannot be converted
                 detail = f"pixels unusable: {type(e).__name__}: {e}"
                 return replace(head, reason="decode_error", detail=detail)
@@ -159,7 +161,8 @@ def dicom_verdict(data: bytes, limits: Limits) -> Verdict:
     except StepError as e:
         return replace(found, reason="decode_error", detail=str(e).removeprefix("<bytes>: "))
     gray = pixels if pixels.ndim == 2 else np.asarray(Image.fromarray(pixels, "RGB").convert("L"))
-    return replace(found, phash=phash.phash_hex(gray))
+    hashed, thumb = phash.fingerprint(gray)
+    return replace(found, phash=hashed, thumb=thumb)
 
 
 def _load_reason(im: Image.Image, data: bytes) -> tuple[str, str]:
