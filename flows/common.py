@@ -23,8 +23,9 @@ from prefect.tasks import exponential_backoff
 from flows import stages
 from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
+from medflow.data.split import read_quarantine
 from medflow.evaluation.pseudonym import pseudonymizer
-from medflow.io import display_path, read_csv, read_json
+from medflow.io import display_path, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
 from medflow.lifecycle.retrain import inbox_files, last_fingerprint, source_fingerprint
@@ -265,20 +266,23 @@ def post_summary(project: Project, results: list[dict[str, Any]], decision: dict
 
 
 def post_quarantine(project: Project) -> int:
-    """Table artifact of the files the filter step quarantined (path, reason, detail); returns their count."""
-    rejects = project.path("filter", "--rejects")
-    if not rejects.exists():
+    """Table artifact of the files the filter step and the split step quarantined (path, reason, detail);
+    returns their count."""
+    rejects, split_rejects = project.path("filter", "--rejects"), project.path("split", "--rejects")
+    df = read_quarantine(rejects, split_rejects)
+    if df is None:
         return 0
-    df = read_csv(rejects)
     cols = [c for c in ("path", "reason", "detail") if c in df.columns]
     table = df[cols].head(MAX_TABLE_ROWS).fillna("").astype(str).to_dict(orient="records")
     pz = pseudonymizer(project.cfg.evaluate.pseudonymize, project.root)
-    for row in table:  # evaluate.pseudonymize: file names as salted hashes, in the path and in the detail
-        row.update({k: pz.text(row[k], [row.get("path", "")]) for k in ("path", "detail") if k in row})
+    for row, links in zip(table, df["links"], strict=False):  # evaluate.pseudonymize: file names as salted hashes,
+        named = [row.get("path", ""), *(links.split(";") if links else [])]  # in the path, the detail, linked ones
+        row.update({k: pz.text(row[k], named) for k in ("path", "detail") if k in row})
     create_table_artifact(table or [{"path": "", "reason": "no file was quarantined", "detail": ""}],
                           key=f"{artifact_key(project.dataset)}-quarantine",
                           description=f"{len(df)} quarantined files (first {MAX_TABLE_ROWS} shown): "
-                                      f"{display_path(rejects, project.root)}")
+                                      f"{display_path(rejects, project.root)}, "
+                                      f"{display_path(split_rejects, project.root)}")
     return len(df)
 
 

@@ -74,12 +74,14 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         "seeded train/val/test split grouped by patient and near-duplicate group, stratified by label",
         [("--clean", "clean manifest CSV (input)"),
          ("--out", "split manifest CSV (output; its previous version is extended when the params are unchanged)"),
-         ("--summary", "split summary JSON: counts and the split params it was made with (output)")],
+         ("--summary", "split summary JSON: counts and the split params it was made with (output)"),
+         ("--rejects", "the split's quarantine CSV: new images that would join units of different splits (output)")],
     ),
     "validate": (
         "tasks.validate",
         "Great Expectations suite on the split manifest and resized images; fails on any violation",
         [("--split", "split manifest CSV (input)"), ("--images", "images .npy (input)"),
+         ("--split-rejects", "the split's quarantine CSV (input): its rows are in images.npy, not in a split"),
          ("--result", "validation result JSON (output)"), ("--summary", "readable summary Markdown (output)")],
     ),
     "train": (
@@ -148,6 +150,7 @@ def _add_model_commands(sub: Any) -> None:
                    help="images.npy of the pipeline (with --split), or a folder with class subfolders")
     p.add_argument("--split", type=Path, help="split manifest CSV (the evaluate stage)")
     p.add_argument("--rejects", type=Path, help="filter rejects CSV, listed in the report")
+    p.add_argument("--split-rejects", type=Path, help="the split's quarantine CSV, listed in the report")
     p.add_argument("--validation", type=Path, help="Great Expectations result JSON, summarised in the report")
     p.add_argument("--sources", type=Path, help="resolved sources JSON (provenance in the model card)")
     p.add_argument("--out", type=Path, help="report folder (default: reports/<dataset>/evaluation, or "
@@ -225,7 +228,8 @@ def _evaluate(args: argparse.Namespace) -> None:
             _check_registered(model)
             load_project_module("tasks.evaluate").run(
                 cfg, model=model, images=args.images,
-                split=args.split, rejects=args.rejects, validation=args.validation, sources=args.sources,
+                split=args.split, rejects=args.rejects, split_rejects=args.split_rejects, validation=args.validation,
+                sources=args.sources,
                 out=args.out or Path("reports") / cfg.dataset.name / "evaluation")
 
         run_as_stage("evaluate", args.dataset, lambda: _model_config(args), stage)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import Config
+from medflow.data.split import read_quarantine
 from medflow.evaluation import assess, external, report
 from medflow.evaluation.assess import THRESHOLD_FILE
 from medflow.io import atomic_open, open_images, read_csv, read_json, write_json
@@ -32,12 +33,12 @@ EXTERNAL_DIR = "external"  # out/external/<set>/: one full report per external s
 
 
 def _data_facts(cfg: Config, split: Path, rejects: Path | None, validation: Path | None,
-                sources: Path | None) -> dict[str, Any]:
+                sources: Path | None, split_rejects: Path | None = None) -> dict[str, Any]:
     """What the report says about the data; each optional input is left out when its file is absent."""
     facts: dict[str, Any] = {"counts": assess.split_counts(read_csv(split), cfg.dataset.labels),
                              "labels": dict(cfg.dataset.labels), "group_rule": cfg.dataset.group_rule,
                              "card": cfg.dataset.card.model_dump()}
-    facts["rejects"] = read_csv(rejects) if rejects is not None and rejects.is_file() else None
+    facts["rejects"] = read_quarantine(rejects, split_rejects)  # the filter's and the split's
     if validation is not None and validation.is_file():
         facts["validation"] = assess.validation_summary(read_json(validation), validation)
     if sources is not None and sources.is_file():
@@ -46,7 +47,8 @@ def _data_facts(cfg: Config, split: Path, rejects: Path | None, validation: Path
 
 
 def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejects: Path | None = None,
-        validation: Path | None = None, sources: Path | None = None) -> dict[str, Any]:
+        validation: Path | None = None, sources: Path | None = None,
+        split_rejects: Path | None = None) -> dict[str, Any]:
     """Threshold on val (stored in the model folder), the test report into ``out``; returns the headline."""
     ev = cfg.evaluate
     model, images, split = Path(model), Path(images), Path(split)
@@ -65,7 +67,7 @@ def run(cfg: Config, *, model: Path, images: Path, split: Path, out: Path, rejec
     evaluation = assess.assess(f"{cfg.dataset.name}: {trained.metadata['params']['train']['model']} on the test "
                                "split", cfg.dataset.name, f"test split of {split}", trained, test, threshold, ev,
                                open_images(images))
-    evaluation.data = _data_facts(cfg, split, rejects, validation, sources)
+    evaluation.data = _data_facts(cfg, split, rejects, validation, sources, split_rejects)
     evaluation.data["external_results"] = _external(cfg, sets, trained, threshold, split, Path(out) / EXTERNAL_DIR,
                                                     evaluation.intervals["roc_auc"].value)
     return report.write_all(evaluation, Path(out))

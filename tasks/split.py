@@ -2,7 +2,10 @@
 
 Splits with :func:`medflow.data.split.assign_splits` (patient- and near-duplicate-grouped, stratified,
 seeded), or, when ``out`` already holds a split made with the same ``split`` params, extends it with
-:func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned.
+:func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned. New
+images that would join units of different splits are quarantined into ``rejects`` (reason ``links_splits``,
+the images they link to named) and left out of split.csv; the run goes on. ``rejects`` is the split step's own
+output (the filter's rejects.csv is another stage's), written on every run, header only when none.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from typing import Any
 import pandas as pd
 
 from medflow.config import Config, SplitConfig
-from medflow.data.split import assign_splits, extend_split, source_test_summary, split_summary
+from medflow.data.split import (
+    QUARANTINE_COLUMNS,
+    assign_splits,
+    extend_split,
+    quarantine_summary,
+    source_test_summary,
+    split_summary,
+)
 from medflow.errors import StepError
 from medflow.io import read_csv, read_json, write_csv, write_json
 from medflow.schema import SPLITS
@@ -47,30 +57,41 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
                      for n, s in ((n, summary["splits"][n]) for n in names))
 
 
-def run(cfg: Config, *, clean: Path, out: Path, summary: Path) -> dict[str, Any]:
-    """Read clean.csv, split it, write split.csv and its summary atomically; return the summary.
+def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | None = None) -> dict[str, Any]:
+    """Read clean.csv, split it, write split.csv, the split's quarantine and its summary atomically; return
+    the summary.
 
     When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
-    same ``split`` params, the new split extends it: a patient in test stays in test. Other split params
-    split from scratch.
+    same ``split`` params, the new split extends it: a patient in test stays in test, and new images that
+    would join units of different splits go to ``rejects`` (default: split_rejects.csv beside ``out``)
+    instead of a split. Other split params split from scratch.
     """
     try:
         df = read_csv(clean)
     except FileNotFoundError:
         raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    rejects = Path(out).with_name("split_rejects.csv") if rejects is None else Path(rejects)
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:
-        result = assign_splits(df, cfg.split) if previous is None else extend_split(previous, df, cfg.split)
+        if previous is None:
+            result, quarantined = assign_splits(df, cfg.split), pd.DataFrame(columns=QUARANTINE_COLUMNS)
+        else:
+            result, quarantined = extend_split(previous, df, cfg.split)
     except StepError as e:
         raise StepError(f"{clean}: {e}") from None
+    write_csv(rejects, quarantined)
     write_csv(out, result)
     counts = split_summary(result)
     kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
     source_test = source_test_summary(result, cfg.split)
     write_json(summary, {**counts, "extended": previous is not None, "kept": kept, "source_test": source_test,
+                         "quarantined": quarantine_summary(quarantined, str(rejects)),
                          "params": cfg.split.model_dump()})
     log.info("split %s -> %s (%s): %s; test: %s%s", clean, out, f"extended, {kept} images kept"
              if previous is not None else "from scratch", _format(counts), source_test["how"],
              f" ({source_test['moved_into_test']} images of other source splits moved in)" if source_test["kept"]
              else "")
-    return counts
+    if len(quarantined):
+        log.warning("split: %d new images quarantined (links_splits: they would join images of different "
+                    "splits), listed in %s, e.g. %s", len(quarantined), rejects, quarantined["path"].head(3).tolist())
+    return {**counts, "quarantined": len(quarantined)}

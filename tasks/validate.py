@@ -27,14 +27,16 @@ from medflow.io import atomic_open, open_images, read_csv, write_json
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path) -> dict[str, Any]:
+def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path,
+        split_rejects: Path | None = None) -> dict[str, Any]:
     """Validate split.csv and images.npy; write the GX result JSON and a Markdown summary (atomically).
 
     Returns counts (expectations, rows, seconds, n/n_pos/n_neg per split). Raises StepError naming the
     file when an input is missing or unreadable, and (after writing both files) when any expectation fails.
     """
     df, shape, dtype = _read_inputs(Path(split), Path(images))
-    tables = gxs.suite_tables(df, shape, dtype, cfg)
+    quarantined = _quarantined_rows(None if split_rejects is None else Path(split_rejects))
+    tables = gxs.suite_tables(df, shape, dtype, cfg, quarantined)
     start = time.perf_counter()
     results = gxs.validate_tables(tables)
     seconds = time.perf_counter() - start
@@ -69,6 +71,16 @@ def _shortcut_check(df: pd.DataFrame, cfg: Config) -> shortcuts.ShortcutCheck:
     else:
         log.info("%s", check.describe())
     return check
+
+
+def _quarantined_rows(split_rejects: Path | None) -> int:
+    """Images the split step quarantined (in images.npy, in no split): the rows of its split_rejects.csv."""
+    if split_rejects is None:
+        return 0
+    try:
+        return len(read_csv(split_rejects))
+    except FileNotFoundError:
+        raise StepError(f"{split_rejects}: the split's quarantine not found (run the split step first)") from None
 
 
 def _read_inputs(split: Path, images: Path) -> tuple[pd.DataFrame, tuple[int, ...], np.dtype]:

@@ -58,7 +58,7 @@ def test_dataset_picks_the_catalog_entry(tmp_path: Path) -> None:
 def test_unknown_dataset_lists_the_catalog(tmp_path: Path) -> None:
     params = _catalog(tmp_path)
     run = _medflow("split", "--dataset", "xrya", "--params", str(params), "--clean", "c.csv", "--out", "o.csv",
-                   "--summary", "s.json", cwd=tmp_path)
+                   "--summary", "s.json", "--rejects", "r.csv", cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "unknown dataset 'xrya'" in run.stderr and "describes: cells, xray" in run.stderr
 
@@ -66,7 +66,7 @@ def test_unknown_dataset_lists_the_catalog(tmp_path: Path) -> None:
 def test_step_without_a_dataset_names_the_choices(tmp_path: Path) -> None:
     params = _catalog(tmp_path)
     run = _medflow("split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv", "--summary", "s.json",
-                   cwd=tmp_path)
+                   "--rejects", "r.csv", cwd=tmp_path)
     assert run.returncode == 2
     assert "name a dataset of the catalog (--dataset NAME): xray, cells" in run.stderr
 
@@ -112,7 +112,7 @@ def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
     params = tmp_path / "p.yaml"
     params.write_text("dataset: {name: t, labels: {A: 0, B: 1}}\nresize: {size: big}\n")
     run = subprocess.run([*MEDFLOW, "split", "--params", str(params), "--clean", "c.csv", "--out", "o.csv",
-                          "--summary", "s.json"],
+                          "--summary", "s.json", "--rejects", "r.csv"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2
     assert "resize.size" in run.stderr and "Traceback" not in run.stderr

@@ -15,13 +15,25 @@ from PIL import Image
 
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest
-from medflow.data.split import assign_splits, check_none_moved, extend_split, source_test_summary, split_units
+from medflow.data.split import (
+    LINKS_SPLITS,
+    QUARANTINE_COLUMNS,
+    assign_splits,
+    check_none_moved,
+    extend_split,
+    read_quarantine,
+    source_test_summary,
+    split_units,
+)
 from medflow.errors import StepError
+from medflow.evaluation import report
+from medflow.evaluation.pseudonym import pseudonymizer
+from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging import quality, verdict
 from medflow.io import read_csv, write_csv
 from medflow.patients import RUN_GAP, join_runs
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
-from tasks import manifest
+from tasks import manifest, validate
 from tasks.split import run
 
 CLASSES = {0: "NORMAL", 1: "PNEUMONIA"}
@@ -203,7 +215,9 @@ def test_extend_split_keeps_old_assignments_and_places_new_units() -> None:
     new_rows = _frame([_row(f"new{p}", i, p % 4 == 0) for p in range(60) for i in range(2)]
                       + [_row("person0", 99, int(old_df.loc[0, "label"]))])  # a new image of an old patient
     combined = pd.concat([old_df, new_rows], ignore_index=True)
-    extended = extend_split(previous, combined, _cfg(seed=5).split)
+    extended, quarantined = extend_split(previous, combined, _cfg(seed=5).split)
+    assert quarantined.empty and list(quarantined.columns) == QUARANTINE_COLUMNS
+    assert extended["row"].tolist() == list(range(len(combined)))
     old_paths = previous.set_index("path")["split"]
     assert (extended.set_index("path").loc[old_paths.index, "split"] == old_paths).all()
     person0 = extended[extended["group"] == "person0"]["split"]
@@ -215,15 +229,43 @@ def test_extend_split_keeps_old_assignments_and_places_new_units() -> None:
     assert abs(shares["train"] - 0.70) <= 0.03
 
 
-def test_extend_split_refuses_to_merge_units_of_different_splits() -> None:
-    df = _frame([_row(f"person{p}", 0, p % 2) for p in range(30)])
+def _bridged(n: int = 30) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str, str]:
+    """An old split of ``n`` one-image patients and two new images, one of a train and one of a test patient,
+    near-duplicates of each other (one shared dup_group): the unit they form spans two previous splits."""
+    df = _frame([_row(f"person{p}", 0, p % 2) for p in range(n)])
     previous = assign_splits(df, _cfg().split)
     by_split = previous.groupby("split")["group"].first()
     train_patient, test_patient = by_split["train"], by_split["test"]
     bridge = _frame([_row(train_patient, 1, 0, dup_group="bridge"),
                      _row(test_patient, 1, 0, dup_group="bridge")])
-    with pytest.raises(StepError, match="different previous splits"):
-        extend_split(previous, pd.concat([df, bridge], ignore_index=True), _cfg().split)
+    return df, previous, bridge, train_patient, test_patient
+
+
+def test_extend_split_quarantines_new_images_linking_units_of_different_splits() -> None:
+    df, previous, bridge, train_patient, test_patient = _bridged()
+    extended, quarantined = extend_split(previous, pd.concat([df, bridge], ignore_index=True), _cfg().split)
+    assert extended.drop(columns="split_group").equals(previous.drop(columns="split_group"))  # nothing moved
+    assert quarantined["path"].tolist() == bridge["path"].tolist()
+    assert (quarantined["reason"] == LINKS_SPLITS).all()
+    assert quarantined["row"].tolist() == [len(df), len(df) + 1]  # their rows in images.npy, in no split
+    old_train, old_test = (previous.loc[previous["group"] == g, "path"].item() for g in (train_patient, test_patient))
+    for detail, links in zip(quarantined["detail"], quarantined["links"], strict=True):
+        assert f"test: {old_test}" in detail and f"train: {old_train}" in detail  # the images it links, per split
+        assert set(links.split(";")) == {old_train, old_test}
+    assert _leaks(extended, "group") == [] and _leaks(extended, "dup_group") == []
+
+
+def test_extend_split_keeps_old_ids_when_a_new_image_chains_near_duplicate_sets_of_two_splits() -> None:
+    """The filter's near-duplicate groups are transitive: a new image close to a train image and to a test
+    image puts both old images in its group. Quarantining it leaves them their previous group."""
+    df, previous, _, train_patient, test_patient = _bridged()
+    grown = pd.concat([df, _frame([_row("newcomer", 0, 1, dup_group="chain")])], ignore_index=True)
+    grown.loc[grown["group"].isin([train_patient, test_patient]), "dup_group"] = "chain"
+    extended, quarantined = extend_split(previous, grown, _cfg().split)
+    assert quarantined["path"].tolist() == grown["path"].tail(1).tolist()
+    assert "newcomer" not in set(extended["group"])
+    assert extended.drop(columns="split_group").equals(previous.drop(columns="split_group"))  # old dup_groups back
+    assert _leaks(extended, "dup_group") == []
 
 
 def test_extend_split_rejects_a_leaking_previous_split() -> None:
@@ -303,6 +345,52 @@ def test_run_extends_its_previous_split_when_new_data_lands(tmp_path: Path) -> N
     # from scratch, the same grown manifest would have moved some of the old images
     scratch = assign_splits(full, _cfg().split).set_index("path")["split"]
     assert (scratch.loc[before.index] != before).any()
+
+
+def test_run_quarantines_linking_images_and_goes_on(tmp_path: Path) -> None:
+    """An increment that links a train and a test patient: the run goes on, the two new images are in
+    split_rejects.csv and split.json, in no split; GX passes on the result; the artifact's and the report's
+    readers list them beside the filter's rejects, and the report names (and pseudonymizes) what they link."""
+    clean, out, summary, rejects = (tmp_path / n for n in ("clean.csv", "split.csv", "split.json", "split_rejects.csv"))
+    full = _skewed(400, seed=3)
+    write_csv(clean, full)
+    run(_cfg(), clean=clean, out=out, summary=summary, rejects=rejects)
+    assert read_csv(rejects).empty and json.loads(summary.read_text())["quarantined"]["images"] == 0
+    before = read_csv(out)
+    by_split = before.groupby("split")["group"].first()
+    bridge = _frame([_row(by_split[s], 90, 0, dup_group="bridge") for s in ("train", "test")])
+    write_csv(clean, pd.concat([full, bridge], ignore_index=True))
+    for _ in range(2):  # and again on the next run: stable, nothing moves
+        assert run(_cfg(), clean=clean, out=out, summary=summary, rejects=rejects)["quarantined"] == 2
+        pd.testing.assert_frame_equal(read_csv(out), before)
+    listed = read_csv(rejects)
+    assert listed["path"].tolist() == bridge["path"].tolist() and set(listed["reason"]) == {LINKS_SPLITS}
+    record = json.loads(summary.read_text())
+    assert record["quarantined"] == {"images": 2, "by_reason": {LINKS_SPLITS: 2}, "file": str(rejects),
+                                     "examples": bridge["path"].tolist()}
+    assert record["images"] == len(full) and record["extended"]
+    # GX: images.npy holds every clean row; the quarantined ones are in it, in no split
+    images = tmp_path / "images.npy"
+    np.save(images, np.zeros((len(full) + 2, 8, 8, 1), np.uint8))
+    vcfg = parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1}, "group_rule": "kermany"},
+                         "resize": {"size": 8}})
+    files = {"split": out, "images": images, "result": tmp_path / "v.json", "summary": tmp_path / "v.md"}
+    assert validate.run(vcfg, **files, split_rejects=rejects)["failed"] == 0  # n == split.csv rows + quarantined
+    # the Prefect artifact and the report read both quarantines (filter first)
+    filter_rejects = tmp_path / "rejects.csv"
+    write_csv(filter_rejects, pd.DataFrame([{"path": "data/raw/t/NORMAL/bad.jpeg", "reason": "truncated",
+                                             "detail": "cut", "sha256": "", "bytes": 3}]))
+    both = read_quarantine(filter_rejects, rejects, tmp_path / "absent.csv")
+    assert both is not None and both["reason"].tolist() == ["truncated", LINKS_SPLITS, LINKS_SPLITS]
+    assert read_quarantine(None, tmp_path / "absent.csv") is None
+    ev = Evaluation("t", "t", "test", {}, {}, Scores(*(np.zeros(0) for _ in range(4))), {}, {}, {}, [],
+                    pd.DataFrame(), {"confidence": 0.95}, {"rejects": both})
+    assert "Quarantined files (listed, never deleted): 3 (2 links_splits, 1 truncated)." in report._data_markdown(ev)
+    linked = before.loc[before["group"] == by_split["test"], "path"].iloc[0]
+    assert linked in both["detail"].iloc[1]
+    hidden = report.pseudonymized(ev, pseudonymizer(True, tmp_path)).data["rejects"]
+    text = hidden.to_csv()
+    assert Path(linked).name not in text and Path(bridge["path"].iloc[0]).name not in text
 
 
 def test_a_moved_image_is_named() -> None:

@@ -21,7 +21,9 @@ context (nothing written to disk by GX, no Data Docs, no analytics, no progress 
     source's own (so the test share check always passes) and train/val targets are the rest in the ratio train
     : val.
 ``images`` (one row from the images.npy header, read memory-mapped)
-    n == number of manifest rows, shape (n, size, size, channels) with resize.size and dataset.channels,
+    n == number of manifest rows plus the images the split step quarantined (split_rejects.csv: in
+    images.npy, in no split; their ``row`` is simply absent from the manifest), shape (n, size, size,
+    channels) with resize.size and dataset.channels,
     dtype uint8.
 
 Beside the suites, :func:`medflow.data.shortcuts.check_shortcuts` asks whether file metadata alone (format,
@@ -353,14 +355,15 @@ def _json_safe(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- suite
-def suite_tables(df: pd.DataFrame, shape: Sequence[int], dtype: np.dtype, cfg: Config) -> list[Table]:
+def suite_tables(df: pd.DataFrame, shape: Sequence[int], dtype: np.dtype, cfg: Config,
+                 quarantined: int = 0) -> list[Table]:
     """Every table of the suite with its expectations: the manifest, the three group tables, the per-split
-    table and the images.npy header (``shape``, ``dtype``)."""
+    table and the images.npy header (``shape``, ``dtype``; ``quarantined`` images of it are in no split)."""
     tables = [Table("manifest", df, _manifest_expectations(shape[0] if len(shape) else 0), "path")]
     tables += [Table(name, splits_per_group(df, column), _group_expectations(description), "where")
                for column, (name, description) in ONE_SPLIT_PER.items()]
     tables += [Table("splits", split_table(df, cfg), _split_expectations(cfg), "split"),
-               Table("images", image_table(shape, dtype), _image_expectations(cfg, len(df)))]
+               Table("images", image_table(shape, dtype), _image_expectations(cfg, len(df) + quarantined))]
     return tables
 
 

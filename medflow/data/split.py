@@ -27,13 +27,23 @@ remaining units with ratio ``val / (train + val)``.
 :func:`extend_split` keeps the split of every unit already present in an earlier split manifest and places
 only the new units by the rule above. The split step (tasks/split.py) extends its own previous output
 whenever the split params are unchanged, so new data never moves an image that was already assigned.
+
+An increment never stops the pipeline: a unit that would join patients or near-duplicate sets of
+*different* previous splits (a new image near-duplicating a train image and a test image, a new slice
+joining two cases) cannot be placed without moving an assigned image or leaking. Its new images are
+quarantined (reason ``links_splits``, the images they link to named) and left out of every split; its
+images already assigned keep their split and the patient and near-duplicate ids they had in the previous
+split (the new ids were joined only through the quarantined images). A quarantined image is looked at
+again on every run: once what it linked is gone it is placed like any new image. Re-splitting from
+scratch (changing a ``split`` param, or deleting split.csv) stays an explicit choice.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,12 +52,17 @@ from scipy.sparse.csgraph import connected_components
 
 from medflow.config import SplitConfig
 from medflow.errors import StepError
-from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
+from medflow.io import read_csv
+from medflow.schema import CLEAN_COLUMNS, REJECT_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 log = logging.getLogger(__name__)
 
 LABELS = (0, 1)
 _ID_COLUMNS = ("path", "group", "dup_group", "label")
+LINKS_SPLITS = "links_splits"  # the quarantine reason of a new image that would join units of different splits
+QUARANTINE_COLUMNS = [*REJECT_COLUMNS, "row", "links"]  # row: in clean.csv / images.npy; links: ';'-joined paths
+_NAMED = 3  # linked images named per split in a quarantine detail
+_LINKS = 20  # linked paths listed per quarantined image
 
 
 # ----------------------------------------------------------------------------------------------- units
@@ -91,7 +106,8 @@ def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame
     dup_paths = df["path"].duplicated(keep=False)
     if dup_paths.any():
         raise StepError(f"{what}: paths listed twice: {sorted(set(df.loc[dup_paths, 'path']))[:5]}")
-    out = df.copy()
+    out = df.copy().reset_index(drop=True)
+    out["row"] = np.arange(len(out), dtype=np.int64)  # position in clean.csv: the image's row in images.npy
     out["label"] = out["label"].astype(int)
     for col in ("group", "dup_group"):
         out[col] = out[col].astype(str)
@@ -196,7 +212,6 @@ def _keeps_test(clean: pd.DataFrame, cfg: SplitConfig) -> bool:
 
 def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
     out = df.copy()
-    out["row"] = np.arange(len(out), dtype=np.int64)
     out["split"] = out["split_group"].map(assigned)
     return out.loc[:, SPLIT_COLUMNS].reset_index(drop=True)
 
@@ -244,14 +259,42 @@ def _old_splits(clean: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
     return pairs.groupby("unit")["split"].agg(frozenset)
 
 
-def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+class Extension(NamedTuple):
+    """What :func:`extend_split` returns: the split manifest and the new images it quarantined."""
+
+    split: pd.DataFrame  # SPLIT_COLUMNS, clean.csv order, quarantined rows left out (``row`` still indexes images.npy)
+    quarantined: pd.DataFrame  # QUARANTINE_COLUMNS, reason links_splits, clean.csv order
+
+
+def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> Extension:
     """Split ``df`` keeping the assignments of ``previous`` (an earlier split manifest).
 
     A unit of ``df`` that holds a patient or near-duplicate group of ``previous`` keeps that split; new
     units are placed by the rule of :func:`assign_splits`, filling what the kept units left of each
     target. A unit that joins old units of different splits (e.g. a new image near-duplicating images of
-    a train and a test patient) cannot be placed without moving one: StepError.
+    a train and a test patient) cannot be placed without moving one: its new images are quarantined
+    (:data:`LINKS_SPLITS`) and its old images keep their split and previous ids (module docstring).
     """
+    _check_previous(previous)
+    clean = _check_input(df)
+    clean["split_group"] = split_units(clean["group"], clean["dup_group"])
+    linking = _linking_units(clean, previous)
+    is_new = ~clean["path"].isin(previous["path"])
+    quarantine = clean["split_group"].isin(linking) & is_new
+    quarantined = _quarantine_table(clean, quarantine, previous)
+    kept = _with_previous_ids(clean.loc[~quarantine], previous, clean["split_group"].isin(linking) & ~is_new)
+    old = _old_splits(kept, previous)
+    _raise_on_merged(kept, old)  # cannot happen once the linking images are out; a leak is never written
+    fixed = {str(u): next(iter(s)) for u, s in old.items()}
+    assigned = _place(_unit_table(kept), fixed, cfg, _keeps_test(kept, cfg))
+    log.info("extend_split: %d units kept from the previous split, %d new, %d new images quarantined (%s)",
+             len(fixed), len(assigned) - len(fixed), len(quarantined), LINKS_SPLITS)
+    result = _finish(kept, assigned)
+    check_none_moved(previous, result)
+    return Extension(result, quarantined)
+
+
+def _check_previous(previous: pd.DataFrame) -> None:
     missing = [c for c in ("path", "group", "dup_group", "split") if c not in previous.columns]
     if missing:
         raise StepError(f"previous split manifest lacks columns {missing}")
@@ -259,17 +302,53 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
     if bad.any():
         raise StepError(f"previous split manifest has splits outside {list(SPLITS)}: "
                         f"{sorted(set(map(str, previous.loc[bad, 'split'])))[:5]}")
-    clean = _check_input(df)
-    clean["split_group"] = split_units(clean["group"], clean["dup_group"])
+
+
+def _linking_units(clean: pd.DataFrame, previous: pd.DataFrame) -> list[str]:
+    """Units of ``clean`` whose patients and near-duplicate groups had more than one split in ``previous``."""
     old = _old_splits(clean, previous)
-    _raise_on_merged(clean, old)
-    fixed = {str(u): next(iter(s)) for u, s in old.items()}
-    assigned = _place(_unit_table(clean), fixed, cfg, _keeps_test(clean, cfg))
-    log.info("extend_split: %d units kept from the previous split, %d new",
-             len(fixed), len(assigned) - len(fixed))
-    result = _finish(clean, assigned)
-    check_none_moved(previous, result)
-    return result
+    return [str(u) for u in old.index[old.map(len) > 1]]
+
+
+def _with_previous_ids(kept: pd.DataFrame, previous: pd.DataFrame, restore: pd.Series) -> pd.DataFrame:
+    """``kept`` with the previous ``group`` and ``dup_group`` on the ``restore`` rows (old images of a linking
+    unit: their new ids were joined through the quarantined images) and its units recomputed."""
+    out = kept.copy()
+    rows = restore.reindex(out.index, fill_value=False).to_numpy(dtype=bool)
+    if rows.any():
+        before = previous.drop_duplicates("path").set_index("path")
+        for col in ("group", "dup_group"):
+            out.loc[rows, col] = out.loc[rows, "path"].map(before[col].astype(str)).to_numpy()
+        log.warning("extend_split: %d images already assigned keep the patient and near-duplicate ids of the "
+                    "previous split: new images would have joined them across splits", int(rows.sum()))
+    out["split_group"] = split_units(out["group"], out["dup_group"])
+    return out
+
+
+def _quarantine_table(clean: pd.DataFrame, quarantine: pd.Series, previous: pd.DataFrame) -> pd.DataFrame:
+    """One QUARANTINE_COLUMNS row per quarantined image: reason links_splits, a detail naming the images of
+    each previous split it would join (``links`` lists them, ';'-joined)."""
+    rows = clean.loc[quarantine]
+    before = previous.drop_duplicates("path").set_index("path")["split"]
+    old = clean.loc[clean["split_group"].isin(set(rows["split_group"])) & clean["path"].isin(before.index)]
+    detail: dict[str, str] = {}
+    links: dict[str, str] = {}
+    for unit, part in old.assign(split=old["path"].map(before)).groupby("split_group"):
+        named = "; ".join(f"{s}: {_names(p['path'])}" for s, p in part.groupby("split", sort=True))
+        detail[str(unit)] = (f"would join images of different splits ({named}) through a shared patient or "
+                             "near-duplicate group; left out of every split so no assigned image moves "
+                             "(re-split from scratch to place it)")
+        links[str(unit)] = ";".join(part["path"].astype(str).head(_LINKS))
+    out = pd.DataFrame({"path": rows["path"], "reason": LINKS_SPLITS,
+                        "detail": rows["split_group"].map(detail), "sha256": rows["sha256"],
+                        "bytes": rows["bytes"], "row": rows["row"], "links": rows["split_group"].map(links)})
+    return out.loc[:, QUARANTINE_COLUMNS].reset_index(drop=True)
+
+
+def _names(paths: pd.Series) -> str:
+    """Up to _NAMED file paths and how many more."""
+    shown = ", ".join(paths.astype(str).head(_NAMED))
+    return shown + (f" and {len(paths) - _NAMED} more" if len(paths) > _NAMED else "")
 
 
 def _raise_on_merged(clean: pd.DataFrame, old: pd.Series) -> None:
@@ -278,10 +357,28 @@ def _raise_on_merged(clean: pd.DataFrame, old: pd.Series) -> None:
         return
     unit = merged.index[0]
     members = sorted(set(clean.loc[clean["split_group"] == unit, "group"]))
-    raise StepError(f"{len(merged)} new units join patients of different previous splits, e.g. patients "
-                    f"{members[:10]} (previously in {sorted(merged.iloc[0])}) are now linked by a shared "
-                    "near-duplicate group; keeping the previous split would leak them. Re-split from scratch "
-                    "or remove the linking images")
+    raise StepError(f"{len(merged)} units join patients of different previous splits, e.g. patients "
+                    f"{members[:10]} (previously in {sorted(merged.iloc[0])}), even with the new images that "
+                    "linked them quarantined: the previous split is not a grouped split")
+
+
+def read_quarantine(*files: Path | None) -> pd.DataFrame | None:
+    """Every quarantined file of the pipeline: the filter's rejects.csv and the split's split_rejects.csv
+    (``path``, ``reason``, ``detail``, ... and ``links``, '' where none), in that order. Absent files (or None)
+    are skipped; None when none exists. What the Prefect artifact and the report list."""
+    frames = [read_csv(f) for f in files if f is not None and Path(f).is_file()]
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True)
+    out["links"] = out["links"].fillna("").astype(str) if "links" in out.columns else ""
+    return out
+
+
+def quarantine_summary(quarantined: pd.DataFrame, rejects: str) -> dict[str, Any]:
+    """split.json's ``quarantined`` block: images per reason, the file that lists them, a few examples."""
+    return {"images": len(quarantined),
+            "by_reason": {str(k): int(v) for k, v in quarantined["reason"].value_counts().sort_index().items()},
+            "file": rejects, "examples": quarantined["path"].astype(str).head(5).tolist()}
 
 
 def split_summary(split: pd.DataFrame) -> dict[str, Any]:

@@ -476,9 +476,14 @@ def pseudonymized(ev: Evaluation, pz: Pseudonymizer) -> Evaluation:
     rejects = data.get("rejects")
     if rejects is not None and len(rejects):
         paths = rejects["path"].fillna("").astype(str)
+        # a split quarantine (links_splits) names the images it links to: their names are hashed too
+        links = [str(x).split(";") if x else [] for x in rejects.get("links", pd.Series("", index=rejects.index))
+                 .fillna("")]
         data["rejects"] = rejects.assign(
             path=[pz.path(p) for p in paths],
-            detail=[pz.text(d, [p]) for d, p in zip(rejects["detail"].fillna("").astype(str), paths, strict=True)])
+            detail=[pz.text(d, [p, *ln]) for d, p, ln in zip(rejects["detail"].fillna("").astype(str), paths, links,
+                                                              strict=True)],
+            links=[";".join(pz.path(x) for x in ln) for ln in links])
     return replace(ev, scores=scores, gradcams=gradcams, data=data)
 
 
