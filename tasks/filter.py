@@ -28,15 +28,20 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
 
     ``cache`` is the folder of the verdict index (persistent across runs). Returns the summary dict
     (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate groups). Raises StepError for
-    a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk.
+    a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk,
+    and (after writing the outputs) when every image was rejected. A file that cannot be read is one
+    ``unreadable`` reject row (:func:`medflow.imaging.quality.unreadable_rows`), never a failed step.
     """
     started = time.perf_counter()
     manifest, fcfg = Path(manifest), cfg.filter
     df = quality.check_manifest(_read_manifest(manifest), manifest)
-    shas = quality.checked_shas(df, manifest)
+    unreadable = quality.unreadable_rows(df)  # one reject row each; the rest of the step goes on
+    readable = df.drop(index=unreadable.index)
+    shas = quality.checked_shas(readable, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
-    verdicts, decoded = quality.content_verdicts(shas, df["path"], fcfg, index, manifest)
-    status = quality.classify(df["path"], shas, verdicts)
+    verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest)
+    status = quality.with_unreadable(quality.classify(readable["path"], shas, verdicts), unreadable, df.index)
+    shas = shas.reindex(df.index, fill_value="")
     clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance)
     rejects_df = quality.rejects_table(df, shas, status)
     result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
@@ -44,6 +49,8 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     write_csv(rejects, rejects_df)
     write_json(summary, result)
     _log_summary(result, time.perf_counter() - started)
+    if clean_df.empty:  # the outputs are written (rejects.csv says why), but no later stage can run
+        raise StepError(f"{manifest}: {quality.everything_rejected(len(df), rejects_df, Path(rejects))}")
     return result
 
 
