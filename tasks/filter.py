@@ -49,7 +49,7 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     write_csv(rejects, rejects_df)
     write_json(summary, result)
     _log_summary(result, time.perf_counter() - started)
-    if clean_df.empty:  # the outputs are written (rejects.csv says why), but no later stage can run
+    if clean_df.empty and len(df):  # the outputs are written (rejects.csv says why), but no later stage can run
         raise StepError(f"{manifest}: {quality.everything_rejected(len(df), rejects_df, Path(rejects))}")
     return result
 

@@ -13,9 +13,7 @@ Files outside any labelled folder are skipped and counted; nothing is ever modif
 from __future__ import annotations
 
 import logging
-import os
 import re
-import stat
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ from PIL import Image
 
 from medflow.data.walk import WalkReport, walk_files
 from medflow.imaging import dicom
+from medflow.imaging.files import file_problem, shown_path
 from medflow.io import sha256_file
 from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
@@ -42,51 +41,6 @@ def iter_images(root: Path) -> Iterator[Path]:
         if Path(path.name).suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
             yield path
     report.log(root)
-
-
-def file_problem(path: Path | str) -> str:
-    """Why the file at ``path`` cannot be read as an image file, in words, or "" when it is a readable regular
-    file: a broken symlink, a FIFO/device/socket (never opened for a blocking read), no read permission, or a
-    name that is not valid UTF-8 (listed with ``\\x`` escapes, see :func:`shown_path`)."""
-    path = Path(path)
-    if shown_path(str(path)) != str(path) or (not os.path.lexists(path) and _ESCAPED.search(str(path))):
-        return "file name is not valid UTF-8 (shown with \\x escapes): rename the file"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if path.is_symlink():
-            return f"broken symlink (points to {shown_path(os.readlink(path))}, which does not exist)"
-        return "no such file"
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"not a regular file (a {_kind(st.st_mode)}); not read"
-    try:
-        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)))
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    return ""
-
-
-_ESCAPED = re.compile(r"\\x[89a-f][0-9a-f]")  # a byte of a non-UTF-8 name, as shown_path writes it
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def shown_path(text: str) -> str:
-    """``text`` (a path) as a CSV can hold it: a name that is not valid UTF-8 (lone surrogates after
-    ``os.fsdecode``) gets each undecodable byte as ``\\xNN``; any other path is unchanged."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def class_of(parts: tuple[str, ...], labels: Mapping[str, int]) -> str | None:

@@ -26,7 +26,7 @@ Checks, per distinct file content, in this order (the first failing one is the r
 
 Before any of them, ``unreadable``: a file that cannot be read at all (a broken symlink, a FIFO, device or
 socket, no read permission, a name that is not valid UTF-8); the detail says which
-(:func:`medflow.data.manifest.file_problem`). Such rows have no sha256 and are never cached.
+(:func:`medflow.imaging.files.file_problem`). Such rows have no sha256 and are never cached.
 
 A DICOM file (the ``DICM`` marker at offset 128, :mod:`medflow.imaging.dicom`) is checked by pydicom instead
 of Pillow: ``too_many_pixels`` from its header, then ``no_pixel_data`` (a report, a plan: not an image),
@@ -70,9 +70,9 @@ import numpy as np
 import pandas as pd
 
 from medflow.config import FilterConfig
-from medflow.data.manifest import file_problem
 from medflow.errors import StepError
 from medflow.imaging import phash
+from medflow.imaging.files import file_problem
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, worker_init
 from medflow.imaging.workers import main_hidden, mp_context
 from medflow.io import atomic_open, n_workers, sha256_file
@@ -129,7 +129,7 @@ def _rows(mask: pd.Series) -> str:
 
 
 def unreadable_rows(df: pd.DataFrame) -> pd.Series:
-    """Per row whose file cannot be read (:func:`medflow.data.manifest.file_problem`: a broken symlink, a
+    """Per row whose file cannot be read (:func:`medflow.imaging.files.file_problem`: a broken symlink, a
     FIFO or device, no read permission, a name that is not valid UTF-8), why; indexed like ``df``.
 
     A row the manifest could read (it has a sha256) and whose file is now simply gone is not one of them:
