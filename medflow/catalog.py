@@ -65,7 +65,7 @@ def preflight(params: Path) -> list[str]:
     is a dataset name and the two match: run before DVC sees the names.
 
     Raises ConfigError naming the file and the offending entry (``params.yaml: datasets.1: 'x;id' is not a
-    dataset name ...``).
+    dataset name ...``), then validates every dataset's resolved config (:func:`check_configs`).
     """
     params = Path(params)
     try:
@@ -76,7 +76,30 @@ def preflight(params: Path) -> list[str]:
         raise ConfigError(f"{params}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{params}: expected a mapping at the top level, got {type(data).__name__}")
-    return listed_datasets(data, params)
+    names = listed_datasets(data, params)
+    check_configs(params, names)
+    return names
+
+
+def check_configs(params: Path, names: list[str]) -> None:
+    """Validate the resolved config of every dataset in ``names`` (:func:`medflow.config.load_config`); one
+    ConfigError listing every bad key of every dataset (file, key, message, value).
+
+    The download stage runs this first on every ``dvc repro``: DVC deletes a stage's outputs before its
+    command reads a bad value, so a typo in ``train:`` must stop the run here, before DVC reaches the train
+    stage."""
+    from medflow.config import load_config  # config imports this module
+
+    problems: dict[str, list[str]] = {}  # error line -> the datasets it holds for (a params.yaml typo: all)
+    for name in names:
+        try:
+            load_config(params, name)
+        except ConfigError as e:
+            for line in str(e).splitlines():
+                problems.setdefault(line, []).append(name)
+    if problems:
+        lines = [f"{line} [dataset(s) {', '.join(found)}]" for line, found in problems.items()]
+        raise ConfigError("\n".join(lines) + "\nfix the value(s) above: nothing was run, no output removed")
 
 
 def catalog_dir(params: Path) -> Path:

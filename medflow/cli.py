@@ -113,7 +113,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 PREFLIGHT_HELP = ("check params.yaml's datasets: list and the datasets/ catalog before DVC sees them: every name a "
-                  "dataset name (the download stage runs this first; see SECURITY.md)")
+                  "dataset name, every dataset's resolved config valid (the download stage runs this first, so a "
+                  "bad value stops dvc repro before DVC deletes the outputs of the stage that reads it; see "
+                  "SECURITY.md)")
 
 
 def _preflight(params: Path) -> list[str]:

@@ -205,7 +205,7 @@ class TrainConfig(_Strict):
     fine_tune: Literal["frozen", "last_n", "all"] = "frozen"  # backbones: train the head only, or more
     fine_tune_layers: Annotated[int, Field(ge=0)] = 0  # last_n: how many backbone layers to unfreeze
     fine_tune_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1  # last_n/all: lr = learning_rate * this
-    epochs: Annotated[int, Field(ge=0)] = 30
+    epochs: Annotated[int, Field(ge=1)] = 30  # 0 would train nothing and still replace the model
     batch_size: Annotated[int, Field(ge=1)] = 32  # per replica; global = batch_size * replicas (logged)
     optimizer: Literal["adam", "adamw", "rmsprop"] = "adam"
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
@@ -295,12 +295,18 @@ def _format_errors(source: str, err: ValidationError, override: tuple[str, dict[
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         key = ".".join(loc) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {_shown(e.get('input'))})"
         where = source
         if override is not None and _sets(override[1], loc):
             where = override[0]
         lines.append(f"{where}: {key}: {msg}")
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A bad value as an error names it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _sets(data: dict[str, Any], loc: list[str]) -> bool:

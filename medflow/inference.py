@@ -96,7 +96,7 @@ def _tar_items(path: Path, tally: _Tally, max_bytes: int) -> list[Item]:
     members is emptied as it goes, so a tar of many tiny members costs only the image members kept."""
     tf = tarfile.open(path)  # noqa: SIM115 - kept open while its members are read (the process ends it)
     items: list[Item] = []
-    while (member := tf.next()) is not None:
+    while (member := _next_member(tf, path, items)) is not None:
         tf.members.clear()  # type: ignore[attr-defined]  # tarfile's list of seen members
         tally.count_member(member.name)
         tally.declare(member.size, member.name)
@@ -111,6 +111,19 @@ def _tar_items(path: Path, tally: _Tally, max_bytes: int) -> list[Item]:
         items.append(Item(f"{path}!{member.name}", _member_reader(path, member.name, member.size, max_bytes,
                                                                  read_member), member.size))
     return items
+
+
+def _next_member(tf: tarfile.TarFile, path: Path, items: list[Item]) -> tarfile.TarInfo | None:
+    """The next member of a tar; at a truncated or damaged end, None after appending an error item for the
+    rest (the members listed before it are still scored)."""
+    try:
+        return tf.next()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        last = items[-1].name.partition("!")[2] if items else ""
+        after = f"after member {last}" if last else "before its first image"
+        items.append(_failed(f"{path}!", StepError(f"{path}: archive is cut short or damaged {after} ({e}); "
+                                                   "the members after that point are not read")))
+        return None
 
 
 def _member_reader(archive: Path, name: str, size: int, max_bytes: int,
@@ -141,7 +154,8 @@ def _glob(spec: str) -> list[str]:
 def collect(specs: list[str], limits: InputLimits | None = None) -> list[Item]:
     """Expand PATH arguments into images, in the order given (folders and globs sorted).
 
-    A spec that names nothing (no such file or folder, no glob match) is an error naming it. Folders are
+    A spec that names nothing (no such file or folder, no glob match) is an error row naming it, as is a
+    corrupt archive, or the cut-short end of a truncated tar (its members before the cut are scored). Folders are
     walked as the manifest walks them (:func:`medflow.data.manifest.iter_images`: symlinked folders followed
     with a loop guard, hidden entries skipped).
     """
@@ -161,11 +175,10 @@ def collect(specs: list[str], limits: InputLimits | None = None) -> list[Item]:
             continue
         if glob.has_magic(spec):
             matches = _glob(spec)
-            if not matches:
-                raise StepError(f"{spec}: the pattern matches no file")
-            items += collect(matches, limits)
+            items += collect(matches, limits) if matches else [_failed(spec, StepError(
+                f"{spec}: the pattern matches no file"))]
         else:
-            raise StepError(f"{spec}: no such file or folder")
+            items.append(_failed(spec, StepError(f"{spec}: no such file or folder")))
     return items
 
 
@@ -274,6 +287,9 @@ def run(specs: list[str], *, model: Path, out: Path | None, threshold: float | N
                "positive": sum(1 for r in rows if r["predicted"] == 1), "threshold": t,
                "seconds": round(timing.total_s, 3), "decode_seconds": round(timing.decode_s, 3),
                "model_seconds": round(timing.model_s, 3)}
+    if failed and len(failed) == len(rows):  # every row written, each with its error: the run still failed
+        raise StepError(f"no image could be scored ({len(rows)} error row(s){f' in {out}' if out else ''}); "
+                        f"first: {failed[0]['error']}")
     log.info("predict: %d images (%d errors), %d positive at threshold %.4f, %.1f images/s%s", summary["images"],
              summary["errors"], summary["positive"], t, len(rows) / max(timing.total_s, 1e-9),
              f" -> {out}" if out else "")

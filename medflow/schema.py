@@ -35,7 +35,8 @@ CLEAN_COLUMNS = [*MANIFEST_COLUMNS, "phash", "dup_group"]
 
 # rejects.csv: one row per quarantined file (never deleted).
 #   reason: zero_bytes | not_an_image | truncated | decode_error | too_many_pixels | too_small |
-#           unsupported_mode | no_pixel_data | multi_frame | unsupported_syntax (the last three: DICOM) | duplicate
+#           unsupported_mode | no_pixel_data | multi_frame | unsupported_syntax (the last three: DICOM) |
+#           unreadable (a broken link, a FIFO/device, no permission, a non-UTF-8 name) | duplicate
 REJECT_COLUMNS = ["path", "reason", "detail", "sha256", "bytes"]
 
 # split.csv = clean rows plus:

@@ -29,17 +29,23 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     ``cache`` is the folder of the verdict index (persistent across runs); ``roots_json`` (the extract step's)
     locates the paths under a source root outside the project. Returns the summary dict
     (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate groups). Raises StepError for
-    a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk.
+    a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk,
+    and (after writing the outputs) when every image was rejected. A file that cannot be read is one
+    ``unreadable`` reject row (:func:`medflow.imaging.quality.unreadable_rows`), never a failed step.
     """
     started = time.perf_counter()
     manifest, fcfg = Path(manifest), cfg.filter
     df = quality.check_manifest(_read_manifest(manifest), manifest)
     roots = source_roots(roots_json)  # paths under a source root outside the project: @<label>/...
     files = df.assign(path=[readable_path(p, roots) for p in df["path"]])
-    shas = quality.checked_shas(files, manifest)
+    unreadable = quality.unreadable_rows(files)  # one reject row each; the rest of the step goes on
+    readable = files.drop(index=unreadable.index)
+    shas = quality.checked_shas(readable, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
-    verdicts, decoded = quality.content_verdicts(shas, files["path"], fcfg, index, manifest)
-    status = quality.classify(df["path"], shas, verdicts)
+    verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest)
+    status = quality.with_unreadable(quality.classify(df.loc[readable.index, "path"], shas, verdicts), unreadable,
+                                     df.index)
+    shas = shas.reindex(df.index, fill_value="")
     status = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance,
                                      fcfg.near_duplicate_min_correlation)
     _warn_conflicts(df["path"], status)
@@ -51,6 +57,8 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     write_csv(rejects, rejects_df)
     write_json(summary, result)
     _log_summary(result, time.perf_counter() - started)
+    if clean_df.empty and len(df):  # the outputs are written (rejects.csv says why), but no later stage can run
+        raise StepError(f"{manifest}: {quality.everything_rejected(len(df), rejects_df, Path(rejects))}")
     return result
 
 

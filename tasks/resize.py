@@ -28,7 +28,7 @@ from medflow.config import Config
 from medflow.errors import StepError
 from medflow.imaging.cache import IndexWriter, Job, cache_key, copy_cached, index_writer, open_index, plan_run
 from medflow.imaging.decode import ImageInfo
-from medflow.imaging.parallel import Written, decoding
+from medflow.imaging.parallel import LateReject, Written, decoding
 from medflow.io import atomic_path, n_workers, readable_path, source_roots, write_json
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path,
     try:
         counts, workers = _fill(jobs, header, out, Path(cache), size=size, channels=channels, nbytes=nbytes,
                                 workers=cfg.resize.workers)
+    except LateReject as e:  # see late_failure
+        raise StepError(late_failure(e, Path(clean))) from None
     except OSError as e:  # the temporary array's header and size, and what the cache writes, on a full disk
         raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
     seconds = time.perf_counter() - start
@@ -77,6 +79,20 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path,
              "%d worker(s)", len(jobs), out, shape, counts.decoded, counts.reduced, summary["cached"],
              seconds, summary["images_per_s"], workers)
     return summary
+
+
+def late_failure(e: LateReject, clean: Path) -> str:
+    """The step's error for a clean.csv file that cannot be decoded now (changed or removed after the filter
+    read it, or a decoder disagreeing with the filter's).
+
+    The step stops rather than writing a placeholder row: images.npy is aligned row for row with clean.csv,
+    which split, validate, train and evaluate all read, so a blank image would have to be dropped by every
+    one of them or it is trained on under its label. The filter is the one quarantine: a changed file has a
+    new size or mtime, so the next ``dvc repro`` re-runs manifest and filter, which list it in rejects.csv."""
+    return (f"{e}. {clean} lists it (the filter passed it): it changed after the filter read it, or the decoder "
+            "disagrees with the filter. Nothing was written. Re-run `dvc repro`: the manifest and filter steps "
+            "re-read a changed file and list it in rejects.csv; if this step fails again on the same file, "
+            "move the file out of the source folder and report it")
 
 
 def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, channels: int, nbytes: int,

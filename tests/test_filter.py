@@ -265,7 +265,8 @@ def test_summary_counts_and_file(mixed: dict[str, Any]) -> None:
     assert s["in"] == len(mixed["manifest"]) == s["clean"] + s["rejected"]
     assert s["by_reason"] == {"zero_bytes": 1, "not_an_image": 1, "truncated": 2, "decode_error": 1,
                               "too_many_pixels": 0, "too_small": 1, "unsupported_mode": 1, "no_pixel_data": 0,
-                              "multi_frame": 0, "unsupported_syntax": 0, "duplicate": 1, "label_conflict": 6}
+                              "multi_frame": 0, "unsupported_syntax": 0, "unreadable": 0, "duplicate": 1,
+                              "label_conflict": 6}
     assert s["decoded"] == len(mixed["manifest"]) - 4  # each exact copy's content is decoded once
     assert s["cached"] == 0
 
@@ -326,7 +327,7 @@ def test_index_round_trips_every_verdict(mixed: dict[str, Any]) -> None:
     assert set(index.verdicts) == expected
     reasons = {v.reason for v in index.verdicts.values()}
     dicom_only = {"no_pixel_data", "multi_frame", "unsupported_syntax"}  # tests/test_dicom.py
-    table_only = {"duplicate", "label_conflict"}  # decided over the rows, never cached
+    table_only = {"duplicate", "label_conflict", "unreadable"}  # decided over the rows, never cached
     assert reasons == set(quality.REASONS) - {*table_only, "too_many_pixels", *dicom_only} | {""}
     rejects = mixed["rejects"].set_index("sha256")
     for sha, v in index.verdicts.items():  # the cached verdicts are the ones the outputs were made from

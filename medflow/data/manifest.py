@@ -26,6 +26,7 @@ from PIL import Image
 
 from medflow.data.walk import WalkReport, walk_files
 from medflow.imaging import dicom
+from medflow.imaging.files import file_problem, shown_path
 from medflow.io import SOURCE_ROOT, display_path, root_labels, sha256_file
 from medflow.patients import group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
@@ -39,7 +40,7 @@ def iter_images(root: Path) -> Iterator[Path]:
     folders skipped alike, OS junk skipped, symlinked folders followed with a loop guard), logged once; the files
     with an image extension (schema.IMAGE_EXTENSIONS), and any other file with the DICM marker."""
     report = WalkReport()
-    for path in walk_files(root, report):
+    for path in walk_files(root, report):  # is_dicom_file never blocks on a FIFO (opened non-blocking)
         if Path(path.name).suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
             yield path
     report.log(root)
@@ -82,22 +83,36 @@ def _file_facts(path: Path, salt: bytes = b"") -> dict[str, Any]:
     """sha256, size and header facts of one file; header fields are None when it is not a readable image.
 
     A DICOM file also gets ``_patient`` (its hashed patient id with ``salt``, '' when it has none) and
-    ``_patient_tag`` (the tag it came from), which the caller pops."""
-    facts: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size,
-                             "width": None, "height": None, "mode": None, "format": None}
+    ``_patient_tag`` (the tag it came from), which the caller pops. A file that cannot be read
+    (:func:`file_problem`, or an error while hashing it) gets a blank sha256 and 0 bytes, and ``_problem``
+    saying why: the filter lists it in rejects.csv as ``unreadable``."""
+    facts: dict[str, Any] = {"sha256": "", "bytes": 0, "width": None, "height": None, "mode": None, "format": None}
+    problem = file_problem(path)
+    if not problem:
+        try:
+            facts.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        except OSError as e:
+            problem = f"cannot read: {e.strerror or e}"
+    if problem:
+        return {**facts, "_problem": problem}
+    try:
+        _read_header(path, salt, facts)
+    except Exception as e:  # noqa: BLE001 - a header (or metadata block) that cannot be parsed: the filter's job
+        log.debug("no readable header in %s: %s", path, e)
+    return facts
+
+
+def _read_header(path: Path, salt: bytes, facts: dict[str, Any]) -> None:
+    """Header facts of a readable file into ``facts`` (DICOM by pydicom, the rest by Pillow)."""
     if dicom.is_dicom_file(path):
         read = dicom.read_patient(path, salt)
         if read is not None:
             head, patient, tag = read
             facts.update(width=head.width or None, height=head.height or None, mode=head.mode,
                          format=dicom.FORMAT, _patient=patient, _patient_tag=tag)
-        return facts
-    try:
-        with Image.open(path) as im:
-            facts.update(width=im.width, height=im.height, mode=im.mode, format=im.format)
-    except Exception as e:  # noqa: BLE001 - any header failure is recorded; the filter names the reason
-        log.debug("no readable header in %s: %s", path, e)
-    return facts
+        return
+    with Image.open(path) as im:
+        facts.update(width=im.width, height=im.height, mode=im.mode, format=im.format)
 
 
 def file_groups(paths: list[Path], pattern: re.Pattern[str], rule: str, salt: bytes | None) -> list[str]:
@@ -172,19 +187,27 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
             elif group is None:
                 skipped["group_rule_fallback"] += 1
                 group = path.stem
-            rows.append({"path": _shown(path, rel, shown), "relpath": rel.as_posix(), "root": shown,
+            rows.append({"path": shown_path(_shown(path, rel, shown)), "relpath": shown_path(rel.as_posix()),
+                         "root": shown_path(shown),
                          "class_name": cls, "label": labels[cls], "group": group,
                          "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
         _warn_unknown_folders(root, unknown, labels)
     groups = join_runs([Path(r["relpath"]).name for r in rows],
                        [f"{r['root']}/{Path(r['relpath']).parent}" for r in rows], [r["group"] for r in rows], rule)
     for r, group in zip(rows, groups, strict=True):
-        r["group"] = group
+        r["group"] = shown_path(group)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         facts = list(pool.map(lambda p: _file_facts(p, salt or b""), [r.pop("_abs") for r in rows]))
+    unreadable = []
     for r, f in zip(rows, facts, strict=True):
         patient, tag = f.pop("_patient", ""), f.pop("_patient_tag", "")
+        if problem := f.pop("_problem", ""):
+            unreadable.append(f"{r['path']}: {problem}")
         if rule == "dicom":
             _dicom_group(r, patient, tag, skipped)
+    if unreadable:
+        skipped["unreadable"] = len(unreadable)
+        log.warning("%d file(s) cannot be read; each is listed, with why, in the filter's rejects "
+                    "(reason unreadable): %s", len(unreadable), "; ".join(unreadable[:5]))
     df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)
     return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"}), skipped

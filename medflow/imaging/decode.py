@@ -46,6 +46,7 @@ imports neither pandas nor pydantic: the resize worker processes import it.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -53,7 +54,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from medflow.errors import StepError
 from medflow.imaging import dicom
@@ -171,7 +172,19 @@ def probe_header(data: bytes, name: str = "<bytes>") -> ImageInfo:
         with Image.open(io.BytesIO(data)) as im:
             return ImageInfo(im.width, im.height, im.format or "", im.mode)
     except Exception as e:  # Pillow raises many types on bad data; all mean "not an image"
-        raise StepError(f"{name}: not a readable image: {e}") from e
+        raise StepError(f"{name}: not a readable image: {pillow_error(e)}") from e
+
+
+def pillow_error(e: Exception) -> str:
+    """What a Pillow exception says, in words, without Pillow's ``<_io.BytesIO object at 0x...>`` (the caller
+    names the file)."""
+    if isinstance(e, UnidentifiedImageError) or "cannot identify image file" in str(e):
+        return "not an image format Pillow can identify, nor DICOM (no DICM marker at offset 128)"
+    text = _BUFFER_RE.sub("the data", str(e))
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_BUFFER_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def load_resized(path: Path | str, *, size: int, channels: int, width: int | None = None,
@@ -293,10 +306,20 @@ def _decode_pillow(data: bytes, channels: int, name: str) -> tuple[np.ndarray, i
     try:
         with Image.open(io.BytesIO(data)) as im:
             img = _to_8bit_l_or_rgb(im).convert("L" if channels == 1 else "RGB")
-            orientation = im.getexif().get(0x0112, 1)
-            return np.asarray(img), orientation if isinstance(orientation, int) else 1
+            return np.asarray(img), _orientation(im)
     except Exception as e:  # Pillow raises many types on bad data; all mean "cannot decode"
-        raise StepError(f"{name}: cannot decode image: {e}") from e
+        raise StepError(f"{name}: cannot decode image: {pillow_error(e)}") from e
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation Pillow reads, 1 (upright) when absent or when the EXIF block cannot be parsed: a
+    broken metadata block does not make the pixels unusable (the filter passed them), as in
+    :func:`jpeg_orientation`."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - any parse failure of the metadata block
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _to_8bit_l_or_rgb(im: Image.Image) -> Image.Image:

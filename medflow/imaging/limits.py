@@ -3,8 +3,9 @@ nobody has filtered.
 
 - Files: only regular files are read (a link to ``/dev/zero``, a FIFO or a device is an error, never
   opened for a blocking read), at most :data:`MAX_IMAGE_BYTES` each (:func:`read_regular`).
-- Pixels: the header's width x height is checked against ``filter.max_pixels`` before any decoding
-  (:func:`medflow.imaging.verdict.too_many_pixels`, the filter's own check).
+- Verdicts: the filter's own header checks run before any decoding (:func:`medflow.imaging.verdict.header_reason`:
+  width x height against ``filter.max_pixels``, an unsupported mode, a side below ``filter.min_side``), then its
+  end-marker check (a truncated JPEG/PNG); each gives the image an error row, never a silent score.
 - Memory: decoding runs in threads, one per core, so two gates bound what is held at once whatever the
   input: the encoded bytes read but not yet decoded (:data:`MAX_IMAGE_BYTES` in all) and the pixels being
   decoded (``filter.max_pixels`` in all: one image at the cap decodes alone, small ones in parallel).
@@ -29,8 +30,9 @@ import numpy as np
 
 from medflow.config import ExtractConfig, FilterConfig
 from medflow.errors import StepError
-from medflow.imaging.decode import decode_image, probe_header
-from medflow.imaging.verdict import too_many_pixels
+from medflow.imaging import dicom
+from medflow.imaging.decode import ImageInfo, decode_image, probe_header
+from medflow.imaging.verdict import Limits, header_reason, missing_end_marker
 
 MAX_IMAGE_BYTES = 256 << 20  # an image file or archive member larger than this is an error, not read
 
@@ -42,11 +44,12 @@ class InputLimits:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     max_pixels: int = FilterConfig().max_pixels
     max_bytes: int = MAX_IMAGE_BYTES
+    min_side: int = FilterConfig().min_side
 
     @classmethod
     def of(cls, extract: ExtractConfig, filter_cfg: FilterConfig) -> InputLimits:
         """The limits of a config's ``extract`` and ``filter`` sections."""
-        return cls(extract=extract, max_pixels=filter_cfg.max_pixels)
+        return cls(extract=extract, max_pixels=filter_cfg.max_pixels, min_side=filter_cfg.min_side)
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,27 @@ class Decoder:
     def _one(self, name: str, data: bytes, held: int) -> tuple[np.ndarray | None, str | None]:
         try:
             info = probe_header(data, name)
-            if excess := too_many_pixels(info.width, info.height, self.limits.max_pixels):
-                return None, f"{name}: {excess} (filter.max_pixels); not decoded"
+            if problem := self._rejected(data, info):
+                return None, f"{name}: {problem}; not decoded"
             with self.pixel_gate.hold(info.width * info.height):
                 return decode_image(data, size=self.size, channels=self.channels, info=info, name=name).pixels, None
+        except dicom.Reject as e:
+            return None, f"{name}: {e.reason}: {e.detail} (the pipeline's filter rejects such images); not decoded"
         except StepError as e:
             return None, str(e)
         finally:
             self.read_gate.release(held)
+
+    def _rejected(self, data: bytes, info: ImageInfo) -> str:
+        """The filter's verdict from the header (pixel cap, mode, minimum side: ``filter.max_pixels``,
+        ``min_side``) and the end markers (truncated), in words; "" when the image may be decoded. A DICOM
+        file's mode was checked by its header probe. Any other failure of the filter's is the decoder's error."""
+        limits = Limits(self.limits.max_pixels, self.limits.min_side)
+        mode = "L" if info.fmt == dicom.FORMAT else info.mode
+        found = header_reason(info.width, info.height, mode, limits)
+        if found is None and (marker := missing_end_marker(data, info.fmt)):
+            found = ("truncated", marker)
+        if found is None:
+            return ""
+        param = {"too_many_pixels": "filter.max_pixels, ", "too_small": "filter.min_side, "}.get(found[0], "")
+        return f"{found[0]}: {found[1]} ({param}the pipeline's filter rejects such images)"

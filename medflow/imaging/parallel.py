@@ -46,6 +46,11 @@ _MAX_CHUNK = 32  # images per task sent to a worker, at most
 _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left (guided scheduling)
 
 
+class LateReject(StepError):
+    """A file that clean.csv lists (the filter passed it) and that cannot be read or decoded now; the message
+    names it once and says what is wrong. Only a message (``args``): it crosses the worker pipe."""
+
+
 class Written(NamedTuple):
     """One decoded image, written to its output row(s) and appended to a cache shard."""
 
@@ -107,8 +112,11 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
         with ShardAppender(cache, run_id) as shard:
             for task in tasks:
                 job = task.job
-                img, reduced = decode_image(read_image(job.path), size=size, channels=channels, info=job.info,
-                                            name=job.path)
+                try:
+                    img, reduced = decode_image(read_image(job.path), size=size, channels=channels,
+                                                info=job.info, name=job.path)
+                except StepError as e:
+                    raise LateReject(str(e)) from None
                 data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
                 try:
                     for pos in task.offsets:

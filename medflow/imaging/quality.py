@@ -24,6 +24,10 @@ Checks, per distinct file content, in this order (the first failing one is the r
    truncated JPEG (it only warns), and a JPEG missing just its last bytes decodes without complaint.
 7. ``decode_error``: any other decode failure.
 
+Before any of them, ``unreadable``: a file that cannot be read at all (a broken symlink, a FIFO, device or
+socket, no read permission, a name that is not valid UTF-8); the detail says which
+(:func:`medflow.imaging.files.file_problem`). Such rows have no sha256 and are never cached.
+
 A DICOM file (the ``DICM`` marker at offset 128, :mod:`medflow.imaging.dicom`) is checked by pydicom instead
 of Pillow: ``too_many_pixels`` from its header, then ``no_pixel_data`` (a report, a plan: not an image),
 ``multi_frame`` (more than one frame), ``unsupported_mode`` (a photometric interpretation medflow does not
@@ -76,6 +80,7 @@ import pandas as pd
 from medflow.config import FilterConfig
 from medflow.errors import StepError
 from medflow.imaging import phash
+from medflow.imaging.files import file_problem
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, worker_init
 from medflow.imaging.workers import main_hidden, mp_context
 from medflow.io import atomic_open, n_workers, sha256_file
@@ -88,7 +93,8 @@ log = logging.getLogger(__name__)
 FILTER_VERSION = "filter-3"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
-           "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "duplicate", "label_conflict")
+           "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "unreadable", "duplicate",
+           "label_conflict")
 LABEL_CONFLICT = "label_conflict"
 # Decided on the table (copies, labels), never one content's verdict: not valid in the verdict cache.
 _TABLE_REASONS = frozenset({"duplicate", LABEL_CONFLICT})
@@ -135,20 +141,35 @@ def _rows(mask: pd.Series) -> str:
     return ", ".join(rows) + (", ..." if int(mask.sum()) > 5 else "")
 
 
+def unreadable_rows(df: pd.DataFrame) -> pd.Series:
+    """Per row whose file cannot be read (:func:`medflow.imaging.files.file_problem`: a broken symlink, a
+    FIFO or device, no read permission, a name that is not valid UTF-8), why; indexed like ``df``.
+
+    A row the manifest could read (it has a sha256) and whose file is now simply gone is not one of them:
+    that is a stale manifest (:func:`checked_shas`)."""
+    out = {}
+    for i, (path, sha) in enumerate(zip(df["path"], df["sha256"].fillna("").astype(str), strict=True)):
+        problem = file_problem(path)
+        if problem and not (sha and problem == "no such file"):
+            out[df.index[i]] = problem
+    return pd.Series(out, dtype=str)
+
+
 def checked_shas(df: pd.DataFrame, source: Path) -> pd.Series:
     """sha256 per row: the manifest's, after checking each file still exists with the size it lists.
 
     Rows with a blank sha256 are hashed here. A missing file or a size change means the manifest is
     stale (the raw data changed after it was written): StepError, because clean.csv would be wrong.
+    ``df`` holds no :func:`unreadable_rows`.
     """
     shas = df["sha256"].fillna("").astype(str).str.lower()
-    for i, path in enumerate(df["path"]):
+    for i, (label, path) in enumerate(df["path"].items()):
         try:
             size = os.stat(path).st_size
         except OSError as e:
             raise StepError(f"{source}: {path}: cannot read ({e.strerror}); "
                             "re-run the manifest step") from None
-        listed = df.at[i, "bytes"]
+        listed = df.at[label, "bytes"]
         if pd.notna(listed) and int(listed) != size:
             raise StepError(f"{source}: {path}: size changed since the manifest was written "
                             f"({int(listed)} -> {size} bytes); re-run the manifest step")
@@ -364,7 +385,7 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     paths."""
     out = status.copy()
     paths, classes = df["path"].astype(str), df["class_name"].astype(str)
-    good = pd.Series([verdicts[s].ok for s in shas], index=df.index)
+    good = pd.Series([s in verdicts and verdicts[s].ok for s in shas], index=df.index)  # '' : unreadable
     n_classes = classes[good].groupby(shas[good]).nunique()
     for sha in n_classes.index[n_classes > 1]:
         rows = df.index[shas == sha]
@@ -436,6 +457,22 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
                                                min_correlation)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
+
+
+def with_unreadable(status: pd.DataFrame, unreadable: pd.Series, index: pd.Index) -> pd.DataFrame:
+    """``status`` (the readable rows') with the ``unreadable`` rows added, in manifest order (``index``)."""
+    odd = pd.DataFrame({"reason": "unreadable", "detail": unreadable}, index=unreadable.index)
+    return pd.concat([status, odd]).reindex(index)
+
+
+def everything_rejected(n_in: int, rejects: pd.DataFrame, where: Path) -> str:
+    """The StepError text when no image is clean: how many, the reasons, and where the list is."""
+    counts = rejects["reason"].value_counts()
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+    first = rejects.iloc[0] if len(rejects) else None
+    example = f"; e.g. {first['path']}: {first['reason']}: {first['detail']}" if first is not None else ""
+    return (f"every one of the {n_in} image(s) was rejected ({reasons}){example}; nothing is left to train "
+            f"on: see {where} for each file and why")
 
 
 def rejects_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame) -> pd.DataFrame:

@@ -97,16 +97,20 @@ def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
     return f"{width}x{height} = {n} pixels > max_pixels {max_pixels}" if n > max_pixels else ""
 
 
-def _header_reason(im: Image.Image, limits: Limits) -> tuple[str, str] | None:
-    """Checks that need only the header: pixel cap, mode, minimum side; None when all pass."""
-    w, h = im.size
-    if excess := too_many_pixels(w, h, limits.max_pixels):
+def header_reason(width: int, height: int, mode: str, limits: Limits) -> tuple[str, str] | None:
+    """The checks that need only the header, in the filter's order: pixel cap, mode, minimum side; (reason,
+    detail) of the first that fails, None when all pass. Also what predict and ``evaluate --images`` apply."""
+    if excess := too_many_pixels(width, height, limits.max_pixels):
         return "too_many_pixels", excess
-    if im.mode not in SUPPORTED_MODES:
-        return "unsupported_mode", f"mode {im.mode}"
-    if min(w, h) < limits.min_side:
-        return "too_small", f"{w}x{h}: shorter side < min_side {limits.min_side}"
+    if mode not in SUPPORTED_MODES:
+        return "unsupported_mode", f"mode {mode}"
+    if min(width, height) < limits.min_side:
+        return "too_small", f"{width}x{height}: shorter side < min_side {limits.min_side}"
     return None
+
+
+def _header_reason(im: Image.Image, limits: Limits) -> tuple[str, str] | None:
+    return header_reason(im.size[0], im.size[1], im.mode, limits)
 
 
 def verdict(data: bytes, limits: Limits) -> Verdict:
