@@ -75,7 +75,7 @@ write_json(out / "roots.json", [{"root": sys.argv[3], "source": "t", "kind": "fo
 print(json.dumps(m.run(cfg, roots_json=out / "roots.json", out=out / "manifest.csv")))
 try:
     f.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv", rejects=out / "rejects.csv",
-          summary=out / "summary.json", cache=out / "cache")
+          summary=out / "summary.json", cache=out / "cache", roots_json=out / "roots.json")
 except Exception as e:
     print("ERROR", e)
 """
@@ -121,7 +121,8 @@ def test_odd_files_become_reject_rows_and_the_stage_goes_on(tmp_path: Path) -> N
     # the image with the broken metadata block decodes in resize too (upright: the EXIF is ignored)
     cfg = parse_config(CFG)
     stats = resize_step.run(cfg, clean=tmp_path / "clean.csv", out=tmp_path / "images.npy",
-                            stats=tmp_path / "stats.json", cache=tmp_path / "rcache")
+                            stats=tmp_path / "stats.json", cache=tmp_path / "rcache",
+                            roots_json=tmp_path / "roots.json")
     assert stats["images"] == 3 and np.load(tmp_path / "images.npy").shape == (3, SIZE, SIZE, 1)
 
 
