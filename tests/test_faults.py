@@ -66,10 +66,11 @@ def _dvc_project(root: Path, images: list[Path]) -> Path:
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=_env())
     _clean_csv(root / "clean.csv", images)
     _params(root / "params.yaml", workers=2)
+    (root / "roots.json").write_text("[]\n")  # every image path is a plain one
     cmd = ("medflow resize --params params.yaml --clean clean.csv --out images.npy --stats stats.json "
-           "--cache cache")
+           "--cache cache --roots-json roots.json")
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"resize": {
-        "cmd": cmd, "deps": ["clean.csv"], "params": [{"params.yaml": ["resize"]}],
+        "cmd": cmd, "deps": ["clean.csv", "roots.json"], "params": [{"params.yaml": ["resize"]}],
         "outs": ["images.npy", "stats.json"]}}}))
     return root
 
