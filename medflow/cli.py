@@ -466,6 +466,16 @@ MODEL_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"evaluate": _
                                                                    "registry": _registry}
 
 
+def stage_root() -> Path:
+    """The project a stage command writes in, whose dataset lock it takes: the working directory's (DVC runs every
+    stage at its project's root), else ``$MEDFLOW_PROJECT``'s. Not ``$MEDFLOW_PROJECT`` first: it names where the
+    step's code is (tasks/), and one code checkout may serve stages of another project."""
+    try:
+        return find_project(Path.cwd())
+    except StepError:
+        return find_project()
+
+
 def find_project(start: Path | None = None) -> Path:
     """The nearest folder at or above ``start`` (default: ``$MEDFLOW_PROJECT``, else the working directory)
     with dvc.yaml and tasks/."""
@@ -515,7 +525,7 @@ def run_as_stage(step: str, dataset: str | None, load: Callable[[], Config], cal
     """
     from medflow.lifecycle.retrain import Busy, stage_lock
 
-    lock = contextlib.nullcontext() if dataset is None else stage_lock(find_project(), dataset)
+    lock = contextlib.nullcontext() if dataset is None else stage_lock(stage_root(), dataset)
     try:
         with lock:
             cfg = load()

@@ -232,7 +232,7 @@ def test_registry_verify_lists_the_damaged_champion_and_promote_recovers(
     assert f"  {first}  ok" in out and f"* {second}  DAMAGED: " in out
     assert "1 of 2 version(s) damaged, the champion among them" in err and "registry promote" in err
     image = tmp_path / "x.png"
-    Image.fromarray(np.full((SIZE, SIZE), 200, np.uint8)).save(image)
+    Image.fromarray(np.full((48, 48), 200, np.uint8)).save(image)  # over filter.min_side: predict scores it
     assert main(["predict", "--model", str(project.model_root / "versions" / second), str(image)]) == 2
     assert "model.keras: damaged: its sha256" in capsys.readouterr().err  # not Keras's "File not found"
     assert main(["registry", "promote", first, *root]) == 0

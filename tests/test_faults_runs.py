@@ -133,3 +133,15 @@ def test_failure_reason_keeps_dvcs_whole_busy_message(tmp_path: Path) -> None:
     assert f"(PID {os.getpid()}): dvc repro train@x" in reason and "is being blocked by:" in reason
     assert "If there are no processes with such PIDs" in reason
     assert textwrap.dedent(reason).count("\n") >= 2
+
+
+def test_a_stage_locks_the_project_it_runs_in_not_the_code_checkout(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC runs a stage at its project's root; ``$MEDFLOW_PROJECT`` may name another checkout (where the code
+    is): the dataset lock is the working directory's project's, so two projects never block each other."""
+    project = _scratch_project(tmp_path / "p")
+    monkeypatch.setenv("MEDFLOW_PROJECT", str(ROOT))
+    monkeypatch.chdir(project)
+    assert cli.stage_root() == project.resolve()
+    monkeypatch.chdir(tmp_path)  # not inside a project: $MEDFLOW_PROJECT's
+    assert cli.stage_root() == ROOT.resolve()
