@@ -170,7 +170,8 @@ def _temp_prefix(dest: Path) -> str:
     return f".{dest.name}.tmp.{os.getpid()}."
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (signal 0; another user's process counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -193,7 +194,7 @@ def remove_stale_temps(paths: Iterable[Path | str]) -> list[Path]:
             continue
         for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.tmp.*"):
             pid = tmp.name[len(dest.name) + 6:].split(".", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()

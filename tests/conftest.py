@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,29 @@ SHIPPED = ("params.yaml", "datasets")  # the checkout's shared params and datase
 # config, and the inbox and external-set folders (with their .gitkeep files).
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "tasks", "medflow", ".dvc/config",
                  ".dvc/.gitignore", "data/inbox", "data/external"]
+
+
+def copy_project(dest: Path) -> Path:
+    """A scratch checkout in ``dest`` (created): :data:`PROJECT_FILES` from the working tree (the code under
+    test) and the shipped params and catalog (:func:`copy_shipped`); returns ``dest``. Not a git repo yet."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    copy_shipped(dest)
+    return dest
+
+
+def git_commit_all(dest: Path) -> None:
+    """``git init`` ``dest`` (if needed) and commit everything in it."""
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
+                   check=True)
 
 
 def copy_shipped(dest: Path, paths: Sequence[str] = SHIPPED) -> Path:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset, small_run_catalog
+from conftest import copy_project, git_commit_all, shared_dataset, small_run_catalog
 
 pytestmark = [pytest.mark.slow]
 
@@ -45,15 +45,7 @@ SMALL_RUN: dict[str, dict[str, Any]] = {
 def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
     """A fresh git + DVC checkout of the pipeline with small-run shared params; every dataset of the catalog
     reads its inbox only (``sources: []``). The code is this checkout's (dvc.yaml hashes medflow/ and tasks/)."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    copy_shipped(dest)
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for section, values in [*SMALL_RUN.items(), *overrides.items()]:
         params[section] = {**params[section], **values}
@@ -63,10 +55,7 @@ def make_project(dest: Path, **overrides: dict[str, Any]) -> Path:
         entry["dataset"]["sources"] = []
         entry_file.write_text(yaml.safe_dump(entry, sort_keys=False))
     small_run_catalog(dest / "datasets", {**SMALL_RUN, **overrides})
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
-                   check=True)
+    git_commit_all(dest)
     return dest
 
 
@@ -236,44 +225,6 @@ def _quarantine_rows() -> list[dict[str, str]]:
     return list(data)
 
 
-def test_train_flow_runs_the_dvc_stages_and_agrees_with_dvc(tmp_path: Path, harness: None) -> None:
-    from flows.train import train_flow
-    from medflow.lifecycle import registry
-
-    project = make_project(tmp_path / MARKER / "project")  # a home folder: it must show in no artifact or event
-    inbox = project / "data/inbox/pneumonia/batch1"
-    generated_images(inbox, n_patients=60)  # a val split large enough to show the model beats chance
-    kept = inbox / "PNEUMONIA" / "person1_bacteria_0.jpeg"
-    (inbox / "PNEUMONIA" / "person900_bacteria_0.jpeg").write_bytes(kept.read_bytes()[:kept.stat().st_size * 6 // 10])
-    (inbox / "PNEUMONIA" / "person901_bacteria_0.jpeg").write_bytes(kept.read_bytes())  # exact duplicate
-    state = train_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
-    result = state.result()
-    assert state.name == "Promoted", state  # the runs list says what happened
-    assert [r["stage"] for r in result["stages"]] == [f"{s}@pneumonia" for s in STEPS]  # this dataset only
-    assert _upstream_of(state, "train@pneumonia") == {"resize@pneumonia", "split@pneumonia", "validate@pneumonia"}
-    assert _upstream_of(state, "download@pneumonia") == set()  # the UI's graph is dvc.yaml's
-    assert all(r["ran"] for r in result["stages"]), result["stages"]
-    assert result["decision"]["promote"]  # the first model becomes champion
-    champ = registry.champion(project / "models/pneumonia")
-    assert champ and (project / "models/pneumonia/versions" / champ["version"] / "model.keras").is_file()
-    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == {f"{s}@pneumonia" for s in STEPS}
-    assert_dvc_clean(project)
-    summary = _artifact("pneumonia-train-summary")
-    assert summary is not None and "Headline metrics" in summary.data and "| train@pneumonia | ran |" in summary.data
-    rows = {Path(r["path"]).name: r["reason"] for r in _quarantine_rows()}
-    assert result["quarantined"] == 2
-    assert rows["person900_bacteria_0.jpeg"] == "truncated"
-    assert {rows.get("person901_bacteria_0.jpeg"), rows.get(kept.name)} >= {"duplicate"}  # one of the pair kept
-    assert len(rows) == 2
-    assert_no_marker_in_artifacts_or_events(project)
-
-    start = time.perf_counter()
-    again = train_flow(dataset="pneumonia", project_dir=str(project))
-    assert not any(r["ran"] for r in again["stages"]), again["stages"]  # DVC's cache: nothing recomputed
-    assert again["decision"]["reason"].startswith("unchanged")
-    print(f"no-op train flow: {time.perf_counter() - start:.1f} s")
-
-
 def test_failed_validation_fails_the_run_with_the_reason(tmp_path: Path, harness: None) -> None:
     from flows.train import train_flow
 
@@ -354,19 +305,50 @@ def test_a_busy_retrain_waits_for_the_lock_and_a_scheduled_one_without_data_comp
 
 
 @pytest.mark.integration
-def test_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: None) -> None:
+def test_train_then_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: None) -> None:
+    """The train flow on real images (with a truncated file and a duplicate), then the retrain flow: nothing
+    new, new images promoted, a worse challenger kept out."""
     from flows.retrain import NO_NEW_DATA, retrain_flow
     from flows.train import train_flow
     from medflow.io import read_csv
     from medflow.lifecycle import registry
 
     src = shared_dataset("chest_xray")
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / MARKER / "project")  # a home folder: it must show in no artifact or event
     inbox = project / "data/inbox/pneumonia"
     real_images(inbox / "batch1", src, 0, {"NORMAL": 50, "PNEUMONIA": 100})
-    train_flow(dataset="pneumonia", project_dir=str(project))
+    kept = sorted((inbox / "batch1/PNEUMONIA").iterdir())[0]
+    truncated, duplicate = (inbox / "batch1/PNEUMONIA" / f"person{n}_bacteria_0.jpeg" for n in (9900, 9901))
+    truncated.write_bytes(kept.read_bytes()[:kept.stat().st_size * 6 // 10])
+    duplicate.write_bytes(kept.read_bytes())  # an exact copy of another patient's image
+
+    # The train flow: the dataset's own stages in dvc.yaml's graph, the first model promoted, DVC agrees.
+    state = train_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    result = state.result()
+    assert state.name == "Promoted", state  # the runs list says what happened
+    assert [r["stage"] for r in result["stages"]] == [f"{s}@pneumonia" for s in STEPS]  # this dataset only
+    assert _upstream_of(state, "train@pneumonia") == {"resize@pneumonia", "split@pneumonia", "validate@pneumonia"}
+    assert _upstream_of(state, "download@pneumonia") == set()  # the UI's graph is dvc.yaml's
+    assert all(r["ran"] for r in result["stages"]), result["stages"]
+    assert result["decision"]["promote"]  # the first model becomes champion
     models = project / "models/pneumonia"
     first = registry.champion(models)["version"]
+    assert (models / "versions" / first / "model.keras").is_file()
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == {f"{s}@pneumonia" for s in STEPS}
+    assert_dvc_clean(project)
+    summary = _artifact("pneumonia-train-summary")
+    assert summary is not None and "Headline metrics" in summary.data and "| train@pneumonia | ran |" in summary.data
+    rows = {Path(r["path"]).name: r["reason"] for r in _quarantine_rows()}
+    assert result["quarantined"] == len(rows) >= 2
+    assert rows[truncated.name] == "truncated"
+    assert {rows.get(duplicate.name), rows.get(kept.name)} >= {"duplicate"}  # one of the pair kept
+    assert_no_marker_in_artifacts_or_events(project)
+
+    start = time.perf_counter()
+    again = train_flow(dataset="pneumonia", project_dir=str(project))
+    assert not any(r["ran"] for r in again["stages"]), again["stages"]  # DVC's cache: nothing recomputed
+    assert again["decision"]["reason"].startswith("unchanged")
+    print(f"no-op train flow: {time.perf_counter() - start:.1f} s")
 
     # Nothing new since training: the train flow recorded what it ingested, so a retrain finds nothing new.
     lock = (project / "dvc.lock").read_bytes()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped, shared_dataset
+from conftest import copy_project, git_commit_all, shared_dataset
 
 from medflow.config import Source, load_config
 from medflow.data.fetch import resolve_local
@@ -94,22 +94,12 @@ def test_each_single_change_changes_the_record_and_the_fingerprint(tmp_path: Pat
 # ---------------------------------------------------------------------------------------- real DVC project
 def _project(dest: Path, external: Path) -> Path:
     """A git + DVC checkout of the pipeline whose malaria dataset reads its inbox and the folder ``external``."""
-    dest.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    copy_shipped(dest)
+    copy_project(dest)
     entry = dest / "datasets/malaria.yaml"
     data = yaml.safe_load(entry.read_text())
     data["dataset"]["sources"] = [{"url": str(external)}]
     entry.write_text(yaml.safe_dump(data, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest, check=True)
+    git_commit_all(dest)
     return dest
 
 

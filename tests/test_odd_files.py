@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped
+from conftest import ROOT, copy_project, copy_shipped
 from PIL import Image
 
 from medflow.config import parse_config
@@ -242,15 +242,7 @@ def test_bad_train_param_stops_dvc_repro_at_download_and_train_outputs_stay(tmp_
     """Real DVC (about 15 s: DVC's own start-up, then the first download stage's preflight fails)."""
     value, says = "ten", "valid integer"
     project = tmp_path / "p"
-    project.mkdir()
-    copy_shipped(project)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, project / name)
+    copy_project(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["epochs"] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, copy_shipped
+from conftest import ROOT, copy_project
 
 from flows import stages
 from medflow.catalog import check_name, preflight
@@ -46,15 +46,7 @@ def test_a_name_outside_the_pattern_is_refused_everywhere(name: Any) -> None:
 def _checkout(dest: Path, names: list[str]) -> Path:
     """A git + DVC checkout of this pipeline whose params.yaml lists ``names`` (pneumonia first), each with
     a catalog file and an inbox folder (so DVC finds every dep and param it checks before running)."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    copy_shipped(dest)
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["datasets"] = names
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

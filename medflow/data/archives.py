@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import posixpath
 import re
 import shutil
@@ -62,7 +61,7 @@ from tqdm import tqdm
 from medflow.config import ExtractConfig
 from medflow.data.fetch import ARCHIVE_SUFFIXES, archive_suffix
 from medflow.errors import StepError
-from medflow.io import CHUNK, atomic_dir, sha256_file
+from medflow.io import CHUNK, atomic_dir, pid_alive, sha256_file
 from medflow.schema import JUNK_DIRS, JUNK_FILES
 
 log = logging.getLogger(__name__)
@@ -444,16 +443,6 @@ def staging_dir(out_dir: Path) -> Path:
     return base
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(out_dir: Path) -> list[Path]:
     """Remove partial extractions for ``out_dir`` left by killed runs; return what was removed.
 
@@ -461,7 +450,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     ``.<name>.*.tmp`` folders (partial extractions of earlier versions, which built them there)."""
     base, out = staging_dir(out_dir), Path(out_dir)
     stale = [p for p in sorted(base.iterdir()) if p.name.endswith(".tmp")
-             and p.name.split(".", 1)[0].isdigit() and not _alive(int(p.name.split(".", 1)[0]))]
+             and p.name.split(".", 1)[0].isdigit() and not pid_alive(int(p.name.split(".", 1)[0]))]
     stale += [p for p in sorted(out.glob(".*.tmp")) if p.is_dir()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
