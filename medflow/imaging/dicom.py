@@ -10,8 +10,11 @@
   (more than one frame: which one would be "the" image is a choice medflow does not make),
   ``unsupported_syntax`` (no installed pixel-data plugin decodes it; the detail names the syntax and its
   UID) and ``unsupported_mode`` (a photometric interpretation other than MONOCHROME1/2, RGB, YBR_* or
-  PALETTE COLOR). pydicom 3 decodes uncompressed, deflated and RLE data itself, JPEG baseline, 8-bit JPEG
-  extended and JPEG 2000 through Pillow; JPEG-LS and JPEG lossless need pylibjpeg or the GDCM wheel.
+  PALETTE COLOR). pydicom 3 decodes uncompressed, deflated and RLE data itself; the pylibjpeg plugins
+  (dependencies) add JPEG baseline, extended (12-bit too), lossless (process 14, SV1) and JPEG-LS
+  (pylibjpeg-libjpeg), JPEG 2000 and HTJ2K (pylibjpeg-openjpeg); Pillow also decodes JPEG baseline, 8-bit
+  JPEG extended and JPEG 2000, tried when the other plugin fails. JPEG 2000 Part 2 multi-component and the
+  video syntaxes have no decoder in pydicom: ``unsupported_syntax``.
 - Pixels (:func:`decode_pixels`): pydicom's decode (bits stored respected: the unused high bits of each
   sample are masked, signed data sign-extended), then the Modality LUT (rescale slope and intercept, or
   the LUT sequence), then the VOI: the VOI LUT sequence if present, else the first window centre/width
