@@ -223,6 +223,9 @@ def test_compressed_syntaxes_decode_like_uncompressed(tmp_path: Path) -> None:
     for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
         assert np.array_equal(dicom.decode_pixels(shipped(name).read_bytes()), mr), name  # RLE, JPEG 2000, JPEG-LS
     assert decode.probe_header(shipped("693_J2KI.dcm").read_bytes()) == (512, 512, "DICOM", "I;16")
+    ds = pydicom.dcmread(shipped("SC_rgb_jpeg.dcm"))  # JPEG baseline: Pillow's pixels (libjpeg's differ by 1)
+    ds.pixel_array_options(decoding_plugin="pillow")
+    assert np.array_equal(dicom.decode_pixels(shipped("SC_rgb_jpeg.dcm").read_bytes()), ds.pixel_array)
     for name, shape in (("JPEGLSNearLossless_16.dcm", (50, 10)), ("JPGExtended.dcm", (1024, 256))):  # 12-bit JPEG
         v = verdict(shipped(name).read_bytes(), Limits(max_pixels=10_000_000, min_side=8))
         assert not v.reason and dicom.decode_pixels(shipped(name).read_bytes()).shape == shape, (name, v)
