@@ -191,6 +191,24 @@ def test_window_after_rescale_as_the_standard_says(tmp_path: Path) -> None:
     assert not np.array_equal(out, plain)
 
 
+def test_voi_lut_sequence_maps_the_samples(tmp_path: Path) -> None:
+    """A VOI LUT (a non-linear curve over the 12-bit range, 12-bit output) wins over the window and maps each
+    sample to its entry, onto 0..255 by the LUT's bit depth; without it the same samples are windowed."""
+    raw = twelve_bit(12)
+    lut = np.rint(np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16)
+    path = write_dicom(tmp_path / "lut.dcm", raw, bits_stored=12, window=(2048, 4096))
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.add_new("LUTData", "US", lut.tolist())
+    ds.VOILUTSequence = [item]
+    ds.save_as(path, enforce_file_format=True)
+    out = dicom.decode_pixels(path.read_bytes())
+    assert np.array_equal(out, np.rint(lut[raw] / 4095 * 255).astype(np.uint8))
+    windowed = write_dicom(tmp_path / "w.dcm", raw, bits_stored=12, window=(2048, 4096))
+    assert not np.array_equal(out, dicom.decode_pixels(windowed.read_bytes()))
+
+
 def test_bits_stored_and_16_bit_like_a_16_bit_png(tmp_path: Path) -> None:
     raw = twelve_bit(3)
     dirty = raw | np.where(np.arange(raw.size).reshape(raw.shape) % 3 == 0, 0xF000, 0).astype(np.uint16)
