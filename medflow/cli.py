@@ -35,7 +35,7 @@ from medflow.io import remove_stale_temps  # noqa: E402
 log = logging.getLogger("medflow")
 
 
-# step name -> (module, help, [(flag, help)]) ; every flag is a path
+# step name -> (module, help, [(flag, help)]) ; every flag is a path, required unless in OPTIONAL_FLAGS
 STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "download": (
         "tasks.download",
@@ -67,15 +67,18 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         "resize clean images in parallel into one uint8 array (N, size, size, channels)",
         [("--clean", "clean manifest CSV (input)"), ("--out", "images .npy (output)"),
          ("--stats", "resize statistics JSON (output)"), ("--cache", "content-addressed cache folder"),
+         ("--rejects", "images the filter passed that cannot be decoded now, with their row (output)"),
          ("--roots-json", "image roots (input): where the paths under a source root outside the project lie")],
     ),
     "split": (
         "tasks.split",
         "seeded train/val/test split grouped by patient and near-duplicate group, stratified by label",
         [("--clean", "clean manifest CSV (input)"),
+         ("--resize-rejects", "the resize step's rejects CSV (input): rows quarantined, in no split"),
          ("--out", "split manifest CSV (output; its previous version is extended when the params are unchanged)"),
          ("--summary", "split summary JSON: counts and the split params it was made with (output)"),
-         ("--rejects", "the split's quarantine CSV: new images that would join units of different splits (output)")],
+         ("--rejects", "the split's quarantine CSV: images resize could not decode, new images that would join "
+                       "units of different splits (output)")],
     ),
     "validate": (
         "tasks.validate",
@@ -94,6 +97,11 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
 }
 
 
+# Flags with a default in the step's run(): resize's rejects go beside its --out; split without the resize
+# rejects quarantines none (dvc.yaml passes both).
+OPTIONAL_FLAGS = frozenset({("resize", "--rejects"), ("split", "--resize-rejects")})
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,7 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_config_args(p, "the dataset of the catalog (datasets/NAME.yaml); needed unless --params holds its "
                             "own dataset: block")
         for flag, flag_help in flags:
-            p.add_argument(flag, type=Path, required=True, help=flag_help)
+            p.add_argument(flag, type=Path, required=(name, flag) not in OPTIONAL_FLAGS, help=flag_help)
     _add_model_commands(sub)
     _add_registry(sub)
     _add_orchestration(sub)

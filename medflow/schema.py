@@ -38,6 +38,9 @@ CLEAN_COLUMNS = [*MANIFEST_COLUMNS, "phash", "dup_group"]
 #           unsupported_mode | no_pixel_data | multi_frame | unsupported_syntax (the last three: DICOM) |
 #           unreadable (a broken link, a FIFO/device, no permission, a non-UTF-8 name) | duplicate
 REJECT_COLUMNS = ["path", "reason", "detail", "sha256", "bytes"]
+# resize_rejects.csv (the resize step's) = REJECT_COLUMNS plus row (in clean.csv and images.npy, a zero row),
+#   reason resize_decode_error: a file the filter passed that resize cannot decode; the split quarantines it.
+# split_rejects.csv (the split step's) = REJECT_COLUMNS plus row and links: resize's rows and links_splits.
 
 # split.csv = clean rows plus:
 #   row          row of this image in images.npy (= its position in clean.csv)

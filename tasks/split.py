@@ -4,8 +4,10 @@ Splits with :func:`medflow.data.split.assign_splits` (patient- and near-duplicat
 seeded), or, when ``out`` already holds a split made with the same ``split`` params, extends it with
 :func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned. New
 images that would join units of different splits are quarantined into ``rejects`` (reason ``links_splits``,
-the images they link to named) and left out of split.csv; the run goes on. ``rejects`` is the split step's own
-output (the filter's rejects.csv is another stage's), written on every run, header only when none.
+the images they link to named) and left out of split.csv; the run goes on. The rows the resize step could not
+decode (its ``resize_rejects``: zeros in images.npy) are quarantined too, with resize's reason and detail, and
+take no part in the split. ``rejects`` is the split step's own output (the filter's rejects.csv is another
+stage's), written on every run, header only when none.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from medflow.config import Config, SplitConfig
@@ -57,28 +60,58 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
                      for n, s in ((n, summary["splits"][n]) for n in names))
 
 
-def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | None = None) -> dict[str, Any]:
+def _resize_rejects(path: Path | None, df: pd.DataFrame, clean: Path) -> pd.DataFrame:
+    """The resize step's rejects as QUARANTINE_COLUMNS rows (``links`` empty); StepError naming ``path`` when
+    it is missing or a row's ``row`` does not hold its ``path`` in clean.csv (rejects of another clean.csv)."""
+    if path is None:
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    try:
+        late = read_csv(path)
+    except FileNotFoundError:
+        raise StepError(f"{path}: the resize step's rejects not found (run the resize step first)") from None
+    missing = [c for c in QUARANTINE_COLUMNS if c not in late.columns and c != "links"]
+    if missing:
+        raise StepError(f"{path}: missing column(s) {', '.join(missing)}")
+    rows = pd.to_numeric(late["row"], errors="coerce")
+    valid = rows.between(0, len(df) - 1) & (rows == rows.round())
+    listed = df["path"].to_numpy()[rows.where(valid, 0).astype(int).to_numpy()] if len(df) else late["path"]
+    stale = ~valid | (listed != late["path"].to_numpy())
+    if stale.any():
+        first = late.loc[stale].iloc[0]
+        raise StepError(f"{path}: row {first['row']} ({first['path']}) is not that row of {clean}: the resize "
+                        "rejects are of another clean manifest (run the resize step again)")
+    return late.assign(row=rows.astype(np.int64), links="").loc[:, QUARANTINE_COLUMNS]
+
+
+def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | None = None,
+        resize_rejects: Path | None = None) -> dict[str, Any]:
     """Read clean.csv, split it, write split.csv, the split's quarantine and its summary atomically; return
     the summary.
 
     When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
     same ``split`` params, the new split extends it: a patient in test stays in test, and new images that
     would join units of different splits go to ``rejects`` (default: split_rejects.csv beside ``out``)
-    instead of a split. Other split params split from scratch.
+    instead of a split. Other split params split from scratch. The rows listed in ``resize_rejects`` (the
+    resize step's rejects) go to ``rejects`` as they are, in no split; the other rows keep their ``row``.
     """
     try:
         df = read_csv(clean)
     except FileNotFoundError:
         raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
     rejects = Path(out).with_name("split_rejects.csv") if rejects is None else Path(rejects)
+    late = _resize_rejects(None if resize_rejects is None else Path(resize_rejects), df, Path(clean))
+    if len(late):  # left out of the split; every other row keeps its position in clean.csv (= images.npy)
+        df = df.assign(row=np.arange(len(df), dtype=np.int64)).drop(index=df.index[late["row"].to_numpy()])
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:
         if previous is None:
-            result, quarantined = assign_splits(df, cfg.split), pd.DataFrame(columns=QUARANTINE_COLUMNS)
+            result, linking = assign_splits(df, cfg.split), pd.DataFrame(columns=QUARANTINE_COLUMNS)
         else:
-            result, quarantined = extend_split(previous, df, cfg.split)
+            result, linking = extend_split(previous, df, cfg.split)
     except StepError as e:
         raise StepError(f"{clean}: {e}") from None
+    parts = [part for part in (late, linking) if len(part)]
+    quarantined = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0] if parts else linking
     write_csv(rejects, quarantined)
     write_csv(out, result)
     counts = split_summary(result)
@@ -91,7 +124,10 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
              if previous is not None else "from scratch", _format(counts), source_test["how"],
              f" ({source_test['moved_into_test']} images of other source splits moved in)" if source_test["kept"]
              else "")
-    if len(quarantined):
+    if len(late):
+        log.warning("split: %d images the resize step could not decode quarantined (%s), listed in %s, e.g. %s",
+                    len(late), resize_rejects, rejects, late["path"].head(3).tolist())
+    if len(linking):
         log.warning("split: %d new images quarantined (links_splits: they would join images of different "
-                    "splits), listed in %s, e.g. %s", len(quarantined), rejects, quarantined["path"].head(3).tolist())
+                    "splits), listed in %s, e.g. %s", len(linking), rejects, linking["path"].head(3).tolist())
     return {**counts, "quarantined": len(quarantined)}

@@ -7,6 +7,7 @@ state an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -263,3 +264,77 @@ def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tm
         assert sorted(remove_stale_temps([dest])) == sorted([left, left_dir])
         assert live.exists() and other.exists()  # a live writer's file, and another output's, stay
     assert dest.read_bytes() == b"y"
+
+
+# --- a SIGKILLed filter step takes its decoding workers with it; the re-run is an uninterrupted run's -------
+def _wait_for_workers(step: psutil.Process) -> list[psutil.Process]:
+    """The step's descendants once a decoding worker (a child of its fork server) has started."""
+    while True:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs = step.children(recursive=True)
+            servers = [p for p in procs if "forkserver" in " ".join(p.cmdline())]
+            if any(s.children() for s in servers):
+                return step.children(recursive=True)
+        with contextlib.suppress(psutil.TimeoutExpired):
+            step.wait(0.02)
+            raise AssertionError("the filter step ended before it started its workers")
+
+
+@pytest.mark.slow  # three filter runs over 140 real X-rays (one killed), two CLI starts: about 10 s on 2 cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_filter_step_kills_its_workers_and_the_rerun_is_identical(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import shared_dataset
+
+    from tasks import filter as filter_step
+    from tasks import manifest as manifest_step
+
+    full, small = shared_dataset("chest_xray_fullres"), shared_dataset("chest_xray")
+    src = tmp_path / "p" / "src"
+    # 140 distinct files, over quality._INLINE_MAX (the step starts worker processes); 40 full-size X-rays keep
+    # the workers busy for a second or more, the time to kill the step while they decode
+    picked = sorted(full.rglob("*.jpeg"))[::3] + sorted(small.rglob("*.jpeg"))[::15][:100]
+    for i, f in enumerate(picked):
+        (src / f.parent.name).mkdir(parents=True, exist_ok=True)
+        os.symlink(f, src / f.parent.name / f"{i:03d}_{f.name}")
+    project = src.parent
+    monkeypatch.chdir(project)
+    params = project / "params.yaml"
+    params.write_text(yaml.safe_dump({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1},
+                                                  "channels": 1}, "filter": {"workers": 2}}))
+    cfg = parse_config(yaml.safe_load(params.read_text()))
+    write_json(project / "roots.json", [{"root": "src", "source": "src", "kind": "folder"}])
+    manifest_step.run(cfg, roots_json=project / "roots.json", out=project / "manifest.csv")
+    outs = ("clean.csv", "rejects.csv", "filter.json")
+
+    def args(folder: str) -> dict[str, Path]:
+        return {"manifest": project / "manifest.csv", "clean": project / folder / outs[0],
+                "rejects": project / folder / outs[1], "summary": project / folder / outs[2],
+                "cache": project / folder / "cache"}
+
+    filter_step.run(cfg, **args("ref"))  # the uninterrupted run
+    cmd = [str(BIN / "medflow"), "filter", "--params", "params.yaml", "--roots-json", "roots.json",
+           *(x for k, v in args("out").items() for x in (f"--{k}", str(v.relative_to(project))))]
+    proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        procs = _wait_for_workers(psutil.Process(proc.pid))
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        gone, alive = psutil.wait_procs(procs, timeout=60)  # bounded, so that a regression fails, not hangs
+        assert not alive, f"left running after the filter step was killed: {[p.cmdline() for p in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not any((project / "out" / name).exists() for name in outs)  # killed while decoding
+    rerun = subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in outs[:2]:
+        assert (project / "out" / name).read_bytes() == (project / "ref" / name).read_bytes(), name
+    summaries = [json.loads((project / d / outs[2]).read_text()) for d in ("ref", "out")]
+    def counts_aside(s: dict) -> dict:  # what was decoded and what came from the cache differs, nothing else
+        return {k: v for k, v in s.items() if k not in ("decoded", "cached")}
+
+    assert counts_aside(summaries[1]) == counts_aside(summaries[0])
+    assert summaries[1]["decoded"] == summaries[0]["decoded"] > 128  # the killed run saved no verdicts
+    assert not [p for p in (project / "out").rglob("*") if ".tmp" in p.name], "temporary files left behind"

@@ -250,6 +250,13 @@ def test_every_catalog_dataset_opens_with_its_own_paths(tmp_path: Path) -> None:
         assert opened.model_root == project / "models" / ds
         assert opened.path("download", "--inbox") == project / "data/inbox" / ds
         assert opened.path("evaluate", "--out") == project / "reports" / ds / "evaluation"
+    # The flows run each stage with `dvc repro --single-item`, which skips download's preflight: open_project's
+    # own preflight refuses a typo before any DVC call, so no stage's outputs are deleted (issue 12, Parameters)
+    from medflow.config import ConfigError
+
+    set_params(project, "train", epochs="ten")
+    with pytest.raises(ConfigError, match=r"params.yaml: train.epochs: .*valid integer.*'ten'"):
+        open_project(str(project), "pneumonia")
 
 
 def test_unknown_dataset_fails_the_run_listing_the_catalog(tmp_path: Path, harness: None) -> None:

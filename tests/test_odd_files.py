@@ -27,7 +27,7 @@ from medflow.errors import ConfigError, StepError
 from medflow.imaging.decode import decode_resized
 from medflow.imaging.limits import Decoder, InputLimits
 from medflow.inference import collect
-from medflow.io import read_csv, write_csv
+from medflow.io import read_csv, sha256_file, write_csv
 from tasks import filter as filter_step
 from tasks import resize as resize_step
 
@@ -144,20 +144,56 @@ def test_every_image_rejected_is_a_clear_step_error(tmp_path: Path) -> None:
     assert len(read_csv(tmp_path / "rejects.csv")) == 2  # written before the error: it says why
 
 
-def test_a_file_replaced_after_the_filter_stops_resize_naming_it(tmp_path: Path) -> None:
-    good = [_png(tmp_path / "A" / f"{i}.png", i) for i in range(3)]
-    rows = [{"path": str(p), "relpath": p.name, "root": str(tmp_path), "class_name": "A", "label": 0,
-             "group": p.stem, "source_split": "", "sha256": f"{i:064x}", "bytes": p.stat().st_size,
-             "width": 56, "height": 48, "mode": "L", "format": "PNG", "phash": "0" * 16, "dup_group": ""}
-            for i, p in enumerate(good)]
-    write_csv(tmp_path / "clean.csv", pd.DataFrame(rows))
-    good[1].write_bytes(good[1].read_bytes()[:200])  # cut short after the filter passed it
-    with pytest.raises(StepError) as e:
-        resize_step.run(parse_config(CFG), clean=tmp_path / "clean.csv", out=tmp_path / "images.npy",
-                        stats=tmp_path / "stats.json", cache=tmp_path / "rcache")
-    text = str(e.value)
-    assert text.count(str(good[1])) == 1 and "the filter passed it" in text and "dvc repro" in text
-    assert "BytesIO" not in text and not (tmp_path / "images.npy").exists()
+def test_a_file_replaced_after_the_filter_is_a_resize_reject_that_the_split_quarantines(tmp_path: Path) -> None:
+    """Resize goes on past a file it cannot decode (a zero row, a reject row); the split quarantines that row
+    with resize's reason, so no split (train, val, test) holds it and images.npy still counts split + quarantine.
+    Repaired, the next runs decode it and the extended split places it."""
+    from medflow.data.split import read_quarantine
+    from tasks import split as split_step
+
+    files = [_png(tmp_path / ("A" if i % 2 else "B") / f"{i}.png", i) for i in range(12)]
+    rows = [{"path": str(p), "relpath": p.name, "root": str(tmp_path), "class_name": p.parent.name,
+             "label": int(p.parent.name == "A"), "group": p.stem, "source_split": "", "sha256": sha256_file(p),
+             "bytes": p.stat().st_size, "width": 56, "height": 48, "mode": "L", "format": "PNG", "phash": "0" * 16,
+             "dup_group": sha256_file(p)} for p in files]
+    clean = tmp_path / "clean.csv"
+    write_csv(clean, pd.DataFrame(rows))
+    bad, good = files[3], files[3].read_bytes()
+    bad.write_bytes(good[:200])  # cut short after the filter passed it
+    cfg = parse_config(CFG)
+    out = {"out": tmp_path / "split.csv", "summary": tmp_path / "split.json", "rejects": tmp_path / "split_rejects.csv",
+           "resize_rejects": tmp_path / "resize_rejects.csv"}
+
+    def resize() -> dict:
+        return resize_step.run(cfg, clean=clean, out=tmp_path / "images.npy", stats=tmp_path / "stats.json",
+                               cache=tmp_path / "rcache", rejects=out["resize_rejects"])
+
+    assert resize()["rejected"] == 1
+    late = read_csv(out["resize_rejects"])
+    assert late[["path", "reason", "row"]].values.tolist() == [[str(bad), resize_step.LATE_REASON, 3]]
+    assert "truncated" in late["detail"][0] and "BytesIO" not in late["detail"][0]
+    split_step.run(cfg, clean=clean, **out)
+    split, quarantined = read_csv(out["out"]), read_csv(out["rejects"])
+    assert str(bad) not in set(split["path"]) and len(split) == 11
+    assert quarantined[["path", "reason", "row"]].values.tolist() == [[str(bad), resize_step.LATE_REASON, 3]]
+    assert quarantined["detail"][0] == late["detail"][0]
+    positions = {path: i for i, path in enumerate(read_csv(clean)["path"])}
+    assert all(positions[p] == r for p, r in zip(split["path"], split["row"], strict=True))  # rows of images.npy
+    assert np.load(tmp_path / "images.npy").shape[0] == len(split) + len(quarantined)  # what validate counts
+    assert json.loads(out["summary"].read_text())["quarantined"]["by_reason"] == {resize_step.LATE_REASON: 1}
+    listed = read_quarantine(tmp_path / "rejects.csv", out["rejects"])  # the Prefect artifact's and report's table
+    assert listed is not None and listed["path"].tolist() == [str(bad)]
+
+    bad.write_bytes(good)  # repaired: decoded now, and placed by the extended split, nothing else moved
+    assert resize()["rejected"] == 0
+    split_step.run(cfg, clean=clean, **out)
+    again = read_csv(out["out"])
+    assert len(again) == 12 and len(read_csv(out["rejects"])) == 0
+    assert again.set_index("path").loc[split["path"], "split"].tolist() == split["split"].tolist()
+
+    write_csv(out["resize_rejects"], late.assign(path=str(files[4])))  # of another clean.csv: named, not trusted
+    with pytest.raises(StepError, match=r"resize_rejects.csv: row 3 .*4.png.* is not that row of .*clean.csv"):
+        split_step.run(cfg, clean=clean, **out)
 
 
 def _decode_errors(items: list, limits: InputLimits | None = None) -> dict[str, str | None]:

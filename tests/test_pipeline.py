@@ -102,6 +102,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert set(split["split"]) == {"train", "val", "test"}
     size = load_config(project / "params.yaml", "pneumonia").resize.size  # the shipped default
     assert _json(processed / "resize.json")["shape"] == [1564, size, size, 1]
+    assert _json(processed / "resize.json")["rejected"] == 0 and read_csv(processed / "resize_rejects.csv").empty
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
     status = _dvc(project, "status", "validate@pneumonia")
     assert "up to date" in status.stdout, status.stdout

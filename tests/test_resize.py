@@ -23,7 +23,7 @@ from resize_helpers import (
 
 from medflow.errors import StepError
 from medflow.imaging import decode, parallel
-from medflow.io import write_csv
+from medflow.io import read_csv, write_csv
 from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS
 from tasks import resize
 
@@ -40,10 +40,11 @@ def test_run_writes_rows_in_clean_csv_order(tmp_path: Path) -> None:
     for row, f in zip(images, files, strict=True):
         assert np.array_equal(row, decode.load_resized(f, size=24, channels=3))
     assert summary["images"] == 5 and summary["decoded"] == 5 and summary["cached"] == 0
-    assert summary["shape"] == [5, 24, 24, 3]
+    assert summary["shape"] == [5, 24, 24, 3] and summary["rejected"] == 0
     assert summary["reduced_decodes"] == 3  # the three JPEGs (short side >= 60): decoded at 4/8
-    # no temporary files left beside the outputs
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "stats.json"]
+    # no temporary files left beside the outputs; the rejects file holds its header alone
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "resize_rejects.csv", "stats.json"]
+    assert (tmp_path / "out" / "resize_rejects.csv").read_text().strip() == ",".join(resize.RESIZE_REJECT_COLUMNS)
     mm = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")  # how training reads it
     assert np.array_equal(mm[3], images[3])
 
@@ -85,26 +86,29 @@ def test_reduced_decodes_counted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_missing_file_names_it(tmp_path: Path) -> None:
+def test_missing_file_is_a_reject_row(tmp_path: Path) -> None:
     files = image_set(tmp_path, 2)
     clean = write_clean(tmp_path / "clean.csv", files)
     files[0].unlink()
-    with pytest.raises(StepError, match=files[0].name):
-        resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
-                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
-    assert_no_output(tmp_path)
+    summary = resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+                         stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    rejects = read_csv(tmp_path / "out" / "resize_rejects.csv")  # the default: beside the array
+    assert summary["rejected"] == 1 and rejects["path"].tolist() == [str(files[0])]
+    assert rejects["detail"][0].startswith("cannot read: No such file") and rejects["row"].tolist() == [0]
 
 
-def test_failed_run_keeps_previous_output(tmp_path: Path) -> None:
+def test_every_image_failing_stops_and_keeps_previous_output(tmp_path: Path) -> None:
     files = image_set(tmp_path, 2)
     before, _ = run_step(tmp_path, files, config_for(size=16))
-    files[1].write_bytes(b"broken")
+    for f in files:
+        f.write_bytes(b"broken")
     clean = write_clean_unknown(tmp_path / "clean2.csv", files, sha="f" * 64)
-    with pytest.raises(StepError):
+    with pytest.raises(StepError, match=r"none of the 2 image\(s\).*Nothing was written"):
         resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
                    stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
     assert np.array_equal(np.load(tmp_path / "out" / "images.npy"), before)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "stats.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "resize_rejects.csv",
+                                                                     "stats.json"]
 
 
 def test_missing_column_and_empty_table(tmp_path: Path) -> None:

@@ -171,17 +171,17 @@ def test_hard_crash_keeps_only_committed_entries(tmp_path: Path, workers: int) -
         assert np.array_equal(row, decode.load_resized(f, size=16, channels=1))
 
 
-def test_error_mid_run_keeps_what_was_decoded(tmp_path: Path) -> None:
+def test_a_failed_file_mid_run_is_not_cached_and_the_others_are(tmp_path: Path) -> None:
     files = image_set(tmp_path, 6)
     clean = write_clean(tmp_path / "clean.csv", files)
     good = files[3].read_bytes()
     files[3].write_bytes(b"broken")
-    with pytest.raises(StepError, match=files[3].name):  # one thread: rows decoded in order, 0-2 done
-        resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
-                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    summary = resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+                         stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
+    assert (summary["decoded"], summary["rejected"]) == (5, 1)
     files[3].write_bytes(good)
     _, summary = run_step(tmp_path, files, config_for(size=16))
-    assert (summary["decoded"], summary["cached"]) == (3, 3)
+    assert (summary["decoded"], summary["cached"], summary["rejected"]) == (1, 5, 0)
 
 
 def test_damaged_index_starts_a_new_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

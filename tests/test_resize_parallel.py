@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_caller_script
-from resize_helpers import POOL, assert_no_output, config_for, image_set, run_step, write_clean
+from resize_helpers import POOL, config_for, image_set, run_step, write_clean
 
 from medflow.errors import StepError
 from medflow.imaging import cache, decode, parallel
 from medflow.imaging.workers import PRELOAD
+from medflow.io import read_csv
 from tasks import resize
 
 
@@ -94,15 +95,38 @@ def test_workers_start_without_pandas() -> None:
 
 
 @pytest.mark.parametrize(("workers", "bad_row"), [(1, 3), (2, 0), (2, POOL - 1)])  # row 0: this process
-def test_undecodable_file_names_it_and_leaves_no_output(tmp_path: Path, workers: int, bad_row: int) -> None:
+def test_undecodable_file_is_a_reject_row_and_the_step_goes_on(tmp_path: Path, workers: int, bad_row: int) -> None:
+    """A file broken after the filter passed it: a zero row, one reject row naming it, nothing cached; the
+    others decoded by the worker processes or this one as usual. Repaired, it is decoded on the next run."""
     files = image_set(tmp_path, POOL)
     bad = files[bad_row]
     clean = write_clean(tmp_path / "clean.csv", files)
+    good = bad.read_bytes()
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # broken after the manifest was made
-    with pytest.raises(StepError, match=bad.name):
-        resize.run(config_for(size=16, workers=workers), clean=clean, out=tmp_path / "out" / "images.npy",
-                   stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
-    assert_no_output(tmp_path)
+    out, rejects = tmp_path / "out" / "images.npy", tmp_path / "out" / "resize_rejects.csv"
+    cfg = config_for(size=16, workers=workers)
+    summary = resize.run(cfg, clean=clean, out=out, stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache",
+                         rejects=rejects)
+    assert (summary["images"], summary["decoded"], summary["rejected"], summary["cached"]) == (POOL, POOL - 1, 1, 0)
+    assert summary["workers"] == workers
+    images, listed = np.load(out), read_csv(rejects)
+    assert listed.to_dict("records") == [{"path": str(bad), "reason": resize.LATE_REASON,
+                                          "detail": listed["detail"][0], "sha256": sha256_of(clean, bad_row),
+                                          "bytes": len(good), "row": bad_row}]
+    assert str(bad) not in listed["detail"][0] and "the filter passed it" in listed["detail"][0]
+    assert not images[bad_row].any()
+    for i, f in enumerate(files):
+        if i != bad_row:
+            assert np.array_equal(images[i], decode.load_resized(f, size=16, channels=3)), i
+    bad.write_bytes(good)
+    again = resize.run(cfg, clean=clean, out=out, stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache",
+                       rejects=rejects)
+    assert (again["decoded"], again["cached"], again["rejected"]) == (1, POOL - 1, 0) and len(read_csv(rejects)) == 0
+    assert np.array_equal(np.load(out)[bad_row], decode.load_resized(bad, size=16, channels=3))
+
+
+def sha256_of(clean: Path, row: int) -> str:
+    return str(read_csv(clean)["sha256"][row])
 
 
 def test_dead_worker_becomes_a_step_error() -> None:

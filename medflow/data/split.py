@@ -107,7 +107,8 @@ def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame
     if dup_paths.any():
         raise StepError(f"{what}: paths listed twice: {sorted(set(df.loc[dup_paths, 'path']))[:5]}")
     out = df.copy().reset_index(drop=True)
-    out["row"] = np.arange(len(out), dtype=np.int64)  # position in clean.csv: the image's row in images.npy
+    if "row" not in out.columns:  # set by the split step when it leaves out rows resize could not decode
+        out["row"] = np.arange(len(out), dtype=np.int64)  # position in clean.csv: the image's row in images.npy
     out["label"] = out["label"].astype(int)
     for col in ("group", "dup_group"):
         out[col] = out[col].astype(str)
@@ -226,7 +227,8 @@ def _require_source_test(df: pd.DataFrame) -> None:
 def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Split a clean manifest: returns its rows, in the same order, with ``row``, ``split_group``, ``split``.
 
-    ``row`` is the position in ``df`` (the row of the image in images.npy). Deterministic for one seed and
+    ``row`` is the position in ``df`` (the row of the image in images.npy), or ``df``'s own ``row`` column
+    when it has one (clean.csv less some rows: the others keep their position). Deterministic for one seed and
     one set of rows, whatever their order. Raises StepError for missing columns, ids or labels, and for
     ``keep_source_test`` without any source test row.
     """

@@ -10,8 +10,12 @@
   (more than one frame: which one would be "the" image is a choice medflow does not make),
   ``unsupported_syntax`` (no installed pixel-data plugin decodes it; the detail names the syntax and its
   UID) and ``unsupported_mode`` (a photometric interpretation other than MONOCHROME1/2, RGB, YBR_* or
-  PALETTE COLOR). pydicom 3 decodes uncompressed, deflated and RLE data itself, JPEG baseline, 8-bit JPEG
-  extended and JPEG 2000 through Pillow; JPEG-LS and JPEG lossless need pylibjpeg or the GDCM wheel.
+  PALETTE COLOR). pydicom 3 decodes uncompressed, deflated and RLE data itself; JPEG baseline, 8-bit JPEG
+  extended and JPEG 2000 go through Pillow first (libjpeg-turbo, as medflow's JPEG files: the pixels of
+  these files are what they were before the plugins came), and through the pylibjpeg plugins
+  (dependencies) when Pillow fails; those alone decode 12-bit JPEG extended, JPEG lossless (process 14,
+  SV1) and JPEG-LS (pylibjpeg-libjpeg), and HTJ2K (pylibjpeg-openjpeg). JPEG 2000 Part 2 multi-component
+  and the video syntaxes have no decoder in pydicom: ``unsupported_syntax``.
 - Pixels (:func:`decode_pixels`): pydicom's decode (bits stored respected: the unused high bits of each
   sample are masked, signed data sign-extended), then the Modality LUT (rescale slope and intercept, or
   the LUT sequence), then the VOI: the VOI LUT sequence if present, else the first window centre/width
@@ -229,12 +233,26 @@ def decode_pixels(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise Reject(name, "no_pixel_data", "DICOM object without pixel data (not an image)")
     try:
         with _quiet():
-            arr = ds.pixel_array
+            arr = _pixel_array(ds)
             return _to_8bit(arr, ds)
     except StepError as e:  # a window that cannot be applied
         raise StepError(f"{name}: {e}") from e
     except Exception as e:  # the plugins raise many types on broken data
         raise StepError(f"{name}: cannot decode DICOM pixel data ({head.syntax}): {type(e).__name__}: {e}") from e
+
+
+def _pixel_array(ds: Any) -> np.ndarray:
+    """pydicom's decode, Pillow first where it has the syntax (module docstring), then every plugin."""
+    from pydicom.pixels import get_decoder
+
+    uid = _syntax(ds)[0]
+    if uid is not None and uid.is_compressed and "pillow" in get_decoder(uid).available_plugins:
+        try:
+            ds.pixel_array_options(decoding_plugin="pillow")
+            return np.asarray(ds.pixel_array)
+        except Exception:  # Pillow raises many types; the other plugins get their turn
+            ds.pixel_array_options(decoding_plugin="")
+    return np.asarray(ds.pixel_array)
 
 
 def _to_8bit(arr: np.ndarray, ds: Any) -> np.ndarray:

@@ -46,11 +46,6 @@ _MAX_CHUNK = 32  # images per task sent to a worker, at most
 _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left (guided scheduling)
 
 
-class LateReject(StepError):
-    """A file that clean.csv lists (the filter passed it) and that cannot be read or decoded now; the message
-    names it once and says what is wrong. Only a message (``args``): it crosses the worker pipe."""
-
-
 class Written(NamedTuple):
     """One decoded image, written to its output row(s) and appended to a cache shard."""
 
@@ -60,10 +55,23 @@ class Written(NamedTuple):
     offset: int  # where in that shard
 
 
+class Failed(NamedTuple):
+    """A file that clean.csv lists (the filter passed it) and that cannot be read or decoded now (it changed
+    after the filter read it, or a decoder disagrees with the filter's). Its row(s) of the output stay zero
+    and nothing is cached: the resize step lists it in its rejects."""
+
+    key: str  # its cache key
+    error: str  # the decoder's message: names the file once and says what is wrong
+
+
+Result = Written | Failed
+
+
 @contextlib.contextmanager
 def decoding(todo: list[Task], *, size: int, channels: int, workers: int, out: str, cache: str,
-             run_id: str) -> Iterator[Iterator[Written]]:
-    """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish.
+             run_id: str) -> Iterator[Iterator[Result]]:
+    """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish
+    (:class:`Written`, or :class:`Failed` for a file that cannot be decoded: one file never stops the run).
 
     ``out`` is the output file, already at its full size (each task names its rows' offsets); ``cache`` the
     cache folder whose shards the decoders append to, under names that start with ``run_id``. Fewer than
@@ -100,13 +108,14 @@ def decoding(todo: list[Task], *, size: int, channels: int, workers: int, out: s
 
 
 def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cache: str,
-                  run_id: str) -> list[Written]:
+                  run_id: str) -> list[Result]:
     """Decoder body: decode a chunk of images and write each to its output row(s) and to this decoder's shard.
 
     Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
-    process, or thread of this process) appends to a shard of its own (:class:`ShardAppender`).
+    process, or thread of this process) appends to a shard of its own (:class:`ShardAppender`). A file that
+    cannot be decoded is a :class:`Failed` result; a write error stops the chunk.
     """
-    results = []
+    results: list[Result] = []
     out_fd = open_fd(out, os.O_WRONLY, "cannot write the output")
     try:
         with ShardAppender(cache, run_id) as shard:
@@ -116,7 +125,8 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cach
                     img, reduced = decode_image(read_image(job.path), size=size, channels=channels,
                                                 info=job.info, name=job.path)
                 except StepError as e:
-                    raise LateReject(str(e)) from None
+                    results.append(Failed(job.key, str(e)))
+                    continue
                 data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
                 try:
                     for pos in task.offsets:
@@ -165,7 +175,7 @@ def _task_cost(task: Task) -> float:
     return float(info.width * info.height) if info else 1e6
 
 
-_Finished = Future[list[Written]] | list[Written] | BaseException
+_Finished = Future[list[Result]] | list[Result] | BaseException
 
 
 class _Shared:
@@ -178,7 +188,7 @@ class _Shared:
     worker waits between chunks); the guided, cost-sized chunks keep everyone finishing together.
     """
 
-    def __init__(self, chunks: list[list[Task]], job: Callable[[list[Task]], list[Written]],
+    def __init__(self, chunks: list[list[Task]], job: Callable[[list[Task]], list[Result]],
                  pool: Executor, *, processes: int) -> None:
         self._pending = deque(chunks)
         self._total, self._job, self._pool, self._depth = len(chunks), job, pool, 2 * processes
@@ -194,7 +204,7 @@ class _Shared:
             self.stop()
             raise
 
-    def results(self) -> Iterator[Written]:
+    def results(self) -> Iterator[Result]:
         """Every chunk's results as they finish; the first error (a worker's, or this thread's) raised."""
         for _ in range(self._total):
             item = self._done.get()
@@ -231,7 +241,7 @@ class _Shared:
                 return
 
 
-def _unbroken(results: Iterator[Written]) -> Iterator[Written]:
+def _unbroken(results: Iterator[Result]) -> Iterator[Result]:
     """Turn a dead worker (killed for memory, or a decoder crash) into an actionable StepError."""
     try:
         yield from results

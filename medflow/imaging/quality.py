@@ -90,7 +90,8 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a change to this module or to medflow.imaging.verdict could change a verdict or a pHash: it
 # invalidates the cache.
-FILTER_VERSION = "filter-3"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails
+FILTER_VERSION = "filter-4"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails;
+# 4: the pylibjpeg plugins decode JPEG-LS, JPEG lossless and 12-bit JPEG extended DICOM (were unsupported_syntax)
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
            "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "unreadable", "duplicate",
