@@ -189,9 +189,13 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
     """
     param_file = work / "params.yaml"
     param_file.write_text(yaml.safe_dump(params(size, 1)))
+    roots = work / "roots.json"
+    roots.write_text("[]\n")  # clean.csv names every image by a plain path
+
     def command(cache: Path) -> list[str]:
         return [sys.executable, "-m", "medflow.cli", "resize", "--params", str(param_file), "--clean", str(clean),
-                "--out", str(work / "images.npy"), "--stats", str(work / "resize.json"), "--cache", str(cache)]
+                "--out", str(work / "images.npy"), "--stats", str(work / "resize.json"), "--cache", str(cache),
+                "--roots-json", str(roots)]
 
     def best(fn: Callable[[], Any]) -> float:
         times = []
