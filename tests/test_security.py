@@ -318,12 +318,16 @@ def test_the_keras_floor_is_past_the_known_safe_mode_bypasses_and_the_lock_meets
     assert _version(locked) >= floor
 
 
-def test_scripts_test_pins_uv_to_a_range() -> None:
-    line = next(x for x in (ROOT / "scripts" / "test").read_text().splitlines() if "pip install" in x)
-    spec = re.search(r"'uv([^']*)'", line)
-    assert spec and ">=" in spec.group(1) and "<" in spec.group(1).replace("<=", ""), line
+def test_uv_is_pinned_to_a_range_and_its_wheels_to_sha256s() -> None:
+    text = (ROOT / "scripts" / "uv").read_text()
+    version = re.search(r'^VERSION = "([\d.]+)"', text, re.M)
+    bound = re.search(r'^MINOR_BOUND = "([\d.]+)"', text, re.M)
+    assert version and bound and _version(version.group(1)) < _version(bound.group(1))
+    pins = re.findall(r'"(uv-[^"]+\.whl)",\s*"([0-9a-f]{64})"', text)
+    assert pins and all(f"uv-{version.group(1)}-" in wheel for wheel, _ in pins), pins
+    two_commands = (ROOT / "README.md").read_text().split("## Two commands")[1].split("```bash")[1].split("```")[0]
+    for commands in ((ROOT / "scripts" / "test").read_text(), two_commands):
+        assert "scripts/uv sync --frozen" in commands and "pip install" not in commands
     if shutil.which("uv"):
         here = _version(subprocess.run(["uv", "--version"], capture_output=True, text=True).stdout)
-        low, high = (_version(s) for s in spec.group(1).split(","))
-        assert low <= here < high, f"this machine's uv {here} is outside {spec.group(1)}"
-
+        assert _version(version.group(1)) <= here < _version(bound.group(1)), f"this machine's uv {here}"
