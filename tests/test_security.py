@@ -23,6 +23,11 @@ import yaml
 from conftest import ROOT, copy_project
 
 from flows import stages
+
+# Imported here, not in a test: Prefect's first import under capsys, after an in-process resize run in the same
+# worker (test_odd_files), left pytest's own stderr capture closed ("I/O operation on closed file").
+from flows.common import open_project
+from flows.deploy import catalog
 from medflow.catalog import check_name, preflight
 from medflow.cli import main
 from medflow.config import ConfigError, parse_config
@@ -86,9 +91,6 @@ def test_hostile_names_reach_dvc_but_no_shell(tmp_path: Path, capsys: pytest.Cap
         assert "medflow preflight: error: " in output and "datasets.1: 'x;touch MARK;:'" in output, output
     assert main(["preflight", "--params", str(project / "params.yaml")]) == 2
     assert "datasets.1: 'x;touch MARK;:' is not a dataset name" in capsys.readouterr().err
-    from flows.common import open_project
-    from flows.deploy import catalog
-
     for refuse in (lambda: open_project(str(project), "pneumonia"), lambda: catalog(project)):
         with pytest.raises(ConfigError, match=r"datasets.1: 'x;touch MARK;:'"):
             refuse()
