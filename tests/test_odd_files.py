@@ -1,6 +1,6 @@
 """One odd file never stops a dataset (issue 12): each file-level problem is one reject row with a reason, or
 one error row of predict; stage-level failures stop with a clear message; a bad param stops `dvc repro` at
-download, before DVC deletes the outputs of the stage that reads it."""
+download, and a stage run on its own keeps its outputs (persistent) through the failed run."""
 
 from __future__ import annotations
 
@@ -274,24 +274,79 @@ def test_preflight_names_a_useless_value(tmp_path: Path) -> None:
     assert all(name in str(e.value) for name in params["datasets"])
 
 
+# train@<dataset>'s deps and outputs as a finished run leaves them (stand-ins: `dvc commit` records them as
+# that run, and the typo stops `medflow train` before it reads any of them)
+_TRAIN_DEPS = ["data/processed/{d}/images.npy", "data/processed/{d}/split.csv", "reports/{d}/validation.json"]
+_TRAIN_OUTS = ["models/{d}/model.keras", "models/{d}/metadata.json", "models/{d}/history.csv",
+               "models/{d}/checkpoints/state.json", "reports/{d}/train/metrics.json",
+               "reports/{d}/train/plots/metrics/train/loss.tsv"]
+
+
+# One DVC process for the stage run by hand (DVC's start-up is most of each call): record the stand-ins as the
+# last good run, run the stage with the typo (sys.argv[3]) on its own, then undo it (sys.argv[2]) and ask.
+_SINGLE_ITEM = """
+import json, shutil, sys
+from dvc.repo import Repo
+project, good, typo, stage = sys.argv[1:5]
+with Repo(project) as repo:
+    repo.commit(stage, force=True)
+    shutil.copy(typo, project + "/params.yaml")
+    try:
+        repo.reproduce(stage, single_item=True)
+        failed = False
+    except Exception as e:
+        failed = str(e)
+    shutil.copy(good, project + "/params.yaml")
+    print(json.dumps({"failed": failed, "status": repo.status([stage])}))
+"""
+
+
+def _params_with_epochs(project: Path, value: object, name: str) -> Path:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["epochs"] = value
+    path = project.parent / name
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
 def test_bad_train_param_stops_dvc_repro_at_download_and_train_outputs_stay(tmp_path: Path) -> None:
-    """Real DVC (about 15 s: DVC's own start-up, then the first download stage's preflight fails)."""
+    """Real DVC: the stage run on its own (`dvc repro --single-item`, no preflight) keeps its outputs through the
+    failed run, so undoing the typo leaves it up to date; then a full `dvc repro` stops at download's preflight
+    (about 15 s each: DVC's start-up, `medflow train` refusing the value)."""
     value, says = "ten", "valid integer"
     project = tmp_path / "p"
     copy_project(project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dataset = params["datasets"][0]
-    model = project / "models" / dataset / "model.keras"
-    model.parent.mkdir(parents=True)
-    model.write_bytes(b"a previous run's model")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    good = shutil.copy(project / "params.yaml", tmp_path / "good.yaml")
+    typo = _params_with_epochs(project, value, "typo.yaml")
+    dataset = yaml.safe_load(typo.read_text())["datasets"][0]
+    stage, model = f"train@{dataset}", project / f"models/{dataset}/model.keras"
+    files = {project / p.format(d=dataset): f"a previous run's {p.format(d=dataset)}".encode()
+             for p in _TRAIN_DEPS + _TRAIN_OUTS}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    # the stage by hand: DVC used to delete its outputs before `medflow train` refused the value
+    proc = subprocess.run([sys.executable, "-c", _SINGLE_ITEM, str(project), str(good), str(typo), stage],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["failed"] and "train.epochs" in proc.stderr and repr(value) in proc.stderr, proc.stderr[-3000:]
+    kept = {str(p.relative_to(project)) for p, data in files.items() if p.exists() and p.read_bytes() == data}
+    assert kept == {str(p.relative_to(project)) for p in files}, proc.stderr[-3000:]
+    assert result["status"] == {}, result  # the typo undone: up to date, nothing to recompute
+    # a persistent output is still cached as usual (what `dvc checkout` restores)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
+    md5 = next(o["md5"] for o in lock["outs"] if o["path"] == f"models/{dataset}/model.keras")
+    assert (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_bytes() == files[model]
+
+    shutil.copy(typo, project / "params.yaml")
     proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "params.yaml: train.epochs" in out and says in out and repr(value) in out, out[-3000:]
     assert "Running stage 'download@" in out and "Running stage 'train@" not in out
-    assert model.read_bytes() == b"a previous run's model"
+    assert all(path.read_bytes() == data for path, data in files.items())

@@ -146,6 +146,7 @@ import json, sys
 from dvc.repo import Repo
 with Repo(sys.argv[1]) as repo:
     stages = {s.name: {"cmd": s.cmd, "outs": [str(o.def_path) for o in s.outs],
+                       "deleted_before_run": [str(o.def_path) for o in s.outs if not o.persist],
                        "params": {str(d.def_path): d.params for d in s.deps if hasattr(d, "params")}}
               for s in repo.index.stages}
     artifacts = [str(a.path) for a in repo.artifacts.read()["dvc.yaml"].values()]
@@ -172,4 +173,6 @@ def test_dvc_resolves_one_stage_per_step_and_dataset(tmp_path: Path) -> None:
                                "datasets/malaria.yaml": ["dataset.allow_flips", "dataset.labels",
                                                          "dataset.class_names", "train"]}
     assert {"models/malaria/model.keras", "models/malaria/checkpoints"} <= set(train["outs"])
+    # every output (outs, metrics, plots) persists: a failed run never costs the last good one (issue 12)
+    assert {name: s["deleted_before_run"] for name, s in stages.items() if s["deleted_before_run"]} == {}
     assert set(resolved["artifacts"]) == {f"models/{d}/model.keras" for d in datasets}

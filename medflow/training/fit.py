@@ -287,6 +287,8 @@ def _open_live(folder: Path, resume: bool, is_chief: bool) -> Any:
         from dvclive import Live
     except ImportError:  # e.g. a GPU box with only JAX and Keras: history.csv still has every epoch
         log.warning("dvclive is not installed: per-epoch metrics go to history.csv only")
+        if not resume:  # as DVCLive would: no earlier run's plots stay behind (dvc.yaml keeps outputs: persist)
+            shutil.rmtree(folder / "plots", ignore_errors=True)
         return None
     return Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
