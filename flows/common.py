@@ -23,7 +23,6 @@ from prefect.tasks import exponential_backoff
 from flows import stages
 from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
-from medflow.data.split import read_quarantine
 from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.io import display_path, read_json
 from medflow.lifecycle import registry
@@ -155,7 +154,6 @@ def stage_task(stage: str) -> Any:
                                   timeout_seconds=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S) + 60, **options)
 
 
-@task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
 @task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
 def fingerprint(project: Project) -> dict[str, Any]:
     """The source fingerprint now and at the last ingestion, and the inbox files it covers (both flows record
@@ -177,6 +175,7 @@ def outcome(name: str, message: str, data: dict[str, Any]) -> State:
     return Completed(name=name, message=message, data=data)
 
 
+@task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
 def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the trained model; score it and the champion on the same test split; promote if not worse.
 
@@ -268,6 +267,8 @@ def post_summary(project: Project, results: list[dict[str, Any]], decision: dict
 def post_quarantine(project: Project) -> int:
     """Table artifact of the files the filter step and the split step quarantined (path, reason, detail);
     returns their count."""
+    from medflow.data.split import read_quarantine  # pandas: only a run that reached the stages needs it
+
     rejects, split_rejects = project.path("filter", "--rejects"), project.path("split", "--rejects")
     df = read_quarantine(rejects, split_rejects)
     if df is None:
