@@ -117,7 +117,8 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
 
     def on_line(line: str) -> None:
         tail.append(line)
-        logger.info(line)
+        if not stages.is_noise(line):  # DVC's "is empty" warnings (README, "Logs": $MEDFLOW_NOISY_LOGS keeps them)
+            logger.info(line)
 
     try:
         result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,

@@ -374,3 +374,26 @@ def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) ->
     time.sleep(0.2)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie awaiting its reaper)
+
+
+def test_stage_logs_leave_out_dvc_empty_warnings_and_tf_banners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Issue 13: a stage's task log drops DVC's "is empty" warning (real DVC output) and the stage command runs
+    with TensorFlow's C++ INFO lines off; $MEDFLOW_NOISY_LOGS keeps both, and a user's own TF setting wins."""
+    monkeypatch.delenv("MEDFLOW_NOISY_LOGS", raising=False)
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"q": {
+        "cmd": "mkdir -p empty && (printenv TF_CPP_MIN_LOG_LEVEL || echo unset) > tf.txt",
+        "outs": ["empty", "tf.txt"]}}}))
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc/config").write_text("[core]\n    no_scm = true\n")  # what `dvc init --no-scm` writes
+    result = stages.repro_stage(tmp_path, "q")
+    lines = result.output.splitlines()
+    assert result.ran and "WARNING: 'empty' is empty." in lines, lines  # what DVC prints on every such run
+    assert [line for line in lines if stages.is_noise(line)] == ["WARNING: 'empty' is empty."], lines
+    assert (tmp_path / "tf.txt").read_text().strip() == "1"  # the stage command's environment
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert stages._env()["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    monkeypatch.setenv("MEDFLOW_NOISY_LOGS", "1")
+    assert not any(stages.is_noise(line) for line in lines) and "TF_CPP_MIN_LOG_LEVEL" not in stages._env()
