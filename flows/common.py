@@ -265,9 +265,10 @@ def report_key(dataset: str) -> str:
 
 
 def summary_markdown(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
-                     title: str) -> str:
+                     title: str, report_id: Any = None) -> str:
     """The run's Markdown summary: a model at chance (first, loudly), the decision, the test metrics (value
-    and CI, 3 decimals), threshold and chance guard, where the full report is, champion, stages."""
+    and CI, 3 decimals), threshold and chance guard, where the full report is (``report_id``: the report
+    artifact's id, linked as its page in the web UI), champion, stages."""
     warning = chance_warning(project)
     lines = [f"# {title}", "", *([f"> **{warning}**", ""] if warning else []),
              f"Project `{project.root.name}`, dataset **{project.dataset}**."]
@@ -284,10 +285,10 @@ def summary_markdown(project: Project, results: list[dict[str, Any]], decision: 
         lines += ["", "## Test metrics", "", *table]
     for line in (threshold_line(project, metrics), chance_line(project)):
         lines += ["", line] if line else []
-    if ev["summary.md"].exists():
+    if ev["report.html"].exists():
         html = display_path(ev["report.html"], project.root)  # project-relative: no home folder in the artifact
-        lines += ["", f"Full report: the [{report_key(project.dataset)}](/artifacts/key/{report_key(project.dataset)})"
-                      f" artifact; with its figures, `{html}` in the checkout."]
+        shown = f"the [{report_key(project.dataset)}](/artifacts/artifact/{report_id}) artifact; " if report_id else ""
+        lines += ["", f"Full report: {shown}with its figures, `{html}` in the checkout."]
     lines += ["", "## Stages", "", "| stage | result | seconds |", "|---|---|---:|"]
     lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
               for r in results]
@@ -311,12 +312,12 @@ def report_markdown(project: Project) -> str | None:
 def post_summary(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
                  title: str, key: str) -> None:
     """The run's summary artifact, and the evaluation report (the evaluate stage's summary.md) as its own."""
-    report = report_markdown(project)
-    if report is not None:
-        create_markdown_artifact(report, key=report_key(project.dataset),
-                                 description=f"evaluation report of {project.dataset} (summary.md of the evaluate "
-                                             "stage; figures in report.html)")
-    create_markdown_artifact(summary_markdown(project, results, decision, title), key=key,
+    report, report_id = report_markdown(project), None
+    if report is not None:  # its page (/artifacts/artifact/<id>) shows it; the key's page lists its versions
+        report_id = create_markdown_artifact(report, key=report_key(project.dataset),
+                                             description=f"evaluation report of {project.dataset} (summary.md of "
+                                                         "the evaluate stage; figures in report.html)")
+    create_markdown_artifact(summary_markdown(project, results, decision, title, report_id), key=key,
                              description=f"{title}: decision, test metrics, threshold, chance guard, stages")
 
 

@@ -248,3 +248,4 @@ def test_deployments_end_to_end_on_a_real_server(server: Server, tmp_path: Path)
     assert_dvc_clean(project)
     for log in server.logs:
         assert server.secret not in log.read_text(errors="replace"), log.name
+    assert "HTTP Request:" not in server.logs[1].read_text(errors="replace")  # no line per API call (issue 13)

@@ -327,7 +327,8 @@ def test_the_summary_holds_the_report_for_the_web_ui(tmp_path: Path, cfg: Config
     project = _evaluated_project(tmp_path, cfg)
     details = read_json(tmp_path / "reports/pneumonia/evaluation/details.json")
     results = [{"stage": "train@pneumonia", "ran": True, "seconds": 12.3}]
-    text = summary_markdown(project, results, {"reason": "promoted: no champion yet"}, "medflow train: pneumonia")
+    text = summary_markdown(project, results, {"reason": "promoted: no champion yet"}, "medflow train: pneumonia",
+                            report_id="0c2d")
     table = text.split("## Test metrics\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert table[0] == "| metric (test) | value | 95% CI |" and all(row.count("|") == 4 for row in table), table
     auc = details["test"]["roc_auc"]
@@ -336,7 +337,7 @@ def test_the_summary_holds_the_report_for_the_web_ui(tmp_path: Path, cfg: Config
     assert "Operating threshold **0.450** (fixed, fixed in params, chosen on val); 200 test images (67 positive)." \
         in text, text
     assert "Chance guard: passed: the model beats chance on val: val loss" in text, text
-    assert "[pneumonia-report](/artifacts/key/pneumonia-report)" in text and "`reports/pneumonia/evaluation/" \
+    assert "[pneumonia-report](/artifacts/artifact/0c2d)" in text and "`reports/pneumonia/evaluation/" \
         "report.html`" in text and "](reports" not in text and "file:" not in text and "AT CHANCE" not in text
     assert "| train@pneumonia | ran | 12.3 |" in text and "**promoted: no champion yet**" in text
 
