@@ -398,3 +398,21 @@ def test_stage_logs_leave_out_dvc_empty_warnings_and_tf_banners(tmp_path: Path, 
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
     monkeypatch.setenv("MEDFLOW_NOISY_LOGS", "1")
     assert not any(stages.is_noise(line) for line in lines) and "TF_CPP_MIN_LOG_LEVEL" not in stages._env()
+    # server, serve and watch: no httpx line per API request, unless asked for (the switch, or -v)
+    import logging
+
+    from medflow.cli import quiet_http
+
+    httpx_log = logging.getLogger("httpx")
+    before = httpx_log.level
+    try:
+        httpx_log.setLevel(logging.NOTSET)
+        quiet_http(verbose=False)
+        assert httpx_log.level == logging.NOTSET
+        monkeypatch.delenv("MEDFLOW_NOISY_LOGS")
+        quiet_http(verbose=True)
+        assert httpx_log.level == logging.NOTSET
+        quiet_http(verbose=False)
+        assert httpx_log.level == logging.WARNING and not httpx_log.isEnabledFor(logging.INFO)
+    finally:
+        httpx_log.setLevel(before)
