@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -34,8 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_orchestration import _dvc_noop, _project
-from dvc_project import BIN, DVC, ROOT
+from bench_orchestration import _project
+from dvc_project import BIN, DVC, ROOT, best_time
+
+
+def _only_download_ran(stdout: str) -> None:
+    """Nothing to do: download runs on every repro (always_changed, it checks the inbox); nothing else may."""
+    ran = re.findall(r"Running stage '([^']+)'", stdout)
+    assert all(name.startswith("download@") for name in ran), stdout
 
 
 def _free_port() -> int:
@@ -68,8 +75,10 @@ def _served_run(project: Path, env: dict[str, str], api: str) -> tuple[float, fl
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"served run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    body = {"sort": "EXPECTED_START_TIME_DESC", "limit": 1}
-    flow_run = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()[0]
+    found = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
+    if found is None:
+        sys.exit(f"no flow run id in the output of `prefect deployment run`:\n{run.stdout[-3000:]}")
+    flow_run = httpx.get(f"{api}/flow_runs/{found.group(1)}", timeout=10).json()
     created, start, end = (_iso(flow_run[k]) for k in ("created", "start_time", "end_time"))
     return wall, (start - created).total_seconds(), (end - start).total_seconds(), str(flow_run["state_name"])
 
@@ -125,8 +134,13 @@ def main() -> None:
             _wait(lambda: httpx.get(f"{api}/deployments/name/medflow/train-pneumonia", timeout=5).status_code
                   == 200, 300, "the deployments")
             first = _served_run(project, env, api)  # registers the model dvc repro trained (the first decision)
-            served = [_served_run(project, env, api) for _ in range(args.repeat)]
-            dvc_noop = _dvc_noop(project, args.repeat)
+            print(f"first served run {first[0]:.1f} s ({first[3]})", flush=True)
+            served = []
+            for _ in range(args.repeat):
+                served.append(_served_run(project, env, api))
+                print("served no-op (end to end, pick-up, flow run): {:.2f} / {:.2f} / {:.2f} s ({})".format(
+                    *served[-1]), flush=True)
+            dvc_noop = best_time([DVC, "repro"], project, args.repeat, check=_only_download_ran)
         finally:
             for proc in reversed(procs):
                 _stop(proc)
