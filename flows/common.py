@@ -9,6 +9,7 @@ to the task's log in the Prefect UI.
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from prefect.tasks import exponential_backoff
 from flows import stages
 from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
-from medflow.data.split import read_quarantine
+from medflow.evaluation.metrics import LABELS, ci_level
 from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.io import display_path, read_json
 from medflow.lifecycle import registry
@@ -116,7 +117,8 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
 
     def on_line(line: str) -> None:
         tail.append(line)
-        logger.info(line)
+        if not stages.is_noise(line):  # DVC's "is empty" warnings (README, "Logs": $MEDFLOW_NOISY_LOGS keeps them)
+            logger.info(line)
 
     try:
         result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,
@@ -155,7 +157,6 @@ def stage_task(stage: str) -> Any:
                                   timeout_seconds=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S) + 60, **options)
 
 
-@task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
 @task(name="fingerprint-source", task_run_name="fingerprint-source", cache_policy=NO_CACHE)
 def fingerprint(project: Project) -> dict[str, Any]:
     """The source fingerprint now and at the last ingestion, and the inbox files it covers (both flows record
@@ -177,6 +178,7 @@ def outcome(name: str, message: str, data: dict[str, Any]) -> State:
     return Completed(name=name, message=message, data=data)
 
 
+@task(name="champion-vs-challenger", task_run_name="champion-vs-challenger", cache_policy=NO_CACHE)
 def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the trained model; score it and the champion on the same test split; promote if not worse.
 
@@ -188,42 +190,66 @@ def challenge(project: Project, info: dict[str, Any] | None = None) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------ artifacts
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else "n/a" if v is None else str(v)
 
 
-def _flat_metrics(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested metrics JSON -> {"test.roc_auc": 0.93, ...}; intervals {value, low, high} become one cell."""
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        if {"value", "low", "high"} <= set(data):
-            v, lo, hi = data["value"], data["low"], data["high"]
-            out[prefix] = f"{_fmt(v)} ({_fmt(lo)}-{_fmt(hi)})" if None not in (v, lo, hi) else _fmt(v)
-            return out
-        for k, v in data.items():
-            out.update(_flat_metrics(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(data, int | float | str) and not isinstance(data, bool):
-        out[prefix] = data
-    return out
+TEST_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "balanced_accuracy", "brier")  # the summary's
+DECISION_METRICS = {"threshold": "Threshold", **LABELS}
+REPORT_ARTIFACT_MAX = 100_000  # characters of the evaluate stage's summary.md posted as the report artifact
+_LINK = re.compile(r"(?<!\\)\[([^\]\\]+)\]\(([^)\s]+)\)")  # [text](target), not an escaped \[
 
 
-HEADLINE = ("roc_auc", "auc", "sensitivity", "specificity", "recall", "precision", "accuracy", "threshold",
-            "loss")
+def metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """The evaluate stage's test metrics (details.json, else metrics.json) as a 3-column Markdown table:
+    metric, value, confidence interval; 3 decimals."""
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    level = ci_level(float((metrics.get("bootstrap") or {}).get("confidence", 0.95)))
+    lines = [f"| metric (test) | value | {level} CI |", "|---|---:|---:|"]
+    for key in TEST_METRICS:
+        block = test.get(key)
+        block = {"value": block} if isinstance(block, int | float) and not isinstance(block, bool) else block
+        if isinstance(block, dict):
+            ci = "" if block.get("low") is None else f"{_fmt(block['low'])} to {_fmt(block.get('high'))}"
+            lines.append(f"| {LABELS[key]} | {_fmt(block.get('value'))} | {ci} |")
+    return lines if len(lines) > 2 else []
 
 
-def headline(metrics_json: Path) -> list[tuple[str, str]]:
-    """The headline rows (AUC, sensitivity, specificity, ...) of a metrics JSON, in a stable order."""
-    if not metrics_json.exists():
+def live_table(live: dict[str, Any]) -> list[str]:
+    """The train stage's DVCLive metrics (the kept epoch) as a 2-column table, when there is no evaluation."""
+    flat = {f"{k} {n}" if isinstance(v, dict) else k: x for k, v in live.items()
+            for n, x in (v.items() if isinstance(v, dict) else [(k, v)])}  # {"val": {"loss": ..}} -> "val loss"
+    rows = [(k, v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not rows:
         return []
-    flat = _flat_metrics(read_json(metrics_json))
-    rows = [(k, _fmt(v)) for k, v in flat.items() if k.split(".")[-1] in HEADLINE]
-    return rows[:24]
+    return ["| metric (train stage) | value |", "|---|---:|", *(f"| {k} | {_fmt(v)} |" for k, v in rows)]
+
+
+def threshold_line(project: Project, metrics: dict[str, Any]) -> str:
+    """The operating threshold, how it was chosen, and the test set's size."""
+    path = project.model_root / "threshold.json"
+    info = read_json(path) if path.exists() else {}
+    value = info.get("threshold", metrics.get("threshold"))
+    if not isinstance(value, int | float):
+        return ""
+    how = ", ".join(str(x) for x in (info.get("rule"), info.get("how")) if x)
+    size = f"; {metrics['n']} test images ({metrics.get('n_positive', '?')} positive)" if "n" in metrics else ""
+    return f"Operating threshold **{value:.3f}**{f' ({how}, chosen on val)' if how else ''}{size}."
+
+
+def chance_line(project: Project) -> str:
+    """The chance guard's verdict on val (threshold.json), one line."""
+    path = project.model_root / "threshold.json"
+    verdict = (read_json(path).get("chance") or {}) if path.exists() else {}
+    if not verdict.get("summary"):
+        return ""
+    return f"Chance guard: {'**AT CHANCE**' if verdict.get('at_chance') else 'passed'}: {verdict['summary']}."
 
 
 def evaluation_outputs(project: Project) -> dict[str, Path]:
-    """metrics.json / report.html / summary.md of the evaluate stage (its ``--out`` folder in dvc.yaml)."""
+    """metrics.json / details.json / report.html / summary.md of the evaluate stage (its ``--out`` folder)."""
     out = project.path("evaluate", "--out")
-    return {name: out / name for name in ("metrics.json", "report.html", "summary.md")}
+    return {name: out / name for name in ("metrics.json", "details.json", "report.html", "summary.md")}
 
 
 def chance_warning(project: Project) -> str:
@@ -234,40 +260,72 @@ def chance_warning(project: Project) -> str:
     return f"AT CHANCE: {verdict.get('summary')}; it is never promoted" if verdict.get("at_chance") else ""
 
 
+def report_key(dataset: str) -> str:
+    return f"{artifact_key(dataset)}-report"
+
+
 def summary_markdown(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
-                     title: str) -> str:
-    """The run's Markdown summary: a model at chance (first, loudly), stages (ran or cached), headline
-    metrics, report link, champion."""
+                     title: str, report_id: Any = None) -> str:
+    """The run's Markdown summary: a model at chance (first, loudly), the decision, the test metrics (value
+    and CI, 3 decimals), threshold and chance guard, where the full report is (``report_id``: the report
+    artifact's id, linked as its page in the web UI), champion, stages."""
     warning = chance_warning(project)
     lines = [f"# {title}", "", *([f"> **{warning}**", ""] if warning else []),
-             f"Project `{project.root.name}`, dataset **{project.dataset}**.", "",
-             "| stage | result | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
-              for r in results]
-    ev = evaluation_outputs(project)
-    rows = headline(ev["metrics.json"]) or headline(project.path("train", "--live-dir") / "metrics.json")
-    if rows:
-        lines += ["", "## Headline metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows]
-    if ev["report.html"].exists():
-        report = display_path(ev["report.html"], project.root)  # project-relative: no home folder in the artifact
-        lines += ["", f"Full report: [{report}]({report})"]
+             f"Project `{project.root.name}`, dataset **{project.dataset}**."]
     if decision:
-        lines += ["", "## Champion / challenger", "", f"**{decision.get('reason', '')}**"]
+        lines += ["", f"**{decision.get('reason', '')}**"]
     champ = registry.champion(project.model_root)
     lines += ["", f"Champion: `{champ['version'] if champ else 'none'}`"]
+    ev = evaluation_outputs(project)
+    found = next((ev[name] for name in ("details.json", "metrics.json") if ev[name].exists()), None)
+    metrics = read_json(found) if found else {}
+    live = project.path("train", "--live-dir") / "metrics.json"
+    table = metrics_table(metrics) or (live_table(read_json(live)) if live.exists() else [])
+    if table:
+        lines += ["", "## Test metrics", "", *table]
+    for line in (threshold_line(project, metrics), chance_line(project)):
+        lines += ["", line] if line else []
+    if ev["report.html"].exists():
+        html = display_path(ev["report.html"], project.root)  # project-relative: no home folder in the artifact
+        shown = f"the [{report_key(project.dataset)}](/artifacts/artifact/{report_id}) artifact; " if report_id else ""
+        lines += ["", f"Full report: {shown}with its figures, `{html}` in the checkout."]
+    lines += ["", "## Stages", "", "| stage | result | seconds |", "|---|---|---:|"]
+    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date (DVC cache)'} | {r['seconds']} |"
+              for r in results]
     return "\n".join(lines)
+
+
+def report_markdown(project: Project) -> str | None:
+    """The evaluate stage's summary.md (the report without its figures; inert Markdown) for the web UI: its
+    links to files beside it become their project paths, which a browser on the UI's page could not open."""
+    ev = evaluation_outputs(project)
+    if not ev["summary.md"].exists():
+        return None
+    folder = display_path(ev["summary.md"].parent, project.root)
+    text = _LINK.sub(lambda m: f"{m.group(1)} (`{folder}/{m.group(2)}`)" if "://" not in m.group(2) else m.group(0),
+                     ev["summary.md"].read_text(encoding="utf-8"))
+    if len(text) > REPORT_ARTIFACT_MAX:
+        text = f"{text[:REPORT_ARTIFACT_MAX]}\n\n*(cut at {REPORT_ARTIFACT_MAX:,} characters: `{folder}/summary.md`)*"
+    return text
 
 
 def post_summary(project: Project, results: list[dict[str, Any]], decision: dict[str, Any] | None,
                  title: str, key: str) -> None:
-    create_markdown_artifact(summary_markdown(project, results, decision, title), key=key,
-                             description=f"{title}: stages, headline metrics, report")
+    """The run's summary artifact, and the evaluation report (the evaluate stage's summary.md) as its own."""
+    report, report_id = report_markdown(project), None
+    if report is not None:  # its page (/artifacts/artifact/<id>) shows it; the key's page lists its versions
+        report_id = create_markdown_artifact(report, key=report_key(project.dataset),
+                                             description=f"evaluation report of {project.dataset} (summary.md of "
+                                                         "the evaluate stage; figures in report.html)")
+    create_markdown_artifact(summary_markdown(project, results, decision, title, report_id), key=key,
+                             description=f"{title}: decision, test metrics, threshold, chance guard, stages")
 
 
 def post_quarantine(project: Project) -> int:
     """Table artifact of the files the filter step and the split step quarantined (path, reason, detail);
     returns their count."""
+    from medflow.data.split import read_quarantine  # pandas: only a run that reached the stages needs it
+
     rejects, split_rejects = project.path("filter", "--rejects"), project.path("split", "--rejects")
     df = read_quarantine(rejects, split_rejects)
     if df is None:
@@ -286,19 +344,26 @@ def post_quarantine(project: Project) -> int:
     return len(df)
 
 
-def post_decision(project: Project, decision: dict[str, Any]) -> None:
-    """Markdown artifact of the champion/challenger decision with both sets of test metrics."""
+def decision_markdown(project: Project, decision: dict[str, Any]) -> str:
+    """The champion/challenger decision with both models' test metrics (3 decimals) and the AUC difference."""
     new, old = decision.get("challenger_metrics") or {}, decision.get("champion_metrics") or {}
     keys = list(dict.fromkeys([*new, *old]))
     lines = [f"# Retrain decision: {project.dataset}", "", f"**{decision.get('reason', '')}**", "",
              f"Challenger `{decision.get('challenger')}`, champion `{decision.get('champion')}`, "
              f"{decision.get('n_test', 0)} test images, tolerance {decision.get('tolerance')}", ""]
     if keys:
-        lines += ["| metric (test) | challenger | champion |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(new.get(k, ''))} | {_fmt(old.get(k, ''))} |" for k in keys]
+        lines += ["| metric (test) | challenger | champion |", "|---|---:|---:|"]
+        lines += [f"| {DECISION_METRICS.get(k, k)} | {_fmt(new.get(k))} | {_fmt(old.get(k)) if old else ''} |"
+                  for k in keys]
     diff = decision.get("difference") or {}
     if diff:
         lines += ["", "AUC difference (challenger - champion): " + ", ".join(f"{k} {_fmt(v)}"
                                                                             for k, v in diff.items())]
-    create_markdown_artifact("\n".join(lines), key=f"{artifact_key(project.dataset)}-retrain-decision",
+    return "\n".join(lines)
+
+
+def post_decision(project: Project, decision: dict[str, Any]) -> None:
+    """Markdown artifact of the champion/challenger decision with both sets of test metrics."""
+    create_markdown_artifact(decision_markdown(project, decision),
+                             key=f"{artifact_key(project.dataset)}-retrain-decision",
                              description="champion/challenger decision and both sets of test metrics")

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from medflow.cli import noisy_logs
+
 log = logging.getLogger(__name__)
 
 DVC_YAML = "dvc.yaml"
@@ -37,6 +39,11 @@ _ERROR_LINE = re.compile(r"^(medflow \w+: error: .*(?:\n[ \t]+\S.*)*"
                          r"|ERROR: .*(?:\n[ \t]+\S.*)*(?:\n\n(?=If there are no processes)\S.*)?)$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", re.MULTILINE)
 
+
+# What a stage's task log leaves out by default (the switch that keeps it: medflow.cli.noisy_logs).
+_ANSI = r"(?:\x1b\[[0-9;]*m)*"
+_DVC_EMPTY = re.compile(rf"^{_ANSI}WARNING{_ANSI}: '.*' is empty\.{_ANSI}$")  # an output folder with no file yet
+TF_QUIET = {"TF_CPP_MIN_LOG_LEVEL": "1"}  # TensorFlow's C++ INFO lines (CPU features, oneDNN banners) off
 
 _NOT_PATHS = {"--dataset", "--params"}  # stage command options that name something other than a path
 
@@ -205,9 +212,17 @@ def dvc_executable() -> str:
     return str(local) if local.exists() else "dvc"
 
 
+def is_noise(line: str) -> bool:
+    """A line of a stage's output that its task log leaves out by default: DVC's warning that an output
+    folder is empty (repeated on every run of a stage with an empty rejects or cache folder)."""
+    return not noisy_logs() and bool(_DVC_EMPTY.match(line.strip()))
+
+
 def _env() -> dict[str, str]:
-    """Environment for DVC: this interpreter's bin folder first, so stage commands find ``medflow``."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """Environment for DVC and the stage commands it runs: this interpreter's bin folder first, so they find
+    ``medflow``; TensorFlow's C++ INFO banners off unless ``$MEDFLOW_NOISY_LOGS`` (a user's own setting wins)."""
+    quiet = {} if noisy_logs() else TF_QUIET
+    return {**quiet, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,

@@ -4,8 +4,9 @@
 (``download@pneumonia`` ... ``evaluate@pneumonia``), in dependency order, as one Prefect task each
 (``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and dvc.lock stays true).
 Then it registers the trained model (the first one becomes champion; a later one must beat the champion,
-see ``medflow.lifecycle.retrain``) and posts two artifacts: a Markdown summary (stages, headline metrics,
-link to the HTML report, champion) and a table of quarantined files. A model that does not beat chance on
+see ``medflow.lifecycle.retrain``) and posts three artifacts: a Markdown summary (decision, champion, test
+metrics, threshold, chance guard, stages; linked to the next), the evaluation report (the evaluate stage's
+summary.md) and a table of quarantined files. A model that does not beat chance on
 val (the evaluate stage's chance guard) is named first in the summary and in the run's state message, and
 is never promoted.
 """

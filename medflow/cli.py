@@ -437,6 +437,25 @@ def prepare_server(host: str, port: int, auth_file: Path | None) -> None:
                 host)
 
 
+NOISY_LOGS_ENV = "MEDFLOW_NOISY_LOGS"  # keeps the log lines quiet by default (README, "Logs")
+HTTP_LOGGERS = ("httpx", "httpcore")  # one INFO line per API request: most of a runner's output
+
+
+def noisy_logs() -> bool:
+    """``$MEDFLOW_NOISY_LOGS`` set (1, true, yes, on): keep the lines left out by default (HTTP requests of
+    server, runner and watcher; DVC's "is empty" warnings and TensorFlow's C++ INFO banners in task logs)."""
+    return os.environ.get(NOISY_LOGS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def quiet_http(verbose: bool) -> None:
+    """Server, runner and watcher: no line per HTTP request (httpx's INFO), unless ``-v`` or
+    ``$MEDFLOW_NOISY_LOGS``; Prefect's own server log level is its ``PREFECT_SERVER_LOGGING_LEVEL``."""
+    if verbose or noisy_logs():
+        return
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _orchestrate(args: argparse.Namespace) -> int:
     import os
 
@@ -584,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.step in DAEMONS:
+        quiet_http(args.verbose)
         try:
             return _orchestrate(args)
         except (ConfigError, StepError) as e:

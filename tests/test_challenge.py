@@ -8,6 +8,9 @@ the pipeline's schema; scoring goes through the evaluate step's own ``score_spli
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_split_csv
+from conftest import ROOT, write_split_csv
 
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
@@ -36,11 +39,24 @@ class Project:
     cfg: Config
 
 
+CFG = {"dataset": {"name": "toy", "labels": {"NEG": 0, "POS": 1}, "channels": 1, "group_rule": "filename"},
+       "resize": {"size": SIZE}, "retrain": {"tolerance": 0.05, "bootstrap": 1000}}
+HEAVY = ("tensorflow", "keras", "jax", "torch")
+# The decision of a no-op run in a fresh interpreter, with the flows' own modules imported: what it loaded.
+NO_OP = f"""
+import json, sys
+from pathlib import Path
+import flows.common, flows.retrain, flows.train
+from medflow.config import parse_config
+from medflow.lifecycle.challenge import challenge
+root, images, split = map(Path, sys.argv[1:4])
+decision = challenge(root, images, split, parse_config(json.loads(sys.argv[4])))
+print(json.dumps({{"reason": decision["reason"], "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
 def _cfg() -> Config:
-    return parse_config({"dataset": {"name": "toy", "labels": {"NEG": 0, "POS": 1}, "channels": 1,
-                                     "group_rule": "filename"},
-                         "resize": {"size": SIZE},
-                         "retrain": {"tolerance": 0.05, "bootstrap": 1000}})
+    return parse_config(CFG)
 
 
 def _train(model_root: Path, slope: float, bias: float | None = None) -> None:
@@ -88,6 +104,12 @@ def test_first_model_becomes_champion_and_a_rerun_decides_nothing(project: Proje
     again = _challenge(project)  # same model file: already champion
     assert not again["promote"] and again["reason"].startswith("unchanged") and again["champion"] == first["challenger"]
     assert registry.list_versions(project.model_root) == [first["challenger"]]
+    # Issue 13: a run with nothing to decide finds that out before TensorFlow is imported (it cost 7 s).
+    run = subprocess.run([sys.executable, "-c", NO_OP, str(project.model_root), str(project.images),
+                          str(project.split), json.dumps(CFG)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == {"reason": again["reason"], "heavy": []}
 
 
 def test_worse_challenger_is_not_promoted_and_better_one_is(project: Project) -> None:

@@ -344,7 +344,10 @@ def test_train_then_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: 
     assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == {f"{s}@pneumonia" for s in STEPS}
     assert_dvc_clean(project)
     summary = _artifact("pneumonia-train-summary")
-    assert summary is not None and "Headline metrics" in summary.data and "| train@pneumonia | ran |" in summary.data
+    assert summary is not None and "## Test metrics" in summary.data and "| train@pneumonia | ran |" in summary.data
+    report = _artifact("pneumonia-report")  # the evaluate stage's summary.md, readable in the web UI
+    assert report is not None and "| ROC AUC |" in report.data and "](report.html)" not in report.data
+    assert "Chance guard: " in summary.data and f"(/artifacts/artifact/{report.id})" in summary.data
     rows = {Path(r["path"]).name: r["reason"] for r in _quarantine_rows()}
     assert result["quarantined"] == len(rows) >= 2
     assert rows[truncated.name] == "truncated"
@@ -379,7 +382,7 @@ def test_train_then_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: 
     assert len(after) > len(before)
     assert_dvc_clean(project)
     decision = _artifact("pneumonia-retrain-decision")
-    assert decision is not None and "| roc_auc |" in decision.data
+    assert decision is not None and "| ROC AUC |" in decision.data
 
     # A deliberately worse challenger (effectively untrained): not promoted, champion unchanged.
     set_params(project, "train", epochs=1, learning_rate=1e-7)

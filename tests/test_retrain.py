@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -287,19 +288,74 @@ def test_stage_tasks_have_readable_names_timeouts_and_download_retries() -> None
     assert train.name == "train" and train.retries == 0 and train.timeout_seconds > 24 * 3600
 
 
-def test_headline_rows_come_from_the_evaluation_metrics(tmp_path: Path) -> None:
-    import json
+def _chance_verdict(at_chance: bool) -> dict[str, Any]:
+    """The chance guard's real verdict on val scores that learnt something, or on the prevalence alone."""
+    from test_report import _val
 
-    from flows.common import headline
+    from medflow.config import EvaluateConfig
+    from medflow.evaluation import chance
 
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"threshold": 0.42, "n": 30, "test": {
-        "roc_auc": {"value": 0.9, "low": 0.8, "high": 0.97}, "sensitivity": {"value": 0.95, "low": None,
-                                                                             "high": None},
-        "brier": {"value": 0.1, "low": 0.05, "high": 0.2}}}))
-    rows = dict(headline(path))
-    assert rows == {"threshold": "0.4200", "test.roc_auc": "0.9000 (0.8000-0.9700)", "test.sensitivity": "0.9500"}
-    assert headline(tmp_path / "absent.json") == []
+    y, p = _val()
+    return chance.verdict(y, np.full(len(y), 0.25) if at_chance else p, (90, 30), weighted=False,
+                          ev=EvaluateConfig(bootstrap=1000)).as_dict()
+
+
+def _evaluated_project(tmp_path: Path, cfg: Config) -> Any:
+    """A project whose evaluate stage wrote its real outputs (report.write_all on synthetic scores) and whose
+    model folder holds the threshold with the chance guard's verdict, as the evaluate stage stores them."""
+    from test_report import _evaluation
+
+    from flows.common import Project
+    from medflow.evaluation import report
+
+    models, out = tmp_path / "models/pneumonia", tmp_path / "reports/pneumonia/evaluation"
+    ev = _evaluation(tmp_path, chance=_chance_verdict(at_chance=False))
+    report.write_all(ev, out)
+    models.mkdir(parents=True)
+    (models / "threshold.json").write_text(json.dumps(ev.threshold))
+    step = [("train", {"--model-dir": models, "--live-dir": models / "live"}), ("evaluate", {"--out": out})]
+    return Project(tmp_path, "pneumonia", cfg, tuple(stages.Stage(f"{s}@pneumonia", s, "pneumonia", flags,
+                                                                  frozenset()) for s, flags in step))
+
+
+def test_the_summary_holds_the_report_for_the_web_ui(tmp_path: Path, cfg: Config) -> None:
+    """Issue 13: the run summary shows the test metrics (3 columns, 3 decimals), threshold and chance guard, and
+    points at the report artifact, not at a file a browser on the UI's page cannot open; the report artifact is
+    the evaluate stage's summary.md with its file links made project paths."""
+    from flows.common import decision_markdown, report_markdown, summary_markdown
+
+    project = _evaluated_project(tmp_path, cfg)
+    details = read_json(tmp_path / "reports/pneumonia/evaluation/details.json")
+    results = [{"stage": "train@pneumonia", "ran": True, "seconds": 12.3}]
+    text = summary_markdown(project, results, {"reason": "promoted: no champion yet"}, "medflow train: pneumonia",
+                            report_id="0c2d")
+    table = text.split("## Test metrics\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert table[0] == "| metric (test) | value | 95% CI |" and all(row.count("|") == 4 for row in table), table
+    auc = details["test"]["roc_auc"]
+    assert f"| ROC AUC | {auc['value']:.3f} | {auc['low']:.3f} to {auc['high']:.3f} |" in table, table
+    assert len(table) == 2 + 6  # header, rule, six metrics
+    assert "Operating threshold **0.450** (fixed, fixed in params, chosen on val); 200 test images (67 positive)." \
+        in text, text
+    assert "Chance guard: passed: the model beats chance on val: val loss" in text, text
+    assert "[pneumonia-report](/artifacts/artifact/0c2d)" in text and "`reports/pneumonia/evaluation/" \
+        "report.html`" in text and "](reports" not in text and "file:" not in text and "AT CHANCE" not in text
+    assert "| train@pneumonia | ran | 12.3 |" in text and "**promoted: no champion yet**" in text
+
+    shown = report_markdown(project)
+    written = (tmp_path / "reports/pneumonia/evaluation/summary.md").read_text()
+    assert shown is not None and "](report.html)" in written  # summary.md links the files beside it ...
+    assert "](" not in shown and "report.html (`reports/pneumonia/evaluation/report.html`)" in shown  # ... as paths
+    assert "| ROC AUC |" in shown and str(tmp_path) not in shown + text
+
+    decided = decision_markdown(project, {"reason": "kept champion", "challenger_metrics": {
+        "threshold": 0.4, "roc_auc": 0.912345}, "champion_metrics": {"threshold": 0.5, "roc_auc": 0.93}})
+    assert "| ROC AUC | 0.912 | 0.930 |" in decided and "| Threshold | 0.400 | 0.500 |" in decided, decided
+
+    threshold = tmp_path / "models/pneumonia/threshold.json"
+    threshold.write_text(json.dumps({**read_json(threshold), "chance": _chance_verdict(at_chance=True)}))
+    at_chance = summary_markdown(project, results, None, "t")
+    assert at_chance.index("AT CHANCE") < at_chance.index("## Test metrics")
+    assert "Chance guard: **AT CHANCE**: the model does not beat chance on val" in at_chance
 
 
 def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
@@ -319,3 +375,44 @@ def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) ->
     time.sleep(0.2)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie awaiting its reaper)
+
+
+def test_stage_logs_leave_out_dvc_empty_warnings_and_tf_banners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Issue 13: a stage's task log drops DVC's "is empty" warning (real DVC output) and the stage command runs
+    with TensorFlow's C++ INFO lines off; $MEDFLOW_NOISY_LOGS keeps both, and a user's own TF setting wins."""
+    monkeypatch.delenv("MEDFLOW_NOISY_LOGS", raising=False)
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"q": {
+        "cmd": "mkdir -p empty && (printenv TF_CPP_MIN_LOG_LEVEL || echo unset) > tf.txt",
+        "outs": ["empty", "tf.txt"]}}}))
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc/config").write_text("[core]\n    no_scm = true\n")  # what `dvc init --no-scm` writes
+    result = stages.repro_stage(tmp_path, "q")
+    lines = result.output.splitlines()
+    assert result.ran and "WARNING: 'empty' is empty." in lines, lines  # what DVC prints on every such run
+    assert [line for line in lines if stages.is_noise(line)] == ["WARNING: 'empty' is empty."], lines
+    assert (tmp_path / "tf.txt").read_text().strip() == "1"  # the stage command's environment
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert stages._env()["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    monkeypatch.setenv("MEDFLOW_NOISY_LOGS", "1")
+    assert not any(stages.is_noise(line) for line in lines) and "TF_CPP_MIN_LOG_LEVEL" not in stages._env()
+    # server, serve and watch: no httpx line per API request, unless asked for (the switch, or -v)
+    import logging
+
+    from medflow.cli import quiet_http
+
+    httpx_log = logging.getLogger("httpx")
+    before = httpx_log.level
+    try:
+        httpx_log.setLevel(logging.NOTSET)
+        quiet_http(verbose=False)
+        assert httpx_log.level == logging.NOTSET
+        monkeypatch.delenv("MEDFLOW_NOISY_LOGS")
+        quiet_http(verbose=True)
+        assert httpx_log.level == logging.NOTSET
+        quiet_http(verbose=False)
+        assert httpx_log.level == logging.WARNING and not httpx_log.isEnabledFor(logging.INFO)
+    finally:
+        httpx_log.setLevel(before)

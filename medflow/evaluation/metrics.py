@@ -25,6 +25,19 @@ METRICS: tuple[str, ...] = (
     "f1", "brier", "ece",
 )
 THRESHOLD_METRICS = frozenset(METRICS) - {"roc_auc", "pr_auc", "brier", "ece"}
+LABELS = {  # how the report, summary.md and the Prefect artifacts name each metric
+    "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
+    "precision": "Precision (PPV)", "npv": "NPV", "f1": "F1", "brier": "Brier score (lower is better)",
+    "ece": "Expected calibration error (lower is better)",
+}
+
+
+def ci_level(confidence: float) -> str:
+    """An interval's level as printed: 0.95 -> "95%", 0.9 -> "90%", 0.975 -> "97.5%"."""
+    return f"{round(confidence * 100, 4):g}%"
+
+
 _CHUNK = 250  # resamples per vectorised batch: bounds memory at _CHUNK x unique scores
 
 

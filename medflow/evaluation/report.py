@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
-from medflow.evaluation.metrics import METRICS, Interval  # noqa: E402
+from medflow.evaluation.metrics import LABELS, METRICS, Interval, ci_level  # noqa: E402
 from medflow.evaluation.pseudonym import Pseudonymizer, pseudonymizer  # noqa: E402
 from medflow.evaluation.results import Evaluation  # noqa: E402
 from medflow.io import atomic_open, is_outside, write_csv, write_json  # noqa: E402
@@ -47,12 +47,6 @@ DETAILS_FILE = "details.json"
 PREDICTIONS = "predictions.csv"
 PLOTS_DIR = "plots"
 
-LABELS = {
-    "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "Accuracy",
-    "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
-    "precision": "Precision (PPV)", "npv": "NPV", "f1": "F1", "brier": "Brier score (lower is better)",
-    "ece": "Expected calibration error (lower is better)",
-}
 HEADLINE = ("roc_auc", "sensitivity", "specificity")
 _DPI = 110
 _REJECTS_SHOWN = 200  # quarantined files listed one by one; the rest are counted
@@ -69,11 +63,6 @@ def fmt(v: float | None, digits: int = 3) -> str:
 
 def fmt_interval(iv: Interval) -> str:
     return f"{fmt(iv.value)} ({fmt(iv.low)}-{fmt(iv.high)})"
-
-
-def ci_level(confidence: float) -> str:
-    """The interval's level as the report prints it: 0.95 -> "95%", 0.9 -> "90%", 0.975 -> "97.5%"."""
-    return f"{round(confidence * 100, 4):g}%"
 
 
 def _ci_label(ev: Evaluation) -> str:
