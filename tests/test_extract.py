@@ -574,7 +574,8 @@ def test_melanoma_preset_zips_keep_the_challenge_split(tmp_path: Path, shipped_p
     data["dataset"]["sources"] = local
     cfg = parse_config(data)
     download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "sources.json", inbox=tmp_path / "no-inbox")
-    extract.run(cfg, sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex", roots_json=tmp_path / "roots.json")
+    extract.run(cfg, sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
+                roots_json=tmp_path / "roots.json")
     manifest.run(cfg, roots_json=tmp_path / "roots.json", out=tmp_path / "manifest.csv")
     rows = read_csv(tmp_path / "manifest.csv")
     got = set(rows[["relpath", "class_name", "label", "group", "source_split"]].itertuples(index=False, name=None))
