@@ -196,6 +196,11 @@ class AugmentConfig(_Strict):
     # additive Gaussian noise of this standard deviation, as a fraction of the 0..255 range
     blur_sigma: Annotated[float, Field(ge=0, le=5)] = 0.0
     noise: Annotated[float, Field(ge=0, le=0.2)] = 0.0
+    # colour jitter (RGB only): saturation scaled by up to 1 +- this, hue shifted by up to this fraction of the circle
+    saturation: Annotated[float, Field(ge=0, le=1)] = 0.0
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    # vertical flips too, where dataset.allow_flips (lesions and cells have no up or down; X-rays do)
+    vertical_flip: bool = False
 
 
 class TrainConfig(_Strict):
@@ -220,8 +225,10 @@ class TrainConfig(_Strict):
     select_on: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     output_bias: bool = True  # initialise the output bias to log(pos / neg)
     # own CNNs' input scaling: scale = x / 255 | per_image = each image to zero mean and unit variance
-    # (LayerNormalization over height, width and channels), which removes exposure and contrast differences
-    normalize: Literal["scale", "per_image"] = "scale"
+    # (LayerNormalization over height, width and channels), which removes exposure and contrast differences |
+    # per_channel = each colour channel of each image to zero mean and unit variance (grey-world colour
+    # constancy: a camera's or light's colour cast is removed as well)
+    normalize: Literal["scale", "per_image", "per_channel"] = "scale"
     augment: AugmentConfig = AugmentConfig()
     mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = "none"
     jit_compile: bool = False  # XLA

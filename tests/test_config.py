@@ -52,7 +52,10 @@ def test_shipped_catalog_loads_every_listed_dataset(shipped_params: Path) -> Non
     assert pneumonia.dataset.group_rule == "kermany" and pneumonia.resize.size == 224
     assert pneumonia.split.train + pneumonia.split.val + pneumonia.split.test == pytest.approx(1.0)
     assert configs["malaria"].resize.size == 128 and configs["malaria"].dataset.channels == 3  # its one override
-    assert configs["melanoma"].resize.size == 224 and configs["melanoma"].dataset.allow_flips
+    melanoma = configs["melanoma"]  # its recipe (README, "Melanoma: the per-task recipe")
+    assert melanoma.resize.size == 64 and melanoma.dataset.allow_flips and melanoma.train.augment.vertical_flip
+    assert melanoma.train.select_on == "val_auc" and melanoma.train.augment.rotation_deg == 180
+    assert melanoma.train.augment.brightness == 0.1  # the shared default, merged key by key
     assert {name: cfg.dataset.class_names for name, cfg in configs.items()} == {
         "pneumonia": ["NORMAL", "PNEUMONIA"], "malaria": ["Uninfected", "Parasitized"],
         "melanoma": ["benign", "melanoma"], "covid_ct": ["CT_NonCOVID", "CT_COVID"]}

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from conftest import shared_dataset
 
-from medflow.config import Config, parse_config
+from medflow.config import Config, load_config, parse_config
 from medflow.data import archives
 from medflow.data.walk import folder_listing, listing_digest
 from medflow.errors import StepError
-from medflow.io import display_path
-from tasks import download, extract
+from medflow.io import display_path, read_csv
+from tasks import download, extract, manifest
 
 _RNG = random.Random(0)
 IMG = _RNG.randbytes(3000)  # incompressible stand-in for an image file
@@ -553,3 +553,35 @@ def test_target_name(name: str, expected: str) -> None:
 def test_safe_relpath_normalises(name: str, rel: str | None) -> None:
     got = archives.safe_relpath(name, Path("x.zip"))
     assert (got.as_posix() if got else None) == rel
+
+
+def test_melanoma_preset_zips_keep_the_challenge_split(tmp_path: Path, shipped_params: Path,
+                                                       file_server: tuple[str, Path]) -> None:
+    """The shipped melanoma sources are Udacity's class-folder zips of ISIC 2017 (train/, valid/, test/ inside):
+    served over loopback HTTP in that layout, they download, extract and label, and each image keeps its
+    zip's split, so split.keep_source_test (auto) keeps the official test set as the test split."""
+    shipped = load_config(shipped_params, "melanoma")
+    prefix = "https://s3-us-west-1.amazonaws.com/udacity-dlnfd/datasets/skin-cancer/"
+    assert [s.url for s in shipped.dataset.sources] == [f"{prefix}{part}.zip" for part in ("train", "valid", "test")]
+    base, served = file_server
+    members = {"train": ("melanoma/ISIC_0000002.jpg", "nevus/ISIC_0000000.jpg"),
+               "valid": ("seborrheic_keratosis/ISIC_0001769.jpg",),
+               "test": ("melanoma/ISIC_0012258.jpg", "nevus/ISIC_0012086.jpg")}
+    for part, names in members.items():
+        _zip(served / f"{part}.zip", {f"{part}/{name}": IMG for name in names})
+    local = [{"url": f"{base}/{part}.zip", "insecure": True} for part in members]
+    data = shipped.model_dump(mode="json", by_alias=True)
+    data["dataset"]["sources"] = local
+    cfg = parse_config(data)
+    download.run(cfg, out_dir=tmp_path / "raw", sources_json=tmp_path / "sources.json", inbox=tmp_path / "no-inbox")
+    extract.run(cfg, sources_json=tmp_path / "sources.json", out_dir=tmp_path / "ex",
+                roots_json=tmp_path / "roots.json")
+    manifest.run(cfg, roots_json=tmp_path / "roots.json", out=tmp_path / "manifest.csv")
+    rows = read_csv(tmp_path / "manifest.csv")
+    got = set(rows[["relpath", "class_name", "label", "group", "source_split"]].itertuples(index=False, name=None))
+    assert got == {("train/melanoma/ISIC_0000002.jpg", "melanoma", 1, "ISIC_0000002", "train"),
+                   ("train/nevus/ISIC_0000000.jpg", "nevus", 0, "ISIC_0000000", "train"),
+                   ("valid/seborrheic_keratosis/ISIC_0001769.jpg", "seborrheic_keratosis", 0, "ISIC_0001769", "val"),
+                   ("test/melanoma/ISIC_0012258.jpg", "melanoma", 1, "ISIC_0012258", "test"),
+                   ("test/nevus/ISIC_0012086.jpg", "nevus", 0, "ISIC_0012086", "test")}
+    assert cfg.split.keeps_source_test(bool((rows["source_split"] == "test").any()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
-from medflow.config import AugmentConfig, TrainConfig  # noqa: E402
+from medflow.config import AugmentConfig, TrainConfig, parse_config  # noqa: E402
 from medflow.errors import StepError  # noqa: E402
 from medflow.training import models  # noqa: E402
 from medflow.training.models import augmentation, build_model, preprocess, split_trainable  # noqa: E402
@@ -195,6 +197,32 @@ def test_inference_is_deterministic_and_skips_augmentation(medflow: keras.Model)
 
 
 
+def test_lesion_augmentation_flips_both_ways_and_jitters_colour_only_in_training(tmp_path: Path) -> None:
+    """vertical_flip, saturation and hue (the melanoma recipe): appended after the other layers, so the seeds
+    of those stay as they were; a saved model with them loads and predicts identically."""
+    cfg = AugmentConfig(vertical_flip=True, saturation=0.4, hue=0.05)
+    aug = augmentation(cfg, True, 0)
+    assert aug.get_layer("flip").mode == "horizontal_and_vertical"
+    assert [layer.name for layer in aug.layers][-2:] == ["saturation", "hue"]
+    assert aug.get_layer("saturation").factor == pytest.approx((0.3, 0.7))
+    assert aug.get_layer("hue").factor == pytest.approx((0.0, 0.1))  # shifts of up to 0.05 of the circle
+    assert augmentation(AugmentConfig(vertical_flip=True), False, 0).layers[0].name != "flip"  # flips need allow_flips
+    x = _images(4, (16, 16, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(aug(x, training=False)), x)
+    only_colour = augmentation(NO_AUGMENT.model_copy(update={"saturation": 0.4, "hue": 0.05}), False, 1)
+    jittered = np.asarray(only_colour(x, training=True))
+    assert not np.allclose(jittered, x)
+    assert np.allclose(jittered.mean(), x.mean(), rtol=0.2)  # colour moves, the image stays
+    inputs = keras.Input((16, 16, 3))  # the shape aug was built for above
+    model = keras.Model(inputs, preprocess(aug(inputs), "medflow_cnn", "per_channel"))  # no network: fast
+    _check_save_and_load(model, tmp_path / "lesion.keras")
+
+
+def test_colour_jitter_on_grey_images_fails_naming_the_key() -> None:
+    with pytest.raises(StepError, match=r"train.augment.saturation: colour jitter needs RGB images"):
+        _build(shape=(32, 32, 1), augment=AugmentConfig(saturation=0.2))
+
+
 def test_acquisition_shift_augmentation_blurs_and_adds_noise_only_in_training() -> None:
     cfg = NO_AUGMENT.model_copy(update={"blur_sigma": 1.5, "noise": 0.05})
     aug = augmentation(cfg, False, 3)
@@ -249,6 +277,21 @@ def test_per_image_normalization_gives_each_image_zero_mean_and_unit_variance(tm
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1, atol=0.02)
     np.testing.assert_allclose(out[0], out[1], atol=0.02)  # exposure and contrast are gone
     _check_save_and_load(model, tmp_path / "per_image.keras")
+
+
+def test_per_channel_normalization_removes_a_colour_cast() -> None:
+    """Grey-world colour constancy: each channel of each image to zero mean and unit variance, so the same
+    lesion under a warmer light (a gain and an offset per channel) gives the same input."""
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, preprocess(inputs, "medflow_cnn", "per_channel"))
+    image = _images(1, (8, 8, 3), seed=5).astype("float32") * 0.6
+    cast = image * np.array([1.3, 1.0, 0.7], dtype="float32") + np.array([20, 5, 0], dtype="float32")
+    out = np.asarray(model(np.concatenate([image, cast])))
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), 1, atol=0.02)
+    np.testing.assert_allclose(out[0], out[1], atol=0.02)
+    per_image = keras.Model(inputs, preprocess(inputs, "medflow_cnn", "per_image"))(np.concatenate([image, cast]))
+    assert not np.allclose(np.asarray(per_image)[0], np.asarray(per_image)[1], atol=0.1)  # per_image keeps the cast
 
 
 def test_per_image_normalization_is_refused_for_pretrained_backbones() -> None:
@@ -354,6 +397,31 @@ def test_unreachable_imagenet_weights_fail_with_advice(
     with pytest.raises(StepError, match=r"could not fetch ImageNet weights for vgg19 \(.*404.*\); download them "
                                         r"elsewhere and set train.weights to the local file"):
         _build(FAST_BACKBONE, (32, 32, 3), weights="imagenet")
+
+
+def _readme_imagenet_recipe() -> dict[str, Any]:
+    """The train params of README's melanoma ImageNet command (``-S 'datasets/melanoma.yaml:train.KEY=VALUE'``)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "train.weights=imagenet" in line and "exp run" in line)
+    pairs = re.findall(r"-S 'datasets/melanoma\.yaml:train\.([\w.]+)=([^']*)'", line)
+    assert pairs, line
+    return {key: yaml.safe_load(value) for key, value in pairs}
+
+
+@pytest.mark.slow  # two EfficientNetB0 builds (at 32 px: the weights do not depend on the image size)
+def test_readme_imagenet_recipe_trains_from_a_local_weights_file(tmp_path: Path) -> None:
+    """README's melanoma ImageNet command, offline: its train params with a local weights file of the same
+    architecture, made here (the unreachable-download message is tested on VGG19 above)."""
+    recipe = _readme_imagenet_recipe()
+    assert recipe["weights"] == "imagenet" and recipe["model"] == "efficientnetb0"
+    parse_config({"dataset": {"name": "t", "labels": {"benign": 0, "melanoma": 1}, "channels": 3},
+                  "train": recipe})  # the command's params validate as a whole
+    source = _build(shape=(32, 32, 3), **{**recipe, "weights": "none", "seed": 1}).get_layer("backbone")
+    path = tmp_path / "efficientnetb0_local.weights.h5"
+    source.save_weights(path)
+    model = _build(shape=(32, 32, 3), **{**recipe, "weights": str(path), "seed": 2})
+    assert _same_weights(model.get_layer("backbone").get_weights(), source.get_weights())
+    assert models.backbone_variables(model)  # fine_tune: all
 
 
 # --- fine-tuning --------------------------------------------------------------------------------

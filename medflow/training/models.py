@@ -93,7 +93,7 @@ def input_size_ok(model_name: str, size: int) -> int:
     return minimum
 
 
-def augmentation(cfg: AugmentConfig, allow_flips: bool, seed: int) -> keras.Sequential:
+def augmentation(cfg: AugmentConfig, allow_flips: bool, seed: int, channels: int = 3) -> keras.Sequential:
     """Train-only random augmentation as Keras preprocessing layers (inactive when training=False).
 
     One layer per non-zero amount in ``cfg``; RandomFlip("horizontal") only when ``allow_flips``
@@ -101,10 +101,16 @@ def augmentation(cfg: AugmentConfig, allow_flips: bool, seed: int) -> keras.Sequ
     that the layers draw independent streams, reproducibly. Geometric layers fill with black
     (``fill_mode="constant"``) rather than Keras' default reflection, which would paste mirrored
     anatomy into the borders. Layers run in float32 whatever the global mixed-precision policy.
-    The result may be empty (no layers) when every amount is 0 and flips are off.
+    The result may be empty (no layers) when every amount is 0 and flips are off. Saturation and hue jitter
+    need colour (``channels`` 3): a StepError names the key otherwise.
     """
+    colour = [key for key in ("saturation", "hue") if getattr(cfg, key) > 0]
+    if colour and channels != 3:
+        raise StepError(f"train.augment.{colour[0]}: colour jitter needs RGB images (dataset.channels: 3), "
+                        f"got {channels} channel(s)")
     makers: list[tuple[bool, Callable[[int], layers.Layer]]] = [
-        (allow_flips, lambda s: layers.RandomFlip("horizontal", seed=s, dtype="float32", name="flip")),
+        (allow_flips, lambda s: layers.RandomFlip(
+            "horizontal_and_vertical" if cfg.vertical_flip else "horizontal", seed=s, dtype="float32", name="flip")),
         (cfg.rotation_deg > 0, lambda s: layers.RandomRotation(
             cfg.rotation_deg / 360.0, fill_mode="constant", seed=s, dtype="float32", name="rotation")),
         (cfg.zoom > 0, lambda s: layers.RandomZoom(
@@ -119,6 +125,12 @@ def augmentation(cfg: AugmentConfig, allow_flips: bool, seed: int) -> keras.Sequ
             1.0, kernel_size=2 * math.ceil(2 * cfg.blur_sigma) + 1, sigma=(0.0, cfg.blur_sigma),
             value_range=(0, 255), seed=s, dtype="float32", name="blur")),
         (cfg.noise > 0, lambda s: _noise(cfg.noise, s)),
+        # last, so that adding them left the seeds of the layers above unchanged
+        (cfg.saturation > 0, lambda s: layers.RandomSaturation(
+            (0.5 - cfg.saturation / 2, 0.5 + cfg.saturation / 2), value_range=(0, 255),
+            seed=s, dtype="float32", name="saturation")),
+        (cfg.hue > 0, lambda s: layers.RandomHue(  # factor f shifts the hue by up to f / 2 of the circle
+            2 * cfg.hue, value_range=(0, 255), seed=s, dtype="float32", name="hue")),
     ]
     chosen = [make(seed + i) for i, (wanted, make) in enumerate(makers) if wanted]
     return keras.Sequential(chosen, name="augmentation")
@@ -137,8 +149,9 @@ def preprocess(x: Any, model_name: str, normalize: str = "scale") -> Any:
 
     Own CNNs: Rescaling(1/255), then with ``normalize="per_image"`` each image to zero mean and unit
     variance over height, width and channels (a LayerNormalization without learnt scale or offset:
-    ``tf.image.per_image_standardization`` as a built-in, serialisable layer). Backbones: one-channel
-    input is repeated to three channels (Concatenate, serialisable, no Lambda), then
+    ``tf.image.per_image_standardization`` as a built-in, serialisable layer), or with ``"per_channel"`` each
+    colour channel of each image over height and width (grey-world colour constancy: a colour cast goes too).
+    Backbones: one-channel input is repeated to three channels (Concatenate, serialisable, no Lambda), then
     ``keras.applications.<family>.preprocess_input`` reproduced with built-in layers (see ``BACKBONES``),
     so it is saved in the .keras file and runs on every backend. The caffe mode's RGB->BGR swap is a
     frozen 1x1 convolution for three-channel input; for repeated grey channels it is a no-op and a
@@ -146,9 +159,10 @@ def preprocess(x: Any, model_name: str, normalize: str = "scale") -> Any:
     """
     if model_name in OWN_MODELS:
         x = layers.Rescaling(1.0 / 255, dtype="float32", name="rescale")(x)
-        if normalize == "per_image":
-            x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-4,
-                                          dtype="float32", name="per_image")(x)
+        if normalize in ("per_image", "per_channel"):
+            axes = (1, 2, 3) if normalize == "per_image" else (1, 2)
+            x = layers.LayerNormalization(axis=axes, center=False, scale=False, epsilon=1e-4,
+                                          dtype="float32", name=normalize)(x)
         return x
     mode = _backbone_spec(model_name).preprocess
     gray = x.shape[-1] == 1
@@ -199,7 +213,7 @@ def build_model(
 
     inputs = keras.Input(shape=input_shape, dtype="float32", name="image")
     x = inputs
-    augment = augmentation(train.augment, allow_flips, train.seed)
+    augment = augmentation(train.augment, allow_flips, train.seed, channels)
     if augment.layers:
         x = augment(x)
     x = preprocess(x, train.model, train.normalize)
