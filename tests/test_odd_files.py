@@ -271,7 +271,11 @@ def test_preflight_names_a_useless_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         preflight(tmp_path / "params.yaml")
     assert "params.yaml: train.epochs: Input should be greater than or equal to 1 (got 0)" in str(e.value)
-    assert all(name in str(e.value) for name in params["datasets"])
+    def own_train(name: str) -> dict:
+        return yaml.safe_load((tmp_path / "datasets" / f"{name}.yaml").read_text())["train"] or {}
+
+    affected = [name for name in params["datasets"] if "epochs" not in own_train(name)]  # melanoma sets its own
+    assert affected and all(name in str(e.value) for name in affected), (affected, str(e.value))
 
 
 # train@<dataset>'s deps and outputs as a finished run leaves them (stand-ins: `dvc commit` records them as
