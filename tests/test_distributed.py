@@ -74,3 +74,4 @@ def test_jax_data_parallel_two_host_devices(tmp_path: Path) -> None:
     assert summary["global_batch"] == 8
     meta = json.loads((tmp_path / "model-w" / "metadata.json").read_text())
     assert meta["placement"]["strategy"] == "data_parallel" and meta["placement"]["replicas"] == 2
+    assert summary["loaded_jit_compile"] is True  # evaluate/predict on JAX: jitted despite the affine layers

@@ -41,7 +41,7 @@ from medflow.imaging.limits import Decoder, InputLimits, file_item
 from medflow.io import n_workers, open_images, read_csv, read_json
 from medflow.patients import project_salt
 from medflow.schema import SPLITS
-from medflow.training.models import custom_objects
+from medflow.training.models import allow_jit, custom_objects
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def load_trained(folder: Path | str) -> TrainedModel:
                                          safe_mode=True)  # never run code from a model file (SECURITY.md)
     except Exception as e:  # Keras raises many types for a damaged or foreign file
         raise StepError(f"{folder / MODEL_FILE}: cannot load the model ({type(e).__name__}: {e})") from e
+    allow_jit(model, asked=None)  # JAX: compiled, not op by op; other backends: Keras decides, as before
     meta = read_json(folder / METADATA_FILE)
     if "preprocessing" not in meta:
         raise StepError(f"{folder / METADATA_FILE}: no 'preprocessing' entry (not written by medflow train)")

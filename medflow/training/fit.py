@@ -320,38 +320,20 @@ def _set_precision(train: TrainConfig) -> None:
     keras.mixed_precision.set_dtype_policy("float32" if train.mixed_precision == "none" else train.mixed_precision)
 
 
-def _jit_compile(asked: bool) -> bool:
-    """``train.jit_compile`` is XLA for TensorFlow. JAX always compiles: without jit Keras runs every op
-    eagerly, one XLA compilation per op and device (2-device data_parallel test script, loaded 2-core VM: epoch 2
-    32 s eager, 3 s jitted). torch never."""
-    return {"jax": True, "torch": False}.get(keras.backend.backend(), asked)
-
-
-def _allow_jit(model: keras.Model, asked: bool) -> None:
-    """Keras marks its affine augmentation layers ``supports_jit = False`` on every backend (for TensorFlow's
-    transform op), which turns jit off for the whole model; on JAX they are plain jnp ops and trace fine."""
-    if keras.backend.backend() == "jax":
-        affine = (keras.layers.RandomRotation, keras.layers.RandomZoom, keras.layers.RandomTranslation)
-        for layer in model._flatten_layers():
-            if isinstance(layer, affine):
-                layer.supports_jit = True
-    model.jit_compile = _jit_compile(asked)
-
-
 def _build(cfg: Config, data: inputs.SplitData, placement: Placement, steps: int,
            resume_from: Path | None) -> keras.Model:
     neg, pos = data.class_counts("train")
     with placement.scope():
         if resume_from is not None:
             model = keras.saving.load_model(resume_from, custom_objects=models.custom_objects(), safe_mode=True)
-            _allow_jit(model, cfg.train.jit_compile)
+            models.allow_jit(model, cfg.train.jit_compile)
         else:
             model = models.build_model(cfg.train, input_shape=data.input_shape, allow_flips=cfg.dataset.allow_flips,
                                        pos=pos, neg=neg)
-            _allow_jit(model, cfg.train.jit_compile)
+            models.allow_jit(model, cfg.train.jit_compile)
             model.compile(optimizer=make_optimizer(cfg.train, learning_rate(cfg.train, steps, base_lr(cfg.train))),
                           loss=keras.losses.BinaryCrossentropy(), metrics=make_metrics(),
-                          jit_compile=_jit_compile(cfg.train.jit_compile))
+                          jit_compile=models.jit_compile(cfg.train.jit_compile))
         if not model.optimizer.built:
             # Eagerly, in the placement's scope: left to the first traced train step, building the optimizer's
             # slots doubles the step's tracing (first epoch of a 32 px medflow_cnn run, same load: 75 s -> 32 s

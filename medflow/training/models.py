@@ -74,6 +74,28 @@ def custom_objects() -> dict[str, Any]:
     return {}
 
 
+def jit_compile(asked: bool) -> bool:
+    """``train.jit_compile`` is XLA for TensorFlow. JAX always compiles: without jit Keras runs every op
+    eagerly, one XLA compilation per op and device (2-device data_parallel test script, loaded 2-core VM: epoch 2
+    32 s eager, 3 s jitted). torch never."""
+    return {"jax": True, "torch": False}.get(keras.backend.backend(), asked)
+
+
+def allow_jit(model: keras.Model, asked: bool | None) -> None:
+    """Keras marks its affine augmentation layers ``supports_jit = False`` on every backend (for TensorFlow's
+    transform op), which turns jit off for the whole model; on JAX they are plain jnp ops and trace fine. Every
+    path that runs a model calls it (training, and evaluation, prediction and champion/challenger through
+    :func:`medflow.evaluation.assess.load_trained`), so none of them runs op by op on JAX. ``asked`` None (a
+    loaded model) leaves Keras's own choice on the other backends."""
+    if keras.backend.backend() == "jax":
+        affine = (keras.layers.RandomRotation, keras.layers.RandomZoom, keras.layers.RandomTranslation)
+        for layer in model._flatten_layers():
+            if isinstance(layer, affine):
+                layer.supports_jit = True
+    if asked is not None or keras.backend.backend() == "jax":
+        model.jit_compile = jit_compile(bool(asked))
+
+
 def min_input_size(model_name: str) -> int:
     """Smallest image side (pixels) that ``model_name`` accepts."""
     if model_name in OWN_MODELS:

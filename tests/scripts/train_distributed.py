@@ -35,6 +35,10 @@ def main() -> None:
     result = train.run(cfg, images=work / "images.npy", split=work / "split.csv",
                        model_dir=out.parent / f"model-{out.stem}", live_dir=out.parent / f"live-{out.stem}")
     model, summary = result.model, result.summary()
+    if strategy == "data_parallel":  # the saved model, loaded as evaluate and predict load it, runs compiled
+        from medflow.evaluation.assess import load_trained
+
+        summary["loaded_jit_compile"] = load_trained(out.parent / f"model-{out.stem}").model.jit_compile
     # Trainable weights: they are all-reduced and must agree. BatchNorm moving statistics are each worker's own
     # (computed on its shard; the chief's are saved with the model).
     np.savez(out, *[np.asarray(v.numpy()) for v in model.trainable_weights])
