@@ -18,7 +18,7 @@ from PIL import Image
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
 from medflow.imaging import cache, cluster, parallel, quality
-from medflow.io import read_json, sha256_file, write_csv
+from medflow.io import sha256_file, write_csv
 from medflow.schema import MANIFEST_COLUMNS
 from tasks import filter as filter_step
 from tasks import resize
