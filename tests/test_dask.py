@@ -12,10 +12,11 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import shared_dataset
 from PIL import Image
 
-from medflow.config import Config, parse_config
+from medflow.config import Config, ConfigError, load_config, parse_config
 from medflow.errors import StepError
 from medflow.imaging import cache, cluster, parallel, quality
 from medflow.io import sha256_file, write_csv
@@ -137,6 +138,17 @@ def test_address_from_the_param_else_dasks_environment_variable(monkeypatch: pyt
     assert cluster.scheduler_address(_cfg("tcp://sched:8786").compute.dask_address) == "tcp://sched:8786"
     with pytest.raises(Exception, match="dask_address"):
         _cfg("tcp://a b")
+
+
+def test_a_dataset_may_override_compute_and_other_datasets_keep_the_default(shipped_params: Path) -> None:
+    entry = shipped_params.parent / "datasets" / "malaria.yaml"
+    data = yaml.safe_load(entry.read_text())
+    entry.write_text(yaml.safe_dump({**data, "compute": {"dask_address": "tcp://cells:8786"}}, sort_keys=False))
+    assert load_config(shipped_params, "malaria").compute.dask_address == "tcp://cells:8786"
+    assert load_config(shipped_params, "pneumonia").compute.dask_address is None  # params.yaml's null
+    entry.write_text(yaml.safe_dump({**data, "compute": {"dask_adress": "x"}}, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"malaria\.yaml: compute\.dask_adress: unknown key"):
+        load_config(shipped_params, "malaria")
 
 
 def test_unreachable_scheduler_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
