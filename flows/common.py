@@ -26,6 +26,7 @@ from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
 from medflow.evaluation.metrics import LABELS, ci_level
 from medflow.evaluation.pseudonym import pseudonymizer
+from medflow.imaging.cluster import ADDRESS_ENV
 from medflow.io import display_path, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
@@ -34,6 +35,7 @@ from medflow.lifecycle.retrain import inbox_files, last_fingerprint, source_fing
 DEFAULT_TIMEOUT_S = 4 * 3600
 STAGE_TIMEOUT_S = {"download": 12 * 3600, "train": 48 * 3600}  # per step; the rest get DEFAULT_TIMEOUT_S
 STAGE_RETRIES = {"download": 3}  # network: retried after 10, 20, 40 s (+-50% jitter); others are deterministic
+DASK_STEPS = frozenset({"filter", "resize"})  # the steps that decode on a flow run's Dask cluster, when it has one
 MAX_TABLE_ROWS = 500
 LOG_TAIL_LINES = 40  # of a failed stage's log, in its failure artifact
 
@@ -100,13 +102,45 @@ def open_project(project_dir: str | None, dataset: str) -> Project:
     return Project(root=root, dataset=dataset, cfg=cfg, stages=found)
 
 
+def dask_runner(address: str | None = None, n_workers: int | None = None) -> Any:
+    """prefect-dask's DaskTaskRunner for the train and retrain flows (README, "Dask"): with ``address``, an existing
+    cluster's scheduler; else a LocalCluster of ``n_workers`` single-threaded worker processes (default: one
+    per core) that the flow run starts when its first filter or resize stage runs and closes when it ends.
+
+    ``train_flow.with_options(task_runner=dask_runner(n_workers=4))(dataset="malaria")``. The stages stay
+    ``dvc repro`` subprocesses of the flow run (DVC owns caching and dvc.lock): the cluster decodes their images,
+    its address passed to them as ``$DASK_SCHEDULER_ADDRESS`` (:func:`run_dask_address`). A LocalCluster's worker
+    processes are the flow run's children and exit with it (distributed's own parent watch); an existing cluster
+    belongs to whoever started it.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def run_dask_address() -> str | None:
+    """The scheduler address of this flow run's DaskTaskRunner (its cluster started on first use), else None."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx is not None else None
+    if type(runner).__name__ != "DaskTaskRunner":  # prefect_dask is not imported unless a flow run uses it
+        return None
+    return str(runner.client.scheduler.address)
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
-def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = False) -> dict[str, Any]:
+def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = False,
+              dask_address: str | None = None) -> dict[str, Any]:
     """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log.
 
     ``up_to_date``: ``dvc status`` (run once by the flow, see ``stages.plan``) found this stage and all it
     depends on unchanged, so DVC would skip it: the task records that without starting DVC again.
     ``stale``: that status found this stage itself changed (so it runs; see ``stages.repro_stage``).
+    ``dask_address``: the stage's command gets it as ``$DASK_SCHEDULER_ADDRESS`` (filter and resize decode there).
     """
     logger = get_run_logger()
     if up_to_date:
@@ -122,7 +156,8 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
 
     try:
         result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,
-                                    timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S))
+                                    timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S),
+                                    env={ADDRESS_ENV: dask_address} if dask_address else None)
     except stages.StageFailed as e:
         post_failure(stage, str(e), list(tail))
         raise

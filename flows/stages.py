@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,21 +218,24 @@ def is_noise(line: str) -> bool:
     return not noisy_logs() and bool(_DVC_EMPTY.match(line.strip()))
 
 
-def _env() -> dict[str, str]:
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for DVC and the stage commands it runs: this interpreter's bin folder first, so they find
-    ``medflow``; TensorFlow's C++ INFO banners off unless ``$MEDFLOW_NOISY_LOGS`` (a user's own setting wins)."""
+    ``medflow``; TensorFlow's C++ INFO banners off unless ``$MEDFLOW_NOISY_LOGS`` (a user's own setting wins);
+    then ``extra`` (a flow run's ``DASK_SCHEDULER_ADDRESS``)."""
     quiet = {} if noisy_logs() else TF_QUIET
-    return {**quiet, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {**quiet, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(extra or {})}
 
 
 def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
-        timeout_s: float | None = None) -> tuple[int, str]:
+        timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Run ``dvc ARGS`` in ``project``; stream each output line to ``on_line``; return (exit code, output).
+    ``env``: variables added to the environment of DVC and of the stage commands it runs.
 
     DVC runs in its own process group, so a timeout, or the flow run being cancelled or failing, kills the
     stage's command (DVC's child) too, not only DVC.
     """
-    proc = subprocess.Popen([dvc_executable(), *args], cwd=project, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc_executable(), *args], cwd=project, env=_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -261,7 +264,7 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 
 
 def repro_stage(project: Path, stage: str, *, stale: bool = False, on_line: Callable[[str], None] | None = None,
-                timeout_s: float | None = None) -> StageResult:
+                timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> StageResult:
     """``dvc repro --single-item STAGE``: run it if anything it depends on changed, else skip it.
 
     Whether it ran comes from DVC, not its console text: ``dvc status`` found it stale before (``stale``,
@@ -270,7 +273,7 @@ def repro_stage(project: Path, stage: str, *, stale: bool = False, on_line: Call
     """
     before = lock_entry(project, stage)
     start = time.perf_counter()
-    code, output = dvc(project, "repro", "--single-item", stage, on_line=on_line, timeout_s=timeout_s)
+    code, output = dvc(project, "repro", "--single-item", stage, on_line=on_line, timeout_s=timeout_s, env=env)
     seconds = time.perf_counter() - start
     if code != 0:
         raise StageFailed(f"stage {stage!r} failed: {failure_reason(output)}")

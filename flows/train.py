@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows import stages
 from flows.common import (
+    DASK_STEPS,
     Project,
     artifact_key,
     challenge,
@@ -30,6 +31,7 @@ from flows.common import (
     outcome,
     post_quarantine,
     post_summary,
+    run_dask_address,
     stage_task,
 )
 from medflow.lifecycle.retrain import Busy, dataset_lock, record_fingerprint
@@ -42,15 +44,18 @@ FLOW_NAME = "medflow"
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
     """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
     dependency order; a failure stops the rest. Other datasets' stages are not touched. Each task waits for the
-    tasks of the stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's."""
+    tasks of the stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's. A filter or
+    resize stage that runs gets the run's Dask cluster, if its task runner is a DaskTaskRunner
+    (:func:`flows.common.dask_runner`)."""
     results = []
     done: dict[str, dict[str, Any]] = {}
     ran: set[str] = set()  # a stage downstream of one that ran is checked (download always runs: see plan)
     for item in stages.plan(project.root, project.dataset):
         upstream = [done[s] for s in sorted(item.needs) if s in done]
-        result = stage_task(item.stage)(str(project.root), item.stage,
-                                        up_to_date=not (item.check or item.needs & ran), stale=item.stale,
-                                        wait_for=upstream)
+        up_to_date = not (item.check or item.needs & ran)
+        dask = run_dask_address() if not up_to_date and item.stage.split("@", 1)[0] in DASK_STEPS else None
+        result = stage_task(item.stage)(str(project.root), item.stage, up_to_date=up_to_date, stale=item.stale,
+                                        dask_address=dask, wait_for=upstream)
         results.append(result)
         done[item.stage] = result
         if result["ran"]:

@@ -37,6 +37,8 @@ CATALOG_DIR = "datasets"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # params.yaml's stage sections: each catalog file overrides them (and must hold each one, even empty).
 STAGE_SECTIONS = ("download", "extract", "filter", "resize", "split", "validate", "train", "evaluate", "retrain")
+# params.yaml's sections that a catalog file may override but need not hold (no dvc.yaml stage lists them).
+OPTIONAL_SECTIONS = ("compute",)
 # dataset keys that dvc.yaml stages list as params: DVC fails a stage whose listed key is missing, so a
 # catalog file states each one even where the config has a default.
 DATASET_KEYS = ("sources", "labels", "class_names", "group_rule", "channels", "allow_flips", "card")
@@ -177,16 +179,16 @@ def _dataset_block(path: Path, data: dict[str, Any], name: str) -> dict[str, Any
 
 
 def _stage_sections(path: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    unknown = [k for k in data if k != "dataset" and k not in STAGE_SECTIONS]
+    unknown = [k for k in data if k != "dataset" and k not in (*STAGE_SECTIONS, *OPTIONAL_SECTIONS)]
     if unknown:
-        raise ConfigError(f"{path}: {', '.join(map(str, unknown))}: unknown key (expected dataset and the stage "
-                          f"sections {', '.join(STAGE_SECTIONS)})")
+        raise ConfigError(f"{path}: {', '.join(map(str, unknown))}: unknown key (expected dataset, the stage "
+                          f"sections {', '.join(STAGE_SECTIONS)} and optionally {', '.join(OPTIONAL_SECTIONS)})")
     missing = [s for s in STAGE_SECTIONS if s not in data]
     if missing:
         raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}: every stage section must be present, "
                           f"even empty ({missing[0]}: {{}}), because each dvc.yaml stage lists it as a parameter")
     sections = {}
-    for section in STAGE_SECTIONS:
+    for section in (s for s in (*STAGE_SECTIONS, *OPTIONAL_SECTIONS) if s in data):
         values = data[section]
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: {section}: expected a mapping of overrides ({section}: {{}} for none), "

@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from medflow.catalog import NAME_PATTERN, STAGE_SECTIONS, catalog_dir, check_name, listed_datasets, read_entry
+from medflow.catalog import (
+    NAME_PATTERN,
+    OPTIONAL_SECTIONS,
+    STAGE_SECTIONS,
+    catalog_dir,
+    check_name,
+    listed_datasets,
+    read_entry,
+)
 from medflow.errors import ConfigError
 from medflow.patients import GROUP_RULES
 
@@ -280,6 +288,14 @@ class RetrainConfig(_Strict):
     seed: int = 42
 
 
+class ComputeConfig(_Strict):
+    """Where the filter and resize steps decode: their local process pool, or a Dask cluster (README, "Dask")."""
+
+    # a dask.distributed scheduler (tcp://host:8786); null: $DASK_SCHEDULER_ADDRESS, else the local pool.
+    # Not a DVC param of any stage: the outputs are the same bytes wherever they are decoded.
+    dask_address: Annotated[str, Field(min_length=1, pattern=r"^\S+$")] | None = None
+
+
 class Config(_Strict):
     dataset: DatasetConfig
     download: DownloadConfig = DownloadConfig()
@@ -291,6 +307,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     retrain: RetrainConfig = RetrainConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -361,8 +378,9 @@ def load_config(params: Path | str = DEFAULT_PARAMS, dataset: str | None = None)
     check_name(dataset, "--dataset")
     listed_datasets(data, params)  # the list matches the catalog, so an entry that exists is one dvc.yaml builds
     entry = read_entry(catalog_dir(params), dataset)
-    merged = {section: _deep_merge(data.get(section) or {}, entry.overrides[section]) for section in STAGE_SECTIONS}
-    unknown = {k: v for k, v in data.items() if k not in (*STAGE_SECTIONS, "datasets")}
+    sections = (*STAGE_SECTIONS, *OPTIONAL_SECTIONS)
+    merged = {s: _deep_merge(data.get(s) or {}, entry.overrides.get(s, {})) for s in sections}
+    unknown = {k: v for k, v in data.items() if k not in (*sections, "datasets")}
     try:
         return Config.model_validate({"dataset": entry.dataset, **merged, **unknown})
     except ValidationError as e:

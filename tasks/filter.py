@@ -42,7 +42,8 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     readable = files.drop(index=unreadable.index)
     shas = quality.checked_shas(readable, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
-    verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest)
+    verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest,
+                                                 cfg.compute.dask_address)
     status = quality.with_unreadable(quality.classify(df.loc[readable.index, "path"], shas, verdicts), unreadable,
                                      df.index)
     shas = shas.reindex(df.index, fill_value="")

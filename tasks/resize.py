@@ -85,7 +85,7 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, reject
     header = _npy_header(shape)
     try:
         counts, workers = _fill(jobs, header, out, Path(cache), size=size, channels=channels, nbytes=nbytes,
-                                workers=cfg.resize.workers)
+                                workers=cfg.resize.workers, dask_address=cfg.compute.dask_address)
         rows = _reject_rows(jobs, listed, counts.failed)
         _write_rejects(rejects, rows)
     except OSError as e:  # the temporary array's header and size, and what the cache writes, on a full disk
@@ -131,7 +131,7 @@ def _write_rejects(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, channels: int, nbytes: int,
-          workers: int) -> tuple[_Counts, int]:
+          workers: int, dask_address: str | None = None) -> tuple[_Counts, int]:
     """Write the array: cached rows copied, the others decoded; (counts, decoding workers used)."""
     with open_index(cache, (job.key for job in jobs)) as (db, found):
         plan = plan_run(jobs, found, start=len(header), nbytes=nbytes)
@@ -142,7 +142,7 @@ def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, 
             f.flush()
             # the workers write the decoded rows while this process copies the cached ones
             with decoding(plan.todo, size=size, channels=channels, workers=workers, out=str(tmp),
-                          cache=str(cache), run_id=uuid.uuid4().hex) as results:
+                          cache=str(cache), run_id=uuid.uuid4().hex, dask_address=dask_address) as results:
                 copy_cached(f.fileno(), plan.hits, start=len(header), nbytes=nbytes, out=str(out))
                 counts = _collect(results, index, nbytes=nbytes, expected=len(plan.todo))
             if counts.failed and not plan.hits and len(counts.failed) == len(plan.todo):

@@ -12,9 +12,11 @@ DVC project copy. Training is tiny (medflow CNN, 64 px, 6 epochs; the tutorial C
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -226,11 +228,19 @@ def _quarantine_rows() -> list[dict[str, str]]:
 
 
 def test_failed_validation_fails_the_run_with_the_reason(tmp_path: Path, harness: None) -> None:
+    """Run on prefect-dask's DaskTaskRunner (a 1-worker LocalCluster) where the dask extra is installed: the
+    filter and resize stages decode on the run's cluster (README, "Dask")."""
+    from flows.common import dask_runner
     from flows.train import train_flow
 
     project = make_project(tmp_path / "project", validate={"split_tolerance": 0.0, "class_ratio_tolerance": 0.0})
     generated_images(project / "data/inbox/pneumonia/batch1", n_patients=13, per_patient=3)
-    state = train_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    on_dask = importlib.util.find_spec("prefect_dask") is not None
+    flow = train_flow.with_options(task_runner=dask_runner(n_workers=1)) if on_dask else train_flow
+    state = flow(dataset="pneumonia", project_dir=str(project), return_state=True)
+    if on_dask:  # a cluster worker's shard names its host (medflow.imaging.parallel._decode_remote)
+        shards = list((project / "data/interim/pneumonia/cache/resize/shards").iterdir())
+        assert shards and all(f"-{socket.gethostname()}-" in p.name for p in shards), shards
     assert state.is_failed()
     assert "medflow validate: error: validation failed" in state.message, state.message
     assert "\n  - splits: " in state.message, state.message  # the failed expectation itself, not only a count

@@ -79,9 +79,9 @@ import pandas as pd
 
 from medflow.config import FilterConfig
 from medflow.errors import StepError
-from medflow.imaging import phash
+from medflow.imaging import cluster, phash
 from medflow.imaging.files import file_problem
-from medflow.imaging.verdict import Limits, Verdict, inspect_file, worker_init
+from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
 from medflow.imaging.workers import main_hidden, mp_context
 from medflow.io import atomic_open, n_workers, sha256_file
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
@@ -281,27 +281,29 @@ def _record(sha: str, values: Any) -> Verdict:
 
 
 def content_verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, index: VerdictIndex,
-                     source: Path) -> tuple[dict[str, Verdict], int]:
+                     source: Path, dask_address: str | None = None) -> tuple[dict[str, Verdict], int]:
     """Verdict per distinct sha256, and how many were decoded (the rest came from ``index``).
 
     Each new content is decoded once, from its first path in manifest order; its verdict joins ``index``,
     which is saved when decoding ends, also when it ends in an error (the verdicts so far are sound).
+    ``dask_address`` (else ``$DASK_SCHEDULER_ADDRESS``): decode on that Dask cluster (:mod:`medflow.imaging.cluster`).
     """
     first = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
     todo = {sha: path for sha, path in zip(first["sha"], first["path"], strict=True)
             if sha not in index.verdicts}
     if todo:
         try:
-            _decode_into(index, todo, cfg, source)
+            _decode_into(index, todo, cfg, source, dask_address)
         finally:
             index.save()
     return {sha: index.verdicts[sha] for sha in first["sha"]}, len(todo)
 
 
-def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, source: Path) -> None:
+def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, source: Path,
+                 dask_address: str | None = None) -> None:
     """Decode ``todo`` (sha256 -> path), adding each checked verdict to ``index`` as it arrives."""
     last_save = time.monotonic()
-    for n, (sha, verdict) in enumerate(_decode_all(todo, cfg, source), start=1):
+    for n, (sha, verdict) in enumerate(_decode_all(todo, cfg, source, dask_address), start=1):
         index.verdicts[sha] = verdict
         if n % 5000 == 0:
             log.info("filter: decoded %d / %d", n, len(todo))
@@ -310,15 +312,22 @@ def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, s
             last_save = time.monotonic()
 
 
-def _decode_all(todo: dict[str, str], cfg: FilterConfig, source: Path) -> Iterator[tuple[str, Verdict]]:
+def _decode_all(todo: dict[str, str], cfg: FilterConfig, source: Path,
+                dask_address: str | None = None) -> Iterator[tuple[str, Verdict]]:
     """Decode one representative path per sha256 (in parallel); yield (sha256, Verdict) in ``todo`` order.
 
     Workers get a path and send back (sha256, Verdict): no pixel arrays cross process boundaries. They
     come from the fork server of :mod:`medflow.imaging.workers` (never forked from the caller, which may be a
-    threaded Prefect worker) and run :mod:`medflow.imaging.verdict`, which it has preloaded.
+    threaded Prefect worker) and run :mod:`medflow.imaging.verdict`, which it has preloaded. With a Dask
+    scheduler set, the workers of that cluster decode every file instead (:func:`_on_cluster`).
     """
-    inspect = functools.partial(inspect_file, limits=Limits(cfg.max_pixels, cfg.min_side))
+    limits = Limits(cfg.max_pixels, cfg.min_side)
+    inspect = functools.partial(inspect_file, limits=limits)
     paths = list(todo.values())
+    address = cluster.scheduler_address(dask_address)
+    if address is not None:
+        yield from _checked(todo, _on_cluster(address, paths, limits), source)
+        return
     workers = min(n_workers(cfg.workers), len(paths))
     if workers <= 1 or len(paths) <= _INLINE_MAX:
         yield from _checked(todo, map(inspect, paths), source)
@@ -331,6 +340,16 @@ def _decode_all(todo: dict[str, str], cfg: FilterConfig, source: Path) -> Iterat
         yield from _checked(todo, results, source)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _on_cluster(address: str, paths: list[str], limits: Limits) -> Iterator[tuple[str, Verdict]]:
+    """(sha256, Verdict) of each path, in order, decoded on the Dask cluster at ``address``, in chunks sized
+    as the local pool's (paths sent absolute: the workers' working directory is not this step's)."""
+    with cluster.connected(address) as client:
+        chunk = max(1, min(64, len(paths) // (cluster.slots(client) * 8)))
+        chunks = [[cluster.absolute(p) for p in paths[i:i + chunk]] for i in range(0, len(paths), chunk)]
+        for results in cluster.results(client, functools.partial(inspect_files, limits=limits), chunks):
+            yield from results
 
 
 def _checked(todo: dict[str, str], results: Iterator[tuple[str, Verdict]],

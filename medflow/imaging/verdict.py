@@ -190,6 +190,13 @@ def inspect_file(path: str, limits: Limits) -> tuple[str, Verdict]:
     return hashlib.sha256(data).hexdigest(), verdict(data, limits)
 
 
+def inspect_files(paths: list[str], limits: Limits) -> list[tuple[str, Verdict]]:
+    """:func:`inspect_file` of each path: one chunk of the filter's work on a Dask worker (OpenCV single-threaded,
+    one task per worker thread)."""
+    cv2.setNumThreads(1)
+    return [inspect_file(path, limits) for path in paths]
+
+
 def worker_init() -> None:
     from medflow.imaging.workers import worker_started
 
