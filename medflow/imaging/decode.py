@@ -39,7 +39,7 @@ evaluation (``evaluate --images``) and ``medflow predict`` all go through :func:
 
 The format dispatch is :func:`decode_image`: one branch per decoder (libjpeg-turbo direct, pydicom for
 DICOM, Pillow for the rest). Bump :data:`RESIZE_VERSION` whenever anything here changes what an image
-decodes to: it is part of every resize cache key (:func:`medflow.imaging.cache.cache_key`). This module
+decodes to: it is part of every resize cache key (:func:`medflow.imaging.store.cache_key`). This module
 imports neither pandas nor pydantic: the resize worker processes import it.
 """
 
