@@ -1,6 +1,6 @@
-"""Training input pipeline: loading and validating images.npy + split.csv, tf.data and PyDataset batches.
+"""Training input pipeline: loading and validating the image store + split.csv, tf.data and PyDataset batches.
 
-Every image's pixels all equal its row number in images.npy, and its label is a function of that row, so a
+Every image's pixels all equal its row number in the image store, and its label is a function of that row, so a
 batch shows which images it carries and whether the labels still line up after shuffling and sorting.
 """
 
@@ -17,6 +17,7 @@ import pytest
 from conftest import write_split_csv
 
 from medflow.errors import StepError
+from medflow.imaging.store import save_array
 from medflow.schema import SPLITS
 from medflow.training import inputs
 from medflow.training.inputs import MemmapBatches, SplitData, batches, epoch_order, load_split_data, steps
@@ -31,11 +32,11 @@ def _label(row: int) -> int:
 
 def _write(folder: Path, *, n: int = N, rows: Iterable[int] | None = None, labels: Iterable[object] | None = None,
            splits: Iterable[str] | None = None, images: np.ndarray | None = None) -> tuple[Path, Path]:
-    """images.npy (pixel value = row) and a split.csv with the SPLIT_COLUMNS; rows listed out of order."""
+    """An image store (pixel value = row and a split.csv with the SPLIT_COLUMNS; rows listed out of order."""
     folder.mkdir(parents=True, exist_ok=True)
     if images is None:
         images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, SIZE, SIZE, 1)).copy()
-    np.save(folder / "images.npy", images)
+    save_array(folder / "images", images, shard_rows=7)  # several shards: batches gather across them
     rows = [int(r) for r in np.random.default_rng(7).permutation(n)] if rows is None else list(rows)
     m = len(rows)
     split = write_split_csv(
@@ -43,7 +44,7 @@ def _write(folder: Path, *, n: int = N, rows: Iterable[int] | None = None, label
         labels=[_label(r) if isinstance(r, int) else 0 for r in rows] if labels is None else list(labels),
         splits=list(splits) if splits is not None else ["train"] * 25 + ["val"] * 8 + ["test"] * (m - 33),
         groups=[f"p{r}" for r in rows])
-    return folder / "images.npy", split
+    return folder / "images", split
 
 
 @pytest.fixture

@@ -232,12 +232,15 @@ def publish(store: Path, out: Path, shards: Iterable[str]) -> None:
 
     Where a hard link is refused (another filesystem) the shard is copied, with a warning.
     """
+    copied = 0
     with atomic_dir(out) as tmp:
-        (tmp / STORE_SHARDS).mkdir()
-        copied = 0
-        for name in shards:
-            copied += _link_or_copy(store / STORE_SHARDS / name, tmp / STORE_SHARDS / name)
-        shutil.copyfile(store / STORE_INDEX, tmp / STORE_INDEX)
+        try:
+            (tmp / STORE_SHARDS).mkdir()
+            for name in shards:
+                copied += _link_or_copy(store / STORE_SHARDS / name, tmp / STORE_SHARDS / name)
+            shutil.copyfile(store / STORE_INDEX, tmp / STORE_INDEX)
+        except OSError as e:  # a full disk where a link is refused: the half-made copy is removed
+            raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
     if copied:
         log.warning("%s: %d shard(s) copied, not linked, from %s (another filesystem?): each image is stored "
                     "twice", out, copied, store)
