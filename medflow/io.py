@@ -291,6 +291,8 @@ class ImageStore:
         if isinstance(rows, (int, np.integer)):
             return self[np.array([rows])][0]
         index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        if index.size == 0:
+            index = index.astype(np.int64)
         if index.dtype == bool or index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
             raise TypeError(f"{self.path}: rows must be an int, a slice or a 1-d integer array")
         index = np.where(index < 0, index + len(self), index)

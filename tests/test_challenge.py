@@ -23,7 +23,7 @@ from conftest import ROOT, write_split_csv
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
 from medflow.imaging.store import save_array
-from medflow.io import read_json, sha256_file, write_json
+from medflow.io import ImageStore, read_json, sha256_file, write_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge
 from medflow.lifecycle.retrain import decide
@@ -140,7 +140,7 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
     before = pointer.read_bytes()
     # Images that do not fit the models: the challenger is registered, then scoring fails; nothing is decided.
     _train(project.model_root, slope=0.1)
-    good_images = project.images.read_bytes()
+    good_images = ImageStore(project.images)[:]
     save_array(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
     with pytest.raises(StepError, match="images are"):
         _challenge(project)
@@ -149,7 +149,7 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
     assert challenger is not None and challenger != champion
     assert not (project.model_root / "versions" / challenger / "decision.json").exists()
     # Once the inputs are whole again, the registered challenger is decided on (not registered twice).
-    project.images.write_bytes(good_images)
+    save_array(project.images, good_images)
     decided = _challenge(project)
     assert decided["promote"] and decided["challenger"] == challenger and decided["champion"] == champion
     assert len(registry.list_versions(project.model_root)) == 2

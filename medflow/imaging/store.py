@@ -240,7 +240,7 @@ def publish(store: Path, out: Path, shards: Iterable[str]) -> None:
                 copied += _link_or_copy(store / STORE_SHARDS / name, tmp / STORE_SHARDS / name)
             shutil.copyfile(store / STORE_INDEX, tmp / STORE_INDEX)
         except OSError as e:  # a full disk where a link is refused: the half-made copy is removed
-            raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
+            raise StepError(f"{out}: cannot write the output: {e.strerror or e}") from e
     if copied:
         log.warning("%s: %d shard(s) copied, not linked, from %s (another filesystem?): each image is stored "
                     "twice", out, copied, store)
