@@ -74,9 +74,12 @@ def project(root: Path, layout: str, size: int) -> None:
 
 
 def repro(root: Path, src: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(src), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PYTHONPATH": str(src), "MEDFLOW_PROJECT": str(src),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
-    subprocess.run([str(BIN / "dvc"), "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"dvc repro failed in {root}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return time.perf_counter() - start
 
 

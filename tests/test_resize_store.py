@@ -233,3 +233,61 @@ def test_out_and_cache_must_differ(tmp_path: Path) -> None:
     with pytest.raises(StepError, match="need two folders"):
         resize.run(config_for(size=16), clean=clean, out=tmp_path / "s", stats=tmp_path / "j.json",
                    cache=tmp_path / "s")
+
+
+def _cache_files(project: Path) -> dict[str, int]:
+    """DVC's cache objects (path -> size)."""
+    return {str(p.relative_to(project)): p.stat().st_size for p in (project / ".dvc" / "cache").rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.integration  # two real `dvc repro` runs of the resize stage on 12 tiny images: about 10 s
+def test_under_dvc_an_increment_caches_only_the_new_shard_and_index(tmp_path: Path) -> None:
+    """dvc.yaml's declaration of resize (the published store not persistent, the store persistent and not
+    cached): an increment adds one shard (the new images' bytes) and a new index to DVC's cache, and every
+    file of the first run's published store is still in the cache, byte for byte."""
+    import yaml
+
+    bin_dir = Path(sys.executable).parent
+    files = image_set(tmp_path, 12)
+    project = tmp_path / "p"
+    project.mkdir()
+    env = {**os.environ, "MEDFLOW_PROJECT": str(ROOT), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(bin_dir / "dvc"), "init", "-q"], cwd=project, check=True, env=env)
+    (project / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())  # the shipped link types
+    (project / "params.yaml").write_text(yaml.safe_dump({"dataset": {"name": "t", "sources": ["x"], "labels": {
+        "a": 0, "b": 1}, "channels": 1}, "resize": {"size": 16, "workers": 1}}))
+    (project / "roots.json").write_text("[]\n")
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["resize"]["do"]
+    outs = [o.replace("data/processed/${item}/", "").replace("data/interim/${item}/", "") if isinstance(o, str)
+            else {k.replace("data/processed/${item}/", "").replace("data/interim/${item}/", ""): v
+                  for k, v in o.items()} for o in spec["outs"]]
+    assert outs[:2] == ["images", {"cache/resize": {"persist": True, "cache": False}}]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"resize": {
+        "cmd": "medflow resize --params params.yaml --clean clean.csv --out images --stats resize.json "
+               "--cache cache/resize --rejects resize_rejects.csv --roots-json roots.json",
+        "deps": ["clean.csv", "roots.json"], "params": [{"params.yaml": ["resize"]}], "outs": outs}}}))
+
+    def repro() -> None:
+        proc = subprocess.run([str(bin_dir / "dvc"), "repro"], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    write_clean(project / "clean.csv", files[:10])
+    repro()
+    first = _cache_files(project)
+    published = _digests(project / "images")
+    write_clean(project / "clean.csv", files)  # +2 images
+    repro()
+    added = {k: v for k, v in _cache_files(project).items() if k not in first}
+    assert {k: v for k, v in _cache_files(project).items() if k in first} == first  # nothing rewritten
+    shards = [v for v in added.values() if v == 2 * 16 * 16]  # the new shard: the 2 new images alone
+    assert len(shards) == 1 and len(added) == 3, added  # + the new index and the folder's .dir listing
+    by_md5 = {k.replace("/", "")[-32:]: k for k in _cache_files(project)}
+    for name, sha in _digests(project / "images").items():  # the published store is DVC's, shard for shard
+        md5 = hashlib.md5((project / "images" / STORE_SHARDS / name).read_bytes()).hexdigest()
+        assert md5 in by_md5 and (name not in published or published[name] == sha)
+    status = subprocess.run([str(bin_dir / "dvc"), "status", "--json"], cwd=project, env=env, capture_output=True,
+                            text=True, check=True)
+    assert json.loads(status.stdout) == {}
