@@ -272,6 +272,7 @@ class ImageStore:
         self._row_bytes = int(np.prod(self.shape[1:]))
         self._maps: dict[int, np.memmap] = {}
         self._slots = self._check_shards()
+        self._stride = int(self._slots.max(initial=0)) + 1  # (shard, slot) -> one sortable number
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -285,7 +286,7 @@ class ImageStore:
     def locations(self, rows: np.ndarray) -> np.ndarray:
         """A sort key of ``rows`` by where they lie (shard, then slot): rows of one shard sort together."""
         rows = np.asarray(rows, dtype=np.int64)
-        return self.shard[rows] * (int(self._slots.max(initial=0)) + 1) + self.slot[rows]
+        return self.shard[rows] * self._stride + self.slot[rows]
 
     def __getitem__(self, rows: Any) -> np.ndarray:
         if isinstance(rows, (int, np.integer)):
@@ -301,24 +302,30 @@ class ImageStore:
         return self._gather(index)
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
-        """One copy per row out of the shards' page cache: each shard's rows taken together, straight into
-        the result where they lie next to each other there (``np.take(out=, mode="clip")`` does not buffer:
-        the index was checked), else through one temporary per shard."""
+        """One copy per row out of the shards' page cache where rows of one shard are next to each other (a
+        batch sorted by :meth:`locations`): ``np.take(out=, mode="clip")`` writes straight into the result
+        (it does not buffer in that mode; the index was checked). Otherwise one temporary per shard."""
         out = np.empty((len(rows), *self.shape[1:]), np.uint8)
-        shards = self.shard[rows]
-        order = np.argsort(shards, kind="stable")
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for group in np.split(order, bounds) if len(rows) else []:
-            shard = int(shards[group[0]])
-            if shard == MISSING:
-                out[group] = 0
-                continue
-            slots = self.slot[rows[group]]
-            if group[-1] - group[0] == len(group) - 1:  # increasing (a stable sort): a run of the result
-                np.take(self._map(shard), slots, axis=0, out=out[group[0]:group[-1] + 1], mode="clip")
-            else:
-                out[group] = self._map(shard)[slots]
+        if not len(rows):
+            return out
+        shards, slots = self.shard[rows], self.slot[rows]
+        if np.all(shards[1:] >= shards[:-1]):
+            cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
+            for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+                self._take(int(shards[a]), slots[a:b], out[a:b])
+            return out
+        for shard in np.unique(shards).tolist():
+            where = np.flatnonzero(shards == shard)
+            part = np.empty((len(where), *self.shape[1:]), np.uint8)
+            self._take(shard, slots[where], part)
+            out[where] = part
         return out
+
+    def _take(self, shard: int, slots: np.ndarray, out: np.ndarray) -> None:
+        if shard == MISSING:
+            out[...] = 0
+        else:
+            np.take(self._map(shard), slots, axis=0, out=out, mode="clip")
 
     def _map(self, shard: int) -> np.memmap:
         mapped = self._maps.get(shard)
