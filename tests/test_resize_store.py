@@ -140,16 +140,25 @@ def test_a_crash_mid_write_leaves_the_previous_store_whole(tmp_path: Path, where
         assert np.array_equal(row, decode.load_resized(f, size=16, channels=1))
 
 
-def test_an_error_mid_run_keeps_the_previous_store_and_leaves_no_part(tmp_path: Path) -> None:
+def test_an_error_mid_run_keeps_the_previous_store_and_leaves_no_part(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     files = image_set(tmp_path, 3)
     first, _ = run_step(tmp_path, files[:2], config_for(size=16))
-    blocked = tmp_path / "out" / "images"
-    clean = write_clean(tmp_path / "clean2.csv", files)
-    with pytest.raises(StepError):
-        resize.run(config_for(size=16), clean=clean, out=blocked, stats=tmp_path / "out" / "s.json",
-                   cache=tmp_path / "cache", rejects=tmp_path / "out")  # a folder: the rejects cannot be written
-    assert not any(p.name.startswith(".") for p in (tmp_path / "cache" / STORE_SHARDS).iterdir())
-    assert load_images(blocked).shape[0] == 3  # the store and its copy were replaced whole before the error
+    out, cache = tmp_path / "out" / "images", tmp_path / "cache"
+    index = (cache / STORE_INDEX).read_bytes()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(cache / STORE_INDEX))
+
+    monkeypatch.setattr(store, "write_index", full_disk)  # the new shard is named, the index cannot be written
+    with pytest.raises(StepError, match="No space left on device"):
+        run_step(tmp_path, files, config_for(size=16))
+    assert (cache / STORE_INDEX).read_bytes() == index and np.array_equal(load_images(out), first)
+    assert not any(p.name.startswith(store.PART_PREFIX) for p in (cache / STORE_SHARDS).iterdir())
+    monkeypatch.undo()
+    images, summary = run_step(tmp_path, files, config_for(size=16))  # the unreferenced shard: decoded again
+    assert (summary["decoded"], summary["cached"], len(images)) == (1, 2, 3)
+    assert len(_digests(cache)) == 2  # (one shard per run: the first run's and this one's, same name as before)
 
 
 def test_a_short_shard_is_an_error_naming_it_and_the_next_run_decodes_its_rows(tmp_path: Path) -> None:
