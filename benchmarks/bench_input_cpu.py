@@ -1,4 +1,4 @@
-"""Input pipeline on CPU: medflow's batches from images.npy vs model.fit on the same arrays in memory.
+"""Input pipeline on CPU: medflow's batches from the image store vs model.fit on the same arrays in memory.
 
 The CPU twin of ``bench_train_gpu.py`` (same code, same method), with the TensorFlow backend and sizes that
 fit a small machine: tutorial_cnn (``medflow.training.models.build_model``) on 1,024 synthetic grey 128x128 images,
@@ -7,7 +7,7 @@ process, from the same initial weights:
 
 1. baseline: ``model.fit(x, y, shuffle=True)`` on uint8 images already in memory (Keras's own tf.data
    slicing of in-memory arrays);
-2. medflow: ``load_split_data`` (images.npy memory-mapped) + ``batches`` (tf.data gathering shuffled,
+2. medflow: ``load_split_data`` (the image store, shards memory-mapped) + ``batches`` (tf.data gathering shuffled,
    sorted index batches from the memory map) + ``model.fit``.
 
 Prints images/s for each, and the ratio medflow / baseline (goal >= 0.90)::

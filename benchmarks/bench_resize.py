@@ -7,9 +7,9 @@ cache and taking the best of ``--repeat`` interleaved runs:
 
 - the tutorial baseline: a ThreadPoolExecutor (one thread per core) over ``cv2.imread(path)`` in colour +
   ``cv2.resize(..., (size, size), interpolation=cv2.INTER_CUBIC)``, results kept in memory;
-- medflow's resize step (``tasks.resize.run``, the code path of ``medflow resize``) with an empty cache and
-  all cores, as configured for X-rays (1 channel) and with 3 channels; it also writes its cache (shard +
-  index) and the .npy output, which the baseline does not;
+- medflow's resize step (``tasks.resize.run``, the code path of ``medflow resize``) with an empty store and
+  all cores, as configured for X-rays (1 channel) and with 3 channels; it also writes its image store
+  (shards + index) and publishes it (hard links), which the baseline does not;
 - the single-core rate of the same preprocessing (``load_resized`` in a loop, OpenCV on one thread: the
   reduced JPEG decodes) and the parallel efficiency = step rate / (single-core rate * cores), the whole
   step (manifest read, worker start, cache and output writes) against perfect scaling of the decoding alone;
@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from medflow.config import Config, parse_config  # noqa: E402
-from medflow.imaging import cache as resize_cache  # noqa: E402
 from medflow.imaging import decode  # noqa: E402
 from medflow.io import n_workers, read_csv, sha256_file, write_csv  # noqa: E402
 from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS  # noqa: E402
@@ -130,17 +130,16 @@ def baseline(files: list[Path], size: int, workers: int) -> np.ndarray:
 def step(cfg: Config, clean: Path, work: Path, cache: Path | None = None) -> dict[str, Any]:
     """One run of the resize step; a fresh empty cache unless ``cache`` is given."""
     cache = cache or Path(tempfile.mkdtemp(prefix="cache.", dir=work))
-    return resize.run(cfg, clean=clean, out=work / "images.npy", stats=work / "resize.json", cache=cache)
+    return resize.run(cfg, clean=clean, out=work / "images", stats=work / "resize.json", cache=cache)
 
 
 def remove_outputs(work: Path) -> None:
     """What ``dvc repro`` does before it runs the stage's command: delete its (non-persistent) outputs.
 
-    Not timed, as in DVC. Left in place, each run would replace the last one's array, and ext4 starts
-    writing back a file renamed over another one at once (``auto_da_alloc``): a cost DVC runs never pay.
+    Not timed, as in DVC (the published store is hard links: removing it costs no write-back).
     """
-    for name in ("images.npy", "resize.json"):
-        (work / name).unlink(missing_ok=True)
+    shutil.rmtree(work / "images", ignore_errors=True)
+    (work / "resize.json").unlink(missing_ok=True)
 
 
 def timed_step(cfg: Config, clean: Path, work: Path, cache: Path | None = None) -> float:
@@ -194,7 +193,7 @@ def command_seconds(clean: Path, work: Path, size: int, repeat: int) -> dict[str
 
     def command(cache: Path) -> list[str]:
         return [sys.executable, "-m", "medflow.cli", "resize", "--params", str(param_file), "--clean", str(clean),
-                "--out", str(work / "images.npy"), "--stats", str(work / "resize.json"), "--cache", str(cache),
+                "--out", str(work / "images"), "--stats", str(work / "resize.json"), "--cache", str(cache),
                 "--roots-json", str(roots)]
 
     def best(fn: Callable[[], Any]) -> float:
@@ -242,12 +241,12 @@ def incremental(files: list[Path], root: Path, cfg: Config, work: Path, repeat: 
     linked, new = grown_copy(files, root, work / "grown")
     old_clean = write_clean_csv(linked, work / "clean_old.csv")
     all_clean = write_clean_csv(linked + new, work / "clean_new.csv")
-    cache = work / "inc_cache"
-    step(cfg, old_clean, work, cache)  # the state before the new data landed
-    new_keys = [resize_cache.cache_key(sha256_file(f), cfg.resize.size, cfg.dataset.channels) for f in new]
+    before, cache = work / "inc_before", work / "inc_cache"
+    step(cfg, old_clean, work, before)  # the state before the new data landed
     best = float("inf")
     for _ in range(repeat):
-        resize_cache.cache_forget(cache, new_keys)  # forget the new files, keep the old ones
+        shutil.rmtree(cache, ignore_errors=True)  # the store as it was: hard links (its files are immutable)
+        shutil.copytree(before, cache, copy_function=os.link)
         remove_outputs(work)
         start = time.perf_counter()
         summary = step(cfg, all_clean, work, cache)
@@ -330,7 +329,7 @@ def rss_child(data: Path, size: int, channels: int, what: str) -> None:
             clean = write_clean_csv(files, work / "clean.csv")
             before_mb = peak_mb()
             summary = step(config(size, channels), clean, work)
-            out_mb = (work / "images.npy").stat().st_size / 2**20
+            out_mb = sum(p.stat().st_size for p in (work / "images" / "shards").iterdir()) / 2**20
             assert summary["images"] == len(files)
     print(json.dumps({"images": len(files), "out_mb": out_mb, "before_mb": before_mb, "self_mb": peak_mb(),
                       "children_mb": workers.largest}))

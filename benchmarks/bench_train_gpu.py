@@ -1,7 +1,7 @@
 """Training throughput: medflow's input pipeline vs model.fit on the same images in memory, side by side.
 
 Writes synthetic uint8 images (random noise; the content does not matter for speed) into a temporary
-images.npy + split.csv in the pipeline's formats, builds tutorial_cnn (``medflow.training.models.build_model``) and
+an image store + split.csv in the pipeline's formats, builds tutorial_cnn (``medflow.training.models.build_model``) and
 trains it twice for the same epochs, batch size and precision, each time from the same initial weights:
 
 1. baseline: ``model.fit(x, y, shuffle=True)`` on the training images held in memory as a NumPy uint8
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from medflow.imaging.store import save_array  # noqa: E402
 from medflow.schema import SPLIT_COLUMNS  # noqa: E402
 from medflow.training.inputs import batches, load_split_data  # noqa: E402
 
@@ -55,14 +56,13 @@ def write_dataset(folder: Path, n_train: int, size: int, channels: int, n_holdou
     """Random uint8 images + labels; rows ``[0, n_train)`` are train, then ``n_holdout`` each for val and test.
 
     Returns the training images and labels in memory (the baseline's input) and the paths of the
-    images.npy and split.csv written for medflow (the same bytes).
+    image store and split.csv written for medflow (the same bytes).
     """
     rng = np.random.default_rng(seed)
     n = n_train + 2 * n_holdout
     x = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
     y = (rng.random(n) < POSITIVE_SHARE).astype(np.int64)
-    images = folder / "images.npy"
-    np.save(images, x)
+    images = save_array(folder / "images", x, shard_rows=max(1, n // 8))  # a few shards, like resize
     df = pd.DataFrame({c: [""] * n for c in SPLIT_COLUMNS})
     df["path"] = [f"data/raw/synthetic/img{i}.png" for i in range(n)]
     df["relpath"] = [f"img{i}.png" for i in range(n)]

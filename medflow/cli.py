@@ -30,7 +30,7 @@ import yaml  # noqa: E402
 
 from medflow.config import DEFAULT_PARAMS, Config, ConfigError, changed_params, load_config  # noqa: E402
 from medflow.errors import StepError  # noqa: E402
-from medflow.io import remove_stale_temps  # noqa: E402
+from medflow.io import STORE_INDEX, remove_stale_temps  # noqa: E402
 
 log = logging.getLogger("medflow")
 
@@ -64,9 +64,9 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     ),
     "resize": (
         "tasks.resize",
-        "resize clean images in parallel into one uint8 array (N, size, size, channels)",
-        [("--clean", "clean manifest CSV (input)"), ("--out", "images .npy (output)"),
-         ("--stats", "resize statistics JSON (output)"), ("--cache", "content-addressed cache folder"),
+        "resize clean images in parallel into an image store, uint8 (N, size, size, channels)",
+        [("--clean", "clean manifest CSV (input)"), ("--out", "the image store, published (output folder)"),
+         ("--stats", "resize statistics JSON (output)"), ("--cache", "the image store (persistent folder)"),
          ("--rejects", "images the filter passed that cannot be decoded now, with their row (output)"),
          ("--roots-json", "image roots (input): where the paths under a source root outside the project lie")],
     ),
@@ -83,14 +83,14 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "validate": (
         "tasks.validate",
         "Great Expectations suite on the split manifest and resized images; fails on any violation",
-        [("--split", "split manifest CSV (input)"), ("--images", "images .npy (input)"),
-         ("--split-rejects", "the split's quarantine CSV (input): its rows are in images.npy, not in a split"),
+        [("--split", "split manifest CSV (input)"), ("--images", "the image store folder (input)"),
+         ("--split-rejects", "the split's quarantine CSV (input): its rows are in the image store, not in a split"),
          ("--result", "validation result JSON (output)"), ("--summary", "readable summary Markdown (output)")],
     ),
     "train": (
         "tasks.train",
         "train a Keras 3 classifier on the train split, selecting on val (resumes a killed run)",
-        [("--images", "images .npy (input)"), ("--split", "split manifest CSV (input)"),
+        [("--images", "the image store folder (input)"), ("--split", "split manifest CSV (input)"),
          ("--model-dir", "model folder: model.keras, metadata.json, history.csv, checkpoints/ (output)"),
          ("--live-dir", "DVCLive folder: per-epoch metrics and plots (output)")],
     ),
@@ -157,7 +157,7 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--model", type=Path, help="model folder (default: the champion registered in "
                    "models/<dataset>, else models/<dataset>)")
     p.add_argument("--images", type=Path, required=True,
-                   help="images.npy of the pipeline (with --split), or a folder with class subfolders")
+                   help="the image store of the pipeline (with --split), or a folder with class subfolders")
     p.add_argument("--split", type=Path, help="split manifest CSV (the evaluate stage)")
     p.add_argument("--rejects", type=Path, help="filter rejects CSV, listed in the report")
     p.add_argument("--split-rejects", type=Path, help="the split's quarantine CSV, listed in the report")
@@ -230,8 +230,8 @@ def _model_config(args: argparse.Namespace) -> Config:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    if args.split is None and args.images.suffix == ".npy":  # arguments first, before any config is read
-        raise StepError(f"--images {args.images}: an images.npy needs --split (the evaluate stage)")
+    if args.split is None and (args.images / STORE_INDEX).is_file():  # arguments first, before any config
+        raise StepError(f"--images {args.images}: an image store needs --split (the evaluate stage)")
     if args.split is not None:  # the evaluate stage: a step, loaded from the project root
         def stage(cfg: Config) -> None:
             model = args.model or _default_model(cfg.dataset.name, stage=True)

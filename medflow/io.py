@@ -237,14 +237,158 @@ def read_csv(path: Path | str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
-def open_images(path: Path | str) -> np.ndarray:
-    """Memory-map an images.npy written by the resize step; StepError naming the file when it cannot be read."""
+# --- The image store: the resize step's output, read by validate, train, evaluate, predict and challenge ----
+# A folder: ``index.json`` (the row index) and ``shards/<name>.bin``, immutable files of raw C-ordered uint8
+# rows of one image geometry each. Row ``i`` of the store (= row ``i`` of clean.csv) is slot ``slot[i]`` of
+# shard ``shard[i]`` (an index into ``shards``), or missing (shard -1: a file resize could not decode, read
+# as zeros). The writer is medflow.imaging.store; this is the one definition of the format.
+STORE_FORMAT = "medflow-image-store"
+STORE_VERSION = 1
+STORE_INDEX = "index.json"
+STORE_SHARDS = "shards"
+SHARD_SUFFIX = ".bin"
+MISSING = -1  # the shard of a row without pixels (resize_rejects.csv lists it): it reads as zeros
+
+
+class ImageStore:
+    """The resize step's images, read-only: each shard memory-mapped, never copied into one array.
+
+    Behaves like the ``(N, height, width, channels)`` uint8 array it stands for where the readers need it:
+    ``shape``, ``dtype``, ``ndim``, ``len()`` and ``store[rows]`` (an int, a slice or an integer array; a
+    new array, rows in the order asked). :meth:`locations` orders rows so that a gather reads each shard's
+    rows together (training sorts its shuffled batches by it). StepError naming the file when the index is
+    missing or unreadable, or a shard is missing or shorter than the index says.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        index = read_store_index(self.path)
+        self.shape: tuple[int, int, int, int] = index["shape"]
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+        self.shard = np.asarray(index["shard"], dtype=np.int64)
+        self.slot = np.asarray(index["slot"], dtype=np.int64)
+        self.shard_names: list[str] = index["shards"]
+        self._row_bytes = int(np.prod(self.shape[1:]))
+        self._maps: dict[int, np.memmap] = {}
+        self._slots = self._check_shards()
+        self._stride = int(self._slots.max(initial=0)) + 1  # (shard, slot) -> one sortable number
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self.path)!r}, shape={self.shape}, shards={len(self.shard_names)})"
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / STORE_SHARDS / self.shard_names[shard]
+
+    def locations(self, rows: np.ndarray) -> np.ndarray:
+        """A sort key of ``rows`` by where they lie (shard, then slot): rows of one shard sort together."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.shard[rows] * self._stride + self.slot[rows]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, (int, np.integer)):
+            return self[np.array([rows])][0]
+        index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        if index.size == 0:
+            index = index.astype(np.int64)
+        if index.dtype == bool or index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(f"{self.path}: rows must be an int, a slice or a 1-d integer array")
+        index = np.where(index < 0, index + len(self), index)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"{self.path}: row out of range 0..{len(self) - 1}")
+        return self._gather(index)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """One copy per row out of the shards' page cache where rows of one shard are next to each other (a
+        batch sorted by :meth:`locations`): ``np.take(out=, mode="clip")`` writes straight into the result
+        (it does not buffer in that mode; the index was checked). Otherwise one temporary per shard."""
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        if not len(rows):
+            return out
+        shards, slots = self.shard[rows], self.slot[rows]
+        if np.all(shards[1:] >= shards[:-1]):
+            cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
+            for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+                self._take(int(shards[a]), slots[a:b], out[a:b])
+            return out
+        for shard in np.unique(shards).tolist():
+            where = np.flatnonzero(shards == shard)
+            part = np.empty((len(where), *self.shape[1:]), np.uint8)
+            self._take(shard, slots[where], part)
+            out[where] = part
+        return out
+
+    def _take(self, shard: int, slots: np.ndarray, out: np.ndarray) -> None:
+        if shard == MISSING:
+            out[...] = 0
+        else:
+            np.take(self._map(shard), slots, axis=0, out=out, mode="clip")
+
+    def _map(self, shard: int) -> np.memmap:
+        mapped = self._maps.get(shard)
+        if mapped is None:
+            path = self.shard_path(shard)
+            try:
+                mapped = np.memmap(path, np.uint8, "r", shape=(int(self._slots[shard]), *self.shape[1:]))
+            except (OSError, ValueError) as e:
+                raise StepError(f"{path}: cannot read this image shard: {e}") from None
+            self._maps[shard] = mapped
+        return mapped
+
+    def _check_shards(self) -> np.ndarray:
+        """Slots each shard holds (its size / one row); StepError naming a shard missing or too short."""
+        slots = np.zeros(len(self.shard_names), np.int64)
+        present = self.shard != MISSING
+        if np.any(present & ((self.shard < 0) | (self.shard >= len(self.shard_names)) | (self.slot < 0))):
+            raise StepError(f"{self.path / STORE_INDEX}: damaged index (a row points at no shard)")
+        need = np.zeros(len(self.shard_names), np.int64)
+        np.maximum.at(need, self.shard[present], self.slot[present] + 1)
+        for i, name in enumerate(self.shard_names):
+            path = self.path / STORE_SHARDS / name
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise StepError(f"{path}: image shard missing or unreadable ({e.strerror or e}): re-run the "
+                                "resize step") from None
+            slots[i] = size // self._row_bytes
+            if slots[i] < need[i]:
+                raise StepError(f"{path}: image shard damaged: {size} bytes, the index needs "
+                                f"{need[i] * self._row_bytes} (re-run the resize step)")
+        return slots
+
+
+def read_store_index(path: Path | str) -> dict[str, Any]:
+    """The checked row index of the image store at ``path``: shape (a 4-tuple), shards, shard, slot (lists)
+    and keys; StepError naming the index when it is missing, unreadable or not the store's format."""
+    index_path = Path(path) / STORE_INDEX
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        index = read_json(index_path)
     except FileNotFoundError:
-        raise StepError(f"{path}: images array not found (run the resize step first)") from None
-    except (ValueError, OSError) as e:
-        raise StepError(f"{path}: not a readable .npy array: {e}") from None
+        what = "an images.npy of an older medflow: re-run the resize step" if Path(path).suffix == ".npy" \
+            else "run the resize step first"
+        raise StepError(f"{index_path}: image store index not found ({what})") from None
+    except (OSError, ValueError) as e:
+        raise StepError(f"{index_path}: not a readable image store index: {e}") from None
+    try:
+        shape = tuple(int(v) for v in index["shape"])
+        ok = (index["format"] == STORE_FORMAT and index["version"] == STORE_VERSION and index["dtype"] == "uint8"
+              and len(shape) == 4 and min(shape) >= 0 and len(index["shard"]) == len(index["slot"]) == shape[0]
+              and isinstance(index["shards"], list))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise StepError(f"{index_path}: not an image store index of this medflow ({STORE_FORMAT} "
+                        f"version {STORE_VERSION}): re-run the resize step")
+    return {**index, "shape": shape}
+
+
+def open_images(path: Path | str) -> ImageStore:
+    """Open the image store the resize step wrote at ``path`` (:class:`ImageStore`); StepError naming the
+    file when it cannot be read."""
+    return ImageStore(path)
 
 
 def sha256_file(path: Path | str) -> str:

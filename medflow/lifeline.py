@@ -14,7 +14,7 @@ The ``medflow`` CLI installs it for every step and model command with SIGTERM an
 the signal raises SystemExit in the main thread, so ``finally`` blocks run (temporary outputs are removed),
 and a process still alive :data:`GRACE_S` seconds later (a thread blocked in a read) is SIGKILLed. The
 decoding worker processes get SIGKILL (their writes are crash-safe by design, see
-:mod:`medflow.imaging.cache`). ``MEDFLOW_DIE_WITH_PARENT=0`` turns the guard off (a ``medflow`` command
+:mod:`medflow.imaging.store`). ``MEDFLOW_DIE_WITH_PARENT=0`` turns the guard off (a ``medflow`` command
 started with ``nohup`` from a shell that then exits; ``nohup dvc repro &`` needs no such switch).
 Elsewhere than Linux it does nothing. Standard library only: worker processes import it.
 """

@@ -38,12 +38,12 @@ CLEAN_COLUMNS = [*MANIFEST_COLUMNS, "phash", "dup_group"]
 #           unsupported_mode | no_pixel_data | multi_frame | unsupported_syntax (the last three: DICOM) |
 #           unreadable (a broken link, a FIFO/device, no permission, a non-UTF-8 name) | duplicate
 REJECT_COLUMNS = ["path", "reason", "detail", "sha256", "bytes"]
-# resize_rejects.csv (the resize step's) = REJECT_COLUMNS plus row (in clean.csv and images.npy, a zero row),
+# resize_rejects.csv (the resize step's) = REJECT_COLUMNS plus row (in clean.csv and the image store, no pixels),
 #   reason resize_decode_error: a file the filter passed that resize cannot decode; the split quarantines it.
 # split_rejects.csv (the split step's) = REJECT_COLUMNS plus row and links: resize's rows and links_splits.
 
 # split.csv = clean rows plus:
-#   row          row of this image in images.npy (= its position in clean.csv)
+#   row          row of this image in the image store (= its position in clean.csv)
 #   split_group  the unit the split keeps together (patients joined through near-duplicate groups)
 #   split        train | val | test
 SPLIT_COLUMNS = [*CLEAN_COLUMNS, "row", "split_group", "split"]

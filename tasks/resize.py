@@ -1,26 +1,26 @@
-"""The resize step (dvc.yaml stage resize): every clean image -> one uint8 array ``(N, size, size, channels)``.
+"""The resize step (dvc.yaml stage resize): every clean image -> an image store ``(N, size, size, channels)``.
 
-Output format. Row ``i`` of the array is row ``i`` of clean.csv. The file is a plain ``.npy`` (a header,
-then the raw C-ordered bytes), so training opens it with ``np.load(path, mmap_mode="r")`` and slices
-batches straight from the page cache: zero decode cost per epoch, and no need to hold the dataset in RAM.
-It is filled with plain writes at each row's offset, cached rows copied from the resize cache
-(:mod:`medflow.imaging.cache`) while the decoders (:mod:`medflow.imaging.parallel`) write the others, so
-the step's peak memory does not grow with the dataset, and atomically (a temporary file renamed into
-place): a crash leaves no half-written array under its name. The preprocessing is
-:mod:`medflow.imaging.decode`'s, the one training, evaluation and prediction use.
+Output format: an image store (:class:`medflow.io.ImageStore`, written by :mod:`medflow.imaging.store`), a
+folder of immutable shard files of raw uint8 rows and a small row index; row ``i`` is row ``i`` of
+clean.csv. Readers memory-map each shard and gather batches straight from the page cache: zero decode cost
+per epoch, and no need to hold the dataset in RAM. The store lives in ``--cache`` (persistent) and is
+published to ``--out`` as hard links: each image is written once, only the images the store lacks are
+decoded (:mod:`medflow.imaging.parallel`), and an increment adds new shards and a new index while the old
+shards stay byte-identical, so DVC hashes and caches the new data alone. The step's peak memory does not
+grow with the dataset, and a crash leaves the previous store and its published copy whole. The
+preprocessing is :mod:`medflow.imaging.decode`'s, the one training, evaluation and prediction use.
 
 One file never stops the step. A file clean.csv lists (the filter passed it) that cannot be read or decoded
-now (it changed after the filter read it, or a decoder disagrees with the filter's) keeps its row, all
-zeros and not cached, so that row ``i`` is still row ``i`` of clean.csv, and is listed in ``rejects``
-(:data:`RESIZE_REJECT_COLUMNS`, reason :data:`LATE_REASON`, its ``row``). The split step quarantines those
-rows (split_rejects.csv: in images.npy, in no split), so validate counts them and train and evaluate never
-read them. Only every image failing stops the step (nothing written).
+now (it changed after the filter read it, or a decoder disagrees with the filter's) keeps its row, without
+pixels (it reads as zeros) and not stored, so that row ``i`` is still row ``i`` of clean.csv, and is listed
+in ``rejects`` (:data:`RESIZE_REJECT_COLUMNS`, reason :data:`LATE_REASON`, its ``row``). The split step
+quarantines those rows (split_rejects.csv: in the store, in no split), so validate counts them and train and
+evaluate never read them. Only every image failing stops the step (nothing written).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import time
 import uuid
@@ -28,22 +28,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-from numpy.lib import format as npy_format
-
 from medflow.config import Config
 from medflow.errors import StepError
-from medflow.imaging.cache import IndexWriter, Job, cache_key, copy_cached, index_writer, open_index, plan_run
+from medflow.imaging import cluster, store
 from medflow.imaging.decode import ImageInfo
-from medflow.imaging.parallel import Failed, Result, decoding
-from medflow.io import atomic_open, atomic_path, n_workers, readable_path, source_roots, write_json
+from medflow.imaging.parallel import Failed, Result, Written, decoding
+from medflow.imaging.store import Job, cache_key
+from medflow.io import atomic_open, n_workers, readable_path, source_roots, write_json
 from medflow.schema import REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
 
 _REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "format", "mode")
 LATE_REASON = "resize_decode_error"  # a file the filter passed that resize cannot decode
-RESIZE_REJECT_COLUMNS = [*REJECT_COLUMNS, "row"]  # row: in clean.csv and images.npy (all zeros)
+RESIZE_REJECT_COLUMNS = [*REJECT_COLUMNS, "row"]  # row: in clean.csv and the store (no pixels: zeros)
 _NOTE = ("the filter passed it: it changed after the filter read it, or the decoder disagrees with the filter's; "
          "the next `dvc repro` re-reads a changed file")
 
@@ -52,6 +50,7 @@ class _Counts(NamedTuple):
     decoded: int
     reduced: int
     failed: dict[str, str]  # cache key -> the decoder's error
+    written: list[tuple[str, str, int]]  # (cache key, part file, offset) of each decoded image
 
 
 class _Listed(NamedTuple):
@@ -64,49 +63,50 @@ class _Listed(NamedTuple):
 
 def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, rejects: Path | None = None,
         roots_json: Path | None = None) -> dict[str, Any]:
-    """Resize every clean.csv image into ``out`` (uint8 ``(N, size, size, channels)`` .npy); write ``stats``
-    and ``rejects`` (default: resize_rejects.csv beside ``out``; header only when every image decoded).
+    """Resize every clean.csv image into the image store ``cache``, published to ``out`` (a folder); write
+    ``stats`` and ``rejects`` (default: resize_rejects.csv beside ``out``; header only when every image decoded).
 
-    Only images missing from the content-addressed ``cache`` are decoded (in parallel processes). ``roots_json``
+    Only images missing from the content-addressed store are decoded (in parallel processes). ``roots_json``
     (the extract step's) locates the paths under a source root outside the project.
     Returns the statistics also written to ``stats``: images, decoded, cached (= images - decoded - rejected),
     rejected (rows listed in ``rejects``), shape, seconds, images_per_s (images / seconds), workers (decoding
-    processes, or threads for a handful of images; 0 when everything was cached) and reduced_decodes (JPEGs
-    decoded at a reduced DCT scale).
+    processes, or threads for a handful of images; 0 when everything was cached), reduced_decodes (JPEGs
+    decoded at a reduced DCT scale), shards (files of the store) and new_shards (written by this run).
     """
     start = time.perf_counter()
     size, channels = cfg.resize.size, cfg.dataset.channels
-    nbytes = size * size * channels
-    rejects = Path(out).with_name("resize_rejects.csv") if rejects is None else Path(rejects)
+    out, cache = Path(out), Path(cache)
+    if out.resolve() == cache.resolve():
+        raise StepError(f"--out {out} and --cache {cache}: the store and its published copy need two folders")
+    rejects = out.with_name("resize_rejects.csv") if rejects is None else Path(rejects)
     jobs, listed = _read_jobs(Path(clean), size, channels, source_roots(roots_json))
     shape = (len(jobs), size, size, channels)
-    # Not fsynced (like medflow.io.atomic_path): the rename already keeps a crash of this process from
-    # leaving a partial array under its name; after a power loss DVC's hash check catches a damaged one.
-    header = _npy_header(shape)
     try:
-        counts, workers = _fill(jobs, header, out, Path(cache), size=size, channels=channels, nbytes=nbytes,
-                                workers=cfg.resize.workers, dask_address=cfg.compute.dask_address)
+        counts, workers, index = _fill(jobs, shape, out, cache, workers=cfg.resize.workers,
+                                       dask_address=cfg.compute.dask_address)
         rows = _reject_rows(jobs, listed, counts.failed)
         _write_rejects(rejects, rows)
-    except OSError as e:  # the temporary array's header and size, and what the cache writes, on a full disk
+    except OSError as e:  # what the store writes, on a full disk
         raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
     seconds = time.perf_counter() - start
     decoded = counts.decoded
     summary = {"images": len(jobs), "decoded": decoded, "cached": len(jobs) - decoded - len(rows),
                "rejected": len(rows), "shape": list(shape), "seconds": round(seconds, 3),
                "images_per_s": round(len(jobs) / seconds, 1), "workers": workers,
-               "reduced_decodes": counts.reduced}
+               "reduced_decodes": counts.reduced, "shards": len(index["shards"]),
+               "new_shards": len({part for _, part, _ in counts.written}),
+               "decoded_on": _decoded_on(cfg, counts)}
     try:
-        write_json(stats, summary, fsync=False)  # like the array, see above: DVC's hash check guards both
+        write_json(stats, summary, fsync=False)  # like the index, see medflow.imaging.store.write_index
     except OSError as e:
         raise StepError(f"{stats}: cannot write the statistics: {e.strerror or e}") from e
     if rows:
-        log.warning("resize: %d image(s) the filter passed cannot be decoded now (%s): their rows are zeros, "
-                    "listed in %s for the split step to quarantine, e.g. %s", len(rows), LATE_REASON, rejects,
-                    "; ".join(f"{r['path']}: {r['detail']}" for r in rows[:3]))
+        log.warning("resize: %d image(s) the filter passed cannot be decoded now (%s): their rows have no pixels "
+                    "(zeros), listed in %s for the split step to quarantine, e.g. %s", len(rows), LATE_REASON,
+                    rejects, "; ".join(f"{r['path']}: {r['detail']}" for r in rows[:3]))
     log.info("resize: %d images -> %s %s: %d decoded (%d reduced), %d cached, %d rejected, %.2f s, %.0f images/s, "
-             "%d worker(s)", len(jobs), out, shape, decoded, counts.reduced, summary["cached"], len(rows),
-             seconds, summary["images_per_s"], workers)
+             "%d worker(s), %d shard(s), %d new", len(jobs), out, shape, decoded, counts.reduced, summary["cached"],
+             len(rows), seconds, summary["images_per_s"], workers, summary["shards"], summary["new_shards"])
     return summary
 
 
@@ -122,6 +122,13 @@ def _reject_rows(jobs: list[Job], listed: list[_Listed], failed: Mapping[str, st
     return rows
 
 
+def _decoded_on(cfg: Config, counts: _Counts) -> str:
+    """Where this run's new images were decoded: ``dask`` (a cluster, README "Dask"), ``local`` or ``none``."""
+    if not counts.decoded and not counts.failed:
+        return "none"
+    return "dask" if cluster.scheduler_address(cfg.compute.dask_address) is not None else "local"
+
+
 def _write_rejects(path: Path, rows: list[dict[str, Any]]) -> None:
     """The rejects CSV, atomically (the csv module: no pandas in this step); header only when empty."""
     with atomic_open(path, "w", newline="", encoding="utf-8", fsync=False) as f:
@@ -130,24 +137,30 @@ def _write_rejects(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _fill(jobs: list[Job], header: bytes, out: Path, cache: Path, *, size: int, channels: int, nbytes: int,
-          workers: int, dask_address: str | None = None) -> tuple[_Counts, int]:
-    """Write the array: cached rows copied, the others decoded; (counts, decoding workers used)."""
-    with open_index(cache, (job.key for job in jobs)) as (db, found):
-        plan = plan_run(jobs, found, start=len(header), nbytes=nbytes)
+def _fill(jobs: list[Job], shape: tuple[int, int, int, int], out: Path, cache: Path, *,
+          workers: int, dask_address: str | None = None) -> tuple[_Counts, int, dict[str, Any]]:
+    """Decode what the store lacks, write its index and publish it; (counts, decoding workers used, index)."""
+    nbytes = shape[1] * shape[2] * shape[3]
+    with store.store_lock(cache):
+        known = store.known_entries(cache, shape[1:])
+        plan = store.plan_run(jobs, known)
         workers = min(n_workers(workers), len(plan.todo))
-        with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as f, index_writer(db, str(cache)) as index:
-            f.write(header)
-            f.truncate(len(header) + len(jobs) * nbytes)
-            f.flush()
-            # the workers write the decoded rows while this process copies the cached ones
-            with decoding(plan.todo, size=size, channels=channels, workers=workers, out=str(tmp),
-                          cache=str(cache), run_id=uuid.uuid4().hex, dask_address=dask_address) as results:
-                copy_cached(f.fileno(), plan.hits, start=len(header), nbytes=nbytes, out=str(out))
-                counts = _collect(results, index, nbytes=nbytes, expected=len(plan.todo))
+        run_id = uuid.uuid4().hex
+        try:
+            with decoding(plan.todo, size=shape[1], channels=shape[3], workers=workers, cache=str(cache),
+                          run_id=run_id, dask_address=dask_address) as results:
+                counts = _collect(results, expected=len(plan.todo))
             if counts.failed and not plan.hits and len(counts.failed) == len(plan.todo):
-                raise StepError(_all_failed(counts.failed))  # inside atomic_path: nothing is written
-    return counts, workers
+                raise StepError(_all_failed(counts.failed))  # nothing is written
+            new = store.finish_shards(cache, counts.written, nbytes)
+        finally:
+            store.remove_parts(cache, run_id)  # what a failed run decoded (none once the shards are named)
+        entries = [plan.hits.get(row) or new.get(job.key) for row, job in enumerate(jobs)]
+        index = store.write_index(cache, shape, [job.key for job in jobs], entries)
+        store.publish(cache, out, index["shards"])
+        removed = store.collect_garbage(cache, set(index["shards"]))
+        log.debug("resize: %d file(s) no longer referenced removed from %s", removed, cache)
+    return counts, workers, index
 
 
 def _all_failed(failed: Mapping[str, str]) -> str:
@@ -195,25 +208,19 @@ def _job(values: list[str], line: int, clean: Path, size: int, channels: int, ro
     return Job(cache_key(sha, size, channels), readable_path(path, roots), info)
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The .npy (version 1.0) header of a C-ordered uint8 array of ``shape``."""
-    header = {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-    buf = io.BytesIO()
-    npy_format.write_array_header_1_0(buf, header)
-    return buf.getvalue()
-
-
-def _collect(results: Iterator[Result], index: IndexWriter, *, nbytes: int, expected: int) -> _Counts:
-    """Record each decoded image in the cache index as it arrives (the decoders wrote its bytes); collect
-    the failed ones (their rows stay zero, nothing cached)."""
-    decoded = reduced = 0
+def _collect(results: Iterator[Result], *, expected: int) -> _Counts:
+    """Collect where each decoded image went (the decoders wrote its bytes) and the failed ones (their rows
+    get no pixels, nothing stored)."""
+    reduced = 0
     failed: dict[str, str] = {}
+    written: list[tuple[str, str, int]] = []
     for result in results:
         if isinstance(result, Failed):
             failed[result.key] = result.error
             continue
-        index.record(result.key, result.shard, result.offset, nbytes)
-        decoded, reduced = decoded + 1, reduced + result.reduced
-    if decoded + len(failed) != expected:  # cannot happen unless an executor loses work: never a partial array
-        raise StepError(f"resize: {decoded + len(failed)} of {expected} images came back from decoding")
-    return _Counts(decoded, reduced, failed)
+        assert isinstance(result, Written)
+        written.append((result.key, result.shard, result.offset))
+        reduced += result.reduced
+    if len(written) + len(failed) != expected:  # cannot happen unless an executor loses work: never a partial store
+        raise StepError(f"resize: {len(written) + len(failed)} of {expected} images came back from decoding")
+    return _Counts(len(written), reduced, failed, written)

@@ -5,7 +5,7 @@ seeded), or, when ``out`` already holds a split made with the same ``split`` par
 :func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned. New
 images that would join units of different splits are quarantined into ``rejects`` (reason ``links_splits``,
 the images they link to named) and left out of split.csv; the run goes on. The rows the resize step could not
-decode (its ``resize_rejects``: zeros in images.npy) are quarantined too, with resize's reason and detail, and
+decode (its ``resize_rejects``: no pixels in the store) are quarantined too, with resize's reason and detail, and
 take no part in the split. ``rejects`` is the split step's own output (the filter's rejects.csv is another
 stage's), written on every run, header only when none.
 """
@@ -100,7 +100,7 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
         raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
     rejects = Path(out).with_name("split_rejects.csv") if rejects is None else Path(rejects)
     late = _resize_rejects(None if resize_rejects is None else Path(resize_rejects), df, Path(clean))
-    if len(late):  # left out of the split; every other row keeps its position in clean.csv (= images.npy)
+    if len(late):  # left out of the split; every other row keeps its position in clean.csv (= the image store)
         df = df.assign(row=np.arange(len(df), dtype=np.int64)).drop(index=df.index[late["row"].to_numpy()])
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:

@@ -1,4 +1,4 @@
-"""The validate step (dvc.yaml stage validate): Great Expectations on split.csv and the images.npy header.
+"""The validate step (dvc.yaml stage validate): Great Expectations on split.csv and the image store's header.
 
 Reads the split manifest and the array's shape and dtype (memory-mapped, no pixels read), runs the suites
 of :mod:`medflow.data.expectations` and the shortcut check of :mod:`medflow.data.shortcuts` (can file
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path,
         split_rejects: Path | None = None) -> dict[str, Any]:
-    """Validate split.csv and images.npy; write the GX result JSON and a Markdown summary (atomically).
+    """Validate split.csv and the image store header; write the GX result JSON and a Markdown summary (atomically).
 
     Returns counts (expectations, rows, seconds, n/n_pos/n_neg per split). Raises StepError naming the
     file when an input is missing or unreadable, and (after writing both files) when any expectation fails.
@@ -74,7 +74,7 @@ def _shortcut_check(df: pd.DataFrame, cfg: Config) -> shortcuts.ShortcutCheck:
 
 
 def _quarantined_rows(split_rejects: Path | None) -> int:
-    """Images the split step quarantined (in images.npy, in no split): the rows of its split_rejects.csv."""
+    """Images the split step quarantined (in the image store, in no split): the rows of its split_rejects.csv."""
     if split_rejects is None:
         return 0
     try:

@@ -166,7 +166,7 @@ def write_split_csv(dest: Path, *, paths: Sequence[str], labels: Sequence[object
                     groups: Sequence[str] | None = None, rows: Sequence[int] | None = None) -> Path:
     """A split.csv in the pipeline's schema (``SPLIT_COLUMNS``): one line per path, in the given order.
 
-    ``rows`` (the image's row in images.npy) default to 0..n-1 and ``groups`` (patients) to the file
+    ``rows`` (the image's row in the image store) default to 0..n-1 and ``groups`` (patients) to the file
     stems; class names are POS for label 1, else NEG; digests are distinct; other columns are empty.
     """
     n = len(paths)

@@ -1,4 +1,4 @@
-"""Shared helpers of the resize tests (test_decode, test_resize_cache, test_resize_parallel, test_resize):
+"""Shared helpers of the resize tests (test_decode, test_resize_store, test_resize_parallel, test_resize):
 tiny generated images, clean.csv files in the pipeline's schema, and one-call runs of the step."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image
 
 from medflow.config import Config, parse_config
-from medflow.imaging import cache
-from medflow.io import read_json, sha256_file, write_csv
+from medflow.imaging import store
+from medflow.io import ImageStore, read_json, sha256_file, write_csv
 from medflow.schema import CLEAN_COLUMNS
 from tasks import resize
 
@@ -51,12 +51,17 @@ POOL = 8  # the process-pool threshold these tests run with: a dozen tiny images
 
 def run_step(tmp: Path, files: list[Path], cfg: Config,
              name: str = "clean.csv") -> tuple[np.ndarray, dict[str, Any]]:
-    """Run the step on ``files`` (cache ``tmp/cache``, outputs in ``tmp/out``): the array and the summary."""
+    """Run the step on ``files`` (store ``tmp/cache``, outputs in ``tmp/out``): the images and the summary."""
     clean = write_clean(tmp / name, files)
-    out, stats = tmp / "out" / "images.npy", tmp / "out" / "stats.json"
+    out, stats = tmp / "out" / "images", tmp / "out" / "stats.json"
     summary = resize.run(cfg, clean=clean, out=out, stats=stats, cache=tmp / "cache")
     assert read_json(stats) == summary
-    return np.load(out), summary
+    return load_images(out), summary
+
+
+def load_images(path: Path) -> np.ndarray:
+    """Every row of the image store at ``path``, in one array (tests only: the readers gather batches)."""
+    return ImageStore(path)[:]
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -84,12 +89,12 @@ def image_set(tmp_path: Path, n: int) -> list[Path]:
 
 
 def key_of(f: Path, size: int = 16, channels: int = 3) -> str:
-    """The resize cache key of file ``f`` at that geometry."""
-    return cache.cache_key(sha256_file(f), size, channels)
+    """The image store key of file ``f`` at that geometry."""
+    return store.cache_key(sha256_file(f), size, channels)
 
 
 def assert_no_output(tmp_path: Path) -> None:
-    """A failed run left nothing (no array, no stats, no temporary file) in ``tmp_path/out``."""
+    """A failed run left nothing (no store, no stats, no temporary file) in ``tmp_path/out``."""
     out_dir = tmp_path / "out"
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 

@@ -2,7 +2,7 @@
 
 Each model is a saved ``keras.Model`` (mean pixel -> one sigmoid unit) with weights set by hand, so its
 ranking of the images is known without training: ``slope > 0`` scores bright images (the positives) high
-(test AUC 1), ``slope < 0`` ranks them backwards (AUC 0). The images are a real images.npy and split.csv in
+(test AUC 1), ``slope < 0`` ranks them backwards (AUC 0). The images are a real image store and split.csv in
 the pipeline's schema; scoring goes through the evaluate step's own ``score_split``.
 """
 
@@ -22,7 +22,8 @@ from conftest import ROOT, write_split_csv
 
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
-from medflow.io import read_json, sha256_file, write_json
+from medflow.imaging.store import save_array
+from medflow.io import ImageStore, read_json, sha256_file, write_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge
 from medflow.lifecycle.retrain import decide
@@ -75,12 +76,12 @@ def _train(model_root: Path, slope: float, bias: float | None = None) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
-    """images.npy (positives bright, negatives dark, both noisy) and a split.csv with train/val/test rows."""
+    """An image store (positives bright, negatives dark, both noisy) and a split.csv with train/val/test rows."""
     rng = np.random.default_rng(0)
     labels = np.arange(N) % 2
     means = np.where(labels == 1, 170, 80)[:, None, None, None]
-    images = tmp_path / "images.npy"
-    np.save(images, np.clip(rng.normal(means, 20, (N, SIZE, SIZE, 1)), 0, 255).astype(np.uint8))
+    images = tmp_path / "images"
+    save_array(images, np.clip(rng.normal(means, 20, (N, SIZE, SIZE, 1)), 0, 255).astype(np.uint8))
     splits = np.array(["train", "val", "test"])[np.arange(N) % 3]
     split = write_split_csv(tmp_path / "split.csv", paths=[f"raw/img_{i:03d}.png" for i in range(N)],
                             labels=list(labels), splits=list(splits))
@@ -139,8 +140,8 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
     before = pointer.read_bytes()
     # Images that do not fit the models: the challenger is registered, then scoring fails; nothing is decided.
     _train(project.model_root, slope=0.1)
-    good_images = project.images.read_bytes()
-    np.save(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
+    good_images = ImageStore(project.images)[:]
+    save_array(project.images, np.zeros((N, SIZE * 2, SIZE * 2, 1), dtype=np.uint8))
     with pytest.raises(StepError, match="images are"):
         _challenge(project)
     assert pointer.read_bytes() == before
@@ -148,7 +149,7 @@ def test_a_failure_midway_leaves_the_champion_pointer_untouched(project: Project
     assert challenger is not None and challenger != champion
     assert not (project.model_root / "versions" / challenger / "decision.json").exists()
     # Once the inputs are whole again, the registered challenger is decided on (not registered twice).
-    project.images.write_bytes(good_images)
+    save_array(project.images, good_images)
     decided = _challenge(project)
     assert decided["promote"] and decided["challenger"] == challenger and decided["champion"] == champion
     assert len(registry.list_versions(project.model_root)) == 2

@@ -4,7 +4,6 @@ $DASK_SCHEDULER_ADDRESS; a scheduler that cannot be reached is an error naming i
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 
 from medflow.config import Config, ConfigError, load_config, parse_config
 from medflow.errors import StepError
-from medflow.imaging import cache, cluster, parallel, quality
+from medflow.imaging import cluster, parallel, quality
 from medflow.io import sha256_file, write_csv
 from medflow.schema import MANIFEST_COLUMNS
 from tasks import filter as filter_step
@@ -27,7 +26,8 @@ from tasks import resize
 # A few dozen real images: X-rays (JPEG, some at full resolution: 400-2900 px), CT slices (PNG/JPEG, L/RGB/RGBA),
 # cells (PNG).
 PICKS = {"chest_xray_fullres": 6, "chest_xray": 10, "covid_ct": 8, "malaria_cells": 8}
-TIMING = ("seconds", "images_per_s", "workers")  # resize.json keys that say how the run went, not what it made
+# resize.json keys that say how the run went, not what it made
+TIMING = ("seconds", "images_per_s", "workers", "decoded_on")
 
 
 def _cfg(address: str | None = None) -> Config:
@@ -71,7 +71,7 @@ def _pipeline(out: Path, cfg: Config, manifest: Path, broken: Path | None = None
     summary = filter_step.run(cfg, manifest=manifest, cache=out / "cache" / "filter", **paths)
     if broken is not None:
         broken.write_bytes(b"not an image any more")
-    stats = resize.run(cfg, clean=paths["clean"], out=out / "images.npy", stats=out / "resize.json",
+    stats = resize.run(cfg, clean=paths["clean"], out=out / "images", stats=out / "resize.json",
                        cache=out / "cache" / "resize", rejects=out / "resize_rejects.csv")
     return {"filter": summary, "resize": stats}
 
@@ -108,26 +108,24 @@ def test_local_cluster_outputs_are_byte_identical_to_the_local_pool(
 
     assert local["filter"]["clean"] == len(files) - 1 and local["resize"]["rejected"] == 1  # the fixture works
     assert local["resize"]["workers"] == 2
-    for name in ("clean.csv", "rejects.csv", "filter.json", "images.npy", "resize_rejects.csv"):
+    for name in ("clean.csv", "rejects.csv", "filter.json", "resize_rejects.csv"):
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert _tree(tmp_path / "dask" / "images") == _tree(tmp_path / "local" / "images")  # index and shards
     strip = {k: v for k, v in remote["resize"].items() if k not in TIMING}
     assert strip == {k: v for k, v in local["resize"].items() if k not in TIMING}
-    # the cluster's worker processes decoded (their pids name the shards), in project-relative folders
-    shards = {p.name for p in (tmp_path / "dask" / "cache" / "resize" / cache.SHARDS_DIR).iterdir()}
-    worker_pids = {str(pid) for pid in _worker_pids(dask_cluster)}
-    assert shards and {s.rsplit("-", 2)[-2] for s in shards} <= worker_pids
-    # and the cluster-written cache serves the local pool: nothing decoded again, the same array
-    again = resize.run(_cfg(), clean=Path("dask/clean.csv"), out=Path("again.npy"), stats=Path("again.json"),
+    assert (local["resize"]["decoded_on"], remote["resize"]["decoded_on"]) == ("local", "dask")
+    # the cluster's worker processes ran the decoder, in project-relative folders
+    assert "_decode_remote" in dask_cluster.scheduler.task_prefixes
+    # and the cluster-written store serves the local pool: nothing decoded again, the same store
+    again = resize.run(_cfg(), clean=Path("dask/clean.csv"), out=Path("again"), stats=Path("again.json"),
                        cache=Path("dask/cache/resize"), rejects=Path("again_rejects.csv"))
-    assert (again["decoded"], again["cached"]) == (0, len(files) - 2)
-    assert Path("again.npy").read_bytes() == (tmp_path / "local" / "images.npy").read_bytes()
+    assert (again["decoded"], again["cached"], again["decoded_on"]) == (0, len(files) - 2, "none")
+    assert _tree(Path("again")) == _tree(tmp_path / "local" / "images")
 
 
-def _worker_pids(local: Any) -> list[int]:
-    from distributed import Client
-
-    with Client(local.scheduler_address, set_as_default=False) as client:
-        return list(client.run(os.getpid).values())
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the published image store: index.json and shards/), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_address_from_the_param_else_dasks_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,7 +40,7 @@ from medflow.errors import StepError
 from medflow.imaging import decode, dicom, quality
 from medflow.imaging.limits import Decoder, InputLimits, file_item
 from medflow.imaging.verdict import Limits, verdict
-from medflow.io import read_csv, write_json
+from medflow.io import ImageStore, read_csv, write_json
 from medflow.patients import SALT_FILE, project_salt
 
 PHI = ("Doe^Jane", "19450203", "PID-SECRET-0001", "PID-SECRET-0002")  # must never leave the DICOM files
@@ -347,7 +347,7 @@ def test_manifest_filter_resize_on_dicom(tmp_path: Path, monkeypatch: pytest.Mon
         summary = manifest_step.run(cfg, roots_json=tmp_path / "roots.json", out=out / "manifest.csv")
         filt = filter_step.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv",
                                rejects=out / "rejects.csv", summary=out / "filter.json", cache=tmp_path / "cache")
-        resized = resize_step.run(cfg, clean=out / "clean.csv", out=out / "images.npy", stats=out / "resize.json",
+        resized = resize_step.run(cfg, clean=out / "clean.csv", out=out / "images", stats=out / "resize.json",
                                   cache=tmp_path / "rcache")
 
     salt = project_salt(tmp_path)
@@ -371,7 +371,7 @@ def test_manifest_filter_resize_on_dicom(tmp_path: Path, monkeypatch: pytest.Mon
     again = filter_step.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv", rejects=out / "rejects.csv",
                             summary=out / "filter2.json", cache=tmp_path / "cache")  # verdicts from the index
     assert (again["decoded"], again["cached"]) == (0, 8) and again["by_reason"] == filt["by_reason"]
-    images = np.load(out / "images.npy")
+    images = ImageStore(out / "images")[:]
     clean = read_csv(out / "clean.csv")
     assert resized["images"] == len(clean) == images.shape[0] == 5 and images.shape[1:] == (32, 32, 1)
     for i, path in enumerate(clean["path"]):

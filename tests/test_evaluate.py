@@ -1,7 +1,7 @@
 """The evaluate stage, the report, Grad-CAM and `medflow predict` / `medflow evaluate` on a small trained model.
 
 The fixture writes real PNG files (positives carry a bright square), preprocesses them with the resize
-step's decoder into images.npy, splits them, and trains medflow_cnn for a few epochs with the real trainer.
+step's decoder into an image store, splits them, and trains medflow_cnn for a few epochs with the real trainer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from medflow.evaluation import assess as evaluate
 from medflow.evaluation import gradcam
 from medflow.evaluation.metrics import METRICS
 from medflow.imaging.decode import load_resized
-from medflow.io import read_json
+from medflow.imaging.store import save_array
+from medflow.io import ImageStore, read_json
 from tasks import train as train_step
 
 pytestmark = pytest.mark.slow  # trains a small model once (about 20 s), then reuses it
@@ -79,8 +80,8 @@ def write_images(folder: Path, n: int, seed: int) -> tuple[list[Path], np.ndarra
 
 
 def _dataset(root: Path, files: list[Path], labels: np.ndarray) -> tuple[Path, Path]:
-    images = root / "images.npy"
-    np.save(images, np.stack([load_resized(f, size=SIZE, channels=1) for f in files]))
+    images = root / "images"
+    save_array(images, np.stack([load_resized(f, size=SIZE, channels=1) for f in files]))
     n = len(files)
     splits = np.array(["train"] * n, dtype=object)
     splits[np.arange(n) % 5 == 3] = "val"
@@ -251,7 +252,7 @@ def _params_file(folder: Path) -> Path:
 
 def test_gradcam_looks_at_the_square(trained: Trained) -> None:
     model = evaluate.load_trained(trained.model).model
-    x = np.load(trained.images)[trained.labels == 1][:8]
+    x = ImageStore(trained.images)[:][trained.labels == 1][:8]
     cams = gradcam.gradcam(model, x)
     assert cams.shape == (8, SIZE, SIZE) and cams.min() >= 0 and cams.max() <= 1
     inside = cams[:, SQUARE, SQUARE].mean()
@@ -371,8 +372,8 @@ def test_evaluate_needs_a_split_for_an_array(trained: Trained, capsys: pytest.Ca
 
 
 def test_score_split_checks_the_image_shape(trained: Trained, tmp_path: Path) -> None:
-    wrong = tmp_path / "images.npy"
-    np.save(wrong, np.zeros((len(trained.files), 16, 16, 1), dtype=np.uint8))
+    wrong = tmp_path / "images"
+    save_array(wrong, np.zeros((len(trained.files), 16, 16, 1), dtype=np.uint8))
     with pytest.raises(StepError, match="re-run resize"):
         evaluate.score_split(trained.model, wrong, trained.split, "test")
 

@@ -25,7 +25,8 @@ from resize_helpers import config_for, save_image, texture
 
 from medflow.config import parse_config
 from medflow.errors import StepError
-from medflow.io import sha256_file, write_csv, write_json
+from medflow.imaging.store import save_array
+from medflow.io import ImageStore, sha256_file, write_csv, write_json
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS
 from tasks import resize
 
@@ -68,11 +69,11 @@ def _dvc_project(root: Path, images: list[Path]) -> Path:
     _clean_csv(root / "clean.csv", images)
     _params(root / "params.yaml", workers=2)
     (root / "roots.json").write_text("[]\n")  # every image path is a plain one
-    cmd = ("medflow resize --params params.yaml --clean clean.csv --out images.npy --stats stats.json "
+    cmd = ("medflow resize --params params.yaml --clean clean.csv --out images --stats stats.json "
            "--cache cache --roots-json roots.json")
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"resize": {
         "cmd": cmd, "deps": ["clean.csv", "roots.json"], "params": [{"params.yaml": ["resize"]}],
-        "outs": ["images.npy", "stats.json"]}}}))
+        "outs": ["images", "stats.json"]}}}))
     return root
 
 
@@ -111,16 +112,17 @@ def test_killing_dvc_kills_the_step_and_its_workers_and_a_rerun_completes(tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (project / "images.npy").exists()  # (a decoder blocked in a read keeps the SIGTERM cleanup
-    # from finishing: the step kills itself after lifeline.GRACE_S, leaving its .images.npy.tmp.* file)
+    assert not (project / "images").exists()  # (a decoder blocked in a read keeps the SIGTERM cleanup
+    # from finishing: the step kills itself after lifeline.GRACE_S, leaving its part files in the store)
     for f, src in zip(fifos, _images(tmp_path / "real", N_POOL), strict=True):
         f.unlink()
         f.write_bytes(src.read_bytes())
     rerun = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert np.load(project / "images.npy").shape == (N_POOL, 16, 16, 1)
+    assert ImageStore(project / "images").shape == (N_POOL, 16, 16, 1)
     assert "resize" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert not list(project.glob(".images.npy.tmp.*")), "the rerun removes what the killed step left"
+    assert not [p.name for p in (project / "cache" / "shards").iterdir() if p.name.startswith(".")], \
+        "the rerun removes what the killed step left"
 
 
 def test_every_stage_command_is_one_command_the_shell_execs() -> None:
@@ -152,7 +154,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def _resize(tmp_path: Path, out_dir: Path, files: list[Path], cache: Path) -> None:
     """The resize step in this process (what ``medflow resize`` runs; the CLI prints its StepError)."""
     resize.run(config_for(size=128, channels=3), clean=_clean_csv(tmp_path / "clean.csv", files),
-               out=out_dir / "images.npy", stats=out_dir / "stats.json", cache=cache)
+               out=out_dir / "images", stats=out_dir / "stats.json", cache=cache)
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "decoded"])
@@ -160,13 +162,13 @@ def test_resize_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path
                                                                   cached: bool) -> None:
     files = _images(tmp_path / "img", 30)  # 30 x 128 x 128 x 3 bytes: 1.4 MiB, over the 1 MiB disk
     cache = tmp_path / "cache"
-    if cached:  # every image in the cache: the rows are copied from its shards (it used to be a BufferError)
+    if cached:  # every image in the store: its shards are copied (another filesystem: no hard link)
         _resize(tmp_path, tmp_path / "first", files, cache)
     with pytest.raises(StepError, match=f"^{small_disk}/.*: cannot write the output: No space left on device"):
         _resize(tmp_path, small_disk, files, cache)
     assert not any(small_disk.iterdir()), "nothing is left on the full disk"
     _resize(tmp_path, tmp_path / "again", files, cache)  # space again: the run completes
-    assert np.load(tmp_path / "again" / "images.npy").shape == (30, 128, 128, 3)
+    assert ImageStore(tmp_path / "again" / "images").shape == (30, 128, 128, 3)
 
 
 def _fill(disk: Path) -> None:
@@ -225,7 +227,7 @@ def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, s
 
     rng = np.random.default_rng(0)
     n = 32
-    np.save(tmp_path / "images.npy", rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8))
+    save_array(tmp_path / "images", rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8))
     split = write_split_csv(tmp_path / "split.csv", paths=[f"img{i}.png" for i in range(n)],
                             labels=[i % 2 for i in range(n)], splits=["train"] * 16 + ["val"] * 8 + ["test"] * 8,
                             groups=[f"p{i}" for i in range(n)])
@@ -235,7 +237,7 @@ def test_train_on_a_full_disk_says_no_space_and_names_the_file(tmp_path: Path, s
                                   "early_stopping_patience": 0, "reduce_lr_patience": 0}})
 
     def run(model_dir: Path) -> object:
-        return train.run(cfg, images=tmp_path / "images.npy", split=split, model_dir=model_dir,
+        return train.run(cfg, images=tmp_path / "images", split=split, model_dir=model_dir,
                          live_dir=tmp_path / "live")
     _fill(small_disk)
     with pytest.raises(StepError, match=f"^{small_disk}/.*No space left on device"):

@@ -1,12 +1,13 @@
-"""Training input pipeline: loading and validating images.npy + split.csv, tf.data and PyDataset batches.
+"""Training input pipeline: loading and validating the image store + split.csv, tf.data and PyDataset batches.
 
-Every image's pixels all equal its row number in images.npy, and its label is a function of that row, so a
+Every image's pixels all equal its row number in the image store, and its label is a function of that row, so a
 batch shows which images it carries and whether the labels still line up after shuffling and sorting.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from conftest import write_split_csv
 
 from medflow.errors import StepError
+from medflow.imaging.store import save_array
+from medflow.io import ImageStore
 from medflow.schema import SPLITS
 from medflow.training import inputs
 from medflow.training.inputs import MemmapBatches, SplitData, batches, epoch_order, load_split_data, steps
@@ -31,11 +34,11 @@ def _label(row: int) -> int:
 
 def _write(folder: Path, *, n: int = N, rows: Iterable[int] | None = None, labels: Iterable[object] | None = None,
            splits: Iterable[str] | None = None, images: np.ndarray | None = None) -> tuple[Path, Path]:
-    """images.npy (pixel value = row) and a split.csv with the SPLIT_COLUMNS; rows listed out of order."""
+    """An image store (pixel value = row and a split.csv with the SPLIT_COLUMNS; rows listed out of order."""
     folder.mkdir(parents=True, exist_ok=True)
     if images is None:
         images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, SIZE, SIZE, 1)).copy()
-    np.save(folder / "images.npy", images)
+    save_array(folder / "images", images, shard_rows=7)  # several shards: batches gather across them
     rows = [int(r) for r in np.random.default_rng(7).permutation(n)] if rows is None else list(rows)
     m = len(rows)
     split = write_split_csv(
@@ -43,7 +46,7 @@ def _write(folder: Path, *, n: int = N, rows: Iterable[int] | None = None, label
         labels=[_label(r) if isinstance(r, int) else 0 for r in rows] if labels is None else list(labels),
         splits=list(splits) if splits is not None else ["train"] * 25 + ["val"] * 8 + ["test"] * (m - 33),
         groups=[f"p{r}" for r in rows])
-    return folder / "images.npy", split
+    return folder / "images", split
 
 
 @pytest.fixture
@@ -99,18 +102,13 @@ def test_load_split_data_reads_rows_labels_and_shape(tmp_path: Path) -> None:
     images, split = _write(tmp_path)
     data = load_split_data(images, split)
     df = pd.read_csv(split)
-    assert isinstance(data.images, np.memmap) and data.input_shape == (SIZE, SIZE, 1)
+    assert isinstance(data.images, ImageStore) and data.input_shape == (SIZE, SIZE, 1)
+    assert len(data.images.shard_names) == 6  # 41 rows in shards of 7: every batch gathers across shards
     for s in SPLITS:
         part = df[df["split"] == s]
         assert data.rows[s].dtype == np.int64 and data.rows[s].tolist() == part["row"].tolist()
         assert data.labels[s].dtype == np.float32 and data.labels[s].tolist() == part["label"].tolist()
         assert data.class_counts(s) == ((part["label"] == 0).sum(), (part["label"] == 1).sum())
-
-
-def _bad_images(kind: str) -> np.ndarray:
-    arrays: dict[str, np.ndarray] = {"float": np.zeros((N, SIZE, SIZE, 1), np.float32),
-                                     "3d": np.zeros((N, SIZE, SIZE), np.uint8)}
-    return arrays[kind]
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -123,31 +121,33 @@ def _bad_images(kind: str) -> np.ndarray:
     ({"labels": [0] * 40 + [""]}, "label must be an integer"),
     ({"splits": ["train"] * 33 + ["val"] * 8}, "no rows in split test"),
     ({"splits": ["train"] * 25 + ["val"] * 8 + ["holdout"] * 8}, "unknown split values ['holdout']"),
-    ({"images": _bad_images("float")}, "expected a uint8 array"),
-    ({"images": _bad_images("3d")}, "expected a uint8 array"),
 ])
 def test_load_split_data_rejects_bad_inputs(tmp_path: Path, case: dict[str, object], message: str) -> None:
     kw = dict(case)
     if "rows" in kw or "labels" in kw:
         kw.setdefault("rows", range(41))
     images, split = _write(tmp_path, **kw)  # type: ignore[arg-type]
-    with pytest.raises(StepError, match="^" + str(split if "images" not in case else images)) as e:
+    with pytest.raises(StepError, match="^" + str(split)) as e:
         load_split_data(images, split)
     assert message in str(e.value)
 
 
 def test_load_split_data_missing_files_and_columns(tmp_path: Path) -> None:
     images, split = _write(tmp_path)
-    with pytest.raises(StepError, match=f"^{tmp_path / 'nope.npy'}: images array not found"):
-        load_split_data(tmp_path / "nope.npy", split)
+    with pytest.raises(StepError, match=f"^{tmp_path / 'nope' / 'index.json'}: image store index not found"):
+        load_split_data(tmp_path / "nope", split)
     with pytest.raises(StepError, match=f"^{tmp_path / 'nope.csv'}: split manifest not found"):
         load_split_data(images, tmp_path / "nope.csv")
     pd.read_csv(split).drop(columns=["label"]).to_csv(split, index=False)
     with pytest.raises(StepError, match=r"missing columns \['label'\]"):
         load_split_data(images, split)
-    (tmp_path / "junk.npy").write_bytes(b"not an array")
-    with pytest.raises(StepError, match="not a readable .npy array"):
-        load_split_data(tmp_path / "junk.npy", split)
+    index = json.loads((images / "index.json").read_text())
+    (images / "index.json").write_text(json.dumps({**index, "dtype": "float32"}))  # only uint8 stores exist
+    with pytest.raises(StepError, match="index.json: not an image store index of this medflow"):
+        load_split_data(images, split)
+    (images / "index.json").write_text("not an index")
+    with pytest.raises(StepError, match="index.json: not a readable image store index"):
+        load_split_data(images, split)
 
 
 def test_steps_and_unknown_names(data: SplitData) -> None:
@@ -178,7 +178,8 @@ def test_every_row_once_per_epoch_with_aligned_labels(data: SplitData) -> None:
         for epoch in epochs:
             assert [len(b) for b in epoch] == [4] * 6 + [1], branch
             assert sorted(_flat(epoch)) == train_rows, branch
-            assert all(b == sorted(b) for b in epoch), branch  # read in ascending row order
+            assert all(b == sorted(b, key=lambda r: int(data.images.locations(np.array([r]))[0]))
+                       for b in epoch), branch  # read shard by shard, in ascending slot order
 
 
 def test_same_seed_same_sequence_new_order_each_epoch(data: SplitData) -> None:
@@ -222,7 +223,8 @@ def test_sorted_gather_keeps_labels_with_their_images(tmp_path: Path) -> None:
     for positions in (np.arange(25)[::-1], np.random.default_rng(5).permutation(25)[:9]):
         x, y = inputs.gather(data, "train", positions, sort=True)
         got = x[:, 0, 0, 0].astype(int)
-        assert got.tolist() == sorted(data.rows["train"][positions].tolist())
+        where = data.images.locations(got)
+        assert sorted(got.tolist()) == sorted(data.rows["train"][positions].tolist()) and (np.diff(where) > 0).all()
         assert y.tolist() == labels[got].tolist()
         x2, y2 = inputs.gather(data, "train", positions, sort=False)
         assert x2[:, 0, 0, 0].tolist() == data.rows["train"][positions].tolist()

@@ -27,7 +27,7 @@ from medflow.errors import ConfigError, StepError
 from medflow.imaging.decode import decode_resized
 from medflow.imaging.limits import Decoder, InputLimits
 from medflow.inference import collect
-from medflow.io import read_csv, sha256_file, write_csv
+from medflow.io import ImageStore, read_csv, sha256_file, write_csv
 from tasks import filter as filter_step
 from tasks import resize as resize_step
 
@@ -120,10 +120,10 @@ def test_odd_files_become_reject_rows_and_the_stage_goes_on(tmp_path: Path) -> N
     assert sorted(Path(p).name for p in clean["path"]) == ["exif.png", "ok1.png", "ok2.png"]
     # the image with the broken metadata block decodes in resize too (upright: the EXIF is ignored)
     cfg = parse_config(CFG)
-    stats = resize_step.run(cfg, clean=tmp_path / "clean.csv", out=tmp_path / "images.npy",
+    stats = resize_step.run(cfg, clean=tmp_path / "clean.csv", out=tmp_path / "images",
                             stats=tmp_path / "stats.json", cache=tmp_path / "rcache",
                             roots_json=tmp_path / "roots.json")
-    assert stats["images"] == 3 and np.load(tmp_path / "images.npy").shape == (3, SIZE, SIZE, 1)
+    assert stats["images"] == 3 and ImageStore(tmp_path / "images").shape == (3, SIZE, SIZE, 1)
 
 
 def test_every_image_rejected_is_a_clear_step_error(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_every_image_rejected_is_a_clear_step_error(tmp_path: Path) -> None:
 
 def test_a_file_replaced_after_the_filter_is_a_resize_reject_that_the_split_quarantines(tmp_path: Path) -> None:
     """Resize goes on past a file it cannot decode (a zero row, a reject row); the split quarantines that row
-    with resize's reason, so no split (train, val, test) holds it and images.npy still counts split + quarantine.
+    with resize's reason, so no split (train, val, test) holds it and the image store still counts split + quarantine.
     Repaired, the next runs decode it and the extended split places it."""
     from medflow.data.split import read_quarantine
     from tasks import split as split_step
@@ -165,7 +165,7 @@ def test_a_file_replaced_after_the_filter_is_a_resize_reject_that_the_split_quar
            "resize_rejects": tmp_path / "resize_rejects.csv"}
 
     def resize() -> dict:
-        return resize_step.run(cfg, clean=clean, out=tmp_path / "images.npy", stats=tmp_path / "stats.json",
+        return resize_step.run(cfg, clean=clean, out=tmp_path / "images", stats=tmp_path / "stats.json",
                                cache=tmp_path / "rcache", rejects=out["resize_rejects"])
 
     assert resize()["rejected"] == 1
@@ -178,8 +178,8 @@ def test_a_file_replaced_after_the_filter_is_a_resize_reject_that_the_split_quar
     assert quarantined[["path", "reason", "row"]].values.tolist() == [[str(bad), resize_step.LATE_REASON, 3]]
     assert quarantined["detail"][0] == late["detail"][0]
     positions = {path: i for i, path in enumerate(read_csv(clean)["path"])}
-    assert all(positions[p] == r for p, r in zip(split["path"], split["row"], strict=True))  # rows of images.npy
-    assert np.load(tmp_path / "images.npy").shape[0] == len(split) + len(quarantined)  # what validate counts
+    assert all(positions[p] == r for p, r in zip(split["path"], split["row"], strict=True))  # rows of the image store
+    assert len(ImageStore(tmp_path / "images")) == len(split) + len(quarantined)  # what validate counts
     assert json.loads(out["summary"].read_text())["quarantined"]["by_reason"] == {resize_step.LATE_REASON: 1}
     listed = read_quarantine(tmp_path / "rejects.csv", out["rejects"])  # the Prefect artifact's and report's table
     assert listed is not None and listed["path"].tolist() == [str(bad)]
@@ -280,7 +280,7 @@ def test_preflight_names_a_useless_value(tmp_path: Path) -> None:
 
 # train@<dataset>'s deps and outputs as a finished run leaves them (stand-ins: `dvc commit` records them as
 # that run, and the typo stops `medflow train` before it reads any of them)
-_TRAIN_DEPS = ["data/processed/{d}/images.npy", "data/processed/{d}/split.csv", "reports/{d}/validation.json"]
+_TRAIN_DEPS = ["data/processed/{d}/images", "data/processed/{d}/split.csv", "reports/{d}/validation.json"]
 _TRAIN_OUTS = ["models/{d}/model.keras", "models/{d}/metadata.json", "models/{d}/history.csv",
                "models/{d}/checkpoints/state.json", "reports/{d}/train/metrics.json",
                "reports/{d}/train/plots/metrics/train/loss.tsv"]

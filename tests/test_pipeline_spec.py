@@ -174,7 +174,8 @@ def test_dvc_resolves_one_stage_per_step_and_dataset(tmp_path: Path) -> None:
                                                          "dataset.class_names", "train"]}
     assert {"models/malaria/model.keras", "models/malaria/checkpoints"} <= set(train["outs"])
     # every output (outs, metrics, plots) persists: a failed run never costs the last good one (issue 12); but
-    # images.npy, which DVC would copy out of its hardlinked cache before each resize (rebuilt from the cache)
+    # the published image store, hard links that DVC would copy out of its hardlinked cache before each resize
+    # (deleted instead: links only, linked again from the store)
     deleted = {name: s["deleted_before_run"] for name, s in stages.items() if s["deleted_before_run"]}
-    assert deleted == {f"resize@{d}": [f"data/processed/{d}/images.npy"] for d in datasets}
+    assert deleted == {f"resize@{d}": [f"data/processed/{d}/images"] for d in datasets}
     assert set(resolved["artifacts"]) == {f"models/{d}/model.keras" for d in datasets}

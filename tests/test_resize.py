@@ -1,4 +1,4 @@
-"""Tests for the resize step (tasks/resize.py): the .npy output, incremental runs, the error paths."""
+"""Tests for the resize step (tasks/resize.py): the image store output, incremental runs, the error paths."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from resize_helpers import (
     assert_no_output,
     config_for,
     image_set,
+    load_images,
     run_step,
     save_image,
     texture,
@@ -23,7 +24,7 @@ from resize_helpers import (
 
 from medflow.errors import StepError
 from medflow.imaging import decode, parallel
-from medflow.io import read_csv, write_csv
+from medflow.io import ImageStore, read_csv, write_csv
 from medflow.schema import CLEAN_COLUMNS, IMAGE_EXTENSIONS
 from tasks import resize
 
@@ -43,10 +44,11 @@ def test_run_writes_rows_in_clean_csv_order(tmp_path: Path) -> None:
     assert summary["shape"] == [5, 24, 24, 3] and summary["rejected"] == 0
     assert summary["reduced_decodes"] == 3  # the three JPEGs (short side >= 60): decoded at 4/8
     # no temporary files left beside the outputs; the rejects file holds its header alone
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "resize_rejects.csv", "stats.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images", "resize_rejects.csv", "stats.json"]
     assert (tmp_path / "out" / "resize_rejects.csv").read_text().strip() == ",".join(resize.RESIZE_REJECT_COLUMNS)
-    mm = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")  # how training reads it
-    assert np.array_equal(mm[3], images[3])
+    store = ImageStore(tmp_path / "out" / "images")  # how training reads it: each shard memory-mapped
+    assert np.array_equal(store[3], images[3]) and np.array_equal(store[np.array([4, 0, 3])], images[[4, 0, 3]])
+    assert (store.shape, store.dtype, len(store)) == ((5, 24, 24, 3), np.uint8, 5)
 
 
 def test_run_grayscale_has_one_channel(tmp_path: Path) -> None:
@@ -90,7 +92,7 @@ def test_missing_file_is_a_reject_row(tmp_path: Path) -> None:
     files = image_set(tmp_path, 2)
     clean = write_clean(tmp_path / "clean.csv", files)
     files[0].unlink()
-    summary = resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+    summary = resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images",
                          stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
     rejects = read_csv(tmp_path / "out" / "resize_rejects.csv")  # the default: beside the array
     assert summary["rejected"] == 1 and rejects["path"].tolist() == [str(files[0])]
@@ -104,17 +106,16 @@ def test_every_image_failing_stops_and_keeps_previous_output(tmp_path: Path) -> 
         f.write_bytes(b"broken")
     clean = write_clean_unknown(tmp_path / "clean2.csv", files, sha="f" * 64)
     with pytest.raises(StepError, match=r"none of the 2 image\(s\).*Nothing was written"):
-        resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images.npy",
+        resize.run(config_for(size=16), clean=clean, out=tmp_path / "out" / "images",
                    stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache")
-    assert np.array_equal(np.load(tmp_path / "out" / "images.npy"), before)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.npy", "resize_rejects.csv",
-                                                                     "stats.json"]
+    assert np.array_equal(load_images(tmp_path / "out" / "images"), before)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images", "resize_rejects.csv", "stats.json"]
 
 
 def test_missing_column_and_empty_table(tmp_path: Path) -> None:
     no_sha = tmp_path / "no_sha.csv"
     write_csv(no_sha, pd.DataFrame({"path": ["a.png"], "width": [1]}))
-    kw = {"out": tmp_path / "out" / "images.npy", "stats": tmp_path / "out" / "s.json",
+    kw = {"out": tmp_path / "out" / "images", "stats": tmp_path / "out" / "s.json",
           "cache": tmp_path / "c"}
     with pytest.raises(StepError, match="no_sha.csv: missing column.*sha256"):
         resize.run(config_for(), clean=no_sha, **kw)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_caller_script
-from resize_helpers import POOL, config_for, image_set, run_step, write_clean
+from resize_helpers import POOL, config_for, image_set, load_images, run_step, write_clean
 
 from medflow.errors import StepError
-from medflow.imaging import cache, decode, parallel
+from medflow.imaging import decode, parallel, store
 from medflow.imaging.workers import PRELOAD
-from medflow.io import read_csv
+from medflow.io import ImageStore, read_csv
 from tasks import resize
 
 
@@ -26,7 +26,7 @@ def _small_pool_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_chunks_in_row_order_and_shrinking() -> None:
-    jobs = [cache.Job(f"k{i}", f"p{i}", None) for i in range(100)]
+    jobs = [store.Job(f"k{i}", f"p{i}", None) for i in range(100)]
     chunks = parallel._chunks(jobs, workers=2)
     sizes = [len(c) for c in chunks]
     assert sizes[0] == 100 // (4 * 2) and sizes[-4:] == [1, 1, 1, 1] and sizes == sorted(sizes, reverse=True)
@@ -81,11 +81,11 @@ from medflow.config import parse_config
 parallel.POOL_MIN_IMAGES = {POOL}
 cfg = parse_config({{"dataset": {{"name": "t", "sources": ["x"], "labels": {{"a": 0, "b": 1}}}},
                     "resize": {{"size": 16, "workers": 2}}}})
-s = resize.run(cfg, clean={str(clean)!r}, out={str(tmp_path / "o.npy")!r}, stats={str(tmp_path / "s.json")!r},
+s = resize.run(cfg, clean={str(clean)!r}, out={str(tmp_path / "o")!r}, stats={str(tmp_path / "s.json")!r},
                cache={str(tmp_path / "cache")!r})
 assert s["workers"] == 2 and s["decoded"] == {len(files)}, s
 """)
-    assert np.load(tmp_path / "o.npy").shape == (len(files), 16, 16, 1)
+    assert ImageStore(tmp_path / "o").shape == (len(files), 16, 16, 1)
 
 
 def test_workers_start_without_pandas() -> None:
@@ -103,13 +103,13 @@ def test_undecodable_file_is_a_reject_row_and_the_step_goes_on(tmp_path: Path, w
     clean = write_clean(tmp_path / "clean.csv", files)
     good = bad.read_bytes()
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # broken after the manifest was made
-    out, rejects = tmp_path / "out" / "images.npy", tmp_path / "out" / "resize_rejects.csv"
+    out, rejects = tmp_path / "out" / "images", tmp_path / "out" / "resize_rejects.csv"
     cfg = config_for(size=16, workers=workers)
     summary = resize.run(cfg, clean=clean, out=out, stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache",
                          rejects=rejects)
     assert (summary["images"], summary["decoded"], summary["rejected"], summary["cached"]) == (POOL, POOL - 1, 1, 0)
     assert summary["workers"] == workers
-    images, listed = np.load(out), read_csv(rejects)
+    images, listed = load_images(out), read_csv(rejects)
     assert listed.to_dict("records") == [{"path": str(bad), "reason": resize.LATE_REASON,
                                           "detail": listed["detail"][0], "sha256": sha256_of(clean, bad_row),
                                           "bytes": len(good), "row": bad_row}]
@@ -122,7 +122,7 @@ def test_undecodable_file_is_a_reject_row_and_the_step_goes_on(tmp_path: Path, w
     again = resize.run(cfg, clean=clean, out=out, stats=tmp_path / "out" / "stats.json", cache=tmp_path / "cache",
                        rejects=rejects)
     assert (again["decoded"], again["cached"], again["rejected"]) == (1, POOL - 1, 0) and len(read_csv(rejects)) == 0
-    assert np.array_equal(np.load(out)[bad_row], decode.load_resized(bad, size=16, channels=3))
+    assert np.array_equal(load_images(out)[bad_row], decode.load_resized(bad, size=16, channels=3))
 
 
 def sha256_of(clean: Path, row: int) -> str:

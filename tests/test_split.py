@@ -30,6 +30,7 @@ from medflow.evaluation import report
 from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging import quality, verdict
+from medflow.imaging.store import save_array
 from medflow.io import read_csv, write_csv
 from medflow.patients import RUN_GAP, join_runs
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
@@ -247,7 +248,7 @@ def test_extend_split_quarantines_new_images_linking_units_of_different_splits()
     assert extended.drop(columns="split_group").equals(previous.drop(columns="split_group"))  # nothing moved
     assert quarantined["path"].tolist() == bridge["path"].tolist()
     assert (quarantined["reason"] == LINKS_SPLITS).all()
-    assert quarantined["row"].tolist() == [len(df), len(df) + 1]  # their rows in images.npy, in no split
+    assert quarantined["row"].tolist() == [len(df), len(df) + 1]  # their rows in the image store, in no split
     old_train, old_test = (previous.loc[previous["group"] == g, "path"].item() for g in (train_patient, test_patient))
     for detail, links in zip(quarantined["detail"], quarantined["links"], strict=True):
         assert f"test: {old_test}" in detail and f"train: {old_train}" in detail  # the images it links, per split
@@ -369,9 +370,8 @@ def test_run_quarantines_linking_images_and_goes_on(tmp_path: Path) -> None:
     assert record["quarantined"] == {"images": 2, "by_reason": {LINKS_SPLITS: 2}, "file": str(rejects),
                                      "examples": bridge["path"].tolist()}
     assert record["images"] == len(full) and record["extended"]
-    # GX: images.npy holds every clean row; the quarantined ones are in it, in no split
-    images = tmp_path / "images.npy"
-    np.save(images, np.zeros((len(full) + 2, 8, 8, 1), np.uint8))
+    # GX: the image store holds every clean row; the quarantined ones are in it, in no split
+    images = save_array(tmp_path / "images", np.zeros((len(full) + 2, 8, 8, 1), np.uint8))
     vcfg = parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1}, "group_rule": "kermany"},
                          "resize": {"size": 8}})
     files = {"split": out, "images": images, "result": tmp_path / "v.json", "summary": tmp_path / "v.md"}

@@ -20,6 +20,7 @@ from conftest import ROOT, shared_dataset, write_split_csv
 
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
+from medflow.imaging.store import save_array
 from medflow.training import fit as train_mod
 from tasks import train as step
 
@@ -33,10 +34,9 @@ def _cfg(**train: object) -> Config:
 
 
 def _write_dataset(folder: Path, x: np.ndarray, y: np.ndarray, splits: list[str]) -> tuple[Path, Path]:
-    """images.npy + split.csv in the pipeline's formats."""
+    """An image store + split.csv in the pipeline's formats."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = folder / "images.npy"
-    np.save(images, x)
+    images = save_array(folder / "images", x)
     n = len(x)
     split = write_split_csv(folder / "split.csv", paths=[f"img{i}.png" for i in range(n)],
                             labels=[int(v) for v in y], splits=splits, groups=[f"p{i}" for i in range(n)])

@@ -30,6 +30,7 @@ from medflow.data.manifest import build_manifest
 from medflow.data.shortcuts import check_shortcuts, mode_facts
 from medflow.data.split import assign_splits
 from medflow.errors import StepError
+from medflow.imaging.store import save_array
 from medflow.io import read_csv, write_csv
 from medflow.schema import SPLIT_COLUMNS
 from tasks.validate import run
@@ -62,10 +63,10 @@ def _good_split(n: int = 100) -> pd.DataFrame:
 
 
 def _files(tmp_path: Path, df: pd.DataFrame, images: np.ndarray | None = None) -> dict[str, Path]:
-    paths = {"split": tmp_path / "split.csv", "images": tmp_path / "images.npy",
+    paths = {"split": tmp_path / "split.csv", "images": tmp_path / "images",
              "result": tmp_path / "validation.json", "summary": tmp_path / "validation.md"}
     write_csv(paths["split"], df)
-    np.save(paths["images"], np.zeros((len(df), SIZE, SIZE, 1), np.uint8) if images is None else images)
+    save_array(paths["images"], np.zeros((len(df), SIZE, SIZE, 1), np.uint8) if images is None else images)
     return paths
 
 
@@ -180,9 +181,7 @@ def test_duplicate_sha256_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("images", "wrong"), [
     (np.zeros((100, SIZE, SIZE + 1, 1), np.uint8), "width"),
     (np.zeros((100, SIZE, SIZE, 3), np.uint8), "channels"),
-    (np.zeros((100, SIZE, SIZE, 1), np.float32), "dtype"),
-    (np.zeros((100, SIZE, SIZE), np.uint8), "ndim"),
-])
+])  # (a store holds uint8 (N, H, W, C) only: its reader refuses an index that says otherwise)
 def test_wrong_image_shape_fails(tmp_path: Path, images: np.ndarray, wrong: str) -> None:
     message, _, _ = _fails(tmp_path, _good_split(), images)
     assert f"images {wrong} ==" in message
@@ -191,7 +190,7 @@ def test_wrong_image_shape_fails(tmp_path: Path, images: np.ndarray, wrong: str)
 def test_fewer_images_than_rows_fails(tmp_path: Path) -> None:
     message, _, _ = _fails(tmp_path, _good_split(), np.zeros((99, SIZE, SIZE, 1), np.uint8))
     assert "images n == 100" in message
-    assert "row indexes images.npy" in message and "person19_img_99.jpeg" in message
+    assert "row indexes the image store" in message and "person19_img_99.jpeg" in message
 
 
 def test_missing_class_in_a_split_fails(tmp_path: Path) -> None:
@@ -238,12 +237,12 @@ def test_keep_source_test_uses_the_source_test_share() -> None:
 
 def test_missing_inputs_name_the_file(tmp_path: Path) -> None:
     paths = _files(tmp_path, _good_split())
-    with pytest.raises(StepError, match="images.npy"):
-        run(_cfg(), **{**paths, "images": tmp_path / "images.npy.missing"})
+    with pytest.raises(StepError, match="images.missing/index.json: image store index not found"):
+        run(_cfg(), **{**paths, "images": tmp_path / "images.missing"})
     with pytest.raises(StepError, match="split.csv"):
         run(_cfg(), **{**paths, "split": tmp_path / "split.csv.missing"})
-    paths["images"].write_bytes(b"not an npy file")
-    with pytest.raises(StepError, match="not a readable .npy"):
+    (paths["images"] / "index.json").write_bytes(b"not an index")
+    with pytest.raises(StepError, match="index.json: not a readable image store index"):
         run(_cfg(), **paths)
 
 

@@ -1,6 +1,6 @@
 """The validate step's Great Expectations suites over the split manifest and the resized images.
 
-The step (tasks/validate.py) reads split.csv and the images.npy header and writes the results; this
+The step (tasks/validate.py) reads split.csv and the image store's header and writes the results; this
 module builds the tables, runs the suites and words the outcome. Tables are validated in one ephemeral GX
 context (nothing written to disk by GX, no Data Docs, no analytics, no progress bars):
 
@@ -20,9 +20,9 @@ context (nothing written to disk by GX, no Data Docs, no analytics, no progress 
     split.train/val/test; where ``split.keep_source_test`` keeps the source's test split the test share is the
     source's own (so the test share check always passes) and train/val targets are the rest in the ratio train
     : val.
-``images`` (one row from the images.npy header, read memory-mapped)
+``images`` (one row from the image store's header, read memory-mapped)
     n == number of manifest rows plus the images the split step quarantined (split_rejects.csv: in
-    images.npy, in no split; their ``row`` is simply absent from the manifest), shape (n, size, size,
+    the image store, in no split; their ``row`` is simply absent from the manifest), shape (n, size, size,
     channels) with resize.size and dataset.channels,
     dtype uint8.
 
@@ -135,7 +135,7 @@ def splits_per_group(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def image_table(shape: Sequence[int], dtype: np.dtype) -> pd.DataFrame:
-    """One row describing images.npy: n, ndim, height, width, channels, dtype (-1 for absent axes)."""
+    """One row describing the image store: n, ndim, height, width, channels, dtype (-1 for absent axes)."""
     dims = list(shape) + [-1] * (4 - len(shape))
     return pd.DataFrame([{"n": int(dims[0]), "ndim": len(shape), "height": int(dims[1]),
                           "width": int(dims[2]), "channels": int(dims[3]), "dtype": str(dtype)}])
@@ -155,7 +155,7 @@ def _manifest_expectations(n_images: int) -> list[Expectation]:
     exps += [gxe.ExpectColumnValuesToBeUnique(column=c, description=f"{c} is unique")
              for c in ("path", "sha256", "row")]
     exps.append(gxe.ExpectColumnValuesToBeBetween(column="row", min_value=0, max_value=n_images - 1,
-                                                  description=f"row indexes images.npy (0..{n_images - 1})"))
+                                                  description=f"row indexes the image store (0..{n_images - 1})"))
     return exps
 
 
@@ -358,7 +358,7 @@ def _json_safe(value: Any) -> Any:
 def suite_tables(df: pd.DataFrame, shape: Sequence[int], dtype: np.dtype, cfg: Config,
                  quarantined: int = 0) -> list[Table]:
     """Every table of the suite with its expectations: the manifest, the three group tables, the per-split
-    table and the images.npy header (``shape``, ``dtype``; ``quarantined`` images of it are in no split)."""
+    table and the image store's header (``shape``, ``dtype``; ``quarantined`` images of it are in no split)."""
     tables = [Table("manifest", df, _manifest_expectations(shape[0] if len(shape) else 0), "path")]
     tables += [Table(name, splits_per_group(df, column), _group_expectations(description), "where")
                for column, (name, description) in ONE_SPLIT_PER.items()]

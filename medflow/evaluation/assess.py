@@ -1,7 +1,7 @@
 """Scoring a trained model: a split of the pipeline's dataset, an external labelled folder; the threshold.
 
 - :func:`load_trained` / :func:`score_split`: the model folder the train step wrote, and its probabilities on
-  one split of ``images.npy`` (also used by the predict command and the champion/challenger flow);
+  one split of the image store (also used by the predict command and the champion/challenger flow);
 - :func:`choose_threshold`: the operating threshold, chosen on val scores (``evaluate.threshold_rule``);
 - :func:`check_chance`: whether the model beats always predicting the training prevalence on val (stored
   with the threshold, shown at the top of the report; :mod:`medflow.evaluation.chance`);
@@ -38,7 +38,7 @@ from medflow.evaluation import chance, gradcam, metrics, report
 from medflow.evaluation.chance import ChanceVerdict
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging.limits import Decoder, InputLimits, file_item
-from medflow.io import n_workers, open_images, read_csv, read_json
+from medflow.io import ImageStore, n_workers, open_images, read_csv, read_json
 from medflow.patients import project_salt
 from medflow.schema import SPLITS
 from medflow.training.models import allow_jit, custom_objects
@@ -115,14 +115,15 @@ def read_threshold(folder: Path | str) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
-def predict_array(model: keras.Model, images: np.ndarray, rows: np.ndarray | None = None,
+def predict_array(model: keras.Model, images: ImageStore | np.ndarray, rows: np.ndarray | None = None,
                   batch_size: int = 64) -> np.ndarray:
-    """Probabilities for ``images[rows]`` (a uint8 memory map is read one batch at a time)."""
+    """Probabilities for ``images[rows]`` (an image store is read one batch at a time)."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     out = np.empty(len(rows), dtype=np.float64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        order = np.argsort(chunk)  # sequential reads of the memory map
+        where = images.locations(chunk) if isinstance(images, ImageStore) else chunk
+        order = np.argsort(where, kind="stable")  # each shard's rows together, in order
         batch = np.asarray(images[chunk[order]])
         probs = np.asarray(model.predict_on_batch(batch.astype(np.float32))).reshape(-1)
         out[start + order] = probs
@@ -167,7 +168,7 @@ def score_split(model_dir: Path | str, images: Path | str, split: Path | str, sp
 
 
 def assess(title: str, dataset: str, source: str, trained: TrainedModel, scores: Scores,
-           threshold: dict[str, Any], ev: EvaluateConfig, images: np.ndarray) -> Evaluation:
+           threshold: dict[str, Any], ev: EvaluateConfig, images: ImageStore | np.ndarray) -> Evaluation:
     """Metrics with CIs, curves and Grad-CAM examples for ``scores`` at ``threshold['threshold']``.
 
     ``images`` are the model inputs in the order of ``scores`` (a memory map indexed by ``scores.row``, or
@@ -208,7 +209,7 @@ def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int) -> dic
     return picked
 
 
-def _gradcams(model: keras.Model, scores: Scores, threshold: float, images: np.ndarray,
+def _gradcams(model: keras.Model, scores: Scores, threshold: float, images: ImageStore | np.ndarray,
               k: int) -> list[dict[str, Any]]:
     if k == 0:
         return []

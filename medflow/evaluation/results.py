@@ -17,9 +17,9 @@ from medflow.evaluation.metrics import Interval
 
 @dataclass(frozen=True)
 class Scores:
-    """One split's labels, predicted probabilities, patient ids, paths and rows in images.npy.
+    """One split's labels, predicted probabilities, patient ids, paths and rows in the image store.
 
-    ``row`` is empty when the images were decoded from files rather than read from images.npy.
+    ``row`` is empty when the images were decoded from files rather than read from the image store.
     """
 
     y: np.ndarray

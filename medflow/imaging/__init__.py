@@ -1,1 +1,1 @@
-"""Images: decode and preprocess, the resize cache and its parallel fan-out, filter verdicts, perceptual hashes."""
+"""Images: decode and preprocess, the image store (resize output and cache) and its decoding fan-out, pHashes."""

@@ -39,7 +39,7 @@ evaluation (``evaluate --images``) and ``medflow predict`` all go through :func:
 
 The format dispatch is :func:`decode_image`: one branch per decoder (libjpeg-turbo direct, pydicom for
 DICOM, Pillow for the rest). Bump :data:`RESIZE_VERSION` whenever anything here changes what an image
-decodes to: it is part of every resize cache key (:func:`medflow.imaging.cache.cache_key`). This module
+decodes to: it is part of every image store key (:func:`medflow.imaging.store.cache_key`). This module
 imports neither pandas nor pydantic: the resize worker processes import it.
 """
 
@@ -59,7 +59,7 @@ from PIL import Image, UnidentifiedImageError
 from medflow.errors import StepError
 from medflow.imaging import dicom
 
-# Part of every resize cache key: bump it when anything in the preprocessing below changes.
+# Part of every image store key: bump it when anything in the preprocessing below changes.
 RESIZE_VERSION = "3"  # 3: whole-factor block reduction for every format (was: any DCT scale, JPEG only)
 
 # EXIF orientation (1-8) -> how to turn the stored pixels upright (what Pillow's exif_transpose does).

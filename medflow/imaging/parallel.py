@@ -1,13 +1,13 @@
-"""The chunked decode fan-out: uncached images decoded in parallel, each written to its row(s) and the cache.
+"""The chunked decode fan-out: images the store lacks decoded in parallel, each appended to a store part file.
 
 Uncached images are decoded by ``resize.workers`` decoders (0 = all cores): this process and
 ``workers - 1`` worker processes, each single-threaded in OpenCV. The work goes out in row order, in
 chunks whose decoding cost (pixels) shrinks towards the end so that the decoders finish together
 (:func:`_chunks`); this process starts on the first chunk at once and then takes the next chunk in line
-whenever it is free (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder writes
-each resized image itself, to its row(s) of the output (``pwrite`` at the row's offset: the file is filled
-out of order) and to its cache shard, and hands back only where the bytes went (:class:`Written`): the
-pixels never cross a pipe. Workers are forked by the fork server of :mod:`medflow.imaging.workers`, which
+whenever it is free (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder appends
+each resized image itself to its part file of the image store (:mod:`medflow.imaging.store`), once however
+many rows it fills, and hands back only where the bytes went (:class:`Written`): the pixels never cross a
+pipe. Workers are forked by the fork server of :mod:`medflow.imaging.workers`, which
 has preloaded this module, never from the caller, and they do not re-run the caller's main module.
 Nothing this module imports imports pandas or pydantic, so the server starts in about 0.4 s instead of
 1.5. Fewer than ``POOL_MIN_IMAGES`` new images (new data landing) are decoded by threads of this process
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import socket
 import threading
@@ -36,8 +35,8 @@ import cv2
 
 from medflow.errors import StepError
 from medflow.imaging import cluster
-from medflow.imaging.cache import ShardAppender, Task, open_fd, pwrite_all
 from medflow.imaging.decode import decode_image, read_image
+from medflow.imaging.store import ShardAppender, Task
 from medflow.imaging.workers import main_hidden, mp_context, worker_started
 
 log = logging.getLogger(__name__)
@@ -51,18 +50,18 @@ _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left
 
 
 class Written(NamedTuple):
-    """One decoded image, written to its output row(s) and appended to a cache shard."""
+    """One decoded image, appended to a part file of the image store."""
 
     key: str  # its cache key
     reduced: bool  # a JPEG decoded at a reduced DCT scale
-    shard: str  # name of the shard file its bytes were appended to, under shards/
-    offset: int  # where in that shard
+    shard: str  # name of the part file its bytes were appended to, under shards/
+    offset: int  # where in that file
 
 
 class Failed(NamedTuple):
     """A file that clean.csv lists (the filter passed it) and that cannot be read or decoded now (it changed
-    after the filter read it, or a decoder disagrees with the filter's). Its row(s) of the output stay zero
-    and nothing is cached: the resize step lists it in its rejects."""
+    after the filter read it, or a decoder disagrees with the filter's). Its row(s) of the store have no
+    pixels (read as zeros) and nothing is stored: the resize step lists it in its rejects."""
 
     key: str  # its cache key
     error: str  # the decoder's message: names the file once and says what is wrong
@@ -72,30 +71,29 @@ Result = Written | Failed
 
 
 @contextlib.contextmanager
-def decoding(todo: list[Task], *, size: int, channels: int, workers: int, out: str, cache: str,
+def decoding(todo: list[Task], *, size: int, channels: int, workers: int, cache: str,
              run_id: str, dask_address: str | None = None) -> Iterator[Iterator[Result]]:
     """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish
     (:class:`Written`, or :class:`Failed` for a file that cannot be decoded: one file never stops the run).
 
-    ``out`` is the output file, already at its full size (each task names its rows' offsets); ``cache`` the
-    cache folder whose shards the decoders append to, under names that start with ``run_id``. Fewer than
+    ``cache`` is the image store whose part files the decoders append to, under names with ``run_id``. Fewer than
     POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this process:
     libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take longer to
     start. Otherwise ``workers - 1`` worker processes and this process decode (see :class:`_Shared`). On
-    an error or an early exit the queued work is dropped; what was decoded stays in the shards.
+    an error or an early exit the queued work is dropped (the caller removes the part files).
     With a Dask scheduler (``dask_address``, else ``$DASK_SCHEDULER_ADDRESS``) its workers decode everything
     (:func:`_on_cluster`) and ``workers`` is not used.
     """
     address = cluster.scheduler_address(dask_address)
     if address is not None and todo:
         with cluster.connected(address) as client:
-            found = _on_cluster(client, todo, size=size, channels=channels, out=out, cache=cache, run_id=run_id)
+            found = _on_cluster(client, todo, size=size, channels=channels, cache=cache, run_id=run_id)
             try:
                 yield found
             finally:
                 found.close()  # cancels what is not done yet, before the client closes
         return
-    job = partial(_decode_chunk, size=size, channels=channels, out=out, cache=cache, run_id=run_id)
+    job = partial(_decode_chunk, size=size, channels=channels, cache=cache, run_id=run_id)
     chunks = _chunks(todo, max(1, workers), cost=_task_cost)
     in_process = workers <= 1 or len(todo) < POOL_MIN_IMAGES
     log.debug("decoding %d images in %d chunks: %d %s", len(todo), len(chunks), max(1, workers),
@@ -122,47 +120,36 @@ def decoding(todo: list[Task], *, size: int, channels: int, workers: int, out: s
     pool.shutdown(wait=False)
 
 
-def _decode_chunk(tasks: list[Task], *, size: int, channels: int, out: str, cache: str,
-                  run_id: str) -> list[Result]:
-    """Decoder body: decode a chunk of images and write each to its output row(s) and to this decoder's shard.
+def _decode_chunk(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str) -> list[Result]:
+    """Decoder body: decode a chunk of images and append each to this decoder's part file of the store.
 
     Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
     process, or thread of this process) appends to a shard of its own (:class:`ShardAppender`). A file that
     cannot be decoded is a :class:`Failed` result; a write error stops the chunk.
     """
     results: list[Result] = []
-    out_fd = open_fd(out, os.O_WRONLY, "cannot write the output")
-    try:
-        with ShardAppender(cache, run_id) as shard:
-            for task in tasks:
-                job = task.job
-                try:
-                    img, reduced = decode_image(read_image(job.path), size=size, channels=channels,
-                                                info=job.info, name=job.path)
-                except StepError as e:
-                    results.append(Failed(job.key, str(e)))
-                    continue
-                data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
-                try:
-                    for pos in task.offsets:
-                        pwrite_all(out_fd, data, pos)
-                except OSError as e:
-                    raise StepError(f"{out}: cannot write the output: {e.strerror or e}") from e
-                results.append(Written(job.key, reduced, shard.name, shard.append(data)))
-    finally:
-        os.close(out_fd)
+    with ShardAppender(cache, run_id) as shard:
+        for task in tasks:
+            job = task.job
+            try:
+                img, reduced = decode_image(read_image(job.path), size=size, channels=channels,
+                                            info=job.info, name=job.path)
+            except StepError as e:
+                results.append(Failed(job.key, str(e)))
+                continue
+            data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
+            results.append(Written(job.key, reduced, shard.name, shard.append(data)))
     return results
 
 
-def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, out: str, cache: str,
+def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, cache: str,
                 run_id: str) -> Generator[Result, None, None]:
     """Decode ``todo`` on a Dask cluster: the local pool's chunks (sized for the cluster's threads) and decoder
     body (:func:`_decode_remote`), results in row order. Paths go out absolute; a failed file's message names
     it as the local pool's would (as clean.csv does), so the rejects are the same bytes too."""
     named = {task.job.key: (cluster.absolute(task.job.path), task.job.path) for task in todo}
-    remote = [Task(task.job._replace(path=named[task.job.key][0]), task.offsets) for task in todo]
-    job = partial(_decode_remote, size=size, channels=channels, out=cluster.absolute(out),
-                  cache=cluster.absolute(cache), run_id=run_id)
+    remote = [task._replace(job=task.job._replace(path=named[task.job.key][0])) for task in todo]
+    job = partial(_decode_remote, size=size, channels=channels, cache=cluster.absolute(cache), run_id=run_id)
     chunks = _chunks(remote, cluster.slots(client), cost=_task_cost)
     log.debug("decoding %d images in %d chunks on the Dask cluster", len(todo), len(chunks))
     for results in cluster.results(client, job, chunks):
@@ -173,13 +160,11 @@ def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, o
             yield result
 
 
-def _decode_remote(tasks: list[Task], *, size: int, channels: int, out: str, cache: str,
-                   run_id: str) -> list[Result]:
+def _decode_remote(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str) -> list[Result]:
     """Decoder body on a Dask worker: :func:`_decode_chunk`, OpenCV single-threaded (one task per worker thread),
-    appending to a shard named for its host as well (process ids repeat across machines)."""
+    appending to a part file named for its host as well (process ids repeat across machines)."""
     cv2.setNumThreads(1)
-    return _decode_chunk(tasks, size=size, channels=channels, out=out, cache=cache,
-                         run_id=f"{run_id}-{socket.gethostname()}")
+    return _decode_chunk(tasks, size=size, channels=channels, cache=cache, run_id=f"{run_id}-{socket.gethostname()}")
 
 
 def _worker_init() -> None:
@@ -196,7 +181,7 @@ def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 
     at the end make the workers finish together instead of one of them decoding a last big chunk while
     the others wait. Costs, not counts: the first rows of a dataset sorted by class may be the largest
     images. Row order (rather than, say, the biggest files first) makes a chunk consecutive rows, which
-    its worker appends to its shard in that order: the next run copies each chunk's rows with one call.
+    its worker appends to its part file in that order: a shard's slots follow its rows.
     """
     costs = [cost(item) for item in todo]
     left = sum(costs)
@@ -290,5 +275,4 @@ def _unbroken(results: Iterator[Result]) -> Iterator[Result]:
         yield from results
     except BrokenProcessPool as e:
         raise StepError("a resize worker process died (out of memory, or a decoder crashed on a file); "
-                        "entries decoded so far are cached: re-run with resize.workers: 1 to find the "
-                        "file") from e
+                        "re-run with resize.workers: 1 to find the file") from e

@@ -1,10 +1,10 @@
-"""Training input pipeline: seeded, shuffled batches of uint8 images gathered straight from images.npy.
+"""Training input pipeline: seeded, shuffled batches of uint8 images gathered straight from the image store.
 
-The resize step writes every image into one ``(N, size, size, channels)`` uint8 ``.npy``; split.csv says
-which row of it belongs to which split, with which label. :func:`load_split_data` opens the array as a
-memory map (nothing is read yet; the page cache holds what is read, shared by every epoch and process)
-and validates split.csv against it. :func:`batches` turns one split into what ``model.fit`` consumes for
-the current Keras backend:
+The resize step writes every image into an image store (:class:`medflow.io.ImageStore`: shard files of raw
+``(size, size, channels)`` uint8 rows and a row index); split.csv says which row of it belongs to which
+split, with which label. :func:`load_split_data` opens the store, each shard a memory map (nothing is read
+yet; the page cache holds what is read, shared by every epoch and process) and validates split.csv
+against it. :func:`batches` turns one split into what ``model.fit`` consumes for the current Keras backend:
 
 - **tensorflow**: a ``tf.data.Dataset``. The *row indices* are shuffled (seeded; a new, reproducible
   order each epoch via ``reshuffle_each_iteration``) and batched first, then each batch is gathered from
@@ -15,8 +15,10 @@ the current Keras backend:
   batches ahead while the accelerator works.
 
 Why gather whole batches from a memory map: the images are already decoded and resized, so a batch is
-one fancy-indexing copy (no per-image Python, no decode). Shuffled indices are sorted inside each batch
-before the read, so the pages are touched in ascending order (sequential reads on a cold cache); the
+one fancy-indexing copy per shard it touches (no per-image Python, no decode). Shuffled indices are sorted
+inside each batch by where their rows lie (shard, then slot) before the read, so each shard's rows are taken
+together, straight into the batch, and the pages are touched in ascending order (sequential reads on a
+cold cache); the
 labels are permuted with them, and the order of examples inside a batch does not matter to training.
 Unshuffled batches keep split.csv order exactly, so ``model.predict(batches(..., shuffle=False))`` lines
 up with ``data.labels[split]``. Batches stay uint8 until the model (its first layer rescales): host to
@@ -53,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.errors import StepError
-from medflow.io import n_workers, open_images, read_csv
+from medflow.io import ImageStore, n_workers, open_images, read_csv
 from medflow.schema import SPLITS
 from medflow.training.selection import sample_weights
 
@@ -66,12 +68,12 @@ MAX_DEFAULT_WORKERS = 8  # a batch is a memory copy: a few threads saturate memo
 
 @dataclass(frozen=True)
 class SplitData:
-    """The resized images (a read-only memory map) and, per split, their rows in it and their labels.
+    """The resized images (an image store, or an array in memory) and, per split, their rows and labels.
 
     ``rows[split]`` (int64) and ``labels[split]`` (float32, 0/1) are in split.csv order.
     """
 
-    images: np.ndarray
+    images: ImageStore | np.ndarray
     rows: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
 
@@ -89,7 +91,7 @@ class SplitData:
 
 
 def load_split_data(images: Path, split: Path) -> SplitData:
-    """Open ``images`` (the resize step's .npy) as a memory map and read ``split`` (split.csv) against it.
+    """Open ``images`` (the resize step's image store) and read ``split`` (split.csv) against it.
 
     Raises :class:`StepError` naming the file when either is missing or unreadable, when the array is not
     uint8 ``(N, H, W, C)``, when a ``row`` is not an integer in ``[0, N)`` or appears twice, when a
@@ -299,12 +301,12 @@ def _known(data: SplitData, split: str) -> str:
     return split
 
 
-def _gather(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, positions: np.ndarray,
+def _gather(images: ImageStore | np.ndarray, rows: np.ndarray, labels: np.ndarray, positions: np.ndarray,
             sort: bool) -> tuple[np.ndarray, np.ndarray]:
     positions = positions.astype(np.int64, copy=False)
-    if sort:
-        positions = positions[np.argsort(rows[positions], kind="stable")]
-    # One fancy-indexing copy straight out of the page cache (np.take(out=...) would buffer: 10x slower).
+    if sort:  # by shard and slot: each shard's rows are one copy straight into the batch (ImageStore._gather)
+        where = images.locations(rows[positions]) if isinstance(images, ImageStore) else rows[positions]
+        positions = positions[np.argsort(where, kind="stable")]
     return np.asarray(images[rows[positions]]), labels[positions]
 
 
@@ -351,12 +353,8 @@ def _tf_dataset(data: SplitData, split: str, *, batch_size: int, shuffle: bool, 
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _open_images(path: Path) -> np.ndarray:
-    array = open_images(path)
-    if array.dtype != np.uint8 or array.ndim != 4:
-        raise StepError(f"{path}: expected a uint8 array (N, height, width, channels), "
-                        f"got {array.dtype} {array.shape}")
-    return array
+def _open_images(path: Path) -> ImageStore:
+    return open_images(path)  # always uint8 (N, height, width, channels): the store's index is checked
 
 
 def _read_split(path: Path) -> pd.DataFrame:

@@ -32,7 +32,7 @@ def main() -> None:
                         "train": {"model": "medflow_cnn", "epochs": int(os.environ.get("EPOCHS", "2")),
                                   "batch_size": 4, "strategy": strategy,
                                   "early_stopping_patience": 0, "reduce_lr_patience": 0}})
-    result = train.run(cfg, images=work / "images.npy", split=work / "split.csv",
+    result = train.run(cfg, images=work / "images", split=work / "split.csv",
                        model_dir=out.parent / f"model-{out.stem}", live_dir=out.parent / f"live-{out.stem}")
     model, summary = result.model, result.summary()
     if strategy == "data_parallel":  # the saved model, loaded as evaluate and predict load it, runs compiled
