@@ -88,16 +88,17 @@ def test_increment_adds_shards_and_leaves_old_ones_byte_identical(tmp_path: Path
     assert same["decoded"] == 0 and _digests(cache) == before and (out / STORE_INDEX).read_bytes() == index_before
     images, second = run_step(tmp_path, files, cfg)  # +2 images: decoded by threads, one new shard
     after = _digests(cache)
-    assert (second["decoded"], second["new_shards"]) == (2, 1)
-    assert {k: after[k] for k in before} == before and len(after) == len(before) + 1
-    (new,) = set(after) - set(before)
-    assert (cache / STORE_SHARDS / new).stat().st_size == 2 * 16 * 16  # the new images alone
+    # one new shard per decoder thread that took one of the two images (which thread does is up to the OS)
+    assert second["decoded"] == 2 and second["new_shards"] in (1, 2)
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + second["new_shards"]
+    added = set(after) - set(before)
+    assert sum((cache / STORE_SHARDS / n).stat().st_size for n in added) == 2 * 16 * 16  # the new images alone
     for name in after:  # the published copy: hard links of the store's shards, no byte copied
         assert os.path.samefile(out / STORE_SHARDS / name, cache / STORE_SHARDS / name)
     for row, f in zip(images, files, strict=True):
         assert np.array_equal(row, decode.load_resized(f, size=16, channels=1))
     _, fewer = run_step(tmp_path, files[-2:], cfg)  # the store owns its shards: unreferenced ones go
-    assert fewer["decoded"] == 0 and set(_digests(cache)) == {new} == set(_digests(out))
+    assert fewer["decoded"] == 0 and set(_digests(cache)) == added == set(_digests(out))
 
 
 _CRASHING_CALLER = """
