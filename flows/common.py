@@ -101,17 +101,11 @@ def open_project(project_dir: str | None, dataset: str) -> Project:
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
-def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log.
-
-    ``up_to_date``: ``dvc status`` (run once by the flow, see ``stages.plan``) found this stage and all it
-    depends on unchanged, so DVC would skip it: the task records that without starting DVC again.
-    ``stale``: that status found this stage itself changed (so it runs; see ``stages.repro_stage``).
-    """
+def run_stage(project: str, stage: str, repro: stages.Repro | None = None) -> dict[str, Any]:
+    """Stage ``stage`` of the flow's ``dvc repro`` (``repro``: one DVC process for the run's stages, see
+    :class:`flows.stages.Repro`; None: a ``dvc repro --single-item STAGE`` of its own); its output goes to this
+    task's log, and a failure posts the stage, its message and the tail of its log as an artifact."""
     logger = get_run_logger()
-    if up_to_date:
-        logger.info("stage %s is up to date (dvc status): skipped", stage)
-        return {"stage": stage, "ran": False, "seconds": 0.0}
     step = stage.split("@", 1)[0]
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
 
@@ -120,9 +114,12 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
         if not stages.is_noise(line):  # DVC's "is empty" warnings (README, "Logs": $MEDFLOW_NOISY_LOGS keeps them)
             logger.info(line)
 
+    timeout_s = STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S)
     try:
-        result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,
-                                    timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S))
+        if repro is None:
+            result = stages.repro_stage(Path(project), stage, on_line=on_line, timeout_s=timeout_s)
+        else:
+            result = repro.stage(stage, on_line=on_line, timeout_s=timeout_s)
     except stages.StageFailed as e:
         post_failure(stage, str(e), list(tail))
         raise

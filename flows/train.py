@@ -41,22 +41,22 @@ FLOW_NAME = "medflow"
 
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
     """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
-    dependency order; a failure stops the rest. Other datasets' stages are not touched. Each task waits for the
-    tasks of the stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's."""
-    results = []
+    dependency order; a failure stops the rest. Other datasets' stages are not touched.
+
+    One ``dvc repro --single-item`` runs them all (:class:`flows.stages.Repro`: one DVC start-up, DVC's own
+    check of each stage); each task reports its stage's share of it. Each task waits for the tasks of the
+    stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's."""
+    order = list(project.stages)
+    if until is not None:
+        last = next(i for i, s in enumerate(order) if s.step == until)
+        order = order[:last + 1]
+    results: list[dict[str, Any]] = []
     done: dict[str, dict[str, Any]] = {}
-    ran: set[str] = set()  # a stage downstream of one that ran is checked (download always runs: see plan)
-    for item in stages.plan(project.root, project.dataset):
-        upstream = [done[s] for s in sorted(item.needs) if s in done]
-        result = stage_task(item.stage)(str(project.root), item.stage,
-                                        up_to_date=not (item.check or item.needs & ran), stale=item.stale,
-                                        wait_for=upstream)
-        results.append(result)
-        done[item.stage] = result
-        if result["ran"]:
-            ran.add(item.stage)
-        if item.stage.split("@", 1)[0] == until:
-            break
+    with stages.Repro(project.root, [s.name for s in order], {s.name for s in order if s.always_changed}) as repro:
+        for s in order:
+            upstream = [done[n] for n in sorted(s.needs) if n in done]
+            done[s.name] = stage_task(s.name)(str(project.root), s.name, repro, wait_for=upstream)
+            results.append(done[s.name])
     return results
 
 
