@@ -143,7 +143,12 @@ def lock_entry(project: Path, stage: str) -> dict[str, Any] | None:
     DVC rewrites it whenever it runs the stage, so comparing it before and after ``dvc repro`` tells
     whether the stage ran.
     """
-    return _read_lock(project).get(stage)
+    try:
+        lock = yaml.safe_load((Path(project) / DVC_LOCK).read_text()) or {}
+    except FileNotFoundError:
+        return None
+    entry = (lock.get("stages") or {}).get(stage)
+    return entry if isinstance(entry, dict) else None
 
 
 def dvc_executable() -> str:
@@ -211,6 +216,7 @@ def repro_stage(project: Path, stage: str, *, always_changed: bool = False,
 # DVC's first line for each stage of a repro: "Running stage 'x':", "Stage 'x' didn't change, skipping" or
 # "Stage 'x' is cached - skipping run, checking out outputs" (dvc/stage/__init__.py).
 _STAGE_HEADER = re.compile(r"^(Running stage|Stage) '([^']+)'")
+_LOCK_WRITTEN = ("Updating lock file", "Generating lock file")  # DVC's line when a stage's record changed
 _Line = tuple[float, str | None]  # (when it was read, the line; None at the end of DVC's output)
 
 
@@ -234,7 +240,6 @@ class Repro:
         self._lines: queue.SimpleQueue[_Line] = queue.SimpleQueue()
         self._pending: list[str] = []  # the stages the running DVC has yet to reach, in its order
         self._next: _Line | None = None  # a header line read ahead: the start of the next stage's share
-        self._before: dict[str, dict[str, Any] | None] = {}  # dvc.lock entries when this DVC started
 
     def __enter__(self) -> Repro:
         return self
@@ -251,8 +256,6 @@ class Repro:
 
     def _start(self, names: list[str]) -> None:
         self.close()
-        lock = _read_lock(self.project)
-        self._before = {n: lock.get(n) for n in names}
         self._pending, self._next, self._lines = list(names), None, queue.SimpleQueue()
         self._proc = subprocess.Popen([dvc_executable(), "repro", "--single-item", *names], cwd=self.project,
                                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -263,8 +266,10 @@ class Repro:
               timeout_s: float | None = None) -> StageResult:
         """Stage ``name``'s share of the run: its output streamed to ``on_line``, whether it ran, its seconds.
 
-        Whether it ran comes from DVC: its dvc.lock entry changed, or DVC ran it ("Running stage") and it is not
-        one DVC runs every time (``always_changed``: download counts as run only when its record changed).
+        Whether it ran comes from DVC's account of it: DVC ran it ("Running stage"), and for a stage DVC runs
+        every time (``always_changed``: download) only when that changed its dvc.lock record ("Updating lock
+        file"); "didn't change, skipping" and "is cached" (outputs restored from DVC's run cache) did not run.
+        The lines are read, not dvc.lock itself, which DVC may be rewriting for the next stage meanwhile.
         Raises StageFailed with the step's error line(s) (e.g. ``medflow validate: error: ...``) when DVC
         failed in it, or ``timeout_s`` passed (DVC and the step are killed).
         """
@@ -289,8 +294,8 @@ class Repro:
                 lines.append(f"ERROR: killed after the {timeout_s:g} s timeout\n")
             if code != 0:
                 raise StageFailed(f"stage {name!r} failed: {failure_reason(''.join(lines))}")
-        changed = _read_lock(self.project).get(name) != self._before.get(name)
-        ran = changed or (header == "Running stage" and name not in self.always)
+        recorded = any(line.startswith(_LOCK_WRITTEN) for line in lines)
+        ran = header == "Running stage" and (name not in self.always or recorded)
         return StageResult(stage=name, ran=ran, seconds=end - start, output="".join(lines))
 
     def _share(self, name: str, on_line: Callable[[str], None] | None) -> tuple[float, list[str], str]:
@@ -319,16 +324,6 @@ def _pump(proc: subprocess.Popen[str], lines: queue.SimpleQueue[_Line]) -> None:
     for line in proc.stdout:
         lines.put((time.perf_counter(), line))
     lines.put((time.perf_counter(), None))
-
-
-def _read_lock(project: Path) -> dict[str, Any]:
-    """dvc.lock's stage records by name ({} when there is none yet)."""
-    try:
-        lock = yaml.safe_load((Path(project) / DVC_LOCK).read_text()) or {}
-    except FileNotFoundError:
-        return {}
-    found = lock.get("stages") or {}
-    return {str(k): v for k, v in found.items() if isinstance(v, dict)}
 
 
 def failure_reason(output: str) -> str:
