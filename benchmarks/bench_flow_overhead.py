@@ -111,7 +111,8 @@ def main() -> None:
         subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "flows"], cwd=project,
                        check=True)
         t0 = time.perf_counter()
-        repro = subprocess.run([DVC, "repro"], cwd=twin, capture_output=True, text=True)
+        repro = subprocess.run([DVC, "repro"], cwd=twin, capture_output=True, text=True,
+                               env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
         full = time.perf_counter() - t0
         if repro.returncode != 0:
             sys.exit(f"`dvc repro` of the twin failed:\n{repro.stdout[-3000:]}\n{repro.stderr[-3000:]}")
