@@ -1,18 +1,18 @@
-"""A no-op train run as users run it: `medflow server` + `medflow serve` + `prefect deployment run --watch`,
-against `dvc repro` with nothing to do.
+"""A train run as users run it: `medflow server` + `medflow serve` + `prefect deployment run --watch`,
+against `dvc repro` of the same pipeline, from scratch and with nothing to do.
 
-Builds a throw-away checkout with real Kermany images (bench_orchestration's: 120 by default, 64 px, tutorial
-CNN 3 epochs), runs the pipeline once with `dvc repro`, starts a local Prefect server on a free port (its own
-PREFECT_HOME, SQLite) and the runner, and lets one served train run register the model. Then, with nothing to
-do, best of N of:
+Builds two identical throw-away checkouts with real Kermany images (bench_orchestration's: 120 by default,
+64 px, tutorial CNN 3 epochs). The twin runs the pipeline from scratch with `dvc repro`. Then a local Prefect
+server on a free port (its own PREFECT_HOME, SQLite) and the runner serve the other, whose first served train
+run is the full run from scratch (it also registers the model). Then, with nothing to do, best of N of:
 
 - `dvc repro` (DVC's own check of every stage);
 - `prefect deployment run medflow/train-pneumonia --watch`, end to end (the CLI's start-up, the runner picking
   the run up, the flow-run process, the stages' DVC checks, the decision, artifacts), and the flow run alone
   (its start to its end on the API).
 
-The runner polls every `PREFECT_RUNNER_POLL_FREQUENCY` seconds (Prefect's default 10; `--poll` sets it), so the
-pick-up wait is printed on its own.
+The runner polls every 2 s (`medflow serve`; Prefect's default is 10; `--poll` sets
+`PREFECT_RUNNER_POLL_FREQUENCY`), so the pick-up wait is printed on its own.
 
     uv run python benchmarks/bench_flow_overhead.py [--data ../shared/data/chest_xray] [--images 120] [--repeat 3]
 """
@@ -35,14 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_orchestration import _project
+from bench_orchestration import _project, only_download_ran
 from dvc_project import BIN, DVC, ROOT, best_time
-
-
-def _only_download_ran(stdout: str) -> None:
-    """Nothing to do: download runs on every repro (always_changed, it checks the inbox); nothing else may."""
-    ran = re.findall(r"Running stage '([^']+)'", stdout)
-    assert all(name.startswith("download@") for name in ran), stdout
 
 
 def _free_port() -> int:
@@ -103,20 +97,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray")
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--poll", type=float, default=None, help="PREFECT_RUNNER_POLL_FREQUENCY (default: Prefect's)")
+    parser.add_argument("--poll", type=float, default=None,
+                        help="PREFECT_RUNNER_POLL_FREQUENCY (default: medflow serve's 2 s)")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"{args.data} not found: pass --data with a folder of class subfolders")
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp) / "project"
-        _project(project, args.data, args.images)
+        project, twin = Path(tmp) / "project", Path(tmp) / "twin"
+        for folder in (project, twin):
+            _project(folder, args.data, args.images)
         shutil.copytree(ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run(["git", "add", "-A"], cwd=project, check=True)
         subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "flows"], cwd=project,
                        check=True)
         t0 = time.perf_counter()
-        subprocess.run([DVC, "repro", "-q"], cwd=project, check=True, capture_output=True)
+        repro = subprocess.run([DVC, "repro"], cwd=twin, capture_output=True, text=True,
+                               env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
         full = time.perf_counter() - t0
+        if repro.returncode != 0:
+            sys.exit(f"`dvc repro` of the twin failed:\n{repro.stdout[-3000:]}\n{repro.stderr[-3000:]}")
+        shutil.rmtree(twin)
         port = _free_port()
         api = f"http://127.0.0.1:{port}/api"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -133,20 +133,24 @@ def main() -> None:
                                 Path(tmp) / "serve.log"))
             _wait(lambda: httpx.get(f"{api}/deployments/name/medflow/train-pneumonia", timeout=5).status_code
                   == 200, 300, "the deployments")
-            first = _served_run(project, env, api)  # registers the model dvc repro trained (the first decision)
-            print(f"first served run {first[0]:.1f} s ({first[3]})", flush=True)
+            first = _served_run(project, env, api)  # the full run from scratch; registers the model
+            print("served full run (end to end, pick-up, flow run): {:.2f} / {:.2f} / {:.2f} s ({}); `dvc repro` "
+                  "{:.2f} s".format(*first, full), flush=True)
             served = []
             for _ in range(args.repeat):
                 served.append(_served_run(project, env, api))
                 print("served no-op (end to end, pick-up, flow run): {:.2f} / {:.2f} / {:.2f} s ({})".format(
                     *served[-1]), flush=True)
-            dvc_noop = best_time([DVC, "repro"], project, args.repeat, check=_only_download_ran)
+            dvc_noop = best_time([DVC, "repro"], project, args.repeat, check=only_download_ran)
         finally:
             for proc in reversed(procs):
                 _stop(proc)
     best = min(served)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} images, 64 px, tutorial_cnn 3 "
-          f"epochs; full `dvc repro` {full:.1f} s; first served run {first[0]:.1f} s ({first[3]})")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.images} "
+          f"images, 64 px, tutorial_cnn 3 epochs")
+    print(f"full run: `dvc repro` {full:.1f} s | served deployment {first[0]:.1f} s end to end (pick-up wait "
+          f"{first[1]:.2f} s, flow run {first[2]:.1f} s, '{first[3]}') | overhead {first[0] / full - 1:+.1%} end to "
+          f"end, {first[2] / full - 1:+.1%} flow run")
     print(f"nothing to do: `dvc repro` {dvc_noop:.2f} s | served deployment {best[0]:.2f} s end to end "
           f"(pick-up wait {best[1]:.2f} s, flow run {best[2]:.2f} s, '{best[3]}') | ratio {best[0] / dvc_noop:.2f}x "
           f"end to end, {best[2] / dvc_noop:.2f}x flow run")

@@ -26,7 +26,6 @@ from medflow.catalog import preflight
 from medflow.config import Config, ConfigError, load_config
 from medflow.evaluation.metrics import LABELS, ci_level
 from medflow.evaluation.pseudonym import pseudonymizer
-from medflow.imaging.cluster import ADDRESS_ENV
 from medflow.io import display_path, read_json
 from medflow.lifecycle import registry
 from medflow.lifecycle.challenge import challenge as challenge_champion
@@ -126,26 +125,18 @@ def run_dask_address() -> str | None:
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    runner = ctx.task_runner if ctx is not None else None
+    runner: Any = ctx.task_runner if ctx is not None else None
     if type(runner).__name__ != "DaskTaskRunner":  # prefect_dask is not imported unless a flow run uses it
         return None
     return str(runner.client.scheduler.address)
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC owns caching
-def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = False,
-              dask_address: str | None = None) -> dict[str, Any]:
-    """``dvc repro --single-item STAGE`` in the project; output streamed to this task's log.
-
-    ``up_to_date``: ``dvc status`` (run once by the flow, see ``stages.plan``) found this stage and all it
-    depends on unchanged, so DVC would skip it: the task records that without starting DVC again.
-    ``stale``: that status found this stage itself changed (so it runs; see ``stages.repro_stage``).
-    ``dask_address``: the stage's command gets it as ``$DASK_SCHEDULER_ADDRESS`` (filter and resize decode there).
-    """
+def run_stage(project: str, stage: str, repro: stages.Repro | None = None) -> dict[str, Any]:
+    """Stage ``stage`` of the flow's ``dvc repro`` (``repro``: one DVC process for the run's stages, see
+    :class:`flows.stages.Repro`; None: a ``dvc repro --single-item STAGE`` of its own); its output goes to this
+    task's log, and a failure posts the stage, its message and the tail of its log as an artifact."""
     logger = get_run_logger()
-    if up_to_date:
-        logger.info("stage %s is up to date (dvc status): skipped", stage)
-        return {"stage": stage, "ran": False, "seconds": 0.0}
     step = stage.split("@", 1)[0]
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
 
@@ -154,10 +145,12 @@ def run_stage(project: str, stage: str, up_to_date: bool = False, stale: bool = 
         if not stages.is_noise(line):  # DVC's "is empty" warnings (README, "Logs": $MEDFLOW_NOISY_LOGS keeps them)
             logger.info(line)
 
+    timeout_s = STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S)
     try:
-        result = stages.repro_stage(Path(project), stage, stale=stale, on_line=on_line,
-                                    timeout_s=STAGE_TIMEOUT_S.get(step, DEFAULT_TIMEOUT_S),
-                                    env={ADDRESS_ENV: dask_address} if dask_address else None)
+        if repro is None:
+            result = stages.repro_stage(Path(project), stage, on_line=on_line, timeout_s=timeout_s)
+        else:
+            result = repro.stage(stage, on_line=on_line, timeout_s=timeout_s)
     except stages.StageFailed as e:
         post_failure(stage, str(e), list(tail))
         raise
@@ -238,7 +231,7 @@ _LINK = re.compile(r"(?<!\\)\[([^\]\\]+)\]\(([^)\s]+)\)")  # [text](target), not
 def metrics_table(metrics: dict[str, Any]) -> list[str]:
     """The evaluate stage's test metrics (details.json, else metrics.json) as a 3-column Markdown table:
     metric, value, confidence interval; 3 decimals."""
-    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    test: dict[str, Any] = metrics["test"] if isinstance(metrics.get("test"), dict) else {}
     level = ci_level(float((metrics.get("bootstrap") or {}).get("confidence", 0.95)))
     lines = [f"| metric (test) | value | {level} CI |", "|---|---:|---:|"]
     for key in TEST_METRICS:

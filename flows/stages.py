@@ -1,17 +1,19 @@
-"""DVC side of orchestration: the stages as DVC resolves them (per dataset) and running one through DVC.
+"""DVC side of orchestration: the stages as DVC resolves them (per dataset) and running them through DVC.
 
-No Prefect here. DVC owns caching: every stage runs as ``dvc repro --single-item <stage>``, which runs the
-exact ``medflow <step>`` command written in dvc.yaml, skips a stage whose deps, params and outs are
-unchanged, and records what it did in dvc.lock. So a Prefect run leaves ``dvc status`` clean, and a Prefect
-run after ``dvc repro`` recomputes nothing.
+No Prefect here. DVC owns caching: a flow runs its stages as one ``dvc repro --single-item S1 S2 ...`` (one
+DVC start-up for the whole run, see :class:`Repro`), which runs the exact ``medflow <step>`` command written in
+dvc.yaml for each stage in turn, skips a stage whose deps, params and outs are unchanged, and records what it
+did in dvc.lock. So a Prefect run leaves ``dvc status`` clean, and a Prefect run after ``dvc repro``
+recomputes nothing. Its output is read stage by stage (DVC's ``Running stage 'x'`` and ``Stage 'x' didn't
+change`` lines), so each stage still has its own Prefect task, log, timing and failure message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import queue
 import re
 import shlex
 import signal
@@ -48,9 +50,6 @@ TF_QUIET = {"TF_CPP_MIN_LOG_LEVEL": "1"}  # TensorFlow's C++ INFO lines (CPU fea
 _NOT_PATHS = {"--dataset", "--params"}  # stage command options that name something other than a path
 
 
-ALWAYS_CHANGED = "always changed"  # what ``dvc status`` says of an ``always_changed`` stage with nothing else new
-
-
 class StageFailed(RuntimeError):
     """A DVC stage failed; the message carries the step's own error line (e.g. the failed expectations)."""
 
@@ -64,16 +63,7 @@ class Stage:
     dataset: str | None  # the foreach key ("malaria"); None for a stage that is not templated per dataset
     flags: dict[str, Path]  # its command's ``--flag value`` arguments, paths resolved against the project
     needs: frozenset[str]  # the stages whose outputs it depends on (DVC's graph)
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One stage of a flow's plan: whether it must go through ``dvc repro`` and whether DVC found it stale."""
-
-    stage: str
-    check: bool  # stale, or downstream of a stage that must be checked, or always run (``always_changed``)
-    stale: bool  # ``dvc status`` reported it changed before the run ("always changed" alone does not count)
-    needs: frozenset[str] = frozenset()  # the stages it depends on: one that ran makes it be checked too
+    always_changed: bool = False  # dvc.yaml ``always_changed``: DVC runs it on every repro (download)
 
 
 @dataclass(frozen=True)
@@ -120,7 +110,7 @@ def _stage(resolved: Any, needs: set[str], project: Path) -> Stage:
              if w.startswith("--") and not v.startswith("--") and w not in _NOT_PATHS}
     key = str(resolved.name)
     return Stage(name=key, step=step, dataset=key.split("@", 1)[1] if "@" in key else None, flags=flags,
-                 needs=frozenset(needs))
+                 needs=frozenset(needs), always_changed=bool(resolved.always_changed))
 
 
 def _step_words(cmd: Any) -> list[str]:
@@ -133,51 +123,6 @@ def _step_words(cmd: Any) -> list[str]:
 def step_flags(stages: Iterable[Stage]) -> dict[str, dict[str, Path]]:
     """Per ``medflow`` step, its ``--flag path`` arguments (one dataset's stages: one entry per step)."""
     return {s.step: s.flags for s in stages if s.step}
-
-
-def stale_stages(project: Path, names: Iterable[str] = ()) -> set[str] | None:
-    """Stages ``dvc status`` reports as changed (deps, params or outs), or None when it cannot tell.
-
-    One DVC start-up for the whole plan instead of one per stage (``names``: only these, each on its own;
-    all when empty): the flows run only these stages and those downstream of them through ``dvc repro``;
-    the rest are up to date by DVC's own account. A stage reported only as "always changed" (dvc.yaml
-    ``always_changed``: download, which lists the inbox each time) is not stale: see :func:`plan`.
-    """
-    report = _status(project, names)
-    return None if report is None else {name for name, why in report.items() if why != [ALWAYS_CHANGED]}
-
-
-def _status(project: Path, names: Iterable[str]) -> dict[str, Any] | None:
-    """``dvc status --json`` by stage name (``download@malaria``), or None when it cannot tell."""
-    code, output = dvc(project, "status", "--json", *names)
-    start = output.find("{")
-    if code != 0 or start < 0:
-        return None
-    try:
-        report = json.loads(output[start:output.rfind("}") + 1])
-    except json.JSONDecodeError:
-        return None
-    return {str(name).rsplit(":", 1)[-1]: why for name, why in report.items()}
-
-
-def plan(project: Path, dataset: str | None = None) -> list[Planned]:
-    """The flow's plan over the stages of ``dataset`` (all stages when None), in dependency order.
-
-    A stage must go through ``dvc repro`` when ``dvc status`` reports it changed or any stage it depends on
-    (transitively) must; every stage must when status fails. A stage DVC always runs (``always_changed``)
-    goes through ``dvc repro`` too, but its dependents only when it ran (its dvc.lock entry changed), which
-    the flow finds out as it goes (``Planned.needs``).
-    """
-    order = pipeline(project, dataset)
-    report = _status(project, [s.name for s in order] if dataset is not None else [])
-    stale = None if report is None else {name for name, why in report.items() if why != [ALWAYS_CHANGED]}
-    always = set() if report is None or stale is None else set(report) - stale
-    check: set[str] = set()
-    for s in order:
-        if stale is None or s.name in stale or s.needs & check:
-            check.add(s.name)
-    return [Planned(s.name, s.name in check or s.name in always, stale is not None and s.name in stale, s.needs)
-            for s in order]
 
 
 def _toposort(names: list[str], needs: dict[str, set[str]], path: Path) -> list[str]:
@@ -221,21 +166,20 @@ def is_noise(line: str) -> bool:
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for DVC and the stage commands it runs: this interpreter's bin folder first, so they find
     ``medflow``; TensorFlow's C++ INFO banners off unless ``$MEDFLOW_NOISY_LOGS`` (a user's own setting wins);
-    then ``extra`` (a flow run's ``DASK_SCHEDULER_ADDRESS``)."""
+    then ``extra`` (the flow run's Dask scheduler, for one)."""
     quiet = {} if noisy_logs() else TF_QUIET
-    return {**quiet, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            **(extra or {})}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**quiet, **os.environ, "PATH": path, **(extra or {})}
 
 
 def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
-        timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+        timeout_s: float | None = None) -> tuple[int, str]:
     """Run ``dvc ARGS`` in ``project``; stream each output line to ``on_line``; return (exit code, output).
-    ``env``: variables added to the environment of DVC and of the stage commands it runs.
 
     DVC runs in its own process group, so a timeout, or the flow run being cancelled or failing, kills the
     stage's command (DVC's child) too, not only DVC.
     """
-    proc = subprocess.Popen([dvc_executable(), *args], cwd=project, env=_env(env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc_executable(), *args], cwd=project, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -263,22 +207,127 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def repro_stage(project: Path, stage: str, *, stale: bool = False, on_line: Callable[[str], None] | None = None,
-                timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> StageResult:
-    """``dvc repro --single-item STAGE``: run it if anything it depends on changed, else skip it.
+def repro_stage(project: Path, stage: str, *, always_changed: bool = False,
+                on_line: Callable[[str], None] | None = None, timeout_s: float | None = None) -> StageResult:
+    """``dvc repro --single-item STAGE``: run it if anything it depends on changed, else skip it (one stage's
+    :class:`Repro`). Raises StageFailed with the step's error line(s) on failure."""
+    with Repro(project, [stage], always_changed={stage} if always_changed else set()) as repro:
+        return repro.stage(stage, on_line=on_line, timeout_s=timeout_s)
 
-    Whether it ran comes from DVC, not its console text: ``dvc status`` found it stale before (``stale``,
-    from the flow's plan), or its dvc.lock entry changed. Raises StageFailed with the step's error line(s)
-    (e.g. ``medflow validate: error: ...``) on failure.
+
+# DVC's first line for each stage of a repro: "Running stage 'x':", "Stage 'x' didn't change, skipping" or
+# "Stage 'x' is cached - skipping run, checking out outputs" (dvc/stage/__init__.py).
+_STAGE_HEADER = re.compile(r"^(Running stage|Stage) '([^']+)'")
+_LOCK_WRITTEN = ("Updating lock file", "Generating lock file")  # DVC's line when a stage's record changed
+_Line = tuple[float, str | None]  # (when it was read, the line; None at the end of DVC's output)
+
+
+class Repro:
+    """One ``dvc repro --single-item S1 ... Sn`` over a run of stages, read stage by stage.
+
+    DVC starts once for all of them (its start-up, about 1.2 s a process, was paid per stage), runs them in
+    the order given, each skipped when unchanged, and stops at the first failure. :meth:`stage` hands out
+    each stage's share of the output (from its header line to the next stage's) and whether it ran, in
+    order, so each stage stays its own Prefect task. A reader thread keeps DVC's output flowing while the
+    caller is busy between stages. Asked for a stage it is not at (a retry after a failure), it starts a new
+    DVC for that stage and those after it. DVC runs in its own process group: leaving the ``with`` block
+    kills what is still running (the flow failed, was cancelled or timed out).
     """
-    before = lock_entry(project, stage)
-    start = time.perf_counter()
-    code, output = dvc(project, "repro", "--single-item", stage, on_line=on_line, timeout_s=timeout_s, env=env)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        raise StageFailed(f"stage {stage!r} failed: {failure_reason(output)}")
-    ran = stale or lock_entry(project, stage) != before
-    return StageResult(stage=stage, ran=ran, seconds=seconds, output=output)
+
+    def __init__(self, project: Path, names: Iterable[str], always_changed: Iterable[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
+        self.project = Path(project)
+        self.names = list(names)
+        self.always = set(always_changed)
+        self.env = dict(env or {})  # added to DVC's environment (and so its stages')
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: queue.SimpleQueue[_Line] = queue.SimpleQueue()
+        self._pending: list[str] = []  # the stages the running DVC has yet to reach, in its order
+        self._next: _Line | None = None  # a header line read ahead: the start of the next stage's share
+
+    def __enter__(self) -> Repro:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the DVC process group if it is still running."""
+        if self._proc is not None and self._proc.poll() is None:
+            _kill_group(self._proc)
+            self._proc.wait()
+        self._proc = None
+
+    def _start(self, names: list[str]) -> None:
+        self.close()
+        self._pending, self._next, self._lines = list(names), None, queue.SimpleQueue()
+        self._proc = subprocess.Popen([dvc_executable(), "repro", "--single-item", *names], cwd=self.project,
+                                      env=_env(self.env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      bufsize=1, start_new_session=True)
+        threading.Thread(target=_pump, args=(self._proc, self._lines), daemon=True).start()
+
+    def stage(self, name: str, *, on_line: Callable[[str], None] | None = None,
+              timeout_s: float | None = None) -> StageResult:
+        """Stage ``name``'s share of the run: its output streamed to ``on_line``, whether it ran, its seconds.
+
+        Whether it ran comes from DVC's account of it: DVC ran it ("Running stage"), and for a stage DVC runs
+        every time (``always_changed``: download) only when that changed its dvc.lock record ("Updating lock
+        file"); "didn't change, skipping" and "is cached" (outputs restored from DVC's run cache) did not run.
+        The lines are read, not dvc.lock itself, which DVC may be rewriting for the next stage meanwhile.
+        Raises StageFailed with the step's error line(s) (e.g. ``medflow validate: error: ...``) when DVC
+        failed in it, or ``timeout_s`` passed (DVC and the step are killed).
+        """
+        if self._proc is None or not self._pending or self._pending[0] != name:
+            self._start(self.names[self.names.index(name):] if name in self.names else [name])
+        proc = self._proc
+        assert proc is not None
+        self._pending.pop(0)
+        watchdog = None if timeout_s is None else threading.Timer(timeout_s, _kill_group, (proc,))
+        if watchdog is not None:
+            watchdog.start()
+        try:
+            start, lines, header = self._share(name, on_line)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        end = time.perf_counter()
+        if self._next is None:  # DVC's output ended in this stage: it finished or failed here
+            code = proc.wait()
+            self._pending = []
+            if code < 0 and timeout_s is not None:
+                lines.append(f"ERROR: killed after the {timeout_s:g} s timeout\n")
+            if code != 0:
+                raise StageFailed(f"stage {name!r} failed: {failure_reason(''.join(lines))}")
+        recorded = any(line.startswith(_LOCK_WRITTEN) for line in lines)
+        ran = header == "Running stage" and (name not in self.always or recorded)
+        return StageResult(stage=name, ran=ran, seconds=end - start, output="".join(lines))
+
+    def _share(self, name: str, on_line: Callable[[str], None] | None) -> tuple[float, list[str], str]:
+        """Read up to the next pending stage's header (kept for it) or the end of DVC's output:
+        (when the share began, its lines, DVC's header word for ``name``: "Running stage", "Stage" or "")."""
+        item = self._next or self._lines.get()
+        self._next = None
+        start, header, lines = item[0], "", []
+        while item[1] is not None:
+            found = _STAGE_HEADER.match(item[1])
+            if found and self._pending and found.group(2) == self._pending[0]:
+                self._next = item
+                break
+            if found and found.group(2) == name and not header:
+                header = found.group(1)
+            lines.append(item[1])
+            if on_line is not None:
+                on_line(item[1].rstrip("\n"))
+            item = self._lines.get()
+        return start, lines, header
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.SimpleQueue[_Line]) -> None:
+    """Reader thread: every line DVC prints, with the time it came, then None at the end."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put((time.perf_counter(), line))
+    lines.put((time.perf_counter(), None))
 
 
 def failure_reason(output: str) -> str:

@@ -1,8 +1,9 @@
 """The train flow (Prefect flow ``medflow``; deployments ``train-<dataset>``): the DVC pipeline as Prefect tasks.
 
 ``prefect deployment run medflow/train-pneumonia`` runs the dataset's stages of dvc.yaml
-(``download@pneumonia`` ... ``evaluate@pneumonia``), in dependency order, as one Prefect task each
-(``dvc repro --single-item <stage>``: unchanged stages are skipped from DVC's cache, and dvc.lock stays true).
+(``download@pneumonia`` ... ``evaluate@pneumonia``), in dependency order, as one Prefect task each, all of
+them in one ``dvc repro --single-item <stage> ...`` (unchanged stages are skipped from DVC's cache, and dvc.lock
+stays true).
 Then it registers the trained model (the first one becomes champion; a later one must beat the champion,
 see ``medflow.lifecycle.retrain``) and posts three artifacts: a Markdown summary (decision, champion, test
 metrics, threshold, chance guard, stages; linked to the next), the evaluation report (the evaluate stage's
@@ -34,6 +35,7 @@ from flows.common import (
     run_dask_address,
     stage_task,
 )
+from medflow.imaging.cluster import ADDRESS_ENV
 from medflow.lifecycle.retrain import Busy, dataset_lock, record_fingerprint
 
 log = logging.getLogger(__name__)
@@ -41,27 +43,34 @@ log = logging.getLogger(__name__)
 FLOW_NAME = "medflow"
 
 
+def _dask_env(order: list[Any]) -> dict[str, str]:
+    """``$DASK_SCHEDULER_ADDRESS`` for the run's stages when its task runner is a DaskTaskRunner and a filter or
+    resize stage is among them (:func:`flows.common.dask_runner`: the cluster starts here); else nothing."""
+    if not any(s.step in DASK_STEPS for s in order):
+        return {}
+    address = run_dask_address()
+    return {ADDRESS_ENV: address} if address else {}
+
+
 def run_pipeline(project: Project, until: str | None = None) -> list[dict[str, Any]]:
     """Run the dataset's dvc.yaml stages (or those up to the step ``until``) as Prefect tasks, in DVC's
-    dependency order; a failure stops the rest. Other datasets' stages are not touched. Each task waits for the
-    tasks of the stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's. A filter or
-    resize stage that runs gets the run's Dask cluster, if its task runner is a DaskTaskRunner
-    (:func:`flows.common.dask_runner`)."""
-    results = []
+    dependency order; a failure stops the rest. Other datasets' stages are not touched.
+
+    One ``dvc repro --single-item`` runs them all (:class:`flows.stages.Repro`: one DVC start-up, DVC's own
+    check of each stage); each task reports its stage's share of it. Each task waits for the tasks of the
+    stages it depends on (``wait_for``), so the run's graph in the UI is dvc.yaml's."""
+    order = list(project.stages)
+    if until is not None:
+        last = next(i for i, s in enumerate(order) if s.step == until)
+        order = order[:last + 1]
+    results: list[dict[str, Any]] = []
     done: dict[str, dict[str, Any]] = {}
-    ran: set[str] = set()  # a stage downstream of one that ran is checked (download always runs: see plan)
-    for item in stages.plan(project.root, project.dataset):
-        upstream = [done[s] for s in sorted(item.needs) if s in done]
-        up_to_date = not (item.check or item.needs & ran)
-        dask = run_dask_address() if not up_to_date and item.stage.split("@", 1)[0] in DASK_STEPS else None
-        result = stage_task(item.stage)(str(project.root), item.stage, up_to_date=up_to_date, stale=item.stale,
-                                        dask_address=dask, wait_for=upstream)
-        results.append(result)
-        done[item.stage] = result
-        if result["ran"]:
-            ran.add(item.stage)
-        if item.stage.split("@", 1)[0] == until:
-            break
+    names, always = [s.name for s in order], {s.name for s in order if s.always_changed}
+    with stages.Repro(project.root, names, always, env=_dask_env(order)) as repro:
+        for s in order:
+            upstream = [done[n] for n in sorted(s.needs) if n in done]
+            done[s.name] = stage_task(s.name)(str(project.root), s.name, repro, wait_for=upstream)
+            results.append(done[s.name])
     return results
 
 

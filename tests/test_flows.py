@@ -1,6 +1,7 @@
 """Flow tests under Prefect's test harness (a temporary local API): the train and retrain flows on a real
 DVC project copy. Training is tiny (medflow CNN, 64 px, 6 epochs; the tutorial CNN does not learn at all in so few).
 
+- one `dvc repro` for a run of stages, read stage by stage (the flows' route);
 - train flow: every dvc.yaml stage of the dataset (download@pneumonia ...) as a task, and no other dataset's;
   afterwards `dvc status` is clean, `dvc repro` has nothing to do and `git status` is clean; a second run
   recomputes nothing; artifacts are posted (the quarantine table lists the rejected files); a failed
@@ -184,7 +185,10 @@ def assert_no_marker_in_artifacts_or_events(project: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- tests
-def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) -> None:
+def test_one_dvc_repro_runs_the_stages_and_reports_each_of_them(tmp_path: Path) -> None:
+    """The flows' route (issue 13, overhead): one `dvc repro --single-item` for a run of stages, read stage by
+    stage: each gets its own output and ran/skipped verdict from DVC; a failure names its stage and the step's
+    error; a retry of the failed stage starts DVC again from there."""
     from flows import stages
 
     (tmp_path / "in.txt").write_text("1")
@@ -193,30 +197,43 @@ def test_plan_checks_only_changed_stages_and_those_downstream(tmp_path: Path) ->
         "a": {"cmd": "cp in.txt a.txt", "deps": ["in.txt"], "outs": ["a.txt"]},
         "b": {"cmd": "cp a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
         "c": {"cmd": "cp other.txt c.txt", "deps": ["other.txt"], "outs": ["c.txt"]},
-        # like download: runs on every repro; what depends on it only when its output changed
+        # like download: runs on every repro; it counts as run only when its record in dvc.lock changed
         "d": {"cmd": "cp other.txt d.txt", "always_changed": True, "outs": [{"d.txt": {"cache": False}}]},
-        "e": {"cmd": "cp d.txt e.txt", "deps": ["d.txt"], "outs": ["e.txt"]}}}))
+        "e": {"cmd": "cp d.txt e.txt", "deps": ["d.txt"], "outs": ["e.txt"]},
+        "x": {"cmd": "test -f ok.txt && cp ok.txt x.txt || { echo 'medflow x: error: ok.txt is missing'; exit 2; }",
+              "outs": ["x.txt"]},
+        "y": {"cmd": "cp x.txt y.txt", "deps": ["x.txt"], "outs": ["y.txt"]}}}))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     assert dvc(tmp_path, "init", "-q").returncode == 0
+    names = ["a", "b", "c", "d", "e"]
+    assert [s.always_changed for s in stages.pipeline(tmp_path) if s.name in names] == [False] * 3 + [True, False]
 
-    def plan() -> list[tuple[str, bool, bool]]:
-        return [(p.stage, p.check, p.stale) for p in stages.plan(tmp_path) if p.stage in ("a", "b", "c")]
+    def run() -> dict[str, Any]:
+        with stages.Repro(tmp_path, names, always_changed={"d"}) as repro:
+            return {n: repro.stage(n) for n in names}
 
-    assert plan() == [("a", True, True), ("b", True, True), ("c", True, True)]
-    assert dvc(tmp_path, "repro").returncode == 0
-    assert plan() == [("a", False, False), ("b", False, False), ("c", False, False)]
-    d, e = (p for p in stages.plan(tmp_path) if p.stage in ("d", "e"))
-    assert (d.check, d.stale, e.check, e.stale, e.needs) == (True, False, False, False, {"d"})  # e: when d ran
-    assert not stages.repro_stage(tmp_path, "d").ran  # same output: dvc.lock unchanged
+    first = run()
+    assert all(r.ran for r in first.values()), first
+    assert "> cp in.txt a.txt" in first["a"].output and "cp in.txt" not in first["b"].output  # each its own share
+    assert first["e"].output.startswith("Running stage 'e'")
+    again = run()
+    assert not any(r.ran for r in again.values()), again  # d ran again, with the same record: not counted
+    assert "Stage 'a' didn't change, skipping" in again["a"].output
     (tmp_path / "in.txt").write_text("2")
-    assert plan() == [("a", True, True), ("b", True, False), ("c", False, False)]  # b: only downstream of a
-    result = stages.repro_stage(tmp_path, "a")  # ran: its dvc.lock entry changed
-    assert result.ran and not stages.repro_stage(tmp_path, "a").ran
-    (tmp_path / "a.txt").unlink()  # rebuilt identical, so dvc.lock stays the same: the plan's status tells
-    (first,) = [p for p in stages.plan(tmp_path) if p.stage == "a"]
+    assert [n for n, r in run().items() if r.ran] == ["a", "b"]  # b: its dep changed
+    (tmp_path / "a.txt").unlink()  # DVC restores it from its run cache instead of running the stage
     lock = stages.lock_entry(tmp_path, "a")
-    assert first.stale and stages.repro_stage(tmp_path, "a", stale=first.stale).ran
+    restored = run()
+    assert not any(r.ran for r in restored.values()) and "'a' is cached - skipping run" in restored["a"].output
     assert (tmp_path / "a.txt").read_text() == "2" and stages.lock_entry(tmp_path, "a") == lock
+
+    with stages.Repro(tmp_path, ["a", "x", "y"]) as repro:
+        assert not repro.stage("a").ran
+        with pytest.raises(stages.StageFailed, match=r"^stage 'x' failed: medflow x: error: ok.txt is missing$"):
+            repro.stage("x")
+        (tmp_path / "ok.txt").write_text("ok")
+        assert repro.stage("x").ran and repro.stage("y").ran  # the retry: DVC again, from x on
+    assert (tmp_path / "y.txt").read_text() == "ok"
 
 
 def _quarantine_rows() -> list[dict[str, str]]:

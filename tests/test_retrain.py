@@ -368,12 +368,19 @@ def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) ->
     try:
         start = time.monotonic()
         code, out = stages.dvc(tmp_path, "repro", timeout_s=0.5)
+        assert code != 0 and "timeout" in out and time.monotonic() - start < 10
+        _assert_gone(int((tmp_path / "child.pid").read_text()))
+        with stages.Repro(tmp_path, ["q"]) as repro, \
+                pytest.raises(stages.StageFailed, match=r"stage 'q' failed: ERROR: killed after the 0.5 s timeout"):
+            repro.stage("q", timeout_s=0.5)  # the flows' route: one DVC for the run's stages
     finally:
         stages.dvc_executable = orig  # type: ignore[assignment]
-    assert code != 0 and "timeout" in out and time.monotonic() - start < 10
-    child = int((tmp_path / "child.pid").read_text())
+    _assert_gone(int((tmp_path / "child.pid").read_text()))
+
+
+def _assert_gone(pid: int) -> None:
     time.sleep(0.2)
-    stat = Path(f"/proc/{child}/stat")
+    stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie awaiting its reaper)
 
 
