@@ -164,13 +164,23 @@ def run_stages(project: Path, stages: list[str], wrapped: Path, log: Path,
     return out
 
 
-def measure(n: int, work: Path, shared: Path, seed: int, tiny: bool = False) -> dict[str, Any]:
+def _cells_of(n: int, inbox: Path, shared: Path, seed: int, sets: Path | None) -> int:
+    """``inbox/cells``: a set generated earlier (``sets/n<N>/cells``, hardlinked) or a new one; its bytes."""
+    made = sets / f"n{n}" / "cells" if sets else None
+    if made is None or not made.is_dir():
+        return generate(inbox / "cells", n, 1000, seed, shared)
+    subprocess.run(["cp", "-al", str(made), str(inbox / "cells")], check=True)
+    return _tree_bytes(inbox / "cells")
+
+
+def measure(n: int, work: Path, shared: Path, seed: int, tiny: bool = False,
+            sets: Path | None = None) -> dict[str, Any]:
     """Full run and +1% run of a fresh project with ``n`` generated cells (the project is deleted after)."""
     project = work / f"project-{n}"
     shutil.rmtree(project, ignore_errors=True)
     copy_pipeline(project, dataset=DATASET)
     inbox = project / "data" / "inbox" / DATASET
-    raw = generate(inbox / "cells", n, 1000, seed, shared)
+    raw = _cells_of(n, inbox, shared, seed, sets)
     log = work / "rss.log"
     wrapped = _wrapped_bin(work, log)
     stages = data_stages(project)
@@ -244,6 +254,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--sets", type=Path, default=None,
+                        help="reuse sets generated before (as <sets>/n<N>/cells, by generate()) instead of making them")
     args = parser.parse_args()
     if not args.shared.is_dir():
         sys.exit(f"{args.shared} not found: pass --shared with the malaria_cells folder")
@@ -251,7 +263,7 @@ def main() -> None:
         work = Path(tmp)
         load = os.getloadavg()
         tiny = measure(args.tiny, work, args.shared, args.seed, tiny=True)
-        runs = [measure(n, work, args.shared, args.seed) for n in sorted(args.sizes)]
+        runs = [measure(n, work, args.shared, args.seed, sets=args.sets) for n in sorted(args.sizes)]
         text = (f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; one repeat per N\n\n"
                 + table(tiny, runs))
     print(text)

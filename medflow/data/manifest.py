@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -167,25 +168,38 @@ def _all_facts(paths: list[Path], salt: bytes, cache: DigestCache, workers: int)
 
 
 class _Found(NamedTuple):
-    """One image of the walk, before its file is read (small: the walk holds one per image)."""
+    """One image of the walk, before its file is read (small: the walk holds one per image; the shown and the
+    absolute path are made from ``rel`` and its root when the chunk is read)."""
 
-    path: str
-    relpath: str
-    root: str
+    rel: str  # as found (relative to its root)
+    root: int  # index into the roots
     class_name: str
     label: int
     group: str
     source_split: str
-    file: str  # where to read it
+
+
+class _Root(NamedTuple):
+    path: Path
+    shown: str  # its ``root`` column before shown_path (``@<label>`` or project-relative)
+
+
+def _row(f: _Found, root: _Root) -> dict[str, Any]:
+    """The manifest columns ``f`` knows before its file is read."""
+    rel = Path(f.rel)
+    return {"path": shown_path(_shown(root.path / rel, rel, root.shown)), "relpath": shown_path(f.rel),
+            "root": shown_path(root.shown), "class_name": f.class_name, "label": f.label, "group": f.group,
+            "source_split": f.source_split}
 
 
 def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], rule: str,
-                skipped: dict[str, int]) -> list[_Found]:
+                skipped: dict[str, int]) -> tuple[list[_Root], list[_Found]]:
     """The images of a labelled class folder under ``roots``, in walk order, their groups' runs joined."""
     found: list[_Found] = []
     labels_of = root_labels(str(r) for r in roots)
-    for root in roots:
-        shown = f"{SOURCE_ROOT}{labels_of[str(root)]}" if str(root) in labels_of else _display_path(root)
+    shown_roots = [_Root(r, f"{SOURCE_ROOT}{labels_of[str(r)]}" if str(r) in labels_of else _display_path(r))
+                   for r in roots]
+    for index, root in enumerate(roots):
         unknown: Counter[str] = Counter()
         for path in iter_images(root):
             rel = path.relative_to(root)
@@ -200,14 +214,14 @@ def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Patter
             elif group is None:
                 skipped["group_rule_fallback"] += 1
                 group = path.stem
-            found.append(_Found(shown_path(_shown(path, rel, shown)), shown_path(rel.as_posix()), shown_path(shown),
-                                cls, labels[cls], shown_path(group), source_split_of(rel.parts[:-1]), str(path)))
+            found.append(_Found(rel.as_posix(), index, cls, labels[cls], sys.intern(shown_path(group)),
+                                source_split_of(rel.parts[:-1])))
         _warn_unknown_folders(root, unknown, labels)
     if RULES.get(rule) is not None and RULES[rule].runs:
-        groups = join_runs([Path(f.relpath).name for f in found], [f"{f.root}/{Path(f.relpath).parent}" for f in found],
-                           [f.group for f in found], rule)
+        folders = [f"{shown_path(shown_roots[f.root].shown)}/{Path(shown_path(f.rel)).parent}" for f in found]
+        groups = join_runs([Path(shown_path(f.rel)).name for f in found], folders, [f.group for f in found], rule)
         found = [f._replace(group=shown_path(g)) for f, g in zip(found, groups, strict=True)]
-    return found
+    return shown_roots, found
 
 
 def manifest_chunks(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], skipped: dict[str, int],
@@ -221,19 +235,18 @@ def manifest_chunks(roots: list[Path], labels: Mapping[str, int], pattern: re.Pa
         raise ValueError("build_manifest: the dicom group rule needs the project salt")
     skipped.update(no_class_folder=0, group_rule_fallback=0, **({"dicom_patient_from_study": 0} if rule == "dicom"
                                                                else {}))
-    found = _walk_roots(roots, labels, pattern, rule, skipped)
+    shown_roots, found = _walk_roots(roots, labels, pattern, rule, skipped)
     cache = cache or DigestCache(None)
     unreadable: list[str] = []
     for start in range(0, len(found), chunk):
         part = found[start:start + chunk]
-        facts = _all_facts([Path(f.file) for f in part], salt or b"", cache, workers)
+        facts = _all_facts([shown_roots[f.root].path / f.rel for f in part], salt or b"", cache, workers)
         rows = []
         for f, fact in zip(part, facts, strict=True):
-            row = f._asdict()
-            del row["file"]
+            row = _row(f, shown_roots[f.root])
             patient, tag = fact.pop("_patient", ""), fact.pop("_patient_tag", "")
             if problem := fact.pop("_problem", ""):
-                unreadable.append(f"{f.path}: {problem}")
+                unreadable.append(f"{row['path']}: {problem}")
             if rule == "dicom":
                 _dicom_group(row, patient, tag, skipped)
             rows.append({**row, **fact})
