@@ -195,6 +195,7 @@ def measure(n: int, work: Path, shared: Path, seed: int, tiny: bool = False,
     size = (params.get("resize") or {}).get("size") or shared_params["resize"]["size"]
     channels = params["dataset"]["channels"]
     shutil.rmtree(project)
+    print(f"N = {n}: full {full}, +1% {inc}, cache added {added} bytes", file=sys.stderr, flush=True)  # if killed
     return {"n": n, "raw_bytes": raw, "full": full, "inc": inc, "n_new": n_new, "new_raw_bytes": new_raw,
             "cache_added": added, "new_processed_bytes": n_new * size * size * channels}
 
@@ -231,7 +232,7 @@ def table(tiny: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                  f"{inc[id(big)]:.1f} s | |")
     lines.append("")
     lines.append("| N | +1% images | +1% run | share of full run (goal <= 10%) | .dvc/cache added | new processed "
-                 "bytes | ratio (goal <= 2x) | peak RSS growth 6,000 -> largest, KB/image (goal <= 1) |")
+                 "bytes | ratio (goal <= 2x) | peak RSS growth from the N before, KB/image (goal <= 1) |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in runs:
         share = inc[id(r)] / tot[id(r)]
