@@ -52,7 +52,8 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "manifest": (
         "tasks.manifest",
         "index every image: path, class, label, patient id, source split, sha256, size, mode, format",
-        [("--roots-json", "image roots (input)"), ("--out", "manifest CSV (output)")],
+        [("--roots-json", "image roots (input)"), ("--out", "manifest CSV (output)"),
+         ("--cache", "digest cache folder (persistent): files whose size, mtime and inode it knows are not read")],
     ),
     "filter": (
         "tasks.filter",
@@ -98,8 +99,8 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
 
 
 # Flags with a default in the step's run(): resize's rejects go beside its --out; split without the resize
-# rejects quarantines none (dvc.yaml passes both).
-OPTIONAL_FLAGS = frozenset({("resize", "--rejects"), ("split", "--resize-rejects")})
+# rejects quarantines none; the manifest without a cache reads every file (dvc.yaml passes all three).
+OPTIONAL_FLAGS = frozenset({("resize", "--rejects"), ("split", "--resize-rejects"), ("manifest", "--cache")})
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -1,21 +1,25 @@
 """The manifest step (dvc.yaml stage manifest): roots.json -> manifest CSV, one row per image.
 
 Reads the image roots the extract step listed, indexes them with :func:`medflow.data.manifest.build_manifest`
-(class from the folder, patient id from ``dataset.group_rule``) and writes the CSV atomically.
+(class from the folder, patient id from ``dataset.group_rule``; the digest cache spares unchanged files) and
+writes the CSV atomically, chunk by chunk (memory stays flat in the number of images).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from medflow.config import Config
-from medflow.data.manifest import build_manifest
+from medflow.data.digests import DigestCache
+from medflow.data.manifest import manifest_chunks
 from medflow.errors import StepError
-from medflow.io import read_json, write_csv
+from medflow.io import atomic_open, read_json
 from medflow.patients import project_salt
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,23 @@ def _read_roots(roots_json: Path) -> list[Path]:
     return roots
 
 
-def _summary(df: pd.DataFrame, skipped: dict[str, int]) -> dict[str, Any]:
-    """Images, patients/groups and images per class of the manifest, with the skipped counts."""
-    return {"images": len(df), "patients": int(df["group"].nunique()),
-            "per_class": df.groupby("class_name").size().to_dict(), **skipped}
+@dataclass
+class _Counts:
+    """Images, patients/groups and images per class of the manifest, counted chunk by chunk."""
+
+    images: int = 0
+    groups: set[str] = field(default_factory=set)
+    per_class: Counter[str] = field(default_factory=Counter)
+
+    def add(self, df: pd.DataFrame) -> None:
+        self.images += len(df)
+        self.groups.update(df["group"].dropna())
+        self.per_class.update(df["class_name"])
+
+    def summary(self, skipped: dict[str, int]) -> dict[str, Any]:
+        """The step's summary, with the skipped counts."""
+        return {"images": self.images, "patients": len(self.groups), "per_class": dict(sorted(self.per_class.items())),
+                **skipped}
 
 
 def _warn_skipped(skipped: dict[str, int], cfg: Config) -> None:
@@ -64,17 +81,27 @@ def _no_images(roots: list[Path], cfg: Config) -> str:
     return f"{found} (check dataset.labels in the dataset's catalog file)"
 
 
-def run(cfg: Config, *, roots_json: Path, out: Path) -> dict[str, Any]:
-    """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary."""
+def run(cfg: Config, *, roots_json: Path, out: Path, cache: Path | None = None) -> dict[str, Any]:
+    """Write the manifest CSV for every image under the roots listed in ``roots_json``; return its summary.
+
+    ``cache``: the folder of the digest cache (:mod:`medflow.data.digests`; persistent across runs): files whose
+    stat it knows are not read again. None: every file is read."""
     roots = _read_roots(roots_json)
     rule = cfg.dataset.group_rule
     salt = project_salt(Path.cwd()) if rule == "dicom" else None  # DVC runs the step in the project root
-    df, skipped = build_manifest(roots, cfg.dataset.labels, cfg.dataset.group_pattern, rule=rule, salt=salt)
-    if df.empty:
-        raise StepError(_no_images(roots, cfg))
+    digests = DigestCache(cache, salt or b"")
+    skipped: dict[str, int] = {}
+    chunks = manifest_chunks(roots, cfg.dataset.labels, cfg.dataset.group_pattern, skipped, rule=rule, salt=salt,
+                             cache=digests)
+    counts = _Counts()
+    with atomic_open(out, newline="") as f:  # chunk by chunk: the same bytes as one DataFrame's to_csv
+        for df in chunks:
+            df.to_csv(f, index=False, header=not counts.images)
+            counts.add(df)
+        if not counts.images:
+            raise StepError(_no_images(roots, cfg))
     _warn_skipped(skipped, cfg)
-    write_csv(out, df)
-    summary = _summary(df, skipped)
+    summary = counts.summary(skipped)
     log.info("manifest: %d images, %d patients/groups, per class %s -> %s",
              summary["images"], summary["patients"], summary["per_class"], out)
     return summary

@@ -309,10 +309,14 @@ def test_second_run_decodes_only_new_content(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()] == [
         _index_file(tmp_path / "out", cfg).name]  # one packed index, no per-image files
 
+    old_layout = tmp_path / "out" / "cache" / "filter-3-0123456789abcdef" / "ab"  # one JSON per image, never read
+    old_layout.mkdir(parents=True)
+    (old_layout / f"ab{'0' * 62}.json").write_text("{}")
     paths.append(_write(root / "B" / "new.png", _image(99)))
     second, clean, _ = _run(_manifest(paths, root), tmp_path / "out", cfg)
     assert (second["decoded"], second["cached"]) == (1, 5)
     assert len(clean) == 6
+    assert not old_layout.parent.exists()  # dropped by the save
 
     # parameters that change verdicts change the cache key: a second index beside the first
     fourth, _, _ = _run(_manifest(paths, root), tmp_path / "out", _cfg(min_side=16))

@@ -15,24 +15,27 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 from PIL import Image
 
+from medflow.data.digests import DigestCache, stat_key
 from medflow.data.walk import WalkReport, walk_files
 from medflow.imaging import dicom
 from medflow.imaging.files import file_problem, shown_path
 from medflow.io import SOURCE_ROOT, display_path, root_labels, sha256_file
-from medflow.patients import group_of, join_runs
+from medflow.patients import RULES, group_of, join_runs
 from medflow.schema import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, SOURCE_SPLIT_NAMES
 
 log = logging.getLogger(__name__)
 _UNKNOWN_SHOWN = 10  # folders named in the warning about images under no class folder
+CHUNK_ROWS = 4096  # rows read and written at a time (memory holds one chunk's rows, not the manifest's)
 
 
 def iter_images(root: Path) -> Iterator[Path]:
@@ -149,30 +152,54 @@ def _warn_unknown_folders(root: Path, unknown: Counter[str], labels: Mapping[str
                 root, sum(unknown.values()), ", ".join(labels), shown)
 
 
-def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
-                   workers: int = 8, rule: str = "", salt: bytes | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
+def _all_facts(paths: list[Path], salt: bytes, cache: DigestCache, workers: int) -> list[dict[str, Any]]:
+    """:func:`_file_facts` of each path, in order: from ``cache`` where the file's stat matches a row (the file
+    is not opened), else read by ``workers`` threads and added to ``cache``."""
+    keys = [stat_key(p) for p in paths]
+    found = [cache.lookup(k) if k else None for k in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            for i, facts in zip(todo, pool.map(lambda i: _file_facts(paths[i], salt), todo), strict=True):
+                found[i] = facts
+                if (key := keys[i]) is not None:
+                    cache.add(key, facts)
+    return [f for f in found if f is not None]
 
-    ``pattern`` is the dataset's patient/group rule (medflow.patients); a file name it does not match
-    becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. ``rule`` is the
-    rule's name (``dataset.group_rule``): a named rule with runs joins them (:func:`join_runs`). Returns the
-    manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
-    ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written.
 
-    ``rule == "dicom"``: each DICOM file's group is its hashed patient (``salt``: the project's,
-    :func:`medflow.patients.project_salt`; required), and the count ``dicom_patient_from_study`` says how
-    many had no PatientID and were grouped by StudyInstanceUID. Files that are not DICOM, or DICOM files
-    without either tag, keep the regex's group (their stem) and count under ``group_rule_fallback``.
-    """
-    if rule == "dicom" and not salt:
-        raise ValueError("build_manifest: the dicom group rule needs the project salt")
-    rows: list[dict[str, Any]] = []
-    skipped = {"no_class_folder": 0, "group_rule_fallback": 0}
-    if rule == "dicom":
-        skipped["dicom_patient_from_study"] = 0
+class _Found(NamedTuple):
+    """One image of the walk, before its file is read (small: the walk holds one per image; the shown and the
+    absolute path are made from ``rel`` and its root when the chunk is read)."""
+
+    rel: str  # as found (relative to its root)
+    root: int  # index into the roots
+    class_name: str
+    label: int
+    group: str
+    source_split: str
+
+
+class _Root(NamedTuple):
+    path: Path
+    shown: str  # its ``root`` column before shown_path (``@<label>`` or project-relative)
+
+
+def _row(f: _Found, root: _Root) -> dict[str, Any]:
+    """The manifest columns ``f`` knows before its file is read."""
+    rel = Path(f.rel)
+    return {"path": shown_path(_shown(root.path / rel, rel, root.shown)), "relpath": shown_path(f.rel),
+            "root": shown_path(root.shown), "class_name": f.class_name, "label": f.label, "group": f.group,
+            "source_split": f.source_split}
+
+
+def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], rule: str,
+                skipped: dict[str, int]) -> tuple[list[_Root], list[_Found]]:
+    """The images of a labelled class folder under ``roots``, in walk order, their groups' runs joined."""
+    found: list[_Found] = []
     labels_of = root_labels(str(r) for r in roots)
-    for root in roots:
-        shown = f"{SOURCE_ROOT}{labels_of[str(root)]}" if str(root) in labels_of else _display_path(root)
+    shown_roots = [_Root(r, f"{SOURCE_ROOT}{labels_of[str(r)]}" if str(r) in labels_of else _display_path(r))
+                   for r in roots]
+    for index, root in enumerate(roots):
         unknown: Counter[str] = Counter()
         for path in iter_images(root):
             rel = path.relative_to(root)
@@ -183,31 +210,79 @@ def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pat
                 continue
             group = group_of(path.name, pattern)
             if rule == "dicom":
-                pass  # counted below, once the header says whether the file names its patient
+                group = group or ""  # counted later, once the header says whether the file names its patient
             elif group is None:
                 skipped["group_rule_fallback"] += 1
                 group = path.stem
-            rows.append({"path": shown_path(_shown(path, rel, shown)), "relpath": shown_path(rel.as_posix()),
-                         "root": shown_path(shown),
-                         "class_name": cls, "label": labels[cls], "group": group,
-                         "source_split": source_split_of(rel.parts[:-1]), "_abs": path})
+            found.append(_Found(rel.as_posix(), index, cls, labels[cls], sys.intern(shown_path(group)),
+                                source_split_of(rel.parts[:-1])))
         _warn_unknown_folders(root, unknown, labels)
-    groups = join_runs([Path(r["relpath"]).name for r in rows],
-                       [f"{r['root']}/{Path(r['relpath']).parent}" for r in rows], [r["group"] for r in rows], rule)
-    for r, group in zip(rows, groups, strict=True):
-        r["group"] = shown_path(group)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        facts = list(pool.map(lambda p: _file_facts(p, salt or b""), [r.pop("_abs") for r in rows]))
-    unreadable = []
-    for r, f in zip(rows, facts, strict=True):
-        patient, tag = f.pop("_patient", ""), f.pop("_patient_tag", "")
-        if problem := f.pop("_problem", ""):
-            unreadable.append(f"{r['path']}: {problem}")
-        if rule == "dicom":
-            _dicom_group(r, patient, tag, skipped)
+    if RULES.get(rule) is not None and RULES[rule].runs:
+        folders = [f"{shown_path(shown_roots[f.root].shown)}/{Path(shown_path(f.rel)).parent}" for f in found]
+        groups = join_runs([Path(shown_path(f.rel)).name for f in found], folders, [f.group for f in found], rule)
+        found = [f._replace(group=shown_path(g)) for f, g in zip(found, groups, strict=True)]
+    return shown_roots, found
+
+
+def manifest_chunks(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], skipped: dict[str, int],
+                    workers: int = 8, rule: str = "", salt: bytes | None = None, cache: DigestCache | None = None,
+                    chunk: int | None = None) -> Iterator[pd.DataFrame]:
+    """The manifest of the images under ``roots`` (:func:`build_manifest`) as DataFrames of ``chunk`` rows, in
+    walk order: only one chunk's rows are held, so memory stays flat. ``skipped`` gets the counts (complete
+    once the last chunk is out), ``cache`` is saved after it. ``chunk`` None: :data:`CHUNK_ROWS`."""
+    chunk = chunk or CHUNK_ROWS
+    if rule == "dicom" and not salt:
+        raise ValueError("build_manifest: the dicom group rule needs the project salt")
+    skipped.update(no_class_folder=0, group_rule_fallback=0, **({"dicom_patient_from_study": 0} if rule == "dicom"
+                                                               else {}))
+    shown_roots, found = _walk_roots(roots, labels, pattern, rule, skipped)
+    cache = cache or DigestCache(None)
+    unreadable: list[str] = []
+    for start in range(0, len(found), chunk):
+        part = found[start:start + chunk]
+        facts = _all_facts([shown_roots[f.root].path / f.rel for f in part], salt or b"", cache, workers)
+        rows = []
+        for f, fact in zip(part, facts, strict=True):
+            row = _row(f, shown_roots[f.root])
+            patient, tag = fact.pop("_patient", ""), fact.pop("_patient_tag", "")
+            if problem := fact.pop("_problem", ""):
+                unreadable.append(f"{row['path']}: {problem}")
+            if rule == "dicom":
+                _dicom_group(row, patient, tag, skipped)
+            rows.append({**row, **fact})
+        yield _frame(rows)
+    cache.save()
+    if cache.folder is not None:
+        log.info("manifest: %d of %d files' digests from the cache", cache.hits, len(found))
     if unreadable:
         skipped["unreadable"] = len(unreadable)
         log.warning("%d file(s) cannot be read; each is listed, with why, in the filter's rejects "
                     "(reason unreadable): %s", len(unreadable), "; ".join(unreadable[:5]))
-    df = pd.DataFrame([{**r, **f} for r, f in zip(rows, facts, strict=True)], columns=MANIFEST_COLUMNS)
-    return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"}), skipped
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    return df.astype({"width": "Int64", "height": "Int64", "bytes": "int64", "label": "int64"})
+
+
+def build_manifest(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str],
+                   workers: int = 8, rule: str = "", salt: bytes | None = None,
+                   cache: DigestCache | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Index the images under ``roots``: one row per image of a labelled class folder, in walk order.
+
+    ``pattern`` is the dataset's patient/group rule (medflow.patients); a file name it does not match
+    becomes a group of its own (its stem) and is counted under ``group_rule_fallback``. ``rule`` is the
+    rule's name (``dataset.group_rule``): a named rule with runs joins them (:func:`join_runs`). Returns the
+    manifest (schema.MANIFEST_COLUMNS) and the counts ``no_class_folder`` (skipped) and
+    ``group_rule_fallback``. Files are read (sha256, image header) by ``workers`` threads, never written;
+    ``cache`` (:class:`medflow.data.digests.DigestCache`, saved here) spares the files whose stat it knows.
+    The manifest step writes the same rows chunk by chunk (:func:`manifest_chunks`).
+
+    ``rule == "dicom"``: each DICOM file's group is its hashed patient (``salt``: the project's,
+    :func:`medflow.patients.project_salt`; required), and the count ``dicom_patient_from_study`` says how
+    many had no PatientID and were grouped by StudyInstanceUID. Files that are not DICOM, or DICOM files
+    without either tag, keep the regex's group (their stem) and count under ``group_rule_fallback``.
+    """
+    skipped: dict[str, int] = {}
+    frames = list(manifest_chunks(roots, labels, pattern, skipped, workers, rule, salt, cache))
+    return (pd.concat(frames, ignore_index=True) if frames else _frame([])), skipped

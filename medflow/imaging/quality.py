@@ -54,8 +54,8 @@ Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:
 where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
 max_pixels): when new data lands only new content is decoded. Cached files are not re-read: the
 manifest's sha256 (checked against the bytes whenever a file is decoded) and a size check of every file
-stand for them. The per-file JSON entries of earlier versions (``<key>/<sha[:2]>/<sha>.json``) are not
-read; their folders can be deleted.
+stand for them. The per-file JSON entries of earlier versions (``<key>/<sha[:2]>/<sha>.json``, one file per
+image) are not read: the first save of an index removes their folders (:func:`drop_per_file_entries`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -244,6 +245,24 @@ class VerdictIndex:
                "verdicts": {sha: list(astuple(self.verdicts[sha])) for sha in sorted(self.verdicts)}}
         with atomic_open(self.path) as f:
             json.dump(doc, f, separators=(",", ":"))
+        drop_per_file_entries(self.path.parent)
+
+
+_PER_FILE_FOLDER = re.compile(r"^filter-\d+-[0-9a-f]{16}$")  # <FILTER_VERSION>-<key digest> of the old layout
+
+
+def drop_per_file_entries(cache: Path) -> list[Path]:
+    """Remove the folders of per-file verdicts that earlier versions kept under ``cache`` (never read now: the
+    packed index replaced them); returns what was removed. A cache may always be dropped."""
+    removed = []
+    for child in cache.iterdir():
+        if _PER_FILE_FOLDER.match(child.name) and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    if removed:
+        log.info("%s: removed %d folder(s) of per-file verdicts of an earlier version: %s", cache, len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def _parse_index(raw: bytes, key: dict[str, Any]) -> dict[str, Verdict]:

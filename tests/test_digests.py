@@ -1,0 +1,140 @@
+"""The manifest's stat-keyed digest cache (medflow.data.digests): an unchanged file is not opened again, a
+changed one is re-hashed, a damaged cache is dropped, and the manifest CSV is the same bytes with or without it.
+
+Opens are counted by a real CPython audit hook (``sys.addaudithook``, event ``open``: every ``open()``,
+``io.open`` and ``os.open`` of this process and its threads, Pillow's and hashlib's reads included)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from medflow.config import Config, parse_config
+from medflow.data import digests, manifest
+from medflow.io import sha256_file, write_json
+from tasks.manifest import run
+
+_WATCHED: list[tuple[str, list[str]]] = []
+_HOOKED: list[bool] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event != "open" or not _WATCHED or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path = os.path.realpath(os.fsdecode(args[0]))
+    for root, seen in _WATCHED:
+        if path.startswith(root):
+            seen.append(path)
+
+
+@contextlib.contextmanager
+def opened_under(root: Path) -> Iterator[list[str]]:
+    """The files under ``root`` this process opens inside the block (an audit hook, installed once)."""
+    if not _HOOKED:
+        sys.addaudithook(_audit)  # cannot be removed: it does nothing outside this block
+        _HOOKED.append(True)
+    seen: list[str] = []
+    _WATCHED.append((os.path.realpath(root) + os.sep, seen))
+    try:
+        yield seen
+    finally:
+        _WATCHED.pop()
+
+
+def _cfg() -> Config:
+    return parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 0, "PNEUMONIA": 1}, "group_rule": "kermany"}})
+
+
+def _dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """A root of 5 images (PNG and JPEG, two classes) and a text file behind an image name, all modified an
+    hour ago (older than the racy window), and its roots.json."""
+    root = tmp_path / "root"
+    for i, name in enumerate(["NORMAL/IM-0001-0001.jpeg", "NORMAL/IM-0002-0001.png", "PNEUMONIA/person1_virus_1.jpeg",
+                              "PNEUMONIA/person1_virus_2.png", "PNEUMONIA/person2_bacteria_3.jpeg"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), np.random.default_rng(i).integers(0, 255, (30 + i, 40), dtype=np.uint8))
+    (root / "NORMAL" / "IM-0003-0001.jpeg").write_text("text behind an image name")
+    past = time.time_ns() - 3600 * 10**9
+    for p in root.rglob("*.*"):
+        os.utime(p, ns=(past, past))
+    write_json(tmp_path / "roots.json", [{"root": str(root), "source": "test", "kind": "folder"}])
+    return root, tmp_path / "roots.json"
+
+
+def _manifest(tmp_path: Path, roots: Path, cache: Path | None, name: str) -> bytes:
+    run(_cfg(), roots_json=roots, out=tmp_path / name, cache=cache)
+    return (tmp_path / name).read_bytes()
+
+
+def test_a_second_run_opens_no_file_and_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, roots = _dataset(tmp_path)
+    cache = tmp_path / "cache"
+    without = _manifest(tmp_path, roots, None, "plain.csv")
+    monkeypatch.setattr(manifest, "CHUNK_ROWS", 4)  # two chunks: written one after the other, the same bytes
+    assert _manifest(tmp_path, roots, None, "chunked.csv") == without
+    with opened_under(root) as first_opens:
+        first = _manifest(tmp_path, roots, cache, "first.csv")
+    assert len(set(first_opens)) == 6  # the hook sees the reads: every file is opened once without a cache
+    with opened_under(root) as opens:
+        second = _manifest(tmp_path, roots, cache, "second.csv")
+    assert opens == []
+    assert first == second == without
+    with sqlite3.connect(cache / digests.FILE_NAME) as con:
+        assert con.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 6
+
+
+def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
+    """Same size, new content and mtime: re-hashed; a file modified just now is not cached (racy) at all."""
+    root, roots = _dataset(tmp_path)
+    cache = tmp_path / "cache"
+    _manifest(tmp_path, roots, cache, "first.csv")
+    changed = root / "PNEUMONIA" / "person1_virus_2.png"
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    old = changed.stat().st_mtime_ns
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(old + 5 * 10**9, old + 5 * 10**9))
+    fresh = root / "NORMAL" / "IM-0002-0001.png"
+    os.utime(fresh)  # modified now: inside the racy window
+    with opened_under(root) as opens:
+        second = _manifest(tmp_path, roots, cache, "second.csv")
+    assert set(opens) == {os.path.realpath(changed), os.path.realpath(fresh)}
+    assert sha256_file(changed).encode() in second
+    assert second == _manifest(tmp_path, roots, None, "plain.csv")
+    with opened_under(root) as opens:
+        _manifest(tmp_path, roots, cache, "third.csv")
+    assert set(opens) == {os.path.realpath(fresh)}  # still racy: read again, never trusted
+
+
+@pytest.mark.parametrize("damage", ["garbage", "bad_row", "other_key"])
+def test_a_damaged_cache_is_dropped_and_rebuilt(tmp_path: Path, damage: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    root, roots = _dataset(tmp_path)
+    cache = tmp_path / "cache"
+    first = _manifest(tmp_path, roots, cache, "first.csv")
+    db = cache / digests.FILE_NAME
+    if damage == "garbage":
+        db.write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            sql = ("UPDATE digests SET sha256 = 'not a digest'" if damage == "bad_row"
+                   else "UPDATE meta SET value = 'digests-0:0'")
+            con.execute(sql)
+            con.commit()
+    with opened_under(root) as opens:
+        second = _manifest(tmp_path, roots, cache, "second.csv")
+    assert len(set(opens)) == 6 and second == first
+    assert (damage == "other_key") != ("damaged digest cache" in caplog.text)
+    with opened_under(root) as opens:
+        _manifest(tmp_path, roots, cache, "third.csv")
+    assert opens == []  # rebuilt
