@@ -21,8 +21,9 @@ BIN = Path(sys.executable).parent  # this environment's `dvc` and `medflow`
 DVC = str(BIN / "dvc")
 
 
-def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None) -> None:
-    """Copy the pipeline into ``dest`` (a new git repository) building pneumonia alone, from its inbox only
+def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None,
+                  dataset: str = "pneumonia") -> None:
+    """Copy the pipeline into ``dest`` (a new git repository) building ``dataset`` alone, from its inbox only
     (``sources: []``), with edited params."""
     for name in FILES:
         src, dst = ROOT / name, dest / name
@@ -31,15 +32,16 @@ def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = la
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    entry = yaml.safe_load((dest / "datasets/pneumonia.yaml").read_text())
+    catalog = dest / "datasets" / f"{dataset}.yaml"
+    entry = yaml.safe_load(catalog.read_text())
     entry["dataset"]["sources"] = []  # the inbox only: nothing to download
-    (dest / "datasets/pneumonia.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
+    catalog.write_text(yaml.safe_dump(entry, sort_keys=False))
     for other in (dest / "datasets").glob("*.yaml"):
-        if other.stem != "pneumonia":
+        if other.stem != dataset:
             other.unlink()
     params = yaml.safe_load((dest / "params.yaml").read_text())
     shipped = yaml.safe_load((dest / "params.yaml").read_text())
-    params["datasets"] = ["pneumonia"]  # `dvc repro` builds this dataset only
+    params["datasets"] = [dataset]  # `dvc repro` builds this dataset only
     edit_params(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # an edited key that the catalog entry overrides takes the edited value there too (the entry would win)
@@ -48,7 +50,7 @@ def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = la
             for key in values:
                 if params.get(section, {}).get(key) != shipped.get(section, {}).get(key):
                     values[key] = params[section][key]
-    (dest / "datasets/pneumonia.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
+    catalog.write_text(yaml.safe_dump(entry, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
