@@ -75,3 +75,57 @@ def test_jax_data_parallel_two_host_devices(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "model-w" / "metadata.json").read_text())
     assert meta["placement"]["strategy"] == "data_parallel" and meta["placement"]["replicas"] == 2
     assert summary["loaded_jit_compile"] is True  # evaluate/predict on JAX: jitted despite the affine layers
+
+
+PLACE = """import json, jax
+from medflow.training.distribute import place
+p = place("data_parallel", "jax")
+print(json.dumps({"replicas": p.replicas, "chief": p.is_chief, "processes": jax.process_count()}))"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_jax_multi_host_two_local_processes_join_one_mesh(tmp_path: Path) -> None:
+    """What each host of a JAX cluster runs (README, "Training across machines"), as two processes on 127.0.0.1
+    with 2 CPU devices each: both join the coordinator and place data_parallel over all 4 devices."""
+    base = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}"}
+    procs = [subprocess.Popen([sys.executable, "-c", PLACE], cwd=ROOT, env={**base, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    summaries = [_summary(p) for p in procs]
+    assert summaries == [{"replicas": 4, "chief": True, "processes": 2},  # process 0 writes the model
+                         {"replicas": 4, "chief": False, "processes": 2}]
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1"}, "JAX_COORDINATOR_ADDRESS='10.0.0.1': expected host:port"),
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two': expected an integer >= 1"),
+    ({"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1': expected an integer >= 0"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 is not below JAX_NUM_PROCESSES=2"),
+])
+def test_jax_cluster_settings_are_checked_before_joining(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                         message: str) -> None:
+    from medflow.errors import StepError
+    from medflow.training.distribute import jax_cluster
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(StepError, match=message.replace("(", r"\(")):
+        jax_cluster()
+
+
+def test_jax_cluster_reads_the_three_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medflow.training.distribute import jax_cluster
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert jax_cluster() is None  # one host
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    assert jax_cluster() == ("10.0.0.1:1234", None, None)  # left to JAX's cluster detection (SLURM, MPI, ...)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert jax_cluster() == ("10.0.0.1:1234", 2, 1)

@@ -84,12 +84,50 @@ def _tf_placement(strategy: str) -> Placement:
     raise StepError(f"train.strategy: {strategy} is not available on the tensorflow backend")
 
 
+def _env_int(name: str, minimum: int) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise StepError(f"{name}={raw!r}: expected an integer >= {minimum}")
+    return value
+
+
+def jax_cluster() -> tuple[str, int | None, int | None] | None:
+    """JAX multi-host settings from the environment, or None when ``JAX_COORDINATOR_ADDRESS`` is unset.
+
+    ``JAX_COORDINATOR_ADDRESS`` is ``host:port`` of process 0 (it serves the coordinator there), the same on
+    every host; ``JAX_NUM_PROCESSES`` the number of processes and ``JAX_PROCESS_ID`` this one's rank
+    (0 .. n-1). Left unset, the two are detected by JAX on the clusters it knows (SLURM, Open MPI, ...).
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise StepError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port of process 0")
+    num, rank = _env_int("JAX_NUM_PROCESSES", 1), _env_int("JAX_PROCESS_ID", 0)
+    if num is not None and rank is not None and rank >= num:
+        raise StepError(f"JAX_PROCESS_ID={rank} is not below JAX_NUM_PROCESSES={num}")
+    return address, num, rank
+
+
 def _jax_placement(strategy: str) -> Placement:
     import jax
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
-        # Multi-host: every host runs the same command with its JAX_PROCESS_ID / JAX_NUM_PROCESSES.
-        jax.distributed.initialize()
+    cluster = jax_cluster()
+    if cluster and not jax.distributed.is_initialized():
+        # Multi-host: before any JAX computation, every process joins the coordinator; jax.devices() is then
+        # every process's devices, and DataParallel spans them all.
+        address, num, rank = cluster
+        try:
+            jax.distributed.initialize(address, num_processes=num, process_id=rank)
+        except (RuntimeError, ValueError) as e:
+            raise StepError(f"could not join the JAX cluster at JAX_COORDINATOR_ADDRESS={address} ({e})") from None
     devices = jax.devices()
     if strategy == "auto":
         strategy = "data_parallel" if len(devices) > 1 else "one_device"
