@@ -8,13 +8,11 @@ run after ``dvc repro`` recomputes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +25,7 @@ from typing import Any
 import yaml
 
 from medflow.cli import noisy_logs
+from medflow.procs import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines: list[str] = []
     assert proc.stdout is not None
-    watchdog = None if timeout_s is None else threading.Timer(timeout_s, _kill_group, (proc,))
+    watchdog = None if timeout_s is None else threading.Timer(timeout_s, kill_group, (proc,))
     if watchdog is not None:
         watchdog.start()
     try:
@@ -249,15 +248,10 @@ def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
         if watchdog is not None:
             watchdog.cancel()
         if proc.poll() is None:  # interrupted (cancellation, Prefect timeout): take the stage down with us
-            _kill_group(proc)
+            kill_group(proc)
     if code < 0 and timeout_s is not None:
         lines.append(f"ERROR: killed after the {timeout_s:g} s timeout\n")
     return code, "".join(lines)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def repro_stage(project: Path, stage: str, *, stale: bool = False, on_line: Callable[[str], None] | None = None,

@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from conftest import shared_dataset
 from test_flows import assert_dvc_clean, make_project, real_images
 from ui_browser import NO_API, chromium, ui_text
 
+from medflow import procs
 from medflow.lifecycle import registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,21 +49,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _wait_for(check: Any, timeout: float, what: str, logs: list[Path]) -> Any:
@@ -103,13 +88,13 @@ class Server:
                                  timeout=10)
         self.logs = [tmp / "server.log", tmp / "serve.log"]
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}  # as a user starts it
-        self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, server_env, self.logs[0])]
+        self.procs = [procs.start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, server_env, self.logs[0])]
         _wait_for(lambda: httpx.get(f"{self.api}/health", timeout=5).status_code == 200, 180, "the server",
                   self.logs)
         ui = httpx.get(f"{self.origin}/ui-settings", timeout=10).json()
         assert ui["api_url"] == self.api, ui  # the UI calls this server, not port 4200
         assert ui["auth"] == "BASIC", ui  # and asks for the auth string
-        self.procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
+        self.procs.append(procs.start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
                                  self.logs[1]))
         self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
                                            self.logs)
@@ -136,7 +121,7 @@ class Server:
 
     def close(self) -> None:
         for proc in reversed(self.procs):
-            _stop(proc)
+            procs.stop(proc)
         self.http.close()
 
 
