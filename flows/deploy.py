@@ -11,6 +11,12 @@ Every dataset of params.yaml's ``datasets:`` gets both deployments, each runnabl
 of that, the dataset lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one
 dataset from overlapping. Runs of different datasets may overlap: they share no output.
 
+``medflow deploy --pool POOL`` registers the same deployments in a process work pool instead (created when
+missing); ``prefect worker start --pool POOL`` on any machine that has this checkout at the same path runs
+them there: each deployment's pull step sets the working directory to the checkout, and its job variables set
+``$MEDFLOW_SERVED_PROJECT`` to it. Serving again takes them back out of the pool (a deployment is run by the
+runner or by the pool's workers, never both).
+
 Every deployment is pinned to the checkout it was built from: its parameters hold the dataset only (no
 ``project_dir``, which is also dropped from the parameter schema the UI shows), and ``medflow serve`` sets
 ``$MEDFLOW_SERVED_PROJECT``, so a run asking for another ``project_dir`` (anyone who reaches the API can ask) fails
@@ -78,6 +84,52 @@ def _pinned(deployment: Any) -> Any:
     return deployment
 
 
+POOL_TYPE = "process"  # the work pool type whose workers run flow runs as processes on their own machine
+
+
+def deploy(project: Path, pool: str) -> list[str]:
+    """Register every deployment of ``project`` in the process work pool ``pool`` (created when it does not exist);
+    returns their names. A worker (``prefect worker start --pool POOL``) runs each flow run in the checkout's folder,
+    which must be at the same path on the worker's machine, pinned to it as ``medflow serve`` pins its runs."""
+    from prefect.runner.storage import LocalStorage
+
+    from flows.common import SERVED_PROJECT_ENV
+
+    project = Path(project).resolve()
+    _ensure_pool(pool)
+    names = []
+    for deployment in build_deployments(project):
+        file, _, function = deployment.entrypoint.rpartition(":")
+        deployment.entrypoint = f"{(Path.cwd() / file).resolve().relative_to(project)}:{function}"
+        deployment.storage = LocalStorage(str(project))  # pull step: set_working_directory (nothing copied)
+        deployment.job_variables = {"env": {SERVED_PROJECT_ENV: str(project)}}
+        deployment.apply(work_pool_name=pool)
+        names.append(f"{deployment.flow_name}/{deployment.name}")
+    log.info("deployed to work pool %r: %s; run them with `prefect worker start --pool %s` in %s", pool,
+             ", ".join(names), pool, project)
+    return names
+
+
+def _ensure_pool(pool: str) -> None:
+    """The work pool ``pool`` exists and is a process pool: created as one when missing, else ConfigError."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from medflow.config import ConfigError
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type=POOL_TYPE))
+            log.info("created the %s work pool %r", POOL_TYPE, pool)
+            return
+    if found.type != POOL_TYPE:
+        raise ConfigError(f"work pool {pool!r} is a {found.type!r} pool; medflow deploys to a {POOL_TYPE!r} pool "
+                          f"(prefect work-pool create NAME --type {POOL_TYPE})")
+
+
 def serve(project: Path, limit: int | None = None) -> None:
     """Serve every deployment of ``project`` until interrupted (runs execute in this process's machine)."""
     from prefect import serve as prefect_serve
@@ -86,5 +138,8 @@ def serve(project: Path, limit: int | None = None) -> None:
 
     os.environ[SERVED_PROJECT_ENV] = str(Path(project).resolve())  # the runs' pin (flow runs inherit it)
     deployments = build_deployments(project)
+    for deployment in deployments:  # out of any work pool `medflow deploy` put them in: this runner runs them
+        deployment.work_pool_name = deployment.work_queue_name = None
+        deployment.job_variables = {}
     log.info("serving %s", ", ".join(d.name for d in deployments))
     prefect_serve(*deployments, limit=limit)
