@@ -90,7 +90,9 @@ POOL_TYPE = "process"  # the work pool type whose workers run flow runs as proce
 def deploy(project: Path, pool: str) -> list[str]:
     """Register every deployment of ``project`` in the process work pool ``pool`` (created when it does not exist);
     returns their names. A worker (``prefect worker start --pool POOL``) runs each flow run in the checkout's folder,
-    which must be at the same path on the worker's machine, pinned to it as ``medflow serve`` pins its runs."""
+    which must be at the same path on the worker's machine, pinned to it as ``medflow serve`` pins its runs. The
+    flow code is the checkout's ``flows/`` (by its path in the checkout), or where the checkout has none, the one
+    :func:`medflow.cli.load_project_module` found (by its absolute path: the same path on workers too)."""
     from prefect.runner.storage import LocalStorage
 
     from flows.common import SERVED_PROJECT_ENV
@@ -99,8 +101,9 @@ def deploy(project: Path, pool: str) -> list[str]:
     _ensure_pool(pool)
     names = []
     for deployment in build_deployments(project):
-        file, _, function = deployment.entrypoint.rpartition(":")
-        deployment.entrypoint = f"{(Path.cwd() / file).resolve().relative_to(project)}:{function}"
+        file, _, function = deployment.entrypoint.rpartition(":")  # relative to the working directory
+        code = (Path.cwd() / file).resolve()  # the checkout's flows/, else the code checkout's (as serve loads them)
+        deployment.entrypoint = f"{code.relative_to(project) if code.is_relative_to(project) else code}:{function}"
         deployment.storage = LocalStorage(str(project))  # pull step: set_working_directory (nothing copied)
         deployment.job_variables = {"env": {SERVED_PROJECT_ENV: str(project)}}
         deployment.apply(work_pool_name=pool)
