@@ -144,5 +144,26 @@ def serve(project: Path, limit: int | None = None) -> None:
     for deployment in deployments:  # out of any work pool `medflow deploy` put them in: this runner runs them
         deployment.work_pool_name = deployment.work_queue_name = None
         deployment.job_variables = {}
+    _reclaim(deployments)
     log.info("serving %s", ", ".join(d.name for d in deployments))
     prefect_serve(*deployments, limit=limit)
+
+
+def _reclaim(deployments: list[Any]) -> None:
+    """Give deployments that ``medflow deploy`` registered in a work pool their code path back.
+
+    Prefect's update of an existing deployment (what serving it does) leaves its ``path`` alone, and a pool's
+    deployment has none (its pull step sets the folder): the runner's flow runs would look for their flow in
+    ``<checkout>/None``."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                found = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+            except ObjectNotFound:
+                continue
+            if found.path != deployment._path:
+                client.update_deployment(found.id, DeploymentUpdate(path=deployment._path))

@@ -84,7 +84,7 @@ class Postgres:
 
     def _wait(self, bindir: Path, as_user: list[str], env: dict[str, str], log: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        ready = [*as_user, str(bindir / "pg_isready"), "-q", "-h", str(self.dir), "-p", str(self.port)]
+        ready = [*as_user, str(bindir / "pg_isready"), "-q", "-h", str(self.dir), "-p", str(self.port), "-U", self.user]
         while subprocess.run(ready, env=env, timeout=timeout_s).returncode != 0:
             assert self.proc is not None
             if self.proc.poll() is not None or time.monotonic() > deadline:

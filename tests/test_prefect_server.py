@@ -127,7 +127,7 @@ class Server:
         procs.stop(self.procs[1])
         self.procs.append(procs.start([str(BIN / "medflow"), "serve", "--project", str(self.project)], self.project,
                                       self.env, self.logs[2]))
-        _wait_for(lambda: all(self.http.get(f"{self.api}/deployments/{i}").json()["work_pool_name"] is None
+        _wait_for(lambda: all(_served(self.http.get(f"{self.api}/deployments/{i}").json())
                               for i in self.deployment.values()), 180, "medflow serve to take the deployments",
                   self.logs)
 
@@ -158,6 +158,11 @@ class Server:
             self.http.close()
             if self.pg is not None:
                 self.pg.close()
+
+
+def _served(deployment: dict[str, Any]) -> bool:
+    """Out of the pool, with no pull step, and with the code path the runner's flow runs load from again."""
+    return deployment["work_pool_name"] is None and not deployment["pull_steps"] and deployment["path"] is not None
 
 
 def _database(server: Server) -> list[str]:
