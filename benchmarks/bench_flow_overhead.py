@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from typing import Any
 import httpx
 from bench_orchestration import _project, only_download_ran
 from dvc_project import BIN, DVC, ROOT, best_time
+
+from medflow import procs
 
 
 def _free_port() -> int:
@@ -77,21 +78,6 @@ def _served_run(project: Path, env: dict[str, str], api: str) -> tuple[float, fl
     return wall, (start - created).total_seconds(), (end - start).total_seconds(), str(flow_run["state_name"])
 
 
-def _start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray")
@@ -124,12 +110,12 @@ def main() -> None:
                    PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
         if args.poll is not None:
             env["PREFECT_RUNNER_POLL_FREQUENCY"] = f"{args.poll:g}"
-        procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], Path(tmp), env,
+        servers = [procs.start([str(BIN / "medflow"), "server", "--port", str(port)], Path(tmp), env,
                         Path(tmp) / "server.log")]
         env["PREFECT_API_URL"] = api
         try:
             _wait(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 300, "the server")
-            procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, env,
+            servers.append(procs.start([str(BIN / "medflow"), "serve", "--project", str(project)], project, env,
                                 Path(tmp) / "serve.log"))
             _wait(lambda: httpx.get(f"{api}/deployments/name/medflow/train-pneumonia", timeout=5).status_code
                   == 200, 300, "the deployments")
@@ -143,8 +129,8 @@ def main() -> None:
                     *served[-1]), flush=True)
             dvc_noop = best_time([DVC, "repro"], project, args.repeat, check=only_download_ran)
         finally:
-            for proc in reversed(procs):
-                _stop(proc)
+            for proc in reversed(servers):
+                procs.stop(proc, timeout_s=30)
     best = min(served)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.images} "
           f"images, 64 px, tutorial_cnn 3 epochs")

@@ -11,6 +11,12 @@ Every dataset of params.yaml's ``datasets:`` gets both deployments, each runnabl
 of that, the dataset lock (``medflow.lifecycle.retrain.dataset_lock``) keeps train and retrain runs of one
 dataset from overlapping. Runs of different datasets may overlap: they share no output.
 
+``medflow deploy --pool POOL`` registers the same deployments in a process work pool instead (created when
+missing); ``prefect worker start --pool POOL`` on any machine that has this checkout at the same path runs
+them there: each deployment's pull step sets the working directory to the checkout, and its job variables set
+``$MEDFLOW_SERVED_PROJECT`` to it. Serving again takes them back out of the pool (a deployment is run by the
+runner or by the pool's workers, never both).
+
 Every deployment is pinned to the checkout it was built from: its parameters hold the dataset only (no
 ``project_dir``, which is also dropped from the parameter schema the UI shows), and ``medflow serve`` sets
 ``$MEDFLOW_SERVED_PROJECT``, so a run asking for another ``project_dir`` (anyone who reaches the API can ask) fails
@@ -89,6 +95,55 @@ def poll_seconds() -> float | None:
     return None if os.environ.get(POLL_ENV) else RUNNER_POLL_S
 
 
+POOL_TYPE = "process"  # the work pool type whose workers run flow runs as processes on their own machine
+
+
+def deploy(project: Path, pool: str) -> list[str]:
+    """Register every deployment of ``project`` in the process work pool ``pool`` (created when it does not exist);
+    returns their names. A worker (``prefect worker start --pool POOL``) runs each flow run in the checkout's folder,
+    which must be at the same path on the worker's machine, pinned to it as ``medflow serve`` pins its runs. The
+    flow code is the checkout's ``flows/`` (by its path in the checkout), or where the checkout has none, the one
+    :func:`medflow.cli.load_project_module` found (by its absolute path: the same path on workers too)."""
+    from prefect.runner.storage import LocalStorage
+
+    from flows.common import SERVED_PROJECT_ENV
+
+    project = Path(project).resolve()
+    _ensure_pool(pool)
+    names = []
+    for deployment in build_deployments(project):
+        file, _, function = deployment.entrypoint.rpartition(":")  # relative to the working directory
+        code = (Path.cwd() / file).resolve()  # the checkout's flows/, else the code checkout's (as serve loads them)
+        deployment.entrypoint = f"{code.relative_to(project) if code.is_relative_to(project) else code}:{function}"
+        deployment.storage = LocalStorage(str(project))  # pull step: set_working_directory (nothing copied)
+        deployment.job_variables = {"env": {SERVED_PROJECT_ENV: str(project)}}
+        deployment.apply(work_pool_name=pool)
+        names.append(f"{deployment.flow_name}/{deployment.name}")
+    log.info("deployed to work pool %r: %s; run them with `prefect worker start --pool %s` in %s", pool,
+             ", ".join(names), pool, project)
+    return names
+
+
+def _ensure_pool(pool: str) -> None:
+    """The work pool ``pool`` exists and is a process pool: created as one when missing, else ConfigError."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from medflow.config import ConfigError
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type=POOL_TYPE))
+            log.info("created the %s work pool %r", POOL_TYPE, pool)
+            return
+    if found.type != POOL_TYPE:
+        raise ConfigError(f"work pool {pool!r} is a {found.type!r} pool; medflow deploys to a {POOL_TYPE!r} pool "
+                          f"(prefect work-pool create NAME --type {POOL_TYPE})")
+
+
 def serve(project: Path, limit: int | None = None) -> None:
     """Serve every deployment of ``project`` until interrupted (runs execute in this process's machine)."""
     from prefect import serve as prefect_serve
@@ -97,5 +152,29 @@ def serve(project: Path, limit: int | None = None) -> None:
 
     os.environ[SERVED_PROJECT_ENV] = str(Path(project).resolve())  # the runs' pin (flow runs inherit it)
     deployments = build_deployments(project)
+    for deployment in deployments:  # out of any work pool `medflow deploy` put them in: this runner runs them
+        deployment.work_pool_name = deployment.work_queue_name = None
+        deployment.job_variables = {}
+    _reclaim(deployments)
     log.info("serving %s", ", ".join(d.name for d in deployments))
     prefect_serve(*deployments, limit=limit, query_seconds=poll_seconds())
+
+
+def _reclaim(deployments: list[Any]) -> None:
+    """Give deployments that ``medflow deploy`` registered in a work pool their code path back.
+
+    Prefect's update of an existing deployment (what serving it does) leaves its ``path`` alone, and a pool's
+    deployment has none (its pull step sets the folder): the runner's flow runs would look for their flow in
+    ``<checkout>/None``."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                found = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+            except ObjectNotFound:
+                continue
+            if found.path != deployment._path:
+                client.update_deployment(found.id, DeploymentUpdate(path=deployment._path))

@@ -10,13 +10,11 @@ change`` lines), so each stage still has its own Prefect task, log, timing and f
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +27,7 @@ from typing import Any
 import yaml
 
 from medflow.cli import noisy_logs
+from medflow.procs import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines: list[str] = []
     assert proc.stdout is not None
-    watchdog = None if timeout_s is None else threading.Timer(timeout_s, _kill_group, (proc,))
+    watchdog = None if timeout_s is None else threading.Timer(timeout_s, kill_group, (proc,))
     if watchdog is not None:
         watchdog.start()
     try:
@@ -196,15 +195,10 @@ def dvc(project: Path, *args: str, on_line: Callable[[str], None] | None = None,
         if watchdog is not None:
             watchdog.cancel()
         if proc.poll() is None:  # interrupted (cancellation, Prefect timeout): take the stage down with us
-            _kill_group(proc)
+            kill_group(proc)
     if code < 0 and timeout_s is not None:
         lines.append(f"ERROR: killed after the {timeout_s:g} s timeout\n")
     return code, "".join(lines)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def repro_stage(project: Path, stage: str, *, always_changed: bool = False,
@@ -254,7 +248,7 @@ class Repro:
     def close(self) -> None:
         """Kill the DVC process group if it is still running."""
         if self._proc is not None and self._proc.poll() is None:
-            _kill_group(self._proc)
+            kill_group(self._proc)
             self._proc.wait()
         self._proc = None
 
@@ -282,7 +276,7 @@ class Repro:
         proc = self._proc
         assert proc is not None
         self._pending.pop(0)
-        watchdog = None if timeout_s is None else threading.Timer(timeout_s, _kill_group, (proc,))
+        watchdog = None if timeout_s is None else threading.Timer(timeout_s, kill_group, (proc,))
         if watchdog is not None:
             watchdog.start()
         try:

@@ -331,12 +331,26 @@ AUTH_HELP = ("file holding the Prefect API's basic-auth string, one line 'user:p
 
 
 def _add_orchestration(sub: Any) -> None:
-    p = sub.add_parser("server", help="start a local Prefect server (SQLite in $PREFECT_HOME, default .prefect/)")
+    p = sub.add_parser("server", help="start a local Prefect server (SQLite in $PREFECT_HOME, default .prefect/, or "
+                                      "PostgreSQL: --database-url)")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default: 127.0.0.1); any other needs an auth string (see SECURITY.md)")
     p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
     p.add_argument("--auth-string-file", type=Path, metavar="FILE",
                    help=AUTH_HELP + "server.api.auth_string or api.auth_string setting")
+    p.add_argument("--database-url", metavar="URL",
+                   help="the server's database instead of SQLite: postgresql://USER@HOST:PORT/DB (no password in it; "
+                        "default: Prefect's server.database settings, PREFECT_SERVER_DATABASE_CONNECTION_URL)")
+    p.add_argument("--database-password-file", type=Path, metavar="FILE",
+                   help="file holding the database user's password (one line); default: Prefect's "
+                        "PREFECT_SERVER_DATABASE_PASSWORD, else PostgreSQL's ~/.pgpass")
+    p = sub.add_parser("deploy", help="register the train-<ds> and retrain-<ds> deployments of this checkout in a "
+                                      "process work pool, for `prefect worker start --pool POOL` to run")
+    p.add_argument("--pool", required=True, metavar="POOL",
+                   help="the work pool (created as a process pool when it does not exist)")
+    p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
+    p.add_argument("--auth-string-file", type=Path, metavar="FILE",
+                   help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
     p = sub.add_parser("serve", help="serve the train-<ds> and retrain-<ds> deployments of this checkout")
     p.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--auth-string-file", type=Path, metavar="FILE",
@@ -438,6 +452,54 @@ def prepare_server(host: str, port: int, auth_file: Path | None) -> None:
                 host)
 
 
+DATABASE_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+DRIVERS = {"postgresql": "postgresql+asyncpg", "postgresql+asyncpg": "postgresql+asyncpg",
+           "sqlite": "sqlite+aiosqlite", "sqlite+aiosqlite": "sqlite+aiosqlite"}  # Prefect's async drivers
+
+
+def prepare_database(url: str | None, password_file: Path | None) -> None:
+    """Point the server at ``url`` (PostgreSQL through asyncpg; ``postgresql://`` is taken as such), the password
+    read from ``password_file``; both go to Prefect's server.database settings through the environment only.
+
+    A URL holding a password is refused (it would be on the command line, in ``ps``). With neither argument,
+    Prefect's own settings apply (SQLite in $PREFECT_HOME by default).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if url is None:
+        if password_file is not None:
+            os.environ["PREFECT_SERVER_DATABASE_PASSWORD"] = _read_password(password_file)
+        return
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--database-url {url!r}: not a database URL (postgresql://USER@HOST:PORT/DB)") from None
+    if parsed.drivername not in DRIVERS:
+        raise ConfigError(f"--database-url: {parsed.drivername!r} is not a database Prefect supports: "
+                          "postgresql://USER@HOST:PORT/DB, or sqlite:///PATH")
+    if parsed.password is not None:
+        raise ConfigError("--database-url: the URL holds a password, which would show on the command line: put it in "
+                          "a file (--database-password-file FILE) or PREFECT_SERVER_DATABASE_PASSWORD, or ~/.pgpass")
+    parsed = parsed.set(drivername=DRIVERS[parsed.drivername])
+    if password_file is not None:
+        parsed = parsed.set(password=_read_password(password_file))
+    os.environ[DATABASE_URL_ENV] = parsed.render_as_string(hide_password=False)
+
+
+def _read_password(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the database password file ({e})") from None
+    if not text or "\n" in text:
+        raise ConfigError(f"{path}: not a password file: one non-empty line expected")
+    if mode & 0o077:
+        log.warning("%s: the database password file is readable by other users (chmod 600 it)", path)
+    return text
+
+
 NOISY_LOGS_ENV = "MEDFLOW_NOISY_LOGS"  # keeps the log lines quiet by default (README, "Logs")
 HTTP_LOGGERS = ("httpx", "httpcore")  # one INFO line per API request: most of a runner's output
 
@@ -464,6 +526,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
     auth_file = _auth_file(args)
     if args.step == "server":
         prepare_server(args.host, args.port, auth_file)
+        prepare_database(args.database_url, args.database_password_file)
         exe = Path(sys.executable).parent / "prefect"
         os.execv(str(exe), [str(exe), "server", "start", "--host", args.host, "--port", str(args.port)])
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
@@ -472,6 +535,9 @@ def _orchestrate(args: argparse.Namespace) -> int:
     _preflight(args.project / DEFAULT_PARAMS)  # names checked before any DVC call resolves dvc.yaml with them
     if args.step == "serve":
         load_project_module("flows.deploy", args.project).serve(args.project)
+        return 0
+    if args.step == "deploy":
+        load_project_module("flows.deploy", args.project).deploy(args.project, args.pool)
         return 0
     emit_data_landed = load_project_module("flows.events", args.project).emit_data_landed
     stages = load_project_module("flows.stages", args.project)
@@ -531,6 +597,7 @@ def _entry(step: str) -> Callable[..., Any]:
 
 
 DAEMONS = ("server", "serve", "watch")  # long-lived services: they outlive the shell that started them
+ORCHESTRATION = (*DAEMONS, "deploy")  # the commands that talk to a Prefect server
 
 
 def _die_with_parent(step: str) -> None:
@@ -603,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medflow preflight: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.step in DAEMONS:
+    if args.step in ORCHESTRATION:
         quiet_http(args.verbose)
         try:
             return _orchestrate(args)

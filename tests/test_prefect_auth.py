@@ -2,7 +2,8 @@
 
 - A served deployment is pinned to its checkout: a run asking for another ``project_dir`` is refused before
   anything of that folder is read or run (the flow functions in-process; no server).
-- ``medflow server`` refuses a non-loopback ``--host`` without an auth string, and limits CORS to the UI.
+- ``medflow server`` refuses a non-loopback ``--host`` without an auth string, and limits CORS to the UI; its
+  ``--database-url`` takes no password (``--database-password-file`` does).
 - The real server with an auth string file (401 without it, the UI asks for it, another site's preflight
   refused, the secret on no command line or log) is checked in tests/test_prefect_server.py, whose one
   server, runner and watcher all run with it.
@@ -21,7 +22,7 @@ import pytest
 from conftest import ROOT, copy_shipped
 
 from flows.common import SERVED_PROJECT_ENV, project_root
-from medflow.cli import CORS_ENV, prepare_server
+from medflow.cli import CORS_ENV, DATABASE_URL_ENV, prepare_database, prepare_server
 from medflow.errors import ConfigError, StepError
 
 BIN = Path(sys.executable).parent
@@ -108,3 +109,28 @@ def test_server_refuses_an_open_host_without_auth(tmp_path: Path, monkeypatch: p
     prepare_server("192.0.2.7", 4300, None)
     assert os.environ["PREFECT_SERVER_API_AUTH_STRING"] == SECRET
     assert os.environ[CORS_ENV[0]] == "http://192.0.2.7:4300"
+
+
+def test_server_database_url_and_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``medflow server --database-url``: PostgreSQL through asyncpg, the password from a file into Prefect's own
+    setting (environment only); a URL with a password in it (it would show in ``ps``) or another database refused."""
+    from prefect.settings import Settings
+
+    _clean_env(monkeypatch, tmp_path / "home")
+    for name in (DATABASE_URL_ENV, "PREFECT_SERVER_DATABASE_PASSWORD", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(name, raising=False)
+    password = tmp_path / "db_password"
+    password.write_text("s3cr#t/pw\n")
+    password.chmod(0o600)
+    prepare_database("postgresql://prefect@db.example:5433/prefect", password)
+    url = Settings().server.database.connection_url
+    assert url is not None and url.get_secret_value() == "postgresql+asyncpg://prefect:s3cr%23t%2Fpw@db.example:5433/prefect"
+    with pytest.raises(ConfigError, match="the URL holds a password, which would show on the command line"):
+        prepare_database("postgresql+asyncpg://prefect:pw@db.example/prefect", None)
+    with pytest.raises(ConfigError, match="'mysql' is not a database Prefect supports"):
+        prepare_database("mysql://prefect@db.example/prefect", None)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'absent'}: cannot read the database password")):
+        prepare_database("postgresql://prefect@db.example/prefect", tmp_path / "absent")
+    password.write_text("\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{password}: not a password file")):
+        prepare_database("postgresql://prefect@db.example/prefect", password)

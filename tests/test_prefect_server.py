@@ -1,14 +1,17 @@
-"""End to end against a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME, SQLite, a free port).
+"""End to end against a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME, a free port) on PostgreSQL.
 
-Starts ``medflow server`` and ``medflow serve`` in a fresh project with real Kermany images in its inbox,
-with an auth string file (issue 18): the API answers 401 without it, another site's preflight is refused
-and the UI's own origin allowed, and the secret is on no command line or log. Then: the train and retrain
-deployments of all four catalog datasets are served;
-``prefect deployment run medflow/train-pneumonia --watch`` completes, the model is champion and
-``dvc status`` and ``git status`` are clean; a retrain run completes; on newly landed images, ``medflow watch
---dataset pneumonia --once`` emits a data-landed event that starts a retrain run by itself while a manual
-trigger starts another: exactly one challenger is trained and the outputs stay intact. The server and the
-runner are always shut down.
+PostgreSQL (Debian's, tests/postgres.py) starts on a free loopback port in a temporary folder, and ``medflow
+server --database-url ... --database-password-file ...`` on it (SQLite stays covered by tests/test_flows.py's
+Prefect test server), in a fresh project with real Kermany images in its inbox, with an auth string file
+(issue 18): the API answers 401 without it, another site's preflight is refused and the UI's own origin
+allowed, and the secret is on no command line or log. ``medflow deploy --pool`` registers the train and
+retrain deployments of all four catalog datasets in a process work pool, and ``prefect worker start`` runs
+``prefect deployment run medflow/train-pneumonia --watch`` (the run is the pool's, in PostgreSQL): it
+completes, the model is champion and ``dvc status`` and ``git status`` are clean. Then ``medflow serve`` takes
+the deployments back from the pool: on newly landed images, ``medflow watch --dataset pneumonia --once`` emits
+a data-landed event that starts a retrain run by itself while a manual trigger starts another: exactly one
+challenger is trained and the outputs stay intact. PostgreSQL, the server, the worker and the runner are always
+shut down.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -30,9 +33,11 @@ from typing import Any
 import httpx
 import pytest
 from conftest import shared_dataset
+from postgres import Postgres, pg_bin
 from test_flows import assert_dvc_clean, make_project, real_images
 from ui_browser import NO_API, chromium, ui_text
 
+from medflow import procs
 from medflow.lifecycle import registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,27 +48,15 @@ AUTH_ENV = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "MEDFLO
             "PREFECT_API_KEY", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS")
 EVIL = "https://evil.example"
 DATASETS = ("pneumonia", "malaria", "melanoma", "covid_ct")  # the shipped catalog: each gets both deployments
+DEPLOYMENTS = tuple(name for ds in DATASETS for name in (f"medflow/train-{ds}", f"medflow-retrain/retrain-{ds}"))
+POOL = "medflow"  # the process work pool `medflow deploy` creates
+DB_ENV = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")  # the caller's database settings: not this server's
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _wait_for(check: Any, timeout: float, what: str, logs: list[Path]) -> Any:
@@ -81,39 +74,62 @@ def _wait_for(check: Any, timeout: float, what: str, logs: list[Path]) -> Any:
 
 
 class Server:
-    """A running Prefect server + runner serving the project's deployments."""
+    """A Prefect server on PostgreSQL with the project's deployments: first in a process work pool run by a worker,
+    then served by ``medflow serve`` (:meth:`serve`). Every process started is stopped by :meth:`close`."""
 
     def __init__(self, tmp: Path, project: Path) -> None:
         port = _free_port()
+        self.tmp = tmp
         self.origin = f"http://127.0.0.1:{port}"
         self.api = f"{self.origin}/api"
         self.project = project
         self.secret = f"medflow:{secrets.token_urlsafe(18)}"
-        auth_file = tmp / "auth"
-        auth_file.write_text(self.secret + "\n")
-        auth_file.chmod(0o600)
+        self.auth_file = tmp / "auth"
+        self.auth_file.write_text(self.secret + "\n")
+        self.auth_file.chmod(0o600)
         # medflow server, serve and watch read the auth string file; the prefect CLI reads its own setting.
-        self.env = {**{k: v for k, v in os.environ.items() if k not in AUTH_ENV},
+        self.env = {**{k: v for k, v in os.environ.items() if k not in AUTH_ENV and not k.startswith(DB_ENV)},
                     "PREFECT_HOME": str(tmp / "prefect_home"), "PREFECT_API_URL": self.api,
-                    "MEDFLOW_AUTH_STRING_FILE": str(auth_file),
+                    "MEDFLOW_AUTH_STRING_FILE": str(self.auth_file),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
                     "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # the runner picks up a new run within 2 s, not 10
+                    "PREFECT_WORKER_QUERY_SECONDS": "2",  # and so does the worker
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.http = httpx.Client(headers={"Authorization": "Basic " + base64.b64encode(self.secret.encode()).decode()},
                                  timeout=10)
-        self.logs = [tmp / "server.log", tmp / "serve.log"]
+        self.logs = [tmp / "server.log", tmp / "worker.log", tmp / "serve.log"]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pg: Postgres | None = None
+        self.deployment: dict[str, str] = {}
+
+    def start(self) -> None:
+        """PostgreSQL, ``medflow server`` on it, ``medflow deploy --pool`` and a process worker."""
+        server_args = _database(self)
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}  # as a user starts it
-        self.procs = [_start([str(BIN / "medflow"), "server", "--port", str(port)], tmp, server_env, self.logs[0])]
+        port = self.origin.rsplit(":", 1)[1]
+        self.procs.append(procs.start([str(BIN / "medflow"), "server", "--port", port, *server_args], self.tmp,
+                                      server_env, self.logs[0]))
         _wait_for(lambda: httpx.get(f"{self.api}/health", timeout=5).status_code == 200, 180, "the server",
                   self.logs)
         ui = httpx.get(f"{self.origin}/ui-settings", timeout=10).json()
         assert ui["api_url"] == self.api, ui  # the UI calls this server, not port 4200
         assert ui["auth"] == "BASIC", ui  # and asks for the auth string
-        self.procs.append(_start([str(BIN / "medflow"), "serve", "--project", str(project)], project, self.env,
-                                 self.logs[1]))
-        self.deployment = {name: _wait_for(lambda n=name: self._deployment_id(n), 180, f"deployment {name}",
-                                           self.logs)
-                           for ds in DATASETS for name in (f"medflow/train-{ds}", f"medflow-retrain/retrain-{ds}")}
+        deploy = subprocess.run([str(BIN / "medflow"), "deploy", "--pool", POOL, "--project", str(self.project)],
+                                cwd=self.project, env=self.env, capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        self.deployment = {name: self._deployment_id(name) or "" for name in DEPLOYMENTS}
+        assert all(self.deployment.values()), self.deployment
+        self.procs.append(procs.start([str(BIN / "prefect"), "worker", "start", "--pool", POOL], self.project,
+                                      {**self.env, "PREFECT_API_AUTH_STRING": self.secret}, self.logs[1]))
+
+    def serve(self) -> None:
+        """Stop the worker; ``medflow serve`` takes the deployments out of the pool and runs them itself."""
+        procs.stop(self.procs[1])
+        self.procs.append(procs.start([str(BIN / "medflow"), "serve", "--project", str(self.project)], self.project,
+                                      self.env, self.logs[2]))
+        _wait_for(lambda: all(_served(self.http.get(f"{self.api}/deployments/{i}").json())
+                              for i in self.deployment.values()), 180, "medflow serve to take the deployments",
+                  self.logs)
 
     def _deployment_id(self, name: str) -> str | None:
         r = self.http.get(f"{self.api}/deployments/name/{name}")
@@ -135,9 +151,34 @@ class Server:
         return [r for r in self.flow_runs(deployment) if not r.get("auto_scheduled")]
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            _stop(proc)
-        self.http.close()
+        try:
+            for proc in reversed(self.procs):
+                procs.stop(proc)
+        finally:
+            self.http.close()
+            if self.pg is not None:
+                self.pg.close()
+
+
+def _served(deployment: dict[str, Any]) -> bool:
+    """Out of the pool, with no pull step, and with the code path the runner's flow runs load from again."""
+    return deployment["work_pool_name"] is None and not deployment["pull_steps"] and deployment["path"] is not None
+
+
+def _database(server: Server) -> list[str]:
+    """``medflow server``'s database arguments: a fresh PostgreSQL (its password in a file), or none (SQLite)
+    where PostgreSQL is not installed: a failure in CI (scripts/test installs it), else a warning."""
+    if pg_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (scripts/test installs it)")
+        warnings.warn("PostgreSQL is not installed: the server runs on SQLite", stacklevel=2)
+        return []
+    server.pg = Postgres(server.tmp / "postgres.log")
+    server.logs.append(server.tmp / "postgres.log")
+    password = server.tmp / "db_password"
+    password.write_text(server.pg.password + "\n")
+    password.chmod(0o600)
+    return ["--database-url", server.pg.url, "--database-password-file", str(password)]
 
 
 @pytest.fixture
@@ -147,6 +188,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     real_images(project / "data/inbox/pneumonia/batch1", src, 0, {"NORMAL": 40, "PNEUMONIA": 80})
     srv = Server(tmp_path, project)
     try:
+        srv.start()
         yield srv
     finally:
         srv.close()
@@ -204,6 +246,17 @@ def _check_the_ui(server: Server, profile: Path) -> None:
     assert "train-pneumonia" in text and "retrain-covid_ct" in text, text[:2000]
 
 
+def _check_it_ran_on_the_pool(server: Server, output: str) -> None:
+    """The train run went through the process worker of the work pool, and the server keeps it in PostgreSQL."""
+    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert found is not None, output[-3000:]
+    run = server.http.get(f"{server.api}/flow_runs/{found.group(1)}").json()
+    assert run["work_pool_name"] == POOL, run
+    assert found.group(1) in server.logs[1].read_text(errors="replace")  # the worker's log: it submitted the run
+    if server.pg is not None:
+        assert server.pg.query(f"select state_name from flow_run where id = '{found.group(1)}'") == "Promoted"
+
+
 def test_deployments_end_to_end_on_a_real_server(server: Server, tmp_path: Path) -> None:
     project, models = server.project, server.project / "models/pneumonia"
     _check_the_api_is_closed(server)
@@ -211,10 +264,13 @@ def test_deployments_end_to_end_on_a_real_server(server: Server, tmp_path: Path)
     run = server.run_cli("deployment", "run", "medflow/train-pneumonia", "--watch", "--watch-timeout", "900")
     assert run.returncode == 0 and "finished successfully in 'Promoted'" in run.stdout, \
         run.stdout[-3000:] + run.stderr[-3000:]  # the state names the outcome
+    _check_it_ran_on_the_pool(server, run.stdout)
     first = registry.champion(models)
     assert first is not None
     assert (project / "reports/pneumonia/validation.json").exists()
     assert_dvc_clean(project)
+
+    server.serve()  # the same deployments, now served (medflow serve): the retrain runs go through the runner
 
     retrain = "medflow-retrain/retrain-pneumonia"  # (with nothing new it ends 'No new data': test_flows)
 
