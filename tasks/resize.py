@@ -147,12 +147,13 @@ def _fill(jobs: list[Job], shape: tuple[int, int, int, int], out: Path, cache: P
         workers = min(n_workers(workers), len(plan.todo))
         run_id = uuid.uuid4().hex
         try:
+            rows = store.rows_per_shard(nbytes)  # the one choice of the layout, passed to every decoder
             with decoding(plan.todo, size=shape[1], channels=shape[3], workers=workers, cache=str(cache),
-                          run_id=run_id, dask_address=dask_address) as results:
+                          run_id=run_id, shard_rows=rows, dask_address=dask_address) as results:
                 counts = _collect(results, expected=len(plan.todo))
             if counts.failed and not plan.hits and len(counts.failed) == len(plan.todo):
                 raise StepError(_all_failed(counts.failed))  # nothing is written
-            new = store.finish_shards(cache, counts.written, nbytes)
+            new = store.finish_shards(cache, plan.todo, counts.written, nbytes, run_id, rows)
         finally:
             store.remove_parts(cache, run_id)  # what a failed run decoded (none once the shards are named)
         entries = [plan.hits.get(row) or new.get(job.key) for row, job in enumerate(jobs)]

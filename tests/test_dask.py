@@ -18,7 +18,7 @@ from PIL import Image
 from medflow.config import Config, ConfigError, load_config, parse_config
 from medflow.errors import StepError
 from medflow.imaging import cluster, parallel, quality
-from medflow.io import open_images, read_store_index, sha256_file, write_csv
+from medflow.io import sha256_file, write_csv
 from medflow.schema import MANIFEST_COLUMNS
 from tasks import filter as filter_step
 from tasks import resize
@@ -110,9 +110,7 @@ def test_local_cluster_outputs_are_byte_identical_to_the_local_pool(
     assert local["resize"]["workers"] == 2
     for name in ("clean.csv", "rejects.csv", "filter.json", "resize_rejects.csv"):
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-    # the same rows, keys and pixels; how the new images are packed into shards follows which decoder took which
-    # chunk (as between two local runs), so the shard files are compared by what they hold
-    assert _rows(tmp_path / "dask" / "images") == _rows(tmp_path / "local" / "images")
+    assert _tree(tmp_path / "dask" / "images") == _tree(tmp_path / "local" / "images")  # index.json and shards/
     strip = {k: v for k, v in remote["resize"].items() if k not in TIMING}
     assert strip == {k: v for k, v in local["resize"].items() if k not in TIMING}
     assert (local["resize"]["decoded_on"], remote["resize"]["decoded_on"]) == ("local", "dask")
@@ -122,14 +120,12 @@ def test_local_cluster_outputs_are_byte_identical_to_the_local_pool(
     again = resize.run(_cfg(), clean=Path("dask/clean.csv"), out=Path("again"), stats=Path("again.json"),
                        cache=Path("dask/cache/resize"), rejects=Path("again_rejects.csv"))
     assert (again["decoded"], again["cached"]) == (0, len(files) - 2)  # the changed file alone is tried again
-    assert _rows(Path("again")) == _rows(tmp_path / "local" / "images")
+    assert _tree(Path("again")) == _tree(tmp_path / "local" / "images")
 
 
-def _rows(folder: Path) -> tuple[tuple[int, ...], list[str], list[bytes]]:
-    """A published image store as what it holds: its shape, each row's key, each row's bytes (zeros: none)."""
-    store = open_images(folder)
-    keys = read_store_index(folder)["keys"]
-    return tuple(store.shape), list(keys), [store[i].tobytes() for i in range(len(store))]
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (a published image store: index.json and shards/), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_address_from_the_param_else_dasks_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,14 +83,13 @@ def test_increment_adds_shards_and_leaves_old_ones_byte_identical(tmp_path: Path
     _, first = run_step(tmp_path, files[:-2], cfg)
     out, cache = tmp_path / "out" / "images", tmp_path / "cache"
     before, index_before = _digests(cache), (out / STORE_INDEX).read_bytes()
-    assert first["new_shards"] == len(before) == first["shards"] and 1 <= len(before) <= 2  # one per decoder
+    assert first["new_shards"] == len(before) == first["shards"] == 1  # 2 decoders, one shard (64 MB holds all)
     _, same = run_step(tmp_path, files[:-2], cfg)  # nothing new: not one byte changes, so DVC sees no change
     assert same["decoded"] == 0 and _digests(cache) == before and (out / STORE_INDEX).read_bytes() == index_before
     images, second = run_step(tmp_path, files, cfg)  # +2 images: decoded by threads, one new shard
     after = _digests(cache)
-    # one new shard per decoder thread that took one of the two images (which thread does is up to the OS)
-    assert second["decoded"] == 2 and second["new_shards"] in (1, 2)
-    assert {k: after[k] for k in before} == before and len(after) == len(before) + second["new_shards"]
+    assert (second["decoded"], second["new_shards"]) == (2, 1)  # two threads, one shard: the plan places images
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 1
     added = set(after) - set(before)
     assert sum((cache / STORE_SHARDS / n).stat().st_size for n in added) == 2 * 16 * 16  # the new images alone
     for name in after:  # the published copy: hard links of the store's shards, no byte copied
@@ -99,6 +98,23 @@ def test_increment_adds_shards_and_leaves_old_ones_byte_identical(tmp_path: Path
         assert np.array_equal(row, decode.load_resized(f, size=16, channels=1))
     _, fewer = run_step(tmp_path, files[-2:], cfg)  # the store owns its shards: unreferenced ones go
     assert fewer["decoded"] == 0 and set(_digests(cache)) == added == set(_digests(out))
+
+
+def test_the_shards_follow_the_plan_not_the_decoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three images per shard, one image undecodable: one decoder or three threads make the same files."""
+    monkeypatch.setattr(store, "SHARD_BYTES", 3 * 16 * 16)
+    files = image_set(tmp_path, 8)
+    clean = write_clean(tmp_path / "clean.csv", files)
+    files[4].write_bytes(b"not an image")  # changed after the filter: a hole in the second shard (zeros)
+    trees = []
+    for workers in (1, 3):
+        folder = tmp_path / f"w{workers}" / "images"
+        summary = resize.run(config_for(size=16, channels=1, workers=workers), clean=clean, out=folder,
+                             stats=tmp_path / f"w{workers}.json", cache=tmp_path / f"w{workers}" / "store")
+        assert (summary["decoded"], summary["rejected"], summary["shards"]) == (7, 1, 3)
+        trees.append({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()})
+    assert trees[0] == trees[1]
+    assert sorted(len(data) for name, data in trees[0].items() if name != STORE_INDEX) == [2 * 256] + [3 * 256] * 2
 
 
 _CRASHING_CALLER = """

@@ -1,12 +1,13 @@
-"""The chunked decode fan-out: images the store lacks decoded in parallel, each appended to a store part file.
+"""The chunked decode fan-out: images the store lacks decoded in parallel, each written into its slot of a part.
 
 Uncached images are decoded by ``resize.workers`` decoders (0 = all cores): this process and
 ``workers - 1`` worker processes, each single-threaded in OpenCV. The work goes out in row order, in
 chunks whose decoding cost (pixels) shrinks towards the end so that the decoders finish together
 (:func:`_chunks`); this process starts on the first chunk at once and then takes the next chunk in line
-whenever it is free (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder appends
-each resized image itself to its part file of the image store (:mod:`medflow.imaging.store`), once however
-many rows it fills, and hands back only where the bytes went (:class:`Written`): the pixels never cross a
+whenever it is free (:class:`_Shared`), while a worker process takes 10-15 ms to start. A decoder writes
+each resized image itself into its slot of a part file of the image store (the plan decides the slot, so the
+shards are the same however many decoders: :class:`medflow.imaging.store.SlotWriter`), once however many rows
+it fills, and hands back only where the bytes went (:class:`Written`): the pixels never cross a
 pipe. Workers are forked by the fork server of :mod:`medflow.imaging.workers`, which
 has preloaded this module, never from the caller, and they do not re-run the caller's main module.
 Nothing this module imports imports pandas or pydantic, so the server starts in about 0.4 s instead of
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -36,7 +36,7 @@ import cv2
 from medflow.errors import StepError
 from medflow.imaging import cluster
 from medflow.imaging.decode import decode_image, read_image
-from medflow.imaging.store import ShardAppender, Task
+from medflow.imaging.store import SlotWriter, Task
 from medflow.imaging.workers import main_hidden, mp_context, worker_started
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,11 @@ _CHUNKS_PER_WORKER = 4  # a chunk is at most 1/(this * workers) of the work left
 
 
 class Written(NamedTuple):
-    """One decoded image, appended to a part file of the image store."""
+    """One decoded image, written into its slot of a part file of the image store."""
 
     key: str  # its cache key
     reduced: bool  # a JPEG decoded at a reduced DCT scale
-    shard: str  # name of the part file its bytes were appended to, under shards/
+    shard: str  # name of the part file its bytes were written to, under shards/
     offset: int  # where in that file
 
 
@@ -72,11 +72,12 @@ Result = Written | Failed
 
 @contextlib.contextmanager
 def decoding(todo: list[Task], *, size: int, channels: int, workers: int, cache: str,
-             run_id: str, dask_address: str | None = None) -> Iterator[Iterator[Result]]:
+             run_id: str, shard_rows: int, dask_address: str | None = None) -> Iterator[Iterator[Result]]:
     """Start decoding ``todo`` into ``out`` at once; yield an iterator over the results as they finish
     (:class:`Written`, or :class:`Failed` for a file that cannot be decoded: one file never stops the run).
 
-    ``cache`` is the image store whose part files the decoders append to, under names with ``run_id``. Fewer than
+    ``cache`` is the image store whose part files the decoders write to, under names with ``run_id``,
+    ``shard_rows`` images to a part (:class:`medflow.imaging.store.SlotWriter`). Fewer than
     POOL_MIN_IMAGES images (new data landing, typically) are decoded by threads of this process:
     libjpeg-turbo, OpenCV and Pillow release the GIL while decoding, and processes would take longer to
     start. Otherwise ``workers - 1`` worker processes and this process decode (see :class:`_Shared`). On
@@ -87,13 +88,14 @@ def decoding(todo: list[Task], *, size: int, channels: int, workers: int, cache:
     address = cluster.scheduler_address(dask_address)
     if address is not None and todo:
         with cluster.connected(address) as client:
-            found = _on_cluster(client, todo, size=size, channels=channels, cache=cache, run_id=run_id)
+            found = _on_cluster(client, todo, size=size, channels=channels, cache=cache, run_id=run_id,
+                                shard_rows=shard_rows)
             try:
                 yield found
             finally:
                 found.close()  # cancels what is not done yet, before the client closes
         return
-    job = partial(_decode_chunk, size=size, channels=channels, cache=cache, run_id=run_id)
+    job = partial(_decode_chunk, size=size, channels=channels, cache=cache, run_id=run_id, shard_rows=shard_rows)
     chunks = _chunks(todo, max(1, workers), cost=_task_cost)
     in_process = workers <= 1 or len(todo) < POOL_MIN_IMAGES
     log.debug("decoding %d images in %d chunks: %d %s", len(todo), len(chunks), max(1, workers),
@@ -120,15 +122,18 @@ def decoding(todo: list[Task], *, size: int, channels: int, workers: int, cache:
     pool.shutdown(wait=False)
 
 
-def _decode_chunk(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str) -> list[Result]:
-    """Decoder body: decode a chunk of images and append each to this decoder's part file of the store.
+def _decode_chunk(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str,
+                  shard_rows: int) -> list[Result]:
+    """Decoder body: decode a chunk of images and write each into its slot of a part file of the store.
 
-    Only (key, shard, offset) is returned: the pixels never travel through a pipe. Each decoder (worker
-    process, or thread of this process) appends to a shard of its own (:class:`ShardAppender`). A file that
-    cannot be decoded is a :class:`Failed` result; a write error stops the chunk.
+    Only (key, part, offset) is returned: the pixels never travel through a pipe. Where an image goes follows
+    from its place in the plan (:class:`medflow.imaging.store.SlotWriter`), not from this decoder, so the
+    shards are the same whoever decodes. A file that cannot be decoded is a :class:`Failed` result; a write
+    error stops the chunk.
     """
     results: list[Result] = []
-    with ShardAppender(cache, run_id) as shard:
+    nbytes = size * size * channels
+    with SlotWriter(cache, run_id, shard_rows, nbytes) as slots:
         for task in tasks:
             job = task.job
             try:
@@ -137,19 +142,20 @@ def _decode_chunk(tasks: list[Task], *, size: int, channels: int, cache: str, ru
             except StepError as e:
                 results.append(Failed(job.key, str(e)))
                 continue
-            data = img.reshape(-1).data  # contiguous (size, size, channels) uint8: one flat buffer
-            results.append(Written(job.key, reduced, shard.name, shard.append(data)))
+            part, offset = slots.write(task.seq, img.reshape(-1).data)  # contiguous uint8: one flat buffer
+            results.append(Written(job.key, reduced, part, offset))
     return results
 
 
 def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, cache: str,
-                run_id: str) -> Generator[Result, None, None]:
+                run_id: str, shard_rows: int) -> Generator[Result, None, None]:
     """Decode ``todo`` on a Dask cluster: the local pool's chunks (sized for the cluster's threads) and decoder
     body (:func:`_decode_remote`), results in row order. Paths go out absolute; a failed file's message names
     it as the local pool's would (as clean.csv does), so the rejects are the same bytes too."""
     named = {task.job.key: (cluster.absolute(task.job.path), task.job.path) for task in todo}
     remote = [task._replace(job=task.job._replace(path=named[task.job.key][0])) for task in todo]
-    job = partial(_decode_remote, size=size, channels=channels, cache=cluster.absolute(cache), run_id=run_id)
+    job = partial(_decode_remote, size=size, channels=channels, cache=cluster.absolute(cache), run_id=run_id,
+                  shard_rows=shard_rows)
     chunks = _chunks(remote, cluster.slots(client), cost=_task_cost)
     log.debug("decoding %d images in %d chunks on the Dask cluster", len(todo), len(chunks))
     for results in cluster.results(client, job, chunks):
@@ -160,11 +166,12 @@ def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, c
             yield result
 
 
-def _decode_remote(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str) -> list[Result]:
-    """Decoder body on a Dask worker: :func:`_decode_chunk`, OpenCV single-threaded (one task per worker thread),
-    appending to a part file named for its host as well (process ids repeat across machines)."""
+def _decode_remote(tasks: list[Task], *, size: int, channels: int, cache: str, run_id: str,
+                   shard_rows: int) -> list[Result]:
+    """Decoder body on a Dask worker: :func:`_decode_chunk`, OpenCV single-threaded (one task per worker thread).
+    Its slots are the same as the local pool's (the plan decides them), disjoint from every other worker's."""
     cv2.setNumThreads(1)
-    return _decode_chunk(tasks, size=size, channels=channels, cache=cache, run_id=f"{run_id}-{socket.gethostname()}")
+    return _decode_chunk(tasks, size=size, channels=channels, cache=cache, run_id=run_id, shard_rows=shard_rows)
 
 
 def _worker_init() -> None:
@@ -181,7 +188,7 @@ def _chunks(todo: list[T], workers: int, cost: Callable[[T], float] = lambda _: 
     at the end make the workers finish together instead of one of them decoding a last big chunk while
     the others wait. Costs, not counts: the first rows of a dataset sorted by class may be the largest
     images. Row order (rather than, say, the biggest files first) makes a chunk consecutive rows, which
-    its worker appends to its part file in that order: a shard's slots follow its rows.
+    its worker writes into consecutive slots of a part file: a shard's slots follow its rows.
     """
     costs = [cost(item) for item in todo]
     left = sum(costs)

@@ -8,10 +8,11 @@ under the inode it hashed before (its state database), so it hashes and caches o
 
 Every resized image is known by the key ``sha256(image sha256, size, channels, RESIZE_VERSION)``
 (:func:`cache_key`). A run decodes only the rows whose key the store's index does not hold
-(:func:`plan_run`); each decoder (a worker process, or a thread) appends its images to a part file of its
-own (:class:`ShardAppender`), and once every result is in the run names each part after the keys it holds
+(:func:`plan_run`); the decoders (worker processes, threads, or a Dask cluster's workers) write each new
+image into its slot of a part file, the slot given by its place in the plan (:class:`SlotWriter`: 64 MB of
+images per part), and once every result is in the run names each part after the keys it holds
 (:func:`finish_shards`) and writes the new index atomically (:func:`write_index`). An increment thus adds
-a few new shards (one per decoder that had work) and a new index; old shards stay byte-identical.
+a few new shards (the same files however many decoders) and a new index; old shards stay byte-identical.
 
 Why a shard is named by the digest of its keys, not of its bytes: each key is already the content address
 of the pixels (the source file's digest, the output geometry and the preprocessing's version), so the list
@@ -36,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -81,10 +81,12 @@ class Job(NamedTuple):
 
 
 class Task(NamedTuple):
-    """One distinct image to decode, and the output rows it fills (several when files are identical)."""
+    """One distinct image to decode, the output rows it fills (several when files are identical), and its place
+    in the run's plan (``seq``), which alone decides its new shard and slot (:class:`SlotWriter`)."""
 
     job: Job
     rows: tuple[int, ...]
+    seq: int = 0
 
 
 class Plan(NamedTuple):
@@ -111,7 +113,7 @@ def plan_run(jobs: Sequence[Job], known: dict[str, Entry]) -> Plan:
             first.setdefault(job.key, job)
         else:
             hits[row] = entry
-    return Plan(hits, [Task(first[key], tuple(rows)) for key, rows in rows_of.items()])
+    return Plan(hits, [Task(first[key], tuple(rows), seq) for seq, (key, rows) in enumerate(rows_of.items())])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,60 +155,87 @@ def _file_size(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class ShardAppender:
-    """The part file of one decoder (a process or a thread) of one run, to append resized bytes to.
+SHARD_BYTES = 64 * 1024 * 1024  # a new shard holds at most this much: few files for DVC, small increments apart
 
-    A context manager that opens the file (created on first use) and closes it. Its name,
-    ``.part-<run>-<pid>-<thread>``, is unique to the decoder, so no two writers share a file and no lock is
-    needed. :meth:`append` returns where the bytes went; :func:`finish_shards` names the file once the run
-    has every result.
+
+def rows_per_shard(nbytes: int) -> int:
+    """How many images of ``nbytes`` bytes a new shard holds: :data:`SHARD_BYTES`' worth, at least one."""
+    return max(1, SHARD_BYTES // nbytes)
+
+
+def part_name(run_id: str, part: int) -> str:
+    """The file name of part ``part`` of run ``run_id`` while the run writes it (never read)."""
+    return f"{PART_PREFIX}{run_id}-{part:06d}"
+
+
+class SlotWriter:
+    """Where a decoder writes each new image: slot ``seq % rows`` of part ``seq // rows`` of the run.
+
+    The layout follows the plan alone (each image's ``seq``, its place among the run's new images), never which
+    decoder took which chunk: a run makes the same shard files with one decoder or many, threads, processes or
+    the machines of a Dask cluster. Decoders write disjoint slots of a part with ``pwrite`` (as they wrote
+    rows of one ``images.npy`` before the store), each opening a part once. A context manager: files are closed
+    on exit. :func:`finish_shards` names the parts once the run has every result.
     """
 
-    def __init__(self, store: str, run_id: str) -> None:
-        self.name = f"{PART_PREFIX}{run_id}-{os.getpid()}-{threading.get_ident()}"
-        self.path = os.path.join(store, STORE_SHARDS, self.name)
-        self._fd, self._offset = -1, 0
+    def __init__(self, store: str, run_id: str, rows: int, nbytes: int) -> None:
+        self.folder = os.path.join(store, STORE_SHARDS)
+        self.run_id, self.rows, self.nbytes = run_id, rows, nbytes
+        self._fds: dict[str, int] = {}
 
-    def __enter__(self) -> ShardAppender:
-        self._fd = open_fd(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "cannot write to the image store")
-        self._offset = os.fstat(self._fd).st_size
+    def __enter__(self) -> SlotWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-    def append(self, data: bytes | memoryview) -> int:
-        """Append ``data``; the offset in the part file at which it starts."""
-        offset = self._offset
+    def write(self, seq: int, data: bytes | memoryview) -> tuple[str, int]:
+        """Write the image of plan position ``seq``; (its part file's name, the offset it starts at)."""
+        part, slot = divmod(seq, self.rows)
+        name = part_name(self.run_id, part)
+        path = os.path.join(self.folder, name)
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = open_fd(path, os.O_WRONLY | os.O_CREAT, "cannot write to the image store")
+        offset = slot * self.nbytes
         try:
-            _write_all(self._fd, data)
+            _pwrite_all(fd, data, offset)
         except OSError as e:
-            raise StepError(f"{self.path}: cannot write to the image store: {e.strerror or e}") from e
-        self._offset += len(data)
-        return offset
+            raise StepError(f"{path}: cannot write to the image store: {e.strerror or e}") from e
+        return name, offset
 
 
-def finish_shards(store: Path, written: Iterable[tuple[str, str, int]], nbytes: int) -> dict[str, Entry]:
-    """Name each part file of this run after its keys: (key, part name, offset) -> key -> entry.
+def finish_shards(store: Path, todo: Sequence[Task], written: Iterable[tuple[str, str, int]], nbytes: int,
+                  run_id: str, rows: int) -> dict[str, Entry]:
+    """Name each part file of this run after its slots' keys: key -> entry of every image written.
 
-    A part holds its keys' rows back to back; it becomes ``shards/<sha256 of its keys>.bin`` (an existing
-    file of that name holds the same keys: it is replaced). StepError naming a part whose size is not its
-    rows' (a write that failed half-way).
+    Part ``p`` holds the ``rows`` slots of plan positions ``p * rows ...`` (:class:`SlotWriter`); a slot whose image
+    failed to decode stays zeros (no index entry points to it) and its key is marked in the name, so the
+    name says exactly what the file holds. A part becomes ``shards/<sha256 of its slots' keys>.bin``, sized to
+    all its slots; an existing file of that name holds the same bytes and is replaced. StepError naming a part
+    whose images are not where the decoders said or that is longer than its slots (a stray writer).
     """
-    parts: dict[str, list[tuple[int, str]]] = {}
-    for key, part, offset in written:
-        parts.setdefault(part, []).append((offset, key))
+    done = {key: (part, offset) for key, part, offset in written}
     entries: dict[str, Entry] = {}
-    for part, items in parts.items():
-        items.sort()
+    for first in range(0, len(todo), rows):
+        slots = todo[first:first + rows]
+        ok = [task.job.key in done for task in slots]
+        if not any(ok):
+            continue  # every image of the part failed: no file to keep (remove_parts drops it)
+        part = part_name(run_id, first // rows)
         path = store / STORE_SHARDS / part
-        if [o for o, _ in items] != [i * nbytes for i in range(len(items))] or \
-                _file_size(path) != len(items) * nbytes:
-            raise StepError(f"{path}: holds {_file_size(path)} bytes, not the {len(items)} images recorded")
-        keys = [k for _, k in items]
-        name = hashlib.sha256("\n".join(keys).encode()).hexdigest() + SHARD_SUFFIX
+        for slot, task in enumerate(slots):
+            if task.job.key in done and done[task.job.key] != (part, slot * nbytes):
+                raise StepError(f"{path}: image {task.job.path} is not in its slot {slot}")
+        if _file_size(path) > len(slots) * nbytes:
+            raise StepError(f"{path}: holds {_file_size(path)} bytes, more than its {len(slots)} images")
+        os.truncate(path, len(slots) * nbytes)  # trailing failed slots: zeros, like the others
+        label = "\n".join(task.job.key if kept else f"-{task.job.key}" for task, kept in zip(slots, ok, strict=True))
+        name = hashlib.sha256(label.encode()).hexdigest() + SHARD_SUFFIX
         os.replace(path, store / STORE_SHARDS / name)
-        entries.update((k, Entry(name, slot)) for slot, k in enumerate(keys))
+        entries.update((task.job.key, Entry(name, slot)) for slot, task in enumerate(slots) if task.job.key in done)
     return entries
 
 
@@ -330,6 +359,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         while done < len(view):
             with view[done:] as rest:
                 done += os.write(fd, rest)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                done += os.pwrite(fd, rest, offset + done)
 
 
 def save_array(path: Path | str, images: Any, *, shard_rows: int = 0) -> Path:
