@@ -47,7 +47,8 @@ _INT_OR_NULL = (int, type(None))
 
 
 class StatKey(NamedTuple):
-    """What must match for a row to stand for the file: its resolved path, size, mtime (ns) and inode."""
+    """What must match for a row to stand for the file: its resolved path (as its sha256: the cache holds no
+    path, so no folder above the project), size, mtime (ns) and inode."""
 
     path: str
     size: int
@@ -66,7 +67,8 @@ def stat_key(path: Path) -> StatKey | None:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
             return None
-        return StatKey(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        resolved = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()
+        return StatKey(resolved, st.st_size, st.st_mtime_ns, st.st_ino)
     except (OSError, ValueError):
         return None
 
