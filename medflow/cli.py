@@ -364,18 +364,27 @@ def _add_orchestration(sub: Any) -> None:
                    help=AUTH_HELP + "api.auth_string setting (PREFECT_API_AUTH_STRING)")
 
 
-def read_auth_string(path: Path) -> str:
-    """The basic-auth string ``user:password`` in ``path`` (one line; surrounding white space dropped)."""
+def _read_secret_file(path: Path, what: str) -> str:
+    """The one non-empty line of the secret file ``path`` (surrounding white space dropped), ``what`` naming it
+    in errors; a warning when other users can read it."""
     try:
         text = path.read_text(encoding="utf-8").strip()
         mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the auth string file ({e})") from None
-    user, sep, password = text.partition(":")
-    if not (sep and user and password) or "\n" in text:
-        raise ConfigError(f"{path}: not an auth string: one line 'user:password' expected, neither part empty")
+        raise ConfigError(f"{path}: cannot read the {what} file ({e})") from None
+    if not text or "\n" in text:
+        raise ConfigError(f"{path}: the {what} file must hold one non-empty line")
     if mode & 0o077:
-        log.warning("%s: the auth string file is readable by other users (chmod 600 it)", path)
+        log.warning("%s: the %s file is readable by other users (chmod 600 it)", path, what)
+    return text
+
+
+def read_auth_string(path: Path) -> str:
+    """The basic-auth string ``user:password`` in ``path`` (one line; surrounding white space dropped)."""
+    text = _read_secret_file(path, "auth string")
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise ConfigError(f"{path}: not an auth string: one line 'user:password' expected, neither part empty")
     return text
 
 
@@ -469,7 +478,7 @@ def prepare_database(url: str | None, password_file: Path | None) -> None:
 
     if url is None:
         if password_file is not None:
-            os.environ["PREFECT_SERVER_DATABASE_PASSWORD"] = _read_password(password_file)
+            os.environ["PREFECT_SERVER_DATABASE_PASSWORD"] = _read_secret_file(password_file, "database password")
         return
     try:
         parsed = make_url(url)
@@ -483,21 +492,8 @@ def prepare_database(url: str | None, password_file: Path | None) -> None:
                           "a file (--database-password-file FILE) or PREFECT_SERVER_DATABASE_PASSWORD, or ~/.pgpass")
     parsed = parsed.set(drivername=DRIVERS[parsed.drivername])
     if password_file is not None:
-        parsed = parsed.set(password=_read_password(password_file))
+        parsed = parsed.set(password=_read_secret_file(password_file, "database password"))
     os.environ[DATABASE_URL_ENV] = parsed.render_as_string(hide_password=False)
-
-
-def _read_password(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-        mode = path.stat().st_mode
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the database password file ({e})") from None
-    if not text or "\n" in text:
-        raise ConfigError(f"{path}: not a password file: one non-empty line expected")
-    if mode & 0o077:
-        log.warning("%s: the database password file is readable by other users (chmod 600 it)", path)
-    return text
 
 
 NOISY_LOGS_ENV = "MEDFLOW_NOISY_LOGS"  # keeps the log lines quiet by default (README, "Logs")

@@ -95,8 +95,11 @@ def test_server_refuses_an_open_host_without_auth(tmp_path: Path, monkeypatch: p
     _clean_env(monkeypatch, tmp_path / "home")
     with pytest.raises(StepError, match=r"--host 0\.0\.0\.0 is not loopback: .* set an auth string first"):
         prepare_server("0.0.0.0", 4300, None)
-    for bad in ("no-colon\n", ":password\n", "user:\n", "user:pw\nsecond:line\n"):
+    for bad in ("no-colon\n", ":password\n", "user:\n"):
         with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'auth'}: not an auth string")):
+            prepare_server("0.0.0.0", 4300, _auth_file(tmp_path, bad))
+    for bad in ("user:pw\nsecond:line\n", "\n"):
+        with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'auth'}: the auth string file must hold one")):
             prepare_server("0.0.0.0", 4300, _auth_file(tmp_path, bad))
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'absent'}: cannot read the auth string file")):
         prepare_server("127.0.0.1", 4300, tmp_path / "absent")
@@ -132,5 +135,5 @@ def test_server_database_url_and_password_file(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'absent'}: cannot read the database password")):
         prepare_database("postgresql://prefect@db.example/prefect", tmp_path / "absent")
     password.write_text("\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{password}: not a password file")):
+    with pytest.raises(ConfigError, match=re.escape(f"{password}: the database password file must hold one")):
         prepare_database("postgresql://prefect@db.example/prefect", password)
