@@ -1,17 +1,18 @@
-"""Near-pair search (multi-index hashing against the all-pairs oracle) and the near-duplicate pixel check on a
-labelled set from ../shared/data (tests/phash_helpers.py)."""
+"""Near-pair search (multi-index hashing against the all-pairs oracle), crop frames, and the near-duplicate
+pixel check on generated images and on a labelled set from ../shared/data (tests/phash_helpers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from phash_helpers import SHARED, TASKS, counts, groups, labelled_task, precision_recall
+from phash_helpers import GOAL_VARIANTS, SHARED, TASKS, counts, groups, labelled_task, precision_recall, variants
 
 from medflow.config import load_config
-from medflow.imaging import phash, quality
+from medflow.imaging import phash, quality, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_OF = {"chest_xray": "pneumonia", "malaria_cells": "malaria", "skin_lesions": "melanoma",
@@ -83,17 +84,84 @@ def test_the_pixel_check_splits_a_hash_collision() -> None:
     assert checked.tolist() == ["a" * 64, "b" * 64, "a" * 64]
 
 
+def _smooth_png(seed: int, shape: tuple[int, int] = (240, 200)) -> bytes:
+    """A smooth random grey image (blurred noise, like soft anatomy) as PNG bytes."""
+    rng = np.random.default_rng(seed)
+    x = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 12)
+    img = np.rint(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _groups(verdicts: list[verdict.Verdict], min_correlation: float, with_crops: bool = True) -> list[int]:
+    """Group number (first member's index) of each verdict under the filter's rule at distance 2."""
+    shas = pd.Series([f"{k:064x}" for k in range(len(verdicts))])
+    crops = pd.Series([v.crops for v in verdicts]) if with_crops else None
+    found = quality.near_duplicate_groups(shas, pd.Series([v.phash for v in verdicts]), 2,
+                                          pd.Series([v.thumb for v in verdicts]), min_correlation, crops)
+    return [int(g, 16) for g in found]
+
+
+def test_a_centred_five_percent_crop_joins_its_original() -> None:
+    """The filter's own verdicts of an image and its centred 5% crop (phash_helpers.variants): their full-frame
+    pHashes are 6 bits apart, beyond distance 2, but the crop's full frame matches the original's 0.95 frame."""
+    original = _smooth_png(1)
+    [crop] = variants(original, ("crop5",))
+    found = [verdict.verdict(data, verdict.Limits(10**8, 1)) for data in (original, crop, _smooth_png(2))]
+    assert all(v.ok for v in found)
+    assert phash.hamming(found[0].phash, found[1].phash) > 2  # the full-frame rule alone cannot link them
+    assert _groups(found, 0.97, with_crops=False) == [0, 1, 2]
+    assert _groups(found, 0.97) == [0, 0, 2]
+
+
+def test_crop_frames_round_trip_and_reject_garbage() -> None:
+    img = np.random.default_rng(3).integers(0, 255, size=(60, 50)).astype(np.uint8)
+    text = phash.crop_frames(img)
+    assert len(text) == phash.FRAME_CHARS * len(phash.CROP_SCALES)
+    hashes, thumbs = phash.frames([phash.phash_hex(img)], [phash.fingerprint(img)[1]], [text])
+    assert hashes.shape == (1, phash.FRAMES) and thumbs.shape == (1, phash.FRAMES, phash.THUMB_SIDE ** 2)
+    assert phash.to_hex(int(hashes[0, 1])) == phash.phash_hex(phash.centre_crop(img.astype(np.float32), 0.95))
+    with pytest.raises(ValueError, match="item 1"):
+        phash.frames(["0" * 16] * 2, [phash.fingerprint(img)[1]] * 2, [text, text[:-4]])
+
+
+def test_frame_pairs_link_full_frames_to_crop_frames_only() -> None:
+    """A crop frame matching another image's full frame links; two crop frames alike, or one image's own
+    frames, do not; with one column it is the full-frame search."""
+    a, b, c = np.uint64(0x0F0F), np.uint64(0xF0F0_0000), np.uint64(0xFF00_0000_0000)
+    hashes = np.array([[a, b, c], [b, a ^ np.uint64(1 << 40), a], [c ^ np.uint64(0xFF), c, c]], dtype=np.uint64)
+    assert phash.frame_pairs(hashes, 2).tolist() == [[0, 1]]  # 0's crop b = 1's full; 2 only shares crop c
+    assert phash.frame_pairs(hashes[:, :1], 2).tolist() == phash.near_pairs(hashes[:, 0], 2).tolist() == []
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data absent")
+@pytest.mark.parametrize(("task", "first", "second", "linked"), [
+    ("chest_xray", "NORMAL/IM-0286-0001.jpeg", "NORMAL/IM-0476-0001.jpeg", False),  # full frames within 2 bits, r 0.93
+    ("chest_xray", "NORMAL/IM-0674-0001.jpeg", "NORMAL/NORMAL2-IM-1185-0001.jpeg", False),  # via 0.90 frame, r 0.94
+    ("malaria_cells", "Uninfected/C234ThinF_IMG_20151112_162909_cell_158.png",
+     "Uninfected/C58P19thinF_IMG_20150802_122520_cell_90.png", False),  # two patients, r 0.986 < 0.99
+    ("covid_ct", "CT_NonCOVID/1499.png", "CT_NonCOVID/1500.png", False),  # adjacent slices, via 0.95 frame, r 0.95
+    ("skin_lesions", "melanoma/ISIC_0000164.jpg", "melanoma/ISIC_0014795.jpg", True),  # one lesion released twice
+    ("chest_xray", "PNEUMONIA/person1430_bacteria_3695.jpeg", "PNEUMONIA/person1430_bacteria_3696.jpeg", True),
+])
+def test_real_look_alikes_stay_apart_and_re_releases_stay_linked(task: str, first: str, second: str,
+                                                                linked: bool) -> None:
+    """Pairs of ../shared/data originals that are candidates under the frame rule (README, Near duplicates)."""
+    fcfg = load_config(ROOT / "params.yaml", DATASET_OF[task]).filter
+    found = [verdict.verdict((SHARED / task / name).read_bytes(), verdict.Limits(10**8, 1)) for name in (first, second)]
+    assert _groups(found, fcfg.near_duplicate_min_correlation) == ([0, 0] if linked else [0, 1])
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data absent")
 @pytest.mark.parametrize("task", TASKS)
 def test_labelled_set_precision_and_recall_at_the_shipped_defaults(task: str) -> None:
-    """40 originals of each task, each with its JPEG q50 re-encode, 0.8x resize and 5% crop, at the dataset's
-    configured distance and correlation (params.yaml + datasets/<name>.yaml)."""
+    """Issue 20's set: 40 originals of each task, each with its JPEG q50 re-encode, 0.8x resize and centred 5%
+    crop, at the dataset's configured distance and correlation (params.yaml + datasets/<name>.yaml); the goal,
+    recall >= 0.95 for each kind (benchmarks/bench_near_pairs.py also measures the other crops)."""
     fcfg = load_config(ROOT / "params.yaml", DATASET_OF[task]).filter
-    s = labelled_task(task, 40)
+    s = labelled_task(task, 40, kinds=GOAL_VARIANTS)
     roots = groups(s, fcfg.near_duplicate_distance, fcfg.near_duplicate_min_correlation)
     precision, _ = precision_recall(*counts(s, roots))
-    _, recall = precision_recall(*counts(s, roots, ("jpeg50", "resize80")))
     assert precision >= 0.99
-    # Re-encodes and resizes only: a 5% crop moves the 64-bit pHash by 2-10 bits, mostly beyond distance 2, so
-    # crops are not recalled (README, filter; benchmarks/bench_near_pairs.py prints their recall).
-    assert recall >= 0.95
+    for kind in GOAL_VARIANTS:
+        _, recall = precision_recall(*counts(s, roots, (kind,)))
+        assert recall >= 0.95, kind

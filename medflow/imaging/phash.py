@@ -31,6 +31,13 @@ _LOW = 8  # the _LOW x _LOW lowest frequencies make the hash
 THUMB_SIDE = 16  # the thumbnail kept for the pixel check, THUMB_SIDE x THUMB_SIDE uint8
 THUMB_CHARS = 4 * -(-THUMB_SIDE * THUMB_SIDE // 3)  # its base64 length
 _PAIR_BUDGET = 1 << 22  # XOR elements held at once by near_pairs (32 MiB of uint64)
+# Crop frames: besides the full frame, each image is fingerprinted on centred crops keeping these fractions of
+# its width and height, so that a slightly cropped copy (whose full frame is such a crop of the original)
+# matches the original's frame (see frame_pairs).
+CROP_SCALES = (0.95, 0.90)
+FRAMES = 1 + len(CROP_SCALES)  # frames per image, the full frame first
+FRAME_CHARS = 16 + THUMB_CHARS  # one crop frame as text: its pHash (hex) then its thumbnail
+_CORR_CHUNK = 1 << 16  # pairs correlated at once by correlations()
 
 
 def phash(gray: npt.ArrayLike) -> int:
@@ -46,10 +53,34 @@ def fingerprint(gray: npt.ArrayLike) -> tuple[str, str]:
     return to_hex(_hash_small(small)), thumbnail_text(small)
 
 
-def _small(gray: npt.ArrayLike) -> npt.NDArray[np.float32]:
+def crop_frames(gray: npt.ArrayLike) -> str:
+    """The crop frames of a 2-D grayscale image (one per CROP_SCALES entry) as one text of FRAME_CHARS each:
+    the pHash (16 hex digits) and thumbnail of the centred crop at that scale, what :func:`frames` reads."""
+    img = _float_image(gray)
+    parts = []
+    for scale in CROP_SCALES:
+        small = _small(centre_crop(img, scale))
+        parts.append(to_hex(_hash_small(small)) + thumbnail_text(small))
+    return "".join(parts)
+
+
+def centre_crop(img: npt.NDArray[np.float32], scale: float) -> npt.NDArray[np.float32]:
+    """The centred part of ``img`` keeping ``scale`` of its height and width (at least one pixel each)."""
+    h, w = img.shape
+    ch, cw = max(1, round(scale * h)), max(1, round(scale * w))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[y:y + ch, x:x + cw]
+
+
+def _float_image(gray: npt.ArrayLike) -> npt.NDArray[np.float32]:
     img = np.asarray(gray, dtype=np.float32)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ValueError(f"phash needs a non-empty 2-D grayscale array, got shape {img.shape}")
+    return img
+
+
+def _small(gray: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    img = _float_image(gray)
     return np.asarray(cv2.resize(img, (_SIDE, _SIDE), interpolation=cv2.INTER_AREA), dtype=np.float32)
 
 
@@ -81,16 +112,50 @@ def thumbnails(texts: Sequence[str]) -> npt.NDArray[np.uint8]:
     return out
 
 
+def frames(hashes: Sequence[str], thumbs: Sequence[str],
+           crops: Sequence[str]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
+    """Each image's frames, full frame first: (n, FRAMES) hashes and (n, FRAMES, THUMB_SIDE^2) thumbnails from
+    the full-frame hex hashes, thumbnail texts and crop-frame texts (:func:`crop_frames`); ValueError naming
+    the first malformed item."""
+    n = len(hashes)
+    if not len(thumbs) == len(crops) == n:
+        raise ValueError(f"{n} hashes, {len(thumbs)} thumbnails and {len(crops)} crop frames")
+    for k, text in enumerate(crops):
+        if len(text) != FRAME_CHARS * len(CROP_SCALES):
+            raise ValueError(f"not {len(CROP_SCALES)} crop frames (item {k}): {text[:40]!r}")
+    frame_hex, frame_thumb = [list(hashes)], [list(thumbs)]
+    for f in range(len(CROP_SCALES)):
+        part = [text[f * FRAME_CHARS:(f + 1) * FRAME_CHARS] for text in crops]
+        frame_hex.append([p[:16] for p in part])
+        frame_thumb.append([p[16:] for p in part])
+    packed = np.stack([pack(column) for column in frame_hex], axis=1)
+    pixels = np.stack([thumbnails(column) for column in frame_thumb], axis=1)
+    return packed.reshape(n, FRAMES), pixels.reshape(n, FRAMES, THUMB_SIDE * THUMB_SIDE)
+
+
 def correlations(thumbs: npt.NDArray[np.uint8], pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """Pearson correlation of the two thumbnails of each pair (1.0 for two flat ones, 0.0 for one)."""
-    x = thumbs.astype(np.float64)
+    """Pearson correlation of the two thumbnails of each pair (1.0 for two flat ones, 0.0 for one).
+
+    Only the thumbnails of the pairs are converted, _CORR_CHUNK pairs at a time, so memory follows the
+    candidates, not the number of thumbnails."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), _CORR_CHUNK):
+        chunk = pairs[start:start + _CORR_CHUNK]
+        a, a_flat = _centred_unit(thumbs[chunk[:, 0]])
+        b, b_flat = _centred_unit(thumbs[chunk[:, 1]])
+        out[start:start + len(chunk)] = np.where(a_flat & b_flat, 1.0, np.einsum("ij,ij->i", a, b))
+    return out
+
+
+def _centred_unit(rows: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Rows minus their mean, scaled to unit length (flat rows stay zero), and which rows were flat."""
+    x = rows.astype(np.float64)
     x -= x.mean(axis=1, keepdims=True)
     norm = np.sqrt((x * x).sum(axis=1))
     flat = norm == 0
     x /= np.where(flat, 1.0, norm)[:, None]
-    i, j = pairs[:, 0], pairs[:, 1]
-    r = np.einsum("ij,ij->i", x[i], x[j])
-    return np.where(flat[i] & flat[j], 1.0, r)
+    return x, flat
 
 
 def confirmed(pairs: npt.NDArray[np.int64], thumbs: npt.NDArray[np.uint8],
@@ -217,6 +282,30 @@ def _band_pairs(h: npt.NDArray[np.uint64], shift: int, width: int, max_distance:
         found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64))
         pos = p  # positions with no partner at offset k have none further on either
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int, thumbs: npt.NDArray[np.uint8] | None = None,
+                min_correlation: float = -1.0) -> npt.NDArray[np.int64]:
+    """Image pairs (i, j), i < j, sorted, each once, linked through their frames: some frame of one within
+    ``max_distance`` bits of the other's full frame and, where ``thumbs`` are given, the thumbnails of those
+    two frames correlating at least ``min_correlation``.
+
+    ``hashes`` is (n, F) with the full frame in column 0 (as :func:`frames`; F = 1 is the full-frame rule
+    alone), ``thumbs`` (n, F, THUMB_SIDE^2). A centred crop of an image then matches the image's crop frame
+    at about its scale. All n * F frame hashes go through one :func:`near_pairs` search (sub-quadratic);
+    pairs of two crop frames, or of one image's own frames, are dropped.
+    """
+    h = np.asarray(hashes, dtype=np.uint64)
+    if h.ndim != 2 or (thumbs is not None and thumbs.shape[:2] != h.shape):
+        raise ValueError(f"frame hashes {h.shape} and thumbnails {None if thumbs is None else thumbs.shape}")
+    n, f = h.shape
+    pairs = near_pairs(h.reshape(-1), max_distance)  # indices image * f + frame
+    image, frame = pairs // f, pairs % f
+    pairs = pairs[((frame[:, 0] == 0) | (frame[:, 1] == 0)) & (image[:, 0] != image[:, 1])]
+    if thumbs is not None:
+        pairs = confirmed(pairs, thumbs.reshape(n * f, thumbs.shape[2]), min_correlation)
+    linked = np.sort(pairs // f, axis=1)
+    return np.unique(linked, axis=0) if len(linked) else np.empty((0, 2), dtype=np.int64)
 
 
 def components(n: int, pairs: Sequence[tuple[int, int]] | npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

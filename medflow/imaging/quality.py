@@ -48,7 +48,10 @@ Other near duplicates are kept, not rejected: images whose pHashes (medflow.imag
 ``filter.near_duplicate_distance`` bits and whose 16x16 grey thumbnails (stored with the verdict) correlate at
 least ``filter.near_duplicate_min_correlation`` are joined (transitively) into one ``dup_group``, named by the
 sha256 of the group's first member in manifest order, so the split can keep them on one side. The pixel check
-is what keeps distinct look-alikes (cells, CT slices) that collide in 64 bits out of one group.
+is what keeps distinct look-alikes (cells, CT slices) that collide in 64 bits out of one group. Each verdict
+also holds crop frames (pHash and thumbnail of centred crops, ``phash.CROP_SCALES``); one image's crop frame
+matching another's full frame under the same two tests links them too, so a slightly cropped copy joins its
+original (:func:`medflow.imaging.phash.frame_pairs`).
 
 Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:class:`VerdictIndex`),
 where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
@@ -91,8 +94,9 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a change to this module or to medflow.imaging.verdict could change a verdict or a pHash: it
 # invalidates the cache.
-FILTER_VERSION = "filter-4"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails;
-# 4: the pylibjpeg plugins decode JPEG-LS, JPEG lossless and 12-bit JPEG extended DICOM (were unsupported_syntax)
+FILTER_VERSION = "filter-5"  # 2: DICOM (a DICOM file under an image extension was not_an_image); 3: thumbnails;
+# 4: the pylibjpeg plugins decode JPEG-LS, JPEG lossless and 12-bit JPEG extended DICOM (were unsupported_syntax);
+# 5: crop frames (Verdict.crops), so slight crops join their original's near-duplicate group
 
 REASONS = ("zero_bytes", "not_an_image", "truncated", "decode_error", "too_many_pixels", "too_small",
            "unsupported_mode", "no_pixel_data", "multi_frame", "unsupported_syntax", "unreadable", "duplicate",
@@ -292,6 +296,8 @@ def _record(sha: str, values: Any) -> Verdict:
         raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
     if verdict.ok and len(verdict.thumb) != phash.THUMB_CHARS:
         raise ValueError(f"good verdict without a thumbnail for {sha}")
+    if verdict.ok and len(verdict.crops) != phash.FRAME_CHARS * len(phash.CROP_SCALES):
+        raise ValueError(f"good verdict without its {len(phash.CROP_SCALES)} crop frames for {sha}")
     return verdict
 
 
@@ -435,9 +441,10 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     if kept.sum() < 2:
         return out
     keepers = df.index[kept]
-    groups = near_duplicate_groups(shas[kept], pd.Series([verdicts[s].phash for s in shas[kept]], index=keepers),
-                                   max_distance, pd.Series([verdicts[s].thumb for s in shas[kept]], index=keepers),
-                                   min_correlation)
+    kept_verdicts = [verdicts[s] for s in shas[kept]]
+    groups = near_duplicate_groups(shas[kept], pd.Series([v.phash for v in kept_verdicts], index=keepers),
+                                   max_distance, pd.Series([v.thumb for v in kept_verdicts], index=keepers),
+                                   min_correlation, pd.Series([v.crops for v in kept_verdicts], index=keepers))
     for _, members in groups.groupby(groups):
         if classes[members.index].nunique() < 2:
             continue
@@ -451,15 +458,22 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
 
 
 def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
-                          thumbs: pd.Series | None = None, min_correlation: float = -1.0) -> pd.Series:
+                          thumbs: pd.Series | None = None, min_correlation: float = -1.0,
+                          crops: pd.Series | None = None) -> pd.Series:
     """``dup_group`` per row: the sha256 of the first row (in the given order) of its near-duplicate group.
 
     Groups are the connected components (transitive closure) of the links "pHash distance <= max_distance
-    and, where ``thumbs`` are given, thumbnail correlation >= min_correlation" (medflow.imaging.phash).
+    and, where ``thumbs`` are given, thumbnail correlation >= min_correlation" (medflow.imaging.phash). With
+    ``crops`` (Verdict.crops) and ``thumbs`` the links also run from a row's crop frames to another's full frame
+    (:func:`medflow.imaging.phash.frame_pairs`), so a slight crop joins its original.
     """
-    pairs = phash.near_pairs(phash.pack(hashes), max_distance)
-    if thumbs is not None:
-        pairs = phash.confirmed(pairs, phash.thumbnails(list(thumbs)), min_correlation)
+    if thumbs is not None and crops is not None:
+        frame_hashes, frame_thumbs = phash.frames(list(hashes), list(thumbs), list(crops))
+        pairs = phash.frame_pairs(frame_hashes, max_distance, frame_thumbs, min_correlation)
+    else:
+        pairs = phash.near_pairs(phash.pack(hashes), max_distance)
+        if thumbs is not None:
+            pairs = phash.confirmed(pairs, phash.thumbnails(list(thumbs)), min_correlation)
     roots = phash.components(len(hashes), pairs)
     return pd.Series(shas.to_numpy()[roots], index=shas.index, name="dup_group", dtype=str)
 
@@ -493,8 +507,9 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     clean = _fill_header(clean, row_verdicts)
     clean["phash"] = [v.phash for v in row_verdicts]
     thumbs = pd.Series([v.thumb for v in row_verdicts], index=clean.index)
+    crops = pd.Series([v.crops for v in row_verdicts], index=clean.index)
     clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
-                                               min_correlation)
+                                               min_correlation, crops)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 

@@ -48,6 +48,7 @@ class Verdict:
     detail: str = ""
     phash: str = ""  # 16 hex digits, good images only
     thumb: str = ""  # good images only: phash.THUMB_SIDE^2 grey pixels (base64), for the near-duplicate pixel check
+    crops: str = ""  # good images only: phash.crop_frames, the pHash and thumbnail of centred crops (slight crops)
     mode: str = ""  # Pillow mode as opened
     format: str = ""
     width: int = 0
@@ -135,8 +136,7 @@ def verdict(data: bytes, limits: Limits) -> Verdict:
             if reason:
                 return replace(head, reason=reason, detail=detail)
             try:
-                hashed, thumb = phash.fingerprint(_gray(im))
-                return replace(head, phash=hashed, thumb=thumb)
+                return _fingerprinted(head, _gray(im))
             except Exception as e:  # a decoded image whose pixels cannot be converted
                 detail = f"pixels unusable: {type(e).__name__}: {e}"
                 return replace(head, reason="decode_error", detail=detail)
@@ -165,8 +165,14 @@ def dicom_verdict(data: bytes, limits: Limits) -> Verdict:
     except StepError as e:
         return replace(found, reason="decode_error", detail=str(e).removeprefix("<bytes>: "))
     gray = pixels if pixels.ndim == 2 else np.asarray(Image.fromarray(pixels, "RGB").convert("L"))
-    hashed, thumb = phash.fingerprint(gray)
-    return replace(found, phash=hashed, thumb=thumb)
+    return _fingerprinted(found, gray)
+
+
+def _fingerprinted(found: Verdict, gray: np.ndarray) -> Verdict:
+    """``found`` with a good image's fingerprint: full-frame pHash and thumbnail, and the crop frames."""
+    pixels = np.asarray(gray, dtype=np.float32)  # converted once: the frames take it as it is
+    hashed, thumb = phash.fingerprint(pixels)
+    return replace(found, phash=hashed, thumb=thumb, crops=phash.crop_frames(pixels))
 
 
 def _load_reason(im: Image.Image, data: bytes) -> tuple[str, str]:
