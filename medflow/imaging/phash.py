@@ -105,32 +105,40 @@ def thumbnails(texts: Sequence[str]) -> npt.NDArray[np.uint8]:
     """Thumbnail texts -> (n, THUMB_SIDE^2) uint8; ValueError naming the first malformed one."""
     out = np.empty((len(texts), THUMB_SIDE * THUMB_SIDE), dtype=np.uint8)
     for k, text in enumerate(texts):
-        raw = base64.b64decode(text, validate=True) if len(text) == THUMB_CHARS else b""
-        if len(raw) != THUMB_SIDE * THUMB_SIDE:
-            raise ValueError(f"not a {THUMB_SIDE}x{THUMB_SIDE} thumbnail (item {k}): {text[:40]!r}")
-        out[k] = np.frombuffer(raw, dtype=np.uint8)
+        out[k] = _thumbnail(text, k)
     return out
+
+
+def _thumbnail(text: str, item: int) -> npt.NDArray[np.uint8]:
+    raw = base64.b64decode(text, validate=True) if len(text) == THUMB_CHARS else b""
+    if len(raw) != THUMB_SIDE * THUMB_SIDE:
+        raise ValueError(f"not a {THUMB_SIDE}x{THUMB_SIDE} thumbnail (item {item}): {text[:40]!r}")
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def frames(hashes: Sequence[str], thumbs: Sequence[str],
            crops: Sequence[str]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
     """Each image's frames, full frame first: (n, FRAMES) hashes and (n, FRAMES, THUMB_SIDE^2) thumbnails from
     the full-frame hex hashes, thumbnail texts and crop-frame texts (:func:`crop_frames`); ValueError naming
-    the first malformed item."""
+    the first malformed item. Decoded item by item into the arrays (no copies of the texts)."""
     n = len(hashes)
     if not len(thumbs) == len(crops) == n:
         raise ValueError(f"{n} hashes, {len(thumbs)} thumbnails and {len(crops)} crop frames")
+    packed = np.empty((n, FRAMES), dtype=np.uint64)
+    pixels = np.empty((n, FRAMES, THUMB_SIDE * THUMB_SIDE), dtype=np.uint8)
+    packed[:, 0] = pack(hashes)
+    pixels[:, 0] = thumbnails(thumbs)
     for k, text in enumerate(crops):
         if len(text) != FRAME_CHARS * len(CROP_SCALES):
             raise ValueError(f"not {len(CROP_SCALES)} crop frames (item {k}): {text[:40]!r}")
-    frame_hex, frame_thumb = [list(hashes)], [list(thumbs)]
-    for f in range(len(CROP_SCALES)):
-        part = [text[f * FRAME_CHARS:(f + 1) * FRAME_CHARS] for text in crops]
-        frame_hex.append([p[:16] for p in part])
-        frame_thumb.append([p[16:] for p in part])
-    packed = np.stack([pack(column) for column in frame_hex], axis=1)
-    pixels = np.stack([thumbnails(column) for column in frame_thumb], axis=1)
-    return packed.reshape(n, FRAMES), pixels.reshape(n, FRAMES, THUMB_SIDE * THUMB_SIDE)
+        for f in range(len(CROP_SCALES)):
+            at = f * FRAME_CHARS
+            try:
+                packed[k, f + 1] = int(text[at:at + 16], 16)
+            except ValueError:
+                raise ValueError(f"not a hex hash in crop frame {f} (item {k}): {text[at:at + 16]!r}") from None
+            pixels[k, f + 1] = _thumbnail(text[at + 16:at + FRAME_CHARS], k)
+    return packed, pixels
 
 
 def correlations(thumbs: npt.NDArray[np.uint8], pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
