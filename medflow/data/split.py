@@ -242,13 +242,16 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
 
 
 def _previous_split_of(previous: pd.DataFrame, col: str) -> dict[str, str]:
-    """id -> split of an earlier split manifest; an id in two splits there is an error."""
-    per_id = previous.groupby(previous[col].astype(str))["split"].unique()
-    spread = per_id[per_id.map(len) > 1]
+    """id -> split of an earlier split manifest; an id in two splits there is an error (the first such id in
+    sorted order is named)."""
+    pairs = pd.DataFrame({"id": previous[col].astype(str).to_numpy(),
+                          "split": previous["split"].astype(str).to_numpy()}).drop_duplicates()
+    spread = pairs[pairs["id"].duplicated(keep=False)]
     if not spread.empty:
-        raise StepError(f"previous split puts {col} {spread.index[0]!r} in several splits "
-                        f"{sorted(spread.iloc[0])}: it is not a grouped split")
-    return {k: str(v[0]) for k, v in per_id.items()}
+        first = min(spread["id"])
+        raise StepError(f"previous split puts {col} {first!r} in several splits "
+                        f"{sorted(spread.loc[spread['id'] == first, 'split'])}: it is not a grouped split")
+    return dict(zip(pairs["id"], pairs["split"], strict=True))
 
 
 def _old_splits(clean: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
@@ -257,8 +260,12 @@ def _old_splits(clean: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
     by_group = clean["group"].map(_previous_split_of(previous, "group")).to_numpy()
     by_dup = clean["dup_group"].map(_previous_split_of(previous, "dup_group")).to_numpy()
     pairs = pd.DataFrame({"unit": np.concatenate([units, units]),
-                          "split": np.concatenate([by_group, by_dup])}).dropna()
-    return pairs.groupby("unit")["split"].agg(frozenset)
+                          "split": np.concatenate([by_group, by_dup])}).dropna().drop_duplicates()
+    seen: dict[str, set[str]] = {}  # one pass over the distinct pairs (a groupby would call Python per unit)
+    for unit, split in zip(pairs["unit"], pairs["split"], strict=True):
+        seen.setdefault(unit, set()).add(split)
+    old = pd.Series({u: frozenset(s) for u, s in seen.items()}, dtype=object, name="split")
+    return old.rename_axis("unit").sort_index()
 
 
 class Extension(NamedTuple):

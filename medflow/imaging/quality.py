@@ -445,9 +445,9 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     groups = near_duplicate_groups(shas[kept], pd.Series([v.phash for v in kept_verdicts], index=keepers),
                                    max_distance, pd.Series([v.thumb for v in kept_verdicts], index=keepers),
                                    min_correlation, pd.Series([v.crops for v in kept_verdicts], index=keepers))
-    for _, members in groups.groupby(groups):
-        if classes[members.index].nunique() < 2:
-            continue
+    n_group_classes = classes[groups.index].groupby(groups).nunique()  # one pass, not one per group
+    mixed = groups[groups.isin(n_group_classes.index[n_group_classes > 1])]
+    for _, members in mixed.groupby(mixed):
         for i in members.index:
             named = [f"near duplicate of {paths[j]} labelled {classes[j]}" for j in members.index
                      if classes[j] != classes[i]][:_NAMED_MAX]
