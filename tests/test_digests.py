@@ -138,3 +138,24 @@ def test_a_damaged_cache_is_dropped_and_rebuilt(tmp_path: Path, damage: str,
     with opened_under(root) as opens:
         _manifest(tmp_path, roots, cache, "third.csv")
     assert opens == []  # rebuilt
+
+
+def test_batch_keys_resolve_links_as_realpath_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stat_keys resolves each folder once per batch; the keys equal one stat_key (os.path.realpath) per file,
+    through a linked folder, a linked file and a relative path, so a cached row still matches its file."""
+    from medflow.data.digests import stat_key, stat_keys
+
+    real = tmp_path / "real" / "cls"
+    real.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (real / name).write_bytes(name.encode())
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "inbox" / "file.png").symlink_to(real / "a.png")
+    monkeypatch.chdir(tmp_path)
+    paths = [Path("inbox/linked/cls/a.png"), Path("inbox/linked/cls/b.png"), Path("inbox/file.png"),
+             tmp_path / "real" / "cls" / "b.png"]
+    keys = stat_keys(paths)
+    assert keys == [stat_key(p) for p in paths]
+    assert keys[0] is not None and keys[2] is not None and keys[0].path == keys[2].path  # one file, two names
+    assert keys[1] is not None and keys[3] is not None and keys[1].path == keys[3].path

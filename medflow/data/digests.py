@@ -56,10 +56,11 @@ class StatKey(NamedTuple):
     ino: int
 
 
-def stat_key(path: Path) -> StatKey | None:
+def stat_key(path: Path, folders: dict[str, str] | None = None) -> StatKey | None:
     """The key of the readable regular file at ``path``, or None (not a regular file, a name that is not
     valid UTF-8, no read permission, gone): such files are read the slow way, which says what is wrong.
-    Never opens the file."""
+    Never opens the file. ``folders``: real paths of folders already resolved in this batch (see
+    :func:`stat_keys`)."""
     text = str(path)
     if shown_path(text) != text:
         return None
@@ -67,10 +68,29 @@ def stat_key(path: Path) -> StatKey | None:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
             return None
-        resolved = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()
+        resolved = hashlib.sha256(os.fsencode(_resolved(text, {} if folders is None else folders))).hexdigest()
         return StatKey(resolved, st.st_size, st.st_mtime_ns, st.st_ino)
     except (OSError, ValueError):
         return None
+
+
+def stat_keys(paths: list[Path]) -> list[StatKey | None]:
+    """:func:`stat_key` of each path, each folder's real path resolved once (a batch is one walk: folders do not
+    change into links under it)."""
+    folders: dict[str, str] = {}
+    return [stat_key(p, folders) for p in paths]
+
+
+def _resolved(path: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, the real path of each folder worked out once per batch (``folders``): a file
+    that is not a link is its folder's real path plus its name, what realpath gives, for one lstat instead of
+    one per part of the path."""
+    head, tail = os.path.split(path)
+    if tail in ("", ".", "..") or os.path.islink(path):
+        return os.path.realpath(path)
+    if head not in folders:
+        folders[head] = os.path.realpath(head or os.curdir)
+    return os.path.join(folders[head], tail)
 
 
 def _schema_key(salt: bytes) -> str:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from PIL import Image
 
-from medflow.data.digests import DigestCache, stat_key
+from medflow.data.digests import DigestCache, stat_keys
 from medflow.data.walk import WalkReport, walk_files
 from medflow.imaging import dicom
 from medflow.imaging.files import file_problem, shown_path
@@ -75,11 +75,13 @@ def _display_path(path: Path) -> str:
     return display_path(path)
 
 
-def _shown(path: Path, rel: Path, root: str) -> str:
+def _shown(rel: str, root: str) -> str:
     """The manifest's ``path`` of an image: project-relative, or ``@<label>/<rel>`` under a source root outside
     the project (``root`` is then ``@<label>``): never absolute, never a home folder. The manifest, clean.csv,
-    split.csv and the reports are shared; the steps that open files resolve it (:func:`medflow.io.readable_path`)."""
-    return f"{root}/{rel.as_posix()}" if root.startswith(SOURCE_ROOT) else _display_path(path)
+    split.csv and the reports are shared; the steps that open files resolve it (:func:`medflow.io.readable_path`).
+    ``root`` is already shown (``@<label>``, or the root's :func:`_display_path`) and ``rel`` is a walk's POSIX
+    path below it (no ``.`` or ``..`` parts), so joining them is what :func:`_display_path` of the file gives."""
+    return rel if root == "." else f"{root}/{rel}"
 
 
 def _file_facts(path: Path, salt: bytes = b"") -> dict[str, Any]:
@@ -155,7 +157,7 @@ def _warn_unknown_folders(root: Path, unknown: Counter[str], labels: Mapping[str
 def _all_facts(paths: list[Path], salt: bytes, cache: DigestCache, workers: int) -> list[dict[str, Any]]:
     """:func:`_file_facts` of each path, in order: from ``cache`` where the file's stat matches a row (the file
     is not opened), else read by ``workers`` threads and added to ``cache``."""
-    keys = [stat_key(p) for p in paths]
+    keys = stat_keys(paths)
     found = [cache.lookup(k) if k else None for k in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
@@ -186,8 +188,7 @@ class _Root(NamedTuple):
 
 def _row(f: _Found, root: _Root) -> dict[str, Any]:
     """The manifest columns ``f`` knows before its file is read."""
-    rel = Path(f.rel)
-    return {"path": shown_path(_shown(root.path / rel, rel, root.shown)), "relpath": shown_path(f.rel),
+    return {"path": shown_path(_shown(f.rel, root.shown)), "relpath": shown_path(f.rel),
             "root": shown_path(root.shown), "class_name": f.class_name, "label": f.label, "group": f.group,
             "source_split": f.source_split}
 
