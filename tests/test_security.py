@@ -10,6 +10,7 @@ checkout without that first command does run the injected command (so the test c
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import shutil
@@ -269,14 +270,21 @@ def test_a_keras_file_with_a_lambda_calling_os_system_is_refused(tmp_path: Path)
     assert marker.exists()
 
 
-def _calls(name: str) -> list[tuple[Path, ast.Call]]:
-    found = []
+@functools.cache
+def _attribute_calls() -> dict[str, list[tuple[Path, ast.Call]]]:
+    """Every ``x.attr(...)`` call in :data:`CODE_DIRS`, by ``attr``: the code is parsed once per session (it was
+    parsed again for every attribute a test looks up, 8 parses of the whole project in one test)."""
+    found: dict[str, list[tuple[Path, ast.Call]]] = {}
     for folder in CODE_DIRS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
-                    found.append((path.relative_to(ROOT), node))
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    found.setdefault(node.func.attr, []).append((path.relative_to(ROOT), node))
     return found
+
+
+def _calls(name: str) -> list[tuple[Path, ast.Call]]:
+    return _attribute_calls().get(name, [])
 
 
 def _keyword(call: ast.Call, name: str) -> Any:
