@@ -31,6 +31,7 @@ _LOW = 8  # the _LOW x _LOW lowest frequencies make the hash
 THUMB_SIDE = 16  # the thumbnail kept for the pixel check, THUMB_SIDE x THUMB_SIDE uint8
 THUMB_CHARS = 4 * -(-THUMB_SIDE * THUMB_SIDE // 3)  # its base64 length
 _PAIR_BUDGET = 1 << 22  # XOR elements held at once by near_pairs (32 MiB of uint64)
+_CORR_CHUNK = 1 << 16  # pairs correlated at once by correlations()
 
 
 def phash(gray: npt.ArrayLike) -> int:
@@ -82,15 +83,28 @@ def thumbnails(texts: Sequence[str]) -> npt.NDArray[np.uint8]:
 
 
 def correlations(thumbs: npt.NDArray[np.uint8], pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """Pearson correlation of the two thumbnails of each pair (1.0 for two flat ones, 0.0 for one)."""
-    x = thumbs.astype(np.float64)
+    """Pearson correlation of the two thumbnails of each pair (1.0 for two flat ones, 0.0 for one).
+
+    Only the thumbnails of the pairs are converted, _CORR_CHUNK pairs at a time, so memory follows the
+    candidates, not the number of thumbnails."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), _CORR_CHUNK):
+        chunk = pairs[start:start + _CORR_CHUNK]
+        a, a_flat = _centred_unit(thumbs[chunk[:, 0]])
+        b, b_flat = _centred_unit(thumbs[chunk[:, 1]])
+        out[start:start + len(chunk)] = np.where(a_flat & b_flat, 1.0, np.einsum("ij,ij->i", a, b))
+    return out
+
+
+def _centred_unit(rows: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Rows minus their mean, scaled to unit length (flat rows stay zero), and which rows were flat."""
+    x = rows.astype(np.float64)
     x -= x.mean(axis=1, keepdims=True)
     norm = np.sqrt((x * x).sum(axis=1))
     flat = norm == 0
     x /= np.where(flat, 1.0, norm)[:, None]
-    i, j = pairs[:, 0], pairs[:, 1]
-    r = np.einsum("ij,ij->i", x[i], x[j])
-    return np.where(flat[i] & flat[j], 1.0, r)
+    return x, flat
 
 
 def confirmed(pairs: npt.NDArray[np.int64], thumbs: npt.NDArray[np.uint8],
