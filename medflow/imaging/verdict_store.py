@@ -59,7 +59,8 @@ STRINGS = ("reason", "detail", "mode", "format")
 INTS = ("width", "height")
 _SHA = "sha256"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_HEX = np.zeros(256, dtype=bool)  # which bytes are lowercase hex digits
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
 if {f.name for f in fields(Verdict)} != {*ARRAYS, *STRINGS, *INTS}:
     raise ImportError("verdict_store: Verdict's fields and the store's columns differ")  # a new field: add it
 
@@ -193,7 +194,7 @@ class VerdictStore(Mapping[str, Verdict]):
         n = len(sha)
         if sha.dtype != np.dtype("S64") or sha.ndim != 1:
             raise ValueError(f"sha256 array of {sha.dtype} {sha.shape}")
-        if n and (not np.isin(sha.view(np.uint8), _HEX).all() or not (sha[1:] > sha[:-1]).all()):
+        if n and (not _HEX[sha.view(np.uint8)].all() or not (sha[1:] > sha[:-1]).all()):
             raise ValueError("sha256 values not lowercase hex, or not sorted and distinct")
         cols: dict[str, npt.NDArray[Any]] = {}
         for name, c in ARRAYS.items():
