@@ -442,8 +442,8 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     if kept.sum() < 2:
         return out
     keepers = df.index[kept]
-    groups = near_duplicate_groups(shas[kept], pd.Series([verdicts[s].phash for s in shas[kept]], index=keepers),
-                                   max_distance, pd.Series([verdicts[s].thumb for s in shas[kept]], index=keepers),
+    groups = near_duplicate_groups(shas[kept], pd.Series(_field(verdicts, shas[kept], "phash"), index=keepers),
+                                   max_distance, pd.Series(_field(verdicts, shas[kept], "thumb"), index=keepers),
                                    min_correlation)
     for _, members in groups.groupby(groups):
         if classes[members.index].nunique() < 2:
@@ -479,11 +479,18 @@ def _as_ints(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def _fill_header(df: pd.DataFrame, verdicts: list[Verdict]) -> pd.DataFrame:
+def _field(verdicts: Mapping[str, Verdict], shas: pd.Series, name: str) -> list[Any]:
+    """Field ``name`` of each sha256's verdict (from a VerdictStore's columns without making the Verdicts)."""
+    if isinstance(verdicts, VerdictStore):
+        return verdicts.field_values(name, shas.to_numpy())
+    return [getattr(verdicts[s], name) for s in shas]
+
+
+def _fill_header(df: pd.DataFrame, verdicts: Mapping[str, Verdict], shas: pd.Series) -> pd.DataFrame:
     """Fill width/height/mode/format left blank by the manifest (header unread) from the decode."""
     out = df.copy()
     for col in ("width", "height", "mode", "format"):
-        decoded = pd.Series([getattr(v, col) for v in verdicts], index=out.index)
+        decoded = pd.Series(_field(verdicts, shas, col), index=out.index)
         blank = out[col].isna()
         if blank.any():
             out[col] = out[col].astype(object).where(~blank, decoded)
@@ -496,10 +503,9 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     good = status["reason"] == ""
     clean = df.loc[good].copy()
     clean["sha256"] = shas[good]
-    row_verdicts = [verdicts[s] for s in clean["sha256"]]
-    clean = _fill_header(clean, row_verdicts)
-    clean["phash"] = [v.phash for v in row_verdicts]
-    thumbs = pd.Series([v.thumb for v in row_verdicts], index=clean.index)
+    clean = _fill_header(clean, verdicts, clean["sha256"])
+    clean["phash"] = _field(verdicts, clean["sha256"], "phash")
+    thumbs = pd.Series(_field(verdicts, clean["sha256"], "thumb"), index=clean.index)
     clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
                                                min_correlation)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)

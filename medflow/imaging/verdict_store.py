@@ -130,6 +130,17 @@ class VerdictStore(Mapping[str, Verdict]):
         values.update({name: col.unpack(c[name][row]) if ok else "" for name, col in ARRAYS.items()})
         return Verdict(**values)
 
+    def field_values(self, name: str, shas: npt.ArrayLike) -> list[Any]:
+        """Field ``name`` of the Verdict of each sha256 (all present), without making the Verdicts."""
+        rows = self.rows(shas)
+        if (rows < 0).any():
+            raise KeyError(np.asarray(shas).reshape(-1)[int(np.argmax(rows < 0))])
+        col = self.columns[name]
+        if name not in ARRAYS:
+            return [int(v) for v in col[rows]] if name in INTS else list(col[rows])
+        unpack, ok = ARRAYS[name].unpack, self.columns["reason"][rows] == ""
+        return [unpack(col[r]) if good else "" for r, good in zip(rows.tolist(), ok.tolist(), strict=True)]
+
     def __getitem__(self, sha: str) -> Verdict:
         row = int(self.rows([sha])[0])
         if row < 0:
