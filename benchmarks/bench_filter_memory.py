@@ -11,6 +11,13 @@ manifest; then the filter command (dvc.yaml's) runs twice, each time its ``ru_ma
 added and the manifest rebuilt; the N verdicts come from the cache). The two versions' clean.csv, rejects.csv
 and filter.json must be byte-identical (else it exits non-zero). Printed: peak RSS in MB per version and run,
 and the ratio working tree / baseline. Goal (issue 20): <= 300 MB at 27,558 and <= 1 KB an image of growth.
+
+Measured (2 shared cores, filter command run by hand in pipeline copies like these; "warm" there was a rerun
+with every verdict cached, no increment), peak RSS MB baseline 9b83cd2 -> filtermem, outputs byte-identical:
+N = 6,000 cold 160 -> 141, warm 161 -> 140; N = 27,558 cold 300 -> 220, warm 305 -> 215; growth
+6.7 -> 3.5 KB an image. Where the rest goes (tracemalloc at 27,558): the manifest frames (about 0.8 KB an
+image), and the hex pHash / base64 thumbnail texts label_conflicts and clean_table make per clean row for
+near_duplicate_groups (about 1.2 KB an image at their peak).
 """
 
 from __future__ import annotations
