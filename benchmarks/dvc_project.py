@@ -22,11 +22,13 @@ DVC = str(BIN / "dvc")
 
 
 def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None,
-                  dataset: str = "pneumonia") -> None:
-    """Copy the pipeline into ``dest`` (a new git repository) building ``dataset`` alone, from its inbox only
-    (``sources: []``), with edited params."""
+                  dataset: str = "pneumonia", root: Path = ROOT) -> None:
+    """Copy the pipeline of ``root`` (default: this checkout) into ``dest`` (a new git repository) building
+    ``dataset`` alone, from its inbox only (``sources: []``), with edited params."""
     for name in FILES:
-        src, dst = ROOT / name, dest / name
+        src, dst = root / name, dest / name
+        if not src.exists() and name.startswith("data/"):
+            continue  # an empty data folder is not in git (a worktree of another revision lacks it)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from PIL import Image
 from medflow.config import Config, parse_config
 from medflow.errors import StepError
 from medflow.imaging import phash, quality, verdict
+from medflow.imaging.verdict_store import VerdictStore
 from medflow.io import read_csv, read_json, sha256_file, write_csv
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 from tasks import filter as step
@@ -339,13 +341,24 @@ def test_index_round_trips_every_verdict(mixed: dict[str, Any]) -> None:
             assert rejects.loc[[sha], "reason"].iloc[0] == v.reason
 
 
+def _resaved(data: bytes, header: dict[str, Any] | None = None, **columns: Any) -> bytes:
+    """An index file's bytes saved again with another header or other columns (a well-formed .npz)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.npz"
+        path.write_bytes(data)
+        store, head = VerdictStore.load(path)
+        VerdictStore(store.sha, {**store.columns, **columns}).save(path, {**head, **(header or {})})
+        return path.read_bytes()
+
+
 @pytest.mark.parametrize("damage", [
-    lambda text: text[: len(text) // 2],  # a torn write (cannot happen through the atomic save)
-    lambda text: "\x00\xff" + text,
-    lambda text: text.replace('"L"', "7", 1),  # one record with a wrong type
-    lambda text: text.replace('"format":"medflow-filter-index-1"', '"format":"other"'),
-    lambda text: text.replace('"min_side":32', '"min_side":8'),  # written for another key
-    lambda text: "[]",
+    lambda data: data[: len(data) // 2],  # a torn write (cannot happen through the atomic save)
+    lambda data: b"\x00\xff" + data,
+    lambda data: b"[]",
+    lambda data: _resaved(data, {"format": "medflow-filter-index-1"}),  # an older format
+    lambda data: _resaved(data, {"key": {"version": "filter-4", "min_side": 8, "max_pixels": 1}}),  # another key
+    lambda data: _resaved(data, width=np.zeros(5, dtype=np.float64)),  # a column of the wrong type
+    lambda data: _resaved(data, reason=np.array(["duplicate"] * 5, dtype=object)),  # decided on the table only
 ])
 def test_corrupt_index_warns_and_rebuilds_with_the_same_outputs(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Any) -> None:
@@ -353,14 +366,29 @@ def test_corrupt_index_warns_and_rebuilds_with_the_same_outputs(
     cfg, out = _cfg(), tmp_path / "out"
     _, clean_before, _ = _run(_manifest(paths, root), out, cfg)
     index = _index_file(out, cfg)
-    good = index.read_text()
-    index.write_text(damage(good))
+    good = index.read_bytes()
+    index.write_bytes(damage(good))
     with caplog.at_level(logging.WARNING, logger="medflow.imaging.quality"):
         again, clean_after, _ = _run(_manifest(paths, root), out, cfg)
     assert (again["decoded"], again["cached"]) == (5, 0)
     assert f"{index}: corrupt filter cache index" in caplog.text and "rebuilding" in caplog.text
     pd.testing.assert_frame_equal(clean_after, clean_before)
-    assert index.read_text() == good  # rebuilt to the same bytes
+    assert index.read_bytes() == good  # rebuilt to the same bytes
+
+
+def test_json_index_of_format_1_is_ignored_and_removed(tmp_path: Path) -> None:
+    paths, root = _five(tmp_path)
+    cfg, out = _cfg(), tmp_path / "out"
+    old = _index_file(out, cfg).with_suffix(".json")
+    old.parent.mkdir(parents=True)
+    sha = sha256_file(paths[0])  # a wrong verdict for the first file: it must not be used
+    old.write_text(json.dumps({"format": "medflow-filter-index-1", "key": quality.cache_key(cfg.filter),
+                               "fields": ["reason", "detail", "phash", "thumb", "mode", "format", "width", "height"],
+                               "verdicts": {sha: ["decode_error", "old", "", "", "L", "PNG", 8, 8]}}))
+    first, clean, _ = _run(_manifest(paths, root), out, cfg)
+    assert (first["decoded"], first["cached"]) == (5, 0)
+    assert len(clean) == 5
+    assert not old.exists()
 
 
 def test_failed_save_keeps_the_previous_index(tmp_path: Path) -> None:
@@ -369,9 +397,9 @@ def test_failed_save_keeps_the_previous_index(tmp_path: Path) -> None:
     _run(_manifest(paths, root), out, cfg)
     before = _index_file(out, cfg).read_bytes()
     index = quality.VerdictIndex.load(out / "cache", cfg.filter)
-    index.verdicts["f" * 64] = verdict.Verdict(detail=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        index.save()  # fails after part of the new index was written to its temporary file
+    index.add("f" * 64, verdict.Verdict("decode_error", detail=object()))  # type: ignore[arg-type]
+    with pytest.raises(AttributeError, match="encode"):
+        index.save()  # fails before anything replaces the index
     assert _index_file(out, cfg).read_bytes() == before
     assert sorted(p.name for p in (out / "cache").iterdir()) == [_index_file(out, cfg).name]
 

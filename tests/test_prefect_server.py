@@ -50,6 +50,7 @@ EVIL = "https://evil.example"
 DATASETS = ("pneumonia", "malaria", "melanoma", "covid_ct")  # the shipped catalog: each gets both deployments
 DEPLOYMENTS = tuple(name for ds in DATASETS for name in (f"medflow/train-{ds}", f"medflow-retrain/retrain-{ds}"))
 POOL = "medflow"  # the process work pool `medflow deploy` creates
+OTHER_POOL = "not-a-process-pool"  # made as a kubernetes pool: `medflow deploy` refuses it
 DB_ENV = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")  # the caller's database settings: not this server's
 
 
@@ -117,10 +118,23 @@ class Server:
         deploy = subprocess.run([str(BIN / "medflow"), "deploy", "--pool", POOL, "--project", str(self.project)],
                                 cwd=self.project, env=self.env, capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stderr[-3000:]
+        self._refuses_another_pool_type()
         self.deployment = {name: self._deployment_id(name) or "" for name in DEPLOYMENTS}
         assert all(self.deployment.values()), self.deployment
         self.procs.append(procs.start([str(BIN / "prefect"), "worker", "start", "--pool", POOL], self.project,
                                       {**self.env, "PREFECT_API_AUTH_STRING": self.secret}, self.logs[1]))
+
+    def _refuses_another_pool_type(self) -> None:
+        """A work pool of another type (its workers would not run a checkout's flows in place) is refused, by name."""
+        made = self.http.post(f"{self.api}/work_pools/", json={"name": OTHER_POOL, "type": "kubernetes"})
+        assert made.status_code == 201, made.text
+        refused = subprocess.run([str(BIN / "medflow"), "deploy", "--pool", OTHER_POOL, "--project",
+                                  str(self.project)], cwd=self.project, env=self.env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        assert f"work pool {OTHER_POOL!r} is a 'kubernetes' pool; medflow deploys to a 'process' pool" in refused.stderr
+        listed = self.http.post(f"{self.api}/deployments/filter", json={"work_pools": {"name": {"any_": [OTHER_POOL]}}})
+        assert listed.status_code == 200 and listed.json() == [], listed.text  # nothing was deployed there
 
     def serve(self) -> None:
         """Stop the worker; ``medflow serve`` takes the deployments out of the pool and runs them itself."""

@@ -53,7 +53,7 @@ also holds crop frames (pHash and thumbnail of centred crops, ``phash.CROP_SCALE
 matching another's full frame under the same two tests links them too, so a slightly cropped copy joins its
 original (:func:`medflow.imaging.phash.frame_pairs`).
 
-Verdicts are cached in one packed index per cache key, ``<cache>/<key>.json`` (:class:`VerdictIndex`),
+Verdicts are cached in one packed index per cache key, ``<cache>/<key>.npz`` (:class:`VerdictIndex`),
 where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depends on (min_side,
 max_pixels): when new data lands only new content is decoded. Cached files are not re-read: the
 manifest's sha256 (checked against the bytes whenever a file is decoded) and a size check of every file
@@ -71,10 +71,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,9 @@ from medflow.errors import StepError
 from medflow.imaging import cluster, phash
 from medflow.imaging.files import file_problem
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
+from medflow.imaging.verdict_store import VerdictStore
 from medflow.imaging.workers import main_hidden, mp_context
-from medflow.io import atomic_open, n_workers, sha256_file
+from medflow.io import n_workers, sha256_file
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,9 @@ def checked_shas(df: pd.DataFrame, source: Path) -> pd.Series:
 # --------------------------------------------------------------------------------------------------
 # The verdict index: one packed file per cache key
 
-_INDEX_FORMAT = "medflow-filter-index-1"
-_FIELDS = [f.name for f in fields(Verdict)]  # the order of each record's values
-_FIELD_TYPES = tuple(int if f.type in (int, "int") else str for f in fields(Verdict))
+_INDEX_FORMAT = "medflow-filter-index-2"  # 2: columnar .npz (medflow.imaging.verdict_store); 1: one JSON document
+_FIELDS = [f.name for f in fields(Verdict)]  # what the index holds (a changed Verdict: another file)
+_ADD_CHUNK = 2048  # decoded verdicts held as objects before they join the index's arrays
 
 
 def cache_key(cfg: FilterConfig) -> dict[str, Any]:
@@ -198,28 +199,48 @@ def cache_key(cfg: FilterConfig) -> dict[str, Any]:
 
 
 def index_path(cache: Path, cfg: FilterConfig) -> Path:
-    """``<cache>/<FILTER_VERSION>-<digest of the cache key>.json``: one index per parameter set."""
+    """``<cache>/<FILTER_VERSION>-<digest of the cache key>.npz``: one index per parameter set."""
     digest = hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache) / f"{FILTER_VERSION}-{digest}.json"
+    return Path(cache) / f"{FILTER_VERSION}-{digest}.npz"
 
 
 @dataclass
 class VerdictIndex:
-    """The filter's verdict cache for one cache key: sha256 -> Verdict, kept in one JSON file.
+    """The filter's verdict cache for one cache key: sha256 -> Verdict, kept in one ``.npz`` file, column by
+    column (:class:`medflow.imaging.verdict_store.VerdictStore`: about 360 bytes a verdict in memory, loaded
+    without a per-record parse).
 
-    Why one JSON document rewritten whole (temp file + fsync + rename) rather than an append-only log or
-    SQLite: a reader sees the old index or the new one, never half of either, a crash leaves the previous
-    index in place, and there is no partial-record or lock handling to get right. It is loaded once per
-    run and saved once after decoding (plus every :data:`_CHECKPOINT_S` seconds while decoding), so the
-    rewrite costs one sequential write per run: about 110 bytes per verdict, 11 MB for 100k images. Two
-    runs saving at once are safe too: the last rename wins and the other run's new verdicts are decoded
-    again next time, never wrong. The file is ``{"format", "key", "fields", "verdicts": {sha256: [values
-    in the order of "fields"]}}``, sorted by sha256 so that equal caches are equal files.
+    Why one file rewritten whole (temp file + fsync + rename) rather than an append-only log or SQLite: a
+    reader sees the old index or the new one, never half of either, a crash leaves the previous index in
+    place, and there is no partial-record or lock handling to get right. It is loaded once per run and saved
+    once after decoding (plus every :data:`_CHECKPOINT_S` seconds while decoding), so the rewrite costs one
+    sequential write per run: about 360 bytes per verdict, 36 MB for 100k images. Two runs saving at once are
+    safe too: the last rename wins and the other run's new verdicts are decoded again next time, never wrong.
+    Rows are sorted by sha256 and the file carries no time stamp, so that equal caches are equal files. The
+    JSON index of earlier versions (``<key>.json``, format 1) is not read, and removed by the first save.
     """
 
     path: Path
     key: dict[str, Any]
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    store: VerdictStore = field(default_factory=VerdictStore.empty)
+    _new: dict[str, Verdict] = field(default_factory=dict)  # added since the last flush into ``store``
+
+    @property
+    def verdicts(self) -> VerdictStore:
+        """Every verdict of the index (a read-only mapping sha256 -> Verdict)."""
+        self._flush()
+        return self.store
+
+    def add(self, sha: str, verdict: Verdict) -> None:
+        """Add one checked verdict (joining the arrays every :data:`_ADD_CHUNK`)."""
+        self._new[sha] = verdict
+        if len(self._new) >= _ADD_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._new:
+            self.store = self.store.merged(VerdictStore.build(self._new.items()))
+            self._new = {}
 
     @classmethod
     def load(cls, cache: Path, cfg: FilterConfig) -> VerdictIndex:
@@ -230,26 +251,41 @@ class VerdictIndex:
         """
         path, key = index_path(cache, cfg), cache_key(cfg)
         try:
-            raw = path.read_bytes()
+            store, header = VerdictStore.load(path)
         except FileNotFoundError:
             return cls(path, key)
         except OSError as e:
             log.warning("%s: cannot read the filter cache index (%s); rebuilding it", path, e.strerror)
             return cls(path, key)
-        try:
-            return cls(path, key, _parse_index(raw, key))
         except ValueError as e:
             log.warning("%s: corrupt filter cache index (%s); rebuilding it: every image is decoded again",
                         path, e)
             return cls(path, key)
+        try:
+            _check_index(store, header, key)
+        except ValueError as e:
+            log.warning("%s: corrupt filter cache index (%s); rebuilding it: every image is decoded again",
+                        path, e)
+            return cls(path, key)
+        return cls(path, key, store)
 
     def save(self) -> None:
         """Write the whole index atomically (temp file, fsync, rename onto the final name)."""
-        doc = {"format": _INDEX_FORMAT, "key": self.key, "fields": _FIELDS,
-               "verdicts": {sha: list(astuple(self.verdicts[sha])) for sha in sorted(self.verdicts)}}
-        with atomic_open(self.path) as f:
-            json.dump(doc, f, separators=(",", ":"))
+        self._flush()
+        self.store.save(self.path, {"format": _INDEX_FORMAT, "key": self.key, "fields": _FIELDS})
+        self.path.with_suffix(".json").unlink(missing_ok=True)  # format 1, never read now
         drop_per_file_entries(self.path.parent)
+
+
+def _check_index(store: VerdictStore, header: dict[str, Any], key: dict[str, Any]) -> None:
+    """ValueError saying what is wrong with a loaded index (any doubt rejects the whole file)."""
+    if header.get("format") != _INDEX_FORMAT:
+        raise ValueError(f"not a {_INDEX_FORMAT} file")
+    if header.get("key") != key or header.get("fields") != _FIELDS:
+        raise ValueError(f"written for key {header.get('key')} and fields {header.get('fields')}")
+    reasons = set(store.columns["reason"])
+    if not reasons <= {"", *REASONS} - _TABLE_REASONS:
+        raise ValueError(f"unknown reason(s) {sorted(reasons - {'', *REASONS} - _TABLE_REASONS)}")
 
 
 _PER_FILE_FOLDER = re.compile(r"^filter-\d+-[0-9a-f]{16}$")  # <FILTER_VERSION>-<key digest> of the old layout
@@ -269,44 +305,12 @@ def drop_per_file_entries(cache: Path) -> list[Path]:
     return removed
 
 
-def _parse_index(raw: bytes, key: dict[str, Any]) -> dict[str, Verdict]:
-    """Verdicts of an index file; ValueError saying what is wrong with it (any doubt rejects the whole file)."""
-    doc = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    if not isinstance(doc, dict) or doc.get("format") != _INDEX_FORMAT:
-        raise ValueError(f"not a {_INDEX_FORMAT} file")
-    if doc.get("key") != key or doc.get("fields") != _FIELDS:
-        raise ValueError(f"written for key {doc.get('key')} and fields {doc.get('fields')}")
-    entries = doc.get("verdicts")
-    if not isinstance(entries, dict):
-        raise ValueError("no 'verdicts' mapping")
-    return {sha: _record(sha, values) for sha, values in entries.items()}
-
-
-def _record(sha: str, values: Any) -> Verdict:
-    """One index record as a Verdict; ValueError for a malformed sha256, value count, type or reason."""
-    if not _SHA_RE.match(sha):
-        raise ValueError(f"bad sha256 {sha[:80]!r}")
-    if (not isinstance(values, list) or len(values) != len(_FIELD_TYPES)
-            or not all(type(v) is t for v, t in zip(values, _FIELD_TYPES, strict=True))):
-        raise ValueError(f"malformed record for {sha}: {str(values)[:120]}")
-    verdict = Verdict(*values)
-    if verdict.reason not in ("", *REASONS) or verdict.reason in _TABLE_REASONS:
-        raise ValueError(f"unknown reason {verdict.reason!r} for {sha}")
-    if verdict.ok and len(verdict.phash) != 16:
-        raise ValueError(f"good verdict without a 16-digit pHash for {sha}")
-    if verdict.ok and len(verdict.thumb) != phash.THUMB_CHARS:
-        raise ValueError(f"good verdict without a thumbnail for {sha}")
-    if verdict.ok and len(verdict.crops) != phash.FRAME_CHARS * len(phash.CROP_SCALES):
-        raise ValueError(f"good verdict without its {len(phash.CROP_SCALES)} crop frames for {sha}")
-    return verdict
-
-
 # --------------------------------------------------------------------------------------------------
 # Verdicts: the index first, then decoding what is new
 
 
 def content_verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, index: VerdictIndex,
-                     source: Path, dask_address: str | None = None) -> tuple[dict[str, Verdict], int]:
+                     source: Path, dask_address: str | None = None) -> tuple[Mapping[str, Verdict], int]:
     """Verdict per distinct sha256, and how many were decoded (the rest came from ``index``).
 
     Each new content is decoded once, from its first path in manifest order; its verdict joins ``index``,
@@ -314,14 +318,15 @@ def content_verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, index
     ``dask_address`` (else ``$DASK_SCHEDULER_ADDRESS``): decode on that Dask cluster (:mod:`medflow.imaging.cluster`).
     """
     first = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
-    todo = {sha: path for sha, path in zip(first["sha"], first["path"], strict=True)
-            if sha not in index.verdicts}
+    known = index.verdicts.rows(first["sha"].to_numpy()) >= 0
+    todo = {sha: path for sha, path, hit in zip(first["sha"], first["path"], known, strict=True) if not hit}
     if todo:
         try:
             _decode_into(index, todo, cfg, source, dask_address)
         finally:
             index.save()
-    return {sha: index.verdicts[sha] for sha in first["sha"]}, len(todo)
+    store = index.verdicts
+    return store.take(store.rows(first["sha"].to_numpy())), len(todo)
 
 
 def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, source: Path,
@@ -329,7 +334,7 @@ def _decode_into(index: VerdictIndex, todo: dict[str, str], cfg: FilterConfig, s
     """Decode ``todo`` (sha256 -> path), adding each checked verdict to ``index`` as it arrives."""
     last_save = time.monotonic()
     for n, (sha, verdict) in enumerate(_decode_all(todo, cfg, source, dask_address), start=1):
-        index.verdicts[sha] = verdict
+        index.add(sha, verdict)
         if n % 5000 == 0:
             log.info("filter: decoded %d / %d", n, len(todo))
         if time.monotonic() - last_save > _CHECKPOINT_S:
@@ -399,7 +404,7 @@ def _checked(todo: dict[str, str], results: Iterator[tuple[str, Verdict]],
 # Pure table logic
 
 
-def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) -> pd.DataFrame:
+def classify(paths: pd.Series, shas: pd.Series, verdicts: Mapping[str, Verdict]) -> pd.DataFrame:
     """Per row: reason ("" = clean) and detail, from the content verdicts and exact duplicates.
 
     A bad content's reason applies to every copy; of a good content's copies the first in manifest
@@ -422,7 +427,7 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: dict[str, Verdict]) ->
     return pd.DataFrame({"reason": reasons, "detail": details}, index=paths.index)
 
 
-def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
+def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: Mapping[str, Verdict],
                     max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
     """``status`` (from :func:`classify`) with every copy of a good content that carries two labels made
     ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash and
@@ -441,10 +446,9 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     if kept.sum() < 2:
         return out
     keepers = df.index[kept]
-    kept_verdicts = [verdicts[s] for s in shas[kept]]
-    groups = near_duplicate_groups(shas[kept], pd.Series([v.phash for v in kept_verdicts], index=keepers),
-                                   max_distance, pd.Series([v.thumb for v in kept_verdicts], index=keepers),
-                                   min_correlation, pd.Series([v.crops for v in kept_verdicts], index=keepers))
+    groups = near_duplicate_groups(shas[kept], pd.Series(_field(verdicts, shas[kept], "phash"), index=keepers),
+                                   max_distance, pd.Series(_field(verdicts, shas[kept], "thumb"), index=keepers),
+                                   min_correlation, pd.Series(_field(verdicts, shas[kept], "crops"), index=keepers))
     n_group_classes = classes[groups.index].groupby(groups).nunique()  # one pass, not one per group
     mixed = groups[groups.isin(n_group_classes.index[n_group_classes > 1])]
     for _, members in mixed.groupby(mixed):
@@ -486,28 +490,34 @@ def _as_ints(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def _fill_header(df: pd.DataFrame, verdicts: list[Verdict]) -> pd.DataFrame:
+def _field(verdicts: Mapping[str, Verdict], shas: pd.Series, name: str) -> list[Any]:
+    """Field ``name`` of each sha256's verdict (from a VerdictStore's columns without making the Verdicts)."""
+    if isinstance(verdicts, VerdictStore):
+        return verdicts.field_values(name, shas.to_numpy())
+    return [getattr(verdicts[s], name) for s in shas]
+
+
+def _fill_header(df: pd.DataFrame, verdicts: Mapping[str, Verdict], shas: pd.Series) -> pd.DataFrame:
     """Fill width/height/mode/format left blank by the manifest (header unread) from the decode."""
     out = df.copy()
     for col in ("width", "height", "mode", "format"):
-        decoded = pd.Series([getattr(v, col) for v in verdicts], index=out.index)
+        decoded = pd.Series(_field(verdicts, shas, col), index=out.index)
         blank = out[col].isna()
         if blank.any():
             out[col] = out[col].astype(object).where(~blank, decoded)
     return out
 
 
-def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: dict[str, Verdict],
+def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: Mapping[str, Verdict],
                 max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
     """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and near-duplicate group."""
     good = status["reason"] == ""
     clean = df.loc[good].copy()
     clean["sha256"] = shas[good]
-    row_verdicts = [verdicts[s] for s in clean["sha256"]]
-    clean = _fill_header(clean, row_verdicts)
-    clean["phash"] = [v.phash for v in row_verdicts]
-    thumbs = pd.Series([v.thumb for v in row_verdicts], index=clean.index)
-    crops = pd.Series([v.crops for v in row_verdicts], index=clean.index)
+    clean = _fill_header(clean, verdicts, clean["sha256"])
+    clean["phash"] = _field(verdicts, clean["sha256"], "phash")
+    thumbs = pd.Series(_field(verdicts, clean["sha256"], "thumb"), index=clean.index)
+    crops = pd.Series(_field(verdicts, clean["sha256"], "crops"), index=clean.index)
     clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
                                                min_correlation, crops)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
