@@ -108,3 +108,15 @@ def test_loading_the_index_holds_about_its_array_bytes(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert len(loaded.verdicts) == n + 2
     assert peak / n < 1400 and held / n < 1000, (held / n, peak / n)
+
+
+def test_frames_from_the_columns_equal_those_parsed_from_the_texts() -> None:
+    """The filter groups near duplicates from the store's columns; they must be the frames the texts give."""
+    verdicts = _verdicts(40)
+    store = VerdictStore.build(verdicts.items())
+    good = [s for s, v in verdicts.items() if v.ok][::-1]  # any order
+    hashes, thumbs = store.frames(good)
+    want_h, want_t = phash.frames([verdicts[s].phash for s in good], [verdicts[s].thumb for s in good],
+                                  [verdicts[s].crops for s in good])
+    assert hashes.dtype == want_h.dtype and (hashes == want_h).all()
+    assert thumbs.dtype == want_t.dtype and (thumbs == want_t).all()

@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from medflow.config import FilterConfig
@@ -445,10 +446,7 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
     kept = out["reason"] == ""
     if kept.sum() < 2:
         return out
-    keepers = df.index[kept]
-    groups = near_duplicate_groups(shas[kept], pd.Series(_field(verdicts, shas[kept], "phash"), index=keepers),
-                                   max_distance, pd.Series(_field(verdicts, shas[kept], "thumb"), index=keepers),
-                                   min_correlation, pd.Series(_field(verdicts, shas[kept], "crops"), index=keepers))
+    groups = _groups_of(verdicts, shas[kept], max_distance, min_correlation)
     n_group_classes = classes[groups.index].groupby(groups).nunique()  # one pass, not one per group
     mixed = groups[groups.isin(n_group_classes.index[n_group_classes > 1])]
     for _, members in mixed.groupby(mixed):
@@ -478,7 +476,24 @@ def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
         pairs = phash.near_pairs(phash.pack(hashes), max_distance)
         if thumbs is not None:
             pairs = phash.confirmed(pairs, phash.thumbnails(list(thumbs)), min_correlation)
-    roots = phash.components(len(hashes), pairs)
+    return _dup_groups(shas, pairs)
+
+
+def _groups_of(verdicts: Mapping[str, Verdict], shas: pd.Series, max_distance: int,
+               min_correlation: float) -> pd.Series:
+    """:func:`near_duplicate_groups` of the good verdicts of ``shas`` with their thumbnails and crop frames; from
+    a VerdictStore's columns directly (no pHash, thumbnail or crop text made: 27,558 of them were most of the
+    step's peak memory)."""
+    if not isinstance(verdicts, VerdictStore):
+        return near_duplicate_groups(shas, pd.Series(_field(verdicts, shas, "phash"), index=shas.index),
+                                     max_distance, pd.Series(_field(verdicts, shas, "thumb"), index=shas.index),
+                                     min_correlation, pd.Series(_field(verdicts, shas, "crops"), index=shas.index))
+    frame_hashes, frame_thumbs = verdicts.frames(shas.to_numpy())
+    return _dup_groups(shas, phash.frame_pairs(frame_hashes, max_distance, frame_thumbs, min_correlation))
+
+
+def _dup_groups(shas: pd.Series, pairs: npt.NDArray[np.int64]) -> pd.Series:
+    roots = phash.components(len(shas), pairs)
     return pd.Series(shas.to_numpy()[roots], index=shas.index, name="dup_group", dtype=str)
 
 
@@ -516,10 +531,7 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     clean["sha256"] = shas[good]
     clean = _fill_header(clean, verdicts, clean["sha256"])
     clean["phash"] = _field(verdicts, clean["sha256"], "phash")
-    thumbs = pd.Series(_field(verdicts, clean["sha256"], "thumb"), index=clean.index)
-    crops = pd.Series(_field(verdicts, clean["sha256"], "crops"), index=clean.index)
-    clean["dup_group"] = near_duplicate_groups(clean["sha256"], clean["phash"], max_distance, thumbs,
-                                               min_correlation, crops)
+    clean["dup_group"] = _groups_of(verdicts, clean["sha256"], max_distance, min_correlation)
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 

@@ -153,6 +153,23 @@ class VerdictStore(Mapping[str, Verdict]):
         values.update({name: col.unpack(c[name][row]) if ok else "" for name, col in ARRAYS.items()})
         return Verdict(**values)
 
+    def frames(self, shas: npt.ArrayLike) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
+        """The frames of each sha256's (present, good) verdict as :func:`medflow.imaging.phash.frames` gives them
+        from the texts: (n, FRAMES) hashes and (n, FRAMES, THUMB_SIDE^2) thumbnails, full frame first, read
+        from the columns (no text made)."""
+        rows = self.rows(shas)
+        if (rows < 0).any():
+            raise KeyError(np.asarray(shas).reshape(-1)[int(np.argmax(rows < 0))])
+        n, side = len(rows), phash.THUMB_SIDE * phash.THUMB_SIDE
+        crops = self.columns["crops"][rows].reshape(n, len(phash.CROP_SCALES), _FRAME_BYTES)
+        hashes = np.empty((n, phash.FRAMES), dtype=np.uint64)
+        hashes[:, 0] = self.columns["phash"][rows]
+        hashes[:, 1:] = np.ascontiguousarray(crops[:, :, :8]).view(">u8")[:, :, 0]
+        thumbs = np.empty((n, phash.FRAMES, side), dtype=np.uint8)
+        thumbs[:, 0] = self.columns["thumb"][rows]
+        thumbs[:, 1:] = crops[:, :, 8:]
+        return hashes, thumbs
+
     def field_values(self, name: str, shas: npt.ArrayLike) -> list[Any]:
         """Field ``name`` of the Verdict of each sha256 (all present), without making the Verdicts."""
         rows = self.rows(shas)
