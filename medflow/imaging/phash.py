@@ -130,16 +130,25 @@ def frames(hashes: Sequence[str], thumbs: Sequence[str],
     packed[:, 0] = pack(hashes)
     pixels[:, 0] = thumbnails(thumbs)
     for k, text in enumerate(crops):
-        if len(text) != FRAME_CHARS * len(CROP_SCALES):
-            raise ValueError(f"not {len(CROP_SCALES)} crop frames (item {k}): {text[:40]!r}")
-        for f in range(len(CROP_SCALES)):
-            at = f * FRAME_CHARS
-            try:
-                packed[k, f + 1] = int(text[at:at + 16], 16)
-            except ValueError:
-                raise ValueError(f"not a hex hash in crop frame {f} (item {k}): {text[at:at + 16]!r}") from None
-            pixels[k, f + 1] = _thumbnail(text[at + 16:at + FRAME_CHARS], k)
+        for f, (value, thumb) in enumerate(crop_frame_parts(text, k), start=1):
+            packed[k, f], pixels[k, f] = value, thumb
     return packed, pixels
+
+
+def crop_frame_parts(text: str, item: int = 0) -> list[tuple[int, npt.NDArray[np.uint8]]]:
+    """(pHash, thumbnail bytes) of each crop frame of one crop-frame text (:func:`crop_frames`), in
+    CROP_SCALES order; ValueError naming ``item`` when it is malformed."""
+    if len(text) != FRAME_CHARS * len(CROP_SCALES):
+        raise ValueError(f"not {len(CROP_SCALES)} crop frames (item {item}): {text[:40]!r}")
+    parts = []
+    for f in range(len(CROP_SCALES)):
+        at = f * FRAME_CHARS
+        try:
+            value = int(text[at:at + 16], 16)
+        except ValueError:
+            raise ValueError(f"not a hex hash in crop frame {f} (item {item}): {text[at:at + 16]!r}") from None
+        parts.append((value, _thumbnail(text[at + 16:at + FRAME_CHARS], item)))
+    return parts
 
 
 def correlations(thumbs: npt.NDArray[np.uint8], pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
