@@ -47,11 +47,10 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     status = quality.with_unreadable(quality.classify(df.loc[readable.index, "path"], shas, verdicts), unreadable,
                                      df.index)
     shas = shas.reindex(df.index, fill_value="")
-    status = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance,
-                                     fcfg.near_duplicate_min_correlation)
+    status, groups = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance,
+                                             fcfg.near_duplicate_min_correlation)
     _warn_conflicts(df["path"], status)
-    clean_df = quality.clean_table(df, shas, status, verdicts, fcfg.near_duplicate_distance,
-                                   fcfg.near_duplicate_min_correlation)
+    clean_df = quality.clean_table(df, shas, status, verdicts, groups)
     rejects_df = quality.rejects_table(df, shas, status)
     result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
     write_csv(clean, clean_df)

@@ -71,7 +71,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
@@ -208,14 +208,14 @@ def index_path(cache: Path, cfg: FilterConfig) -> Path:
 @dataclass
 class VerdictIndex:
     """The filter's verdict cache for one cache key: sha256 -> Verdict, kept in one ``.npz`` file, column by
-    column (:class:`medflow.imaging.verdict_store.VerdictStore`: about 360 bytes a verdict in memory, loaded
-    without a per-record parse).
+    column (:class:`medflow.imaging.verdict_store.VerdictStore`: about 900 bytes a verdict in memory, most of
+    it the three frames' thumbnails, loaded without a per-record parse).
 
     Why one file rewritten whole (temp file + fsync + rename) rather than an append-only log or SQLite: a
     reader sees the old index or the new one, never half of either, a crash leaves the previous index in
     place, and there is no partial-record or lock handling to get right. It is loaded once per run and saved
     once after decoding (plus every :data:`_CHECKPOINT_S` seconds while decoding), so the rewrite costs one
-    sequential write per run: about 360 bytes per verdict, 36 MB for 100k images. Two runs saving at once are
+    sequential write per run: about 900 bytes per verdict, 90 MB for 100k images. Two runs saving at once are
     safe too: the last rename wins and the other run's new verdicts are decoded again next time, never wrong.
     Rows are sorted by sha256 and the file carries no time stamp, so that equal caches are equal files. The
     JSON index of earlier versions (``<key>.json``, format 1) is not read, and removed by the first save.
@@ -311,7 +311,7 @@ def drop_per_file_entries(cache: Path) -> list[Path]:
 
 
 def content_verdicts(shas: pd.Series, paths: pd.Series, cfg: FilterConfig, index: VerdictIndex,
-                     source: Path, dask_address: str | None = None) -> tuple[Mapping[str, Verdict], int]:
+                     source: Path, dask_address: str | None = None) -> tuple[VerdictStore, int]:
     """Verdict per distinct sha256, and how many were decoded (the rest came from ``index``).
 
     Each new content is decoded once, from its first path in manifest order; its verdict joins ``index``,
@@ -405,58 +405,57 @@ def _checked(todo: dict[str, str], results: Iterator[tuple[str, Verdict]],
 # Pure table logic
 
 
-def classify(paths: pd.Series, shas: pd.Series, verdicts: Mapping[str, Verdict]) -> pd.DataFrame:
+def classify(paths: pd.Series, shas: pd.Series, verdicts: VerdictStore) -> pd.DataFrame:
     """Per row: reason ("" = clean) and detail, from the content verdicts and exact duplicates.
 
     A bad content's reason applies to every copy; of a good content's copies the first in manifest
-    order is kept and the others are ``duplicate``.
+    order is kept and the others are ``duplicate``. Read from the store's columns (no Verdict made per row).
     """
-    kept = pd.DataFrame({"sha": shas, "path": paths}).drop_duplicates("sha")
-    keeper = dict(zip(kept["sha"], kept["path"], strict=True))
-    reasons, details = [], []
-    for path, sha in zip(paths, shas, strict=True):
-        v = verdicts[sha]
-        if not v.ok:
-            reasons.append(v.reason)
-            details.append(v.detail)
-        elif keeper[sha] != path:
-            reasons.append("duplicate")
-            details.append(f"duplicate of {keeper[sha]}")
-        else:
-            reasons.append("")
-            details.append("")
-    return pd.DataFrame({"reason": reasons, "detail": details}, index=paths.index)
+    reason = pd.Series(verdicts.field_values("reason", shas.to_numpy()), index=paths.index, dtype=object)
+    detail = pd.Series(verdicts.field_values("detail", shas.to_numpy()), index=paths.index, dtype=object)
+    keeper = paths.groupby(shas, sort=False).transform("first")  # each content's first path in manifest order
+    copy = (reason == "") & (keeper != paths)
+    reason[copy] = "duplicate"
+    detail[copy] = "duplicate of " + keeper[copy]
+    return pd.DataFrame({"reason": reason, "detail": detail}, index=paths.index)
 
 
-def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: Mapping[str, Verdict],
-                    max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
+def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: VerdictStore,
+                    max_distance: int, min_correlation: float = -1.0) -> tuple[pd.DataFrame, pd.Series]:
     """``status`` (from :func:`classify`) with every copy of a good content that carries two labels made
     ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash and
     thumbnails, as :func:`near_duplicate_groups`) whose members span two classes. The detail names the other
-    paths."""
+    paths. Also returns the ``dup_group`` of every row still clean, for :func:`clean_table`: a mixed group
+    leaves whole, so the groups of the rows left are the same, and are computed once."""
     out = status.copy()
     paths, classes = df["path"].astype(str), df["class_name"].astype(str)
-    good = pd.Series([s in verdicts and verdicts[s].ok for s in shas], index=df.index)  # '' : unreadable
+    good = pd.Series(verdicts.ok(shas.to_numpy()), index=df.index)  # '' (unreadable): not in the store
+    copies_of = _copies(shas, out["reason"])  # sha256 -> its rows still clean or duplicate
     n_classes = classes[good].groupby(shas[good]).nunique()
     for sha in n_classes.index[n_classes > 1]:
-        rows = df.index[shas == sha]
+        rows = copies_of[sha]
         for i in rows:
             named = [f"{paths[j]} labelled {classes[j]}" for j in rows if j != i][:_NAMED_MAX]
             out.loc[i, ["reason", "detail"]] = [LABEL_CONFLICT, "same content as " + "; ".join(named)]
     kept = out["reason"] == ""
-    if kept.sum() < 2:
-        return out
     groups = _groups_of(verdicts, shas[kept], max_distance, min_correlation)
     n_group_classes = classes[groups.index].groupby(groups).nunique()  # one pass, not one per group
-    mixed = groups[groups.isin(n_group_classes.index[n_group_classes > 1])]
-    for _, members in mixed.groupby(mixed):
+    mixed = groups.isin(n_group_classes.index[n_group_classes > 1])
+    for _, members in groups[mixed].groupby(groups[mixed]):
         for i in members.index:
             named = [f"near duplicate of {paths[j]} labelled {classes[j]}" for j in members.index
                      if classes[j] != classes[i]][:_NAMED_MAX]
-            copies = df.index[(shas == shas[i]) & (out["reason"].isin(["", "duplicate"]))]
-            out.loc[copies, "reason"] = LABEL_CONFLICT
-            out.loc[copies, "detail"] = "; ".join(named)
-    return out
+            rows = copies_of[shas[i]]
+            out.loc[rows, "reason"] = LABEL_CONFLICT
+            out.loc[rows, "detail"] = "; ".join(named)
+    return out, groups[~mixed]
+
+
+def _copies(shas: pd.Series, reason: pd.Series) -> dict[str, pd.Index]:
+    """The rows of each sha256 whose reason is "" or ``duplicate`` (the copies a label conflict takes): one
+    grouping, not one scan of the table per conflicting row."""
+    takeable = reason.isin(["", "duplicate"]) & (shas != "")
+    return {sha: rows for sha, rows in shas[takeable].groupby(shas[takeable]).groups.items()}
 
 
 def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
@@ -479,15 +478,12 @@ def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
     return _dup_groups(shas, pairs)
 
 
-def _groups_of(verdicts: Mapping[str, Verdict], shas: pd.Series, max_distance: int,
-               min_correlation: float) -> pd.Series:
-    """:func:`near_duplicate_groups` of the good verdicts of ``shas`` with their thumbnails and crop frames; from
-    a VerdictStore's columns directly (no pHash, thumbnail or crop text made: 27,558 of them were most of the
+def _groups_of(verdicts: VerdictStore, shas: pd.Series, max_distance: int, min_correlation: float) -> pd.Series:
+    """:func:`near_duplicate_groups` of the good verdicts of ``shas`` with their thumbnails and crop frames, from
+    the store's columns directly (no pHash, thumbnail or crop text made: 27,558 of them were most of the
     step's peak memory)."""
-    if not isinstance(verdicts, VerdictStore):
-        return near_duplicate_groups(shas, pd.Series(_field(verdicts, shas, "phash"), index=shas.index),
-                                     max_distance, pd.Series(_field(verdicts, shas, "thumb"), index=shas.index),
-                                     min_correlation, pd.Series(_field(verdicts, shas, "crops"), index=shas.index))
+    if shas.empty:
+        return pd.Series([], index=shas.index, name="dup_group", dtype=str)
     frame_hashes, frame_thumbs = verdicts.frames(shas.to_numpy())
     return _dup_groups(shas, phash.frame_pairs(frame_hashes, max_distance, frame_thumbs, min_correlation))
 
@@ -505,14 +501,12 @@ def _as_ints(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def _field(verdicts: Mapping[str, Verdict], shas: pd.Series, name: str) -> list[Any]:
-    """Field ``name`` of each sha256's verdict (from a VerdictStore's columns without making the Verdicts)."""
-    if isinstance(verdicts, VerdictStore):
-        return verdicts.field_values(name, shas.to_numpy())
-    return [getattr(verdicts[s], name) for s in shas]
+def _field(verdicts: VerdictStore, shas: pd.Series, name: str) -> list[Any]:
+    """Field ``name`` of each sha256's verdict (from the store's columns, without making the Verdicts)."""
+    return verdicts.field_values(name, shas.to_numpy())
 
 
-def _fill_header(df: pd.DataFrame, verdicts: Mapping[str, Verdict], shas: pd.Series) -> pd.DataFrame:
+def _fill_header(df: pd.DataFrame, verdicts: VerdictStore, shas: pd.Series) -> pd.DataFrame:
     """Fill width/height/mode/format left blank by the manifest (header unread) from the decode."""
     out = df.copy()
     for col in ("width", "height", "mode", "format"):
@@ -523,15 +517,18 @@ def _fill_header(df: pd.DataFrame, verdicts: Mapping[str, Verdict], shas: pd.Ser
     return out
 
 
-def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: Mapping[str, Verdict],
-                max_distance: int, min_correlation: float = -1.0) -> pd.DataFrame:
-    """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and near-duplicate group."""
+def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: VerdictStore,
+                groups: pd.Series) -> pd.DataFrame:
+    """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and the near-duplicate group
+    ``groups`` (from :func:`label_conflicts`) gives each."""
     good = status["reason"] == ""
     clean = df.loc[good].copy()
     clean["sha256"] = shas[good]
     clean = _fill_header(clean, verdicts, clean["sha256"])
     clean["phash"] = _field(verdicts, clean["sha256"], "phash")
-    clean["dup_group"] = _groups_of(verdicts, clean["sha256"], max_distance, min_correlation)
+    clean["dup_group"] = groups.reindex(clean.index)
+    if clean["dup_group"].isna().any():
+        raise ValueError("clean_table: a clean row has no near-duplicate group (groups from another status?)")
     return _as_ints(clean[CLEAN_COLUMNS].reset_index(drop=True), _INT_COLUMNS)
 
 

@@ -58,13 +58,10 @@ _FRAME_BYTES = 8 + phash.THUMB_SIDE * phash.THUMB_SIDE  # one crop frame: its pH
 def _crops_bytes(text: str) -> npt.NDArray[np.uint8]:
     """The crop frames' text (:func:`medflow.imaging.phash.crop_frames`) as one row of bytes; ValueError if
     malformed."""
-    if len(text) != phash.FRAME_CHARS * len(phash.CROP_SCALES):
-        raise ValueError(f"not {len(phash.CROP_SCALES)} crop frames: {text[:40]!r}")
     out = np.empty(_FRAME_BYTES * len(phash.CROP_SCALES), dtype=np.uint8)
-    for f in range(len(phash.CROP_SCALES)):
-        at, to = f * phash.FRAME_CHARS, f * _FRAME_BYTES
-        out[to:to + 8] = np.frombuffer(phash.from_hex(text[at:at + 16]).to_bytes(8, "big"), dtype=np.uint8)
-        out[to + 8:to + _FRAME_BYTES] = _thumb_bytes(text[at + 16:at + phash.FRAME_CHARS])
+    for f, (value, thumb) in enumerate(phash.crop_frame_parts(text)):
+        out[f * _FRAME_BYTES:f * _FRAME_BYTES + 8] = np.frombuffer(value.to_bytes(8, "big"), dtype=np.uint8)
+        out[f * _FRAME_BYTES + 8:(f + 1) * _FRAME_BYTES] = thumb
     return out
 
 
@@ -169,6 +166,11 @@ class VerdictStore(Mapping[str, Verdict]):
         thumbs[:, 0] = self.columns["thumb"][rows]
         thumbs[:, 1:] = crops[:, :, 8:]
         return hashes, thumbs
+
+    def ok(self, shas: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Per sha256: whether the store holds a good verdict for it (an absent one is not good)."""
+        rows = self.rows(shas)
+        return (rows >= 0) & (self.columns["reason"][np.maximum(rows, 0)] == "") if len(self) else rows >= 0
 
     def field_values(self, name: str, shas: npt.ArrayLike) -> list[Any]:
         """Field ``name`` of the Verdict of each sha256 (all present), without making the Verdicts."""
