@@ -8,6 +8,7 @@ in one checkout, each into its own outputs. After every run `git status` shows n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -153,6 +154,20 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
         assert suite["success"] and stats["unsuccessful_expectations"] == 0, (name, stats)
         assert stats["evaluated_expectations"] == stats["successful_expectations"] >= 1, (name, stats)
     assert sum(s["statistics"]["evaluated_expectations"] for s in suites.values()) == 32
+    _assert_shards_stored_once(project, "pneumonia")
+
+
+def _assert_shards_stored_once(project: Path, ds: str) -> None:
+    """Each published shard is one inode with the store's shard and with its object in DVC's cache (hard links,
+    `cache.type: hardlink,copy`): stored once, and DVC's state, keyed by inode, knows it when resize links the
+    published folder again (with a copied cache object it re-hashed every shard on every increment)."""
+    published = sorted((project / f"data/processed/{ds}/images/shards").iterdir())
+    assert published
+    for shard in published:
+        md5 = hashlib.md5(shard.read_bytes()).hexdigest()
+        cached = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+        store = project / f"data/interim/{ds}/cache/resize/shards" / shard.name
+        assert shard.stat().st_ino == store.stat().st_ino == cached.stat().st_ino, shard.name
 
 
 SMALL_RUN = {"resize": {"size": 64}, "validate": {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25},
