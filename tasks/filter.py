@@ -31,16 +31,16 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     (counts in, clean, rejected, by_reason, decoded, cached, near-duplicate groups). Raises StepError for
     a missing/unreadable manifest, missing columns, or a manifest that no longer matches the files on disk,
     and (after writing the outputs) when every image was rejected. A file that cannot be read is one
-    ``unreadable`` reject row (:func:`medflow.imaging.quality.unreadable_rows`), never a failed step.
+    ``unreadable`` reject row (:func:`medflow.imaging.quality.file_states`), never a failed step.
     """
     started = time.perf_counter()
     manifest, fcfg = Path(manifest), cfg.filter
     df = quality.check_manifest(_read_manifest(manifest), manifest)
     roots = source_roots(roots_json)  # paths under a source root outside the project: @<label>/...
     files = df.assign(path=[readable_path(p, roots) for p in df["path"]])
-    unreadable = quality.unreadable_rows(files)  # one reject row each; the rest of the step goes on
+    unreadable, sizes = quality.file_states(files)  # one reject row each unreadable; the rest of the step goes on
     readable = files.drop(index=unreadable.index)
-    shas = quality.checked_shas(readable, manifest)
+    shas = quality.checked_shas(readable, sizes, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
     verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest,
                                                  cfg.compute.dask_address)

@@ -15,24 +15,28 @@ def file_problem(path: Path | str) -> str:
     """Why the file at ``path`` cannot be read as an image file, in words, or "" when it is a readable regular
     file: a broken symlink, a FIFO/device/socket (never opened for a blocking read), no read permission, or a
     name that is not valid UTF-8 (listed with ``\\x`` escapes, see :func:`shown_path`)."""
-    path = Path(path)
-    if shown_path(str(path)) != str(path) or (not os.path.lexists(path) and _ESCAPED.search(str(path))):
-        return "file name is not valid UTF-8 (shown with \\x escapes): rename the file"
+    return file_state(str(path))[0]
+
+
+def file_state(path: str) -> tuple[str, int]:
+    """:func:`file_problem` of ``path`` and its size in bytes (-1 where it has none): one ``stat`` for both."""
+    if shown_path(path) != path or (_ESCAPED.search(path) and not os.path.lexists(path)):
+        return "file name is not valid UTF-8 (shown with \\x escapes): rename the file", -1
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        if path.is_symlink():
-            return f"broken symlink (points to {shown_path(os.readlink(path))}, which does not exist)"
-        return "no such file"
+        if os.path.islink(path):
+            return f"broken symlink (points to {shown_path(os.readlink(path))}, which does not exist)", -1
+        return "no such file", -1
     except OSError as e:
-        return f"cannot read: {e.strerror or e}"
+        return f"cannot read: {e.strerror or e}", -1
     if not stat.S_ISREG(st.st_mode):
-        return f"not a regular file (a {_kind(st.st_mode)}); not read"
+        return f"not a regular file (a {_kind(st.st_mode)}); not read", -1
     try:
         os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)))
     except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    return ""
+        return f"cannot read: {e.strerror or e}", -1
+    return "", st.st_size
 
 
 _ESCAPED = re.compile(r"\\x[89a-f][0-9a-f]")  # a byte of a non-UTF-8 name, as shown_path writes it

@@ -26,7 +26,7 @@ Checks, per distinct file content, in this order (the first failing one is the r
 
 Before any of them, ``unreadable``: a file that cannot be read at all (a broken symlink, a FIFO, device or
 socket, no read permission, a name that is not valid UTF-8); the detail says which
-(:func:`medflow.imaging.files.file_problem`). Such rows have no sha256 and are never cached.
+(:func:`medflow.imaging.files.file_state`). Such rows have no sha256 and are never cached.
 
 A DICOM file (the ``DICM`` marker at offset 128, :mod:`medflow.imaging.dicom`) is checked by pydicom instead
 of Pillow: ``too_many_pixels`` from its header, then ``no_pixel_data`` (a report, a plan: not an image),
@@ -67,7 +67,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -85,7 +84,7 @@ import pandas as pd
 from medflow.config import FilterConfig
 from medflow.errors import StepError
 from medflow.imaging import cluster, phash
-from medflow.imaging.files import file_problem
+from medflow.imaging.files import file_state
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
 from medflow.imaging.verdict_store import VerdictStore
 from medflow.imaging.workers import main_hidden, mp_context
@@ -149,40 +148,43 @@ def _rows(mask: pd.Series) -> str:
     return ", ".join(rows) + (", ..." if int(mask.sum()) > 5 else "")
 
 
-def unreadable_rows(df: pd.DataFrame) -> pd.Series:
-    """Per row whose file cannot be read (:func:`medflow.imaging.files.file_problem`: a broken symlink, a
-    FIFO or device, no read permission, a name that is not valid UTF-8), why; indexed like ``df``.
+def file_states(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row, one ``stat`` (:func:`medflow.imaging.files.file_state`): why each row whose file cannot be read
+    cannot be (a broken symlink, a FIFO or device, no read permission, a name that is not valid UTF-8), and the
+    size of every row's file (-1 where it has none); both indexed like ``df``.
 
-    A row the manifest could read (it has a sha256) and whose file is now simply gone is not one of them:
-    that is a stale manifest (:func:`checked_shas`)."""
-    out = {}
-    for i, (path, sha) in enumerate(zip(df["path"], df["sha256"].fillna("").astype(str), strict=True)):
-        problem = file_problem(path)
-        if problem and not (sha and problem == "no such file"):
-            out[df.index[i]] = problem
-    return pd.Series(out, dtype=str)
+    A row the manifest could read (it has a sha256) and whose file is now simply gone is not unreadable: that
+    is a stale manifest (:func:`checked_shas`)."""
+    states = [file_state(str(p)) for p in df["path"]]
+    problem = pd.Series([p for p, _ in states], index=df.index, dtype=object)
+    size = pd.Series([n for _, n in states], index=df.index, dtype=np.int64)
+    listed = df["sha256"].fillna("").astype(str) != ""
+    unreadable = (problem != "") & ~(listed & (problem == "no such file"))
+    return problem[unreadable].astype(str), size
 
 
-def checked_shas(df: pd.DataFrame, source: Path) -> pd.Series:
-    """sha256 per row: the manifest's, after checking each file still exists with the size it lists.
+def checked_shas(df: pd.DataFrame, sizes: pd.Series, source: Path) -> pd.Series:
+    """sha256 per row: the manifest's, after checking each file still exists with the size it lists (``sizes``,
+    from :func:`file_states`).
 
     Rows with a blank sha256 are hashed here. A missing file or a size change means the manifest is
     stale (the raw data changed after it was written): StepError, because clean.csv would be wrong.
-    ``df`` holds no :func:`unreadable_rows`.
+    ``df`` holds none of the unreadable rows.
     """
+    sizes = sizes.reindex(df.index)
+    gone = sizes < 0
+    if gone.any():
+        path = df.loc[gone, "path"].iloc[0]
+        raise StepError(f"{source}: {path}: cannot read (No such file or directory); re-run the manifest step")
+    listed = pd.to_numeric(df["bytes"])
+    changed = listed.notna() & (listed != sizes)
+    if changed.any():
+        i = changed.idxmax()
+        raise StepError(f"{source}: {df.at[i, 'path']}: size changed since the manifest was written "
+                        f"({int(listed[i])} -> {int(sizes[i])} bytes); re-run the manifest step")
     shas = df["sha256"].fillna("").astype(str).str.lower()
-    for i, (label, path) in enumerate(df["path"].items()):
-        try:
-            size = os.stat(path).st_size
-        except OSError as e:
-            raise StepError(f"{source}: {path}: cannot read ({e.strerror}); "
-                            "re-run the manifest step") from None
-        listed = df.at[label, "bytes"]
-        if pd.notna(listed) and int(listed) != size:
-            raise StepError(f"{source}: {path}: size changed since the manifest was written "
-                            f"({int(listed)} -> {size} bytes); re-run the manifest step")
-        if not _SHA_RE.match(shas.iat[i]):
-            shas.iat[i] = sha256_file(path)
+    for label in shas.index[~shas.str.fullmatch(_SHA_RE.pattern)]:
+        shas[label] = sha256_file(df.at[label, "path"])
     return shas
 
 
