@@ -27,6 +27,7 @@ from medflow.data.expectations import (
     validate_tables,
 )
 from medflow.data.manifest import build_manifest
+from medflow.data import shortcuts
 from medflow.data.shortcuts import check_shortcuts, mode_facts
 from medflow.data.split import assign_splits
 from medflow.errors import StepError
@@ -341,6 +342,23 @@ def test_fail_on_shortcut_fails_naming_the_features(tmp_path: Path) -> None:
                                                                       "shortcut_auc_max": 1.0}})
     (tmp_path / "off").mkdir()
     assert not run(off, **_files(tmp_path / "off", _metadata_split(leak="format")))["shortcut"]["flagged"]
+
+
+def test_above_fit_max_the_classifier_sees_a_sample_of_whole_patients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FIT_MAX images the classifier is cross-validated on whole split units drawn at random, at most
+    FIT_MAX images and one unit more; each feature's own AUC still sees every image, and a shortcut is still found."""
+    df = _metadata_split(n=600, leak="format")
+    full = check_shortcuts(df)
+    monkeypatch.setattr(shortcuts, "FIT_MAX", 150)
+    sampled = check_shortcuts(df)
+    unit = df["split_group"].value_counts().max()
+    assert full.fitted == 600 and 150 <= sampled.fitted <= 150 + unit and sampled.n == 600
+    assert sampled.flagged and sampled.auc > 0.95 and sampled.feature_auc == full.feature_auc
+    assert "on a sample of" in sampled.describe() and "on a sample of" not in full.describe()
+    rows = shortcuts._fit_rows(df["split_group"].to_numpy(), df["label"].to_numpy(), 42)
+    picked = df.iloc[rows]["split_group"].unique()
+    assert len(rows) == sampled.fitted and df["split_group"].isin(picked).sum() == len(rows)  # whole units
+    assert not check_shortcuts(_metadata_split(n=600)).flagged
 
 
 def test_shortcut_check_is_skipped_without_enough_groups() -> None:

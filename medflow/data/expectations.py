@@ -128,8 +128,13 @@ def splits_per_group(df: pd.DataFrame, column: str) -> pd.DataFrame:
     rows = pd.DataFrame({c: df[name].astype(object).where(df[name].notna(), _NULL).astype(str)
                          for c, name in (("value", column), ("split", "split"), ("path", "path"))})
     first = rows.drop_duplicates(["value", "split"])  # each group's first image in each of its splits
-    per_group = first.assign(at=first["split"] + ": " + first["path"]).groupby("value", sort=False)
-    out = pd.DataFrame({"n_splits": per_group.size(), "where": per_group["at"].agg("; ".join)})
+    first = first.assign(at=first["split"] + ": " + first["path"])
+    n_splits = first.groupby("value", sort=False).size()
+    spread = first["value"].map(n_splits) > 1  # the joined text is made only for the groups it names twice
+    where = first.loc[~spread].set_index("value")["at"]
+    if spread.any():
+        where = pd.concat([where, first.loc[spread].groupby("value", sort=False)["at"].agg("; ".join)])
+    out = pd.DataFrame({"n_splits": n_splits, "where": where.reindex(n_splits.index)})
     out["where"] = out.index.to_series() + " (" + out["where"] + ")"
     return out.rename_axis("value").reset_index()
 

@@ -37,6 +37,10 @@ CATEGORICAL = ("format", "mode", "root")
 NUMERIC = ("channels", "bit_depth", "width", "height", "bytes")
 FEATURES = (*CATEGORICAL, *NUMERIC)
 FOLDS = 5
+# The classifier is fitted on at most this many images, whole split units drawn at random (seeded): the AUC's
+# standard error is then about 0.005, and the check costs the same at a million images as at 10,000 (1.1 s of
+# a +1% validate at 27,558 cells before the cap). Each feature's own AUC is still computed on every image.
+FIT_MAX = 10_000
 _MISSING = "<none>"
 
 
@@ -52,6 +56,7 @@ class ShortcutCheck:
     groups: int
     folds: int
     skipped: str = ""  # why the check did not run (too few groups or a single class)
+    fitted: int = 0  # images the classifier was cross-validated on (all, or a sample of whole units: FIT_MAX)
     features: tuple[str, ...] = field(default=FEATURES)
 
     @property
@@ -81,7 +86,9 @@ class ShortcutCheck:
                    f"{self.threshold:g}" if self.flagged else
                    f"metadata alone does not predict the label beyond validate.shortcut_auc_max "
                    f"{self.threshold:g}: AUC {self.auc:.3f}")
-        return f"{verdict} ({self.folds}-fold, grouped by patient; strongest features: {named})"
+        sample = (f" on a sample of {self.fitted:,} of the {self.n:,} images (whole patients)"
+                  if 0 < self.fitted < self.n else "")
+        return f"{verdict} ({self.folds}-fold{sample}, grouped by patient; strongest features: {named})"
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -186,19 +193,37 @@ def check_shortcuts(df: pd.DataFrame, *, threshold: float = 0.70, fail_on_shortc
     groups = _groups(df)
     per_class = [len(np.unique(groups[y == c])) for c in (0, 1)]
 
-    def result(auc: float | None, aucs: dict[str, float], folds: int, skipped: str = "") -> ShortcutCheck:
-        return ShortcutCheck(auc, aucs, threshold, fail_on_shortcut, len(df), len(np.unique(groups)), folds, skipped)
+    def result(auc: float | None, aucs: dict[str, float], folds: int, skipped: str = "",
+               fitted: int = 0) -> ShortcutCheck:
+        return ShortcutCheck(auc, aucs, threshold, fail_on_shortcut, len(df), len(np.unique(groups)), folds, skipped,
+                             fitted=fitted)
 
     if min(per_class) < 2 or not np.isin(y, (0, 1)).all():
         return result(None, {}, 0, f"needs labels 0/1 and at least two groups per class (groups per class: "
                                    f"{per_class})")
-    k = min(FOLDS, *per_class)
     y = y.astype(int)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    folds = list(splitter.split(np.zeros(len(y)), y, groups))
     table = metadata_table(df)
-    p = _oof_probabilities(_design(table), y, folds, seed)
-    return result(round(float(roc_auc_score(y, p)), 4), feature_aucs(table, y), k)
+    rows = _fit_rows(groups, y, seed)
+    k = min(FOLDS, *[len(np.unique(groups[rows][y[rows] == c])) for c in (0, 1)])
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = list(splitter.split(np.zeros(len(rows)), y[rows], groups[rows]))
+    p = _oof_probabilities(_design(table)[rows], y[rows], folds, seed)
+    return result(round(float(roc_auc_score(y[rows], p)), 4), feature_aucs(table, y), k, fitted=len(rows))
+
+
+def _fit_rows(groups: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """The rows the classifier is cross-validated on: all of them up to :data:`FIT_MAX`, else whole groups drawn
+    at random (seeded) until FIT_MAX images, as long as each class keeps two groups (else all rows)."""
+    if len(groups) <= FIT_MAX:
+        return np.arange(len(groups))
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen = np.zeros(len(names), dtype=bool)
+    chosen[order[: int(np.searchsorted(np.cumsum(sizes[order]), FIT_MAX)) + 1]] = True
+    rows = np.flatnonzero(chosen[inverse])
+    if min(len(np.unique(inverse[rows][y[rows] == c])) for c in (0, 1)) < 2:
+        return np.arange(len(groups))
+    return rows
 
 
 # -------------------------------------------------------------------------------------------- report
