@@ -6,7 +6,8 @@ copy over it, a rename onto it) misses, and the file is read as if there were no
 
 - One SQLite file, ``<cache>/digests.sqlite``, rewritten whole by each run (a temporary file beside it, then
   a rename): it holds the files of the latest run only, a reader never sees half of it, and a killed run
-  leaves the previous one. Rows are looked up one by one, so memory does not grow with the number of files.
+  leaves the previous one. Rows are looked up a batch of keys at a time, so memory does not grow with the number
+  of files.
 - Not cached (read again next time): a file whose mtime is less than :data:`RACY_NS` before the run started
   (so before the cache is written), or in the future, and one whose size changed while it was read. A file
   changed twice within the file system's timestamp granularity could otherwise keep the mtime of a version
@@ -147,15 +148,36 @@ class DigestCache:
 
     def lookup(self, key: StatKey) -> dict[str, Any] | None:
         """The cached facts of the file with ``key``, or None; a hit is kept for the new cache."""
-        if self._old is None:
-            return None
-        try:
-            row = self._old.execute(f"SELECT {', '.join(_COLUMNS)} FROM digests WHERE path = ?",
-                                    (key.path,)).fetchone()
-        except sqlite3.Error as e:
-            self._drop(f"lookup failed ({e})", self._old)
-            return None
-        if row is None or tuple(row[1:4]) != key[1:]:
+        return self.lookup_many([key])[0]
+
+    def lookup_many(self, keys: list[StatKey | None]) -> list[dict[str, Any] | None]:
+        """:meth:`lookup` of each key (None: no key, a miss), :data:`_BATCH` keys a query: one SQLite round trip
+        per key was half of a +1% manifest run at 27,558 files."""
+        out: list[dict[str, Any] | None] = [None] * len(keys)
+        for start in range(0, len(keys), _BATCH):
+            batch = [(i, k) for i, k in enumerate(keys[start:start + _BATCH], start) if k is not None]
+            if self._old is None:
+                return out
+            if not batch:
+                continue
+            try:
+                rows = self._old.execute(f"SELECT {', '.join(_COLUMNS)} FROM digests WHERE path IN "
+                                         f"({', '.join('?' * len(batch))})", [k.path for _, k in batch]).fetchall()
+            except sqlite3.Error as e:
+                self._drop(f"lookup failed ({e})", self._old)
+                return [None] * len(keys)
+            by_path = {row[0]: row for row in rows}
+            for i, key in batch:
+                row = by_path.get(key.path)
+                if row is not None:
+                    out[i] = self._hit(key, row)
+                if self._old is None:  # a malformed row dropped the cache: the files from here on are read
+                    return out
+        return out
+
+    def _hit(self, key: StatKey, row: tuple[Any, ...]) -> dict[str, Any] | None:
+        """The facts of ``row`` if it stands for the file with ``key`` (kept for the new cache), else None."""
+        if tuple(row[1:4]) != key[1:]:
             return None
         try:
             facts = _facts(row)
@@ -198,6 +220,7 @@ class DigestCache:
         self._new = []
 
 
+_BATCH = 500  # keys per lookup query (SQLite allows 32,766 parameters since 3.32; 999 before)
 _COLUMNS = ("path", "size", "mtime_ns", "ino", "sha256", "width", "height", "mode", "format", "patient",
             "patient_tag")
 

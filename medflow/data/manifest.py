@@ -158,7 +158,7 @@ def _all_facts(paths: list[Path], salt: bytes, cache: DigestCache, workers: int)
     """:func:`_file_facts` of each path, in order: from ``cache`` where the file's stat matches a row (the file
     is not opened), else read by ``workers`` threads and added to ``cache``."""
     keys = stat_keys(paths)
-    found = [cache.lookup(k) if k else None for k in keys]
+    found = cache.lookup_many(keys)
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
