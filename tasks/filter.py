@@ -42,7 +42,7 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     readable = files.drop(index=unreadable.index)
     shas = quality.checked_shas(readable, sizes, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
-    verdicts, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest,
+    verdicts, distinct, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest,
                                                  cfg.compute.dask_address)
     status = quality.with_unreadable(quality.classify(df.loc[readable.index, "path"], shas, verdicts), unreadable,
                                      df.index)
@@ -52,7 +52,7 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     _warn_conflicts(df["path"], status)
     clean_df = quality.clean_table(df, shas, status, verdicts, groups)
     rejects_df = quality.rejects_table(df, shas, status)
-    result = quality.summarize(len(df), clean_df, rejects_df, decoded, len(verdicts) - decoded, fcfg)
+    result = quality.summarize(len(df), clean_df, rejects_df, decoded, distinct - decoded, fcfg)
     write_csv(clean, clean_df)
     write_csv(rejects, rejects_df)
     write_json(summary, result)

@@ -157,14 +157,15 @@ class VerdictStore(Mapping[str, Verdict]):
         rows = self.rows(shas)
         if (rows < 0).any():
             raise KeyError(np.asarray(shas).reshape(-1)[int(np.argmax(rows < 0))])
-        n, side = len(rows), phash.THUMB_SIDE * phash.THUMB_SIDE
-        crops = self.columns["crops"][rows].reshape(n, len(phash.CROP_SCALES), _FRAME_BYTES)
+        n, side, crops = len(rows), phash.THUMB_SIDE * phash.THUMB_SIDE, self.columns["crops"]
         hashes = np.empty((n, phash.FRAMES), dtype=np.uint64)
         hashes[:, 0] = self.columns["phash"][rows]
-        hashes[:, 1:] = np.ascontiguousarray(crops[:, :, :8]).view(">u8")[:, :, 0]
         thumbs = np.empty((n, phash.FRAMES, side), dtype=np.uint8)
         thumbs[:, 0] = self.columns["thumb"][rows]
-        thumbs[:, 1:] = crops[:, :, 8:]
+        for f in range(len(phash.CROP_SCALES)):  # frame by frame: no copy of the whole crops column
+            at = f * _FRAME_BYTES
+            hashes[:, f + 1] = np.ascontiguousarray(crops[rows, at:at + 8]).view(">u8")[:, 0]
+            thumbs[:, f + 1] = crops[rows, at + 8:at + _FRAME_BYTES]
         return hashes, thumbs
 
     def ok(self, shas: npt.ArrayLike) -> npt.NDArray[np.bool_]:
