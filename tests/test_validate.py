@@ -16,6 +16,7 @@ import pytest
 from conftest import shared_dataset
 
 from medflow.config import GROUP_RULES, Config, parse_config
+from medflow.data import shortcuts
 from medflow.data.expectations import (
     Table,
     _group_expectations,
@@ -27,7 +28,6 @@ from medflow.data.expectations import (
     validate_tables,
 )
 from medflow.data.manifest import build_manifest
-from medflow.data import shortcuts
 from medflow.data.shortcuts import check_shortcuts, mode_facts
 from medflow.data.split import assign_splits
 from medflow.errors import StepError
