@@ -67,6 +67,38 @@ def test_merged_adds_rows_and_the_newer_verdict_wins() -> None:
     assert both[_sha(0)] == newer and both[_sha(100)] == newer and both[_sha(1)] == old[_sha(1)]
 
 
+def test_merged_and_concat_equal_one_build_of_all_pairs() -> None:
+    """Random chunks, some sha256s in two of them: merging chunk by chunk, concatenating them, and building the
+    store from every pair at once (a later pair wins) give the same rows, sorted, each sha256 once."""
+    rng = random.Random(5)
+    pool = list(_verdicts(300, seed=1).items()) + list(_verdicts(300, seed=2).items())  # each sha256 twice
+    chunks = [[pool[rng.randrange(len(pool))] for _ in range(rng.randint(0, 80))] for _ in range(9)]
+    stores = [VerdictStore.build(c) for c in chunks]
+    expected = VerdictStore.build([pair for c in chunks for pair in c])
+    stepwise = VerdictStore.empty()
+    for store in stores:
+        stepwise = stepwise.merged(store)
+    for got in (stepwise, VerdictStore.concat(stores), stores[0].merged(VerdictStore.concat(stores[1:]))):
+        assert got.sha.tolist() == expected.sha.tolist() == sorted(set(expected.sha.tolist()))
+        assert dict(got) == dict(expected)
+
+
+def test_the_index_merges_what_was_added_once_per_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding verdicts packs them every _ADD_CHUNK but merges them into the store only when it is read or saved
+    (a merge per chunk copied the growing store each time)."""
+    merges = []
+    real = VerdictStore.merged
+    monkeypatch.setattr(VerdictStore, "merged", lambda self, newer: merges.append(len(newer)) or real(self, newer))
+    monkeypatch.setattr(quality, "_ADD_CHUNK", 16)
+    index = quality.VerdictIndex(Path("unused.npz"), {})
+    verdicts = _verdicts(100)
+    for sha, verdict in verdicts.items():
+        index.add(sha, verdict)
+    assert merges == []
+    assert dict(index.verdicts) == verdicts and merges == [len(verdicts)]
+    assert dict(index.verdicts) == verdicts and merges == [len(verdicts)]  # nothing new: no merge
+
+
 @pytest.mark.parametrize("damage", [lambda b: b[:-40], lambda b: b[: len(b) // 3], lambda b: b"junk" + b,
                                     lambda b: b""])
 def test_damaged_file_is_a_value_error(tmp_path: Path, damage: object) -> None:

@@ -226,7 +226,8 @@ class VerdictIndex:
     path: Path
     key: dict[str, Any]
     store: VerdictStore = field(default_factory=VerdictStore.empty)
-    _new: dict[str, Verdict] = field(default_factory=dict)  # added since the last flush into ``store``
+    _new: dict[str, Verdict] = field(default_factory=dict)  # added since the last pack into ``_packed``
+    _packed: list[VerdictStore] = field(default_factory=list)  # packed chunks not yet merged into ``store``
 
     @property
     def verdicts(self) -> VerdictStore:
@@ -235,15 +236,25 @@ class VerdictIndex:
         return self.store
 
     def add(self, sha: str, verdict: Verdict) -> None:
-        """Add one checked verdict (joining the arrays every :data:`_ADD_CHUNK`)."""
+        """Add one checked verdict (packed into column arrays every :data:`_ADD_CHUNK`; merged into the store
+        when the verdicts are read or saved)."""
         self._new[sha] = verdict
         if len(self._new) >= _ADD_CHUNK:
-            self._flush()
+            self._pack()
+
+    def _pack(self) -> None:
+        if self._new:
+            self._packed.append(VerdictStore.build(self._new.items()))
+            self._new = {}
 
     def _flush(self) -> None:
-        if self._new:
-            self.store = self.store.merged(VerdictStore.build(self._new.items()))
-            self._new = {}
+        """Merge what was added into ``store``: once per read or save, not once per chunk (merging every 2,048
+        verdicts copied the growing store 13 times at 27,558 images and fragmented the heap: 75 MB of the
+        filter's peak RSS)."""
+        self._pack()
+        if self._packed:
+            self.store = self.store.merged(VerdictStore.concat(self._packed))
+            self._packed = []
 
     @classmethod
     def load(cls, cache: Path, cfg: FilterConfig) -> VerdictIndex:

@@ -116,17 +116,57 @@ class VerdictStore(Mapping[str, Verdict]):
         order = np.argsort(self.sha, kind="stable")
         return VerdictStore(self.sha[order], {name: col[order] for name, col in self.columns.items()})
 
+    @classmethod
+    def concat(cls, stores: list[VerdictStore]) -> VerdictStore:
+        """One store of ``stores`` (a later store wins for a sha256 in two)."""
+        if len(stores) == 1:
+            return stores[0]
+        if not stores:
+            return cls.empty()
+        sha = np.concatenate([store.sha for store in stores])
+        order = np.argsort(sha, kind="stable")
+        ordered = sha[order]
+        last = np.r_[ordered[1:] != ordered[:-1], True]  # the last of each run of one sha256: the latest store's
+        rows = order[last]  # into the stores' rows laid end to end, in the result's order
+        dest = np.full(len(sha), -1, dtype=np.int64)
+        dest[rows] = np.arange(len(rows))
+        columns = {}
+        for name, first in stores[0].columns.items():  # each column written once, straight into its place
+            out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+            at = 0
+            for store in stores:
+                to = dest[at:at + len(store)]
+                out[to[to >= 0]] = store.columns[name][to >= 0]
+                at += len(store)
+            columns[name] = out
+        return cls(sha[rows], columns)
+
     def merged(self, newer: VerdictStore) -> VerdictStore:
-        """This store with ``newer``'s rows added (``newer`` wins for a sha256 in both)."""
+        """This store with ``newer``'s rows added (``newer`` wins for a sha256 in both). Each column is written
+        once into its place in the result (sorted by sha256): no concatenated copy sorted again."""
         if not len(newer):
             return self
-        old = np.ones(len(self), dtype=bool)
+        if not len(self):
+            return newer
         found = self.rows(newer.sha)
-        old[found[found >= 0]] = False
-        both = VerdictStore(np.concatenate([self.sha[old], newer.sha]),
-                            {name: np.concatenate([col[old], newer.columns[name]])
-                             for name, col in self.columns.items()})
-        return both._sorted()
+        keep = None
+        if (found >= 0).any():
+            keep = np.ones(len(self), dtype=bool)
+            keep[found[found >= 0]] = False
+        old_sha = self.sha if keep is None else self.sha[keep]
+        # both sorted and disjoint: where each old and new row lands in the merged order
+        at_new = np.searchsorted(old_sha, newer.sha) + np.arange(len(newer))
+        at_old = np.ones(len(old_sha) + len(newer), dtype=bool)
+        at_old[at_new] = False
+        merged_sha = np.empty(len(at_old), dtype=self.sha.dtype)
+        merged_sha[at_old], merged_sha[at_new] = old_sha, newer.sha
+        columns = {}
+        for name, col in self.columns.items():
+            out = np.empty((len(at_old), *col.shape[1:]), dtype=col.dtype)
+            out[at_old] = col if keep is None else col[keep]
+            out[at_new] = newer.columns[name]
+            columns[name] = out
+        return VerdictStore(merged_sha, columns)
 
     def rows(self, shas: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Row of each sha256 (hex text or S64), -1 where absent."""
