@@ -155,9 +155,9 @@ class DigestCache:
         per key was half of a +1% manifest run at 27,558 files."""
         out: list[dict[str, Any] | None] = [None] * len(keys)
         for start in range(0, len(keys), _BATCH):
-            batch = [(i, k) for i, k in enumerate(keys[start:start + _BATCH], start) if k is not None]
             if self._old is None:
                 return out
+            batch = [(i, k) for i, k in enumerate(keys[start:start + _BATCH], start) if k is not None]
             if not batch:
                 continue
             try:

@@ -118,11 +118,12 @@ class VerdictStore(Mapping[str, Verdict]):
 
     @classmethod
     def concat(cls, stores: list[VerdictStore]) -> VerdictStore:
-        """One store of ``stores`` (a later store wins for a sha256 in two)."""
-        if len(stores) == 1:
-            return stores[0]
-        if not stores:
-            return cls.empty()
+        """One store of ``stores`` (a later store wins for a sha256 in two), each column written once, straight
+        into its place in the sorted result (no concatenated copy sorted again); a single non-empty store is
+        returned as it is."""
+        stores = [store for store in stores if len(store)]
+        if len(stores) <= 1:
+            return stores[0] if stores else cls.empty()
         sha = np.concatenate([store.sha for store in stores])
         order = np.argsort(sha, kind="stable")
         ordered = sha[order]
@@ -131,7 +132,7 @@ class VerdictStore(Mapping[str, Verdict]):
         dest = np.full(len(sha), -1, dtype=np.int64)
         dest[rows] = np.arange(len(rows))
         columns = {}
-        for name, first in stores[0].columns.items():  # each column written once, straight into its place
+        for name, first in stores[0].columns.items():
             out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
             at = 0
             for store in stores:
@@ -142,31 +143,8 @@ class VerdictStore(Mapping[str, Verdict]):
         return cls(sha[rows], columns)
 
     def merged(self, newer: VerdictStore) -> VerdictStore:
-        """This store with ``newer``'s rows added (``newer`` wins for a sha256 in both). Each column is written
-        once into its place in the result (sorted by sha256): no concatenated copy sorted again."""
-        if not len(newer):
-            return self
-        if not len(self):
-            return newer
-        found = self.rows(newer.sha)
-        keep = None
-        if (found >= 0).any():
-            keep = np.ones(len(self), dtype=bool)
-            keep[found[found >= 0]] = False
-        old_sha = self.sha if keep is None else self.sha[keep]
-        # both sorted and disjoint: where each old and new row lands in the merged order
-        at_new = np.searchsorted(old_sha, newer.sha) + np.arange(len(newer))
-        at_old = np.ones(len(old_sha) + len(newer), dtype=bool)
-        at_old[at_new] = False
-        merged_sha = np.empty(len(at_old), dtype=self.sha.dtype)
-        merged_sha[at_old], merged_sha[at_new] = old_sha, newer.sha
-        columns = {}
-        for name, col in self.columns.items():
-            out = np.empty((len(at_old), *col.shape[1:]), dtype=col.dtype)
-            out[at_old] = col if keep is None else col[keep]
-            out[at_new] = newer.columns[name]
-            columns[name] = out
-        return VerdictStore(merged_sha, columns)
+        """This store with ``newer``'s rows added (``newer`` wins for a sha256 in both): :meth:`concat` of the two."""
+        return VerdictStore.concat([self, newer])
 
     def rows(self, shas: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Row of each sha256 (hex text or S64), -1 where absent."""
