@@ -32,13 +32,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dvc_project import output_bytes  # noqa: E402
+
 from medflow.config import Config, parse_config  # noqa: E402
 from medflow.io import sha256_file, write_csv  # noqa: E402
 from medflow.schema import MANIFEST_COLUMNS  # noqa: E402
 from tasks import filter as filter_step  # noqa: E402
 from tasks import resize  # noqa: E402
 
-OUTPUTS = ("clean.csv", "rejects.csv", "images.npy", "resize_rejects.csv")
+OUTPUTS = ("clean", "rejects.csv", "images", "resize_rejects.csv")
 
 
 def manifest(data: Path, dest: Path) -> Path:
@@ -66,10 +68,10 @@ def config(names: list[str], workers: int, size: int, address: str | None) -> Co
 def run_steps(out: Path, cfg: Config, source: Path) -> dict[str, float]:
     """Filter then resize into ``out`` (empty caches); seconds of each."""
     start = time.perf_counter()
-    filter_step.run(cfg, manifest=source, clean=out / "clean.csv", rejects=out / "rejects.csv",
+    filter_step.run(cfg, manifest=source, clean=out / "clean", rejects=out / "rejects.csv",
                     summary=out / "filter.json", cache=out / "cache/filter")
     middle = time.perf_counter()
-    resize.run(cfg, clean=out / "clean.csv", out=out / "images.npy", stats=out / "resize.json",
+    resize.run(cfg, clean=out / "clean", out=out / "images", stats=out / "resize.json",
                cache=out / "cache/resize", rejects=out / "resize_rejects.csv")
     return {"filter": middle - start, "resize": time.perf_counter() - middle}
 
@@ -126,7 +128,7 @@ def main() -> None:
             dask = run_steps(work / "dask", config(names, args.workers, args.size, cluster.scheduler_address),
                              source)
             transfer = transfer_cost(client, n, args.size * args.size)
-        same = all((work / "local" / f).read_bytes() == (work / "dask" / f).read_bytes() for f in OUTPUTS)
+        same = all(output_bytes(work / "local" / f) == output_bytes(work / "dask" / f) for f in OUTPUTS)
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)

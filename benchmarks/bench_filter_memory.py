@@ -8,7 +8,7 @@ folder (same dependencies: this environment runs it). For each of the two, a thr
 own code (:func:`dvc_project.copy_pipeline`) gets the cells in its inbox and runs the stages up to the
 manifest; then the filter command (dvc.yaml's) runs twice, each time its ``ru_maxrss`` of ``RUSAGE_CHILDREN``
 (the command and its decode workers) recorded: cold (no verdict cache) and warm (a +1% increment of new cells
-added and the manifest rebuilt; the N verdicts come from the cache). The two versions' clean.csv, rejects.csv
+added and the manifest rebuilt; the N verdicts come from the cache). The two versions' clean table, rejects.csv
 and filter.json must be byte-identical (else it exits non-zero). Printed: peak RSS in MB per version and run,
 and the ratio working tree / baseline. Goal (issue 20): <= 300 MB at 27,558 and <= 1 KB an image of growth.
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import yaml
 from bench_increment import DATASET, SHARED, generate
-from dvc_project import BIN, DVC, ROOT, copy_pipeline
+from dvc_project import BIN, DVC, ROOT, copy_pipeline, output_bytes
 
-_OUTPUTS = ("clean.csv", "rejects.csv", "filter.json")
+_OUTPUTS = ("clean", "rejects.csv", "filter.json")
 # Runs `medflow` from the project's own copy of the package (first on sys.path), then prints its peak RSS (KB).
 _RUN = ("import resource, subprocess, sys; code = subprocess.call([sys.executable, '-c', "
         "'import sys; sys.path.insert(0, \"\"); from medflow.cli import main; sys.exit(main())', *sys.argv[1:]]); "
@@ -87,7 +87,7 @@ def measure(code: Path, dest: Path, cells: Path, increment: Path) -> dict[str, t
 
 def _same_outputs(a: Path, b: Path) -> list[str]:
     """The filter outputs that differ between the two interim folders."""
-    return [name for name in _OUTPUTS if (a / name).read_bytes() != (b / name).read_bytes()]
+    return [name for name in _OUTPUTS if output_bytes(a / name) != output_bytes(b / name)]
 
 
 def main() -> None:

@@ -21,6 +21,14 @@ BIN = Path(sys.executable).parent  # this environment's `dvc` and `medflow`
 DVC = str(BIN / "dvc")
 
 
+def output_bytes(path: Path) -> dict[str, bytes]:
+    """What a step wrote at ``path``: a file's bytes, or a folder's (a table's parts, an image store's index and
+    shards) by relative path."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def copy_pipeline(dest: Path, edit_params: Callable[[dict[str, Any]], None] = lambda _: None,
                   dataset: str = "pneumonia", root: Path = ROOT) -> None:
     """Copy the pipeline of ``root`` (default: this checkout) into ``dest`` (a new git repository) building

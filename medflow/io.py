@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -225,21 +226,170 @@ def write_csv(path: Path | str, df: pd.DataFrame) -> None:
         df.to_csv(f, index=False)
 
 
+# --- Tables: the manifest, clean and split tables are folders of CSV parts, one part per source root -------
+# A part is an ordinary CSV with the table's header; the table is its parts in order (``<ordinal>-<root>.csv``,
+# ordinal = the root's first row in the table). An increment that adds a source root adds a part and leaves the
+# others byte-identical, so DVC's cache stores the new rows alone (one whole CSV was stored again each run).
+# :func:`read_csv` reads a table or a single CSV file; a table reads as one CSV (one header, parts in order).
+TABLE_PART_SUFFIX = ".csv"
+TABLE_PARTITION = "root"  # the column a table is partitioned by
+_EMPTY_PART = "00000-empty.csv"  # a table of no rows: its header alone
+
+
+def _part_name(ordinal: int, key: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(key).name or "root").strip("._")[:48] or "root"
+    return f"{ordinal:05d}-{slug}{TABLE_PART_SUFFIX}"
+
+
+def table_parts(path: Path | str) -> list[Path]:
+    """The CSV files of the table at ``path``, in order: ``path`` itself when it is a file, else its parts.
+    FileNotFoundError when it is neither; StepError naming the folder when it holds no part."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "no such table", str(path))
+        return [path]
+    parts = sorted(p for p in path.iterdir() if p.suffix == TABLE_PART_SUFFIX and not p.name.startswith("."))
+    if not parts:
+        raise StepError(f"{path}: a table folder with no {TABLE_PART_SUFFIX} part (written by another tool?)")
+    return parts
+
+
+class TableText:
+    """The parts of a table as one CSV text stream: the first part's header, then every part's rows.
+
+    For ``pd.read_csv`` (``read``) and the csv module (iteration: lines). StepError naming the part whose
+    header differs from the first's."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._parts = iter(table_parts(path))
+        self._file: IO[str] | None = None
+        self._pending = ""
+        self.header: str | None = None
+
+    def _next_part(self) -> bool:
+        if self._file is not None:
+            self._file.close()
+        part = next(self._parts, None)
+        if part is None:
+            self._file = None
+            return False
+        self._file = open(part, newline="", encoding="utf-8")  # noqa: SIM115 (closed at its end, or by close())
+        header = self._file.readline()
+        if self.header is None:
+            self.header, self._pending = header, header
+        elif header != self.header:
+            raise StepError(f"{part}: its header differs from the first part's of {part.parent} "
+                            f"({header.strip()[:80]!r} against {self.header.strip()[:80]!r})")
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        if size is None or size < 0:
+            return "".join(self)
+        while self._file is not None or self._next_part():
+            assert self._file is not None
+            text, self._pending = self._pending + self._file.read(size), ""
+            if text:
+                return text
+            self._next_part()
+        return ""
+
+    def __iter__(self) -> Iterator[str]:
+        while self._file is not None or self._next_part():
+            assert self._file is not None
+            if self._pending:
+                yield self._pending
+                self._pending = ""
+            yield from self._file
+            self._next_part()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> TableText:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TableWriter:
+    """Writes a table folder atomically, chunk by chunk: each chunk's rows go to the part of their
+    :data:`TABLE_PARTITION` value (parts in the order the values first appear). Used as a context manager:
+    the folder replaces ``dest`` when the block ends cleanly; an error leaves the previous table whole."""
+
+    def __init__(self, dest: Path | str) -> None:
+        self.dest = Path(dest)
+        self.rows = 0
+        self._parts: dict[str, Path] = {}
+        self._columns: list[str] | None = None
+        self._tmp: contextlib.AbstractContextManager[Path] | None = None
+        self._folder: Path | None = None
+
+    def __enter__(self) -> TableWriter:
+        self._tmp = atomic_dir(self.dest)
+        self._folder = self._tmp.__enter__()
+        return self
+
+    def write(self, df: pd.DataFrame) -> None:
+        assert self._folder is not None, "TableWriter is used as a context manager"
+        if self._columns is None:
+            self._columns = list(df.columns)
+        elif list(df.columns) != self._columns:
+            raise ValueError(f"{self.dest}: a chunk's columns {list(df.columns)} differ from {self._columns}")
+        if not len(df):
+            return
+        keys = df[TABLE_PARTITION].astype(str)
+        for key in keys.unique():  # in the order of first appearance
+            rows = df[(keys == key).to_numpy()]
+            part = self._parts.get(key)
+            new = part is None
+            if part is None:
+                part = self._parts[key] = self._folder / _part_name(len(self._parts), key)
+            with open(part, "a", newline="", encoding="utf-8") as f:
+                rows.to_csv(f, index=False, header=new)
+        self.rows += len(df)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        assert self._tmp is not None and self._folder is not None
+        if kind is None:
+            try:
+                if not self._parts:  # no rows: the header alone (none at all without a chunk: a header-less CSV)
+                    (self._folder / _EMPTY_PART).write_text(",".join(self._columns or []) + "\n", encoding="utf-8")
+                for part in self._folder.iterdir():
+                    with open(part, "rb") as f:
+                        os.fsync(f.fileno())
+            except BaseException as e:  # noqa: BLE001 (handed to atomic_dir, which removes the folder)
+                self._tmp.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._tmp.__exit__(kind, error, tb)
+
+
+def write_table(dest: Path | str, df: pd.DataFrame) -> None:
+    """``df`` as a table folder (:class:`TableWriter`), atomically."""
+    with TableWriter(dest) as writer:
+        writer.write(df)
+
+
 # Id-like columns that must stay text (all-digit ids and hex hashes keep their leading zeros).
 _STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_split", "sha256", "mode", "format",
                    "phash", "dup_group", "split_group", "split", "reason", "detail")
 
 
 def read_csv(path: Path | str) -> pd.DataFrame:
-    """Read a CSV written by medflow; string columns stay strings (ids like '0001' keep their zeros)."""
+    """Read a CSV or a table folder written by medflow (:func:`table_parts`); string columns stay strings (ids
+    like '0001' keep their zeros). FileNotFoundError when ``path`` does not exist."""
     import pandas as pd  # not at the top: about 1 s to import, and most steps never read a CSV
 
-    return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
+    with TableText(path) as text:
+        return pd.read_csv(text, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
 # --- The image store: the resize step's output, read by validate, train, evaluate, predict and challenge ----
 # A folder: ``index.json`` (the row index) and ``shards/<name>.bin``, immutable files of raw C-ordered uint8
-# rows of one image geometry each. Row ``i`` of the store (= row ``i`` of clean.csv) is slot ``slot[i]`` of
+# rows of one image geometry each. Row ``i`` of the store (= row ``i`` of the clean table) is slot ``slot[i]`` of
 # shard ``shard[i]`` (an index into ``shards``), or missing (shard -1: a file resize could not decode, read
 # as zeros). The writer is medflow.imaging.store; this is the one definition of the format.
 STORE_FORMAT = "medflow-image-store"

@@ -1,4 +1,4 @@
-"""The filter step (dvc.yaml stage filter): manifest.csv -> clean.csv, rejects.csv and the filter summary.
+"""The filter step (dvc.yaml stage filter): the manifest table -> the clean table, rejects.csv and the filter summary.
 
 Reads and checks the manifest, takes each distinct content's verdict from the packed cache index or
 decodes it (worker processes, :mod:`medflow.imaging.quality`), and writes the three outputs atomically.
@@ -17,14 +17,14 @@ import pandas as pd
 from medflow.config import Config
 from medflow.errors import StepError
 from medflow.imaging import quality
-from medflow.io import read_csv, readable_path, source_roots, write_csv, write_json
+from medflow.io import read_csv, readable_path, source_roots, write_csv, write_json, write_table
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Path,
         cache: Path, roots_json: Path | None = None) -> dict[str, Any]:
-    """Decode every image in ``manifest``; write clean.csv, rejects.csv and the summary JSON.
+    """Decode every image in ``manifest``; write the clean table, rejects.csv and the summary JSON.
 
     ``cache`` is the folder of the verdict index (persistent across runs); ``roots_json`` (the extract step's)
     locates the paths under a source root outside the project. Returns the summary dict
@@ -53,7 +53,7 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     clean_df = quality.clean_table(df, shas, status, verdicts, groups)
     rejects_df = quality.rejects_table(df, shas, status)
     result = quality.summarize(len(df), clean_df, rejects_df, decoded, distinct - decoded, fcfg)
-    write_csv(clean, clean_df)
+    write_table(clean, clean_df)
     write_csv(rejects, rejects_df)
     write_json(summary, result)
     _log_summary(result, time.perf_counter() - started)
@@ -63,7 +63,7 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
 
 
 def _read_manifest(manifest: Path) -> pd.DataFrame:
-    """manifest.csv as a DataFrame; StepError naming the file when it is missing or not a readable CSV."""
+    """The manifest table as a DataFrame; StepError naming the file when it is missing or not a readable CSV."""
     try:
         return read_csv(manifest)
     except FileNotFoundError:

@@ -19,7 +19,7 @@ from medflow.config import Config
 from medflow.data.digests import DigestCache
 from medflow.data.manifest import manifest_chunks
 from medflow.errors import StepError
-from medflow.io import atomic_open, read_json
+from medflow.io import TableWriter, read_json
 from medflow.patients import project_salt
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ def run(cfg: Config, *, roots_json: Path, out: Path, cache: Path | None = None) 
     chunks = manifest_chunks(roots, cfg.dataset.labels, cfg.dataset.group_pattern, skipped, rule=rule, salt=salt,
                              cache=digests)
     counts = _Counts()
-    with atomic_open(out, newline="") as f:  # chunk by chunk: the same bytes as one DataFrame's to_csv
+    with TableWriter(out) as table:  # chunk by chunk: the same parts as one DataFrame's write_table
         for df in chunks:
-            df.to_csv(f, index=False, header=not counts.images)
+            table.write(df)
             counts.add(df)
         if not counts.images:
             raise StepError(_no_images(roots, cfg))

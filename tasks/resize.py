@@ -2,7 +2,7 @@
 
 Output format: an image store (:class:`medflow.io.ImageStore`, written by :mod:`medflow.imaging.store`), a
 folder of immutable shard files of raw uint8 rows and a small row index; row ``i`` is row ``i`` of
-clean.csv. Readers memory-map each shard and gather batches straight from the page cache: zero decode cost
+the clean table. Readers memory-map each shard and gather batches straight from the page cache: zero decode cost
 per epoch, and no need to hold the dataset in RAM. The store lives in ``--cache`` (persistent) and is
 published to ``--out`` as hard links: each image is written once, only the images the store lacks are
 decoded (:mod:`medflow.imaging.parallel`), and an increment adds new shards and a new index while the old
@@ -10,9 +10,9 @@ shards stay byte-identical, so DVC hashes and caches the new data alone. The ste
 grow with the dataset, and a crash leaves the previous store and its published copy whole. The
 preprocessing is :mod:`medflow.imaging.decode`'s, the one training, evaluation and prediction use.
 
-One file never stops the step. A file clean.csv lists (the filter passed it) that cannot be read or decoded
+One file never stops the step. A file clean table lists (the filter passed it) that cannot be read or decoded
 now (it changed after the filter read it, or a decoder disagrees with the filter's) keeps its row, without
-pixels (it reads as zeros) and not stored, so that row ``i`` is still row ``i`` of clean.csv, and is listed
+pixels (it reads as zeros) and not stored, so that row ``i`` is still row ``i`` of the clean table, and is listed
 in ``rejects`` (:data:`RESIZE_REJECT_COLUMNS`, reason :data:`LATE_REASON`, its ``row``). The split step
 quarantines those rows (split_rejects.csv: in the store, in no split), so validate counts them and train and
 evaluate never read them. Only every image failing stops the step (nothing written).
@@ -34,14 +34,14 @@ from medflow.imaging import cluster, store
 from medflow.imaging.decode import ImageInfo
 from medflow.imaging.parallel import Failed, Result, Written, decoding
 from medflow.imaging.store import Job, cache_key
-from medflow.io import atomic_open, n_workers, readable_path, source_roots, write_json
+from medflow.io import TableText, atomic_open, n_workers, readable_path, source_roots, write_json
 from medflow.schema import REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
 
 _REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "format", "mode")
 LATE_REASON = "resize_decode_error"  # a file the filter passed that resize cannot decode
-RESIZE_REJECT_COLUMNS = [*REJECT_COLUMNS, "row"]  # row: in clean.csv and the store (no pixels: zeros)
+RESIZE_REJECT_COLUMNS = [*REJECT_COLUMNS, "row"]  # row: in the clean table and the store (no pixels: zeros)
 _NOTE = ("the filter passed it: it changed after the filter read it, or the decoder disagrees with the filter's; "
          "the next `dvc repro` re-reads a changed file")
 
@@ -54,16 +54,16 @@ class _Counts(NamedTuple):
 
 
 class _Listed(NamedTuple):
-    """What a rejects row repeats of a clean.csv row."""
+    """What a rejects row repeats of a clean table row."""
 
-    path: str  # as clean.csv writes it
+    path: str  # as the clean table writes it
     sha256: str
     bytes: str
 
 
 def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, rejects: Path | None = None,
         roots_json: Path | None = None) -> dict[str, Any]:
-    """Resize every clean.csv image into the image store ``cache``, published to ``out`` (a folder); write
+    """Resize every clean table image into the image store ``cache``, published to ``out`` (a folder); write
     ``stats`` and ``rejects`` (default: resize_rejects.csv beside ``out``; header only when every image decoded).
 
     Only images missing from the content-addressed store are decoded (in parallel processes). ``roots_json``
@@ -111,7 +111,7 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, reject
 
 
 def _reject_rows(jobs: list[Job], listed: list[_Listed], failed: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One RESIZE_REJECT_COLUMNS row per clean.csv row whose image failed (the file named by ``path`` only)."""
+    """One RESIZE_REJECT_COLUMNS row per clean table row whose image failed (the file named by ``path`` only)."""
     rows = []
     for row, (job, item) in enumerate(zip(jobs, listed, strict=True)):
         if job.key in failed:
@@ -172,14 +172,14 @@ def _all_failed(failed: Mapping[str, str]) -> str:
 
 def _read_jobs(clean: Path, size: int, channels: int,
                roots: Mapping[str, Path]) -> tuple[list[Job], list[_Listed]]:
-    """One job per clean.csv row, in row order, and what a rejects row repeats of it (path, sha256, bytes);
+    """One job per clean table row, in row order, and what a rejects row repeats of it (path, sha256, bytes);
     StepError on a missing column or an empty table.
 
     Read with the csv module, columns by position: a few thousand rows and seven columns do not need
     pandas, whose fixed cost is a visible share of an incremental run (nor ``DictReader``, half as fast).
     """
     try:
-        with open(clean, newline="", encoding="utf-8") as f:
+        with TableText(clean) as f:  # a table folder (its parts in order) or one CSV
             reader = csv.reader(f)
             header = next(reader, [])
             missing = [c for c in _REQUIRED_COLUMNS if c not in header]

@@ -4,7 +4,7 @@ Splits with :func:`medflow.data.split.assign_splits` (patient- and near-duplicat
 seeded), or, when ``out`` already holds a split made with the same ``split`` params, extends it with
 :func:`medflow.data.split.extend_split`, so new data never moves an image that was already assigned. New
 images that would join units of different splits are quarantined into ``rejects`` (reason ``links_splits``,
-the images they link to named) and left out of split.csv; the run goes on. The rows the resize step could not
+the images they link to named) and left out of the split table; the run goes on. The rows the resize step could not
 decode (its ``resize_rejects``: no pixels in the store) are quarantined too, with resize's reason and detail, and
 take no part in the split. ``rejects`` is the split step's own output (the filter's rejects.csv is another
 stage's), written on every run, header only when none.
@@ -30,7 +30,7 @@ from medflow.data.split import (
     split_summary,
 )
 from medflow.errors import StepError
-from medflow.io import read_csv, read_json, write_csv, write_json
+from medflow.io import read_csv, read_json, write_csv, write_json, write_table
 from medflow.schema import SPLITS
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
     """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
-    if not out.is_file():
+    if not out.exists():
         return None
     try:
         made_with = read_json(summary).get("params")
@@ -62,7 +62,7 @@ def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
 
 def _resize_rejects(path: Path | None, df: pd.DataFrame, clean: Path) -> pd.DataFrame:
     """The resize step's rejects as QUARANTINE_COLUMNS rows (``links`` empty); StepError naming ``path`` when
-    it is missing or a row's ``row`` does not hold its ``path`` in clean.csv (rejects of another clean.csv)."""
+    it is missing or a row's ``row`` does not hold its ``path`` in the clean table (rejects of another clean table)."""
     if path is None:
         return pd.DataFrame(columns=QUARANTINE_COLUMNS)
     try:
@@ -85,7 +85,7 @@ def _resize_rejects(path: Path | None, df: pd.DataFrame, clean: Path) -> pd.Data
 
 def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | None = None,
         resize_rejects: Path | None = None) -> dict[str, Any]:
-    """Read clean.csv, split it, write split.csv, the split's quarantine and its summary atomically; return
+    """Read the clean table, split it, write the split table, the split's quarantine and its summary atomically; return
     the summary.
 
     When ``out`` (persisted by DVC) holds the previous split and ``summary`` says it was made with the
@@ -100,7 +100,7 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
         raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
     rejects = Path(out).with_name("split_rejects.csv") if rejects is None else Path(rejects)
     late = _resize_rejects(None if resize_rejects is None else Path(resize_rejects), df, Path(clean))
-    if len(late):  # left out of the split; every other row keeps its position in clean.csv (= the image store)
+    if len(late):  # left out of the split; every other row keeps its position in the clean table (= the image store)
         df = df.assign(row=np.arange(len(df), dtype=np.int64)).drop(index=df.index[late["row"].to_numpy()])
     previous = _previous(Path(out), Path(summary), cfg.split)
     try:
@@ -113,7 +113,7 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
     parts = [part for part in (late, linking) if len(part)]
     quarantined = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0] if parts else linking
     write_csv(rejects, quarantined)
-    write_csv(out, result)
+    write_table(out, result)
     counts = split_summary(result)
     kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
     source_test = source_test_summary(result, cfg.split)

@@ -1,6 +1,6 @@
 """The train step (dvc.yaml stage ``train``): the validated split in, the model folder out.
 
-Reads the image store (uint8, each shard memory-mapped) and ``split.csv``; trains with
+Reads the image store (uint8, each shard memory-mapped) and the split table; trains with
 :func:`medflow.training.fit.train_model` (resuming from ``<model_dir>/checkpoints`` after a crash); the chief
 then writes ``model.keras`` (best validation loss), ``metadata.json`` and ``history.csv`` into ``model_dir``,
 each atomically, and empties the checkpoints. DVCLive writes per-epoch metrics into ``live_dir``.

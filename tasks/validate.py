@@ -1,4 +1,4 @@
-"""The validate step (dvc.yaml stage validate): Great Expectations on split.csv and the image store's header.
+"""The validate step (dvc.yaml stage validate): Great Expectations on the split table and the image store's header.
 
 Reads the split manifest and the array's shape and dtype (memory-mapped, no pixels read), runs the suites
 of :mod:`medflow.data.expectations` and the shortcut check of :mod:`medflow.data.shortcuts` (can file
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, *, split: Path, images: Path, result: Path, summary: Path,
         split_rejects: Path | None = None) -> dict[str, Any]:
-    """Validate split.csv and the image store header; write the GX result JSON and a Markdown summary (atomically).
+    """Validate the split table and the image store header; write the GX result JSON and a Markdown summary
+    (atomically).
 
     Returns counts (expectations, rows, seconds, n/n_pos/n_neg per split). Raises StepError naming the
     file when an input is missing or unreadable, and (after writing both files) when any expectation fails.
@@ -84,7 +85,7 @@ def _quarantined_rows(split_rejects: Path | None) -> int:
 
 
 def _read_inputs(split: Path, images: Path) -> tuple[pd.DataFrame, tuple[int, ...], np.dtype]:
-    """split.csv as a DataFrame and the images array's shape and dtype; StepError naming a missing file."""
+    """The split table as a DataFrame and the images array's shape and dtype; StepError naming a missing file."""
     try:
         df = read_csv(split)
     except FileNotFoundError:

@@ -162,6 +162,14 @@ def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         server.server_close()
 
 
+def output_bytes(path: Path) -> dict[str, bytes]:
+    """What a step wrote at ``path``: the file's bytes, or a folder's (a table's parts, a store's index and shards)
+    by relative path."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def write_split_csv(dest: Path, *, paths: Sequence[str], labels: Sequence[object], splits: Sequence[str],
                     groups: Sequence[str] | None = None, rows: Sequence[int] | None = None) -> Path:
     """A split.csv in the pipeline's schema (``SPLIT_COLUMNS``): one line per path, in the given order.

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
 from medflow.catalog import STAGE_SECTIONS
 from medflow.cli import STEPS, main
+from medflow.io import read_csv
 
 MEDFLOW = [sys.executable, "-m", "medflow.cli"]
 
@@ -49,9 +49,9 @@ def test_dataset_picks_the_catalog_entry(tmp_path: Path) -> None:
         cv2.imwrite(str(tmp_path / "images" / cls / f"{cls.lower()}1.png"), np.full((40, 40), 100, np.uint8))
     (tmp_path / "roots.json").write_text(json.dumps([{"root": str(tmp_path / "images")}]))
     run = _medflow("manifest", "--dataset", "cells", "--params", str(params), "--roots-json", "roots.json",
-                   "--out", "m.csv", cwd=tmp_path)
+                   "--out", "m", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    manifest = pd.read_csv(tmp_path / "m.csv")
+    manifest = read_csv(tmp_path / "m")
     assert dict(zip(manifest["class_name"], manifest["label"], strict=True)) == {"C": 0, "D": 1}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import shared_dataset
+from conftest import output_bytes, shared_dataset
 from PIL import Image
 
 from medflow.config import Config, ConfigError, load_config, parse_config
@@ -67,7 +67,7 @@ def _manifest(files: list[Path], root: Path) -> pd.DataFrame:
 def _pipeline(out: Path, cfg: Config, manifest: Path, broken: Path | None = None) -> dict[str, Any]:
     """Filter then resize into ``out``; ``broken`` (a clean file) is overwritten between the two, as a file
     that changed after the filter read it (a resize reject). Returns both summaries."""
-    paths = {"clean": out / "clean.csv", "rejects": out / "rejects.csv", "summary": out / "filter.json"}
+    paths = {"clean": out / "clean", "rejects": out / "rejects.csv", "summary": out / "filter.json"}
     summary = filter_step.run(cfg, manifest=manifest, cache=out / "cache" / "filter", **paths)
     if broken is not None:
         broken.write_bytes(b"not an image any more")
@@ -108,8 +108,8 @@ def test_local_cluster_outputs_are_byte_identical_to_the_local_pool(
 
     assert local["filter"]["clean"] == len(files) - 1 and local["resize"]["rejected"] == 1  # the fixture works
     assert local["resize"]["workers"] == 2
-    for name in ("clean.csv", "rejects.csv", "filter.json", "resize_rejects.csv"):
-        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    for name in ("clean", "rejects.csv", "filter.json", "resize_rejects.csv"):
+        assert output_bytes(tmp_path / "dask" / name) == output_bytes(tmp_path / "local" / name), name
     assert _tree(tmp_path / "dask" / "images") == _tree(tmp_path / "local" / "images")  # index.json and shards/
     strip = {k: v for k, v in remote["resize"].items() if k not in TIMING}
     assert strip == {k: v for k, v in local["resize"].items() if k not in TIMING}
@@ -117,7 +117,7 @@ def test_local_cluster_outputs_are_byte_identical_to_the_local_pool(
     # the cluster's worker processes ran the decoder, in project-relative folders
     assert {"inspect_files", "decode_remote"} <= set(dask_cluster.scheduler.task_prefixes)  # filter, resize
     # and the cluster-written store serves the local pool: nothing decoded again, the same store
-    again = resize.run(_cfg(), clean=Path("dask/clean.csv"), out=Path("again"), stats=Path("again.json"),
+    again = resize.run(_cfg(), clean=Path("dask/clean"), out=Path("again"), stats=Path("again.json"),
                        cache=Path("dask/cache/resize"), rejects=Path("again_rejects.csv"))
     assert (again["decoded"], again["cached"]) == (0, len(files) - 2)  # the changed file alone is tried again
     assert _tree(Path("again")) == _tree(tmp_path / "local" / "images")

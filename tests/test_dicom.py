@@ -344,15 +344,15 @@ def test_manifest_filter_resize_on_dicom(tmp_path: Path, monkeypatch: pytest.Mon
     write_json(tmp_path / "roots.json", [{"root": str(root), "source": "src", "kind": "folder"}])
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
-        summary = manifest_step.run(cfg, roots_json=tmp_path / "roots.json", out=out / "manifest.csv")
-        filt = filter_step.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv",
+        summary = manifest_step.run(cfg, roots_json=tmp_path / "roots.json", out=out / "manifest")
+        filt = filter_step.run(cfg, manifest=out / "manifest", clean=out / "clean",
                                rejects=out / "rejects.csv", summary=out / "filter.json", cache=tmp_path / "cache")
-        resized = resize_step.run(cfg, clean=out / "clean.csv", out=out / "images", stats=out / "resize.json",
+        resized = resize_step.run(cfg, clean=out / "clean", out=out / "images", stats=out / "resize.json",
                                   cache=tmp_path / "rcache")
 
     salt = project_salt(tmp_path)
     assert len(salt) == 64 and stat.S_IMODE((tmp_path / SALT_FILE).stat().st_mode) == 0o600
-    df = read_csv(out / "manifest.csv").set_index("relpath")
+    df = read_csv(out / "manifest").set_index("relpath")
     assert summary["images"] == 8 and summary["patients"] == 4 and summary["dicom_patient_from_study"] == 1
     assert set(df["format"]) == {"DICOM"}
     group = {k: df.loc[p.relative_to(root).as_posix(), "group"] for k, p in files.items()}
@@ -368,15 +368,15 @@ def test_manifest_filter_resize_on_dicom(tmp_path: Path, monkeypatch: pytest.Mon
     rejects = read_csv(out / "rejects.csv").set_index("path")
     listed = {k: df.loc[files[k].relative_to(root).as_posix(), "path"] for k in REJECTED}
     assert {k: rejects.loc[path, "reason"] for k, path in listed.items()} == REJECTED
-    again = filter_step.run(cfg, manifest=out / "manifest.csv", clean=out / "clean.csv", rejects=out / "rejects.csv",
+    again = filter_step.run(cfg, manifest=out / "manifest", clean=out / "clean", rejects=out / "rejects.csv",
                             summary=out / "filter2.json", cache=tmp_path / "cache")  # verdicts from the index
     assert (again["decoded"], again["cached"]) == (0, 8) and again["by_reason"] == filt["by_reason"]
     images = ImageStore(out / "images")[:]
-    clean = read_csv(out / "clean.csv")
+    clean = read_csv(out / "clean")
     assert resized["images"] == len(clean) == images.shape[0] == 5 and images.shape[1:] == (32, 32, 1)
     for i, path in enumerate(clean["path"]):
         assert np.array_equal(images[i], decode.load_resized(path, size=32, channels=1))
-    texts = [p.read_text() for p in out.iterdir() if p.suffix in (".csv", ".json")]
+    texts = [p.read_text() for p in out.rglob("*") if p.suffix in (".csv", ".json")]
     _no_phi(*texts, *(r.getMessage() for r in caplog.records), json.dumps(summary), json.dumps(filt))
 
 

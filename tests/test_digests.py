@@ -21,7 +21,7 @@ import pytest
 
 from medflow.config import Config, parse_config
 from medflow.data import digests, manifest
-from medflow.io import sha256_file, write_json
+from medflow.io import sha256_file, table_parts, write_json
 from tasks.manifest import run
 
 _WATCHED: list[tuple[str, list[str]]] = []
@@ -73,20 +73,20 @@ def _dataset(tmp_path: Path) -> tuple[Path, Path]:
 
 def _manifest(tmp_path: Path, roots: Path, cache: Path | None, name: str) -> bytes:
     run(_cfg(), roots_json=roots, out=tmp_path / name, cache=cache)
-    return (tmp_path / name).read_bytes()
+    return b"".join(part.read_bytes() for part in table_parts(tmp_path / name))
 
 
 def test_a_second_run_opens_no_file_and_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root, roots = _dataset(tmp_path)
     cache = tmp_path / "cache"
-    without = _manifest(tmp_path, roots, None, "plain.csv")
+    without = _manifest(tmp_path, roots, None, "plain")
     monkeypatch.setattr(manifest, "CHUNK_ROWS", 4)  # two chunks: written one after the other, the same bytes
-    assert _manifest(tmp_path, roots, None, "chunked.csv") == without
+    assert _manifest(tmp_path, roots, None, "chunked") == without
     with opened_under(root) as first_opens:
-        first = _manifest(tmp_path, roots, cache, "first.csv")
+        first = _manifest(tmp_path, roots, cache, "first")
     assert len(set(first_opens)) == 6  # the hook sees the reads: every file is opened once without a cache
     with opened_under(root) as opens:
-        second = _manifest(tmp_path, roots, cache, "second.csv")
+        second = _manifest(tmp_path, roots, cache, "second")
     assert opens == []
     assert first == second == without
     with sqlite3.connect(cache / digests.FILE_NAME) as con:
@@ -97,7 +97,7 @@ def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
     """Same size, new content and mtime: re-hashed; a file modified just now is not cached (racy) at all."""
     root, roots = _dataset(tmp_path)
     cache = tmp_path / "cache"
-    _manifest(tmp_path, roots, cache, "first.csv")
+    _manifest(tmp_path, roots, cache, "first")
     changed = root / "PNEUMONIA" / "person1_virus_2.png"
     data = bytearray(changed.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -107,12 +107,12 @@ def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
     fresh = root / "NORMAL" / "IM-0002-0001.png"
     os.utime(fresh)  # modified now: inside the racy window
     with opened_under(root) as opens:
-        second = _manifest(tmp_path, roots, cache, "second.csv")
+        second = _manifest(tmp_path, roots, cache, "second")
     assert set(opens) == {os.path.realpath(changed), os.path.realpath(fresh)}
     assert sha256_file(changed).encode() in second
-    assert second == _manifest(tmp_path, roots, None, "plain.csv")
+    assert second == _manifest(tmp_path, roots, None, "plain")
     with opened_under(root) as opens:
-        _manifest(tmp_path, roots, cache, "third.csv")
+        _manifest(tmp_path, roots, cache, "third")
     assert set(opens) == {os.path.realpath(fresh)}  # still racy: read again, never trusted
 
 
@@ -121,7 +121,7 @@ def test_a_damaged_cache_is_dropped_and_rebuilt(tmp_path: Path, damage: str,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     root, roots = _dataset(tmp_path)
     cache = tmp_path / "cache"
-    first = _manifest(tmp_path, roots, cache, "first.csv")
+    first = _manifest(tmp_path, roots, cache, "first")
     db = cache / digests.FILE_NAME
     if damage == "garbage":
         db.write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
@@ -132,11 +132,11 @@ def test_a_damaged_cache_is_dropped_and_rebuilt(tmp_path: Path, damage: str,
             con.execute(sql)
             con.commit()
     with opened_under(root) as opens:
-        second = _manifest(tmp_path, roots, cache, "second.csv")
+        second = _manifest(tmp_path, roots, cache, "second")
     assert len(set(opens)) == 6 and second == first
     assert (damage == "other_key") != ("damaged digest cache" in caplog.text)
     with opened_under(root) as opens:
-        _manifest(tmp_path, roots, cache, "third.csv")
+        _manifest(tmp_path, roots, cache, "third")
     assert opens == []  # rebuilt
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import output_bytes
 from resize_helpers import config_for, save_image, texture
 
 from medflow.config import parse_config
@@ -210,7 +211,7 @@ def test_filter_on_a_full_disk_says_no_space_and_names_the_output(tmp_path: Path
                         "filter": {"workers": 1}})
 
     def run(out: Path) -> dict[str, object]:
-        return step.run(cfg, manifest=manifest, clean=out / "clean.csv", rejects=out / "rejects.csv",
+        return step.run(cfg, manifest=manifest, clean=out / "clean", rejects=out / "rejects.csv",
                         summary=out / "filter.json", cache=out / "cache")
     _fill(small_disk)
     with pytest.raises(StepError, match=f"^{small_disk}/.*No space left on device"):
@@ -306,11 +307,11 @@ def test_killing_the_filter_step_kills_its_workers_and_the_rerun_is_identical(
                                                   "channels": 1}, "filter": {"workers": 2}}))
     cfg = parse_config(yaml.safe_load(params.read_text()))
     write_json(project / "roots.json", [{"root": "src", "source": "src", "kind": "folder"}])
-    manifest_step.run(cfg, roots_json=project / "roots.json", out=project / "manifest.csv")
-    outs = ("clean.csv", "rejects.csv", "filter.json")
+    manifest_step.run(cfg, roots_json=project / "roots.json", out=project / "manifest")
+    outs = ("clean", "rejects.csv", "filter.json")
 
     def args(folder: str) -> dict[str, Path]:
-        return {"manifest": project / "manifest.csv", "clean": project / folder / outs[0],
+        return {"manifest": project / "manifest", "clean": project / folder / outs[0],
                 "rejects": project / folder / outs[1], "summary": project / folder / outs[2],
                 "cache": project / folder / "cache"}
 
@@ -332,7 +333,7 @@ def test_killing_the_filter_step_kills_its_workers_and_the_rerun_is_identical(
     rerun = subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name in outs[:2]:
-        assert (project / "out" / name).read_bytes() == (project / "ref" / name).read_bytes(), name
+        assert output_bytes(project / "out" / name) == output_bytes(project / "ref" / name), name
     summaries = [json.loads((project / d / outs[2]).read_text()) for d in ("ref", "out")]
     def counts_aside(s: dict) -> dict:  # what was decoded and what came from the cache differs, nothing else
         return {k: v for k, v in s.items() if k not in ("decoded", "cached")}

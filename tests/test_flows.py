@@ -395,14 +395,14 @@ def test_train_then_retrain_skips_promotes_and_rejects(tmp_path: Path, harness: 
     assert (project / "dvc.lock").read_bytes() == lock and len(registry.list_versions(models)) == 1
 
     # New images land: old assignments kept, challenger trained and promoted.
-    before = read_csv(project / "data/processed/pneumonia/split.csv")
+    before = read_csv(project / "data/processed/pneumonia/split")
     real_images(inbox / "batch2", src, 50, {"NORMAL": 20, "PNEUMONIA": 40})
     state = retrain_flow(dataset="pneumonia", project_dir=str(project), return_state=True)
     result = state.result()
     assert result["status"] == "promoted" and state.name == "Promoted", (state, result["decision"])
     second = registry.champion(models)["version"]
     assert second != first and result["decision"]["champion"] == first
-    after = read_csv(project / "data/processed/pneumonia/split.csv")
+    after = read_csv(project / "data/processed/pneumonia/split")
     kept = after.merge(before[["path", "split"]], on="path", suffixes=("", "_before"))
     assert len(kept) == len(before) and (kept["split"] == kept["split_before"]).all()
     assert len(after) > len(before)

@@ -114,7 +114,7 @@ def _dvc(project: Path, *args: str) -> str:
 def _repro(project: Path) -> tuple[dict[str, str], str]:
     """A plain repro of the three data stages; returns manifest file name -> sha256, and DVC's output."""
     out = _dvc(project, "repro", "--single-item", *STAGES)
-    rows = read_csv(project / "data/interim/malaria/manifest.csv")
+    rows = read_csv(project / "data/interim/malaria/manifest")
     return dict(zip(rows["relpath"].map(lambda p: Path(p).name), rows["sha256"], strict=True)), out
 
 

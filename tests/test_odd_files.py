@@ -280,7 +280,7 @@ def test_preflight_names_a_useless_value(tmp_path: Path) -> None:
 
 # train@<dataset>'s deps and outputs as a finished run leaves them (stand-ins: `dvc commit` records them as
 # that run, and the typo stops `medflow train` before it reads any of them)
-_TRAIN_DEPS = ["data/processed/{d}/images", "data/processed/{d}/split.csv", "reports/{d}/validation.json"]
+_TRAIN_DEPS = ["data/processed/{d}/images", "data/processed/{d}/split", "reports/{d}/validation.json"]
 _TRAIN_OUTS = ["models/{d}/model.keras", "models/{d}/metadata.json", "models/{d}/history.csv",
                "models/{d}/checkpoints/state.json", "reports/{d}/train/metrics.json",
                "reports/{d}/train/plots/metrics/train/loss.tsv"]

@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import pytest
 import yaml
-from conftest import copy_project, git_commit_all, shared_dataset, small_run_catalog
+from conftest import copy_project, git_commit_all, output_bytes, shared_dataset, small_run_catalog
 
 from medflow.config import load_config
 from medflow.io import read_csv, sha256_file
@@ -96,7 +96,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     # (person1430_bacteria_3695/3696, person1619_bacteria_4267/4268): each kept once.
     assert filt["in"] == 1566 and filt["rejected"] == 2 and filt["clean"] == 1564
     assert filt["by_reason"]["duplicate"] == 2
-    split = read_csv(processed / "split.csv")
+    split = read_csv(processed / "split")
     assert len(split) == 1564
     assert (split.groupby("group")["split"].nunique() == 1).all(), "a patient is in two splits"
     assert (split.groupby("dup_group")["split"].nunique() == 1).all()
@@ -107,6 +107,10 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert sha256_file(archive) == archive_sha  # the source archive is untouched
     status = _dvc(project, "status", "validate@pneumonia")
     assert "up to date" in status.stdout, status.stdout
+
+    tables = {interim / "manifest", interim / "clean", processed / "split"}
+    parts_before = {table: output_bytes(table) for table in tables}
+    assert all(len(parts) == 1 for parts in parts_before.values())  # one source root, one part
 
     # New data lands in the inbox: a truncated copy, an exact duplicate, a re-encoded near duplicate.
     first = src / "PNEUMONIA" / sorted(os.listdir(src / "PNEUMONIA"))[0]
@@ -139,7 +143,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert len(reasons) == 4
     resize = _json(processed / "resize.json")
     assert resize["decoded"] == 3 and resize["images"] == 1564 + 3
-    split = read_csv(processed / "split.csv")
+    split = read_csv(processed / "split")
     split["name"] = split["path"].map(lambda p: Path(p).name)
     near = split[split["name"].isin([first.name, "person90003_bacteria_1.jpeg"])]
     assert len(near) == 2 and near["dup_group"].nunique() == 1 and near["split"].nunique() == 1
@@ -155,6 +159,7 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
         assert stats["evaluated_expectations"] == stats["successful_expectations"] >= 1, (name, stats)
     assert sum(s["statistics"]["evaluated_expectations"] for s in suites.values()) == 32
     _assert_shards_stored_once(project, "pneumonia")
+    _assert_tables_grew_by_a_part(parts_before, project)
 
 
 def _assert_shards_stored_once(project: Path, ds: str) -> None:
@@ -168,6 +173,18 @@ def _assert_shards_stored_once(project: Path, ds: str) -> None:
         cached = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
         store = project / f"data/interim/{ds}/cache/resize/shards" / shard.name
         assert shard.stat().st_ino == store.stat().st_ino == cached.stat().st_ino, shard.name
+
+
+def _assert_tables_grew_by_a_part(before: dict[Path, dict[str, bytes]], project: Path) -> None:
+    """The landed folder is a new source root: each table (a folder of one CSV part per root) gained a part and
+    kept its earlier part byte for byte, so DVC's cache stored the new rows alone (its object is the old one)."""
+    for table, parts in before.items():
+        after = output_bytes(table)
+        assert len(after) == len(parts) + 1, (table, sorted(after))
+        for old in parts.values():
+            assert old in after.values(), f"{table}: an earlier part changed"
+            md5 = hashlib.md5(old).hexdigest()
+            assert (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file(), table
 
 
 SMALL_RUN = {"resize": {"size": 64}, "validate": {"split_tolerance": 0.2, "class_ratio_tolerance": 0.25},
@@ -264,7 +281,7 @@ def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path
         meta = _json(project / f"models/{ds}/metadata.json")
         assert meta["task"] == ds and meta["input_shape"] == [size, size, CHANNELS[ds]], (ds, meta["input_shape"])
         assert meta["epochs_run"] == 2 and (project / f"models/{ds}/model.keras").stat().st_size > 0
-        split = read_csv(project / f"data/processed/{ds}/split.csv")
+        split = read_csv(project / f"data/processed/{ds}/split")
         assert set(split["class_name"]) == set(counts), ds  # the source classes stay in the split
         assert (split.groupby("group")["split"].nunique() == 1).all(), f"{ds}: a patient is in two splits"
         assert set(split["split"]) == {"train", "val", "test"}, ds
@@ -274,7 +291,7 @@ def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path
         assert report["threshold"] == _json(project / f"models/{ds}/threshold.json")["threshold"]
         assert 0.0 <= report["test"]["roc_auc"]["value"] <= 1.0, ds
         assert "data:image/png;base64," in (evaluation / "report.html").read_text(), ds
-    malaria = read_csv(project / "data/processed/malaria/split.csv")
+    malaria = read_csv(project / "data/processed/malaria/split")
     assert len(malaria) == 120 and malaria["group"].str.fullmatch(r"P\d+").all()  # NIH patients P<n>
 
     metrics = _dvc(project, "metrics", "show", "--json")
@@ -292,7 +309,7 @@ def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path
     always = {f"download@{ds}": ["always changed"] for ds in SLICES}  # lists the inbox on every repro
     assert status.returncode == 0 and json.loads(status.stdout) == always, status.stdout
     _assert_no_marker(project)
-    split = read_csv(project / "data/processed/melanoma/split.csv")
+    split = read_csv(project / "data/processed/melanoma/split")
     assert split["path"].str.startswith("@melanoma/").all() and set(split["root"]) == {"@melanoma"}
-    assert read_csv(project / "data/processed/malaria/split.csv")["path"].str.startswith(
+    assert read_csv(project / "data/processed/malaria/split")["path"].str.startswith(
         "data/inbox/malaria/slice/").all()  # through the link, not its target

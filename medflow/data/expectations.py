@@ -1,10 +1,10 @@
 """The validate step's Great Expectations suites over the split manifest and the resized images.
 
-The step (tasks/validate.py) reads split.csv and the image store's header and writes the results; this
+The step (tasks/validate.py) reads the split table and the image store's header and writes the results; this
 module builds the tables, runs the suites and words the outcome. Tables are validated in one ephemeral GX
 context (nothing written to disk by GX, no Data Docs, no analytics, no progress bars):
 
-``manifest`` (split.csv, one row per image)
+``manifest`` (the split table, one row per image)
     columns exactly :data:`medflow.schema.SPLIT_COLUMNS`; label in {0, 1}; no nulls in the id columns;
     unique path, sha256 (across the whole dataset) and row; split in train/val/test; ``row`` within
     [0, number of images).

@@ -77,8 +77,8 @@ def _display_path(path: Path) -> str:
 
 def _shown(rel: str, root: str) -> str:
     """The manifest's ``path`` of an image: project-relative, or ``@<label>/<rel>`` under a source root outside
-    the project (``root`` is then ``@<label>``): never absolute, never a home folder. The manifest, clean.csv,
-    split.csv and the reports are shared; the steps that open files resolve it (:func:`medflow.io.readable_path`).
+    the project (``root`` is then ``@<label>``): never absolute, never a home folder. The manifest, the clean table,
+    the split table and the reports are shared; the steps that open files resolve it (:func:`medflow.io.readable_path`).
     ``root`` is already shown (``@<label>``, or the root's :func:`_display_path`) and ``rel`` is a walk's POSIX
     path below it (no ``.`` or ``..`` parts), so joining them is what :func:`_display_path` of the file gives."""
     return rel if root == "." else f"{root}/{rel}"

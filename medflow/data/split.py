@@ -35,7 +35,7 @@ quarantined (reason ``links_splits``, the images they link to named) and left ou
 images already assigned keep their split and the patient and near-duplicate ids they had in the previous
 split (the new ids were joined only through the quarantined images). A quarantined image is looked at
 again on every run: once what it linked is gone it is placed like any new image. Re-splitting from
-scratch (changing a ``split`` param, or deleting split.csv) stays an explicit choice.
+scratch (changing a ``split`` param, or deleting the split table) stays an explicit choice.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 LABELS = (0, 1)
 _ID_COLUMNS = ("path", "group", "dup_group", "label")
 LINKS_SPLITS = "links_splits"  # the quarantine reason of a new image that would join units of different splits
-QUARANTINE_COLUMNS = [*REJECT_COLUMNS, "row", "links"]  # row: in clean.csv / the store; links: ';'-joined paths
+QUARANTINE_COLUMNS = [*REJECT_COLUMNS, "row", "links"]  # row: in the clean table / the store; links: ';'-joined paths
 _NAMED = 3  # linked images named per split in a quarantine detail
 _LINKS = 20  # linked paths listed per quarantined image
 
@@ -108,7 +108,7 @@ def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame
         raise StepError(f"{what}: paths listed twice: {sorted(set(df.loc[dup_paths, 'path']))[:5]}")
     out = df.copy().reset_index(drop=True)
     if "row" not in out.columns:  # set by the split step when it leaves out rows resize could not decode
-        out["row"] = np.arange(len(out), dtype=np.int64)  # position in clean.csv: the image's row in the store
+        out["row"] = np.arange(len(out), dtype=np.int64)  # position in the clean table: the image's row in the store
     out["label"] = out["label"].astype(int)
     for col in ("group", "dup_group"):
         out[col] = out[col].astype(str)
@@ -228,7 +228,7 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Split a clean manifest: returns its rows, in the same order, with ``row``, ``split_group``, ``split``.
 
     ``row`` is the position in ``df`` (the row of the image in the image store), or ``df``'s own ``row`` column
-    when it has one (clean.csv less some rows: the others keep their position). Deterministic for one seed and
+    when it has one (the clean table less some rows: the others keep their position). Deterministic for one seed and
     one set of rows, whatever their order. Raises StepError for missing columns, ids or labels, and for
     ``keep_source_test`` without any source test row.
     """
@@ -271,8 +271,8 @@ def _old_splits(clean: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
 class Extension(NamedTuple):
     """What :func:`extend_split` returns: the split manifest and the new images it quarantined."""
 
-    split: pd.DataFrame  # SPLIT_COLUMNS, clean.csv order, quarantined rows left out (``row`` still indexes the store)
-    quarantined: pd.DataFrame  # QUARANTINE_COLUMNS, reason links_splits, clean.csv order
+    split: pd.DataFrame  # SPLIT_COLUMNS, clean-table order, quarantined rows left out (``row`` still indexes the store)
+    quarantined: pd.DataFrame  # QUARANTINE_COLUMNS, reason links_splits, clean-table order
 
 
 def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> Extension:

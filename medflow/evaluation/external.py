@@ -94,7 +94,7 @@ def opened(s: ExternalSet, cfg: Config) -> Iterator[Path]:
 
 
 def train_patients(split: pd.DataFrame) -> set[str]:
-    """The patient groups of the training split (split.csv's ``group`` column)."""
+    """The patient groups of the training split (the split table's ``group`` column)."""
     return set(split.loc[split["split"] == "train", "group"].astype(str))
 
 

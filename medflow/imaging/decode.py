@@ -77,7 +77,7 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class ImageInfo(NamedTuple):
-    """Header facts about one image (from clean.csv or a header probe)."""
+    """Header facts about one image (from the clean table or a header probe)."""
 
     width: int
     height: int

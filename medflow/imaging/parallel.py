@@ -59,7 +59,7 @@ class Written(NamedTuple):
 
 
 class Failed(NamedTuple):
-    """A file that clean.csv lists (the filter passed it) and that cannot be read or decoded now (it changed
+    """A file that the clean table lists (the filter passed it) and that cannot be read or decoded now (it changed
     after the filter read it, or a decoder disagrees with the filter's). Its row(s) of the store have no
     pixels (read as zeros) and nothing is stored: the resize step lists it in its rejects."""
 
@@ -151,7 +151,7 @@ def _on_cluster(client: object, todo: list[Task], *, size: int, channels: int, c
                 run_id: str, shard_rows: int) -> Generator[Result, None, None]:
     """Decode ``todo`` on a Dask cluster: the local pool's chunks (sized for the cluster's threads) and decoder
     body (:func:`_decode_remote`), results in row order. Paths go out absolute; a failed file's message names
-    it as the local pool's would (as clean.csv does), so the rejects are the same bytes too."""
+    it as the local pool's would (as the clean table does), so the rejects are the same bytes too."""
     named = {task.job.key: (cluster.absolute(task.job.path), task.job.path) for task in todo}
     remote = [task._replace(job=task.job._replace(path=named[task.job.key][0])) for task in todo]
     job = partial(_decode_remote, size=size, channels=channels, cache=cluster.absolute(cache), run_id=run_id,

@@ -199,7 +199,7 @@ def from_hex(text: str) -> int:
 
 
 def phash_hex(gray: npt.ArrayLike) -> str:
-    """:func:`phash` as 16 hex digits (the form stored in clean.csv)."""
+    """:func:`phash` as 16 hex digits (the form stored in the clean table)."""
     return to_hex(phash(gray))
 
 

@@ -168,7 +168,7 @@ def checked_shas(df: pd.DataFrame, sizes: pd.Series, source: Path) -> pd.Series:
     from :func:`file_states`).
 
     Rows with a blank sha256 are hashed here. A missing file or a size change means the manifest is
-    stale (the raw data changed after it was written): StepError, because clean.csv would be wrong.
+    stale (the raw data changed after it was written): StepError, because the clean table would be wrong.
     ``df`` holds none of the unreadable rows.
     """
     sizes = sizes.reindex(df.index)

@@ -51,7 +51,7 @@ def challenge(model_root: Path, images: Path, split: Path, cfg: Config, info: di
               *, log: Logger = _log) -> dict[str, Any]:
     """Decide whether the model trained into ``model_root`` replaces the champion; promote it if so.
 
-    ``images`` and ``split`` are the train stage's image store and split.csv (its test rows are scored);
+    ``images`` and ``split`` are the train stage's image store and the split table (its test rows are scored);
     ``cfg`` gives ``retrain`` (tolerance, bootstrap) and ``evaluate`` (``bootstrap_by``: resample images or
     patients; the chance check's bootstrap); ``info`` is stored with a newly registered version (e.g. the
     flow's name). Returns the decision as a dict (the fields of :class:`medflow.lifecycle.retrain.Decision`,

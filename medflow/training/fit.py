@@ -35,7 +35,7 @@ import numpy as np
 
 from medflow.config import Config, TrainConfig
 from medflow.errors import StepError
-from medflow.io import STORE_INDEX, atomic_path, write_json
+from medflow.io import STORE_INDEX, atomic_path, table_parts, write_json
 from medflow.training import inputs, models, selection
 from medflow.training.distribute import Placement
 
@@ -101,10 +101,10 @@ def make_metrics() -> list[keras.metrics.Metric]:
 
 
 def fingerprint_data(images: Path, split: Path) -> str:
-    """sha256 over the split manifest and the image store's index: the training data's identity (the index
-    names each row's shard, and a shard's name is the digest of the content addresses of its images)."""
+    """sha256 over the split table (its parts in order) and the image store's index: the training data's identity
+    (the index names each row's shard, and a shard's name is the digest of the content addresses of its images)."""
     h = hashlib.sha256()
-    for path in (split, images / STORE_INDEX if images.is_dir() else images):
+    for path in (*table_parts(split), images / STORE_INDEX if images.is_dir() else images):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)

@@ -1,9 +1,9 @@
 """Training input pipeline: seeded, shuffled batches of uint8 images gathered straight from the image store.
 
 The resize step writes every image into an image store (:class:`medflow.io.ImageStore`: shard files of raw
-``(size, size, channels)`` uint8 rows and a row index); split.csv says which row of it belongs to which
+``(size, size, channels)`` uint8 rows and a row index); the split table says which row of it belongs to which
 split, with which label. :func:`load_split_data` opens the store, each shard a memory map (nothing is read
-yet; the page cache holds what is read, shared by every epoch and process) and validates split.csv
+yet; the page cache holds what is read, shared by every epoch and process) and validates the split table
 against it. :func:`batches` turns one split into what ``model.fit`` consumes for the current Keras backend:
 
 - **tensorflow**: a ``tf.data.Dataset``. The *row indices* are shuffled (seeded; a new, reproducible
@@ -20,7 +20,7 @@ inside each batch by where their rows lie (shard, then slot) before the read, so
 together, straight into the batch, and the pages are touched in ascending order (sequential reads on a
 cold cache); the
 labels are permuted with them, and the order of examples inside a batch does not matter to training.
-Unshuffled batches keep split.csv order exactly, so ``model.predict(batches(..., shuffle=False))`` lines
+Unshuffled batches keep split-table order exactly, so ``model.predict(batches(..., shuffle=False))`` lines
 up with ``data.labels[split]``. Batches stay uint8 until the model (its first layer rescales): host to
 device transfers are 4x smaller than float32.
 
@@ -70,7 +70,7 @@ MAX_DEFAULT_WORKERS = 8  # a batch is a memory copy: a few threads saturate memo
 class SplitData:
     """The resized images (an image store, or an array in memory) and, per split, their rows and labels.
 
-    ``rows[split]`` (int64) and ``labels[split]`` (float32, 0/1) are in split.csv order.
+    ``rows[split]`` (int64) and ``labels[split]`` (float32, 0/1) are in split-table order.
     """
 
     images: ImageStore | np.ndarray
@@ -91,7 +91,7 @@ class SplitData:
 
 
 def load_split_data(images: Path, split: Path) -> SplitData:
-    """Open ``images`` (the resize step's image store) and read ``split`` (split.csv) against it.
+    """Open ``images`` (the resize step's image store) and read ``split`` (the split table) against it.
 
     Raises :class:`StepError` naming the file when either is missing or unreadable, when the array is not
     uint8 ``(N, H, W, C)``, when a ``row`` is not an integer in ``[0, N)`` or appears twice, when a

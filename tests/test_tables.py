@@ -1,0 +1,93 @@
+"""Tables (medflow.io): the manifest, clean and split tables are folders of CSV parts, one per source root."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medflow.errors import StepError
+from medflow.io import TableText, TableWriter, read_csv, table_parts, write_csv, write_table
+
+
+def _rows(root: str, n: int, start: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"{root}/img{i}.png" for i in range(start, start + n)], "root": root,
+                         "group": [f"{i:04d}" for i in range(start, start + n)], "label": [i % 2 for i in range(n)]})
+
+
+def test_a_table_is_a_part_per_root_in_first_appearance_order_and_reads_back(tmp_path: Path) -> None:
+    df = pd.concat([_rows("data/inbox/ds/b folder", 2), _rows("@outside", 1), _rows("data/inbox/ds/a", 3)],
+                   ignore_index=True)
+    write_table(tmp_path / "t", df)
+    assert [p.name for p in table_parts(tmp_path / "t")] == ["00000-b_folder.csv", "00001-outside.csv",
+                                                             "00002-a.csv"]
+    assert read_csv(tmp_path / "t").equals(df)  # order kept, ids keep their zeros
+    assert pd.read_csv(table_parts(tmp_path / "t")[2], dtype=str).equals(df[3:].reset_index(drop=True).astype(str))
+
+
+def test_rows_of_one_root_share_its_part_even_when_chunks_interleave(tmp_path: Path) -> None:
+    with TableWriter(tmp_path / "t") as writer:
+        for chunk in (_rows("x", 2), _rows("y", 1), _rows("x", 2, start=2)):
+            writer.write(chunk)
+    assert writer.rows == 5
+    assert list(read_csv(tmp_path / "t")["path"]) == ["x/img0.png", "x/img1.png", "x/img2.png", "x/img3.png",
+                                                      "y/img0.png"]
+
+
+def test_a_new_root_adds_a_part_and_leaves_the_others_byte_identical(tmp_path: Path) -> None:
+    old = pd.concat([_rows("a", 50), _rows("b", 20)], ignore_index=True)
+    write_table(tmp_path / "t", old)
+    before = [p.read_bytes() for p in table_parts(tmp_path / "t")]
+    write_table(tmp_path / "t", pd.concat([old, _rows("c", 1)], ignore_index=True))
+    after = [p.read_bytes() for p in table_parts(tmp_path / "t")]
+    assert after[:2] == before and len(after) == 3
+
+
+def test_text_stream_and_lines_give_one_csv(tmp_path: Path) -> None:
+    df = pd.concat([_rows("a", 3), _rows("b", 2)], ignore_index=True)
+    write_table(tmp_path / "t", df)
+    one = tmp_path / "one.csv"
+    write_csv(one, df)
+    with TableText(tmp_path / "t") as text:
+        chunks = []
+        while chunk := text.read(7):
+            chunks.append(chunk)
+    assert "".join(chunks) == one.read_text()
+    with TableText(tmp_path / "t") as text:
+        assert list(csv.reader(text)) == list(csv.reader(one.open(newline="")))
+    assert read_csv(one).equals(read_csv(tmp_path / "t"))  # a single CSV file is a table of one part
+
+
+def test_a_part_with_another_header_is_named(tmp_path: Path) -> None:
+    write_table(tmp_path / "t", pd.concat([_rows("a", 1), _rows("b", 1)], ignore_index=True))
+    second = table_parts(tmp_path / "t")[1]
+    second.write_text("path,root\nb/x.png,b\n")
+    with pytest.raises(StepError, match=f"{second}: its header differs"):
+        read_csv(tmp_path / "t")
+
+
+def test_an_empty_table_keeps_its_header_and_a_missing_one_is_not_found(tmp_path: Path) -> None:
+    write_table(tmp_path / "t", _rows("a", 0))
+    assert list(read_csv(tmp_path / "t").columns) == ["path", "root", "group", "label"]
+    assert read_csv(tmp_path / "t").empty
+    with pytest.raises(FileNotFoundError):
+        read_csv(tmp_path / "missing")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(StepError, match="bare: a table folder with no .csv part"):
+        read_csv(tmp_path / "bare")
+
+
+def test_a_failed_write_leaves_the_previous_table_whole(tmp_path: Path) -> None:
+    write_table(tmp_path / "t", _rows("a", 2))
+    before = [p.read_bytes() for p in table_parts(tmp_path / "t")]
+    with pytest.raises(RuntimeError), TableWriter(tmp_path / "t") as writer:
+        writer.write(_rows("a", 5))
+        raise RuntimeError("the step failed half-way")
+    assert [p.read_bytes() for p in table_parts(tmp_path / "t")] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temporary folder left
+    with pytest.raises(ValueError, match="columns"), TableWriter(tmp_path / "t") as writer:
+        writer.write(_rows("a", 1))
+        writer.write(_rows("a", 1).drop(columns="label"))
+    assert [p.read_bytes() for p in table_parts(tmp_path / "t")] == before
