@@ -7,6 +7,7 @@ crash never leaves a half-written file behind under the final name.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import glob
 import hashlib
@@ -324,6 +325,8 @@ class TableWriter:
         self.dest = Path(dest)
         self.rows = 0
         self._parts: dict[str, Path] = {}
+        self._order: dict[str, int] = {}
+        self._linked: set[str] = set()
         self._columns: list[str] | None = None
         self._tmp: contextlib.AbstractContextManager[Path] | None = None
         self._folder: Path | None = None
@@ -332,6 +335,39 @@ class TableWriter:
         self._tmp = atomic_dir(self.dest)
         self._folder = self._tmp.__enter__()
         return self
+
+    def reserve(self, keys: Iterable[str]) -> None:
+        """Give the parts of ``keys`` their places first, in this order (a key that gets no row has no part)."""
+        self._order = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+
+    def _new_part(self, key: str) -> Path:
+        assert self._folder is not None, "TableWriter is used as a context manager"
+        if key in self._parts:
+            raise ValueError(f"{self.dest}: the part of {key!r} is written already")
+        ordinal = self._order.get(key, len(self._order) + len(self._parts))
+        part = self._parts[key] = self._folder / _part_name(ordinal, key)
+        return part
+
+    def add_part(self, key: str, source: Path, rows: int) -> None:
+        """The part of ``key``: the file ``source`` (a part of an earlier table, its ``rows`` rows) as it is,
+        hard-linked where it can be (parts are never written in place), else copied."""
+        with open(source, newline="", encoding="utf-8") as f:
+            columns = next(csv.reader([f.readline()]), [])
+        if self._columns is None:
+            self._columns = columns
+        elif columns != self._columns:
+            raise ValueError(f"{source}: its columns {columns} differ from the table's {self._columns}")
+        part = self._new_part(key)
+        self._linked.add(key)
+        try:
+            os.link(source, part)
+        except OSError:
+            shutil.copyfile(source, part)
+        self.rows += rows
+
+    def part_names(self) -> dict[str, str]:
+        """Key -> file name of each part written so far."""
+        return {key: part.name for key, part in self._parts.items()}
 
     def write(self, df: pd.DataFrame) -> None:
         assert self._folder is not None, "TableWriter is used as a context manager"
@@ -347,7 +383,9 @@ class TableWriter:
             part = self._parts.get(key)
             new = part is None
             if part is None:
-                part = self._parts[key] = self._folder / _part_name(len(self._parts), key)
+                part = self._new_part(key)
+            elif key in self._linked:
+                raise ValueError(f"{self.dest}: rows for {key!r}, whose part was added whole")
             with open(part, "a", newline="", encoding="utf-8") as f:
                 rows.to_csv(f, index=False, header=new)
         self.rows += len(df)

@@ -21,7 +21,8 @@ import pytest
 
 from medflow.config import Config, parse_config
 from medflow.data import digests, manifest
-from medflow.io import sha256_file, table_parts, write_json
+from medflow.data.walk import folder_listing, listing_digest
+from medflow.io import read_json, sha256_file, table_parts, write_json
 from tasks.manifest import run
 
 _WATCHED: list[tuple[str, list[str]]] = []
@@ -71,6 +72,12 @@ def _dataset(tmp_path: Path) -> tuple[Path, Path]:
     return root, tmp_path / "roots.json"
 
 
+def _db(cache: Path) -> Path:
+    """The digest cache of the one root (the manifest step keeps one per root)."""
+    (db,) = cache.glob(f"roots/*/{digests.FILE_NAME}")
+    return db
+
+
 def _manifest(tmp_path: Path, roots: Path, cache: Path | None, name: str) -> bytes:
     run(_cfg(), roots_json=roots, out=tmp_path / name, cache=cache)
     return b"".join(part.read_bytes() for part in table_parts(tmp_path / name))
@@ -89,7 +96,7 @@ def test_a_second_run_opens_no_file_and_writes_the_same_bytes(tmp_path: Path, mo
         second = _manifest(tmp_path, roots, cache, "second")
     assert opens == []
     assert first == second == without
-    with sqlite3.connect(cache / digests.FILE_NAME) as con:
+    with sqlite3.connect(_db(cache)) as con:
         assert con.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 6
 
 
@@ -122,7 +129,7 @@ def test_a_damaged_cache_is_dropped_and_rebuilt(tmp_path: Path, damage: str,
     root, roots = _dataset(tmp_path)
     cache = tmp_path / "cache"
     first = _manifest(tmp_path, roots, cache, "first")
-    db = cache / digests.FILE_NAME
+    db = _db(cache)
     if damage == "garbage":
         db.write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
     else:
@@ -159,3 +166,94 @@ def test_batch_keys_resolve_links_as_realpath_does(tmp_path: Path, monkeypatch: 
     assert keys == [stat_key(p) for p in paths]
     assert keys[0] is not None and keys[2] is not None and keys[0].path == keys[2].path  # one file, two names
     assert keys[1] is not None and keys[3] is not None and keys[1].path == keys[3].path
+
+
+# --- parts kept: a folder root whose listing digest is unchanged keeps its part of the table, unwalked -------
+
+
+def _two_roots(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Folder roots ``a`` (the one in :func:`_dataset`) and ``b`` (two images), and a roots.json listing both with
+    their listing digests, as the download and extract steps write them."""
+    a, _ = _dataset(tmp_path)
+    b = tmp_path / "b"
+    for i, name in enumerate(["NORMAL/IM-0101-0001.png", "PNEUMONIA/person101_virus_1.png"]):
+        (b / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(b / name), np.random.default_rng(50 + i).integers(0, 255, (36, 36), dtype=np.uint8))
+    past = time.time_ns() - 3600 * 10**9
+    for p in b.rglob("*.png"):
+        os.utime(p, ns=(past, past))
+    return a, b, _list_roots(tmp_path, [a, b])
+
+
+def _list_roots(tmp_path: Path, roots: list[Path]) -> Path:
+    write_json(tmp_path / "roots.json", [{"root": str(r), "source": str(r), "kind": "folder",
+                                          "digest": listing_digest(folder_listing(r))} for r in roots])
+    return tmp_path / "roots.json"
+
+
+@contextlib.contextmanager
+def walked(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """The roots the manifest walks inside the block."""
+    seen: list[Path] = []
+    real = manifest.iter_images
+    monkeypatch.setattr(manifest, "iter_images", lambda root: (seen.append(Path(root)), real(root))[1])
+    yield seen
+    monkeypatch.setattr(manifest, "iter_images", real)
+
+
+def _parts(table: Path) -> list[bytes]:
+    return [p.read_bytes() for p in table_parts(table)]
+
+
+def test_an_unchanged_folder_keeps_its_part_unwalked_and_a_changed_one_is_walked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, roots = _two_roots(tmp_path)
+    cache, out = tmp_path / "cache", tmp_path / "manifest"
+    first = run(_cfg(), roots_json=roots, out=out, cache=cache)
+    before = _parts(out)
+    assert len(before) == 2
+    with walked(monkeypatch) as seen, opened_under(a) as opens_a, opened_under(b) as opens_b:
+        again = run(_cfg(), roots_json=roots, out=out, cache=cache)
+    assert seen == [] and opens_a == opens_b == [] and again == first and _parts(out) == before
+
+    cv2.imwrite(str(b / "NORMAL" / "IM-0102-0001.png"), np.full((40, 40), 7, np.uint8))  # lands in b
+    roots = _list_roots(tmp_path, [a, b])
+    with walked(monkeypatch) as seen:
+        grown = run(_cfg(), roots_json=roots, out=out, cache=cache)
+    assert seen == [b] and grown["images"] == first["images"] + 1
+    assert _parts(out)[0] == before[0] and _parts(out)[1] != before[1]
+    assert manifest_bytes(out) == manifest_bytes(_fresh_with(tmp_path, roots, _cfg()))  # indexing everything
+
+
+def manifest_bytes(table: Path) -> bytes:
+    return b"".join(_parts(table))
+
+
+@pytest.mark.parametrize("change", ["params", "tampered_part", "no_digest", "racy"])
+def test_a_part_is_kept_only_when_it_is_what_indexing_would_make(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    a, b, roots = _two_roots(tmp_path)
+    cache, out = tmp_path / "cache", tmp_path / "manifest"
+    cfg = _cfg()
+    if change == "racy":
+        os.utime(a / "NORMAL" / "IM-0001-0001.jpeg")  # modified just now: its digest cannot be trusted yet
+        roots = _list_roots(tmp_path, [a, b])
+    run(cfg, roots_json=roots, out=out, cache=cache)
+    if change == "params":
+        cfg = parse_config({"dataset": {"name": "t", "labels": {"NORMAL": 1, "PNEUMONIA": 0},
+                                        "group_rule": "kermany"}})
+    elif change == "tampered_part":
+        first = table_parts(out)[0]
+        first.write_text(first.read_text().replace("IM-0001", "IM-0009"))
+    elif change == "no_digest":
+        write_json(roots, [{**e, "digest": None} for e in read_json(roots)])
+    with walked(monkeypatch) as seen:
+        run(cfg, roots_json=roots, out=out, cache=cache)
+    assert a in seen
+    assert manifest_bytes(out) == manifest_bytes(_fresh_with(tmp_path, roots, cfg))
+
+
+def _fresh_with(tmp_path: Path, roots: Path, cfg: Config) -> Path:
+    out = tmp_path / "fresh"
+    run(cfg, roots_json=roots, out=out, cache=None)
+    return out

@@ -107,6 +107,8 @@ class DigestCache:
         self.folder = None if folder is None else Path(folder)
         self.key = _schema_key(salt)
         self.hits = 0
+        self.looked_up = 0  # files asked about (a file without a key included)
+        self.saved = 0  # rows the last save wrote (racy ones left out)
         self._racy_from = time.time_ns() - RACY_NS  # before any file is looked at
         self._old = self._open_old()
         self._new: list[tuple[Any, ...]] = []
@@ -154,6 +156,7 @@ class DigestCache:
         """:meth:`lookup` of each key (None: no key, a miss), :data:`_BATCH` keys a query: one SQLite round trip
         per key was half of a +1% manifest run at 27,558 files."""
         out: list[dict[str, Any] | None] = [None] * len(keys)
+        self.looked_up += len(keys)
         for start in range(0, len(keys), _BATCH):
             if self._old is None:
                 return out
@@ -195,6 +198,12 @@ class DigestCache:
             return
         self._new.append((*key, *(facts.get(f, "" if f.startswith("_") else None) for f in FACTS[:1] + FACTS[2:])))
 
+    @property
+    def complete(self) -> bool:
+        """Whether the last :meth:`save` holds a row for every file looked up: none racy, unreadable or keyless
+        (the files' facts then stand until their stat changes)."""
+        return self.folder is not None and self.saved == self.looked_up
+
     def save(self) -> None:
         """Write this run's rows as the new cache, atomically; racy rows (:data:`RACY_NS`) left out."""
         if self.folder is None:
@@ -211,9 +220,11 @@ class DigestCache:
                         "NOT NULL, ino INTEGER NOT NULL, sha256 TEXT NOT NULL, width INTEGER, height INTEGER, "
                         "mode TEXT, format TEXT, patient TEXT NOT NULL, patient_tag TEXT NOT NULL) WITHOUT ROWID")
             con.execute("INSERT INTO meta VALUES ('key', ?)", (self.key,))
+            kept = [r for r in self._new if r[2] < self._racy_from]
             con.executemany(f"INSERT OR REPLACE INTO digests ({', '.join(_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(_COLUMNS))})", (r for r in self._new if r[2] < self._racy_from))
+                            f"({', '.join('?' * len(_COLUMNS))})", kept)
             con.commit()
+            self.saved = len({r[0] for r in kept})
             con.close()
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -193,14 +193,26 @@ def _row(f: _Found, root: _Root) -> dict[str, Any]:
             "source_split": f.source_split}
 
 
-def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], rule: str,
-                skipped: dict[str, int]) -> tuple[list[_Root], list[_Found]]:
-    """The images of a labelled class folder under ``roots``, in walk order, their groups' runs joined."""
-    found: list[_Found] = []
+def _shown_roots(roots: list[Path]) -> list[_Root]:
     labels_of = root_labels(str(r) for r in roots)
-    shown_roots = [_Root(r, f"{SOURCE_ROOT}{labels_of[str(r)]}" if str(r) in labels_of else _display_path(r))
-                   for r in roots]
+    return [_Root(r, f"{SOURCE_ROOT}{labels_of[str(r)]}" if str(r) in labels_of else _display_path(r)) for r in roots]
+
+
+def root_columns(roots: list[Path]) -> list[str]:
+    """The manifest's ``root`` column of each root's images (``@<label>`` for a root outside the project): the
+    key of the root's part of the table (medflow.io.TableWriter)."""
+    return [shown_path(r.shown) for r in _shown_roots(roots)]
+
+
+def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], rule: str,
+                skipped: dict[str, int], only: int | None = None) -> tuple[list[_Root], list[_Found]]:
+    """The images of a labelled class folder under ``roots`` (``only``: under ``roots[only]`` alone, the labels
+    of outside roots still made from all of them), in walk order, their groups' runs joined."""
+    found: list[_Found] = []
+    shown_roots = _shown_roots(roots)
     for index, root in enumerate(roots):
+        if only is not None and index != only:
+            continue
         unknown: Counter[str] = Counter()
         for path in iter_images(root):
             rel = path.relative_to(root)
@@ -227,16 +239,17 @@ def _walk_roots(roots: list[Path], labels: Mapping[str, int], pattern: re.Patter
 
 def manifest_chunks(roots: list[Path], labels: Mapping[str, int], pattern: re.Pattern[str], skipped: dict[str, int],
                     workers: int = 8, rule: str = "", salt: bytes | None = None, cache: DigestCache | None = None,
-                    chunk: int | None = None) -> Iterator[pd.DataFrame]:
+                    chunk: int | None = None, only: int | None = None) -> Iterator[pd.DataFrame]:
     """The manifest of the images under ``roots`` (:func:`build_manifest`) as DataFrames of ``chunk`` rows, in
     walk order: only one chunk's rows are held, so memory stays flat. ``skipped`` gets the counts (complete
-    once the last chunk is out), ``cache`` is saved after it. ``chunk`` None: :data:`CHUNK_ROWS`."""
+    once the last chunk is out), ``cache`` is saved after it. ``chunk`` None: :data:`CHUNK_ROWS`. ``only``: the
+    images of ``roots[only]`` alone (the manifest step indexes each root with its own digest cache)."""
     chunk = chunk or CHUNK_ROWS
     if rule == "dicom" and not salt:
         raise ValueError("build_manifest: the dicom group rule needs the project salt")
     skipped.update(no_class_folder=0, group_rule_fallback=0, **({"dicom_patient_from_study": 0} if rule == "dicom"
                                                                else {}))
-    shown_roots, found = _walk_roots(roots, labels, pattern, rule, skipped)
+    shown_roots, found = _walk_roots(roots, labels, pattern, rule, skipped, only)
     cache = cache or DigestCache(None)
     unreadable: list[str] = []
     for start in range(0, len(found), chunk):
