@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -152,7 +153,8 @@ def crop_frame_parts(text: str, item: int = 0) -> list[tuple[int, npt.NDArray[np
     return parts
 
 
-def correlations(thumbs: npt.NDArray[np.uint8], pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+def correlations(thumbs: npt.NDArray[np.uint8] | FrameThumbs,
+                 pairs: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     """Pearson correlation of the two thumbnails of each pair (1.0 for two flat ones, 0.0 for one).
 
     Only the thumbnails of the pairs are converted, _CORR_CHUNK pairs at a time, so memory follows the
@@ -177,7 +179,7 @@ def _centred_unit(rows: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float64],
     return x, flat
 
 
-def confirmed(pairs: npt.NDArray[np.int64], thumbs: npt.NDArray[np.uint8],
+def confirmed(pairs: npt.NDArray[np.int64], thumbs: npt.NDArray[np.uint8] | FrameThumbs,
               min_correlation: float) -> npt.NDArray[np.int64]:
     """The candidate ``pairs`` whose thumbnails correlate at least ``min_correlation``."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -303,16 +305,28 @@ def _band_pairs(h: npt.NDArray[np.uint64], shift: int, width: int, max_distance:
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int, thumbs: npt.NDArray[np.uint8] | None = None,
+class FrameThumbs(Protocol):
+    """Thumbnails of (n, F) frames gathered on demand: ``thumbs[frames]`` for flat frame indices
+    ``image * F + frame`` gives their (k, THUMB_SIDE^2) uint8 rows (the verdict store's, read from its columns for
+    the candidate pairs alone, not copied whole)."""
+
+    shape: tuple[int, int, int]
+
+    def __getitem__(self, frames: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]: ...
+
+
+def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int,
+                thumbs: npt.NDArray[np.uint8] | FrameThumbs | None = None,
                 min_correlation: float = -1.0) -> npt.NDArray[np.int64]:
     """Image pairs (i, j), i < j, sorted, each once, linked through their frames: some frame of one within
     ``max_distance`` bits of the other's full frame and, where ``thumbs`` are given, the thumbnails of those
     two frames correlating at least ``min_correlation``.
 
     ``hashes`` is (n, F) with the full frame in column 0 (as :func:`frames`; F = 1 is the full-frame rule
-    alone), ``thumbs`` (n, F, THUMB_SIDE^2). A centred crop of an image then matches the image's crop frame
-    at about its scale. All n * F frame hashes go through one :func:`near_pairs` search (sub-quadratic);
-    pairs of two crop frames, or of one image's own frames, are dropped.
+    alone), ``thumbs`` (n, F, THUMB_SIDE^2): an array, or a :class:`FrameThumbs`. A centred crop of an image
+    then matches the image's crop frame at about its scale. All n * F frame hashes go through one
+    :func:`near_pairs` search (sub-quadratic); pairs of two crop frames, or of one image's own frames, are
+    dropped.
     """
     h = np.asarray(hashes, dtype=np.uint64)
     if h.ndim != 2 or (thumbs is not None and thumbs.shape[:2] != h.shape):
@@ -322,7 +336,8 @@ def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int, thumbs: npt.N
     image, frame = pairs // f, pairs % f
     pairs = pairs[((frame[:, 0] == 0) | (frame[:, 1] == 0)) & (image[:, 0] != image[:, 1])]
     if thumbs is not None:
-        pairs = confirmed(pairs, thumbs.reshape(n * f, thumbs.shape[2]), min_correlation)
+        flat = thumbs.reshape(n * f, thumbs.shape[2]) if isinstance(thumbs, np.ndarray) else thumbs
+        pairs = confirmed(pairs, flat, min_correlation)
     linked = np.sort(pairs // f, axis=1)
     return np.unique(linked, axis=0) if len(linked) else np.empty((0, 2), dtype=np.int64)
 
