@@ -108,6 +108,8 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     status = _dvc(project, "status", "validate@pneumonia")
     assert "up to date" in status.stdout, status.stdout
 
+    extracted = next(p for p in (project / "data/raw/pneumonia/extracted").rglob("*.jpeg"))
+    extracted_inode = extracted.stat().st_ino
     tables = {interim / "manifest", interim / "clean", processed / "split"}
     parts_before = {table: output_bytes(table) for table in tables}
     assert all(len(parts) == 1 for parts in parts_before.values())  # one source root, one part
@@ -160,6 +162,8 @@ def test_repro_then_new_data_lands(tmp_path: Path, file_server: tuple[str, Path]
     assert sum(s["statistics"]["evaluated_expectations"] for s in suites.values()) == 32
     _assert_shards_stored_once(project, "pneumonia")
     _assert_tables_grew_by_a_part(parts_before, project)
+    # the archive's files are left as they are (a cached persistent output was copied by DVC before each run)
+    assert extracted.stat().st_ino == extracted_inode
 
 
 def _assert_shards_stored_once(project: Path, ds: str) -> None:
