@@ -154,18 +154,27 @@ def atomic_dir(dest: Path | str, tmp_dir: Path | None = None) -> Iterator[Path]:
     os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists():  # a folder, or a file (a table that was one CSV) replaced by a folder
             old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(dest, old)
             os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_full(e, dest)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``, a folder or a file, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _temp_prefix(dest: Path) -> str:

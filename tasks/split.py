@@ -36,10 +36,19 @@ from medflow.schema import SPLITS
 log = logging.getLogger(__name__)
 
 
+LEGACY_SUFFIX = ".csv"  # the split was one CSV beside the table folder (``split.csv``) before tables had parts
+
+
 def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None:
-    """The split to extend: ``out`` as the last run left it, if that run used the same split params."""
+    """The split to extend: ``out`` as the last run left it, if that run used the same split params. Where
+    ``out`` is missing but the one CSV of before tables were folders is beside it (``split.csv``, left by an
+    earlier medflow), that is the previous split: an upgrade extends it, never re-splits."""
     if not out.exists():
-        return None
+        legacy = out.with_name(out.name + LEGACY_SUFFIX)
+        if not legacy.is_file():
+            return None
+        log.info("split: %s not found; extending %s, the split an earlier medflow wrote", out, legacy)
+        out = legacy
     try:
         made_with = read_json(summary).get("params")
     except (OSError, ValueError):

@@ -348,6 +348,22 @@ def test_run_extends_its_previous_split_when_new_data_lands(tmp_path: Path) -> N
     assert (scratch.loc[before.index] != before).any()
 
 
+def test_an_upgrade_extends_the_one_csv_split_an_earlier_medflow_wrote(tmp_path: Path) -> None:
+    """split.csv (one CSV, before tables were folders) beside a missing split table is the previous split."""
+    clean, legacy, summary = tmp_path / "clean.csv", tmp_path / "split.csv", tmp_path / "split.json"
+    full = _skewed(400, seed=3)
+    old_groups = full["group"].unique()[: len(full["group"].unique()) * 3 // 4]
+    write_csv(clean, full[full["group"].isin(old_groups)])
+    run(_cfg(), clean=clean, out=tmp_path / "made", summary=summary)
+    write_csv(legacy, read_csv(tmp_path / "made"))  # what the earlier medflow left
+    before = read_csv(legacy).set_index("path")["split"]
+    write_csv(clean, full)
+    run(_cfg(), clean=clean, out=tmp_path / "split", summary=summary)
+    after = read_csv(tmp_path / "split").set_index("path")["split"]
+    assert (after.loc[before.index] == before).all() and len(after) == len(full)
+    assert json.loads(summary.read_text())["extended"]
+
+
 def test_run_quarantines_linking_images_and_goes_on(tmp_path: Path) -> None:
     """An increment that links a train and a test patient: the run goes on, the two new images are in
     split_rejects.csv and split.json, in no split; GX passes on the result; the artifact's and the report's

@@ -91,3 +91,10 @@ def test_a_failed_write_leaves_the_previous_table_whole(tmp_path: Path) -> None:
         writer.write(_rows("a", 1))
         writer.write(_rows("a", 1).drop(columns="label"))
     assert [p.read_bytes() for p in table_parts(tmp_path / "t")] == before
+
+
+def test_a_table_replaces_the_one_csv_at_its_path(tmp_path: Path) -> None:
+    write_csv(tmp_path / "t", _rows("a", 2))
+    write_table(tmp_path / "t", _rows("a", 3))
+    assert len(read_csv(tmp_path / "t")) == 3 and (tmp_path / "t").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # nothing left beside it
