@@ -124,7 +124,7 @@ def run(cfg: Config, *, roots_json: Path, out: Path, cache: Path | None = None) 
         table.reserve(keys)
         for index, (entry, column) in enumerate(zip(entries, keys, strict=True)):
             kept = previous.get(entry["root"])
-            if kept is not None and entry.get("kind") == "folder" and kept["digest"] == entry.get("digest"):
+            if kept is not None and _keepable(entry) and kept["digest"] == entry["digest"]:
                 table.add_part(column, kept["path"], counts.add_part(kept["path"]))
                 skipped.update(kept["skipped"])
                 made.append({**kept, "reused": True})
@@ -136,7 +136,7 @@ def run(cfg: Config, *, roots_json: Path, out: Path, cache: Path | None = None) 
                 table.write(df)
                 counts.add(df)
             skipped.update(own)
-            if entry.get("kind") == "folder" and entry.get("digest") and digests.complete and not own.get("unreadable"):
+            if _keepable(entry) and digests.complete and not own.get("unreadable"):
                 made.append({"root": entry["root"], "column": column, "digest": entry["digest"], "skipped": own})
         if not counts.images:
             raise StepError(_no_images(roots, cfg))
@@ -149,6 +149,12 @@ def run(cfg: Config, *, roots_json: Path, out: Path, cache: Path | None = None) 
              summary["images"], summary["patients"], summary["per_class"], out,
              f" ({reused} of {len(entries)} roots unchanged: their parts kept)" if reused else "")
     return summary
+
+
+def _keepable(entry: dict[str, Any]) -> bool:
+    """Whether a root's part may be kept across runs: a folder root with a listing digest (an archive root's
+    digest is the archive's, not its extracted folder's)."""
+    return entry.get("kind") == "folder" and bool(entry.get("digest"))
 
 
 def _zero_skips(rule: str, skipped: Counter[str]) -> dict[str, int]:
