@@ -425,13 +425,26 @@ _STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_spl
                    "phash", "dup_group", "split_group", "split", "reason", "detail")
 
 
-def read_csv(path: Path | str) -> pd.DataFrame:
+def read_csv(path: Path | str, columns: Iterable[str] | None = None) -> pd.DataFrame:
     """Read a CSV or a table folder written by medflow (:func:`table_parts`); string columns stay strings (ids
-    like '0001' keep their zeros). FileNotFoundError when ``path`` does not exist."""
+    like '0001' keep their zeros). ``columns``: read only those of them the file has (None: all).
+    FileNotFoundError when ``path`` does not exist."""
     import pandas as pd  # not at the top: about 1 s to import, and most steps never read a CSV
 
     with TableText(path) as text:
-        return pd.read_csv(text, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""])
+        wanted = None if columns is None else set(columns)
+        df = pd.read_csv(text, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""],
+                         usecols=None if wanted is None else wanted.__contains__)
+    return _shared_ids(df)
+
+
+def _shared_ids(df: pd.DataFrame) -> pd.DataFrame:
+    """A near-duplicate group is named by its first member's sha256, and most images are their own group: their
+    ``dup_group`` becomes the very string of their ``sha256`` (about 110 bytes a row less)."""
+    if "dup_group" in df.columns and "sha256" in df.columns and len(df):
+        same = (df["dup_group"] == df["sha256"]).fillna(False).to_numpy(dtype=bool)
+        df["dup_group"] = df["dup_group"].where(~same, df["sha256"])
+    return df
 
 
 # --- The image store: the resize step's output, read by validate, train, evaluate, predict and challenge ----

@@ -98,3 +98,13 @@ def test_a_table_replaces_the_one_csv_at_its_path(tmp_path: Path) -> None:
     write_table(tmp_path / "t", _rows("a", 3))
     assert len(read_csv(tmp_path / "t")) == 3 and (tmp_path / "t").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # nothing left beside it
+
+
+def test_only_the_columns_asked_for_and_a_singletons_group_is_its_sha256_string(tmp_path: Path) -> None:
+    df = _rows("a", 3).assign(sha256=["a" * 64, "b" * 64, "c" * 64], dup_group=["a" * 64, "a" * 64, "c" * 64])
+    write_table(tmp_path / "t", df)
+    assert list(read_csv(tmp_path / "t", columns=["path", "label", "not_there"]).columns) == ["path", "label"]
+    back = read_csv(tmp_path / "t")
+    assert back.equals(df)
+    sha, group = back["sha256"].array, back["dup_group"].array
+    assert group[0] is sha[0] and group[2] is sha[2] and group[1] == sha[0]  # one string, not two equal ones

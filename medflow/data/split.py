@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 LABELS = (0, 1)
 _ID_COLUMNS = ("path", "group", "dup_group", "label")
 LINKS_SPLITS = "links_splits"  # the quarantine reason of a new image that would join units of different splits
+PREVIOUS_COLUMNS = ("path", "group", "dup_group", "split")  # what extend_split reads of the previous split
 QUARANTINE_COLUMNS = [*REJECT_COLUMNS, "row", "links"]  # row: in the clean table / the store; links: ';'-joined paths
 _NAMED = 3  # linked images named per split in a quarantine detail
 _LINKS = 20  # linked paths listed per quarantined image
@@ -304,7 +305,7 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
 
 
 def _check_previous(previous: pd.DataFrame) -> None:
-    missing = [c for c in ("path", "group", "dup_group", "split") if c not in previous.columns]
+    missing = [c for c in PREVIOUS_COLUMNS if c not in previous.columns]
     if missing:
         raise StepError(f"previous split manifest lacks columns {missing}")
     bad = ~previous["split"].isin(SPLITS)
