@@ -80,7 +80,7 @@ def _db(cache: Path) -> Path:
 
 def _manifest(tmp_path: Path, roots: Path, cache: Path | None, name: str) -> bytes:
     run(_cfg(), roots_json=roots, out=tmp_path / name, cache=cache)
-    return b"".join(part.read_bytes() for part in table_parts(tmp_path / name))
+    return manifest_bytes(tmp_path / name)
 
 
 def test_a_second_run_opens_no_file_and_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
