@@ -94,7 +94,7 @@ def test_group_table_counts_splits_and_names_first_paths() -> None:
                        "split": ["train", "val", "test", "train", "val"]})
     table = splits_per_group(df, "group")
     assert table.to_dict(orient="list") == {"value": ["a", "b"], "n_splits": [2, 1],
-                                            "where": ["a (train: a0; test: a1)", "b (val: b0)"]}
+                                            "where": ["a (train: a0; test: a1)", "b"]}
 
 
 def test_group_expectation_fails_on_a_leak_naming_the_group_and_passes_without() -> None:
