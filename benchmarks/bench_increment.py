@@ -19,9 +19,9 @@ as a share of the full run, as measured and with the start-up run's full and +1%
 increment's data costs, against what the data of a full run costs); ``.dvc/cache`` bytes the increment added
 against the new images' processed bytes (N_new x size^2 x channels); and each stage's peak RSS: the largest
 ``ru_maxrss`` of a ``medflow`` command the stage ran (a wrapper first on PATH records ``RUSAGE_CHILDREN`` of
-each, so worker processes count, DVC itself does not, and times it). Goals (issue 20): +1% <= 10% of the full run, cache added
-<= 2x the new bytes, growth <= 1.05, peak RSS <= 300 MB at 27,558 and growing <= 1 KB an image. One repeat per
-N: the figures move with the load of the machine (the header shows the load average).
+each, so worker processes count, DVC itself does not, and times it). Goals (issue 20): +1% <= 10% of the full
+run, cache added <= 2x the new bytes, growth <= 1.05, peak RSS <= 300 MB at 27,558 and growing <= 1 KB an image.
+One repeat per N: the figures move with the load of the machine (the header shows the load average).
 """
 
 from __future__ import annotations

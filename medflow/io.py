@@ -425,17 +425,31 @@ _STRING_COLUMNS = ("path", "relpath", "root", "class_name", "group", "source_spl
                    "phash", "dup_group", "split_group", "split", "reason", "detail")
 
 
+_READ_CHUNK_ROWS = 4096  # rows parsed at a time: one parse of a whole table held its text's tokens beside the frame
+
+
 def read_csv(path: Path | str, columns: Iterable[str] | None = None) -> pd.DataFrame:
     """Read a CSV or a table folder written by medflow (:func:`table_parts`); string columns stay strings (ids
     like '0001' keep their zeros). ``columns``: read only those of them the file has (None: all).
-    FileNotFoundError when ``path`` does not exist."""
+    FileNotFoundError when ``path`` does not exist.
+
+    Parsed :data:`_READ_CHUNK_ROWS` rows at a time and joined (the split table of 27,558 images: 33 -> 23 MB
+    at the read's peak); where the chunks' column types differ (a column blank in one chunk, or numbers in one
+    and text in another), the file is parsed again whole, so the frame is always the one a single parse gives."""
     import pandas as pd  # not at the top: about 1 s to import, and most steps never read a CSV
 
+    wanted = None if columns is None else set(columns)
+    options: dict[str, Any] = {"dtype": {c: str for c in _STRING_COLUMNS}, "keep_default_na": False,
+                               "na_values": [""], "usecols": None if wanted is None else wanted.__contains__}
     with TableText(path) as text:
-        wanted = None if columns is None else set(columns)
-        df = pd.read_csv(text, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False, na_values=[""],
-                         usecols=None if wanted is None else wanted.__contains__)
-    return _shared_ids(df)
+        chunks = list(pd.read_csv(text, chunksize=_READ_CHUNK_ROWS, **options))
+    if len(chunks) == 1:
+        return _shared_ids(chunks[0])
+    if all(chunk.dtypes.equals(chunks[0].dtypes) for chunk in chunks[1:]):
+        return _shared_ids(pd.concat(chunks, ignore_index=True))
+    del chunks
+    with TableText(path) as text:
+        return _shared_ids(pd.read_csv(text, **options))
 
 
 def _shared_ids(df: pd.DataFrame) -> pd.DataFrame:

@@ -108,3 +108,20 @@ def test_only_the_columns_asked_for_and_a_singletons_group_is_its_sha256_string(
     assert back.equals(df)
     sha, group = back["sha256"].array, back["dup_group"].array
     assert group[0] is sha[0] and group[2] is sha[2] and group[1] == sha[0]  # one string, not two equal ones
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5])
+def test_a_read_in_chunks_gives_the_frame_one_parse_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          rows: int) -> None:
+    """Chunks of 2 rows: ``extra`` is blank in the first chunk and text later, ``n`` numbers then text, ``x``
+    whole numbers then a decimal; the string columns stay strings whatever a chunk holds."""
+    text = "path,source_split,n,extra,x\n" + "".join(
+        f"p{i}.png,{'test' if i == 4 else ''},{i if i < 3 else 'n/a'},{'e' if i >= 2 else ''},{i + 0.5 * (i == 4)}\n"
+        for i in range(rows))
+    (tmp_path / "t.csv").write_text(text)
+    whole = pd.read_csv(tmp_path / "t.csv", dtype={"path": str, "source_split": str}, keep_default_na=False,
+                        na_values=[""])
+    monkeypatch.setattr("medflow.io._READ_CHUNK_ROWS", 2)
+    got = read_csv(tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(got, whole)
+    assert got.dtypes.to_dict() == whole.dtypes.to_dict()

@@ -107,7 +107,7 @@ def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame
     dup_paths = df["path"].duplicated(keep=False)
     if dup_paths.any():
         raise StepError(f"{what}: paths listed twice: {sorted(set(df.loc[dup_paths, 'path']))[:5]}")
-    out = df.copy().reset_index(drop=True)
+    out = df.reset_index(drop=True)  # new columns only below: no copy of the table (copy-on-write)
     if "row" not in out.columns:  # set by the split step when it leaves out rows resize could not decode
         out["row"] = np.arange(len(out), dtype=np.int64)  # position in the clean table: the image's row in the store
     out["label"] = out["label"].astype(int)
@@ -213,8 +213,7 @@ def _keeps_test(clean: pd.DataFrame, cfg: SplitConfig) -> bool:
 
 
 def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
-    out = df.copy()
-    out["split"] = out["split_group"].map(assigned)
+    out = df.assign(split=df["split_group"].map(assigned))
     return out.loc[:, SPLIT_COLUMNS].reset_index(drop=True)
 
 
@@ -292,7 +291,10 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
     is_new = ~clean["path"].isin(previous["path"])
     quarantine = clean["split_group"].isin(linking) & is_new
     quarantined = _quarantine_table(clean, quarantine, previous)
-    kept = _with_previous_ids(clean.loc[~quarantine], previous, clean["split_group"].isin(linking) & ~is_new)
+    restore = clean["split_group"].isin(linking) & ~is_new
+    kept = clean  # units recomputed only where images left or took their previous ids back
+    if quarantine.any() or restore.any():
+        kept = _with_previous_ids(clean.loc[~quarantine], previous, restore)
     old = _old_splits(kept, previous)
     _raise_on_merged(kept, old)  # cannot happen once the linking images are out; a leak is never written
     fixed = {str(u): next(iter(s)) for u, s in old.items()}
@@ -323,12 +325,12 @@ def _linking_units(clean: pd.DataFrame, previous: pd.DataFrame) -> list[str]:
 def _with_previous_ids(kept: pd.DataFrame, previous: pd.DataFrame, restore: pd.Series) -> pd.DataFrame:
     """``kept`` with the previous ``group`` and ``dup_group`` on the ``restore`` rows (old images of a linking
     unit: their new ids were joined through the quarantined images) and its units recomputed."""
-    out = kept.copy()
+    out = kept.copy(deep=False)  # the columns changed below are replaced, not written into
     rows = restore.reindex(out.index, fill_value=False).to_numpy(dtype=bool)
     if rows.any():
         before = previous.drop_duplicates("path").set_index("path")
         for col in ("group", "dup_group"):
-            out.loc[rows, col] = out.loc[rows, "path"].map(before[col].astype(str)).to_numpy()
+            out[col] = out[col].where(~rows, out["path"].map(before[col].astype(str)))
         log.warning("extend_split: %d images already assigned keep the patient and near-duplicate ids of the "
                     "previous split: new images would have joined them across splits", int(rows.sum()))
     out["split_group"] = split_units(out["group"], out["dup_group"])
