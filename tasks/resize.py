@@ -79,12 +79,12 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, reject
     if out.resolve() == cache.resolve():
         raise StepError(f"--out {out} and --cache {cache}: the store and its published copy need two folders")
     rejects = out.with_name("resize_rejects.csv") if rejects is None else Path(rejects)
-    jobs, listed = _read_jobs(Path(clean), size, channels, source_roots(roots_json))
+    jobs = _read_jobs(Path(clean), size, channels, source_roots(roots_json))
     shape = (len(jobs), size, size, channels)
     try:
         counts, workers, index = _fill(jobs, shape, out, cache, workers=cfg.resize.workers,
                                        dask_address=cfg.compute.dask_address)
-        rows = _reject_rows(jobs, listed, counts.failed)
+        rows = _reject_rows(Path(clean), jobs, counts.failed)
         _write_rejects(rejects, rows)
     except OSError as e:  # what the store writes, on a full disk
         raise StepError(f"{e.filename or out}: cannot write the output: {e.strerror or e}") from e
@@ -110,16 +110,29 @@ def run(cfg: Config, *, clean: Path, out: Path, stats: Path, cache: Path, reject
     return summary
 
 
-def _reject_rows(jobs: list[Job], listed: list[_Listed], failed: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One RESIZE_REJECT_COLUMNS row per clean table row whose image failed (the file named by ``path`` only)."""
+def _reject_rows(clean: Path, jobs: list[Job], failed: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One RESIZE_REJECT_COLUMNS row per clean table row whose image failed (the file named by ``path`` only);
+    what the row repeats of the clean table is read again for those rows alone (none kept for every row)."""
+    bad = {row: failed[job.key] for row, job in enumerate(jobs) if job.key in failed}
+    if not bad:
+        return []
     rows = []
-    for row, (job, item) in enumerate(zip(jobs, listed, strict=True)):
-        if job.key in failed:
-            error = failed[job.key]
-            detail = error.removeprefix(f"{job.path}: ").removeprefix(f"{item.path}: ")
-            rows.append({"path": item.path, "reason": LATE_REASON, "detail": f"{detail} ({_NOTE})",
-                         "sha256": item.sha256, "bytes": item.bytes, "row": row})
+    for row, item in _listed(clean, bad):
+        detail = bad[row].removeprefix(f"{jobs[row].path}: ").removeprefix(f"{item.path}: ")
+        rows.append({"path": item.path, "reason": LATE_REASON, "detail": f"{detail} ({_NOTE})",
+                     "sha256": item.sha256, "bytes": item.bytes, "row": row})
     return rows
+
+
+def _listed(clean: Path, wanted: Mapping[int, object]) -> Iterator[tuple[int, _Listed]]:
+    """(row, path, sha256 and bytes as the clean table writes them) of the ``wanted`` rows, in row order."""
+    with TableText(clean) as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = [header.index(c) if c in header else len(header) for c in ("path", "sha256", "bytes")]
+        for row, values in enumerate(reader):
+            if row in wanted:
+                yield row, _Listed(*(values[i] if i < len(values) else "" for i in at))
 
 
 def _decoded_on(cfg: Config, counts: _Counts) -> str:
@@ -142,8 +155,7 @@ def _fill(jobs: list[Job], shape: tuple[int, int, int, int], out: Path, cache: P
     """Decode what the store lacks, write its index and publish it; (counts, decoding workers used, index)."""
     nbytes = shape[1] * shape[2] * shape[3]
     with store.store_lock(cache):
-        known = store.known_entries(cache, shape[1:])
-        plan = store.plan_run(jobs, known)
+        plan = store.plan_run(jobs, store.known_entries(cache, shape[1:]))  # the index's keys freed at once
         workers = min(n_workers(workers), len(plan.todo))
         run_id = uuid.uuid4().hex
         try:
@@ -170,14 +182,14 @@ def _all_failed(failed: Mapping[str, str]) -> str:
             f"e.g. {first}. Nothing was written")
 
 
-def _read_jobs(clean: Path, size: int, channels: int,
-               roots: Mapping[str, Path]) -> tuple[list[Job], list[_Listed]]:
-    """One job per clean table row, in row order, and what a rejects row repeats of it (path, sha256, bytes);
-    StepError on a missing column or an empty table.
+def _read_jobs(clean: Path, size: int, channels: int, roots: Mapping[str, Path]) -> list[Job]:
+    """One job per clean table row, in row order; StepError on a missing column or an empty table.
 
-    Read with the csv module, columns by position: a few thousand rows and seven columns do not need
-    pandas, whose fixed cost is a visible share of an incremental run (nor ``DictReader``, half as fast).
+    Read with the csv module, columns by position, row by row: a few thousand rows and seven columns do not
+    need pandas, whose fixed cost is a visible share of an incremental run (nor ``DictReader``, half as fast),
+    and no row is held but its job, whose header facts are shared by the rows that have the same (most do).
     """
+    infos: dict[tuple[str, ...], ImageInfo | None] = {}
     try:
         with TableText(clean) as f:  # a table folder (its parts in order) or one CSV
             reader = csv.reader(f)
@@ -186,27 +198,30 @@ def _read_jobs(clean: Path, size: int, channels: int,
             if missing:
                 raise StepError(f"{clean}: missing column(s) {', '.join(missing)}")
             columns = [header.index(c) for c in _REQUIRED_COLUMNS]
-            size_column = header.index("bytes") if "bytes" in header else len(header)
-            rows = [[*(row[i] if i < len(row) else "" for i in columns),
-                     row[size_column] if size_column < len(row) else ""] for row in reader]
+            jobs = [_job([row[i] if i < len(row) else "" for i in columns], line, clean, size, channels, roots, infos)
+                    for line, row in enumerate(reader, start=2)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise StepError(f"{clean}: cannot read clean manifest: {e}") from e
-    if not rows:
+    if not jobs:
         raise StepError(f"{clean}: no images to resize (every file was rejected or none were found)")
-    jobs = [_job(row[:-1], line, clean, size, channels, roots) for line, row in enumerate(rows, start=2)]
-    return jobs, [_Listed(row[0], row[1], row[-1]) for row in rows]
+    return jobs
 
 
-def _job(values: list[str], line: int, clean: Path, size: int, channels: int, roots: Mapping[str, Path]) -> Job:
-    """The job of one row; ``values`` in the order of ``_REQUIRED_COLUMNS``."""
-    path, sha, w, h, fmt, mode = values
+def _job(values: list[str], line: int, clean: Path, size: int, channels: int, roots: Mapping[str, Path],
+         infos: dict[tuple[str, ...], ImageInfo | None]) -> Job:
+    """The job of one row; ``values`` in the order of ``_REQUIRED_COLUMNS``; ``infos``: the header facts made so
+    far, by their text (one object for the rows that share them)."""
+    path, sha, *header = values
     if not path or not sha:
         raise StepError(f"{clean}: row {line} has no path or sha256")
-    try:
-        info = ImageInfo(int(float(w)), int(float(h)), fmt, mode) if w and h and fmt and mode else None
-    except ValueError:
-        raise StepError(f"{clean}: row {line}: width/height {w!r}/{h!r} are not numbers") from None
-    return Job(cache_key(sha, size, channels), readable_path(path, roots), info)
+    facts = tuple(header)
+    if facts not in infos:
+        w, h, fmt, mode = header
+        try:
+            infos[facts] = ImageInfo(int(float(w)), int(float(h)), fmt, mode) if w and h and fmt and mode else None
+        except ValueError:
+            raise StepError(f"{clean}: row {line}: width/height {w!r}/{h!r} are not numbers") from None
+    return Job(cache_key(sha, size, channels), readable_path(path, roots), infos[facts])
 
 
 def _collect(results: Iterator[Result], *, expected: int) -> _Counts:
@@ -215,12 +230,13 @@ def _collect(results: Iterator[Result], *, expected: int) -> _Counts:
     reduced = 0
     failed: dict[str, str] = {}
     written: list[tuple[str, str, int]] = []
+    parts: dict[str, str] = {}  # one string per part file, not one per image
     for result in results:
         if isinstance(result, Failed):
             failed[result.key] = result.error
             continue
         assert isinstance(result, Written)
-        written.append((result.key, result.shard, result.offset))
+        written.append((result.key, parts.setdefault(result.shard, result.shard), result.offset))
         reduced += result.reduced
     if len(written) + len(failed) != expected:  # cannot happen unless an executor loses work: never a partial store
         raise StepError(f"resize: {len(written) + len(failed)} of {expected} images came back from decoding")

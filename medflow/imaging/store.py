@@ -217,7 +217,7 @@ def finish_shards(store: Path, todo: Sequence[Task], written: Iterable[tuple[str
     all its slots; an existing file of that name holds the same bytes and is replaced. StepError naming a part
     whose images are not where the decoders said or that is longer than its slots (a stray writer).
     """
-    done = {key: (part, offset) for key, part, offset in written}
+    done = {item[0]: item for item in written}  # key -> (key, part, offset): no tuple made per image
     entries: dict[str, Entry] = {}
     for first in range(0, len(todo), rows):
         slots = todo[first:first + rows]
@@ -227,7 +227,7 @@ def finish_shards(store: Path, todo: Sequence[Task], written: Iterable[tuple[str
         part = part_name(run_id, first // rows)
         path = store / STORE_SHARDS / part
         for slot, task in enumerate(slots):
-            if task.job.key in done and done[task.job.key] != (part, slot * nbytes):
+            if task.job.key in done and done[task.job.key][1:] != (part, slot * nbytes):
                 raise StepError(f"{path}: image {task.job.path} is not in its slot {slot}")
         if _file_size(path) > len(slots) * nbytes:
             raise StepError(f"{path}: holds {_file_size(path)} bytes, more than its {len(slots)} images")
