@@ -37,9 +37,10 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     manifest, fcfg = Path(manifest), cfg.filter
     df = quality.check_manifest(_read_manifest(manifest), manifest)
     roots = source_roots(roots_json)  # paths under a source root outside the project: @<label>/...
-    files = df.assign(path=[readable_path(p, roots) for p in df["path"]])
+    files = pd.DataFrame({"path": [readable_path(p, roots) for p in df["path"]], "sha256": df["sha256"],
+                          "bytes": df["bytes"]}, index=df.index)  # what is checked and decoded: no table copy
     unreadable, sizes = quality.file_states(files)  # one reject row each unreadable; the rest of the step goes on
-    readable = files.drop(index=unreadable.index)
+    readable = files.drop(index=unreadable.index) if len(unreadable) else files
     shas = quality.checked_shas(readable, sizes, manifest)
     index = quality.VerdictIndex.load(Path(cache), fcfg)
     verdicts, distinct, decoded = quality.content_verdicts(shas, readable["path"], fcfg, index, manifest,

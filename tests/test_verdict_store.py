@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medflow.config import parse_config
-from medflow.imaging import phash, quality
+from medflow.imaging import phash, quality, verdict_store
 from medflow.imaging.verdict import Verdict
 from medflow.imaging.verdict_store import VerdictStore
 
@@ -84,20 +84,59 @@ def test_merged_and_concat_equal_one_build_of_all_pairs() -> None:
         assert dict(got) == dict(expected)
 
 
-def test_the_index_merges_what_was_added_once_per_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adding verdicts packs them every _ADD_CHUNK but merges them into the store only when it is read or saved
-    (a merge per chunk copied the growing store each time)."""
-    merges = []
-    real = VerdictStore.merged
-    monkeypatch.setattr(VerdictStore, "merged", lambda self, newer: merges.append(len(newer)) or real(self, newer))
+def test_the_index_writes_what_was_added_once_per_read_and_when_it_reaches_a_quarter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding verdicts packs them every _ADD_CHUNK and writes them into the index file (streaming its rows)
+    when they reach _spill_rows or are read; never a merged copy in memory, and the file is one save of all."""
+    writes = []
+    real = quality.save_stores
+    monkeypatch.setattr(quality, "save_stores",
+                        lambda path, header, stores, **kw: writes.append([len(s) for s in stores]) or
+                        real(path, header, stores, **kw))
     monkeypatch.setattr(quality, "_ADD_CHUNK", 16)
-    index = quality.VerdictIndex(Path("unused.npz"), {})
+    monkeypatch.setattr(quality, "_SPILL_MIN", 64)
+    index = quality.VerdictIndex(tmp_path / "index.npz", {"k": 1})
     verdicts = _verdicts(100)
     for sha, verdict in verdicts.items():
         index.add(sha, verdict)
-    assert merges == []
-    assert dict(index.verdicts) == verdicts and merges == [len(verdicts)]
-    assert dict(index.verdicts) == verdicts and merges == [len(verdicts)]  # nothing new: no merge
+    assert writes == [[0, 16, 16, 16, 16]] and len(index.store) == 64  # a quarter of 64 is less than 64
+    assert dict(index.verdicts) == verdicts and writes[1:] == [[64, 16, 16, 6]]
+    assert dict(index.verdicts) == verdicts and len(writes) == 2  # nothing new: no write
+    assert isinstance(index.store.columns["thumb"], verdict_store._FileColumn)  # read from the file written
+    VerdictStore.build(verdicts.items()).save(tmp_path / "whole.npz", {"format": quality._INDEX_FORMAT,
+                                                                       "key": {"k": 1}, "fields": quality._FIELDS})
+    assert index.path.read_bytes() == (tmp_path / "whole.npz").read_bytes()
+
+
+@pytest.mark.parametrize("block", [3, 8192])
+def test_a_loaded_store_reads_its_big_columns_from_the_file_row_by_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    """Thumbnails and crop frames stay in the file: any rows asked for (one, a list with repeats, a mask, a
+    row range of columns, a dense or a sparse set) are the built store's, also after another save replaced
+    the file; a merged save streamed from it equals a save of all the pairs built at once."""
+    monkeypatch.setattr(verdict_store, "_BLOCK_ROWS", block)
+    verdicts = _verdicts(40)
+    built = VerdictStore.build(verdicts.items())
+    path = tmp_path / "index.npz"
+    built.save(path, {})
+    loaded, _ = VerdictStore.load(path)
+    VerdictStore.build(_verdicts(7, seed=9).items()).save(path, {})  # replaced: the loaded store reads its own file
+    rng = np.random.default_rng(0)
+    for name in verdict_store.ON_DISK:
+        column, want = loaded.columns[name], built.columns[name]
+        assert isinstance(column, verdict_store._FileColumn) and column.shape == want.shape
+        picks = [np.array([5]), rng.integers(0, len(want), 30), np.arange(len(want)), np.array([-1, 0, 0, 7]),
+                 np.array([], dtype=np.int64), rng.random(len(want)) < 0.3]
+        for rows in picks:
+            assert (column[rows] == want[rows]).all()
+        assert (column[3] == want[3]).all() and (column[rows, 2:9] == want[rows, 2:9]).all()
+        with pytest.raises(IndexError):
+            column[np.array([len(want)])]
+    newer = VerdictStore.build([(_sha(0), Verdict("decode_error", "OSError: broken")),
+                                *_verdicts(3, seed=4).items()])
+    verdict_store.save_stores(tmp_path / "merged.npz", {}, [loaded, newer])
+    VerdictStore.build([*verdicts.items(), *newer.items()]).save(tmp_path / "whole.npz", {})
+    assert (tmp_path / "merged.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[:-40], lambda b: b[: len(b) // 3], lambda b: b"junk" + b,
@@ -122,10 +161,11 @@ def test_index_warns_naming_a_damaged_file(tmp_path: Path, caplog: pytest.LogCap
     assert f"{index.path}: corrupt filter cache index" in caplog.text
 
 
-def test_loading_the_index_holds_about_its_array_bytes(tmp_path: Path) -> None:
+def test_loading_the_index_holds_its_small_columns_alone(tmp_path: Path) -> None:
     """The format-1 JSON index held about 1 KB of Python objects a verdict before crop frames (about 1.8 KB
-    with them), and its parse twice that; the columnar one holds its rows' bytes, about 900 a verdict (sha256
-    64, pHash 8, thumbnail 256, two crop frames 528, four string pointers, width and height)."""
+    with them), and its parse twice that; the columnar one read whole held its rows' bytes, about 900 a verdict.
+    Loaded, it holds the columns but the thumbnails and crop frames (sha256 64, pHash 8, width and height 16,
+    four string columns' pointers and offsets 64): under 250 bytes a verdict."""
     n = 3000
     cfg = _FILTER
     index = quality.VerdictIndex.load(tmp_path, cfg)
@@ -140,7 +180,7 @@ def test_loading_the_index_holds_about_its_array_bytes(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert len(loaded.verdicts) == n + 2
-    assert peak / n < 1400 and held / n < 1000, (held / n, peak / n)
+    assert peak / n < 400 and held / n < 250, (held / n, peak / n)
 
 
 def test_frames_from_the_columns_equal_those_parsed_from_the_texts() -> None:

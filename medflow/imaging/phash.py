@@ -38,9 +38,9 @@ _PAIR_BUDGET = 1 << 22  # XOR elements held at once by near_pairs (32 MiB of uin
 CROP_SCALES = (0.95, 0.90)
 FRAMES = 1 + len(CROP_SCALES)  # frames per image, the full frame first
 FRAME_CHARS = 16 + THUMB_CHARS  # one crop frame as text: its pHash (hex) then its thumbnail
-_CORR_CHUNK = 1 << 10  # pairs correlated at once by correlations(): 2 x 2 MB of float64 rows, about 9 MB with the
-# temporaries (1 << 12 peaked at 35 MB, 1 << 16 held 2 x 134 MB, most of the filter's peak RSS on 27,558
-# malaria-like cells, whose look-alikes give many candidates; a chunk costs about 0.1 ms of Python)
+_CORR_CHUNK = 1 << 8  # pairs correlated at once by correlations(): 2 x 0.5 MB of float64 rows, about 2.5 MB with
+# the temporaries (1 << 10 held about 9 MB, 1 << 12 peaked at 35 MB, 1 << 16 held 2 x 134 MB, most of the filter's
+# peak RSS on 27,558 malaria-like cells, whose look-alikes give many candidates; a chunk costs about 0.1 ms of Python)
 
 
 def phash(gray: npt.ArrayLike) -> int:

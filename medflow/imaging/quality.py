@@ -86,7 +86,7 @@ from medflow.errors import StepError
 from medflow.imaging import cluster, phash
 from medflow.imaging.files import file_state
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
-from medflow.imaging.verdict_store import VerdictStore
+from medflow.imaging.verdict_store import VerdictStore, save_stores
 from medflow.imaging.workers import main_hidden, mp_context
 from medflow.io import n_workers, sha256_file
 from medflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
@@ -155,9 +155,16 @@ def file_states(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
 
     A row the manifest could read (it has a sha256) and whose file is now simply gone is not unreadable: that
     is a stale manifest (:func:`checked_shas`)."""
-    states = [file_state(str(p)) for p in df["path"]]
-    problem = pd.Series([p for p, _ in states], index=df.index, dtype=object)
-    size = pd.Series([n for _, n in states], index=df.index, dtype=np.int64)
+    sizes = np.empty(len(df), dtype=np.int64)
+    problems: dict[int, str] = {}  # position -> why: no tuple kept per row
+    for k, path in enumerate(df["path"]):
+        problems[k], sizes[k] = file_state(str(path))
+        if not problems[k]:
+            del problems[k]
+    problem = pd.Series("", index=df.index, dtype=object)
+    if problems:
+        problem.iloc[list(problems)] = list(problems.values())
+    size = pd.Series(sizes, index=df.index)
     listed = df["sha256"].fillna("").astype(str) != ""
     unreadable = (problem != "") & ~(listed & (problem == "no such file"))
     return problem[unreadable].astype(str), size
@@ -182,9 +189,11 @@ def checked_shas(df: pd.DataFrame, sizes: pd.Series, source: Path) -> pd.Series:
         i = changed.idxmax()
         raise StepError(f"{source}: {df.at[i, 'path']}: size changed since the manifest was written "
                         f"({int(listed[i])} -> {int(sizes[i])} bytes); re-run the manifest step")
-    shas = df["sha256"].fillna("").astype(str).str.lower()
-    for label in shas.index[~shas.str.fullmatch(_SHA_RE.pattern)]:
-        shas[label] = sha256_file(df.at[label, "path"])
+    shas = df["sha256"].fillna("").astype(str)
+    odd = ~shas.str.fullmatch(_SHA_RE.pattern)  # lowercased or hashed here: the rest keep the manifest's strings
+    for label in shas.index[odd]:
+        lowered = shas[label].lower()
+        shas[label] = lowered if _SHA_RE.fullmatch(lowered) else sha256_file(df.at[label, "path"])
     return shas
 
 
@@ -194,6 +203,7 @@ def checked_shas(df: pd.DataFrame, sizes: pd.Series, source: Path) -> pd.Series:
 _INDEX_FORMAT = "medflow-filter-index-2"  # 2: columnar .npz (medflow.imaging.verdict_store); 1: one JSON document
 _FIELDS = [f.name for f in fields(Verdict)]  # what the index holds (a changed Verdict: another file)
 _ADD_CHUNK = 2048  # decoded verdicts held as objects before they join the index's arrays
+_SPILL_MIN = 4096  # new verdicts held in memory before they are written into the index file, at least
 
 
 def cache_key(cfg: FilterConfig) -> dict[str, Any]:
@@ -210,51 +220,59 @@ def index_path(cache: Path, cfg: FilterConfig) -> Path:
 @dataclass
 class VerdictIndex:
     """The filter's verdict cache for one cache key: sha256 -> Verdict, kept in one ``.npz`` file, column by
-    column (:class:`medflow.imaging.verdict_store.VerdictStore`: about 900 bytes a verdict in memory, most of
-    it the three frames' thumbnails, loaded without a per-record parse).
+    column (:class:`medflow.imaging.verdict_store.VerdictStore`: about 900 bytes a verdict on disk, about 120 of
+    them in memory once loaded, the thumbnails and crop frames read from the file as the rows are asked for).
 
-    Why one file rewritten whole (temp file + fsync + rename) rather than an append-only log or SQLite: a
-    reader sees the old index or the new one, never half of either, a crash leaves the previous index in
-    place, and there is no partial-record or lock handling to get right. It is loaded once per run and saved
-    once after decoding (plus every :data:`_CHECKPOINT_S` seconds while decoding), so the rewrite costs one
-    sequential write per run: about 900 bytes per verdict, 90 MB for 100k images. Two runs saving at once are
-    safe too: the last rename wins and the other run's new verdicts are decoded again next time, never wrong.
-    Rows are sorted by sha256 and the file carries no time stamp, so that equal caches are equal files. The
-    JSON index of earlier versions (``<key>.json``, format 1) is not read, and removed by the first save.
+    Why one file rewritten whole (temp file + rename) rather than an append-only log or SQLite: a reader sees
+    the old index or the new one, never half of either, a crash leaves the previous index in place, and there
+    is no partial-record or lock handling to get right. It is loaded once per run and written when decoding
+    ends (plus every :data:`_CHECKPOINT_S` seconds while decoding, and whenever the verdicts decoded since the
+    last write reach :func:`_spill_rows`: what is held in memory stays a quarter of the index, and the rewrites
+    together cost a few times the index's bytes), each write streaming the index's rows from the file it
+    replaces: about 900 bytes per verdict, 90 MB for 100k images. Two runs saving at once are safe too: the
+    last rename wins and the other run's new verdicts are decoded again next time, never wrong. Rows are sorted
+    by sha256 and the file carries no time stamp, so that equal caches are equal files. The JSON index of
+    earlier versions (``<key>.json``, format 1) is not read, and removed by the first save.
     """
 
     path: Path
     key: dict[str, Any]
     store: VerdictStore = field(default_factory=VerdictStore.empty)
     _new: dict[str, Verdict] = field(default_factory=dict)  # added since the last pack into ``_packed``
-    _packed: list[VerdictStore] = field(default_factory=list)  # packed chunks not yet merged into ``store``
+    _packed: list[VerdictStore] = field(default_factory=list)  # packed chunks not yet written into the file
 
     @property
     def verdicts(self) -> VerdictStore:
-        """Every verdict of the index (a read-only mapping sha256 -> Verdict)."""
-        self._flush()
+        """Every verdict of the index (a read-only mapping sha256 -> Verdict); what was added is written into
+        the index file first (not fsynced)."""
+        if self._new or self._packed:
+            self._write(fsync=False)
         return self.store
 
     def add(self, sha: str, verdict: Verdict) -> None:
-        """Add one checked verdict (packed into column arrays every :data:`_ADD_CHUNK`; merged into the store
-        when the verdicts are read or saved)."""
+        """Add one checked verdict (packed into column arrays every :data:`_ADD_CHUNK`; written into the index
+        file when they reach :func:`_spill_rows`, or when the verdicts are read or saved)."""
         self._new[sha] = verdict
         if len(self._new) >= _ADD_CHUNK:
             self._pack()
+            if sum(len(p) for p in self._packed) >= _spill_rows(len(self.store)):
+                self._write(fsync=False)
 
     def _pack(self) -> None:
         if self._new:
             self._packed.append(VerdictStore.build(self._new.items()))
             self._new = {}
 
-    def _flush(self) -> None:
-        """Merge what was added into ``store``: once per read or save, not once per chunk (merging every 2,048
-        verdicts copied the growing store 13 times at 27,558 images and fragmented the heap: 75 MB of the
-        filter's peak RSS)."""
+    def _write(self, fsync: bool) -> None:
+        """Write the index with what was added (the store's rows streamed from its file, the new ones packed),
+        and hold the file written as the store: once per read, save or spill, never a merged copy in memory
+        (merging every 2,048 verdicts copied the growing store 13 times at 27,558 images and fragmented the heap;
+        merging in memory at the end held the index twice)."""
         self._pack()
-        if self._packed:
-            self.store = self.store.merged(VerdictStore.concat(self._packed))
-            self._packed = []
+        header = {"format": _INDEX_FORMAT, "key": self.key, "fields": _FIELDS}
+        store = save_stores(self.path, header, [self.store, *self._packed], fsync=fsync, reopen=True)
+        assert store is not None
+        self.store, self._packed = store, []
 
     @classmethod
     def load(cls, cache: Path, cfg: FilterConfig) -> VerdictIndex:
@@ -285,10 +303,15 @@ class VerdictIndex:
 
     def save(self) -> None:
         """Write the whole index atomically (temp file, fsync, rename onto the final name)."""
-        self._flush()
-        self.store.save(self.path, {"format": _INDEX_FORMAT, "key": self.key, "fields": _FIELDS})
+        self._write(fsync=True)
         self.path.with_suffix(".json").unlink(missing_ok=True)  # format 1, never read now
         drop_per_file_entries(self.path.parent)
+
+
+def _spill_rows(indexed: int) -> int:
+    """New verdicts held before they are written into an index of ``indexed`` rows: a quarter of it, at least
+    :data:`_SPILL_MIN` (rewriting the index for every few thousand would cost its size each time)."""
+    return max(_SPILL_MIN, indexed // 4)
 
 
 def _check_index(store: VerdictStore, header: dict[str, Any], key: dict[str, Any]) -> None:
@@ -510,7 +533,7 @@ def _dup_groups(shas: pd.Series, pairs: npt.NDArray[np.int64]) -> pd.Series:
 
 def _as_ints(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Integer columns as nullable Int64, so a blank elsewhere never turns 512 into "512.0" in the CSV."""
-    out = df.copy()
+    out = df.copy(deep=False)  # the columns converted are replaced, not written into
     for col in columns:
         out[col] = pd.to_numeric(out[col]).astype("Int64")
     return out
@@ -523,12 +546,12 @@ def _field(verdicts: VerdictStore, shas: pd.Series, name: str) -> list[Any]:
 
 def _fill_header(df: pd.DataFrame, verdicts: VerdictStore, shas: pd.Series) -> pd.DataFrame:
     """Fill width/height/mode/format left blank by the manifest (header unread) from the decode."""
-    out = df.copy()
+    out = df.copy(deep=False)  # the columns filled are replaced, not written into
     for col in ("width", "height", "mode", "format"):
-        decoded = pd.Series(_field(verdicts, shas, col), index=out.index)
         blank = out[col].isna()
-        if blank.any():
-            out[col] = out[col].astype(object).where(~blank, decoded)
+        if blank.any():  # looked up for the blank rows alone (the manifest reads most headers)
+            decoded = pd.Series(_field(verdicts, shas[blank], col), index=out.index[blank])
+            out[col] = out[col].astype(object).where(~blank, decoded.reindex(out.index))
     return out
 
 
@@ -537,7 +560,7 @@ def clean_table(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdict
     """The clean rows (schema.CLEAN_COLUMNS) in manifest order, with pHash and the near-duplicate group
     ``groups`` (from :func:`label_conflicts`) gives each."""
     good = status["reason"] == ""
-    clean = df.loc[good].copy()
+    clean = df.copy(deep=False) if good.all() else df.loc[good]  # new columns only below: no copy to write into
     clean["sha256"] = shas[good]
     clean = _fill_header(clean, verdicts, clean["sha256"])
     clean["phash"] = _field(verdicts, clean["sha256"], "phash")
