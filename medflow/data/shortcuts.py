@@ -116,9 +116,11 @@ def metadata_table(df: pd.DataFrame) -> pd.DataFrame:
     for name in CATEGORICAL:
         values = df[name] if name in df.columns else pd.Series(_MISSING, index=df.index)
         out[name] = values.astype(object).where(values.notna(), _MISSING).astype(str)
-    facts = [mode_facts(m) for m in (df["mode"] if "mode" in df.columns else [None] * len(df))]
-    out["channels"] = [c for c, _ in facts]
-    out["bit_depth"] = [b for _, b in facts]
+    modes = df["mode"] if "mode" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    codes, distinct = pd.factorize(modes)  # the facts of each distinct mode (a blank is code -1: the last row)
+    facts = np.array([*(mode_facts(m) for m in distinct), (math.nan, math.nan)], dtype=float).reshape(-1, 2)
+    out["channels"] = facts[codes, 0]
+    out["bit_depth"] = facts[codes, 1]
     for name in ("width", "height", "bytes"):
         out[name] = pd.to_numeric(df[name], errors="coerce") if name in df.columns else math.nan
     return out
