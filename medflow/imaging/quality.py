@@ -158,9 +158,9 @@ def file_states(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     sizes = np.empty(len(df), dtype=np.int64)
     problems: dict[int, str] = {}  # position -> why: no tuple kept per row
     for k, path in enumerate(df["path"]):
-        problems[k], sizes[k] = file_state(str(path))
-        if not problems[k]:
-            del problems[k]
+        problem, sizes[k] = file_state(str(path))
+        if problem:
+            problems[k] = problem
     problem = pd.Series("", index=df.index, dtype=object)
     if problems:
         problem.iloc[list(problems)] = list(problems.values())

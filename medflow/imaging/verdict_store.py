@@ -105,8 +105,8 @@ class _OpenFile:
 
 class _FileColumn:
     """A (n, width) uint8 column of a saved store, read from its file: ``column[rows]`` (an int, an int or bool
-    array, or a (rows, slice) pair) reads those rows alone, a dense set a block at a time; :meth:`block` reads a
-    range. Shape and dtype are the array's it stands for."""
+    array, or a (rows, slice) pair) reads those rows alone, a dense set a block at a time; :meth:`read_into`
+    reads a range. Shape and dtype are the array's it stands for."""
 
     dtype = np.dtype(np.uint8)
     ndim = 2
@@ -116,13 +116,6 @@ class _FileColumn:
 
     def __len__(self) -> int:
         return self.shape[0]
-
-    def block(self, start: int, stop: int) -> npt.NDArray[np.uint8]:
-        """Rows ``start`` to ``stop`` (clipped to the column), one read; ValueError if the file is shorter."""
-        start, stop = max(0, start), min(stop, self.shape[0])
-        out = np.empty((max(0, stop - start), self.shape[1]), dtype=np.uint8)
-        self.read_into(out, start)
-        return out
 
     def read_into(self, out: npt.NDArray[np.uint8], start: int) -> None:
         """Rows ``start`` to ``start + len(out)`` into ``out`` (C-contiguous); ValueError if the file is shorter."""
