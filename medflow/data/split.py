@@ -287,15 +287,16 @@ def extend_split(previous: pd.DataFrame, df: pd.DataFrame, cfg: SplitConfig) -> 
     _check_previous(previous)
     clean = _check_input(df)
     clean["split_group"] = split_units(clean["group"], clean["dup_group"])
-    linking = _linking_units(clean, previous)
+    old = _old_splits(clean, previous)
+    linking = [str(u) for u in old.index[old.map(len) > 1]]  # units whose ids had more than one split before
     is_new = ~clean["path"].isin(previous["path"])
     quarantine = clean["split_group"].isin(linking) & is_new
     quarantined = _quarantine_table(clean, quarantine, previous)
     restore = clean["split_group"].isin(linking) & ~is_new
-    kept = clean  # units recomputed only where images left or took their previous ids back
+    kept = clean  # units (and their old splits) recomputed only where images left or took their previous ids back
     if quarantine.any() or restore.any():
         kept = _with_previous_ids(clean.loc[~quarantine], previous, restore)
-    old = _old_splits(kept, previous)
+        old = _old_splits(kept, previous)
     _raise_on_merged(kept, old)  # cannot happen once the linking images are out; a leak is never written
     fixed = {str(u): next(iter(s)) for u, s in old.items()}
     assigned = _place(_unit_table(kept), fixed, cfg, _keeps_test(kept, cfg))
@@ -314,12 +315,6 @@ def _check_previous(previous: pd.DataFrame) -> None:
     if bad.any():
         raise StepError(f"previous split manifest has splits outside {list(SPLITS)}: "
                         f"{sorted(set(map(str, previous.loc[bad, 'split'])))[:5]}")
-
-
-def _linking_units(clean: pd.DataFrame, previous: pd.DataFrame) -> list[str]:
-    """Units of ``clean`` whose patients and near-duplicate groups had more than one split in ``previous``."""
-    old = _old_splits(clean, previous)
-    return [str(u) for u in old.index[old.map(len) > 1]]
 
 
 def _with_previous_ids(kept: pd.DataFrame, previous: pd.DataFrame, restore: pd.Series) -> pd.DataFrame:
@@ -341,16 +336,17 @@ def _quarantine_table(clean: pd.DataFrame, quarantine: pd.Series, previous: pd.D
     """One QUARANTINE_COLUMNS row per quarantined image: reason links_splits, a detail naming the images of
     each previous split it would join (``links`` lists them, ';'-joined)."""
     rows = clean.loc[quarantine]
-    before = previous.drop_duplicates("path").set_index("path")["split"]
-    old = clean.loc[clean["split_group"].isin(set(rows["split_group"])) & clean["path"].isin(before.index)]
     detail: dict[str, str] = {}
     links: dict[str, str] = {}
-    for unit, part in old.assign(split=old["path"].map(before)).groupby("split_group"):
-        named = "; ".join(f"{s}: {_names(p['path'])}" for s, p in part.groupby("split", sort=True))
-        detail[str(unit)] = (f"would join images of different splits ({named}) through a shared patient or "
-                             "near-duplicate group; left out of every split so no assigned image moves "
-                             "(re-split from scratch to place it)")
-        links[str(unit)] = ";".join(part["path"].astype(str).head(_LINKS))
+    if len(rows):  # else no index of the previous split's paths is made
+        before = previous.drop_duplicates("path").set_index("path")["split"]
+        old = clean.loc[clean["split_group"].isin(set(rows["split_group"])) & clean["path"].isin(before.index)]
+        for unit, part in old.assign(split=old["path"].map(before)).groupby("split_group"):
+            named = "; ".join(f"{s}: {_names(p['path'])}" for s, p in part.groupby("split", sort=True))
+            detail[str(unit)] = (f"would join images of different splits ({named}) through a shared patient or "
+                                 "near-duplicate group; left out of every split so no assigned image moves "
+                                 "(re-split from scratch to place it)")
+            links[str(unit)] = ";".join(part["path"].astype(str).head(_LINKS))
     out = pd.DataFrame({"path": rows["path"], "reason": LINKS_SPLITS,
                         "detail": rows["split_group"].map(detail), "sha256": rows["sha256"],
                         "bytes": rows["bytes"], "row": rows["row"], "links": rows["split_group"].map(links)})
