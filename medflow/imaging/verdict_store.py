@@ -88,6 +88,7 @@ INTS = ("width", "height")
 ON_DISK = ("thumb", "crops")  # left in the file when a store is loaded, read by the rows asked for
 _BLOCK_ROWS = 2048  # rows of an on-disk column read or written at a time (1.1 MB of crop frames)
 _SHA = "sha256"
+_O_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _HEX = np.zeros(256, dtype=bool)  # which bytes are lowercase hex digits
 _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
@@ -228,23 +229,8 @@ class VerdictStore(Mapping[str, Verdict]):
         stores = [store for store in stores if len(store)]
         if len(stores) <= 1:
             return stores[0] if stores else cls.empty()
-        sha = np.concatenate([store.sha for store in stores])
-        order = np.argsort(sha, kind="stable")
-        ordered = sha[order]
-        last = np.r_[ordered[1:] != ordered[:-1], True]  # the last of each run of one sha256: the latest store's
-        rows = order[last]  # into the stores' rows laid end to end, in the result's order
-        dest = np.full(len(sha), -1, dtype=np.int64)
-        dest[rows] = np.arange(len(rows))
-        columns = {}
-        for name, first in stores[0].columns.items():
-            out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
-            at = 0
-            for store in stores:
-                to = dest[at:at + len(store)]
-                out[to[to >= 0]] = store.columns[name][to >= 0]
-                at += len(store)
-            columns[name] = out
-        return cls(sha[rows], columns)
+        sha, which, rows = _merge_rows(stores)
+        return cls(sha, {name: _gathered(stores, name, which, rows) for name in stores[0].columns})
 
     def merged(self, newer: VerdictStore) -> VerdictStore:
         """This store with ``newer``'s rows added (``newer`` wins for a sha256 in both): :meth:`concat` of the two."""
@@ -335,7 +321,7 @@ class VerdictStore(Mapping[str, Verdict]):
     def load(cls, path: Path) -> tuple[VerdictStore, dict[str, Any]]:
         """(store, header) of a file :meth:`save` wrote, its :data:`ON_DISK` columns left in the file; ValueError
         saying what is wrong with it (any doubt rejects the whole file); OSError when it cannot be read."""
-        return cls.from_file(os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)))
+        return cls.from_file(os.open(path, _O_READ))
 
     @classmethod
     def from_file(cls, fd: int) -> tuple[VerdictStore, dict[str, Any]]:
@@ -462,6 +448,17 @@ def _merge_rows(stores: Sequence[VerdictStore]) -> tuple[npt.NDArray[np.bytes_],
     return sha[rows], which, rows - bounds[which]
 
 
+def _gathered(stores: Sequence[VerdictStore], name: str, which: npt.NDArray[np.int64],
+              rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+    """Column ``name`` of the merged rows (:func:`_merge_rows`), in memory."""
+    first = stores[0].columns[name]
+    out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+    for k, store in enumerate(stores):
+        mine = which == k
+        out[mine] = store.columns[name][rows[mine]]
+    return out
+
+
 def _write_array(z: zipfile.ZipFile, name: str, array: npt.NDArray[Any]) -> None:
     """One member as np.savez writes it, with a fixed time stamp: equal stores, equal files."""
     with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH), "w", force_zip64=True) as member:
@@ -498,7 +495,7 @@ def _strings_arrays(values: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.uin
         if value not in encoded:
             encoded[value] = value.encode()
     ends = np.cumsum(np.fromiter((len(encoded[v]) for v in values), dtype=np.int64, count=len(values)))
-    return np.frombuffer(b"".join(encoded[v] for v in values), dtype=np.uint8), ends.astype(np.int64)
+    return np.frombuffer(b"".join(encoded[v] for v in values), dtype=np.uint8), ends
 
 
 def save_stores(path: Path, header: dict[str, Any], stores: Sequence[VerdictStore], *, fsync: bool = True,
@@ -516,10 +513,7 @@ def save_stores(path: Path, header: dict[str, Any], stores: Sequence[VerdictStor
                 if name in ON_DISK:
                     _write_gathered(z, name, stores, which, rows)
                     continue
-                column = np.empty(len(rows), dtype=stores[0].columns[name].dtype)
-                for k, store in enumerate(stores):
-                    mine = which == k
-                    column[mine] = store.columns[name][rows[mine]]
+                column = _gathered(stores, name, which, rows)
                 if name in STRINGS:
                     text, ends = _strings_arrays(column)
                     _write_array(z, f"{name}.text", text)
@@ -527,5 +521,5 @@ def save_stores(path: Path, header: dict[str, Any], stores: Sequence[VerdictStor
                 else:
                     _write_array(z, name, column)
         f.flush()
-        fd = os.open(f.name, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if reopen else None
+        fd = os.open(f.name, _O_READ) if reopen else None
     return None if fd is None else VerdictStore.from_file(fd)[0]
