@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -450,6 +450,24 @@ def read_csv(path: Path | str, columns: Iterable[str] | None = None) -> pd.DataF
     del chunks
     with TableText(path) as text:
         return _shared_ids(pd.read_csv(text, **options))
+
+
+def table_columns(path: Path | str) -> list[str]:
+    """The column names of a CSV or table folder (its header line). FileNotFoundError when it does not exist."""
+    with TableText(path) as text:
+        return next(csv.reader([next(iter(text), "")]), [])
+
+
+def text_chunks(path: Path | str, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+    """``columns`` of a CSV or table folder as text, exactly as written (blank cells NaN),
+    :data:`_READ_CHUNK_ROWS` rows at a time, each chunk indexed by its rows' positions in the table: for columns a
+    step only carries through (written again as they were read, never parsed into numbers)."""
+    import pandas as pd
+
+    wanted = set(columns)
+    with TableText(path) as text:
+        yield from pd.read_csv(text, chunksize=_READ_CHUNK_ROWS, dtype=str, keep_default_na=False, na_values=[""],
+                               usecols=wanted.__contains__)
 
 
 def _shared_ids(df: pd.DataFrame) -> pd.DataFrame:

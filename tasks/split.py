@@ -22,8 +22,10 @@ import pandas as pd
 
 from medflow.config import Config, SplitConfig
 from medflow.data.split import (
+    CARRIED_COLUMNS,
     PREVIOUS_COLUMNS,
     QUARANTINE_COLUMNS,
+    SPLIT_READS,
     assign_splits,
     extend_split,
     quarantine_summary,
@@ -31,8 +33,8 @@ from medflow.data.split import (
     split_summary,
 )
 from medflow.errors import StepError
-from medflow.io import read_csv, read_json, write_csv, write_json, write_table
-from medflow.schema import SPLITS
+from medflow.io import TableWriter, read_csv, read_json, table_columns, text_chunks, write_csv, write_json
+from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,42 @@ def _previous(out: Path, summary: Path, cfg: SplitConfig) -> pd.DataFrame | None
     except (OSError, ValueError) as e:
         log.warning("split: %s is unreadable (%s): splitting from scratch", out, e)
         return None
+
+
+def _read_clean(clean: Path) -> pd.DataFrame:
+    """The clean table's columns the split works on (SPLIT_READS); StepError naming ``clean`` when it is missing
+    or lacks a column of the schema."""
+    try:
+        columns = table_columns(clean)
+    except FileNotFoundError:
+        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    missing = [c for c in CLEAN_COLUMNS if c not in columns]
+    if missing:
+        raise StepError(f"{clean}: clean manifest lacks columns {missing} (expected {CLEAN_COLUMNS})")
+    return read_csv(clean, columns=SPLIT_READS)
+
+
+def _write_split(out: Path, result: pd.DataFrame, clean: Path) -> None:
+    """The split table: ``result`` (the split of the clean table's SPLIT_READS, rows in clean-table order, ``row``
+    their positions there) with the columns it only carries (CARRIED_COLUMNS) read again from ``clean``, a chunk of
+    rows at a time, as the text they were written with; written atomically, chunk by chunk."""
+    rows = result["row"].to_numpy()
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise StepError(f"{clean}: the split's rows are not in clean-table order (internal error)")
+    start = 0
+    with TableWriter(out) as writer:
+        for chunk in text_chunks(clean, CARRIED_COLUMNS):
+            first = int(chunk.index[0]) if len(chunk) else 0
+            stop = int(np.searchsorted(rows, first + len(chunk)))
+            carried = chunk.iloc[rows[start:stop] - first]
+            part = result.iloc[start:stop]
+            writer.write(part.assign(**{c: carried[c].to_numpy() for c in CARRIED_COLUMNS}).loc[:, SPLIT_COLUMNS])
+            start = stop
+        if start != len(rows):  # raised inside: the previous split table stays whole
+            raise StepError(f"{clean}: {len(rows) - start} rows of the split are past the clean table's end "
+                            "(internal error)")
+        if not len(rows):  # no rows: the header alone
+            writer.write(result.assign(**{c: "" for c in CARRIED_COLUMNS}).loc[:, SPLIT_COLUMNS])
 
 
 def _format(summary: Mapping[str, Any], names: Iterable[str] = SPLITS) -> str:
@@ -104,10 +142,7 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
     instead of a split. Other split params split from scratch. The rows listed in ``resize_rejects`` (the
     resize step's rejects) go to ``rejects`` as they are, in no split; the other rows keep their ``row``.
     """
-    try:
-        df = read_csv(clean)
-    except FileNotFoundError:
-        raise StepError(f"{clean}: clean manifest not found (run the filter step first)") from None
+    df = _read_clean(Path(clean))
     rejects = Path(out).with_name("split_rejects.csv") if rejects is None else Path(rejects)
     late = _resize_rejects(None if resize_rejects is None else Path(resize_rejects), df, Path(clean))
     if len(late):  # left out of the split; every other row keeps its position in the clean table (= the image store)
@@ -123,7 +158,7 @@ def run(cfg: Config, *, clean: Path, out: Path, summary: Path, rejects: Path | N
     parts = [part for part in (late, linking) if len(part)]
     quarantined = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0] if parts else linking
     write_csv(rejects, quarantined)
-    write_table(out, result)
+    _write_split(Path(out), result, Path(clean))
     counts = split_summary(result)
     kept = 0 if previous is None else int(result["path"].isin(previous["path"]).sum())
     source_test = source_test_summary(result, cfg.split)

@@ -13,6 +13,7 @@ import pytest
 from conftest import shared_dataset
 from PIL import Image
 
+import medflow.io
 from medflow.config import Config, parse_config
 from medflow.data.manifest import build_manifest
 from medflow.data.split import (
@@ -31,7 +32,7 @@ from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.evaluation.results import Evaluation, Scores
 from medflow.imaging import quality, verdict
 from medflow.imaging.store import save_array
-from medflow.io import read_csv, write_csv
+from medflow.io import read_csv, table_parts, write_csv, write_table
 from medflow.patients import RUN_GAP, join_runs
 from medflow.schema import CLEAN_COLUMNS, SPLIT_COLUMNS, SPLITS
 from tasks import manifest, validate
@@ -346,6 +347,76 @@ def test_run_extends_its_previous_split_when_new_data_lands(tmp_path: Path) -> N
     # from scratch, the same grown manifest would have moved some of the old images
     scratch = assign_splits(full, _cfg().split).set_index("path")["split"]
     assert (scratch.loc[before.index] != before).any()
+
+
+def _odd_clean(n: int) -> pd.DataFrame:
+    """A clean table over three roots whose carried columns hold text a parse would change: commas and quotes in
+    relpath, a blank mode, widths written as floats, pHashes with leading zeros."""
+    df = _skewed(n, seed=5)
+    df["root"] = [f"data/inbox/t/batch{i % 3}" for i in range(n)]
+    df = df.sort_values("root", kind="stable", ignore_index=True)  # a table is its parts in order
+    df["relpath"] = [f'{c}/a, "b" {i}.jpeg' for i, c in enumerate(df["class_name"])]
+    df["width"] = [f"{64 + i % 5}.0" for i in range(n)]
+    df["mode"] = ["" if i % 7 == 0 else "L" for i in range(n)]
+    df["phash"] = [f"{i:016x}" for i in range(n)]
+    return df
+
+
+def _same_tables(got: Path, want: Path) -> None:
+    assert [p.name for p in table_parts(got)] == [p.name for p in table_parts(want)]
+    for a, b in zip(table_parts(got), table_parts(want), strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_run_writes_the_columns_it_carries_as_they_were(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split step reads the clean table's carried columns again, a chunk at a time, as it writes: its split table
+    is byte for byte the split of the whole table (from scratch, with rows resize could not decode left out, and
+    extended, with new images quarantined), the carried text unchanged."""
+    monkeypatch.setattr(medflow.io, "_READ_CHUNK_ROWS", 7)
+    clean, out, summary, rejects, late = (tmp_path / n for n in ("clean", "split", "split.json", "q.csv", "late.csv"))
+    full = _odd_clean(120)
+    write_table(clean, full)
+    lost = [0, 8, 9, 50, 119]  # across chunk edges, first and last
+    write_csv(late, full.iloc[lost][["path", "sha256", "bytes"]].assign(
+        reason="resize_decode_error", detail="x", row=lost).loc[:, [c for c in QUARANTINE_COLUMNS if c != "links"]])
+    run(_cfg(), clean=clean, out=out, summary=summary, rejects=rejects, resize_rejects=late)
+    whole = read_csv(clean)
+    expected = assign_splits(whole.assign(row=np.arange(len(whole))).drop(index=lost), _cfg().split)
+    write_table(tmp_path / "want", expected)
+    _same_tables(out, tmp_path / "want")
+    assert read_csv(out)["relpath"].str.contains(', "b" ').all() and read_csv(out)["mode"].isna().any()
+    assert (out / table_parts(out)[0].name).read_text().count(".0,") >= 7  # widths kept as written
+
+    previous = read_csv(out)
+    by_split = previous.groupby("split")["group"].first()
+    bridge = _frame([_row(by_split[s], 90, 0, dup_group="bridge") for s in ("train", "test")])
+    bridge["root"] = "data/inbox/t/batch9"
+    grown = pd.concat([full, bridge], ignore_index=True)
+    write_table(clean, grown)
+    assert run(_cfg(), clean=clean, out=out, summary=summary, rejects=rejects)["quarantined"] == 2
+    extended = extend_split(previous, read_csv(clean), _cfg().split)
+    write_table(tmp_path / "want2", extended.split)
+    _same_tables(out, tmp_path / "want2")
+
+
+def test_run_holds_the_carried_columns_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long relpaths cost the split step a chunk of them, not the table's: its peak of Python allocations
+    (tracemalloc) with 600-character relpaths is within a third of their text of the peak with short ones. Fails
+    with the whole table read (about their whole text more)."""
+    import tracemalloc
+
+    monkeypatch.setattr(medflow.io, "_READ_CHUNK_ROWS", 256)
+    df = _skewed(6000, seed=2)
+    peaks = []
+    for pad in (0, 600):
+        clean = tmp_path / f"clean{pad}.csv"
+        write_csv(clean, df.assign(relpath=df["relpath"] + "x" * pad))
+        tracemalloc.start()
+        run(_cfg(), clean=clean, out=tmp_path / f"split{pad}", summary=tmp_path / f"split{pad}.json")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    text = 600 * len(df)
+    assert peaks[1] - peaks[0] < text / 3, (peaks, text)
 
 
 def test_an_upgrade_extends_the_one_csv_split_an_earlier_medflow_wrote(tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ LABELS = (0, 1)
 _ID_COLUMNS = ("path", "group", "dup_group", "label")
 LINKS_SPLITS = "links_splits"  # the quarantine reason of a new image that would join units of different splits
 PREVIOUS_COLUMNS = ("path", "group", "dup_group", "split")  # what extend_split reads of the previous split
+# The clean-table columns the split works on. It carries the others through unchanged: given a frame without them
+# (the split step reads them again, a chunk at a time, as it writes the split table) it returns none of them.
+SPLIT_READS = ("path", "root", "label", "group", "source_split", "sha256", "bytes", "dup_group")
+CARRIED_COLUMNS = tuple(c for c in CLEAN_COLUMNS if c not in SPLIT_READS)
 QUARANTINE_COLUMNS = [*REJECT_COLUMNS, "row", "links"]  # row: in the clean table / the store; links: ';'-joined paths
 _NAMED = 3  # linked images named per split in a quarantine detail
 _LINKS = 20  # linked paths listed per quarantined image
@@ -89,8 +93,9 @@ def split_units(groups: pd.Series, dup_groups: pd.Series) -> pd.Series:
 
 # ------------------------------------------------------------------------------------------ checking
 def _check_input(df: pd.DataFrame, what: str = "clean manifest") -> pd.DataFrame:
-    """Columns present, ids and labels set; returns a copy with string ids."""
-    missing = [c for c in CLEAN_COLUMNS if c not in df.columns]
+    """The columns the split works on present (:data:`SPLIT_READS`), ids and labels set; returns a copy with
+    string ids."""
+    missing = [c for c in SPLIT_READS if c not in df.columns]
     if missing:
         raise StepError(f"{what} lacks columns {missing} (expected {CLEAN_COLUMNS})")
     if df.empty:
@@ -214,7 +219,7 @@ def _keeps_test(clean: pd.DataFrame, cfg: SplitConfig) -> bool:
 
 def _finish(df: pd.DataFrame, assigned: Mapping[str, str]) -> pd.DataFrame:
     out = df.assign(split=df["split_group"].map(assigned))
-    return out.loc[:, SPLIT_COLUMNS].reset_index(drop=True)
+    return out.loc[:, [c for c in SPLIT_COLUMNS if c in out.columns]].reset_index(drop=True)
 
 
 def _require_source_test(df: pd.DataFrame) -> None:
@@ -225,7 +230,8 @@ def _require_source_test(df: pd.DataFrame) -> None:
 
 # --------------------------------------------------------------------------------------------- public
 def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """Split a clean manifest: returns its rows, in the same order, with ``row``, ``split_group``, ``split``.
+    """Split a clean manifest: returns its rows, in the same order, with ``row``, ``split_group``, ``split``
+    (columns in SPLIT_COLUMNS order; of :data:`CARRIED_COLUMNS`, those ``df`` has).
 
     ``row`` is the position in ``df`` (the row of the image in the image store), or ``df``'s own ``row`` column
     when it has one (the clean table less some rows: the others keep their position). Deterministic for one seed and
