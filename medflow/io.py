@@ -470,12 +470,19 @@ def text_chunks(path: Path | str, columns: Sequence[str]) -> Iterator[pd.DataFra
                                usecols=wanted.__contains__)
 
 
+# (column, column whose equal values it takes): a near-duplicate group is named by its first member's sha256, a
+# split unit by its smallest patient id, and most images are their own near-duplicate group and most patients
+# their own unit.
+_SHARED = (("dup_group", "sha256"), ("split_group", "group"))
+
+
 def _shared_ids(df: pd.DataFrame) -> pd.DataFrame:
-    """A near-duplicate group is named by its first member's sha256, and most images are their own group: their
-    ``dup_group`` becomes the very string of their ``sha256`` (about 110 bytes a row less)."""
-    if "dup_group" in df.columns and "sha256" in df.columns and len(df):
-        same = (df["dup_group"] == df["sha256"]).fillna(False).to_numpy(dtype=bool)
-        df["dup_group"] = df["dup_group"].where(~same, df["sha256"])
+    """Where an id equals the one it is named after (:data:`_SHARED`), it becomes the very string of that one: one
+    string object a row less each (about 110 bytes for a sha256, 50 for a patient id)."""
+    for column, source in _SHARED:
+        if column in df.columns and source in df.columns and len(df):
+            same = (df[column] == df[source]).fillna(False).to_numpy(dtype=bool)
+            df[column] = df[column].where(~same, df[source])
     return df
 
 

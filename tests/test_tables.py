@@ -100,14 +100,17 @@ def test_a_table_replaces_the_one_csv_at_its_path(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # nothing left beside it
 
 
-def test_only_the_columns_asked_for_and_a_singletons_group_is_its_sha256_string(tmp_path: Path) -> None:
-    df = _rows("a", 3).assign(sha256=["a" * 64, "b" * 64, "c" * 64], dup_group=["a" * 64, "a" * 64, "c" * 64])
+def test_only_the_columns_asked_for_and_an_id_named_after_another_is_its_string(tmp_path: Path) -> None:
+    """A singleton's near-duplicate group is its sha256 string, and a unit of one patient that patient's string."""
+    df = _rows("a", 3).assign(sha256=["a" * 64, "b" * 64, "c" * 64], dup_group=["a" * 64, "a" * 64, "c" * 64],
+                              split_group=["0000", "0000", "0002"])
     write_table(tmp_path / "t", df)
     assert list(read_csv(tmp_path / "t", columns=["path", "label", "not_there"]).columns) == ["path", "label"]
     back = read_csv(tmp_path / "t")
     assert back.equals(df)
-    sha, group = back["sha256"].array, back["dup_group"].array
-    assert group[0] is sha[0] and group[2] is sha[2] and group[1] == sha[0]  # one string, not two equal ones
+    for column, source in (("dup_group", "sha256"), ("split_group", "group")):
+        named, own = back[column].array, back[source].array
+        assert named[0] is own[0] and named[2] is own[2] and named[1] == own[0], column  # one string, not two
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 5])
