@@ -82,17 +82,20 @@ def _read_clean(clean: Path) -> pd.DataFrame:
 def _write_split(out: Path, result: pd.DataFrame, clean: Path) -> None:
     """The split table: ``result`` (the split of the clean table's SPLIT_READS, rows in clean-table order, ``row``
     their positions there) with the columns it only carries (CARRIED_COLUMNS) read again from ``clean``, a chunk of
-    rows at a time, as the text they were written with; written atomically, chunk by chunk."""
+    rows at a time, as the text they were written with (their paths checked against ``result``'s: StepError when the
+    table was replaced in between); written atomically, chunk by chunk."""
     rows = result["row"].to_numpy()
     if len(rows) > 1 and not (np.diff(rows) > 0).all():
         raise StepError(f"{clean}: the split's rows are not in clean-table order (internal error)")
     start = 0
     with TableWriter(out) as writer:
-        for chunk in text_chunks(clean, CARRIED_COLUMNS):
+        for chunk in text_chunks(clean, ("path", *CARRIED_COLUMNS)):
             first = int(chunk.index[0]) if len(chunk) else 0
             stop = int(np.searchsorted(rows, first + len(chunk)))
             carried = chunk.iloc[rows[start:stop] - first]
             part = result.iloc[start:stop]
+            if not (carried["path"].to_numpy() == part["path"].to_numpy()).all():  # raised inside: nothing written
+                raise StepError(f"{clean}: the clean table changed while the split step ran (re-run it)")
             writer.write(part.assign(**{c: carried[c].to_numpy() for c in CARRIED_COLUMNS}).loc[:, SPLIT_COLUMNS])
             start = stop
         if start != len(rows):  # raised inside: the previous split table stays whole

@@ -399,6 +399,29 @@ def test_run_writes_the_columns_it_carries_as_they_were(tmp_path: Path, monkeypa
     _same_tables(out, tmp_path / "want2")
 
 
+def test_a_clean_table_replaced_while_the_split_runs_is_named_and_nothing_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The carried columns are read again at the write: a clean table another run replaced in between (its rows in
+    another order) stops the step naming the table, and the previous split table stays as it was."""
+    import tasks.split as step
+
+    clean, out, summary = tmp_path / "clean", tmp_path / "split", tmp_path / "split.json"
+    full = _odd_clean(60)
+    write_table(clean, full)
+    run(_cfg(), clean=clean, out=out, summary=summary)
+    before = {p.name: p.read_bytes() for p in table_parts(out)}
+    real = step.extend_split
+
+    def replaced_meanwhile(*args: object, **kwargs: object) -> object:
+        write_table(clean, full.iloc[::-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "extend_split", replaced_meanwhile)
+    with pytest.raises(StepError, match=r"clean: the clean table changed while the split step ran"):
+        run(_cfg(), clean=clean, out=out, summary=summary)
+    assert {p.name: p.read_bytes() for p in table_parts(out)} == before
+
+
 def test_run_holds_the_carried_columns_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Long relpaths cost the split step a chunk of them, not the table's: its peak of Python allocations
     (tracemalloc) with 600-character relpaths is within a third of their text of the peak with short ones. Fails
