@@ -109,29 +109,83 @@ def _slow(item: pytest.Item) -> bool:
     return bool(item.get_closest_marker("integration") or item.get_closest_marker("slow"))
 
 
-# The longest end-to-end files (3-5 min each on the 2-core VM), run first: a worker that starts one late
-# would run alone at the end.
-LONGEST_FIRST = ("test_prefect_server.py", "test_pipeline.py", "test_flows.py")
+# The longest tests and about how long each takes on the 2-core VM (seconds, from `--durations`), longest first:
+# each worker starts its share of them at once. Run one after the other on one worker they were most of the
+# suite's wall time.
+LONGEST = {"test_every_catalog_dataset_through_evaluation_in_one_checkout": 440,
+           "test_deployments_end_to_end_on_a_real_server": 420,
+           "test_train_then_retrain_skips_promotes_and_rejects": 390,
+           "test_resume_after_a_crash_is_exact": 110,
+           "test_repro_then_new_data_lands": 105,
+           "test_multi_worker_two_local_processes_end_identical": 90,
+           "test_jax_data_parallel_two_host_devices": 80,
+           "test_peak_memory_stays_bounded_on_hostile_inputs": 70,
+           "test_mirrored_over_two_logical_cpus": 55}
+_LONGEST_ORDER = list(LONGEST)
 
 
-def _order(item: pytest.Item) -> tuple[int, int]:
-    if not _slow(item):
-        return (1, 0)
-    name = item.path.name
-    return (0, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    name = getattr(item, "originalname", item.name)
+    if name in LONGEST:
+        return (0, _LONGEST_ORDER.index(name))
+    return (1, 0) if _slow(item) else (2, 0)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest tests first, then the other integration and slow tests, then the unit tier. pytest-xdist's
-    work-stealing scheduler (pyproject: ``--dist worksteal``) splits the list between the workers, and an
-    idle worker takes tests from the end of a busy one's queue, so the quick unit tier fills the gaps instead
-    of one worker starting a long test at the end. Slow tests also get a larger timeout than the unit tier's
-    (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``. The order is deterministic
-    (every xdist worker must collect the same list)."""
-    items.sort(key=_order)  # stable: file order within each rank
+def _first_shares(n: int, workers: int) -> list[int]:
+    """How many of ``n`` tests pytest-xdist's work-stealing scheduler first gives each worker, in order: the
+    pending tests evenly over the idle workers, a contiguous run each (xdist/scheduler/worksteal.py)."""
+    shares = []
+    for i in range(workers):
+        shares.append((n - sum(shares)) // (workers - i))
+    return shares
+
+
+def _dealt(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """``items`` (ranked) dealt into the runs the scheduler gives each worker: each of the longest tests to the run
+    with the fewest seconds of them so far (:data:`LONGEST`), then the others like cards. Every worker's run
+    starts with its share of the longest tests, then the other slow ones, then the unit tier, which an idle
+    worker steals from the end of a busy one's run."""
+    shares = _first_shares(len(items), workers)
+    runs: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    turn = 0
+    for item in items:
+        seconds = LONGEST.get(getattr(item, "originalname", item.name))
+        free = [i for i in range(workers) if len(runs[i]) < shares[i]]
+        if seconds is not None:
+            target = min(free, key=lambda i: (load[i], i))
+            load[target] += seconds
+        else:
+            while len(runs[turn]) == shares[turn]:
+                turn = (turn + 1) % workers
+            target, turn = turn, (turn + 1) % workers
+        runs[target].append(item)
+    return [item for run in runs for item in run]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject): one worker more than this process may use cores, at most 4 (``--maxprocesses``;
+    every worker imports TensorFlow). The end-to-end tests spend much of their time waiting on the processes,
+    servers and polls they start: with one worker per core the 2-core VM's CPUs were 78% busy over a run."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests first, spread over the workers, then the other integration and slow tests, then the unit
+    tier. pytest-xdist's work-stealing scheduler (pyproject: ``--dist worksteal``) gives each worker a contiguous
+    run of the list and an idle worker takes tests from the end of a busy one's run, so the list is dealt into
+    those runs (:func:`_dealt`): each worker starts one of the longest tests, and the quick unit tier fills the
+    gaps instead of one worker running the long ones one after another. Slow tests also get a larger timeout than
+    the unit tier's (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``. The order is
+    deterministic (every xdist worker must collect the same list: each knows the worker count)."""
+    items.sort(key=_rank)  # stable: file order within each rank
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        items[:] = _dealt(items, workers)
     for item in items:
         if _slow(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
 
 def shared_dataset(name: str) -> Path:
     """Path of a real dataset under ../shared/data, or skip the test cleanly when it is absent."""
