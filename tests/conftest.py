@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import itertools
 import os
 import shutil
 import subprocess
@@ -141,25 +142,27 @@ def _first_shares(n: int, workers: int) -> list[int]:
 
 
 def _dealt(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
-    """``items`` (ranked) dealt into the runs the scheduler gives each worker: each of the longest tests to the run
-    with the fewest seconds of them so far (:data:`LONGEST`), then the others like cards. Every worker's run
-    starts with its share of the longest tests, then the other slow ones, then the unit tier, which an idle
-    worker steals from the end of a busy one's run."""
+    """``items`` (ranked) laid out as the runs the scheduler gives each worker: each of the longest tests to the
+    run with the fewest seconds of them so far (:data:`LONGEST`), then the others in order, filling each run in
+    turn. Every worker starts with its share of the longest tests; a module's other tests stay together on one
+    worker (its module-scoped fixtures, a trained model or a Prefect server, are made once; dealt one by one
+    they were made on every worker), and an idle worker steals from the end of a busy one's run."""
     shares = _first_shares(len(items), workers)
     runs: list[list[pytest.Item]] = [[] for _ in range(workers)]
     load = [0] * workers
-    turn = 0
+    rest = []
     for item in items:
         seconds = LONGEST.get(getattr(item, "originalname", item.name))
         free = [i for i in range(workers) if len(runs[i]) < shares[i]]
-        if seconds is not None:
-            target = min(free, key=lambda i: (load[i], i))
-            load[target] += seconds
-        else:
-            while len(runs[turn]) == shares[turn]:
-                turn = (turn + 1) % workers
-            target, turn = turn, (turn + 1) % workers
+        if seconds is None or not free:
+            rest.append(item)
+            continue
+        target = min(free, key=lambda i: (load[i], i))
+        load[target] += seconds
         runs[target].append(item)
+    others = iter(rest)
+    for run, share in zip(runs, shares, strict=True):
+        run.extend(itertools.islice(others, share - len(run)))
     return [item for run in runs for item in run]
 
 
@@ -173,7 +176,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The longest tests first, spread over the workers, then the other integration and slow tests, then the unit
     tier. pytest-xdist's work-stealing scheduler (pyproject: ``--dist worksteal``) gives each worker a contiguous
-    run of the list and an idle worker takes tests from the end of a busy one's run, so the list is dealt into
+    run of the list and an idle worker takes tests from the end of a busy one's run, so the list is laid out as
     those runs (:func:`_dealt`): each worker starts one of the longest tests, and the quick unit tier fills the
     gaps instead of one worker running the long ones one after another. Slow tests also get a larger timeout than
     the unit tier's (pyproject: timeout), unless they set their own with ``@pytest.mark.timeout``. The order is
