@@ -438,9 +438,7 @@ def read_csv(path: Path | str, columns: Iterable[str] | None = None) -> pd.DataF
     and text in another), the file is parsed again whole, so the frame is always the one a single parse gives."""
     import pandas as pd  # not at the top: about 1 s to import, and most steps never read a CSV
 
-    wanted = None if columns is None else set(columns)
-    options: dict[str, Any] = {"dtype": {c: str for c in _STRING_COLUMNS}, "keep_default_na": False,
-                               "na_values": [""], "usecols": None if wanted is None else wanted.__contains__}
+    options = _csv_options(columns, {c: str for c in _STRING_COLUMNS})
     with TableText(path) as text:
         chunks = list(pd.read_csv(text, chunksize=_READ_CHUNK_ROWS, **options))
     if len(chunks) == 1:
@@ -464,10 +462,16 @@ def text_chunks(path: Path | str, columns: Sequence[str]) -> Iterator[pd.DataFra
     step only carries through (written again as they were read, never parsed into numbers)."""
     import pandas as pd
 
-    wanted = set(columns)
     with TableText(path) as text:
-        yield from pd.read_csv(text, chunksize=_READ_CHUNK_ROWS, dtype=str, keep_default_na=False, na_values=[""],
-                               usecols=wanted.__contains__)
+        yield from pd.read_csv(text, chunksize=_READ_CHUNK_ROWS, **_csv_options(columns, str))
+
+
+def _csv_options(columns: Iterable[str] | None, dtype: Any) -> dict[str, Any]:
+    """``pd.read_csv`` options of medflow's tables: blank cells (only) are NaN; ``columns`` those of them the file
+    has (None: all)."""
+    wanted = None if columns is None else set(columns)
+    return {"dtype": dtype, "keep_default_na": False, "na_values": [""],
+            "usecols": None if wanted is None else wanted.__contains__}
 
 
 # (column, column whose equal values it takes): a near-duplicate group is named by its first member's sha256, a

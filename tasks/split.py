@@ -85,7 +85,7 @@ def _write_split(out: Path, result: pd.DataFrame, clean: Path) -> None:
     rows at a time, as the text they were written with (their paths checked against ``result``'s: StepError when the
     table was replaced in between); written atomically, chunk by chunk."""
     rows = result["row"].to_numpy()
-    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+    if not (np.diff(rows) > 0).all():
         raise StepError(f"{clean}: the split's rows are not in clean-table order (internal error)")
     start = 0
     with TableWriter(out) as writer:

@@ -122,13 +122,16 @@ LONGEST = {"test_every_catalog_dataset_through_evaluation_in_one_checkout": 440,
            "test_jax_data_parallel_two_host_devices": 80,
            "test_peak_memory_stays_bounded_on_hostile_inputs": 70,
            "test_mirrored_over_two_logical_cpus": 55}
-_LONGEST_ORDER = list(LONGEST)
+
+
+def _name(item: pytest.Item) -> str:
+    """The test function's name (without a parametrization's brackets)."""
+    return getattr(item, "originalname", item.name)
 
 
 def _rank(item: pytest.Item) -> tuple[int, int]:
-    name = getattr(item, "originalname", item.name)
-    if name in LONGEST:
-        return (0, _LONGEST_ORDER.index(name))
+    if _name(item) in LONGEST:
+        return (0, -LONGEST[_name(item)])
     return (1, 0) if _slow(item) else (2, 0)
 
 
@@ -152,13 +155,12 @@ def _dealt(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
     load = [0] * workers
     rest = []
     for item in items:
-        seconds = LONGEST.get(getattr(item, "originalname", item.name))
-        free = [i for i in range(workers) if len(runs[i]) < shares[i]]
-        if seconds is None or not free:
+        free = [i for i in range(workers) if len(runs[i]) < shares[i]] if _name(item) in LONGEST else []
+        if not free:
             rest.append(item)
             continue
         target = min(free, key=lambda i: (load[i], i))
-        load[target] += seconds
+        load[target] += LONGEST[_name(item)]
         runs[target].append(item)
     others = iter(rest)
     for run, share in zip(runs, shares, strict=True):
