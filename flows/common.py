@@ -274,6 +274,19 @@ def chance_line(project: Project) -> str:
     return f"Chance guard: {'**AT CHANCE**' if verdict.get('at_chance') else 'passed'}: {verdict['summary']}."
 
 
+def crossval_line(project: Project) -> str:
+    """The crossval stage's verdict on the recipe (its metrics.json), one line; '' where it is off or absent."""
+    if not any(stage.step == "crossval" for stage in project.stages):
+        return ""
+    path = project.path("crossval", "--out") / "metrics.json"
+    headline = read_json(path) if path.exists() else {}
+    if not headline.get("run"):
+        return ""
+    from medflow.evaluation.crossval import verdict_line  # numpy only: the summary needs no training imports
+
+    return f"Cross-validation ({headline['folds']} folds of whole patients, the recipe): {verdict_line(headline)}."
+
+
 def evaluation_outputs(project: Project) -> dict[str, Path]:
     """metrics.json / details.json / report.html / summary.md of the evaluate stage (its ``--out`` folder)."""
     out = project.path("evaluate", "--out")
@@ -311,7 +324,7 @@ def summary_markdown(project: Project, results: list[dict[str, Any]], decision: 
     table = metrics_table(metrics) or (live_table(read_json(live)) if live.exists() else [])
     if table:
         lines += ["", "## Test metrics", "", *table]
-    for line in (threshold_line(project, metrics), chance_line(project)):
+    for line in (threshold_line(project, metrics), chance_line(project), crossval_line(project)):
         lines += ["", line] if line else []
     if ev["report.html"].exists():
         html = display_path(ev["report.html"], project.root)  # project-relative: no home folder in the artifact

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 CATALOG_DIR = "datasets"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # params.yaml's stage sections: each catalog file overrides them (and must hold each one, even empty).
-STAGE_SECTIONS = ("download", "extract", "filter", "resize", "split", "validate", "train", "evaluate", "retrain")
+STAGE_SECTIONS = ("download", "extract", "filter", "resize", "split", "validate", "train", "evaluate", "crossval",
+                  "retrain")
 # params.yaml's sections that a catalog file may override but need not hold (no dvc.yaml stage lists them).
 OPTIONAL_SECTIONS = ("compute",)
 # dataset keys that dvc.yaml stages list as params: DVC fails a stage whose listed key is missing, so a

@@ -95,6 +95,14 @@ STEPS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
          ("--model-dir", "model folder: model.keras, metadata.json, history.csv, checkpoints/ (output)"),
          ("--live-dir", "DVCLive folder: per-epoch metrics and plots (output)")],
     ),
+    "crossval": (
+        "tasks.crossval",
+        "grouped k-fold cross-validation of the training recipe (crossval.folds; 0 = off): every image scored "
+        "once by a model that never saw its patient",
+        [("--images", "the image store folder (input)"), ("--split", "split manifest CSV (input)"),
+         ("--out", "report folder: metrics.json, predictions.csv, crossval.md (output)"),
+         ("--cache", "finished folds' scores and a killed fold's checkpoints (persistent folder)")],
+    ),
 }
 
 

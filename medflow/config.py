@@ -276,6 +276,21 @@ class EvaluateConfig(_Strict):
     pseudonymize: bool = False
 
 
+class CrossvalConfig(_Strict):
+    """Grouped k-fold cross-validation of the training recipe (the crossval stage; medflow.evaluation.crossval)."""
+
+    folds: Annotated[int, Field(ge=0, le=20)] = 0  # 0 = off; else at least 3 (one fold tests, the next selects)
+    seed: int = 42  # how the split units are dealt into folds
+
+    @field_validator("folds")
+    @classmethod
+    def _off_or_three(cls, v: int) -> int:
+        if v in (1, 2):
+            raise ValueError("must be 0 (off) or at least 3: each fold is test once, the next one is its val, the "
+                             "rest train")
+        return v
+
+
 class RetrainConfig(_Strict):
     """Retraining when new data lands (Prefect): schedule and champion/challenger promotion."""
 
@@ -306,6 +321,7 @@ class Config(_Strict):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    crossval: CrossvalConfig = CrossvalConfig()
     retrain: RetrainConfig = RetrainConfig()
     compute: ComputeConfig = ComputeConfig()
 

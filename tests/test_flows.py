@@ -97,7 +97,7 @@ def assert_git_clean(project: Path) -> None:
     assert changes == [], "untracked or changed after the run:\n" + "\n".join(changes[:50])
 
 
-STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate"]
+STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate", "crossval"]
 
 
 def generated_images(inbox: Path, n_patients: int = 24, per_patient: int = 2, seed: int = 0) -> None:

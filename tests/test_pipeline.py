@@ -295,6 +295,12 @@ def test_every_catalog_dataset_through_evaluation_in_one_checkout(tmp_path: Path
         assert report["threshold"] == _json(project / f"models/{ds}/threshold.json")["threshold"]
         assert 0.0 <= report["test"]["roc_auc"]["value"] <= 1.0, ds
         assert "data:image/png;base64," in (evaluation / "report.html").read_text(), ds
+        crossval = _json(project / f"reports/{ds}/crossval/metrics.json")  # on in covid_ct's catalog file only
+        if ds == "covid_ct":
+            assert crossval["folds"] == 5 and crossval["images"] == len(split), crossval
+            assert len(read_csv(project / f"reports/{ds}/crossval/predictions.csv")) == len(split)
+        else:
+            assert crossval == {"folds": 0, "run": False}, ds
     malaria = read_csv(project / "data/processed/malaria/split")
     assert len(malaria) == 120 and malaria["group"].str.fullmatch(r"P\d+").all()  # NIH patients P<n>
 

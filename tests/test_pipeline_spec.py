@@ -17,7 +17,7 @@ from conftest import ROOT, copy_shipped
 
 from medflow.catalog import STAGE_SECTIONS
 
-STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate"]
+STEPS = ["download", "extract", "manifest", "filter", "resize", "split", "validate", "train", "evaluate", "crossval"]
 SPEC: dict[str, Any] = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 

@@ -63,7 +63,7 @@ def test_stage_order_of_the_project_starts_at_download_and_ends_after_train(tmp_
     copy_shipped(tmp_path)
     (tmp_path / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())
     order = [s.name for s in stages.pipeline(tmp_path, "melanoma")]
-    assert order[0] == "download@melanoma" and order[-1] == "evaluate@melanoma"
+    assert order[0] == "download@melanoma" and order[-2:] == ["evaluate@melanoma", "crossval@melanoma"]
     assert order.index("split@melanoma") < order.index("validate@melanoma") < order.index("train@melanoma")
 
 
@@ -356,6 +356,36 @@ def test_the_summary_holds_the_report_for_the_web_ui(tmp_path: Path, cfg: Config
     at_chance = summary_markdown(project, results, None, "t")
     assert at_chance.index("AT CHANCE") < at_chance.index("## Test metrics")
     assert "Chance guard: **AT CHANCE**: the model does not beat chance on val" in at_chance
+
+
+def test_the_summary_gives_the_crossval_verdict_where_it_ran(tmp_path: Path, cfg: Config) -> None:
+    """The crossval stage's verdict on the recipe (its metrics.json, written by its own writer) is a line of the
+    run summary; off (crossval.folds 0) or without the stage, there is none."""
+    from flows.common import Project, summary_markdown
+    from medflow.evaluation import crossval
+
+    base = _evaluated_project(tmp_path, cfg)
+    out = tmp_path / "reports/pneumonia/crossval"
+    project = Project(base.root, base.dataset, base.cfg, (*base.stages, stages.Stage(
+        "crossval@pneumonia", "crossval", "pneumonia", {"--out": out}, frozenset())))
+    results = [{"stage": "crossval@pneumonia", "ran": True, "seconds": 1.0}]
+    assert "Cross-validation" not in summary_markdown(project, results, None, "t")  # not run yet
+    crossval.write_off(out, tmp_path / "cache")
+    assert "Cross-validation" not in summary_markdown(project, results, None, "t")
+    n = 30
+    labels = np.arange(n) % 2
+    table = crossval.Table(np.array([f"img{i}.png" for i in range(n)]), labels.astype(np.int8),
+                           np.arange(n, dtype=np.int64), np.array([f"p{i // 2}" for i in range(n)]))
+    records = [{"fold": i + 1, "val_fold": (i + 1) % 3 + 1, "n": {"train": 10, "val": 10, "test": 10},
+                "best_epoch": 1, "epochs_run": 2, "train_seconds": 1.0, "threshold": 0.5, "val_auc": 1.0,
+                "test_auc": 1.0, "test_index": list(range(i, n, 3)),
+                "test_probability": [0.2 + 0.6 * labels[j] for j in range(i, n, 3)]} for i in range(3)]
+    folded = cfg.model_copy(update={"crossval": cfg.crossval.model_copy(update={"folds": 3})})
+    crossval.write_results(folded, table, records, out)
+    text = summary_markdown(project, results, None, "t")
+    assert "Cross-validation (3 folds of whole patients, the recipe): the recipe beats chance out of fold: pooled " \
+           "out-of-fold ROC AUC 1.000" in text, text
+    assert "Cross-validation" not in summary_markdown(base, results, None, "t")  # a project without the stage
 
 
 def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
