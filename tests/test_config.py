@@ -55,6 +55,8 @@ def test_shipped_catalog_loads_every_listed_dataset(shipped_params: Path) -> Non
     melanoma = configs["melanoma"]  # its recipe (README, "Melanoma: the per-task recipe")
     assert melanoma.resize.size == 64 and melanoma.dataset.allow_flips and melanoma.train.augment.vertical_flip
     assert melanoma.train.select_on == "val_auc" and melanoma.train.augment.rotation_deg == 180
+    assert melanoma.train.schedule == "cosine" and melanoma.train.reduce_lr_patience == 0  # no plateau halving
+    assert configs["covid_ct"].crossval.folds == 5 and configs["pneumonia"].crossval.folds == 0
     assert melanoma.train.augment.brightness == 0.1  # the shared default, merged key by key
     assert {name: cfg.dataset.class_names for name, cfg in configs.items()} == {
         "pneumonia": ["NORMAL", "PNEUMONIA"], "malaria": ["Uninfected", "Parasitized"],
