@@ -282,7 +282,7 @@ def crossval_line(project: Project) -> str:
     headline = read_json(path) if path.exists() else {}
     if not headline.get("run"):
         return ""
-    from medflow.evaluation.crossval import verdict_line  # numpy only: the summary needs no training imports
+    from medflow.evaluation.crossval import verdict_line  # no training imports: the summary needs none
 
     return f"Cross-validation ({headline['folds']} folds of whole patients, the recipe): {verdict_line(headline)}."
 

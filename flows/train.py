@@ -1,15 +1,15 @@
 """The train flow (Prefect flow ``medflow``; deployments ``train-<dataset>``): the DVC pipeline as Prefect tasks.
 
 ``prefect deployment run medflow/train-pneumonia`` runs the dataset's stages of dvc.yaml
-(``download@pneumonia`` ... ``evaluate@pneumonia``), in dependency order, as one Prefect task each, all of
-them in one ``dvc repro --single-item <stage> ...`` (unchanged stages are skipped from DVC's cache, and dvc.lock
-stays true).
+(``download@pneumonia`` ... ``evaluate@pneumonia``, ``crossval@pneumonia``), in dependency order, as one
+Prefect task each, all of them in one ``dvc repro --single-item <stage> ...`` (unchanged stages are skipped
+from DVC's cache, and dvc.lock stays true).
 Then it registers the trained model (the first one becomes champion; a later one must beat the champion,
 see ``medflow.lifecycle.retrain``) and posts three artifacts: a Markdown summary (decision, champion, test
-metrics, threshold, chance guard, stages; linked to the next), the evaluation report (the evaluate stage's
-summary.md) and a table of quarantined files. A model that does not beat chance on
-val (the evaluate stage's chance guard) is named first in the summary and in the run's state message, and
-is never promoted.
+metrics, threshold, chance guard, the crossval verdict where it ran, stages; linked to the next), the
+evaluation report (the evaluate stage's summary.md) and a table of quarantined files. A model that does not
+beat chance on val (the evaluate stage's chance guard) is named first in the summary and in the run's state
+message, and is never promoted.
 """
 
 from __future__ import annotations
