@@ -31,7 +31,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,10 @@ from medflow.errors import StepError
 from medflow.evaluation import metrics
 from medflow.evaluation.pseudonym import pseudonymizer
 from medflow.io import ImageStore, atomic_open, open_images, read_csv, read_json, write_csv, write_json
+
+if TYPE_CHECKING:  # training imports Keras: only a run with folds needs it
+    from medflow.training.distribute import Placement
+    from medflow.training.inputs import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ def _threshold_params(cfg: Config) -> dict[str, Any]:
     return {"rule": ev.threshold_rule, "target_sensitivity": ev.target_sensitivity, "fixed": ev.fixed_threshold}
 
 
-def _fold_data(store: ImageStore, table: Table, roles: dict[str, np.ndarray]) -> Any:
+def _fold_data(store: ImageStore, table: Table, roles: dict[str, np.ndarray]) -> SplitData:
     from medflow.training.inputs import SplitData
 
     return SplitData(images=store, rows={s: table.row[m] for s, m in roles.items()},
@@ -120,7 +124,7 @@ def _fold_data(store: ImageStore, table: Table, roles: dict[str, np.ndarray]) ->
 
 
 def _train_fold(cfg: Config, store: ImageStore, table: Table, fold: np.ndarray, i: int, fingerprint: str,
-                folder: Path, placement: Any) -> dict[str, Any]:
+                folder: Path, placement: Placement) -> dict[str, Any]:
     """Train model ``i`` (resuming from ``folder/checkpoints``), score its val and test folds; its record."""
     from medflow.evaluation.assess import predict_array
     from medflow.training import fit
