@@ -52,6 +52,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 SUMMARY_FILE = "crossval.md"
 FOLD_SCORES = "scores.json"  # <cache>/fold-<i>/: a finished fold's scores, under its fingerprint
+PREDICTION_COLUMNS = ["path", "group", "fold", "label", "probability", "threshold", "predicted"]
 
 
 def assign_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -130,13 +131,13 @@ def _train_fold(cfg: Config, store: ImageStore, table: Table, fold: np.ndarray, 
     from medflow.training import fit
 
     k = cfg.crossval.folds
-    roles = fold_roles(fold, k, i)
+    roles, val_fold = fold_roles(fold, k, i), (i + 1) % k + 1
     for name, mask in roles.items():
         if len(np.unique(table.label[mask])) < 2:
             raise StepError(f"crossval.folds: fold {i + 1}'s {name} part has images of one class only; lower "
                             "crossval.folds")
     log.info("crossval: fold %d of %d: train %d, val %d (fold %d), test %d", i + 1, k, int(roles["train"].sum()),
-             int(roles["val"].sum()), (i + 1) % k + 1, int(roles["test"].sum()))
+             int(roles["val"].sum()), val_fold, int(roles["test"].sum()))
     data = _fold_data(store, table, roles)
     result = fit.train_model(cfg, data, placement=placement, fingerprint=fingerprint,
                              checkpoints=folder / "checkpoints", live_dir=folder / "live")
@@ -146,7 +147,7 @@ def _train_fold(cfg: Config, store: ImageStore, table: Table, fold: np.ndarray, 
     y_val, y_test = table.label[roles["val"]], table.label[roles["test"]]
     threshold = metrics.select_threshold(y_val, p_val, ev.threshold_rule, target_sensitivity=ev.target_sensitivity,
                                          fixed=ev.fixed_threshold)
-    record = {"fingerprint": fingerprint, "fold": i + 1, "val_fold": (i + 1) % k + 1,
+    record = {"fingerprint": fingerprint, "fold": i + 1, "val_fold": val_fold,
               "n": {s: int(m.sum()) for s, m in roles.items()},
               "best_epoch": result.state.best_epoch + 1, "epochs_run": result.state.epoch + 1,
               "train_seconds": round(result.seconds, 1), "threshold": threshold,
@@ -178,8 +179,7 @@ def write_off(out: Path, cache: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     headline: dict[str, Any] = {"folds": 0, "run": False}
     write_json(out / METRICS_FILE, headline)
-    write_csv(out / PREDICTIONS_FILE, pd.DataFrame(columns=["path", "group", "fold", "label", "probability",
-                                                            "threshold", "predicted"]))
+    write_csv(out / PREDICTIONS_FILE, pd.DataFrame(columns=PREDICTION_COLUMNS))
     with atomic_open(out / SUMMARY_FILE, encoding="utf-8") as f:
         f.write("# Cross-validation\n\nNot run: `crossval.folds` is 0 for this dataset.\n")
     return headline
@@ -215,7 +215,8 @@ def run(cfg: Config, *, images: Path, split: Path, out: Path, cache: Path) -> di
         log.info("crossval: fold %d: test AUC %.3f, val AUC %.3f, epoch %d of %d kept", i + 1, record["test_auc"],
                  record["val_auc"], record["best_epoch"], record["epochs_run"])
         records.append(record)
-    for stale in (p for p in cache.glob("fold-*") if p.name not in {f"fold-{i + 1}" for i in range(k)}):
+    kept = {f"fold-{i + 1}" for i in range(k)}
+    for stale in (p for p in cache.glob("fold-*") if p.name not in kept):
         shutil.rmtree(stale)
     if not placement.is_chief:
         return {}
@@ -233,8 +234,9 @@ def pooled(table: Table, records: list[dict[str, Any]]) -> pd.DataFrame:
     if np.isnan(p).any():
         raise StepError(f"crossval: {int(np.isnan(p).sum())} images were scored by no fold (the folds' records do not "
                         "cover the split table)")
-    return pd.DataFrame({"path": table.path, "group": table.group, "fold": fold, "label": table.label,
-                         "probability": p, "threshold": threshold, "predicted": (p >= threshold).astype(np.int8)})
+    columns = {"path": table.path, "group": table.group, "fold": fold, "label": table.label, "probability": p,
+               "threshold": threshold, "predicted": (p >= threshold).astype(np.int8)}
+    return pd.DataFrame({c: columns[c] for c in PREDICTION_COLUMNS})
 
 
 def write_results(cfg: Config, table: Table, records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -276,7 +278,7 @@ def write_results(cfg: Config, table: Table, records: list[dict[str, Any]], out:
 def verdict_line(h: dict[str, Any]) -> str:
     """One line: does the recipe beat chance out of fold, with the pooled AUC and its CI."""
     auc = h["roc_auc"]
-    level = f"{round(h['confidence'] * 100, 4):g}%"
+    level = metrics.ci_level(h["confidence"])
     facts = (f"pooled out-of-fold ROC AUC {_f(auc['value'])} ({level} CI {_f(auc['low'])}-{_f(auc['high'])}, "
              f"{h['images']} images, {h['groups']} groups, resampled by {h['bootstrap_by']}); mean of the "
              f"{h['folds']} folds' AUCs {_f(h['fold_auc_mean'])} (sd {_f(h['fold_auc_sd'])})")
@@ -295,7 +297,7 @@ def _interval(d: dict[str, Any]) -> str:
 
 def summary_markdown(cfg: Config, h: dict[str, Any]) -> str:
     """crossval.md: the verdict, the pooled figures and one row per fold."""
-    level = f"{round(h['confidence'] * 100, 4):g}%"
+    level = metrics.ci_level(h["confidence"])
     lines = [
         f"# Cross-validation: {cfg.dataset.name}", "",
         f"**{verdict_line(h)}**", "",
