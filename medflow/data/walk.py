@@ -50,17 +50,26 @@ def _skipped(name: str, is_dir: bool) -> bool:
 
 def walk_files(root: Path, report: WalkReport | None = None) -> Iterator[Path]:
     """Every file under ``root`` (see the module docstring); ``report`` collects what was left out."""
-    root = Path(root)
+    for entry, _ in _walk_root(Path(root), report):
+        yield Path(entry.path)
+
+
+def _walk_root(root: Path, report: WalkReport | None) -> Iterator[tuple[os.DirEntry[str], str]]:
+    """Each walked file's directory entry and its path relative to ``root`` (posix): no Path a file (a
+    27,558-file inbox is listed on every ``dvc repro``)."""
     try:
         top = os.stat(root)
     except OSError:
         return
-    yield from _walk(root, root, {(top.st_dev, top.st_ino)}, report if report is not None else WalkReport())
+    yield from _walk(str(root), "", root, {(top.st_dev, top.st_ino)}, report if report is not None else WalkReport())
 
 
-def _walk(folder: Path, root: Path, ancestors: set[tuple[int, int]], report: WalkReport) -> Iterator[Path]:
+def _walk(folder: str, rel: str, root: Path, ancestors: set[tuple[int, int]],
+          report: WalkReport) -> Iterator[tuple[os.DirEntry[str], str]]:
+    """The files under ``folder``, ``rel`` below ``root`` ("" or ending in "/")."""
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
         log.warning("%s: cannot list %s: %s", root, folder, e.strerror or e)
         return
@@ -68,21 +77,21 @@ def _walk(folder: Path, root: Path, ancestors: set[tuple[int, int]], report: Wal
     for entry in entries:
         is_dir = _is_dir(entry)
         if entry.name.startswith("."):
-            report.hidden.append(Path(entry.path).relative_to(root).as_posix())
+            report.hidden.append(rel + entry.name)
             continue
         if _skipped(entry.name, is_dir):
             continue
         if not is_dir:
-            yield Path(entry.path)
+            yield entry, rel + entry.name
             continue
         st = entry.stat()  # follows a link: the folder's own identity
         ident = (st.st_dev, st.st_ino)
         if ident in ancestors:
-            report.loops.append(Path(entry.path).relative_to(root).as_posix())
+            report.loops.append(rel + entry.name)
             continue
         subdirs.append((entry, ident))
     for entry, ident in subdirs:
-        yield from _walk(Path(entry.path), root, ancestors | {ident}, report)
+        yield from _walk(entry.path, f"{rel}{entry.name}/", root, ancestors | {ident}, report)
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -95,14 +104,13 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 def folder_listing(root: Path, report: WalkReport | None = None) -> Listing:
     """(relative path, size, mtime_ns) of every file :func:`walk_files` yields, sorted; a link is stat'ed
     through (the file it names), a broken link as itself."""
-    root = Path(root)
     out: Listing = []
-    for path in walk_files(root, report):
+    for entry, rel in _walk_root(Path(root), report):
         try:
-            st = path.stat()
+            st = entry.stat()
         except OSError:
-            st = path.lstat()
-        out.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            st = entry.stat(follow_symlinks=False)
+        out.append((rel, st.st_size, st.st_mtime_ns))
     return sorted(out)
 
 
