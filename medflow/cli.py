@@ -17,11 +17,13 @@ import os
 _STARTED_BY = os.getppid()  # read first: the parent to die with (medflow.lifeline), before the slow imports
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import errno  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -688,6 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medflow {args.step}: error: {e}", file=sys.stderr)
             return 2
         return 0
+    code = _run_step(args)
+    if argv is None:
+        exit_without_teardown(code)
+    return code
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    """A pipeline step as its DVC stage; the exit status (2: an error named on stderr)."""
     paths = {k: v for k, v in vars(args).items() if k not in {"step", "params", "verbose", "dataset"}}
     for tmp in remove_stale_temps(v for v in paths.values() if isinstance(v, Path)):
         log.info("removed %s, left by a killed run", tmp)
@@ -704,6 +714,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               "and run it again)", file=sys.stderr)
         return 2
     return 0
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a finished step command now: exit handlers run and streams are flushed, but not the interpreter's
+    teardown of every module (a second and more after Great Expectations' 2,900 modules: 1.2-1.5 s of the
+    validate stage's 9 s, 0.1-0.25 s of each other stage, on every ``dvc repro``).
+
+    Every output was written and closed by then (atomic writes; worker pools shut down in ``with`` blocks). A
+    thread other than daemons still running (a pool a library left open) gets the normal exit, which joins it.
+    """
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()  # what the normal exit runs first: logging.shutdown, multiprocessing's, finalizers
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

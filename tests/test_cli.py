@@ -154,3 +154,44 @@ def test_atomic_outputs_get_ordinary_file_modes(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "d") as d:
         (d / "x").write_text("x")
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~old
+
+
+_EXIT = '''
+import atexit, sys, threading
+from medflow.cli import exit_without_teardown
+
+
+class Freed:
+    def __del__(self) -> None:
+        sys.stderr.write("module teardown ran\\n")
+
+
+KEPT = Freed()  # freed when the interpreter tears this module down
+atexit.register(lambda: open(sys.argv[1], "w").write("exit handlers ran"))
+sys.stdout.write("buffered, no newline")
+if len(sys.argv) > 2:
+    threading.Thread(target=threading.Event().wait, args=(0.3,)).start()  # not a daemon
+exit_without_teardown(3)
+sys.exit(4)  # the normal exit
+'''
+
+
+def test_a_finished_step_exits_without_the_interpreter_teardown(tmp_path: Path) -> None:
+    """Exit handlers run and buffered output is flushed; the module teardown (1.2-1.5 s after Great
+    Expectations' imports) is skipped, and the exit status is the step's."""
+    marker = tmp_path / "atexit.txt"
+    done = subprocess.run([sys.executable, "-c", _EXIT, str(marker)], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert marker.read_text() == "exit handlers ran"
+    assert "module teardown ran" not in done.stderr
+
+
+def test_a_thread_still_running_gets_the_normal_exit(tmp_path: Path) -> None:
+    """A non-daemon thread left running is joined by the normal exit, not cut off."""
+    marker = tmp_path / "atexit.txt"
+    done = subprocess.run([sys.executable, "-c", _EXIT, str(marker), "thread"], capture_output=True, text=True)
+    assert done.returncode == 4, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert marker.read_text() == "exit handlers ran"
+    assert "module teardown ran" in done.stderr
