@@ -30,6 +30,7 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
+from medflow.catalog import load_yaml  # noqa: E402
 from medflow.config import DEFAULT_PARAMS, Config, ConfigError, changed_params, load_config  # noqa: E402
 from medflow.errors import StepError  # noqa: E402
 from medflow.io import STORE_INDEX, remove_stale_temps  # noqa: E402
@@ -225,7 +226,7 @@ def _recorded_dataset(model: Path | None) -> str | None:
 def _self_contained(params: Path) -> bool:
     """Whether the params file holds its own ``dataset:`` block (the step tests' and benchmarks' form)."""
     try:
-        data = yaml.safe_load(Path(params).read_text())
+        data = load_yaml(Path(params).read_text())
     except (OSError, yaml.YAMLError):
         return False  # load_config reports the problem, naming the file
     return isinstance(data, dict) and "dataset" in data
@@ -651,7 +652,7 @@ def stage_params(step: str) -> list[str] | None:
     from the dataset's catalog file alike: they merge into the one config), or None (compare everything)
     where the project has no such stage."""
     try:
-        spec = yaml.safe_load((find_project() / "dvc.yaml").read_text()) or {}
+        spec = load_yaml((find_project() / "dvc.yaml").read_text()) or {}
         stage = spec["stages"][step]
         entries = (stage.get("do") or stage)["params"]
     except (OSError, StepError, yaml.YAMLError, KeyError, TypeError):

@@ -23,6 +23,7 @@ from medflow.catalog import (
     catalog_dir,
     check_name,
     listed_datasets,
+    load_yaml,
     read_entry,
 )
 from medflow.errors import ConfigError
@@ -410,7 +411,7 @@ def _read_params(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
