@@ -1,6 +1,7 @@
 """The N ladder: every data stage's time and peak RSS at growing dataset sizes, and what a +1% increment costs.
 
-    uv run python benchmarks/bench_increment.py [--sizes 1200 6000 27558] [--tiny 24] [--work DIR] [--out FILE]
+    uv run python benchmarks/bench_increment.py [--sizes 1200 6000 27558] [--tiny 24] [--repeat 1] [--work DIR]
+        [--out FILE]
 
 Makes malaria-like sets from ``../shared/data/malaria_cells`` (1,200 NIH cells): each image is a shared cell
 rotated or flipped, cropped to 80-95%, resized back, slightly brightened and renamed with new slide and patient
@@ -21,7 +22,8 @@ against the new images' processed bytes (N_new x size^2 x channels); and each st
 ``ru_maxrss`` of a ``medflow`` command the stage ran (a wrapper first on PATH records ``RUSAGE_CHILDREN`` of
 each, so worker processes count, DVC itself does not, and times it). Goals (issue 20): +1% <= 10% of the full
 run, cache added <= 2x the new bytes, growth <= 1.05, peak RSS <= 300 MB at 27,558 and growing <= 1 KB an image.
-One repeat per N: the figures move with the load of the machine (the header shows the load average).
+``--repeat K`` runs each N K times on fresh projects and takes each stage's median (a second of the machine's
+noise in one stage moves a growth exponent by about 0.05); the header shows the load average.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -259,11 +262,23 @@ def measure(n: int, work: Path, shared: Path, seed: int, tiny: bool = False,
             "cache_added": added, "new_processed_bytes": n_new * size * size * channels}
 
 
+def median_run(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One N's repeats as one: each stage's median seconds and largest peak RSS, full and +1% runs alike (the
+    rest, the same in every repeat, from the first; the cache bytes their median)."""
+    def merged(key: str) -> dict[str, tuple[float, int]]:
+        return {s: (statistics.median(r[key][s][0] for r in repeats), max(r[key][s][1] for r in repeats))
+                for s in repeats[0][key]}
+    return {**repeats[0], "full": merged("full"), "inc": merged("inc"),
+            "cache_added": statistics.median(r["cache_added"] for r in repeats)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the table
 
 
 def _growth(t0: float, t_mid: float, t_big: float, n_mid: int, n_big: int) -> str:
+    if n_mid == n_big:
+        return "n/a (one N)"
     a, b = t_mid - t0, t_big - t0
     if a <= 0 or b <= 0:
         return "n/a (within start-up)"
@@ -327,6 +342,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--sets", type=Path, default=None,
                         help="reuse sets generated before (as <sets>/n<N>/cells, by generate()) instead of making them")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per N (each on a fresh project): every stage's median seconds, its largest peak RSS")
     parser.add_argument("--per-stage", action="store_true",
                         help="a `dvc repro --single-item` per stage, as issue 20 measured (default: one `dvc repro`)")
     args = parser.parse_args()
@@ -335,11 +352,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         load = os.getloadavg()
-        tiny = measure(args.tiny, work, args.shared, args.seed, tiny=True, per_stage=args.per_stage)
-        runs = [measure(n, work, args.shared, args.seed, sets=args.sets, per_stage=args.per_stage)
-                for n in sorted(args.sizes)]
+        tiny = median_run([measure(args.tiny, work, args.shared, args.seed, tiny=True, per_stage=args.per_stage)
+                           for _ in range(args.repeat)])
+        runs = [median_run([measure(n, work, args.shared, args.seed, sets=args.sets, per_stage=args.per_stage)
+                            for _ in range(args.repeat)]) for n in sorted(args.sizes)]
         how = "a `dvc repro --single-item` per stage" if args.per_stage else "one `dvc repro` a run"
-        text = (f"{how}; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; one repeat per N\n\n"
+        repeats = "one repeat per N" if args.repeat == 1 else f"the median of {args.repeat} repeats per N"
+        text = (f"{how}; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {repeats}\n\n"
                 + table(tiny, runs))
     print(text)
     if args.out:
