@@ -723,8 +723,11 @@ def exit_without_teardown(code: int) -> None:
     validate stage's 9 s, 0.1-0.25 s of each other stage, on every ``dvc repro``).
 
     Every output was written and closed by then (atomic writes; worker pools shut down in ``with`` blocks). A
-    thread other than daemons still running (a pool a library left open) gets the normal exit, which joins it.
+    thread other than daemons still running (a pool a library left open) gets the normal exit, which joins it,
+    and so does a run under a profiler or tracer (``python -m cProfile`` writes its file after this returns).
     """
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return
     if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()  # what the normal exit runs first: logging.shutdown, multiprocessing's, finalizers
