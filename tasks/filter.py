@@ -1,7 +1,9 @@
 """The filter step (dvc.yaml stage filter): the manifest table -> the clean table, rejects.csv and the filter summary.
 
 Reads and checks the manifest, takes each distinct content's verdict from the packed cache index or
-decodes it (worker processes, :mod:`medflow.imaging.quality`), and writes the three outputs atomically.
+decodes it (worker processes, :mod:`medflow.imaging.quality`), groups near duplicates (the links found last run
+kept in the cache folder: only candidate pairs with a new content are checked), and writes the three outputs
+atomically.
 The checks, their order and the cache are described in :mod:`medflow.imaging.quality`.
 """
 
@@ -48,8 +50,10 @@ def run(cfg: Config, *, manifest: Path, clean: Path, rejects: Path, summary: Pat
     status = quality.with_unreadable(quality.classify(df.loc[readable.index, "path"], shas, verdicts), unreadable,
                                      df.index)
     shas = shas.reindex(df.index, fill_value="")
+    known = quality.known_pairs(Path(cache), fcfg)  # an increment confirms the candidate pairs it adds alone
     status, groups = quality.label_conflicts(df, shas, status, verdicts, fcfg.near_duplicate_distance,
-                                             fcfg.near_duplicate_min_correlation)
+                                             fcfg.near_duplicate_min_correlation, known)
+    known.save()
     _warn_conflicts(df["path"], status)
     clean_df = quality.clean_table(df, shas, status, verdicts, groups)
     rejects_df = quality.rejects_table(df, shas, status)

@@ -309,8 +309,9 @@ def test_second_run_decodes_only_new_content(tmp_path: Path) -> None:
     cfg = _cfg()
     first, _, _ = _run(_manifest(paths, root), tmp_path / "out", cfg)
     assert (first["decoded"], first["cached"]) == (5, 0)
-    assert [p.name for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()] == [
-        _index_file(tmp_path / "out", cfg).name]  # one packed index, no per-image files
+    assert sorted(p.name for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()) == sorted([
+        _index_file(tmp_path / "out", cfg).name,  # one packed index, no per-image files
+        quality.known_pairs(tmp_path / "out" / "cache", cfg.filter).path.name])  # and the near-duplicate links
 
     old_layout = tmp_path / "out" / "cache" / "filter-3-0123456789abcdef" / "ab"  # one JSON per image, never read
     old_layout.mkdir(parents=True)
@@ -324,7 +325,26 @@ def test_second_run_decodes_only_new_content(tmp_path: Path) -> None:
     # parameters that change verdicts change the cache key: a second index beside the first
     fourth, _, _ = _run(_manifest(paths, root), tmp_path / "out", _cfg(min_side=16))
     assert (fourth["decoded"], fourth["cached"]) == (6, 0)
-    assert len(list((tmp_path / "out" / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "out" / "cache").iterdir())) == 4  # an index and its links per key
+
+
+def test_the_kept_links_are_read_by_the_next_run_and_keyed_by_the_grouping_params(tmp_path: Path) -> None:
+    """The filter keeps the links it found (medflow.imaging.known_pairs) and the next run takes the links among
+    contents it has seen from that file: one planted there joins two distinct images. Other grouping params
+    read another file (none yet): the two are searched again, and apart."""
+    paths, root = _five(tmp_path)
+    out, cfg = tmp_path / "out", _cfg()
+    _run(_manifest(paths, root), out, cfg)
+    known = quality.known_pairs(out / "cache", cfg.filter)
+    assert sorted(known.searched.astype(str)) == sorted(sha256_file(p) for p in paths)
+    assert known.pairs.shape == (0, 2)  # five distinct images
+    known.keep(np.array([sha256_file(p) for p in paths]), np.array([[0, 1]]))  # a link no search would find
+    known.save()
+    _, clean, _ = _run(_manifest(paths, root), out, cfg)
+    group = dict(zip(clean["path"].map(lambda p: Path(p).name), clean["dup_group"], strict=True))
+    assert group["img_0.png"] == group["img_1.png"] != group["img_2.png"]
+    _, clean, _ = _run(_manifest(paths, root), out, _cfg(near_duplicate_min_correlation=0.95))
+    assert clean["dup_group"].nunique() == 5
 
 
 def test_index_round_trips_every_verdict(mixed: dict[str, Any]) -> None:
@@ -402,7 +422,8 @@ def test_failed_save_keeps_the_previous_index(tmp_path: Path) -> None:
     with pytest.raises(AttributeError, match="encode"):
         index.save()  # fails before anything replaces the index
     assert _index_file(out, cfg).read_bytes() == before
-    assert sorted(p.name for p in (out / "cache").iterdir()) == [_index_file(out, cfg).name]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == sorted(
+        [_index_file(out, cfg).name, quality.known_pairs(out / "cache", cfg.filter).path.name])  # no temp file left
 
 
 def test_verdicts_decoded_before_an_error_are_kept(tmp_path: Path) -> None:

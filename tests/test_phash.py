@@ -3,6 +3,8 @@ pixel check on generated images and on a labelled set from ../shared/data (tests
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,7 @@ from phash_helpers import GOAL_VARIANTS, SHARED, TASKS, counts, groups, labelled
 
 from medflow.config import load_config
 from medflow.imaging import phash, quality, verdict
+from medflow.imaging.known_pairs import KnownPairs, linked
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_OF = {"chest_xray": "pneumonia", "malaria_cells": "malaria", "skin_lesions": "melanoma",
@@ -165,3 +168,86 @@ def test_labelled_set_precision_and_recall_at_the_shipped_defaults(task: str) ->
     for kind in GOAL_VARIANTS:
         _, recall = precision_recall(*counts(s, roots, (kind,)))
         assert recall >= 0.95, kind
+
+
+# --- links kept across runs (medflow.imaging.known_pairs) --------------------------------------------------------
+def _cells() -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """Malaria cells with their variants (links) and planted look-alikes (ten originals given another's full-frame
+    pHash with one bit flipped: candidates the pixel check splits): sha256s, frame hashes, thumbnails, and
+    malaria's grouping params."""
+    s = labelled_task("malaria_cells", 40, seed=3, kinds=GOAL_VARIANTS)
+    fcfg = load_config(ROOT / "params.yaml", "malaria").filter
+    hashes = s.hashes.copy()
+    hashes[20:30, 0] = hashes[:10, 0] ^ np.uint64(1)
+    shas = np.array([hashlib.sha256(str(k).encode()).hexdigest() for k in range(len(hashes))])
+    return shas, hashes, s.thumbs, fcfg.near_duplicate_min_correlation, fcfg.near_duplicate_distance
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data absent")
+def test_kept_links_and_the_new_candidates_give_the_links_of_a_search_from_scratch(tmp_path: Path) -> None:
+    """After a first run over two thirds of the contents: contents added, removed, both, in another order; each
+    time the links equal those of a search over the whole set, and the first run's links come from the file."""
+    shas, hashes, thumbs, corr, dist = _cells()
+    n, rng = len(shas), np.random.default_rng(0)
+
+    def scratch(rows: np.ndarray) -> np.ndarray:
+        return phash.frame_pairs(hashes[rows], dist, thumbs[rows], corr)
+
+    assert len(scratch(np.arange(n))) >= 40  # the variants' links
+    assert len(phash.frame_pairs(hashes, dist)) >= len(scratch(np.arange(n))) + 10  # and candidates that fail
+    first = rng.permutation(n)[: 2 * n // 3]
+    known = KnownPairs.load(tmp_path, {"k": 1})
+    assert np.array_equal(linked(shas[first], hashes[first], thumbs[first], dist, corr, known), scratch(first))
+    known.save()
+    added = np.setdiff1d(np.arange(n), first)
+    for later in (np.arange(n), first[7:], np.r_[first[11:], added[:9]], first):
+        rows = rng.permutation(later)
+        got = linked(shas[rows], hashes[rows], thumbs[rows], dist, corr, KnownPairs.load(tmp_path, {"k": 1}))
+        assert np.array_equal(got, scratch(rows))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data absent")
+def test_an_increment_confirms_only_the_candidates_it_adds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thumbnails compared in an increment are those of candidate pairs with a new content at one end."""
+    shas, hashes, thumbs, corr, dist = _cells()
+    first = np.arange(len(shas) - 12)  # then 12 new contents
+    known = KnownPairs.load(tmp_path, {"k": 1})
+    linked(shas[first], hashes[first], thumbs[first], dist, corr, known)
+    known.save()
+    compared: list[np.ndarray] = []
+    real = phash.correlations
+    monkeypatch.setattr(phash, "correlations", lambda t, pairs: compared.append(pairs) or real(t, pairs))
+    rows = np.arange(len(shas))
+    linked(shas, hashes, thumbs, dist, corr, KnownPairs.load(tmp_path, {"k": 1}))
+    images = np.concatenate(compared) // phash.FRAMES  # frame index -> image index
+    new = ~np.isin(rows, first)
+    assert len(images) and (new[images[:, 0]] | new[images[:, 1]]).all()
+    compared.clear()
+    linked(shas, hashes, thumbs, dist, corr)  # from scratch
+    assert len(np.concatenate(compared)) > 3 * len(images)
+
+
+def test_a_damaged_or_foreign_links_file_is_ignored_with_a_warning(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    good = KnownPairs.load(tmp_path, {"k": 1})
+    good.keep(np.array(["b" * 64, "a" * 64, "c" * 64]), np.array([[0, 2]]))
+    good.save()
+    kept = KnownPairs.load(tmp_path, {"k": 1})
+    assert kept.searched.astype(str).tolist() == ["a" * 64, "b" * 64, "c" * 64]
+    assert kept.among(np.array(["c" * 64, "b" * 64, "d" * 64])).tolist() == [[0, 1]]  # b-c, at their places
+    assert kept.unsearched(np.array(["c" * 64, "d" * 64])).tolist() == [False, True]
+    assert KnownPairs.load(tmp_path, {"k": 2}).searched.size == 0  # another key: another file, none yet
+    cases = {"garbage": b"not a zip", "truncated": good.path.read_bytes()[:-40]}
+    for name, data in cases.items():
+        good.path.write_bytes(data)
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            assert KnownPairs.load(tmp_path, {"k": 1}).searched.size == 0, name
+        assert "every candidate pair is checked again" in caplog.text and good.path.name in caplog.text
+    with good.path.open("wb") as f:  # links that point outside the contents
+        np.savez(f, header=np.frombuffer(b'{"format": "medflow-known-pairs-1", "key": {"k": 1}}', np.uint8),
+                 searched=np.array(["a" * 64], dtype="S64"), pairs=np.array([[0, 3]]))
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        assert KnownPairs.load(tmp_path, {"k": 1}).pairs.shape == (0, 2)
+    assert "point outside" in caplog.text

@@ -317,7 +317,7 @@ class FrameThumbs(Protocol):
 
 def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int,
                 thumbs: npt.NDArray[np.uint8] | FrameThumbs | None = None,
-                min_correlation: float = -1.0) -> npt.NDArray[np.int64]:
+                min_correlation: float = -1.0, involving: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int64]:
     """Image pairs (i, j), i < j, sorted, each once, linked through their frames: some frame of one within
     ``max_distance`` bits of the other's full frame and, where ``thumbs`` are given, the thumbnails of those
     two frames correlating at least ``min_correlation``.
@@ -326,7 +326,8 @@ def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int,
     alone), ``thumbs`` (n, F, THUMB_SIDE^2): an array, or a :class:`FrameThumbs`. A centred crop of an image
     then matches the image's crop frame at about its scale. All n * F frame hashes go through one
     :func:`near_pairs` search (sub-quadratic); pairs of two crop frames, or of one image's own frames, are
-    dropped.
+    dropped. ``involving`` (one flag per image): only the pairs with a flagged image at one end or both are
+    confirmed and returned (the links the rest have among themselves are known: :mod:`medflow.imaging.known_pairs`).
     """
     h = np.asarray(hashes, dtype=np.uint64)
     if h.ndim != 2 or (thumbs is not None and thumbs.shape[:2] != h.shape):
@@ -334,7 +335,10 @@ def frame_pairs(hashes: npt.NDArray[np.uint64], max_distance: int,
     n, f = h.shape
     pairs = near_pairs(h.reshape(-1), max_distance)  # indices image * f + frame
     image, frame = pairs // f, pairs % f
-    pairs = pairs[((frame[:, 0] == 0) | (frame[:, 1] == 0)) & (image[:, 0] != image[:, 1])]
+    wanted = ((frame[:, 0] == 0) | (frame[:, 1] == 0)) & (image[:, 0] != image[:, 1])
+    if involving is not None:
+        wanted &= involving[image[:, 0]] | involving[image[:, 1]]
+    pairs = pairs[wanted]
     if thumbs is not None:
         flat = thumbs.reshape(n * f, thumbs.shape[2]) if isinstance(thumbs, np.ndarray) else thumbs
         pairs = confirmed(pairs, flat, min_correlation)

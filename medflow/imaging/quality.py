@@ -58,7 +58,10 @@ where ``<key>`` digests :data:`FILTER_VERSION` and the parameters a verdict depe
 max_pixels): when new data lands only new content is decoded. Cached files are not re-read: the
 manifest's sha256 (checked against the bytes whenever a file is decoded) and a size check of every file
 stand for them. The per-file JSON entries of earlier versions (``<key>/<sha[:2]>/<sha>.json``, one file per
-image) are not read: the first save of an index removes their folders (:func:`drop_per_file_entries`).
+image) are not read: the first save of an index removes their folders (:func:`drop_per_file_entries`). The
+near-duplicate links found are kept beside the index (``<cache>/pairs-<key>.npz``, :func:`known_pairs`, keyed
+by the verdict key and the two grouping params): the next run confirms only the candidate pairs with a new
+content at one end (:mod:`medflow.imaging.known_pairs`), and groups every image over all the links.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from medflow.config import FilterConfig
 from medflow.errors import StepError
 from medflow.imaging import cluster, phash
 from medflow.imaging.files import file_state
+from medflow.imaging.known_pairs import KnownPairs, linked
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
 from medflow.imaging.verdict_store import VerdictStore, save_stores
 from medflow.imaging.workers import main_hidden, mp_context
@@ -209,6 +213,13 @@ _SPILL_MIN = 4096  # new verdicts held in memory before they are written into th
 def cache_key(cfg: FilterConfig) -> dict[str, Any]:
     """What a verdict depends on besides the file's bytes: the filter version and the verdict limits."""
     return {"version": FILTER_VERSION, "min_side": cfg.min_side, "max_pixels": cfg.max_pixels}
+
+
+def known_pairs(cache: Path, cfg: FilterConfig) -> KnownPairs:
+    """The near-duplicate links kept under ``cache`` (:mod:`medflow.imaging.known_pairs`) for the verdicts'
+    cache key and the grouping params."""
+    return KnownPairs.load(Path(cache), {**cache_key(cfg), "near_duplicate_distance": cfg.near_duplicate_distance,
+                                         "near_duplicate_min_correlation": cfg.near_duplicate_min_correlation})
 
 
 def index_path(cache: Path, cfg: FilterConfig) -> Path:
@@ -458,12 +469,14 @@ def classify(paths: pd.Series, shas: pd.Series, verdicts: VerdictStore) -> pd.Da
 
 
 def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, verdicts: VerdictStore,
-                    max_distance: int, min_correlation: float = -1.0) -> tuple[pd.DataFrame, pd.Series]:
+                    max_distance: int, min_correlation: float = -1.0,
+                    known: KnownPairs | None = None) -> tuple[pd.DataFrame, pd.Series]:
     """``status`` (from :func:`classify`) with every copy of a good content that carries two labels made
     ``label_conflict``: exact copies (one sha256 under two classes), then near-duplicate groups (pHash and
     thumbnails, as :func:`near_duplicate_groups`) whose members span two classes. The detail names the other
     paths. Also returns the ``dup_group`` of every row still clean, for :func:`clean_table`: a mixed group
-    leaves whole, so the groups of the rows left are the same, and are computed once."""
+    leaves whole, so the groups of the rows left are the same, and are computed once. ``known``: the links kept
+    from the last run (:class:`~medflow.imaging.known_pairs.KnownPairs`, updated here; the caller saves it)."""
     out = status.copy()
     paths, classes = df["path"].astype(str), df["class_name"].astype(str)
     good = pd.Series(verdicts.ok(shas.to_numpy()), index=df.index)  # '' (unreadable): not in the store
@@ -475,7 +488,7 @@ def label_conflicts(df: pd.DataFrame, shas: pd.Series, status: pd.DataFrame, ver
             named = [f"{paths[j]} labelled {classes[j]}" for j in rows if j != i][:_NAMED_MAX]
             out.loc[i, ["reason", "detail"]] = [LABEL_CONFLICT, "same content as " + "; ".join(named)]
     kept = out["reason"] == ""
-    groups = _groups_of(verdicts, shas[kept], max_distance, min_correlation)
+    groups = _groups_of(verdicts, shas[kept], max_distance, min_correlation, known)
     n_group_classes = classes[groups.index].groupby(groups).nunique()  # one pass, not one per group
     mixed = groups.isin(n_group_classes.index[n_group_classes > 1])
     copies_of = _copies(shas, out["reason"], shas[groups.index[mixed]])
@@ -516,14 +529,19 @@ def near_duplicate_groups(shas: pd.Series, hashes: pd.Series, max_distance: int,
     return _dup_groups(shas, pairs)
 
 
-def _groups_of(verdicts: VerdictStore, shas: pd.Series, max_distance: int, min_correlation: float) -> pd.Series:
-    """:func:`near_duplicate_groups` of the good verdicts of ``shas`` with their thumbnails and crop frames, from
-    the store's columns directly (no pHash, thumbnail or crop text made: 27,558 of them were most of the
-    step's peak memory)."""
+def _groups_of(verdicts: VerdictStore, shas: pd.Series, max_distance: int, min_correlation: float,
+               known: KnownPairs | None = None) -> pd.Series:
+    """:func:`near_duplicate_groups` of the good verdicts of ``shas`` (distinct contents) with their thumbnails
+    and crop frames, from the store's columns directly (no pHash, thumbnail or crop text made: 27,558 of them
+    were most of the step's peak memory). With ``known``, only the candidate pairs with a content new to it
+    are confirmed; the links among the others are its own, and it then holds those of ``shas``."""
     if shas.empty:
+        if known is not None:
+            known.keep(shas.to_numpy(), np.empty((0, 2), dtype=np.int64))
         return pd.Series([], index=shas.index, name="dup_group", dtype=str)
     frame_hashes, frame_thumbs = verdicts.frames(shas.to_numpy())
-    return _dup_groups(shas, phash.frame_pairs(frame_hashes, max_distance, frame_thumbs, min_correlation))
+    return _dup_groups(shas, linked(shas.to_numpy(), frame_hashes, frame_thumbs, max_distance, min_correlation,
+                                    known))
 
 
 def _dup_groups(shas: pd.Series, pairs: npt.NDArray[np.int64]) -> pd.Series:
