@@ -37,6 +37,15 @@ FORMAT = "medflow-known-pairs-1"
 _SHA = "S64"  # a sha256 as its 64 hex digits
 
 
+def rule_digest() -> str:
+    """A digest of the linking rule's code (:mod:`medflow.imaging.phash` and this module), for the key: links
+    kept under one rule are not taken for another."""
+    h = hashlib.sha256()
+    for source in (phash.__file__, __file__):
+        h.update(Path(source).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def pairs_path(cache: Path, key: dict[str, Any]) -> Path:
     """``<cache>/pairs-<digest of key>.npz``: one file per verdict key and grouping params."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -88,7 +88,7 @@ from medflow.config import FilterConfig
 from medflow.errors import StepError
 from medflow.imaging import cluster, phash
 from medflow.imaging.files import file_state
-from medflow.imaging.known_pairs import KnownPairs, linked
+from medflow.imaging.known_pairs import KnownPairs, linked, rule_digest
 from medflow.imaging.verdict import Limits, Verdict, inspect_file, inspect_files, worker_init
 from medflow.imaging.verdict_store import VerdictStore, save_stores
 from medflow.imaging.workers import main_hidden, mp_context
@@ -217,9 +217,11 @@ def cache_key(cfg: FilterConfig) -> dict[str, Any]:
 
 def known_pairs(cache: Path, cfg: FilterConfig) -> KnownPairs:
     """The near-duplicate links kept under ``cache`` (:mod:`medflow.imaging.known_pairs`) for the verdicts'
-    cache key and the grouping params."""
+    cache key, the grouping params and the linking code (:mod:`medflow.imaging.phash` and that module: a changed
+    rule searches every pair again)."""
     return KnownPairs.load(Path(cache), {**cache_key(cfg), "near_duplicate_distance": cfg.near_duplicate_distance,
-                                         "near_duplicate_min_correlation": cfg.near_duplicate_min_correlation})
+                                         "near_duplicate_min_correlation": cfg.near_duplicate_min_correlation,
+                                         "code": rule_digest()})
 
 
 def index_path(cache: Path, cfg: FilterConfig) -> Path:
