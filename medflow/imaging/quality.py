@@ -60,8 +60,9 @@ manifest's sha256 (checked against the bytes whenever a file is decoded) and a s
 stand for them. The per-file JSON entries of earlier versions (``<key>/<sha[:2]>/<sha>.json``, one file per
 image) are not read: the first save of an index removes their folders (:func:`drop_per_file_entries`). The
 near-duplicate links found are kept beside the index (``<cache>/pairs-<key>.npz``, :func:`known_pairs`, keyed
-by the verdict key and the two grouping params): the next run confirms only the candidate pairs with a new
-content at one end (:mod:`medflow.imaging.known_pairs`), and groups every image over all the links.
+by the verdict key, the two grouping params and the linking code): the next run confirms only the candidate
+pairs with a new content at one end (:mod:`medflow.imaging.known_pairs`), and groups every image over all the
+links.
 """
 
 from __future__ import annotations
